@@ -1,0 +1,3 @@
+"""oct3d: Octave Convolution for 2D, 3D and video in PyTorch."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,205 @@
+"""Dimension-generic octave residual blocks, shared by the 2D ResNets and the video ResNets.
+
+Names follow torchvision's ``resnet`` (``conv1``, ``bn1``, ..., ``downsample``), so a 2D
+Oct-ResNet at ``alpha=0`` has the same module tree as torchvision's. A block carries three
+ratios: ``alpha_in`` (its input), ``alpha`` (its inner convolutions) and ``alpha_out`` (its
+output and shortcut). The transitions of SPEC.md section 4 are blocks with
+``alpha_in=0`` (first octave block) or ``alpha=alpha_out=0`` (first vanilla block).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from oct3d.nn import Octave, OctaveInput, OctBatchNorm, OctConv, OctReLU, octave_add, split_channels
+from oct3d.nn.conv import IntOrTuple, to_tuple
+
+__all__ = [
+    "OctBasicBlock",
+    "OctBottleneck",
+    "OctSqueezeExcite",
+    "conv_bn",
+    "make_stage",
+]
+
+
+def conv_bn(
+    dims: int, in_channels: int, out_channels: int, kernel_size: IntOrTuple, alpha_in: float, alpha_out: float,
+    stride: IntOrTuple = 1, groups: int = 1, octave: str = "spatial",
+) -> nn.Sequential:
+    """An octave convolution followed by its octave BatchNorm, as ``Sequential(conv, bn)``."""
+    return nn.Sequential(
+        OctConv(dims, in_channels, out_channels, kernel_size, alpha_in, alpha_out, stride, groups=groups, octave=octave),
+        OctBatchNorm(dims, out_channels, alpha_out),
+    )
+
+
+class OctSqueezeExcite(nn.Module):
+    """Squeeze-and-excitation for octave maps (SPEC.md section 3).
+
+    Each branch is average-pooled, the results are concatenated and squeezed by one shared
+    FC (``fc1``); each branch is excited by its own FC (``fc_h``, ``fc_l``) and a sigmoid.
+    At ``alpha == 0`` it is the ordinary SE block.
+    """
+
+    def __init__(self, channels: int, alpha: float, reduction: int = 16) -> None:
+        super().__init__()
+        self.high_channels, self.low_channels = split_channels(channels, alpha)
+        hidden = max(channels // reduction, 1)
+        self.fc1 = nn.Linear(channels, hidden)
+        self.relu = nn.ReLU(inplace=True)
+        self.fc_h = nn.Linear(hidden, self.high_channels)
+        self.fc_l = nn.Linear(hidden, self.low_channels) if self.low_channels else None
+
+    def forward(self, x: OctaveInput) -> OctaveInput:
+        high = x.high if isinstance(x, Octave) else x
+        low = x.low if isinstance(x, Octave) else None
+        pooled = [high.mean(dim=tuple(range(2, high.dim())))]
+        if low is not None:
+            pooled.append(low.mean(dim=tuple(range(2, low.dim()))))
+        squeezed = self.relu(self.fc1(torch.cat(pooled, dim=1)))
+        extra = (1,) * (high.dim() - 2)
+        scale_h = torch.sigmoid(self.fc_h(squeezed)).view(*squeezed.shape[:1], -1, *extra)
+        out_high = high * scale_h
+        if low is None:
+            return Octave(out_high, None) if isinstance(x, Octave) else out_high
+        scale_l = torch.sigmoid(self.fc_l(squeezed)).view(*squeezed.shape[:1], -1, *extra)
+        return Octave(out_high, low * scale_l)
+
+
+class _OctResidual(nn.Module):
+    """Shared residual plumbing: ``relu(branch(x) + shortcut(x))`` per octave branch."""
+
+    downsample: nn.Module | None
+
+    def _shortcut(
+        self, dims: int, in_channels: int, out_channels: int, stride: tuple[int, ...], alpha_in: float,
+        alpha_out: float, octave: str,
+    ) -> nn.Module | None:
+        if in_channels == out_channels and all(s == 1 for s in stride) and alpha_in == alpha_out:
+            return None
+        return conv_bn(dims, in_channels, out_channels, 1, alpha_in, alpha_out, stride, octave=octave)
+
+    def _finish(self, out: OctaveInput, x: OctaveInput) -> OctaveInput:
+        identity = x if self.downsample is None else self.downsample(x)
+        return self.relu(octave_add(out, identity))
+
+
+class OctBottleneck(_OctResidual):
+    """Bottleneck residual block (1x1 -> kxk -> 1x1, stride on the kxk conv, ResNet v1.5) for any dims.
+
+    Args:
+        dims: 2 for images, 3 for video/volumes.
+        in_channels, width, out_channels: input, inner and output channel counts.
+        stride: stride of the middle convolution and of the shortcut (int or per-axis tuple).
+        groups: groups of the middle convolution (ResNeXt cardinality).
+        alpha_in, alpha, alpha_out: octave ratios of the input, the inner maps and the output.
+        kernel_a: kernel of ``conv1`` (1 in 2D; ``(3, 1, 1)`` for I3D's temporal conv).
+        kernel_b: kernel of ``conv2`` (3 in 2D; ``(1, 3, 3)`` in the video ResNets).
+        octave: ``"spatial"`` or ``"spatiotemporal"`` (3D).
+        se_reduction: add an :class:`OctSqueezeExcite` with this reduction (SE-ResNet).
+    """
+
+    def __init__(
+        self, dims: int, in_channels: int, width: int, out_channels: int, stride: IntOrTuple = 1, groups: int = 1,
+        alpha_in: float = 0.5, alpha: float = 0.5, alpha_out: float = 0.5, kernel_a: IntOrTuple = 1,
+        kernel_b: IntOrTuple = 3, octave: str = "spatial", se_reduction: int | None = None,
+    ) -> None:
+        super().__init__()
+        stride_t = to_tuple(stride, dims, "stride")
+        self.conv1 = OctConv(dims, in_channels, width, kernel_a, alpha_in, alpha, octave=octave)
+        self.bn1 = OctBatchNorm(dims, width, alpha)
+        self.conv2 = OctConv(dims, width, width, kernel_b, alpha, alpha, stride_t, groups=groups, octave=octave)
+        self.bn2 = OctBatchNorm(dims, width, alpha)
+        self.conv3 = OctConv(dims, width, out_channels, 1, alpha, alpha_out, octave=octave)
+        self.bn3 = OctBatchNorm(dims, out_channels, alpha_out)
+        self.se = OctSqueezeExcite(out_channels, alpha_out, se_reduction) if se_reduction else None
+        self.relu = OctReLU(inplace=True)
+        self.downsample = self._shortcut(dims, in_channels, out_channels, stride_t, alpha_in, alpha_out, octave)
+
+    def forward(self, x: OctaveInput) -> OctaveInput:
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        if self.se is not None:
+            out = self.se(out)
+        return self._finish(out, x)
+
+
+class OctBasicBlock(_OctResidual):
+    """Basic residual block (two kxk convolutions, stride on the first) for any dims.
+
+    ``kernel_size`` is 3 in 2D and ``3`` (3x3x3) in R3D. ``width`` is accepted for a common
+    signature with :class:`OctBottleneck` and must equal ``out_channels``.
+    """
+
+    def __init__(
+        self, dims: int, in_channels: int, width: int, out_channels: int, stride: IntOrTuple = 1, groups: int = 1,
+        alpha_in: float = 0.5, alpha: float = 0.5, alpha_out: float = 0.5, kernel_size: IntOrTuple = 3,
+        octave: str = "spatial",
+    ) -> None:
+        super().__init__()
+        if groups != 1 or width != out_channels:
+            raise ValueError(f"OctBasicBlock needs groups=1 and width == out_channels, got {groups=}, {width=}")
+        stride_t = to_tuple(stride, dims, "stride")
+        self.conv1 = OctConv(dims, in_channels, out_channels, kernel_size, alpha_in, alpha, stride_t, octave=octave)
+        self.bn1 = OctBatchNorm(dims, out_channels, alpha)
+        self.conv2 = OctConv(dims, out_channels, out_channels, kernel_size, alpha, alpha_out, octave=octave)
+        self.bn2 = OctBatchNorm(dims, out_channels, alpha_out)
+        self.relu = OctReLU(inplace=True)
+        self.downsample = self._shortcut(dims, in_channels, out_channels, stride_t, alpha_in, alpha_out, octave)
+
+    def forward(self, x: OctaveInput) -> OctaveInput:
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return self._finish(out, x)
+
+
+def make_stage(
+    block: type[OctBottleneck] | type[OctBasicBlock],
+    dims: int,
+    in_channels: int,
+    width: int,
+    out_channels: int,
+    depth: int,
+    stride: IntOrTuple,
+    alpha_in: float,
+    alpha: float,
+    octave: str = "spatial",
+    block_kwargs: Sequence[dict] | dict | None = None,
+    **kwargs,
+) -> nn.Sequential:
+    """A stage of ``depth`` blocks: the first changes stride/width/ratio, the rest keep them.
+
+    The first block maps ``alpha_in -> alpha``; when ``alpha == 0`` (a vanilla stage after
+    an octave one) its inner convolutions are vanilla too (SPEC.md section 4). ``block_kwargs``
+    gives extra per-block keyword arguments (one dict for all, or a list of ``depth`` dicts),
+    e.g. I3D's alternating temporal kernels.
+    """
+    if isinstance(block_kwargs, dict) or block_kwargs is None:
+        per_block = [dict(block_kwargs or {}) for _ in range(depth)]
+    else:
+        per_block = [dict(k) for k in block_kwargs]
+        if len(per_block) != depth:
+            raise ValueError(f"block_kwargs has {len(per_block)} entries for a stage of depth {depth}")
+    blocks = []
+    for i in range(depth):
+        blocks.append(
+            block(
+                dims,
+                in_channels if i == 0 else out_channels,
+                width,
+                out_channels,
+                stride=stride if i == 0 else 1,
+                alpha_in=alpha_in if i == 0 else alpha,
+                alpha=alpha,
+                alpha_out=alpha,
+                octave=octave,
+                **kwargs,
+                **per_block[i],
+            )
+        )
+    return nn.Sequential(*blocks)

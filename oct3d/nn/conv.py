@@ -1,0 +1,374 @@
+"""Octave convolution for 1D, 2D and 3D maps (Chen et al., "Drop an Octave", ICCV 2019).
+
+One dimension-generic module, :class:`OctConv`, implements ``SPEC.md`` section 2 exactly:
+
+    Y_high = h2h(pool(X_high, s)) + up(l2h(pool(X_low, s on non-octave axes)), size of Y_high)
+    Y_low  = l2l(pool(X_low, s))  + h2l(pool(X_high, s * p))
+
+where every path is a stride-1 "same" convolution, ``pool`` is average pooling with
+kernel = stride and ``up`` is nearest upsampling cropped to size. A strided octave layer
+pools first and convolves at stride 1 (the paper's Table 3); only the vanilla case
+``alpha_in == alpha_out == 0`` uses a strided convolution, so that it *is* ``nn.ConvNd``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from oct3d.nn.octave import (
+    Octave,
+    OctaveInput,
+    avg_pool,
+    low_size,
+    octave_axes,
+    split_channels,
+    upsample_to,
+)
+
+__all__ = ["OctConv", "OctConv1d", "OctConv2d", "OctConv3d", "check_alpha", "to_tuple"]
+
+IntOrTuple = Union[int, Sequence[int]]
+
+_CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+_CONV_FN = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+
+
+def to_tuple(value: IntOrTuple, dims: int, name: str) -> tuple[int, ...]:
+    """Expand an int or a length-``dims`` sequence of ints to a tuple, or raise naming ``name``."""
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be an int or a tuple of {dims} ints, got {value!r}")
+    if isinstance(value, int):
+        return (value,) * dims
+    if isinstance(value, Sequence) and len(value) == dims and all(
+        isinstance(v, int) and not isinstance(v, bool) for v in value
+    ):
+        return tuple(value)
+    raise TypeError(f"{name} must be an int or a tuple of {dims} ints, got {value!r}")
+
+
+def check_alpha(alpha: float, name: str = "alpha") -> float:
+    """Return ``alpha`` as a float if it lies in [0, 1), else raise a ``ValueError`` naming ``name``."""
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
+        raise TypeError(f"{name} must be a float in [0, 1), got {alpha!r}")
+    if not 0.0 <= float(alpha) < 1.0:
+        raise ValueError(f"{name} must be in [0, 1), got {alpha!r}")
+    return float(alpha)
+
+
+class OctConv(nn.Module):
+    """Octave convolution over ``dims`` (1, 2 or 3) spatial axes.
+
+    Args:
+        dims: number of spatial axes (1, 2 or 3).
+        in_channels: total input channels (high + low).
+        out_channels: total output channels (high + low).
+        kernel_size: odd kernel size, int or per-axis tuple.
+        alpha_in: fraction of input channels in the low branch, in [0, 1).
+        alpha_out: fraction of output channels in the low branch, in [0, 1).
+        stride: 1 or 2, int or per-axis tuple. With any octave branch the layer pools
+            first and convolves at stride 1.
+        dilation: dilation of every path ("same" padding follows it).
+        groups: groups of every path; each branch's channel count must divide by it. With
+            ``groups == in_channels == out_channels`` and ``alpha_in == alpha_out`` the layer
+            is depthwise: only ``h2h`` and ``l2l`` exist, each grouped per channel.
+        bias: add a learnable bias per output branch (on ``h2h`` and ``l2l``; on ``h2l``
+            for a first layer, which has no ``l2l``).
+        octave: 3D only: ``"spatial"`` halves H and W, ``"spatiotemporal"`` halves T, H, W.
+
+    Input is a plain tensor when ``alpha_in == 0`` (an ``Octave`` whose ``low`` is None is
+    accepted too), else an :class:`~oct3d.nn.Octave`. Output is an ``Octave`` when
+    ``alpha_out > 0``, else a plain tensor. The four weights are ordinary ``ConvNd``
+    weights under the state-dict keys ``h2h.weight``, ``h2l.weight``, ``l2h.weight`` and
+    ``l2l.weight``; paths that do not exist have no keys.
+    """
+
+    #: Use the launch-saving implementation (same outputs as the reference path).
+    fast_path: bool = True
+
+    def __init__(
+        self,
+        dims: int,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: IntOrTuple,
+        alpha_in: float = 0.5,
+        alpha_out: float = 0.5,
+        stride: IntOrTuple = 1,
+        dilation: IntOrTuple = 1,
+        groups: int = 1,
+        bias: bool = False,
+        octave: str = "spatial",
+    ) -> None:
+        super().__init__()
+        self.axes = octave_axes(dims, octave)  # validates dims and octave
+        for name, value in (("in_channels", in_channels), ("out_channels", out_channels), ("groups", groups)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        self.dims = dims
+        self.octave = octave
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.alpha_in = check_alpha(alpha_in, "alpha_in")
+        self.alpha_out = check_alpha(alpha_out, "alpha_out")
+        self.kernel_size = to_tuple(kernel_size, dims, "kernel_size")
+        if any(k < 1 or k % 2 == 0 for k in self.kernel_size):
+            raise ValueError(f"kernel_size must be odd and positive (for 'same' padding), got {kernel_size!r}")
+        self.stride = to_tuple(stride, dims, "stride")
+        if any(s not in (1, 2) for s in self.stride):
+            raise ValueError(f"stride must be 1 or 2 per axis, got {stride!r}")
+        self.dilation = to_tuple(dilation, dims, "dilation")
+        if any(d < 1 for d in self.dilation):
+            raise ValueError(f"dilation must be positive, got {dilation!r}")
+        self.padding = tuple(d * (k - 1) // 2 for k, d in zip(self.kernel_size, self.dilation))
+        self.groups = groups
+        self.factors = tuple(2 if a else 1 for a in self.axes)
+
+        self.in_high, self.in_low = split_channels(in_channels, self.alpha_in)
+        self.out_high, self.out_low = split_channels(out_channels, self.alpha_out)
+        for name, alpha, total, low in (
+            ("alpha_in", self.alpha_in, in_channels, self.in_low),
+            ("alpha_out", self.alpha_out, out_channels, self.out_low),
+        ):
+            if alpha > 0 and low == 0:
+                raise ValueError(
+                    f"{name}={alpha} gives no low-frequency channels out of {total}; "
+                    f"use {name}=0 or at least {int(1 / alpha) + 1} channels"
+                )
+        self.depthwise = groups > 1 and groups == in_channels == out_channels
+        if self.depthwise and self.alpha_in != self.alpha_out:
+            raise ValueError(
+                "a depthwise octave convolution (groups == in_channels == out_channels) needs "
+                f"alpha_in == alpha_out, got alpha_in={alpha_in}, alpha_out={alpha_out}"
+            )
+        if not self.depthwise:
+            for name, c in (
+                ("in_channels (high part)", self.in_high),
+                ("in_channels (low part)", self.in_low),
+                ("out_channels (high part)", self.out_high),
+                ("out_channels (low part)", self.out_low),
+            ):
+                if c % groups:
+                    raise ValueError(
+                        f"groups={groups} must divide every branch: {name} has {c} channels "
+                        f"(in_channels={in_channels}, alpha_in={alpha_in}, "
+                        f"out_channels={out_channels}, alpha_out={alpha_out})"
+                    )
+        self.is_vanilla = self.in_low == 0 and self.out_low == 0
+
+        conv_stride = self.stride if self.is_vanilla else 1
+
+        def conv(cin: int, cout: int, g: int, with_bias: bool) -> nn.Module:
+            return _CONV[dims](
+                cin, cout, self.kernel_size, stride=conv_stride, padding=self.padding,
+                dilation=self.dilation, groups=g, bias=with_bias,
+            )
+
+        if self.depthwise:
+            self.h2h = conv(self.in_high, self.out_high, self.in_high, bias)
+            self.h2l = None
+            self.l2h = None
+            self.l2l = conv(self.in_low, self.out_low, self.in_low, bias) if self.in_low else None
+        else:
+            self.h2h = conv(self.in_high, self.out_high, groups, bias)
+            low_bias_on_h2l = bias and self.in_low == 0
+            self.h2l = conv(self.in_high, self.out_low, groups, low_bias_on_h2l) if self.out_low else None
+            self.l2h = conv(self.in_low, self.out_high, groups, False) if self.in_low else None
+            self.l2l = (
+                conv(self.in_low, self.out_low, groups, bias) if self.in_low and self.out_low else None
+            )
+
+        # Pooling factors of each path's input (SPEC.md section 2).
+        self._pool_h2h = self.stride
+        self._pool_h2l = tuple(s * p for s, p in zip(self.stride, self.factors))
+        self._pool_l2l = self.stride
+        self._pool_l2h = tuple(1 if a else s for s, a in zip(self.stride, self.axes))
+        self._up_l2h = tuple(2 if (a and s == 1) else 1 for s, a in zip(self.stride, self.axes))
+
+    def extra_repr(self) -> str:
+        return (
+            f"dims={self.dims}, {self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
+            f"alpha_in={self.alpha_in}, alpha_out={self.alpha_out}, stride={self.stride}, "
+            f"octave={self.octave!r}, groups={self.groups}"
+        )
+
+    # ------------------------------------------------------------------ input checks
+    def _split_input(self, x: OctaveInput) -> tuple[Tensor, Tensor | None]:
+        if isinstance(x, Octave):
+            high, low = x.high, x.low
+        elif isinstance(x, Tensor):
+            high, low = x, None
+        else:
+            raise TypeError(f"{self._name()} expects a torch.Tensor or an Octave, got {type(x).__name__}")
+        if not isinstance(high, Tensor) or high.dim() != self.dims + 2:
+            raise ValueError(
+                f"{self._name()} expects a high tensor of shape (N, C, {self._axes_desc()}), "
+                f"got {_shape(high)}"
+            )
+        if high.shape[1] != self.in_high:
+            raise ValueError(
+                f"{self._name()} expects {self.in_high} high-frequency input channels "
+                f"(in_channels={self.in_channels}, alpha_in={self.alpha_in}), got {high.shape[1]}"
+            )
+        if self.in_low == 0:
+            if low is not None:
+                raise ValueError(
+                    f"{self._name()} has alpha_in=0 and takes no low branch, but got an Octave with a "
+                    "low tensor; set alpha_in to match the previous layer's alpha_out"
+                )
+            return high, None
+        if low is None:
+            raise TypeError(
+                f"{self._name()} has alpha_in={self.alpha_in} and needs an Octave(high, low) input "
+                "with a low tensor; got a plain tensor. Use oct3d.nn.to_octave(x, alpha) at the "
+                "boundary, or alpha_in=0 for a first layer"
+            )
+        if not isinstance(low, Tensor) or low.dim() != self.dims + 2:
+            raise ValueError(f"{self._name()} expects a low tensor with {self.dims + 2} dims, got {_shape(low)}")
+        if low.shape[1] != self.in_low:
+            raise ValueError(
+                f"{self._name()} expects {self.in_low} low-frequency input channels "
+                f"(in_channels={self.in_channels}, alpha_in={self.alpha_in}), got {low.shape[1]}"
+            )
+        expected = low_size(high.shape[2:], self.factors)
+        if tuple(low.shape[2:]) != expected or low.shape[0] != high.shape[0]:
+            raise ValueError(
+                f"{self._name()} expects the low tensor of a high tensor shaped {tuple(high.shape)} to be "
+                f"shaped {(high.shape[0], self.in_low, *expected)} (ceil of half on the octave axes, "
+                f"octave={self.octave!r}), got {tuple(low.shape)}"
+            )
+        return high, low
+
+    def _name(self) -> str:
+        return f"OctConv{self.dims}d"
+
+    def _axes_desc(self) -> str:
+        return ", ".join(("T", "H", "W")[3 - self.dims:]) if self.dims > 1 else "L"
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, x: OctaveInput) -> OctaveInput:
+        high, low = self._split_input(x)
+        if self.is_vanilla:
+            return self.h2h(high)
+        if self.fast_path:
+            y_high, y_low = self._forward_fast(high, low)
+        else:
+            y_high, y_low = self._forward_reference(high, low)
+        if self.out_low == 0:
+            return y_high
+        return Octave(y_high, y_low)
+
+    def forward_reference(self, x: OctaveInput) -> OctaveInput:
+        """The literal four-convolution formula of SPEC.md; the fast path must equal it."""
+        high, low = self._split_input(x)
+        if self.is_vanilla:
+            return self.h2h(high)
+        y_high, y_low = self._forward_reference(high, low)
+        return y_high if self.out_low == 0 else Octave(y_high, y_low)
+
+    def _forward_reference(self, high: Tensor, low: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        y_high = self.h2h(avg_pool(high, self._pool_h2h))
+        if self.l2h is not None:
+            out_size = y_high.shape[2:]
+            y_high = y_high + upsample_to(self.l2h(avg_pool(low, self._pool_l2h)), self._up_l2h, out_size)
+        y_low = None
+        if self.out_low:
+            if self.l2l is not None:
+                y_low = self.l2l(avg_pool(low, self._pool_l2l))
+            if self.h2l is not None:
+                from_high = self.h2l(avg_pool(high, self._pool_h2l))
+                y_low = from_high if y_low is None else y_low + from_high
+        return y_high, y_low
+
+    def _conv(self, x: Tensor, weight: Tensor, bias: Tensor | None, groups: int) -> Tensor:
+        return _CONV_FN[self.dims](x, weight, bias, 1, self.padding, self.dilation, groups)
+
+    def _forward_fast(self, high: Tensor, low: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        """Fewer kernels: the two low-output paths run as one convolution over the
+        concatenated low-resolution inputs, and the L->H result is added into the H->H
+        output in place through a broadcast view instead of a materialised upsample."""
+        y_high = self.h2h(avg_pool(high, self._pool_h2h))
+        if self.l2h is not None:
+            from_low = self.l2h(avg_pool(low, self._pool_l2h))
+            y_high = _add_upsampled(y_high, from_low, self._up_l2h)
+        y_low = None
+        if self.out_low:
+            if self.h2l is not None and self.l2l is not None and self.groups == 1:
+                inputs = torch.cat([avg_pool(high, self._pool_h2l), avg_pool(low, self._pool_l2l)], dim=1)
+                weight = torch.cat([self.h2l.weight, self.l2l.weight], dim=1)
+                y_low = self._conv(inputs, weight, self.l2l.bias, 1)
+            else:
+                if self.l2l is not None:
+                    y_low = self.l2l(avg_pool(low, self._pool_l2l))
+                if self.h2l is not None:
+                    from_high = self.h2l(avg_pool(high, self._pool_h2l))
+                    y_low = from_high if y_low is None else y_low + from_high
+        return y_high, y_low
+
+
+def _add_upsampled(y: Tensor, small: Tensor, factors: tuple[int, ...]) -> Tensor:
+    """``y + upsample_to(small, factors, y.shape[2:])``, without materialising the upsample
+    when every upsampled axis of ``y`` is exactly ``factor`` times ``small``'s."""
+    size = y.shape[2:]
+    if all(f == 1 for f in factors):
+        return y + small
+    if all(n == f * m for n, f, m in zip(size, factors, small.shape[2:])):
+        # View y as (N, C, m0, f0, m1, f1, ...) and broadcast small over the f axes.
+        view_shape = [y.shape[0], y.shape[1]]
+        index: list[object] = [slice(None), slice(None)]
+        for m, f in zip(small.shape[2:], factors):
+            view_shape.append(m)
+            index.append(slice(None))
+            if f != 1:
+                view_shape.append(f)
+                index.append(None)
+        out = y.reshape(view_shape) + small[tuple(index)]
+        return out.reshape(y.shape)
+    return y + upsample_to(small, factors, size)
+
+
+def _shape(x: object) -> str:
+    return str(tuple(x.shape)) if isinstance(x, Tensor) else type(x).__name__
+
+
+class OctConv1d(OctConv):
+    """1D octave convolution (input ``(N, C, L)``, low branch at half length). See :class:`OctConv`."""
+
+    def __init__(
+        self, in_channels: int, out_channels: int, kernel_size: IntOrTuple, alpha_in: float = 0.5,
+        alpha_out: float = 0.5, stride: IntOrTuple = 1, dilation: IntOrTuple = 1, groups: int = 1,
+        bias: bool = False,
+    ) -> None:
+        super().__init__(1, in_channels, out_channels, kernel_size, alpha_in, alpha_out, stride, dilation, groups, bias)
+
+
+class OctConv2d(OctConv):
+    """2D octave convolution (input ``(N, C, H, W)``, low branch at half H and W). See :class:`OctConv`."""
+
+    def __init__(
+        self, in_channels: int, out_channels: int, kernel_size: IntOrTuple, alpha_in: float = 0.5,
+        alpha_out: float = 0.5, stride: IntOrTuple = 1, dilation: IntOrTuple = 1, groups: int = 1,
+        bias: bool = False,
+    ) -> None:
+        super().__init__(2, in_channels, out_channels, kernel_size, alpha_in, alpha_out, stride, dilation, groups, bias)
+
+
+class OctConv3d(OctConv):
+    """3D octave convolution (input ``(N, C, T, H, W)``). See :class:`OctConv`.
+
+    ``octave="spatial"`` halves H and W in the low branch (the paper's video setting, and
+    the in-plane choice for anisotropic medical volumes); ``"spatiotemporal"`` halves T too.
+    """
+
+    def __init__(
+        self, in_channels: int, out_channels: int, kernel_size: IntOrTuple, alpha_in: float = 0.5,
+        alpha_out: float = 0.5, stride: IntOrTuple = 1, dilation: IntOrTuple = 1, groups: int = 1,
+        bias: bool = False, octave: str = "spatial",
+    ) -> None:
+        super().__init__(
+            3, in_channels, out_channels, kernel_size, alpha_in, alpha_out, stride, dilation, groups, bias, octave
+        )

@@ -1,0 +1,244 @@
+"""Octave companions of the convolution: BatchNorm, per-branch wrappers, pooling, heads.
+
+Each accepts an :class:`~oct3d.nn.Octave` or a plain tensor (a representation with no low
+branch), so octave and vanilla parts of a network compose freely.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from oct3d.nn.conv import IntOrTuple, check_alpha, to_tuple
+from oct3d.nn.octave import Octave, OctaveInput, low_size, octave_factors, split_channels
+
+__all__ = [
+    "OctBatchNorm",
+    "OctBatchNorm1d",
+    "OctBatchNorm2d",
+    "OctBatchNorm3d",
+    "OctMap",
+    "OctReLU",
+    "OctDropout",
+    "OctMaxPool",
+    "OctAvgPool",
+    "OctGlobalAvgPool",
+    "octave_add",
+    "map_octave",
+]
+
+_BN = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
+
+
+def map_octave(fn: Callable[[Tensor], Tensor], x: OctaveInput) -> OctaveInput:
+    """Apply ``fn`` to each branch of ``x`` (a plain tensor is one branch)."""
+    if isinstance(x, Octave):
+        return Octave(fn(x.high), None if x.low is None else fn(x.low))
+    if isinstance(x, Tensor):
+        return fn(x)
+    raise TypeError(f"expected a torch.Tensor or an Octave, got {type(x).__name__}")
+
+
+def octave_add(a: OctaveInput, b: OctaveInput) -> OctaveInput:
+    """Per-branch sum of two octave maps (``high + high``, ``low + low``), e.g. a residual."""
+    if isinstance(a, Octave) != isinstance(b, Octave):
+        a_low = a.low if isinstance(a, Octave) else None
+        b_low = b.low if isinstance(b, Octave) else None
+        if a_low is not None or b_low is not None:
+            raise TypeError("octave_add needs both inputs to have a low branch, or neither")
+        a = a.high if isinstance(a, Octave) else a
+        b = b.high if isinstance(b, Octave) else b
+    if isinstance(a, Tensor):
+        return a + b
+    if (a.low is None) != (b.low is None):
+        raise TypeError("octave_add needs both inputs to have a low branch, or neither")
+    return Octave(a.high + b.high, None if a.low is None else a.low + b.low)
+
+
+class OctBatchNorm(nn.Module):
+    """BatchNorm with separate statistics for the high (``bn_h``) and low (``bn_l``) branch.
+
+    ``num_features`` is the total channel count; ``alpha`` splits it as in :class:`OctConv`.
+    At ``alpha == 0`` there is no ``bn_l`` and the module is one ``BatchNormNd``.
+    """
+
+    def __init__(
+        self, dims: int, num_features: int, alpha: float = 0.5, eps: float = 1e-5,
+        momentum: float | None = 0.1, affine: bool = True, track_running_stats: bool = True,
+    ) -> None:
+        super().__init__()
+        if dims not in _BN:
+            raise ValueError(f"dims must be 1, 2 or 3, got {dims!r}")
+        if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features < 1:
+            raise ValueError(f"num_features must be a positive int, got {num_features!r}")
+        self.dims = dims
+        self.num_features = num_features
+        self.alpha = check_alpha(alpha)
+        self.high_channels, self.low_channels = split_channels(num_features, self.alpha)
+        if self.alpha > 0 and self.low_channels == 0:
+            raise ValueError(f"alpha={alpha} gives no low-frequency channels out of num_features={num_features}")
+        kwargs = dict(eps=eps, momentum=momentum, affine=affine, track_running_stats=track_running_stats)
+        self.bn_h = _BN[dims](self.high_channels, **kwargs)
+        self.bn_l = _BN[dims](self.low_channels, **kwargs) if self.low_channels else None
+
+    def extra_repr(self) -> str:
+        return f"dims={self.dims}, num_features={self.num_features}, alpha={self.alpha}"
+
+    def forward(self, x: OctaveInput) -> OctaveInput:
+        high = x.high if isinstance(x, Octave) else x
+        low = x.low if isinstance(x, Octave) else None
+        if not isinstance(high, Tensor):
+            raise TypeError(f"OctBatchNorm expects a torch.Tensor or an Octave, got {type(x).__name__}")
+        if high.shape[1] != self.high_channels or (low is None) != (self.bn_l is None) or (
+            low is not None and low.shape[1] != self.low_channels
+        ):
+            got = f"high {high.shape[1]}" + ("" if low is None else f", low {low.shape[1]}")
+            want = f"high {self.high_channels}" + ("" if self.bn_l is None else f", low {self.low_channels}")
+            raise ValueError(
+                f"OctBatchNorm(num_features={self.num_features}, alpha={self.alpha}) expects channels "
+                f"({want}), got ({got})"
+            )
+        if self.bn_l is None:
+            out = self.bn_h(high)
+            return Octave(out, None) if isinstance(x, Octave) else out
+        return Octave(self.bn_h(high), self.bn_l(low))
+
+
+class OctBatchNorm1d(OctBatchNorm):
+    """:class:`OctBatchNorm` for 1D maps."""
+
+    def __init__(self, num_features: int, alpha: float = 0.5, **kwargs) -> None:
+        super().__init__(1, num_features, alpha, **kwargs)
+
+
+class OctBatchNorm2d(OctBatchNorm):
+    """:class:`OctBatchNorm` for 2D maps."""
+
+    def __init__(self, num_features: int, alpha: float = 0.5, **kwargs) -> None:
+        super().__init__(2, num_features, alpha, **kwargs)
+
+
+class OctBatchNorm3d(OctBatchNorm):
+    """:class:`OctBatchNorm` for 3D maps."""
+
+    def __init__(self, num_features: int, alpha: float = 0.5, **kwargs) -> None:
+        super().__init__(3, num_features, alpha, **kwargs)
+
+
+class OctMap(nn.Module):
+    """Apply a module to each branch of an octave map (activation, dropout, any elementwise op).
+
+    With ``share=True`` (the default) one instance serves both branches, right for stateless
+    modules such as ``nn.ReLU`` or ``nn.Dropout``. With ``share=False`` the low branch gets a
+    deep copy (``module_l``), for modules with parameters or state.
+    """
+
+    def __init__(self, module: nn.Module, share: bool = True) -> None:
+        super().__init__()
+        if not isinstance(module, nn.Module):
+            raise TypeError(f"module must be an nn.Module, got {type(module).__name__}")
+        self.module = module
+        self.module_l = None if share else copy.deepcopy(module)
+
+    def forward(self, x: OctaveInput) -> OctaveInput:
+        if isinstance(x, Octave):
+            low_fn = self.module if self.module_l is None else self.module_l
+            return Octave(self.module(x.high), None if x.low is None else low_fn(x.low))
+        if isinstance(x, Tensor):
+            return self.module(x)
+        raise TypeError(f"OctMap expects a torch.Tensor or an Octave, got {type(x).__name__}")
+
+
+class OctReLU(OctMap):
+    """ReLU on each branch."""
+
+    def __init__(self, inplace: bool = False) -> None:
+        super().__init__(nn.ReLU(inplace=inplace))
+
+
+class OctDropout(OctMap):
+    """Dropout on each branch (same probability)."""
+
+    def __init__(self, p: float = 0.5, inplace: bool = False) -> None:
+        super().__init__(nn.Dropout(p, inplace=inplace))
+
+
+class _OctPool(nn.Module):
+    _fns: dict[int, Callable] = {}
+
+    def __init__(
+        self, dims: int, kernel_size: IntOrTuple, stride: IntOrTuple | None = None, padding: IntOrTuple = 0,
+        octave: str = "spatial",
+    ) -> None:
+        super().__init__()
+        self.factors = octave_factors(dims, octave)
+        self.dims = dims
+        self.octave = octave
+        self.kernel_size = to_tuple(kernel_size, dims, "kernel_size")
+        self.stride = self.kernel_size if stride is None else to_tuple(stride, dims, "stride")
+        self.padding = to_tuple(padding, dims, "padding")
+        if any(2 * p > k for p, k in zip(self.padding, self.kernel_size)):
+            raise ValueError(f"padding must be at most half of kernel_size, got {padding!r} for {kernel_size!r}")
+
+    def extra_repr(self) -> str:
+        return f"dims={self.dims}, kernel_size={self.kernel_size}, stride={self.stride}, padding={self.padding}"
+
+    def _pool(self, x: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: OctaveInput) -> OctaveInput:
+        if isinstance(x, Octave) and x.low is not None:
+            high, low = self._pool(x.high), self._pool(x.low)
+            expected = low_size(high.shape[2:], self.factors)
+            if tuple(low.shape[2:]) != expected:
+                raise ValueError(
+                    f"{type(self).__name__}(kernel_size={self.kernel_size}, stride={self.stride}, "
+                    f"padding={self.padding}) pools the high map to {tuple(high.shape[2:])} but the low map to "
+                    f"{tuple(low.shape[2:])}, not the expected {expected}; choose a kernel/padding whose output "
+                    "is ceil(n / stride), e.g. kernel 3, padding 1"
+                )
+            return Octave(high, low)
+        return map_octave(self._pool, x)
+
+
+class OctMaxPool(_OctPool):
+    """Max pooling applied to both branches with the same kernel, stride and padding."""
+
+    def _pool(self, x: Tensor) -> Tensor:
+        fn = (F.max_pool1d, F.max_pool2d, F.max_pool3d)[self.dims - 1]
+        return fn(x, self.kernel_size, self.stride, self.padding)
+
+
+class OctAvgPool(_OctPool):
+    """Average pooling applied to both branches with the same kernel, stride and padding."""
+
+    def _pool(self, x: Tensor) -> Tensor:
+        fn = (F.avg_pool1d, F.avg_pool2d, F.avg_pool3d)[self.dims - 1]
+        return fn(x, self.kernel_size, self.stride, self.padding)
+
+
+class OctGlobalAvgPool(nn.Module):
+    """Global-pool head helper: average each branch to one value per channel, concatenate.
+
+    Returns ``(N, C_high + C_low)`` with ``flatten=True`` (the default), else
+    ``(N, C, 1, ...)``. A plain tensor input is simply pooled.
+    """
+
+    def __init__(self, flatten: bool = True) -> None:
+        super().__init__()
+        self.flatten = flatten
+
+    def forward(self, x: OctaveInput) -> Tensor:
+        parts: Sequence[Tensor]
+        if isinstance(x, Octave):
+            parts = [x.high] if x.low is None else [x.high, x.low]
+        elif isinstance(x, Tensor):
+            parts = [x]
+        else:
+            raise TypeError(f"OctGlobalAvgPool expects a torch.Tensor or an Octave, got {type(x).__name__}")
+        pooled = [p.mean(dim=tuple(range(2, p.dim())), keepdim=not self.flatten) for p in parts]
+        return pooled[0] if len(pooled) == 1 else torch.cat(pooled, dim=1)

@@ -1,0 +1,157 @@
+"""The octave representation: a ``(high, low)`` pair and the rules that relate its two tensors.
+
+A feature map with ``c`` channels is held as ``high`` (``c - c_low`` channels at full
+resolution) and ``low`` (``c_low = floor(alpha * c)`` channels at half resolution on the
+*octave axes*). See ``SPEC.md`` section 1.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import NamedTuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = [
+    "Octave",
+    "OctaveInput",
+    "OCTAVE_MODES",
+    "low_channels",
+    "split_channels",
+    "octave_axes",
+    "octave_factors",
+    "low_size",
+    "avg_pool",
+    "upsample_to",
+    "to_octave",
+    "from_octave",
+]
+
+OCTAVE_MODES = ("spatial", "spatiotemporal")
+
+
+class Octave(NamedTuple):
+    """A feature map split into a full-resolution ``high`` and a half-resolution ``low`` tensor.
+
+    ``low`` is ``None`` for a representation that has no low-frequency channels. Being a
+    NamedTuple, an ``Octave`` passes through ``torch.compile``, ``torch.export`` and
+    ``nn.Sequential`` unchanged; it deliberately defines no arithmetic, so ``a + b`` on two
+    octaves is tuple concatenation; use :func:`oct3d.nn.octave_add` for a per-branch sum.
+    """
+
+    high: Tensor
+    low: Tensor | None = None
+
+
+OctaveInput = Union[Tensor, Octave]
+
+
+def low_channels(channels: int, alpha: float) -> int:
+    """Number of low-frequency channels of a ``channels``-wide map at ratio ``alpha``.
+
+    ``floor(alpha * channels)``, with a small epsilon so that e.g. ``0.3 * 10`` gives 3.
+    """
+    return int(math.floor(alpha * channels + 1e-6))
+
+
+def split_channels(channels: int, alpha: float) -> tuple[int, int]:
+    """Return ``(high_channels, low_channels)`` of a ``channels``-wide map at ratio ``alpha``."""
+    c_low = low_channels(channels, alpha)
+    return channels - c_low, c_low
+
+
+def octave_axes(dims: int, octave: str = "spatial") -> tuple[bool, ...]:
+    """Which of the ``dims`` trailing axes are halved in the low branch.
+
+    1D and 2D maps halve every axis. A 3D map ``(T, H, W)`` halves ``H, W`` with
+    ``octave="spatial"`` and ``T, H, W`` with ``octave="spatiotemporal"``.
+    """
+    if dims not in (1, 2, 3):
+        raise ValueError(f"dims must be 1, 2 or 3, got {dims!r}")
+    if octave not in OCTAVE_MODES:
+        raise ValueError(f"octave must be one of {OCTAVE_MODES}, got {octave!r}")
+    if dims == 3:
+        return (octave == "spatiotemporal", True, True)
+    if octave != "spatial":
+        raise ValueError(
+            f"octave={octave!r} only applies to 3D maps; {dims}D maps halve every axis, "
+            "use octave='spatial'"
+        )
+    return (True,) * dims
+
+
+def octave_factors(dims: int, octave: str = "spatial") -> tuple[int, ...]:
+    """Resolution ratio high/low per axis: 2 on octave axes, 1 elsewhere."""
+    return tuple(2 if a else 1 for a in octave_axes(dims, octave))
+
+
+def low_size(high_size: Sequence[int], factors: Sequence[int]) -> tuple[int, ...]:
+    """Size of the low branch for a high branch of ``high_size`` (ceil of half on octave axes)."""
+    return tuple(-(-int(n) // f) for n, f in zip(high_size, factors))
+
+
+def avg_pool(x: Tensor, factors: Sequence[int]) -> Tensor:
+    """Average pooling with kernel = stride = ``factors`` per axis (``ceil_mode``, no padding).
+
+    Identity where every factor is 1. A partial window at an odd border averages only the
+    elements it covers, so odd sizes pool to the ceiling of half.
+    """
+    factors = tuple(factors)
+    if all(f == 1 for f in factors):
+        return x
+    dims = len(factors)
+    pool = (F.avg_pool1d, F.avg_pool2d, F.avg_pool3d)[dims - 1]
+    return pool(x, factors, factors, 0, ceil_mode=True, count_include_pad=False)
+
+
+def upsample_to(x: Tensor, factors: Sequence[int], size: Sequence[int]) -> Tensor:
+    """Nearest-neighbour upsampling by ``factors`` per axis, cropped to ``size``.
+
+    Equal to repeating each element ``factor`` times along its axis, then cropping.
+    """
+    factors = tuple(factors)
+    if any(f != 1 for f in factors):
+        x = F.interpolate(x, scale_factor=[float(f) for f in factors], mode="nearest")
+    if tuple(x.shape[2:]) != tuple(size):
+        index = (slice(None), slice(None)) + tuple(slice(0, int(n)) for n in size)
+        x = x[index]
+    return x
+
+
+def to_octave(x: Tensor, alpha: float, octave: str = "spatial") -> Octave:
+    """Split a plain ``(N, C, *spatial)`` tensor into an :class:`Octave` at ratio ``alpha``.
+
+    The first ``C - floor(alpha * C)`` channels stay at full resolution; the others are
+    average-pooled by 2 on the octave axes. Use it to feed an octave layer whose
+    ``alpha_in > 0`` from a vanilla tensor.
+    """
+    if not isinstance(x, Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() not in (3, 4, 5):
+        raise ValueError(f"x must have shape (N, C, *spatial) with 1-3 spatial axes, got {tuple(x.shape)}")
+    if not 0.0 <= alpha < 1.0:
+        raise ValueError(f"alpha must be in [0, 1), got {alpha!r}")
+    c_high, c_low = split_channels(x.shape[1], alpha)
+    if c_low == 0:
+        return Octave(x, None)
+    factors = octave_factors(x.dim() - 2, octave)
+    return Octave(x[:, :c_high], avg_pool(x[:, c_high:], factors))
+
+
+def from_octave(x: Octave | Tensor, octave: str = "spatial") -> Tensor:
+    """Merge an :class:`Octave` into one full-resolution tensor (low upsampled, then concatenated).
+
+    A plain tensor is returned unchanged.
+    """
+    if isinstance(x, Tensor):
+        return x
+    if not isinstance(x, Octave):
+        raise TypeError(f"x must be an Octave or a torch.Tensor, got {type(x).__name__}")
+    if x.low is None:
+        return x.high
+    factors = octave_factors(x.high.dim() - 2, octave)
+    low = upsample_to(x.low, factors, x.high.shape[2:])
+    return torch.cat([x.high, low], dim=1)
