@@ -99,11 +99,16 @@ def avg_pool(x: Tensor, factors: Sequence[int]) -> Tensor:
     Identity where every factor is 1. A partial window at an odd border averages only the
     elements it covers, so odd sizes pool to the ceiling of half.
     """
-    factors = tuple(factors)
+    # torch rejects a window larger than the axis; a single partial window (the mean of the
+    # whole axis) is the same as a window of the axis's own length.
+    factors = tuple(min(f, int(n)) for f, n in zip(factors, x.shape[2:]))
     if all(f == 1 for f in factors):
         return x
     dims = len(factors)
     pool = (F.avg_pool1d, F.avg_pool2d, F.avg_pool3d)[dims - 1]
+    if dims == 3 and x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16):
+        # avg_pool3d has no reduced-precision CPU kernel.
+        return pool(x.float(), factors, factors, 0, ceil_mode=True, count_include_pad=False).to(x.dtype)
     return pool(x, factors, factors, 0, ceil_mode=True, count_include_pad=False)
 
 

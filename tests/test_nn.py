@@ -1,0 +1,463 @@
+"""Octave operator family against an independent dense reference (SPEC.md section 2).
+
+The reference below shares no code with oct3d: pooling is a NaN-padded reshape-mean,
+upsampling is ``repeat_interleave`` then crop, and the convolutions are functional calls
+with weights taken from the module's state dict by key.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from oct3d.nn import (
+    Octave,
+    OctAvgPool,
+    OctBatchNorm,
+    OctConv,
+    OctConv1d,
+    OctConv2d,
+    OctConv3d,
+    OctDropout,
+    OctGlobalAvgPool,
+    OctMap,
+    OctMaxPool,
+    OctReLU,
+    from_octave,
+    octave_add,
+    to_octave,
+)
+
+torch.manual_seed(0)
+CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+
+
+# ----------------------------------------------------------------------------- reference
+def ref_pool(x: torch.Tensor, factors: tuple[int, ...]) -> torch.Tensor:
+    """Average over non-overlapping windows; a partial border window averages what it covers."""
+    for axis, f in enumerate(factors, start=2):
+        if f == 1:
+            continue
+        n = x.shape[axis]
+        m = math.ceil(n / f)
+        pad_shape = list(x.shape)
+        pad_shape[axis] = m * f - n
+        x = torch.cat([x, torch.full(pad_shape, float("nan"), dtype=x.dtype)], dim=axis)
+        shape = list(x.shape)
+        shape[axis:axis + 1] = [m, f]
+        x = x.reshape(shape).nanmean(dim=axis + 1)
+    return x
+
+
+def ref_up(x: torch.Tensor, factors: tuple[int, ...], size: tuple[int, ...]) -> torch.Tensor:
+    for axis, f in enumerate(factors, start=2):
+        x = x.repeat_interleave(f, dim=axis)
+    return x[(slice(None), slice(None)) + tuple(slice(0, n) for n in size)]
+
+
+def ref_octconv(layer: OctConv, high: torch.Tensor, low: torch.Tensor | None):
+    """Y_high = h2h(pool(X_h, s)) + up(l2h(pool(X_l, s on non-octave axes)));
+    Y_low = l2l(pool(X_l, s)) + h2l(pool(X_h, s * p))."""
+    sd = layer.state_dict()
+    dims = layer.dims
+    s = layer.stride
+    p = tuple(2 if a else 1 for a in layer.axes)
+    pad = tuple(d * (k - 1) // 2 for k, d in zip(layer.kernel_size, layer.dilation))
+
+    def conv(path: str, x: torch.Tensor) -> torch.Tensor:
+        w = sd[f"{path}.weight"]
+        groups = w.shape[0] if layer.depthwise else layer.groups
+        return CONV[dims](x, w, sd.get(f"{path}.bias"), 1, pad, layer.dilation, groups)
+
+    if layer.in_low == 0 and layer.out_low == 0:
+        # The vanilla case is the strided convolution itself (SPEC.md section 2).
+        return CONV[dims](high, sd["h2h.weight"], sd.get("h2h.bias"), s, pad, layer.dilation, layer.groups), None
+    y_high = conv("h2h", ref_pool(high, s))
+    if low is not None and "l2h.weight" in sd:
+        l2h_pool = tuple(1 if pi == 2 else si for si, pi in zip(s, p))
+        up = tuple(2 if (pi == 2 and si == 1) else 1 for si, pi in zip(s, p))
+        y_high = y_high + ref_up(conv("l2h", ref_pool(low, l2h_pool)), up, tuple(y_high.shape[2:]))
+    if layer.out_low == 0:
+        return y_high, None
+    y_low = None
+    if low is not None and "l2l.weight" in sd:
+        y_low = conv("l2l", ref_pool(low, s))
+    if "h2l.weight" in sd:
+        part = conv("h2l", ref_pool(high, tuple(si * pi for si, pi in zip(s, p))))
+        y_low = part if y_low is None else y_low + part
+    return y_high, y_low
+
+
+def make_input(layer: OctConv, batch: int, size: tuple[int, ...], dtype=torch.float32):
+    high = torch.randn(batch, layer.in_high, *size, dtype=dtype)
+    if layer.in_low == 0:
+        return high, None
+    low_size = tuple(math.ceil(n / 2) if a else n for n, a in zip(size, layer.axes))
+    return high, torch.randn(batch, layer.in_low, *low_size, dtype=dtype)
+
+
+def run(layer: OctConv, high, low, reference: bool = False):
+    x = high if low is None else Octave(high, low)
+    y = layer.forward_reference(x) if reference else layer(x)
+    if isinstance(y, Octave):
+        return y.high, y.low
+    return y, None
+
+
+def with_random_bias_and_bn_like_weights(layer: OctConv) -> OctConv:
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.normal_(0, 0.3)
+    return layer
+
+
+def assert_matches_reference(layer: OctConv, size, batch=2, atol=1e-5):
+    high, low = make_input(layer, batch, size)
+    expected = ref_octconv(layer, high, low)
+    for reference in (False, True):
+        got = run(layer, high, low, reference=reference)
+        assert got[0].shape == expected[0].shape
+        torch.testing.assert_close(got[0], expected[0], atol=atol, rtol=1e-4)
+        if expected[1] is None:
+            assert got[1] is None
+        else:
+            assert got[1].shape == expected[1].shape
+            torch.testing.assert_close(got[1], expected[1], atol=atol, rtol=1e-4)
+    return expected
+
+
+# ----------------------------------------------------------------------------- grid
+SIZES = {1: (11,), 2: (9, 7), 3: (5, 7, 9)}
+ALPHAS = [(0.0, 0.5), (0.5, 0.5), (0.5, 0.0), (0.25, 0.75), (0.75, 0.25)]
+STRIDES = {1: [1, 2], 2: [1, 2, (1, 2)], 3: [1, 2, (1, 2, 2)]}
+
+
+def grid():
+    for dims in (1, 2, 3):
+        modes = ["spatial", "spatiotemporal"] if dims == 3 else ["spatial"]
+        for (a_in, a_out), stride, octave, kernel in itertools.product(ALPHAS, STRIDES[dims], modes, (1, 3)):
+            yield dims, a_in, a_out, stride, octave, kernel
+
+
+@pytest.mark.parametrize(("dims", "alpha_in", "alpha_out", "stride", "octave", "kernel"), list(grid()))
+def test_matches_independent_reference(dims, alpha_in, alpha_out, stride, octave, kernel):
+    layer = with_random_bias_and_bn_like_weights(
+        OctConv(dims, 8, 8, kernel, alpha_in, alpha_out, stride=stride, octave=octave, bias=True)
+    )
+    assert_matches_reference(layer, SIZES[dims])
+
+
+@pytest.mark.parametrize("dims", [1, 2, 3])
+@pytest.mark.parametrize("octave", ["spatial", "spatiotemporal"])
+def test_grouped_and_dilated(dims, octave):
+    if dims < 3 and octave == "spatiotemporal":
+        pytest.skip("spatiotemporal is 3D only")
+    layer = OctConv(dims, 16, 8, 3, 0.5, 0.5, stride=1, dilation=2, groups=4, octave=octave)
+    assert_matches_reference(layer, tuple(n + 2 for n in SIZES[dims]))
+    strided = OctConv(dims, 16, 16, 3, 0.5, 0.5, stride=2, groups=2, octave=octave)
+    assert_matches_reference(strided, SIZES[dims])
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_depthwise_keeps_only_h2h_and_l2l(dims):
+    layer = OctConv(dims, 8, 8, 3, 0.5, 0.5, groups=8, stride=2)
+    assert layer.depthwise
+    keys = set(layer.state_dict())
+    assert keys == {"h2h.weight", "l2l.weight"}
+    assert layer.h2h.weight.shape[:2] == (4, 1)
+    assert_matches_reference(layer, SIZES[dims])
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    dims=st.sampled_from([1, 2, 3]),
+    alpha_in=st.sampled_from([0.0, 0.125, 0.25, 0.5, 0.75]),
+    alpha_out=st.sampled_from([0.0, 0.125, 0.25, 0.5, 0.75]),
+    spatiotemporal=st.booleans(),
+    kernel=st.sampled_from([1, 3]),
+    strides=st.lists(st.sampled_from([1, 2]), min_size=3, max_size=3),
+    sizes=st.lists(st.integers(min_value=1, max_value=10), min_size=3, max_size=3),
+)
+def test_random_configurations(dims, alpha_in, alpha_out, spatiotemporal, kernel, strides, sizes):
+    octave = "spatiotemporal" if dims == 3 and spatiotemporal else "spatial"
+    layer = OctConv(dims, 16, 16, kernel, alpha_in, alpha_out, stride=tuple(strides[:dims]), octave=octave)
+    assert_matches_reference(layer, tuple(sizes[:dims]), batch=1)
+
+
+def test_odd_sizes_low_is_ceil_of_half_and_l2h_is_cropped():
+    layer = OctConv3d(4, 4, 3, 0.5, 0.5, octave="spatiotemporal")
+    high, low = make_input(layer, 1, (7, 13, 5))
+    assert low.shape[2:] == (4, 7, 3)
+    y = layer(Octave(high, low))
+    assert y.high.shape[2:] == (7, 13, 5) and y.low.shape[2:] == (4, 7, 3)
+    y2 = OctConv3d(4, 4, 3, 0.5, 0.5, stride=2, octave="spatiotemporal")(Octave(high, low))
+    assert y2.high.shape[2:] == (4, 7, 3) and y2.low.shape[2:] == (2, 4, 2)
+
+
+def test_spatial_mode_keeps_time_in_low_branch():
+    layer = OctConv3d(4, 4, 3, 0.0, 0.5, octave="spatial")
+    y = layer(torch.randn(1, 4, 5, 9, 9))
+    assert y.low.shape[2:] == (5, 5, 5)
+    y2 = OctConv3d(4, 4, 3, 0.5, 0.5, stride=(2, 2, 2), octave="spatial")(y)
+    assert y2.high.shape[2:] == (3, 5, 5) and y2.low.shape[2:] == (3, 3, 3)
+
+
+# ----------------------------------------------------------------------------- vanilla equivalence
+@pytest.mark.parametrize("dims", [1, 2, 3])
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("groups", [1, 4])
+def test_alpha_zero_is_exactly_convnd(dims, stride, groups):
+    conv_cls = {1: torch.nn.Conv1d, 2: torch.nn.Conv2d, 3: torch.nn.Conv3d}[dims]
+    octave = OctConv(dims, 8, 12, 3, 0.0, 0.0, stride=stride, groups=groups, bias=True)
+    vanilla = conv_cls(8, 12, 3, stride=stride, padding=1, groups=groups, bias=True)
+    assert isinstance(octave.h2h, conv_cls)
+    assert set(octave.state_dict()) == {"h2h.weight", "h2h.bias"}
+    vanilla.load_state_dict({k.removeprefix("h2h."): v for k, v in octave.state_dict().items()})
+    x = torch.randn(2, 8, *SIZES[dims])
+    y = octave(x)
+    assert isinstance(y, torch.Tensor)
+    assert torch.equal(y, vanilla(x))
+
+
+@pytest.mark.parametrize(("alpha_in", "alpha_out"), [(0.0, 0.5), (0.5, 0.5), (0.5, 0.0), (0.25, 0.75)])
+def test_parameter_count_equals_vanilla_and_weights_partition(alpha_in, alpha_out):
+    layer = OctConv2d(32, 64, 3, alpha_in, alpha_out)
+    assert sum(p.numel() for p in layer.parameters()) == 64 * 32 * 9
+    sd = layer.state_dict()
+    assert sd["h2h.weight"].shape == (layer.out_high, layer.in_high, 3, 3)
+    if alpha_out:
+        assert sd["h2l.weight"].shape == (layer.out_low, layer.in_high, 3, 3)
+    if alpha_in:
+        assert sd["l2h.weight"].shape == (layer.out_high, layer.in_low, 3, 3)
+    if alpha_in and alpha_out:
+        assert sd["l2l.weight"].shape == (layer.out_low, layer.in_low, 3, 3)
+    expected_paths = {"h2h"} | ({"h2l"} if alpha_out else set()) | ({"l2h"} if alpha_in else set())
+    expected_paths |= {"l2l"} if alpha_in and alpha_out else set()
+    assert {k.split(".")[0] for k in sd} == expected_paths
+
+
+def test_bias_on_one_path_per_output_branch():
+    assert {k for k in OctConv2d(8, 8, 3, 0.5, 0.5, bias=True).state_dict() if k.endswith("bias")} == {
+        "h2h.bias",
+        "l2l.bias",
+    }
+    # A first layer has no l2l: its low bias sits on h2l.
+    first = OctConv2d(8, 8, 3, 0.0, 0.5, bias=True)
+    assert {k for k in first.state_dict() if k.endswith("bias")} == {"h2h.bias", "h2l.bias"}
+    assert {k for k in OctConv2d(8, 8, 3, 0.5, 0.0, bias=True).state_dict() if k.endswith("bias")} == {"h2h.bias"}
+
+
+def test_gradients_reach_all_four_weights():
+    for fast in (True, False):
+        layer = OctConv3d(8, 8, 3, 0.5, 0.5, stride=(1, 2, 2), octave="spatiotemporal")
+        layer.fast_path = fast
+        high, low = make_input(layer, 2, (5, 9, 7))
+        high.requires_grad_(True)
+        low.requires_grad_(True)
+        y = layer(Octave(high, low))
+        (y.high.square().sum() + y.low.square().sum()).backward()
+        for name in ("h2h", "h2l", "l2h", "l2l"):
+            grad = getattr(layer, name).weight.grad
+            assert grad is not None and grad.abs().sum() > 0, name
+        assert high.grad.abs().sum() > 0 and low.grad.abs().sum() > 0
+
+
+def test_fast_and_reference_gradients_agree():
+    layer = OctConv2d(8, 8, 3, 0.5, 0.5, stride=2)
+    high, low = make_input(layer, 2, (9, 11))
+    grads = []
+    for fast in (True, False):
+        layer.zero_grad()
+        layer.fast_path = fast
+        y = layer(Octave(high, low))
+        (y.high.sin().sum() + y.low.cos().sum()).backward()
+        grads.append([getattr(layer, n).weight.grad.clone() for n in ("h2h", "h2l", "l2h", "l2l")])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+# ----------------------------------------------------------------------------- companions
+def test_batchnorm_has_separate_statistics():
+    bn = OctBatchNorm(3, 16, 0.25)
+    assert bn.bn_h.num_features == 12 and bn.bn_l.num_features == 4
+    x = Octave(torch.randn(2, 12, 3, 6, 6) * 3 + 1, torch.randn(2, 4, 3, 3, 3) - 5)
+    y = bn(x)
+    assert abs(float(y.high.mean().detach())) < 1e-5 and abs(float(y.low.mean().detach())) < 1e-5
+    assert float(bn.bn_l.running_mean.mean()) < -0.4 < 0.05 < float(bn.bn_h.running_mean.mean())
+    plain = OctBatchNorm(2, 8, 0.0)
+    assert plain.bn_l is None and isinstance(plain(torch.randn(2, 8, 4, 4)), torch.Tensor)
+
+
+def test_map_activation_dropout_and_add():
+    x = Octave(torch.randn(2, 4, 6, 6), torch.randn(2, 4, 3, 3))
+    y = OctReLU()(x)
+    assert torch.equal(y.high, x.high.clamp_min(0)) and torch.equal(y.low, x.low.clamp_min(0))
+    drop = OctDropout(0.5).eval()
+    assert torch.equal(drop(x).high, x.high)
+    gelu = OctMap(torch.nn.GELU())
+    assert torch.allclose(gelu(x).low, F.gelu(x.low))
+    summed = octave_add(x, x)
+    assert torch.equal(summed.high, 2 * x.high) and torch.equal(summed.low, 2 * x.low)
+    with pytest.raises(TypeError, match="both inputs"):
+        octave_add(x, x.high)
+
+
+@pytest.mark.parametrize("octave", ["spatial", "spatiotemporal"])
+def test_pools_keep_the_octave_relation(octave):
+    conv = OctConv3d(4, 8, 3, 0.0, 0.5, octave=octave)
+    x = conv(torch.randn(1, 4, 7, 13, 11))
+    y = OctMaxPool(3, (1, 3, 3), (1, 2, 2), (0, 1, 1), octave=octave)(x)
+    assert y.high.shape[2:] == (7, 7, 6)
+    assert y.low.shape[2:] == ((4 if octave == "spatiotemporal" else 7), 4, 3)
+    t = OctMaxPool(3, (2, 1, 1), (2, 1, 1), octave=octave)(x)
+    assert t.high.shape[2] == 3
+    a = OctAvgPool(2, 2, 2)(Octave(torch.randn(1, 2, 8, 8), torch.randn(1, 2, 4, 4)))
+    assert a.high.shape[2:] == (4, 4) and a.low.shape[2:] == (2, 2)
+    with pytest.raises(ValueError, match="expected"):
+        OctMaxPool(2, 3, 1, 0)(Octave(torch.randn(1, 2, 9, 9), torch.randn(1, 2, 5, 5)))
+
+
+def test_global_pool_head_concatenates_branches():
+    x = Octave(torch.ones(2, 6, 5, 5), torch.full((2, 2, 3, 3), 3.0))
+    y = OctGlobalAvgPool()(x)
+    assert y.shape == (2, 8)
+    assert torch.equal(y[:, 6:], torch.full((2, 2), 3.0))
+    assert OctGlobalAvgPool(flatten=False)(x).shape == (2, 8, 1, 1)
+
+
+@pytest.mark.parametrize("octave", ["spatial", "spatiotemporal"])
+def test_to_and_from_octave(octave):
+    x = torch.randn(2, 8, 5, 9, 7)
+    o = to_octave(x, 0.25, octave)
+    assert o.high.shape == (2, 6, 5, 9, 7)
+    assert o.low.shape == (2, 2, 3 if octave == "spatiotemporal" else 5, 5, 4)
+    torch.testing.assert_close(o.low, ref_pool(x[:, 6:], (2 if octave == "spatiotemporal" else 1, 2, 2)))
+    back = from_octave(o, octave)
+    assert back.shape == x.shape
+    assert torch.equal(back[:, :6], x[:, :6])
+    assert from_octave(x) is x
+    assert to_octave(x, 0.0).low is None
+
+
+# ----------------------------------------------------------------------------- errors
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        (dict(alpha_in=1.0), ValueError, "alpha_in must be in \\[0, 1\\)"),
+        (dict(alpha_out=-0.1), ValueError, "alpha_out must be in \\[0, 1\\)"),
+        (dict(octave="temporal"), ValueError, "octave must be one of"),
+        (dict(kernel_size=2), ValueError, "kernel_size must be odd"),
+        (dict(kernel_size=(3, 3)), TypeError, "kernel_size must be an int or a tuple of 3 ints"),
+        (dict(stride=3), ValueError, "stride must be 1 or 2"),
+        (dict(groups=3), ValueError, "groups=3 must divide every branch"),
+        (dict(dims=4), ValueError, "dims must be 1, 2 or 3"),
+        (dict(in_channels=0), ValueError, "in_channels must be a positive int"),
+        (dict(in_channels=1, alpha_in=0.5), ValueError, "alpha_in=0.5 gives no low-frequency channels"),
+    ],
+)
+def test_constructor_errors_name_the_argument(kwargs, error, match):
+    args = dict(dims=3, in_channels=8, out_channels=8, kernel_size=3, alpha_in=0.5, alpha_out=0.5)
+    args.update(kwargs)
+    with pytest.raises(error, match=match):
+        OctConv(**args)
+
+
+def test_spatiotemporal_needs_3d():
+    with pytest.raises(ValueError, match="only applies to 3D"):
+        OctConv(2, 8, 8, 3, octave="spatiotemporal")
+
+
+def test_depthwise_needs_equal_alphas():
+    with pytest.raises(ValueError, match="alpha_in == alpha_out"):
+        OctConv2d(8, 8, 3, 0.5, 0.25, groups=8)
+
+
+def test_input_errors_name_what_was_expected():
+    layer = OctConv2d(8, 8, 3, 0.5, 0.5)
+    high, low = make_input(layer, 1, (8, 8))
+    with pytest.raises(TypeError, match="needs an Octave\\(high, low\\) input"):
+        layer(high)
+    with pytest.raises(ValueError, match="expects 4 high-frequency input channels"):
+        layer(Octave(torch.randn(1, 5, 8, 8), low))
+    with pytest.raises(ValueError, match="expects 4 low-frequency input channels"):
+        layer(Octave(high, torch.randn(1, 3, 4, 4)))
+    with pytest.raises(ValueError, match="ceil of half"):
+        layer(Octave(high, torch.randn(1, 4, 8, 8)))
+    with pytest.raises(ValueError, match="expects a high tensor of shape \\(N, C, H, W\\)"):
+        layer(Octave(torch.randn(4, 8, 8), low))
+    with pytest.raises(TypeError, match="expects a torch.Tensor or an Octave"):
+        layer([high, low])
+    first = OctConv2d(8, 8, 3, 0.0, 0.5)
+    with pytest.raises(ValueError, match="takes no low branch"):
+        first(Octave(torch.randn(1, 8, 8, 8), low))
+    assert isinstance(first(Octave(torch.randn(1, 8, 8, 8), None)), Octave)
+    with pytest.raises(ValueError, match="expects channels"):
+        OctBatchNorm(2, 8, 0.5)(Octave(torch.randn(1, 6, 4, 4), torch.randn(1, 2, 2, 2)))
+
+
+# ----------------------------------------------------------------------------- wrappers, dtypes, layouts
+def test_dimension_wrappers():
+    assert OctConv1d(4, 4, 3).dims == 1
+    assert OctConv2d(4, 4, 3).dims == 2
+    c3 = OctConv3d(4, 4, 3, octave="spatiotemporal")
+    assert c3.dims == 3 and c3.axes == (True, True, True)
+    assert OctConv3d(4, 4, 3).axes == (False, True, True)
+
+
+def _small_net(dims: int, octave: str = "spatial") -> torch.nn.Sequential:
+    return torch.nn.Sequential(
+        OctConv(dims, 3, 16, 3, 0.0, 0.5, octave=octave),
+        OctBatchNorm(dims, 16, 0.5),
+        OctReLU(),
+        OctConv(dims, 16, 16, 3, 0.5, 0.5, stride=2, octave=octave),
+        OctBatchNorm(dims, 16, 0.5),
+        OctReLU(),
+        OctConv(dims, 16, 8, 1, 0.5, 0.0, octave=octave),
+    ).eval()
+
+
+@pytest.mark.parametrize(("dims", "fmt"), [(2, torch.channels_last), (3, torch.channels_last_3d)])
+def test_channels_last_gives_same_values(dims, fmt):
+    net = _small_net(dims)
+    x = torch.randn(2, 3, *((5, 9, 11) if dims == 3 else (9, 11)))
+    expected = net(x)
+    net_cl = net.to(memory_format=fmt)
+    y = net_cl(x.to(memory_format=fmt))
+    torch.testing.assert_close(y, expected, atol=1e-5, rtol=1e-4)
+
+
+def test_bfloat16_close_to_float32():
+    net = _small_net(3, "spatiotemporal")
+    x = torch.randn(1, 3, 5, 9, 11)
+    expected = net(x)
+    y = net.to(torch.bfloat16)(x.to(torch.bfloat16))
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), expected, atol=0.1, rtol=0.05)
+
+
+def test_torch_compile_fullgraph_without_graph_breaks():
+    net = _small_net(3, "spatiotemporal")
+    x = torch.randn(1, 3, 5, 9, 11)
+    compiled = torch.compile(net, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(x), net(x), atol=1e-5, rtol=1e-4)
+
+
+def test_torch_export():
+    net = _small_net(2)
+    x = torch.randn(1, 3, 9, 11)
+    exported = torch.export.export(net, (x,))
+    torch.testing.assert_close(exported.module()(x), net(x), atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_matches_cpu():
+    net = _small_net(3, "spatiotemporal")
+    x = torch.randn(2, 3, 5, 9, 11)
+    expected = net(x)
+    torch.testing.assert_close(net.cuda()(x.cuda()).cpu(), expected, atol=1e-3, rtol=1e-3)
