@@ -56,10 +56,12 @@ def activation_memory(model: nn.Module, input_size: Sequence[int] | Tensor) -> i
         tensors = [output.high, output.low] if isinstance(output, Octave) else [output]
         total += sum(t.numel() * t.element_size() for t in tensors if isinstance(t, Tensor))
 
-    def is_counted(m: nn.Module) -> bool:
-        return isinstance(m, (OctConv, nn.Conv1d, nn.Conv2d, nn.Conv3d)) and not _inside_octconv(m, model)
-
-    handles = [m.register_forward_hook(hook) for m in model.modules() if is_counted(m)]
+    # The paths inside an OctConv are counted through the OctConv's own output.
+    paths = {id(child) for m in model.modules() if isinstance(m, OctConv) for child in m.children()}
+    convs = (OctConv, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+    handles = [
+        m.register_forward_hook(hook) for m in model.modules() if isinstance(m, convs) and id(m) not in paths
+    ]
     x = _example(input_size, next(model.parameters()).device)
     was_training = model.training
     model.eval()
@@ -71,13 +73,6 @@ def activation_memory(model: nn.Module, input_size: Sequence[int] | Tensor) -> i
         for h in handles:
             h.remove()
     return total
-
-
-def _inside_octconv(module: nn.Module, model: nn.Module) -> bool:
-    for m in model.modules():
-        if isinstance(m, OctConv) and any(child is module for child in m.children()):
-            return True
-    return False
 
 
 @dataclass(frozen=True)

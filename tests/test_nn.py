@@ -391,7 +391,7 @@ def test_input_errors_name_what_was_expected():
         layer(Octave(high, torch.randn(1, 4, 8, 8)))
     with pytest.raises(ValueError, match="expects a high tensor of shape \\(N, C, H, W\\)"):
         layer(Octave(torch.randn(4, 8, 8), low))
-    with pytest.raises(TypeError, match="expects a torch.Tensor or an Octave"):
+    with pytest.raises(TypeError, match=r"expects a torch\.Tensor or an Octave"):
         layer([high, low])
     first = OctConv2d(8, 8, 3, 0.0, 0.5)
     with pytest.raises(ValueError, match="takes no low branch"):

@@ -32,7 +32,9 @@ def conv_bn(
 ) -> nn.Sequential:
     """An octave convolution followed by its octave BatchNorm, as ``Sequential(conv, bn)``."""
     return nn.Sequential(
-        OctConv(dims, in_channels, out_channels, kernel_size, alpha_in, alpha_out, stride, groups=groups, octave=octave),
+        OctConv(
+            dims, in_channels, out_channels, kernel_size, alpha_in, alpha_out, stride, groups=groups, octave=octave
+        ),
         OctBatchNorm(dims, out_channels, alpha_out),
     )
 

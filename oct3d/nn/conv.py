@@ -14,7 +14,6 @@ pools first and convolves at stride 1 (the paper's Table 3); only the vanilla ca
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Union
 
 import torch
 import torch.nn.functional as F
@@ -32,7 +31,7 @@ from oct3d.nn.octave import (
 
 __all__ = ["OctConv", "OctConv1d", "OctConv2d", "OctConv3d", "check_alpha", "to_tuple"]
 
-IntOrTuple = Union[int, Sequence[int]]
+IntOrTuple = int | Sequence[int]
 
 _CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 _CONV_FN = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
@@ -288,36 +287,79 @@ class OctConv(nn.Module):
         return _CONV_FN[self.dims](x, weight, bias, 1, self.padding, self.dilation, groups)
 
     def _forward_fast(self, high: Tensor, low: Tensor | None) -> tuple[Tensor, Tensor | None]:
-        """Fewer kernels: the two low-output paths run as one convolution over the
-        concatenated low-resolution inputs, and the L->H result is added into the H->H
-        output in place through a broadcast view instead of a materialised upsample."""
-        y_high = self.h2h(avg_pool(high, self._pool_h2h))
+        """The reference formula with fewer kernels and copies (same outputs, see tests/test_fast_path.py).
+
+        - The L->H result is added *in place* into the H->H output through a broadcast view
+          (no materialised upsample, no new tensor): a convolution's output is not saved
+          for its backward, so autograd allows it.
+        - H->L and L->L run as one convolution over the concatenated low-resolution inputs;
+          without autograd the concatenated weight is cached (see :meth:`_low_weight`).
+        - With stride 2 the H->L input is pooled from the already stride-pooled H->H input
+          (2x2 of 2x2 instead of 4x4 of the full map) when that is exact (even sizes).
+        """
+        pooled_high = avg_pool(high, self._pool_h2h)
+        y_high = self.h2h(pooled_high)
         if self.l2h is not None:
             from_low = self.l2h(avg_pool(low, self._pool_l2h))
-            y_high = _add_upsampled(y_high, from_low, self._up_l2h)
+            y_high = _add_upsampled_(y_high, from_low, self._up_l2h)
+        if not self.out_low:
+            return y_high, None
+        high_for_low = self._pool_high_for_low(high, pooled_high) if self.h2l is not None else None
+        if self.h2l is not None and self.l2l is not None and self.groups == 1:
+            inputs = torch.cat([high_for_low, avg_pool(low, self._pool_l2l)], dim=1)
+            return y_high, self._conv(inputs, self._low_weight(), self.l2l.bias, 1)
         y_low = None
-        if self.out_low:
-            if self.h2l is not None and self.l2l is not None and self.groups == 1:
-                inputs = torch.cat([avg_pool(high, self._pool_h2l), avg_pool(low, self._pool_l2l)], dim=1)
-                weight = torch.cat([self.h2l.weight, self.l2l.weight], dim=1)
-                y_low = self._conv(inputs, weight, self.l2l.bias, 1)
-            else:
-                if self.l2l is not None:
-                    y_low = self.l2l(avg_pool(low, self._pool_l2l))
-                if self.h2l is not None:
-                    from_high = self.h2l(avg_pool(high, self._pool_h2l))
-                    y_low = from_high if y_low is None else y_low + from_high
+        if self.l2l is not None:
+            y_low = self.l2l(avg_pool(low, self._pool_l2l))
+        if self.h2l is not None:
+            from_high = self.h2l(high_for_low)
+            y_low = from_high if y_low is None else y_low.add_(from_high)
         return y_high, y_low
 
+    def _pool_high_for_low(self, high: Tensor, pooled_high: Tensor) -> Tensor:
+        """``avg_pool(high, stride * p)``, reusing ``pooled_high = avg_pool(high, stride)`` when exact.
 
-def _add_upsampled(y: Tensor, small: Tensor, factors: tuple[int, ...]) -> Tensor:
-    """``y + upsample_to(small, factors, y.shape[2:])``, without materialising the upsample
-    when every upsampled axis of ``y`` is exactly ``factor`` times ``small``'s."""
+        Pooling 2x2 then 2x2 equals pooling 4x4 when every first-level window is full, i.e. the
+        axes pooled twice have even sizes; an odd size has a partial border window whose
+        average would be mis-weighted, so it takes the direct path.
+        """
+        twice = [s > 1 and p > 1 for s, p in zip(self.stride, self.factors)]
+        if any(twice) and all(n % 2 == 0 for n, t in zip(high.shape[2:], twice) if t):
+            return avg_pool(pooled_high, self.factors)
+        return avg_pool(high, self._pool_h2l)
+
+    def _low_weight(self) -> Tensor:
+        """``cat([h2l.weight, l2l.weight], dim=1)``, cached while autograd is off.
+
+        The cache is keyed on both weights' version counters (bumped by every in-place
+        update: optimizer steps, ``load_state_dict``, ``fuse``), storage pointers, dtype and
+        device, so it can never serve stale weights. With autograd on, or while tracing for
+        ``torch.compile`` (which folds the concatenation itself), it is rebuilt every call.
+        """
+        w_high, w_low = self.h2l.weight, self.l2l.weight
+        if torch.is_grad_enabled() or torch.compiler.is_compiling():
+            return torch.cat([w_high, w_low], dim=1)
+        key = (w_high._version, w_low._version, w_high.data_ptr(), w_low.data_ptr(), w_high.dtype, w_high.device)
+        cached = self.__dict__.get("_low_weight_cache")
+        if cached is None or cached[0] != key:
+            # Plain attribute, not a buffer: never in the state dict, rebuilt after a copy.
+            cached = (key, torch.cat([w_high, w_low], dim=1))
+            self.__dict__["_low_weight_cache"] = cached
+        return cached[1]
+
+
+def _add_upsampled_(y: Tensor, small: Tensor, factors: tuple[int, ...]) -> Tensor:
+    """``y += upsample_to(small, factors, y.shape[2:])`` in place; returns ``y``.
+
+    When every upsampled axis of ``y`` is exactly ``factor`` times ``small``'s, ``y`` is viewed
+    as ``(N, C, m0, f0, m1, f1, ...)`` and ``small`` broadcast over the ``f`` axes, so the
+    upsample is never materialised. Splitting an axis is a view for any memory format, so
+    this holds for channels_last too. Odd sizes materialise the cropped upsample.
+    """
     size = y.shape[2:]
     if all(f == 1 for f in factors):
-        return y + small
+        return y.add_(small)
     if all(n == f * m for n, f, m in zip(size, factors, small.shape[2:])):
-        # View y as (N, C, m0, f0, m1, f1, ...) and broadcast small over the f axes.
         view_shape = [y.shape[0], y.shape[1]]
         index: list[object] = [slice(None), slice(None)]
         for m, f in zip(small.shape[2:], factors):
@@ -326,9 +368,9 @@ def _add_upsampled(y: Tensor, small: Tensor, factors: tuple[int, ...]) -> Tensor
             if f != 1:
                 view_shape.append(f)
                 index.append(None)
-        out = y.reshape(view_shape) + small[tuple(index)]
-        return out.reshape(y.shape)
-    return y + upsample_to(small, factors, size)
+        y.view(view_shape).add_(small[tuple(index)])
+        return y
+    return y.add_(upsample_to(small, factors, size))
 
 
 def _shape(x: object) -> str:

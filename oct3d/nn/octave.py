@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import NamedTuple, Union
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -46,7 +46,7 @@ class Octave(NamedTuple):
     low: Tensor | None = None
 
 
-OctaveInput = Union[Tensor, Octave]
+OctaveInput = Tensor | Octave
 
 
 def low_channels(channels: int, alpha: float) -> int:
@@ -54,7 +54,7 @@ def low_channels(channels: int, alpha: float) -> int:
 
     ``floor(alpha * channels)``, with a small epsilon so that e.g. ``0.3 * 10`` gives 3.
     """
-    return int(math.floor(alpha * channels + 1e-6))
+    return math.floor(alpha * channels + 1e-6)
 
 
 def split_channels(channels: int, alpha: float) -> tuple[int, int]:
