@@ -1,0 +1,34 @@
+"""Data for oct3d: Kinetics-layout video and ImageNet-layout image LightningDataModules.
+
+* :class:`KineticsDataModule`: video clips from the official Kinetics layout or a path-label list,
+  decoded with PyAV or decord (:mod:`datamodules.video`), augmented with torchvision v2
+  (:mod:`datamodules.transforms`), robust to unreadable videos.
+* :class:`DataErrorReport`: Lightning callback printing the unreadable videos once per epoch.
+* :class:`ImageNetDataModule`: ImageFolder-layout images with the standard ImageNet recipe.
+* :mod:`datamodules.synthetic`: a synthetic Kinetics-format dataset that only motion tells apart.
+"""
+
+from .imagenet import ImageNetDataModule
+from .kinetics import KineticsDataModule, VideoClipDataset, VideoSample
+from .reporting import DataErrorReport, format_failures
+from .synthetic import make_synthetic_kinetics
+from .transforms import VideoEvalTransform, VideoTrainTransform
+from .video import VideoDecodeError, VideoInfo, open_video, probe, read_clip, read_video
+
+__all__ = [
+    "DataErrorReport",
+    "ImageNetDataModule",
+    "KineticsDataModule",
+    "VideoClipDataset",
+    "VideoDecodeError",
+    "VideoEvalTransform",
+    "VideoInfo",
+    "VideoSample",
+    "VideoTrainTransform",
+    "format_failures",
+    "make_synthetic_kinetics",
+    "open_video",
+    "probe",
+    "read_clip",
+    "read_video",
+]

@@ -1,0 +1,595 @@
+"""Kinetics-layout video classification data: annotations, a map-style dataset, a LightningDataModule.
+
+Two on-disk formats are read (detected automatically):
+
+* the official Kinetics layout: ``root/annotations/{train,val,test}.csv`` with columns
+  ``label,youtube_id,time_start,time_end,split`` (extra columns ignored; ``validate.csv`` is accepted
+  for ``val``), videos ``<youtube_id>_<time_start:06d>_<time_end:06d>.mp4`` in label folders
+  ``root/<split>/<label>/`` (label with spaces or with underscores) or flat in ``root/<split>/``;
+* pytorchvideo's list format: ``root/{train,val,test}.csv`` or ``.txt``, one ``path label`` per line
+  (path relative to ``root`` or absolute, integer label); class names from ``root/classes.txt``
+  (one per line) when present, else the label numbers.
+
+Unreadable videos (missing, truncated, corrupt, not a video) never stop a run: the sample is replaced
+by another readable video of the same split, chosen deterministically, and the failure travels in the
+batch (``batch["failed"]``) so that :class:`datamodules.DataErrorReport` can report it once per epoch.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import lightning.pytorch as pl
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from .transforms import KINETICS_MEAN, KINETICS_STD, VideoEvalTransform, VideoTrainTransform
+from .video import DECODERS, VIDEO_EXTENSIONS, VideoDecodeError, clip_indices, open_video
+
+__all__ = [
+    "KineticsDataModule",
+    "VideoClipDataset",
+    "VideoSample",
+    "find_annotation_format",
+    "read_kinetics_annotations",
+    "read_labeled_paths",
+]
+
+SPLITS = ("train", "val", "test")
+MODES = ("train", "val", "test")
+_SPLIT_ALIASES = {"train": ("train",), "val": ("val", "validate", "validation"), "test": ("test",)}
+_REQUIRED_COLUMNS = ("label", "youtube_id", "time_start", "time_end")
+
+
+@dataclass(frozen=True)
+class VideoSample:
+    """One labelled video of a split.
+
+    Attributes:
+        path: the video file (may not exist: a missing video is reported when it is read).
+        label: class index (-1 when the split has no labels, e.g. an unlabelled Kinetics test set).
+    """
+
+    path: str
+    label: int
+
+
+def _find_file(directory: Path, split: str, suffixes: tuple[str, ...]) -> Path | None:
+    for name in _SPLIT_ALIASES[split]:
+        for suffix in suffixes:
+            candidate = directory / f"{name}{suffix}"
+            if candidate.is_file():
+                return candidate
+    return None
+
+
+def find_annotation_format(root: str | os.PathLike) -> str:
+    """Which format ``root`` holds: ``"kinetics"`` (annotations/*.csv) or ``"list"`` (path-label lists).
+
+    Raises:
+        FileNotFoundError: neither a ``root/annotations/train.csv`` nor a ``root/train.{csv,txt}`` exists.
+    """
+    root = Path(root)
+    if _find_file(root / "annotations", "train", (".csv",)) is not None:
+        return "kinetics"
+    if _find_file(root, "train", (".csv", ".txt")) is not None:
+        return "list"
+    raise FileNotFoundError(
+        f"no annotations under {root}: expected the Kinetics layout (root/annotations/train.csv with columns "
+        f"label,youtube_id,time_start,time_end,split) or a path-label list (root/train.csv or root/train.txt)"
+    )
+
+
+def _read_kinetics_rows(csv_path: Path, require_label: bool) -> list[dict[str, str]]:
+    with open(csv_path, newline="") as handle:
+        reader = csv.DictReader(handle)
+        columns = [name.strip() for name in (reader.fieldnames or [])]
+        required = _REQUIRED_COLUMNS if require_label else _REQUIRED_COLUMNS[1:]
+        missing = [name for name in required if name not in columns]
+        if missing:
+            raise ValueError(
+                f"{csv_path}: missing column(s) {', '.join(missing)}; expected a header with "
+                f"label,youtube_id,time_start,time_end,split (found: {','.join(columns) or 'nothing'})"
+            )
+        reader.fieldnames = columns
+        return [row for row in reader if row.get("youtube_id")]
+
+
+def _kinetics_class_names(root: Path) -> list[str]:
+    train_csv = _find_file(root / "annotations", "train", (".csv",))
+    if train_csv is None:
+        raise FileNotFoundError(f"{root / 'annotations' / 'train.csv'} not found")
+    labels = {row["label"].strip() for row in _read_kinetics_rows(train_csv, require_label=True)}
+    if not labels:
+        raise ValueError(f"{train_csv}: no rows, so no classes")
+    return sorted(labels)
+
+
+def _index_videos(split_dir: Path) -> dict[str, str]:
+    """Map video file stem -> path for the videos in ``split_dir`` and its label folders (one directory scan)."""
+    index: dict[str, str] = {}
+    if not split_dir.is_dir():
+        return index
+    for entry in os.scandir(split_dir):
+        if entry.is_dir():
+            for child in os.scandir(entry.path):
+                stem, suffix = os.path.splitext(child.name)
+                if suffix.lower() in VIDEO_EXTENSIONS:
+                    index.setdefault(f"{entry.name}/{stem}", child.path)
+                    index.setdefault(stem, child.path)
+        else:
+            stem, suffix = os.path.splitext(entry.name)
+            if suffix.lower() in VIDEO_EXTENSIONS:
+                index.setdefault(stem, entry.path)
+    return index
+
+
+def read_kinetics_annotations(
+    root: str | os.PathLike, split: str, class_names: list[str] | None = None
+) -> list[VideoSample]:
+    """Read one split of the official Kinetics layout.
+
+    Args:
+        root: dataset root.
+        split: ``"train"``, ``"val"`` or ``"test"``.
+        class_names: the label vocabulary (default: sorted unique labels of the train split).
+
+    Returns:
+        one :class:`VideoSample` per annotation row. A video absent on disk keeps its expected path
+        (``root/<split>/<label>/<name>.mp4``), so reading it reports it as missing.
+
+    Raises:
+        FileNotFoundError: no annotation file for ``split``.
+        ValueError: missing columns, or a label outside the train split's classes.
+    """
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    root = Path(root)
+    csv_path = _find_file(root / "annotations", split, (".csv",))
+    if csv_path is None:
+        raise FileNotFoundError(f"{root / 'annotations' / f'{split}.csv'} not found")
+    if class_names is None:
+        class_names = _kinetics_class_names(root)
+    class_index = {name: i for i, name in enumerate(class_names)}
+    # Unlabelled test sets (Kinetics-700-2020) have no label column; their samples get label -1.
+    rows = _read_kinetics_rows(csv_path, require_label=split != "test")
+    split_dir = next((root / name for name in _SPLIT_ALIASES[split] if (root / name).is_dir()), root / split)
+    index = _index_videos(split_dir)
+    samples = []
+    for row in rows:
+        label_name = (row.get("label") or "").strip()
+        try:
+            name = f"{row['youtube_id'].strip()}_{int(float(row['time_start'])):06d}_{int(float(row['time_end'])):06d}"
+        except ValueError as error:
+            raise ValueError(f"{csv_path}: bad time_start/time_end in row {row}") from error
+        if label_name:
+            if label_name not in class_index:
+                raise ValueError(f"{csv_path}: label {label_name!r} is not among the {len(class_names)} train classes")
+            label = class_index[label_name]
+        else:
+            label = -1
+        path = (
+            index.get(f"{label_name}/{name}")
+            or index.get(f"{label_name.replace(' ', '_')}/{name}")
+            or index.get(name)
+            or str(split_dir / label_name / f"{name}.mp4")
+        )
+        samples.append(VideoSample(path, label))
+    return samples
+
+
+def _list_file(root: Path, split: str) -> Path:
+    path = _find_file(root, split, (".csv", ".txt"))
+    if path is None:
+        raise FileNotFoundError(f"no list file for split {split!r} under {root} (expected {split}.csv or {split}.txt)")
+    return path
+
+
+def _read_list_rows(list_path: Path) -> list[tuple[str, int]]:
+    rows = []
+    with open(list_path) as handle:
+        for line_number, line in enumerate(handle, 1):
+            line = line.strip()
+            if not line or line.startswith("#"):
+                continue
+            parts = line.rsplit(maxsplit=1)  # the path may contain spaces, the label does not
+            if len(parts) != 2:
+                raise ValueError(f"{list_path}:{line_number}: expected 'path label', got {line!r}")
+            try:
+                label = int(parts[1])
+            except ValueError as error:
+                raise ValueError(f"{list_path}:{line_number}: label must be an integer, got {parts[1]!r}") from error
+            if label < 0:
+                raise ValueError(f"{list_path}:{line_number}: label must be >= 0, got {label}")
+            rows.append((parts[0], label))
+    return rows
+
+
+def _list_class_names(root: Path) -> list[str]:
+    classes_file = root / "classes.txt"
+    if classes_file.is_file():
+        names = [line.strip() for line in classes_file.read_text().splitlines() if line.strip()]
+        if names:
+            return names
+    rows = _read_list_rows(_list_file(root, "train"))
+    if not rows:
+        raise ValueError(f"{_list_file(root, 'train')}: no rows, so no classes")
+    return [str(i) for i in range(max(label for _, label in rows) + 1)]
+
+
+def read_labeled_paths(root: str | os.PathLike, split: str, num_classes: int | None = None) -> list[VideoSample]:
+    """Read one split of the ``path label`` list format (pytorchvideo's LabeledVideoDataset style).
+
+    Relative paths are resolved against ``root``. Labels must be in [0, num_classes) when it is given.
+    """
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    root = Path(root)
+    list_path = _list_file(root, split)
+    samples = []
+    for path, label in _read_list_rows(list_path):
+        if num_classes is not None and label >= num_classes:
+            raise ValueError(f"{list_path}: label {label} out of range for {num_classes} classes")
+        resolved = path if os.path.isabs(path) else str(root / path)
+        samples.append(VideoSample(resolved, label))
+    return samples
+
+
+class VideoClipDataset(Dataset):
+    """Map-style dataset of video clips, robust to unreadable videos.
+
+    Modes:
+        * ``"train"``: one item per video, a random clip, ``transform(frames)``;
+        * ``"val"``: one item per video, the center clip, ``transform(frames)``;
+        * ``"test"``: ``num_clips * num_crops`` items per video (uniformly spaced clips x spatial crops),
+          ``transform(frames, crop_index)``.
+
+    Each item is a dict ``{"video": (C, T, H, W) float, "label": int, "video_index": int, "failed": str}``;
+    ``failed`` is ``""`` or ``"path: reason"`` of the unreadable video that this item replaced.
+
+    Args:
+        samples: the videos of the split.
+        mode: ``"train"``, ``"val"`` or ``"test"``.
+        transform: frames (T, H, W, 3) uint8 -> clip; in test mode it also takes a crop index.
+        num_frames: frames per clip.
+        sampling_rate: distance between clip frames, in source frames.
+        num_clips: temporal views per video (test mode).
+        num_crops: spatial views per clip (test mode).
+        decoder: ``"pyav"`` or ``"decord"``.
+        max_retries: how many other videos to try before giving up on an item.
+        seed: varies the (deterministic) choice of replacement videos.
+    """
+
+    def __init__(
+        self,
+        samples: list[VideoSample],
+        mode: str,
+        transform: Callable,
+        num_frames: int,
+        sampling_rate: int,
+        num_clips: int = 1,
+        num_crops: int = 1,
+        decoder: str = "pyav",
+        max_retries: int = 50,
+        seed: int = 0,
+    ) -> None:
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if decoder not in DECODERS:
+            raise ValueError(f"decoder must be one of {DECODERS}, got {decoder!r}")
+        if not samples:
+            raise ValueError("samples is empty: the split lists no video")
+        for name, value in (("num_frames", num_frames), ("sampling_rate", sampling_rate), ("max_retries", max_retries)):
+            if value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+        if mode == "test" and (num_clips < 1 or num_crops < 1):
+            raise ValueError(f"num_clips and num_crops must be >= 1, got {num_clips} and {num_crops}")
+        self.samples = list(samples)
+        self.mode = mode
+        self.transform = transform
+        self.num_frames = num_frames
+        self.sampling_rate = sampling_rate
+        self.views_per_video = num_clips * num_crops if mode == "test" else 1
+        self.num_clips = num_clips if mode == "test" else 1
+        self.num_crops = num_crops if mode == "test" else 1
+        self.decoder = decoder
+        self.max_retries = max_retries
+        self.seed = seed
+        # Failures seen by this process (each DataLoader worker has its own copy; batches carry them out).
+        self.failures: dict[str, str] = {}
+
+    def __len__(self) -> int:
+        return len(self.samples) * self.views_per_video
+
+    def _start_frame(self, num_video_frames: int, clip_index: int) -> int:
+        span = (self.num_frames - 1) * self.sampling_rate + 1
+        slack = max(num_video_frames - span, 0)
+        if self.mode == "train":
+            return int(torch.randint(0, slack + 1, ()).item())
+        if self.num_clips == 1:
+            return slack // 2
+        return round(clip_index * slack / (self.num_clips - 1))
+
+    def _load(self, video_index: int, clip_index: int, crop_index: int) -> torch.Tensor:
+        path = self.samples[video_index].path
+        if path in self.failures:
+            raise VideoDecodeError(path, self.failures[path])
+        try:
+            with open_video(path, self.decoder) as reader:
+                start = self._start_frame(reader.info.num_frames, clip_index)
+                indices = clip_indices(reader.info.num_frames, start, self.num_frames, self.sampling_rate)
+                frames = reader.get_frames(indices)
+        except VideoDecodeError as error:
+            self.failures[path] = error.reason
+            raise
+        if self.mode == "test":
+            return self.transform(frames, crop_index)
+        return self.transform(frames)
+
+    def _replacements(self, video_index: int):
+        """Other video indices in a deterministic order that visits every video once."""
+        count = len(self.samples)
+        rng = random.Random(self.seed * 1_000_003 + video_index)
+        step = rng.randrange(1, count) if count > 1 else 1
+        while math.gcd(step, count) != 1:
+            step = rng.randrange(1, count)
+        candidate = video_index
+        for _ in range(min(count - 1, self.max_retries)):
+            candidate = (candidate + step) % count
+            yield candidate
+
+    def __getitem__(self, index: int) -> dict:
+        if not 0 <= index < len(self):
+            raise IndexError(f"index {index} out of range for a dataset of {len(self)} items")
+        video_index, view = divmod(index, self.views_per_video)
+        clip_index, crop_index = divmod(view, self.num_crops)
+        try:
+            video = self._load(video_index, clip_index, crop_index)
+            return {"video": video, "label": self.samples[video_index].label, "video_index": video_index, "failed": ""}
+        except VideoDecodeError as error:
+            failed = str(error)
+        for replacement in self._replacements(video_index):
+            try:
+                video = self._load(replacement, clip_index, crop_index)
+            except VideoDecodeError:
+                continue
+            # The replacement keeps the requested video_index so multi-view aggregation stays aligned.
+            label = self.samples[replacement].label
+            return {"video": video, "label": label, "video_index": video_index, "failed": failed}
+        tried = 1 + min(len(self.samples) - 1, self.max_retries)
+        scope = "no readable video in this split" if tried == len(self.samples) else "none of them readable"
+        raise RuntimeError(
+            f"tried {tried} of {len(self.samples)} videos for item {index}, {scope}; first failure: {failed}"
+        )
+
+
+class KineticsDataModule(pl.LightningDataModule):
+    """LightningDataModule for Kinetics-layout video classification (see the module docstring for formats).
+
+    Batches are dicts: ``video`` float (B, 3, T, H, W), ``label`` long (B,), ``video_index`` long (B,)
+    (index of the video in its split, for multi-view aggregation), ``failed`` list[str] (per sample,
+    ``""`` or ``"path: reason"`` of an unreadable video it replaced).
+
+    Args:
+        root: dataset root.
+        num_frames: frames per clip.
+        sampling_rate: distance between clip frames, in source frames.
+        crop_size: spatial size of the clips.
+        min_short_side: short side of evaluation frames and lower bound of the training scale jitter.
+        max_short_side: upper bound of the training scale jitter.
+        batch_size: training batch size.
+        num_workers: DataLoader worker processes.
+        decoder: ``"pyav"`` (default) or ``"decord"``.
+        test_clips: temporal views per test video.
+        test_crops: spatial views per test clip (1: center, 3: left/center/right).
+        pin_memory: pin batches in page-locked memory (for GPU training).
+        eval_batch_size: batch size of validation, test and predict loaders (default: ``batch_size``).
+        mean: normalization mean.
+        std: normalization standard deviation.
+        max_retries: other videos tried when one is unreadable.
+        seed: varies the deterministic choice of replacement videos.
+        persistent_workers: keep workers alive between epochs.
+        drop_last: drop the last incomplete training batch.
+        flip_prob: probability of a horizontal flip in training (0 when classes depend on left/right,
+            e.g. the synthetic "moving left"/"moving right").
+    """
+
+    def __init__(
+        self,
+        root: str,
+        num_frames: int = 8,
+        sampling_rate: int = 8,
+        crop_size: int = 224,
+        min_short_side: int = 256,
+        max_short_side: int = 320,
+        batch_size: int = 8,
+        num_workers: int = 4,
+        decoder: str = "pyav",
+        test_clips: int = 10,
+        test_crops: int = 3,
+        pin_memory: bool = True,
+        eval_batch_size: int | None = None,
+        mean: tuple[float, float, float] = KINETICS_MEAN,
+        std: tuple[float, float, float] = KINETICS_STD,
+        max_retries: int = 50,
+        seed: int = 0,
+        persistent_workers: bool = False,
+        drop_last: bool = False,
+        flip_prob: float = 0.5,
+    ) -> None:
+        super().__init__()
+        if not 0.0 <= flip_prob <= 1.0:
+            raise ValueError(f"flip_prob must be in [0, 1], got {flip_prob}")
+        if decoder not in DECODERS:
+            raise ValueError(f"decoder must be one of {DECODERS}, got {decoder!r}")
+        positive = dict(
+            num_frames=num_frames,
+            sampling_rate=sampling_rate,
+            crop_size=crop_size,
+            min_short_side=min_short_side,
+            max_short_side=max_short_side,
+            batch_size=batch_size,
+            test_clips=test_clips,
+            test_crops=test_crops,
+            max_retries=max_retries,
+        )
+        for name, value in positive.items():
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if eval_batch_size is not None and eval_batch_size < 1:
+            raise ValueError(f"eval_batch_size must be a positive int or None, got {eval_batch_size!r}")
+        if num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+        if min_short_side < crop_size:
+            raise ValueError(f"min_short_side ({min_short_side}) must be >= crop_size ({crop_size})")
+        if max_short_side < min_short_side:
+            raise ValueError(f"max_short_side ({max_short_side}) must be >= min_short_side ({min_short_side})")
+        self.save_hyperparameters()
+        self.root = Path(root)
+        self.num_frames = num_frames
+        self.sampling_rate = sampling_rate
+        self.crop_size = crop_size
+        self.min_short_side = min_short_side
+        self.max_short_side = max_short_side
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size or batch_size
+        self.num_workers = num_workers
+        self.decoder = decoder
+        self.test_clips = test_clips
+        self.test_crops = test_crops
+        self.pin_memory = pin_memory
+        self.mean = tuple(mean)
+        self.std = tuple(std)
+        self.max_retries = max_retries
+        self.seed = seed
+        self.persistent_workers = persistent_workers
+        self.drop_last = drop_last
+        self.flip_prob = flip_prob
+        self._class_names: list[str] | None = None
+        self.datasets: dict[str, VideoClipDataset] = {}
+
+    # Class names are needed before setup(): LightningCLI links data.num_classes into the model.
+    @property
+    def annotation_format(self) -> str:
+        """``"kinetics"`` or ``"list"``, detected from the files under ``root``."""
+        return find_annotation_format(self.root)
+
+    @property
+    def class_names(self) -> list[str]:
+        """Class names in index order (sorted unique train labels, or ``classes.txt`` / numbers for lists)."""
+        if self._class_names is None:
+            if self.annotation_format == "kinetics":
+                self._class_names = _kinetics_class_names(self.root)
+            else:
+                self._class_names = _list_class_names(self.root)
+        return list(self._class_names)
+
+    @property
+    def num_classes(self) -> int:
+        """Number of classes, read from the annotations (works before ``setup()``)."""
+        return len(self.class_names)
+
+    def has_split(self, split: str) -> bool:
+        """Whether annotations exist for ``split``."""
+        if self.annotation_format == "kinetics":
+            return _find_file(self.root / "annotations", split, (".csv",)) is not None
+        return _find_file(self.root, split, (".csv", ".txt")) is not None
+
+    def samples(self, split: str) -> list[VideoSample]:
+        """The labelled videos of ``split`` (``"train"``, ``"val"`` or ``"test"``)."""
+        if self.annotation_format == "kinetics":
+            return read_kinetics_annotations(self.root, split, self.class_names)
+        return read_labeled_paths(self.root, split, self.num_classes)
+
+    def train_transform(self) -> VideoTrainTransform:
+        """The training augmentation."""
+        return VideoTrainTransform(
+            self.num_frames,
+            self.crop_size,
+            self.min_short_side,
+            self.max_short_side,
+            self.flip_prob,
+            mean=self.mean,
+            std=self.std,
+        )
+
+    def eval_transform(self, num_crops: int = 1) -> VideoEvalTransform:
+        """The evaluation transform with ``num_crops`` spatial views."""
+        return VideoEvalTransform(
+            self.num_frames, self.crop_size, self.min_short_side, num_crops, mean=self.mean, std=self.std
+        )
+
+    def make_dataset(self, split: str, mode: str | None = None) -> VideoClipDataset:
+        """Build the dataset of ``split`` in ``mode`` (default: the split's own mode)."""
+        mode = mode or split
+        if mode == "train":
+            transform, clips, crops = self.train_transform(), 1, 1
+        elif mode == "val":
+            transform, clips, crops = self.eval_transform(1), 1, 1
+        else:
+            transform, clips, crops = self.eval_transform(self.test_crops), self.test_clips, self.test_crops
+        return VideoClipDataset(
+            self.samples(split),
+            mode,
+            transform,
+            self.num_frames,
+            self.sampling_rate,
+            num_clips=clips,
+            num_crops=crops,
+            decoder=self.decoder,
+            max_retries=self.max_retries,
+            seed=self.seed,
+        )
+
+    def _test_split(self) -> str:
+        if self.has_split("test"):
+            return "test"
+        # Many Kinetics copies ship without test annotations; the validation set is the usual stand-in.
+        from lightning.pytorch.utilities import rank_zero_warn
+
+        rank_zero_warn(f"{self.root}: no test annotations, testing on the val split")
+        return "val"
+
+    def setup(self, stage: str | None = None) -> None:
+        """Build the datasets the stage needs (``fit``, ``validate``, ``test``, ``predict`` or None for all)."""
+        if stage in ("fit", None) and "train" not in self.datasets:
+            self.datasets["train"] = self.make_dataset("train")
+        if stage in ("fit", "validate", None) and "val" not in self.datasets:
+            self.datasets["val"] = self.make_dataset("val")
+        if stage in ("test", "predict", None) and "test" not in self.datasets:
+            self.datasets["test"] = self.make_dataset(self._test_split(), "test")
+
+    def _loader(self, split: str, shuffle: bool, batch_size: int, drop_last: bool = False) -> DataLoader:
+        if split not in self.datasets:
+            self.setup({"train": "fit", "val": "validate", "test": "test"}[split])
+        return DataLoader(
+            self.datasets[split],
+            batch_size=batch_size,
+            shuffle=shuffle,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory and torch.cuda.is_available(),
+            persistent_workers=self.persistent_workers and self.num_workers > 0,
+            drop_last=drop_last,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        """Shuffled training clips (one random clip per video per epoch)."""
+        return self._loader("train", True, self.batch_size, self.drop_last)
+
+    def val_dataloader(self) -> DataLoader:
+        """Center clip, center crop of every validation video."""
+        return self._loader("val", False, self.eval_batch_size)
+
+    def test_dataloader(self) -> DataLoader:
+        """``test_clips x test_crops`` views of every test video, in order (views of a video are consecutive)."""
+        return self._loader("test", False, self.eval_batch_size)
+
+    def predict_dataloader(self) -> DataLoader:
+        """Same views as :meth:`test_dataloader`."""
+        return self.test_dataloader()

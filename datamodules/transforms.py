@@ -1,0 +1,216 @@
+"""Video clip transforms (torchvision.transforms.v2 functional ops) for training and evaluation.
+
+Input: uint8 frames (T, H, W, 3) as decoded by :mod:`datamodules.video`.
+Output: float32 tensor (C, T, H, W), normalized, as video backbones expect.
+Random choices use torch's global generator, which DataLoader seeds per worker.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torchvision.transforms.v2 import functional as F
+
+__all__ = [
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "KINETICS_MEAN",
+    "KINETICS_STD",
+    "VideoEvalTransform",
+    "VideoTrainTransform",
+    "short_side_resize",
+    "spatial_crop_boxes",
+    "uniform_temporal_subsample",
+]
+
+KINETICS_MEAN = (0.45, 0.45, 0.45)
+KINETICS_STD = (0.225, 0.225, 0.225)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def _check_frames(frames: torch.Tensor) -> None:
+    if not isinstance(frames, torch.Tensor):
+        raise TypeError(f"frames must be a torch.Tensor (T, H, W, 3), got {type(frames).__name__}")
+    if frames.ndim != 4 or frames.shape[-1] != 3:
+        raise ValueError(f"frames must have shape (T, H, W, 3), got {tuple(frames.shape)}")
+    if frames.shape[0] < 1:
+        raise ValueError("frames must hold at least one frame")
+
+
+def _check_positive(name: str, value: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
+def uniform_temporal_subsample(frames: torch.Tensor, num_frames: int, dim: int = 0) -> torch.Tensor:
+    """Pick ``num_frames`` frames evenly spaced along ``dim`` (first and last included; repeats when too few)."""
+    _check_positive("num_frames", num_frames)
+    length = frames.shape[dim]
+    if length == num_frames:
+        return frames
+    indices = torch.linspace(0, length - 1, num_frames).round().long()
+    return frames.index_select(dim, indices)
+
+
+def short_side_resize(video: torch.Tensor, size: int) -> torch.Tensor:
+    """Resize (..., H, W) so that the shorter side is ``size``, keeping the aspect ratio (bilinear, antialiased)."""
+    _check_positive("size", size)
+    height, width = video.shape[-2:]
+    if min(height, width) == size:
+        return video
+    return F.resize(video, [size], antialias=True)
+
+
+def spatial_crop_boxes(height: int, width: int, crop_size: int, num_crops: int) -> list[tuple[int, int]]:
+    """Top-left corners of ``num_crops`` square crops spread along the long side (1: center; 3: left/center/right).
+
+    Follows the SlowFast/pytorchvideo multi-crop test protocol: crops slide along the longer side,
+    centered on the shorter one.
+    """
+    _check_positive("num_crops", num_crops)
+    top_center = max(height - crop_size, 0) // 2
+    left_center = max(width - crop_size, 0) // 2
+    if num_crops == 1:
+        return [(top_center, left_center)]
+    if width >= height:
+        lefts = [round(i * max(width - crop_size, 0) / (num_crops - 1)) for i in range(num_crops)]
+        return [(top_center, left) for left in lefts]
+    tops = [round(i * max(height - crop_size, 0) / (num_crops - 1)) for i in range(num_crops)]
+    return [(top, left_center) for top in tops]
+
+
+def _to_normalized_cthw(video_tchw: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    video = F.to_dtype(video_tchw, torch.float32, scale=True)
+    video = F.normalize(video, mean=list(mean), std=list(std))
+    return video.permute(1, 0, 2, 3).contiguous()
+
+
+class VideoTrainTransform:
+    """Training augmentation for a clip.
+
+    Steps: uniform temporal subsample to ``num_frames``, short side resized to a random size in
+    [``min_short_side``, ``max_short_side``], random ``crop_size`` square crop, horizontal flip with
+    probability ``flip_prob``, scale to [0, 1], normalize with ``mean``/``std``.
+
+    Args:
+        num_frames: frames in the output clip.
+        crop_size: output height and width.
+        min_short_side: smallest short-side size of the scale jitter.
+        max_short_side: largest short-side size of the scale jitter.
+        flip_prob: probability of a horizontal flip.
+        mean: per-channel mean (Kinetics by default).
+        std: per-channel standard deviation.
+    """
+
+    def __init__(
+        self,
+        num_frames: int,
+        crop_size: int,
+        min_short_side: int,
+        max_short_side: int,
+        flip_prob: float = 0.5,
+        mean: Sequence[float] = KINETICS_MEAN,
+        std: Sequence[float] = KINETICS_STD,
+    ) -> None:
+        _check_positive("num_frames", num_frames)
+        _check_positive("crop_size", crop_size)
+        _check_positive("min_short_side", min_short_side)
+        _check_positive("max_short_side", max_short_side)
+        if max_short_side < min_short_side:
+            raise ValueError(f"max_short_side ({max_short_side}) must be >= min_short_side ({min_short_side})")
+        if min_short_side < crop_size:
+            raise ValueError(f"min_short_side ({min_short_side}) must be >= crop_size ({crop_size})")
+        if not 0.0 <= flip_prob <= 1.0:
+            raise ValueError(f"flip_prob must be in [0, 1], got {flip_prob}")
+        self.num_frames = num_frames
+        self.crop_size = crop_size
+        self.min_short_side = min_short_side
+        self.max_short_side = max_short_side
+        self.flip_prob = flip_prob
+        self.mean = tuple(mean)
+        self.std = tuple(std)
+
+    def __call__(self, frames: torch.Tensor) -> torch.Tensor:
+        """Augment uint8 frames (T, H, W, 3) into a float32 clip (C, num_frames, crop_size, crop_size)."""
+        _check_frames(frames)
+        video = uniform_temporal_subsample(frames, self.num_frames).permute(0, 3, 1, 2)  # (T, C, H, W)
+        short_side = int(torch.randint(self.min_short_side, self.max_short_side + 1, ()).item())
+        video = short_side_resize(video, short_side)
+        height, width = video.shape[-2:]
+        top = int(torch.randint(0, height - self.crop_size + 1, ()).item())
+        left = int(torch.randint(0, width - self.crop_size + 1, ()).item())
+        video = F.crop(video, top, left, self.crop_size, self.crop_size)
+        if torch.rand(()).item() < self.flip_prob:
+            video = F.horizontal_flip(video)
+        return _to_normalized_cthw(video, self.mean, self.std)
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(num_frames={self.num_frames}, crop_size={self.crop_size}, "
+            f"short_side=[{self.min_short_side}, {self.max_short_side}], flip_prob={self.flip_prob})"
+        )
+
+
+class VideoEvalTransform:
+    """Deterministic evaluation transform: short side to ``short_side``, then one of ``num_crops`` square crops.
+
+    With ``num_crops=1`` the crop is centered; with 3 it is left/center/right (top/center/bottom for
+    portrait videos), the standard 3-crop test protocol.
+
+    Args:
+        num_frames: frames in the output clip.
+        crop_size: output height and width.
+        short_side: size of the shorter side after resizing.
+        num_crops: number of spatial views per clip.
+        mean: per-channel mean (Kinetics by default).
+        std: per-channel standard deviation.
+    """
+
+    def __init__(
+        self,
+        num_frames: int,
+        crop_size: int,
+        short_side: int,
+        num_crops: int = 1,
+        mean: Sequence[float] = KINETICS_MEAN,
+        std: Sequence[float] = KINETICS_STD,
+    ) -> None:
+        _check_positive("num_frames", num_frames)
+        _check_positive("crop_size", crop_size)
+        _check_positive("short_side", short_side)
+        _check_positive("num_crops", num_crops)
+        if short_side < crop_size:
+            raise ValueError(f"short_side ({short_side}) must be >= crop_size ({crop_size})")
+        self.num_frames = num_frames
+        self.crop_size = crop_size
+        self.short_side = short_side
+        self.num_crops = num_crops
+        self.mean = tuple(mean)
+        self.std = tuple(std)
+
+    def __call__(self, frames: torch.Tensor, crop_index: int | None = None) -> torch.Tensor:
+        """Transform uint8 frames (T, H, W, 3) into a float32 clip (C, num_frames, crop_size, crop_size).
+
+        Args:
+            frames: decoded frames.
+            crop_index: which of the ``num_crops`` views, in [0, num_crops); None means the center view.
+        """
+        _check_frames(frames)
+        if crop_index is None:
+            crop_index = self.num_crops // 2
+        if not 0 <= crop_index < self.num_crops:
+            raise ValueError(f"crop_index must be in [0, {self.num_crops}), got {crop_index}")
+        video = uniform_temporal_subsample(frames, self.num_frames).permute(0, 3, 1, 2)
+        video = short_side_resize(video, self.short_side)
+        height, width = video.shape[-2:]
+        top, left = spatial_crop_boxes(height, width, self.crop_size, self.num_crops)[crop_index]
+        video = F.crop(video, top, left, self.crop_size, self.crop_size)
+        return _to_normalized_cthw(video, self.mean, self.std)
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(num_frames={self.num_frames}, crop_size={self.crop_size}, "
+            f"short_side={self.short_side}, num_crops={self.num_crops})"
+        )

@@ -1,0 +1,84 @@
+"""Shared fixtures: tiny datasets generated once per test session.
+
+* ``tiny_kinetics``: a synthetic Kinetics-layout dataset (3 motion classes, 2 train / 1 val / 1 test
+  video per class, 16 frames of 32x32 at 8 fps, real H.264 mp4).
+* ``broken_kinetics``: the same plus, in the train split, one truncated video, one video listed in
+  the CSV but absent on disk, and one text file named .mp4 (and one truncated video in val).
+* ``tiny_imagefolder``: an ImageNet-layout folder (3 classes, 4 train / 2 val JPEGs per class, 40x36 px).
+"""
+
+from __future__ import annotations
+
+import csv
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+TINY_KINETICS = dict(
+    num_classes=3, train_per_class=2, val_per_class=1, test_per_class=1, frames=16, size=32, fps=8, seed=0
+)
+TINY_IMAGE_CLASSES = ("n01440764", "n01443537", "n01484850")
+
+
+@pytest.fixture(scope="session")
+def tiny_kinetics(tmp_path_factory) -> Path:
+    """Root of a tiny synthetic Kinetics-layout dataset (see the module docstring); do not modify it."""
+    from datamodules.synthetic import make_synthetic_kinetics
+
+    root = tmp_path_factory.mktemp("data") / "tiny_kinetics"
+    make_synthetic_kinetics(root, **TINY_KINETICS)
+    return root
+
+
+def _append_rows(csv_path: Path, rows: list[tuple]) -> None:
+    with open(csv_path, "a", newline="") as handle:
+        csv.writer(handle).writerows(rows)
+
+
+@pytest.fixture(scope="session")
+def broken_kinetics(tiny_kinetics, tmp_path_factory) -> Path:
+    """``tiny_kinetics`` with unreadable videos added (see the module docstring); returns the root.
+
+    The broken train entries are, as paths relative to the root:
+    ``train/moving left/trunc000001_000000_000002.mp4`` (truncated copy of a real video),
+    ``train/moving left/missng00002_000000_000002.mp4`` (in the CSV only),
+    ``train/moving right/notvideo003_000000_000002.mp4`` (a text file);
+    and in val ``val/moving up/truncval004_000000_000002.mp4``.
+    """
+    root = tmp_path_factory.mktemp("data") / "broken_kinetics"
+    shutil.copytree(tiny_kinetics, root)
+    source = next((root / "train" / "moving left").glob("*.mp4"))
+    data = source.read_bytes()
+    (root / "train" / "moving left" / "trunc000001_000000_000002.mp4").write_bytes(data[: len(data) // 2])
+    (root / "train" / "moving right" / "notvideo003_000000_000002.mp4").write_text("this is not a video\n" * 20)
+    (root / "val" / "moving up" / "truncval004_000000_000002.mp4").write_bytes(data[: len(data) // 3])
+    _append_rows(
+        root / "annotations" / "train.csv",
+        [
+            ("moving left", "trunc000001", 0, 2, "train"),
+            ("moving left", "missng00002", 0, 2, "train"),
+            ("moving right", "notvideo003", 0, 2, "train"),
+        ],
+    )
+    _append_rows(root / "annotations" / "val.csv", [("moving up", "truncval004", 0, 2, "val")])
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_imagefolder(tmp_path_factory) -> Path:
+    """Root of a tiny ImageNet-layout folder: ``train/<wnid>/*.JPEG`` and ``val/<wnid>/*.JPEG``."""
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("data") / "tiny_imagefolder"
+    rng = np.random.default_rng(0)
+    for split, per_class in (("train", 4), ("val", 2)):
+        for class_index, wnid in enumerate(TINY_IMAGE_CLASSES):
+            folder = root / split / wnid
+            folder.mkdir(parents=True)
+            for i in range(per_class):
+                pixels = rng.integers(0, 256, (36, 40, 3), dtype=np.uint8)
+                pixels[..., class_index] = 255  # a class-colored tint, so a model could learn it
+                Image.fromarray(pixels).save(folder / f"{wnid}_{i}.JPEG", quality=90)
+    return root

@@ -1,0 +1,306 @@
+"""KineticsDataModule: layouts, list format, batches, test views, transforms, unreadable videos and their report."""
+
+from __future__ import annotations
+
+import csv
+import logging
+import shutil
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+import torch
+
+from datamodules import DataErrorReport, KineticsDataModule, format_failures
+from datamodules.kinetics import VideoClipDataset, VideoSample, find_annotation_format, read_kinetics_annotations
+from datamodules.transforms import VideoEvalTransform, VideoTrainTransform, spatial_crop_boxes
+
+CLASSES = ["moving left", "moving right", "moving up"]  # sorted labels of tiny_kinetics
+SMALL = dict(num_frames=4, sampling_rate=2, crop_size=24, min_short_side=28, max_short_side=32, num_workers=0)
+
+
+def _datamodule(root: Path, **overrides) -> KineticsDataModule:
+    settings = {**SMALL, "batch_size": 2, "test_clips": 2, "test_crops": 3, **overrides}
+    return KineticsDataModule(str(root), **settings)
+
+
+def test_num_classes_and_class_names_before_setup(tiny_kinetics):
+    datamodule = _datamodule(tiny_kinetics)
+    assert datamodule.annotation_format == "kinetics"
+    assert datamodule.num_classes == 3
+    assert datamodule.class_names == CLASSES
+    assert datamodule.datasets == {}  # nothing was set up
+
+
+def test_train_batch_layout(tiny_kinetics):
+    datamodule = _datamodule(tiny_kinetics, batch_size=4)
+    batch = next(iter(datamodule.train_dataloader()))
+    assert batch["video"].shape == (4, 3, 4, 24, 24)
+    assert batch["video"].dtype == torch.float32
+    assert batch["label"].dtype == torch.long and batch["label"].shape == (4,)
+    assert batch["video_index"].dtype == torch.long and batch["video_index"].shape == (4,)
+    assert batch["failed"] == ["", "", "", ""]
+    # Normalized with mean .45 / std .225: values span roughly [-2, 2.45].
+    assert batch["video"].min() >= -2.01 and batch["video"].max() <= 2.45
+
+
+def test_labels_match_label_folders(tiny_kinetics):
+    samples = read_kinetics_annotations(tiny_kinetics, "train")
+    assert len(samples) == 6
+    for sample in samples:
+        assert Path(sample.path).is_file()
+        assert Path(sample.path).parent.name == CLASSES[sample.label]
+
+
+def test_val_is_deterministic_center_clip(tiny_kinetics):
+    datamodule = _datamodule(tiny_kinetics, batch_size=3)
+    first = next(iter(datamodule.val_dataloader()))
+    second = next(iter(datamodule.val_dataloader()))
+    assert torch.equal(first["video"], second["video"])
+    assert first["video_index"].tolist() == [0, 1, 2]
+
+
+def test_test_views_are_videos_times_clips_times_crops(tiny_kinetics):
+    datamodule = _datamodule(tiny_kinetics, batch_size=6)
+    datamodule.setup("test")
+    dataset = datamodule.datasets["test"]
+    assert len(dataset) == 3 * 2 * 3
+    batches = list(datamodule.test_dataloader())
+    indices = torch.cat([batch["video_index"] for batch in batches])
+    assert indices.tolist() == [v for v in range(3) for _ in range(6)]
+    views = batches[0]["video"]  # the 6 views of video 0: 2 clips x 3 crops
+    assert views.shape == (6, 3, 4, 24, 24)
+    # Different clips and crops of the same video differ.
+    assert len({tuple(v.flatten()[:64].tolist()) for v in views}) == 6
+
+
+def test_short_video_gives_full_clip(tiny_kinetics):
+    # 16-frame videos, 8 x 4 = 32-frame clips: frames are spread over the video instead of failing.
+    datamodule = _datamodule(tiny_kinetics, num_frames=8, sampling_rate=4, batch_size=6)
+    batch = next(iter(datamodule.train_dataloader()))
+    assert batch["video"].shape == (6, 3, 8, 24, 24)
+    assert batch["failed"] == [""] * 6
+
+
+def test_decord_decoder(tiny_kinetics):
+    pyav = next(iter(_datamodule(tiny_kinetics, batch_size=3).val_dataloader()))
+    decord = next(iter(_datamodule(tiny_kinetics, batch_size=3, decoder="decord").val_dataloader()))
+    assert torch.equal(pyav["video"], decord["video"])
+
+
+def _copy(root: Path, destination: Path) -> Path:
+    shutil.copytree(root, destination)
+    return destination
+
+
+def test_label_folders_with_underscores(tiny_kinetics, tmp_path):
+    root = _copy(tiny_kinetics, tmp_path / "kinetics")
+    for split in ("train", "val", "test"):
+        for folder in list((root / split).iterdir()):
+            folder.rename(folder.with_name(folder.name.replace(" ", "_")))
+    datamodule = _datamodule(root)
+    assert datamodule.class_names == CLASSES  # names come from the annotations, with spaces
+    samples = datamodule.samples("train")
+    assert all(Path(s.path).is_file() and "_" in Path(s.path).parent.name for s in samples)
+    batch = next(iter(datamodule.train_dataloader()))
+    assert batch["failed"] == ["", ""]
+
+
+def test_flat_layout(tiny_kinetics, tmp_path):
+    root = _copy(tiny_kinetics, tmp_path / "kinetics")
+    for split in ("train", "val", "test"):
+        for video in list((root / split).rglob("*.mp4")):
+            video.rename(root / split / video.name)
+    samples = _datamodule(root).samples("val")
+    assert len(samples) == 3
+    assert all(Path(s.path).parent == root / "val" and Path(s.path).is_file() for s in samples)
+
+
+def test_list_format(tiny_kinetics, tmp_path):
+    root = _copy(tiny_kinetics, tmp_path / "lists")
+    shutil.rmtree(root / "annotations")
+    for split in ("train", "val"):
+        lines = []
+        for index, video in enumerate(sorted((root / split).rglob("*.mp4"))):
+            label = CLASSES.index(video.parent.name)
+            # Relative paths (with spaces) and one absolute path.
+            path = str(video) if index == 0 else str(video.relative_to(root))
+            lines.append(f"{path} {label}")
+        (root / f"{split}.{'txt' if split == 'train' else 'csv'}").write_text("\n".join(lines) + "\n")
+    datamodule = _datamodule(root, batch_size=3)
+    assert datamodule.annotation_format == "list"
+    assert datamodule.class_names == ["0", "1", "2"]
+    (root / "classes.txt").write_text("\n".join(CLASSES) + "\n")
+    datamodule = _datamodule(root, batch_size=3)
+    assert datamodule.class_names == CLASSES
+    samples = datamodule.samples("train")
+    assert [Path(s.path).parent.name for s in samples] == [CLASSES[s.label] for s in samples]
+    batch = next(iter(datamodule.val_dataloader()))
+    assert batch["video"].shape == (3, 3, 4, 24, 24) and batch["failed"] == ["", "", ""]
+
+
+def test_list_format_bad_label(tmp_path):
+    (tmp_path / "train.txt").write_text("a.mp4 cat\n")
+    with pytest.raises(ValueError, match="label must be an integer"):
+        _ = _datamodule(tmp_path).num_classes
+
+
+def test_missing_column_is_a_clear_error(tmp_path):
+    (tmp_path / "annotations").mkdir()
+    (tmp_path / "annotations" / "train.csv").write_text("label,youtube_id,time_start\nx,abc,0\n")
+    with pytest.raises(ValueError, match=r"missing column.*time_end"):
+        _ = _datamodule(tmp_path).num_classes
+
+
+def test_no_annotations_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no annotations"):
+        find_annotation_format(tmp_path)
+
+
+def test_extra_columns_ignored_and_unlabelled_test_split(tiny_kinetics, tmp_path):
+    root = _copy(tiny_kinetics, tmp_path / "kinetics")
+    with open(root / "annotations" / "test.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    with open(root / "annotations" / "test.csv", "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["youtube_id", "time_start", "time_end", "split", "is_cc"])
+        writer.writerows([(r["youtube_id"], r["time_start"], r["time_end"], "test", 0) for r in rows])
+    samples = _datamodule(root).samples("test")
+    assert [s.label for s in samples] == [-1, -1, -1]
+    assert all(Path(s.path).is_file() for s in samples)
+
+
+def test_bad_arguments(tiny_kinetics):
+    with pytest.raises(ValueError, match="decoder"):
+        _datamodule(tiny_kinetics, decoder="opencv")
+    with pytest.raises(ValueError, match="min_short_side"):
+        _datamodule(tiny_kinetics, crop_size=64)
+    with pytest.raises(ValueError, match="num_frames"):
+        _datamodule(tiny_kinetics, num_frames=0)
+    with pytest.raises(ValueError, match="flip_prob"):
+        _datamodule(tiny_kinetics, flip_prob=1.5)
+
+
+def test_transforms():
+    frames = torch.randint(0, 256, (8, 30, 40, 3), dtype=torch.uint8)
+    clip = VideoTrainTransform(4, 24, 26, 30)(frames)
+    assert clip.shape == (3, 4, 24, 24) and clip.dtype == torch.float32
+    evaluate = VideoEvalTransform(4, 24, 30, num_crops=3)
+    crops = [evaluate(frames, i) for i in range(3)]
+    assert all(c.shape == (3, 4, 24, 24) for c in crops)
+    assert torch.equal(evaluate(frames), crops[1])
+    assert spatial_crop_boxes(30, 40, 24, 3) == [(3, 0), (3, 8), (3, 16)]  # left, center, right
+    assert spatial_crop_boxes(40, 30, 24, 3) == [(0, 3), (8, 3), (16, 3)]  # top, center, bottom
+    # Same size, no resize: the eval transform is exactly crop + scale + normalize.
+    still = torch.full((4, 24, 24, 3), 255, dtype=torch.uint8)
+    assert torch.allclose(VideoEvalTransform(4, 24, 24)(still), torch.full((3, 4, 24, 24), (1 - 0.45) / 0.225))
+    with pytest.raises(ValueError, match="crop_index"):
+        evaluate(frames, 3)
+    with pytest.raises(ValueError, match=r"shape \(T, H, W, 3\)"):
+        evaluate(frames.permute(0, 3, 1, 2))
+    with pytest.raises(ValueError, match="max_short_side"):
+        VideoTrainTransform(4, 24, 30, 26)
+
+
+# Unreadable videos ---------------------------------------------------------------------------------
+
+BROKEN_TRAIN = {"trunc000001", "missng00002", "notvideo003"}
+
+
+def _failed_ids(entries) -> set[str]:
+    return {Path(entry.split(": ")[0]).name.split("_")[0] for entry in entries if entry}
+
+
+def test_broken_videos_are_replaced_and_reported(broken_kinetics):
+    datamodule = _datamodule(broken_kinetics, batch_size=3)
+    batches = list(datamodule.train_dataloader())
+    assert [b["video"].shape[0] for b in batches] == [3, 3, 3]  # 6 good + 3 broken videos, all batches full
+    failed = [entry for batch in batches for entry in batch["failed"] if entry]
+    assert len(failed) == 3
+    assert _failed_ids(failed) == BROKEN_TRAIN
+    reasons = {Path(e.split(": ")[0]).name.split("_")[0]: e.split(": ", 1)[1] for e in failed}
+    assert reasons["missng00002"] == "file not found"
+    assert reasons["notvideo003"].startswith("not a video file (cannot open: ")
+    assert reasons["trunc000001"].startswith("corrupt or truncated video (cannot open: ")
+    # The dataset (main process here) remembers its failures too.
+    assert _failed_ids(f"{p}: {r}" for p, r in datamodule.datasets["train"].failures.items()) == BROKEN_TRAIN
+
+
+def test_broken_videos_with_worker_processes(broken_kinetics):
+    datamodule = _datamodule(broken_kinetics, batch_size=3, num_workers=2)
+    failed = [entry for batch in datamodule.train_dataloader() for entry in batch["failed"] if entry]
+    assert _failed_ids(failed) == BROKEN_TRAIN
+
+
+def test_replacement_is_deterministic(broken_kinetics):
+    datamodule = _datamodule(broken_kinetics)
+    datamodule.setup("validate")
+    dataset = datamodule.datasets["val"]
+    broken_index = next(i for i, s in enumerate(dataset.samples) if "truncval004" in s.path)
+    first, second = dataset[broken_index], dataset[broken_index]
+    assert torch.equal(first["video"], second["video"]) and first["label"] == second["label"]
+    assert first["video_index"] == broken_index and "truncval004" in first["failed"]
+
+
+def test_no_readable_video_is_a_clear_error(tmp_path):
+    (tmp_path / "bad.mp4").write_text("nope")
+    samples = [VideoSample(str(tmp_path / "bad.mp4"), 0), VideoSample(str(tmp_path / "gone.mp4"), 1)]
+    dataset = VideoClipDataset(samples, "val", VideoEvalTransform(4, 24, 28), 4, 2)
+    with pytest.raises(RuntimeError, match="no readable video in this split"):
+        dataset[0]
+
+
+def test_format_failures():
+    line = format_failures(["b.mp4: file not found", "a.mp4: truncated: x", "a.mp4: truncated: x"])
+    assert line == "2 unreadable videos this epoch: a.mp4 (truncated: x), b.mp4 (file not found)"
+    assert format_failures([f"{i}.mp4: bad" for i in range(4)], limit=2).endswith("1.mp4 (bad), and 2 more")
+
+
+class _TinyVideoModel(pl.LightningModule):
+    """Mean-pooled linear classifier: just enough to run fit on video batches."""
+
+    def __init__(self, num_classes: int) -> None:
+        super().__init__()
+        self.linear = torch.nn.Linear(3, num_classes)
+
+    def forward(self, video: torch.Tensor) -> torch.Tensor:
+        return self.linear(video.mean(dim=(2, 3, 4)))
+
+    def training_step(self, batch, batch_idx):
+        return torch.nn.functional.cross_entropy(self(batch["video"]), batch["label"])
+
+    def validation_step(self, batch, batch_idx):
+        loss = torch.nn.functional.cross_entropy(self(batch["video"]), batch["label"])
+        self.log("val_loss", loss, batch_size=len(batch["label"]))
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def test_error_report_in_trainer_fit(broken_kinetics, caplog):
+    datamodule = _datamodule(broken_kinetics, batch_size=3, num_workers=1)
+    report = DataErrorReport()
+    trainer = pl.Trainer(
+        max_epochs=2,
+        accelerator="cpu",
+        devices=1,
+        callbacks=[report],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    with caplog.at_level(logging.INFO, logger="lightning.pytorch.datamodules"):
+        trainer.fit(_TinyVideoModel(datamodule.num_classes), datamodule=datamodule)
+    assert trainer.current_epoch == 2
+    by_stage = [(r.stage, r.epoch, _failed_ids(r.failures)) for r in report.history]
+    assert by_stage == [
+        ("validation", 0, {"truncval004"}),
+        ("train", 0, BROKEN_TRAIN),
+        ("validation", 1, {"truncval004"}),
+        ("train", 1, BROKEN_TRAIN),
+    ]
+    lines = [r.getMessage() for r in caplog.records if "unreadable" in r.getMessage()]
+    assert len(lines) == 4
+    assert lines[1].startswith("3 unreadable videos this epoch (train, epoch 0): ")
+    assert "missng00002_000000_000002.mp4 (file not found)" in lines[1]

@@ -1,0 +1,161 @@
+"""Video decoding with PyAV and decord: frames, metadata, seeking, and errors on unreadable files."""
+
+from __future__ import annotations
+
+import pickle
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from datamodules.synthetic import render_motion_video, write_mp4
+from datamodules.video import (
+    DECODERS,
+    VideoDecodeError,
+    clip_indices,
+    is_video_file,
+    open_video,
+    probe,
+    read_clip,
+    read_video,
+)
+
+
+def _first_video(root: Path, split: str = "train") -> Path:
+    return sorted((root / split).rglob("*.mp4"))[0]
+
+
+@pytest.fixture(scope="module")
+def keyframe_video(tmp_path_factory) -> tuple[Path, np.ndarray]:
+    """A 24-frame video with a keyframe every 4 frames, and its source frames."""
+    frames = render_motion_video("moving up", np.random.default_rng(1), frames=24, size=32)
+    path = tmp_path_factory.mktemp("video") / "keyframes.mp4"
+    write_mp4(path, frames, fps=8, keyframe_interval=4)
+    return path, frames
+
+
+@pytest.mark.parametrize("decoder", DECODERS)
+def test_decoders_read_synthetic_mp4(tiny_kinetics, decoder):
+    path = _first_video(tiny_kinetics)
+    video = read_video(path, decoder=decoder)
+    assert video.frames.shape == (16, 32, 32, 3)
+    assert video.frames.dtype == torch.uint8
+    assert video.fps == 8.0
+    assert video.duration == pytest.approx(2.0)
+    info = probe(path, decoder=decoder)
+    assert (info.num_frames, info.height, info.width, info.fps) == (16, 32, 32, 8.0)
+
+
+def test_decoders_agree_and_match_source(keyframe_video):
+    path, source = keyframe_video
+    pyav = read_video(path, "pyav").frames
+    decord = read_video(path, "decord").frames
+    # H.264 decoding is bit-exact by specification, so the two FFmpeg builds must agree.
+    assert torch.equal(pyav, decord)
+    # Lossy, but the luma is close to what was encoded (crf 20; the 4:2:0 chroma loses more).
+    luma = torch.tensor([0.299, 0.587, 0.114])
+    assert (pyav.float() @ luma - torch.from_numpy(source).float() @ luma).abs().mean() < 3.0
+
+
+@pytest.mark.parametrize("decoder", DECODERS)
+def test_read_clip_matches_full_decode(keyframe_video, decoder):
+    path, _ = keyframe_video
+    full = read_video(path, decoder).frames
+    clip = read_clip(path, start_sec=1.0, num_frames=4, sampling_rate=3, decoder=decoder)  # frames 8, 11, 14, 17
+    assert clip.shape == (4, 32, 32, 3)
+    assert torch.equal(clip, full[8:18:3])
+
+
+def test_pyav_seeks_instead_of_decoding_from_start(keyframe_video):
+    path, _ = keyframe_video
+    with open_video(path, "pyav") as reader:
+        frames = reader.get_frames([21, 22, 23])
+        # Keyframe at 20: decoding starts there (4 frames), not at frame 0 (24 frames).
+        assert reader.frames_decoded == 4
+    assert torch.equal(frames, read_video(path).frames[21:24])
+
+
+@pytest.mark.parametrize("decoder", DECODERS)
+def test_get_frames_any_order_with_repeats_and_clamping(keyframe_video, decoder):
+    path, _ = keyframe_video
+    full = read_video(path, decoder).frames
+    with open_video(path, decoder) as reader:
+        frames = reader.get_frames([5, 2, 5, 30])
+    assert torch.equal(frames, full[[5, 2, 5, 23]])
+
+
+def test_read_clip_past_the_end_spreads_over_remaining_frames(keyframe_video):
+    path, _ = keyframe_video
+    full = read_video(path).frames
+    clip = read_clip(path, start_sec=2.0, num_frames=4, sampling_rate=4)  # would need frames 16..28 of 24
+    assert torch.equal(clip, full[[16, 18, 21, 23]])
+
+
+def test_clip_indices():
+    assert clip_indices(100, 10, 4, 8) == [10, 18, 26, 34]
+    assert clip_indices(10, 0, 4, 8) == [0, 3, 6, 9]  # too short: spread uniformly
+    assert clip_indices(3, 0, 5, 1) == [0, 0, 1, 2, 2]  # fewer frames than asked: repeats
+    assert clip_indices(10, 50, 2, 1) == [9, 9]
+    with pytest.raises(ValueError, match="sampling_rate"):
+        clip_indices(10, 0, 4, 0)
+    with pytest.raises(ValueError, match="num_frames"):
+        clip_indices(10, 0, 0, 1)
+
+
+@pytest.fixture(scope="module")
+def unreadable_files(tiny_kinetics, tmp_path_factory) -> dict[str, Path]:
+    folder = tmp_path_factory.mktemp("unreadable")
+    data = _first_video(tiny_kinetics).read_bytes()
+    files = {
+        "truncated": folder / "truncated.mp4",
+        "text": folder / "text.mp4",
+        "empty": folder / "empty.mp4",
+        "missing": folder / "missing.mp4",
+        "directory": folder / "directory.mp4",
+    }
+    files["truncated"].write_bytes(data[: len(data) // 2])
+    files["text"].write_text("definitely not a video\n" * 50)
+    files["empty"].write_bytes(b"")
+    files["directory"].mkdir()
+    return files
+
+
+@pytest.mark.parametrize("decoder", DECODERS)
+@pytest.mark.parametrize(
+    ("kind", "reason"),
+    [
+        ("truncated", r"^corrupt or truncated video \(cannot open: "),
+        ("text", r"^not a video file \(cannot open: "),
+        ("empty", r"empty file"),
+        ("missing", r"file not found"),
+        ("directory", r"not a regular file"),
+    ],
+)
+def test_unreadable_files_raise_video_decode_error(unreadable_files, decoder, kind, reason):
+    path = unreadable_files[kind]
+    with pytest.raises(VideoDecodeError) as caught:
+        read_video(path, decoder=decoder)
+    assert re.search(reason, caught.value.reason), caught.value.reason
+    assert caught.value.path == str(path)
+    assert str(caught.value).startswith(f"{path}: ")
+    with pytest.raises(VideoDecodeError):
+        read_clip(path, 0.0, 4, 2, decoder=decoder)
+
+
+def test_video_decode_error_survives_pickling():
+    # DataLoader workers send exceptions to the main process by pickling them.
+    error = pickle.loads(pickle.dumps(VideoDecodeError("/data/a.mp4", "truncated: x")))
+    assert (error.path, error.reason, str(error)) == ("/data/a.mp4", "truncated: x", "/data/a.mp4: truncated: x")
+
+
+def test_bad_arguments(keyframe_video):
+    path, _ = keyframe_video
+    with pytest.raises(ValueError, match="decoder must be one of"):
+        read_video(path, decoder="torchvision")
+    with pytest.raises(ValueError, match="start_sec"):
+        read_clip(path, -1.0, 4)
+    with open_video(path) as reader, pytest.raises(ValueError, match="indices"):
+        reader.get_frames([])
+    assert is_video_file("a/b.MP4") and not is_video_file("a/b.txt")
