@@ -16,14 +16,16 @@ into the octave model's names; :func:`load_vanilla` calls it when present.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
 
 from oct3d.nn import OctBatchNorm, OctConv
 
-__all__ = ["load_vanilla", "partition_conv_weight", "VanillaMismatchError"]
+__all__ = ["InflationReport", "VanillaMismatchError", "inflate", "load_vanilla", "partition_conv_weight"]
 
 _BN_KEYS = ("weight", "bias", "running_mean", "running_var")
 
@@ -213,3 +215,241 @@ def load_vanilla(
 def _preview(keys: Sequence[str], limit: int = 12) -> str:
     shown = ", ".join(keys[:limit])
     return shown + (f", ... ({len(keys)} in all)" if len(keys) > limit else "")
+
+
+# --------------------------------------------------------------------------- 2D -> 3D inflation
+
+
+@dataclass
+class InflationReport:
+    """What :func:`inflate` did to the video model.
+
+    Attributes:
+        inflated: names of the video model's layers filled from the 2D model.
+        classifier_copied: whether every classifier (``nn.Linear``) was copied; False when the
+            class counts differ and the classifier was left as it was.
+        left_untouched: names of the layers left as they were (a classifier with another class count).
+        warm_start: octave layers filled by partitioning a *vanilla* 2D layer (``alpha > 0`` in the
+            video model only); the result is a starting point for fine-tuning, not the 2D network.
+    """
+
+    inflated: list[str] = field(default_factory=list)
+    classifier_copied: bool = True
+    left_untouched: list[str] = field(default_factory=list)
+    warm_start: list[str] = field(default_factory=list)
+
+
+def _inflate_kernel(weight: Tensor, frames: int) -> Tensor:
+    # I3D: repeat the 2D kernel over time and divide by its length, so a clip of identical
+    # frames gives every frame the response of the 2D kernel on that frame.
+    return weight.detach().unsqueeze(2).repeat(1, 1, frames, *([1] * (weight.dim() - 2))) / frames
+
+
+def _conv_geometry(module: nn.Module) -> tuple[int, int, int, tuple[int, ...], tuple[int, ...]]:
+    if isinstance(module, OctConv):
+        return module.in_channels, module.out_channels, module.groups, module.kernel_size, module.stride
+    return module.in_channels, module.out_channels, module.groups, tuple(module.kernel_size), tuple(module.stride)
+
+
+def _vanilla_conv_source(module: nn.Module) -> tuple[Tensor, Tensor | None] | None:
+    """``(weight, bias)`` of a vanilla 2D convolution (``nn.Conv2d`` or an OctConv at alpha 0), else None."""
+    if isinstance(module, nn.Conv2d):
+        return module.weight, module.bias
+    if isinstance(module, OctConv) and module.is_vanilla:
+        return module.h2h.weight, module.h2h.bias
+    return None
+
+
+def _inflate_conv(name: str, video: nn.Module, source: nn.Module, report: InflationReport) -> str | None:
+    if not (isinstance(source, nn.Conv2d) or (isinstance(source, OctConv) and source.dims == 2)):
+        return f"{name}: the 2D model has a {type(source).__name__} here, not a 2D convolution"
+    v_in, v_out, v_groups, v_kernel, v_stride = _conv_geometry(video)
+    s_in, s_out, s_groups, s_kernel, s_stride = _conv_geometry(source)
+    if (v_in, v_out, v_groups) != (s_in, s_out, s_groups) or v_kernel[1:] != s_kernel or v_stride[1:] != s_stride:
+        return (
+            f"{name}: 2D convolution {s_in}->{s_out} (kernel {s_kernel}, stride {s_stride}, groups {s_groups}) "
+            f"cannot inflate into {v_in}->{v_out} (kernel {v_kernel}, stride {v_stride}, groups {v_groups})"
+        )
+    frames = v_kernel[0]
+    vanilla = _vanilla_conv_source(source)
+    if isinstance(video, nn.Conv3d):
+        if vanilla is None:
+            return f"{name}: the video layer is vanilla but the 2D layer is octave (alpha {source.alpha_in}->" \
+                f"{source.alpha_out}); build both models with the same alpha"
+        state = {"weight": _inflate_kernel(vanilla[0], frames)}
+        if vanilla[1] is not None:
+            state["bias"] = vanilla[1].detach().clone()
+        try:
+            video.load_state_dict(state)
+        except RuntimeError as err:
+            return f"{name}: {err}"
+        return None
+    if vanilla is not None:
+        weight, bias = vanilla
+        try:
+            state = partition_conv_weight(video, _inflate_kernel(weight, frames), bias)
+        except VanillaMismatchError as err:
+            return f"{name}: {err}"
+        if not video.is_vanilla:
+            report.warm_start.append(name)
+    else:
+        if (source.in_high, source.in_low, source.out_high, source.out_low) != (
+            video.in_high, video.in_low, video.out_high, video.out_low
+        ):
+            return (
+                f"{name}: the 2D octave layer splits channels as in {source.in_high}+{source.in_low}, out "
+                f"{source.out_high}+{source.out_low} (alpha {source.alpha_in}->{source.alpha_out}) but the video "
+                f"layer as in {video.in_high}+{video.in_low}, out {video.out_high}+{video.out_low} "
+                f"(alpha {video.alpha_in}->{video.alpha_out}); build both models with the same alpha"
+            )
+        # Path by path: each of h2h, h2l, l2h, l2l is an ordinary 2D kernel.
+        state = {
+            key: _inflate_kernel(value, frames) if key.endswith("weight") else value.detach().clone()
+            for key, value in source.state_dict().items()
+        }
+    try:
+        video.load_state_dict(state)
+    except RuntimeError as err:
+        return f"{name}: {err}"
+    return None
+
+
+def _inflate_batchnorm(name: str, video: nn.Module, source: nn.Module, report: InflationReport) -> str | None:
+    if isinstance(source, nn.BatchNorm2d):
+        vanilla: dict[str, Tensor] | None = dict(source.state_dict())
+    elif isinstance(source, OctBatchNorm) and source.dims == 2:
+        vanilla = dict(source.bn_h.state_dict()) if source.bn_l is None else None
+    else:
+        return f"{name}: the 2D model has a {type(source).__name__} here, not a 2D BatchNorm"
+    video_channels = video.num_features
+    source_channels = source.num_features
+    if video_channels != source_channels:
+        return f"{name}: BatchNorm of {source_channels} channels in the 2D model, {video_channels} in the video model"
+    if isinstance(video, nn.BatchNorm3d) or (isinstance(video, OctBatchNorm) and video.bn_l is None):
+        if vanilla is None:
+            return f"{name}: the video BatchNorm is vanilla but the 2D one is octave (alpha {source.alpha}); " \
+                "build both models with the same alpha"
+        target = video if isinstance(video, nn.BatchNorm3d) else video.bn_h
+        target.load_state_dict({k: v.detach().clone() for k, v in vanilla.items()})
+        return None
+    if vanilla is not None:
+        try:
+            video.load_state_dict(_split_batchnorm(video, vanilla, ""))
+        except (VanillaMismatchError, RuntimeError) as err:
+            return f"{name}: {err}"
+        report.warm_start.append(name)
+        return None
+    if (source.high_channels, source.low_channels) != (video.high_channels, video.low_channels):
+        return f"{name}: octave BatchNorm split {source.high_channels}+{source.low_channels} in the 2D model, " \
+            f"{video.high_channels}+{video.low_channels} in the video model; build both with the same alpha"
+    video.load_state_dict({k: v.detach().clone() for k, v in source.state_dict().items()})
+    return None
+
+
+def _inflate_linear(name: str, video: nn.Linear, source: nn.Module, report: InflationReport) -> str | None:
+    if not isinstance(source, nn.Linear):
+        return f"{name}: the 2D model has a {type(source).__name__} here, not an nn.Linear"
+    if source.in_features != video.in_features:
+        return (
+            f"{name}: nn.Linear with {source.in_features} inputs in the 2D model, "
+            f"{video.in_features} in the video model"
+        )
+    if source.out_features != video.out_features:
+        report.classifier_copied = False
+        report.left_untouched.append(name)
+        return None
+    video.load_state_dict({k: v.detach().clone() for k, v in source.state_dict().items()})
+    return None
+
+
+def inflate(oct_video_model: nn.Module, model_2d: nn.Module) -> InflationReport:
+    """Fill a video model from a 2D model of the same architecture by I3D-style inflation.
+
+    Every 2D kernel ``(out, in, kh, kw)`` is repeated over the video layer's temporal kernel
+    ``kt`` and divided by ``kt`` (Carreira and Zisserman's "boring video" rule), so a clip of
+    identical frames gives the 2D model's features on that frame, and the 2D model's logits.
+    Exactly so only away from the temporal borders when the temporal kernels are longer than 1
+    and the video model pads them with zeros (I3D): a border frame sees fewer than ``kt`` taps.
+    C2D has only ``1xkxk`` kernels and is exact everywhere.
+
+    The video model's layers are matched to the 2D model's by module name
+    (``conv1``, ``layer1.0.conv2``, ``layer2.0.downsample.0``, ``fc``, ...):
+
+    - an octave 2D model (e.g. ``oct_resnet50``) at the same alpha: every octave path
+      (``h2h``, ``h2l``, ``l2h``, ``l2l``) is inflated on its own, BatchNorm branches are copied;
+    - a vanilla 2D model (e.g. ``torchvision.models.resnet50()``): each vanilla kernel is
+      inflated to the 3D shape, then partitioned into the octave paths
+      (:func:`partition_conv_weight`) and the BatchNorm statistics are split; at ``alpha > 0``
+      that is a warm start (listed in ``report.warm_start``);
+    - the classifier is copied when the class counts match, else left as it was
+      (``report.classifier_copied`` is False, and a ``UserWarning`` says so).
+
+    Args:
+        oct_video_model: an oct3d video model, e.g. ``oct_i3d_r50(alpha=0.5, num_classes=400)``.
+        model_2d: the 2D model whose weights to inflate.
+
+    Returns:
+        An :class:`InflationReport`; ``oct_video_model`` is filled in place.
+
+    Raises:
+        VanillaMismatchError: (a ``ValueError``) when the architectures differ, listing every
+            layer that does not correspond; the video model is then left partly filled.
+        TypeError: when the arguments are not modules.
+    """
+    for arg, value in (("oct_video_model", oct_video_model), ("model_2d", model_2d)):
+        if not isinstance(value, nn.Module):
+            raise TypeError(f"{arg} must be an nn.Module, got {type(value).__name__}")
+    sources = dict(model_2d.named_modules())
+    report = InflationReport()
+    problems: list[str] = []
+    used: set[str] = set()
+    covered: list[str] = []
+
+    for name, module in oct_video_model.named_modules():
+        if any(name.startswith(c + ".") for c in covered):
+            continue
+        kind = None
+        if (isinstance(module, OctConv) and module.dims == 3) or isinstance(module, nn.Conv3d):
+            kind = _inflate_conv
+        elif (isinstance(module, OctBatchNorm) and module.dims == 3) or isinstance(module, nn.BatchNorm3d):
+            kind = _inflate_batchnorm
+        elif isinstance(module, nn.Linear):
+            kind = _inflate_linear
+        elif isinstance(module, (OctConv, OctBatchNorm, nn.Conv1d, nn.Conv2d)):
+            raise TypeError(
+                f"oct_video_model must be a 3D (video) model, but {name or 'it'} is a {type(module).__name__} "
+                f"with dims {getattr(module, 'dims', 2)}"
+            )
+        else:
+            if any(True for _ in module.parameters(recurse=False)):
+                problems.append(f"{name}: {type(module).__name__} has parameters inflate does not know how to fill")
+            continue
+        covered.append(name)
+        if name not in sources:
+            problems.append(f"{name}: no layer of this name in the 2D model")
+            continue
+        used.add(name)
+        problem = kind(name, module, sources[name], report)
+        if problem is None:
+            if name not in report.left_untouched:
+                report.inflated.append(name)
+        else:
+            problems.append(problem)
+
+    for name, module in sources.items():
+        has_weights = any(True for _ in module.parameters(recurse=False))
+        if has_weights and not any(name == u or name.startswith(u + ".") for u in used):
+            problems.append(f"{name}: layer of the 2D model with no counterpart in the video model")
+    if problems:
+        raise VanillaMismatchError(
+            f"cannot inflate {type(model_2d).__name__} into {type(oct_video_model).__name__}: the architectures "
+            "differ.\n  - " + "\n  - ".join(problems[:20])
+            + (f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else "")
+        )
+    if not report.classifier_copied:
+        warnings.warn(
+            f"inflate: class counts differ, left the classifier(s) {', '.join(report.left_untouched)} as they were",
+            UserWarning,
+            stacklevel=2,
+        )
+    return report

@@ -1,0 +1,146 @@
+"""Oct-UNet3d: a 3D U-Net for volumetric segmentation with octave convolutions throughout.
+
+Encoder and decoder both carry octave maps (high and low branch). The first convolution takes
+the plain input volume (``alpha_in = 0``), the last one (a 1x1x1 classifier) returns a plain
+map (``alpha_out = 0``). Each encoder level after the first starts with a strided octave
+convolution (stride 2 on every axis; an octave convolution pools first, then convolves). Each
+decoder level upsamples each branch to the size of the matching skip branch (trilinear), applies
+a 1x1x1 octave convolution, concatenates per branch (high with high, low with low) and applies
+two 3x3x3 octave convolutions. Because the decoder resizes to the skip's exact size, any volume
+size works, odd included, and the output has the input's spatial size.
+
+``octave="spatial"`` halves only H and W in the low branch (the choice for anisotropic volumes
+with thick slices along D); ``"spatiotemporal"`` halves D, H and W.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from oct3d.models.registry import register_model
+from oct3d.models.video_resnet import init_conv_bn
+from oct3d.nn import OCTAVE_MODES, Octave, OctaveInput, OctBatchNorm, OctConv, OctReLU, split_channels
+from oct3d.nn.conv import check_alpha
+
+__all__ = ["OctUNet3d", "oct_unet3d"]
+
+
+def _conv_bn_relu(
+    in_channels: int, out_channels: int, alpha_in: float, alpha_out: float, octave: str, stride: int = 1,
+    kernel_size: int = 3,
+) -> nn.Sequential:
+    return nn.Sequential(
+        OctConv(3, in_channels, out_channels, kernel_size, alpha_in, alpha_out, stride, octave=octave),
+        OctBatchNorm(3, out_channels, alpha_out),
+        OctReLU(inplace=True),
+    )
+
+
+def _branches(x: OctaveInput) -> tuple[Tensor, Tensor | None]:
+    return (x.high, x.low) if isinstance(x, Octave) else (x, None)
+
+
+class _UpBlock(nn.Module):
+    """Upsample each branch to the skip's sizes, 1x1x1 octave conv, concatenate per branch, two 3x3x3 convs."""
+
+    def __init__(self, in_channels: int, out_channels: int, alpha: float, octave: str) -> None:
+        super().__init__()
+        self.reduce = _conv_bn_relu(in_channels, out_channels, alpha, alpha, octave, kernel_size=1)
+        # The concatenation holds twice the low channels of one map; giving the next convolution
+        # exactly that ratio keeps its channel split equal to the concatenated split for any alpha.
+        concat_alpha = split_channels(out_channels, alpha)[1] / out_channels
+        self.conv1 = _conv_bn_relu(2 * out_channels, out_channels, concat_alpha, alpha, octave)
+        self.conv2 = _conv_bn_relu(out_channels, out_channels, alpha, alpha, octave)
+
+    def forward(self, x: OctaveInput, skip: OctaveInput) -> OctaveInput:
+        high, low = _branches(x)
+        skip_high, skip_low = _branches(skip)
+        high = F.interpolate(high, size=skip_high.shape[2:], mode="trilinear", align_corners=False)
+        if low is not None:
+            low = F.interpolate(low, size=skip_low.shape[2:], mode="trilinear", align_corners=False)
+        up_high, up_low = _branches(self.reduce(Octave(high, low) if low is not None else high))
+        merged_high = torch.cat([up_high, skip_high], dim=1)
+        merged: OctaveInput = merged_high if up_low is None else Octave(merged_high, torch.cat([up_low, skip_low], 1))
+        return self.conv2(self.conv1(merged))
+
+
+class OctUNet3d(nn.Module):
+    """3D U-Net with octave convolutions in every encoder and decoder level.
+
+    Args:
+        in_channels: channels of the input volume ``(N, C, D, H, W)``.
+        num_classes: output channels (per-voxel class logits).
+        alpha: octave ratio of every inner map, in [0, 1); 0 gives the vanilla 3D U-Net.
+        octave: ``"spatial"`` (low branch at half H, W) or ``"spatiotemporal"`` (half D, H, W).
+        base_width: channels of the first level; level ``i`` has ``base_width * 2**i``.
+        depth: number of resolution levels (``depth - 1`` downsamplings), at least 2.
+
+    Modules: ``encoder[i]`` (level ``i``: an optional strided conv, then two 3x3x3 convs; level 0
+    starts from the plain input with ``alpha_in = 0``), ``decoder[i]`` (from level ``i + 1`` up to
+    level ``i``), ``head`` (1x1x1 octave conv with ``alpha_out = 0`` and a bias).
+    """
+
+    def __init__(
+        self, in_channels: int = 1, num_classes: int = 2, alpha: float = 0.5, octave: str = "spatial",
+        base_width: int = 16, depth: int = 4,
+    ) -> None:
+        super().__init__()
+        for name, value, minimum in (
+            ("in_channels", in_channels, 1), ("num_classes", num_classes, 1), ("base_width", base_width, 1),
+            ("depth", depth, 2),
+        ):
+            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+                raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+        if octave not in OCTAVE_MODES:
+            raise ValueError(f"octave must be one of {OCTAVE_MODES}, got {octave!r}")
+        alpha = check_alpha(alpha)
+        self.in_channels = in_channels
+        self.alpha = alpha
+        self.octave = octave
+        widths = [base_width * 2**i for i in range(depth)]
+
+        self.encoder = nn.ModuleList()
+        for i, width in enumerate(widths):
+            if i == 0:
+                first = _conv_bn_relu(in_channels, width, 0.0, alpha, octave)
+            else:
+                first = _conv_bn_relu(widths[i - 1], width, alpha, alpha, octave, stride=2)
+            self.encoder.append(nn.Sequential(first, _conv_bn_relu(width, width, alpha, alpha, octave)))
+        self.decoder = nn.ModuleList(_UpBlock(widths[i + 1], widths[i], alpha, octave) for i in range(depth - 1))
+        self.head = OctConv(3, widths[0], num_classes, 1, alpha, 0.0, bias=True, octave=octave)
+        init_conv_bn(self)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Per-voxel logits ``(N, num_classes, D, H, W)`` of a volume batch ``(N, in_channels, D, H, W)``."""
+        if not isinstance(x, Tensor) or x.dim() != 5 or x.shape[1] != self.in_channels:
+            shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+            raise ValueError(f"OctUNet3d expects a volume batch of shape (N, {self.in_channels}, D, H, W), got {shape}")
+        skips = []
+        out: OctaveInput = x
+        for level in self.encoder:
+            out = level(out)
+            skips.append(out)
+        for i in reversed(range(len(self.decoder))):
+            out = self.decoder[i](out, skips[i])
+        return self.head(out)
+
+
+@register_model(task="segmentation")
+def oct_unet3d(
+    in_channels: int = 1,
+    num_classes: int = 2,
+    alpha: float = 0.5,
+    octave: str = "spatial",
+    base_width: int = 16,
+    depth: int = 4,
+) -> OctUNet3d:
+    """Oct-UNet3d for volumetric segmentation; any volume size in, the same size out.
+
+    At ``alpha=0`` it is a plain 3D U-Net (batch-normalised double convolutions, strided
+    convolution downsampling, trilinear upsampling + 1x1x1 convolution, concatenated skips).
+    See :class:`OctUNet3d` for the arguments.
+    """
+    return OctUNet3d(in_channels, num_classes, alpha, octave, base_width, depth)
+

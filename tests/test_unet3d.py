@@ -1,0 +1,98 @@
+"""Oct-UNet3d: any volume size in, the same size out; it trains; octave layers where promised."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from oct3d.models import OctUNet3d, get_model, list_models, oct_unet3d
+from oct3d.nn import Octave, OctConv
+from oct3d.profiling import count_params
+
+SIZE_CASES = [
+    ((13, 21, 17), 0.5, "spatial"),
+    ((13, 21, 17), 0.5, "spatiotemporal"),
+    ((8, 9, 5), 0.3, "spatial"),
+    ((8, 9, 5), 0.3, "spatiotemporal"),
+    ((1, 3, 2), 0.5, "spatiotemporal"),
+    ((6, 7, 6), 0.0, "spatial"),
+]
+
+
+@pytest.mark.parametrize(("size", "alpha", "octave"), SIZE_CASES)
+def test_output_has_input_size(size, alpha, octave):
+    torch.manual_seed(0)
+    model = oct_unet3d(in_channels=2, num_classes=3, alpha=alpha, octave=octave, base_width=4, depth=3).eval()
+    with torch.no_grad():
+        out = model(torch.randn(1, 2, *size))
+    assert out.shape == (1, 3, *size)
+    assert torch.isfinite(out).all()
+
+
+def _sphere(shape: tuple[int, int, int]) -> torch.Tensor:
+    axes = [torch.linspace(-1, 1, n) for n in shape]
+    d, h, w = torch.meshgrid(*axes, indexing="ij")
+    return (d**2 + h**2 + w**2 < 0.5).long()
+
+
+@pytest.mark.parametrize("octave", ["spatial", "spatiotemporal"])
+def test_trains_on_synthetic_volume(octave):
+    torch.manual_seed(0)
+    mask = _sphere((13, 21, 17)).unsqueeze(0)
+    volume = (mask.float() + 0.3 * torch.randn(1, 13, 21, 17)).unsqueeze(1)
+    model = oct_unet3d(alpha=0.5, octave=octave, base_width=4, depth=3)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(6):
+        logits = model(volume)
+        assert logits.shape == (1, 2, 13, 21, 17)
+        loss = F.cross_entropy(logits, mask)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.7 * losses[0]
+    assert all(p.grad is not None for p in model.parameters())
+
+
+def test_octave_layers_where_promised():
+    model = oct_unet3d(alpha=0.5, octave="spatiotemporal", base_width=8, depth=4).eval()
+    first, head = model.encoder[0][0][0], model.head
+    assert first.alpha_in == 0.0 and first.alpha_out == 0.5
+    assert head.alpha_in == 0.5 and head.alpha_out == 0.0
+    convs = [m for m in model.modules() if isinstance(m, OctConv)]
+    assert all(not c.is_vanilla for c in convs)
+    assert model.encoder[2][0][0].stride == (2, 2, 2)
+    # Skip connections per branch: the decoder's first conv sees high+high and low+low.
+    x = torch.randn(1, 1, 9, 11, 10)
+    skips = []
+    out = x
+    with torch.no_grad():
+        for level in model.encoder:
+            out = level(out)
+            skips.append(out)
+        assert isinstance(out, Octave) and out.low.shape[2:] == (1, 1, 1)
+        up = model.decoder[2](out, skips[2])
+    assert up.high.shape == skips[2].high.shape and up.low.shape == skips[2].low.shape
+
+
+def test_parameters_do_not_depend_on_alpha_or_mode():
+    counts = {
+        count_params(oct_unet3d(alpha=a, octave=o, base_width=8, depth=3))
+        for a in (0.0, 0.25, 0.5) for o in ("spatial", "spatiotemporal")
+    }
+    assert len(counts) == 1
+
+
+def test_registry_and_errors():
+    assert "oct_unet3d" in list_models("segmentation")
+    assert isinstance(get_model("oct_unet3d", base_width=4, depth=2), OctUNet3d)
+    with pytest.raises(ValueError, match="depth"):
+        oct_unet3d(depth=1)
+    with pytest.raises(ValueError, match="octave"):
+        oct_unet3d(octave="temporal")
+    with pytest.raises(ValueError, match="alpha"):
+        oct_unet3d(alpha=1.0)
+    with pytest.raises(ValueError, match=r"\(N, 1, D, H, W\)"):
+        oct_unet3d(base_width=4, depth=2)(torch.randn(1, 2, 4, 4, 4))
