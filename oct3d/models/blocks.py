@@ -14,13 +14,24 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from oct3d.nn import Octave, OctaveInput, OctBatchNorm, OctConv, OctReLU, octave_add, split_channels
-from oct3d.nn.conv import IntOrTuple, to_tuple
+from oct3d.nn import (
+    Octave,
+    OctaveInput,
+    OctBatchNorm,
+    OctConv,
+    OctReLU,
+    from_octave,
+    octave_add,
+    split_channels,
+    to_octave,
+)
+from oct3d.nn.conv import IntOrTuple, check_alpha, to_tuple
 
 __all__ = [
     "OctBasicBlock",
     "OctBottleneck",
     "OctSqueezeExcite",
+    "OctaveResplit",
     "conv_bn",
     "make_stage",
 ]
@@ -72,6 +83,29 @@ class OctSqueezeExcite(nn.Module):
         return Octave(out_high, low * scale_l)
 
 
+class OctaveResplit(nn.Module):
+    """Parameter-free shortcut that re-splits a map from ratio ``alpha_in`` to ``alpha_out``.
+
+    The identity of a residual block whose convolutions change only the octave ratio: the map is
+    merged to full resolution (:func:`~oct3d.nn.from_octave`, nearest upsampling of the low
+    branch) and split again (:func:`~oct3d.nn.to_octave`, average pooling of the last channels).
+    From a plain tensor (``alpha_in = 0``) that is exactly ``to_octave``.
+    """
+
+    def __init__(self, alpha_in: float, alpha_out: float, octave: str = "spatial") -> None:
+        super().__init__()
+        self.alpha_in = check_alpha(alpha_in, "alpha_in")
+        self.alpha_out = check_alpha(alpha_out, "alpha_out")
+        self.octave = octave
+
+    def extra_repr(self) -> str:
+        return f"alpha_in={self.alpha_in}, alpha_out={self.alpha_out}, octave={self.octave!r}"
+
+    def forward(self, x: OctaveInput) -> OctaveInput:
+        full = from_octave(x, self.octave)
+        return to_octave(full, self.alpha_out, self.octave) if self.alpha_out > 0 else full
+
+
 class _OctResidual(nn.Module):
     """Shared residual plumbing: ``relu(branch(x) + shortcut(x))`` per octave branch."""
 
@@ -81,8 +115,10 @@ class _OctResidual(nn.Module):
         self, dims: int, in_channels: int, out_channels: int, stride: tuple[int, ...], alpha_in: float,
         alpha_out: float, octave: str,
     ) -> nn.Module | None:
-        if in_channels == out_channels and all(s == 1 for s in stride) and alpha_in == alpha_out:
-            return None
+        if in_channels == out_channels and all(s == 1 for s in stride):
+            # Only the octave ratio may change (e.g. R3D's layer1.0): re-split the identity rather
+            # than add a projection the vanilla network lacks, so parameters stay independent of alpha.
+            return None if alpha_in == alpha_out else OctaveResplit(alpha_in, alpha_out, octave)
         return conv_bn(dims, in_channels, out_channels, 1, alpha_in, alpha_out, stride, octave=octave)
 
     def _finish(self, out: OctaveInput, x: OctaveInput) -> OctaveInput:

@@ -24,7 +24,7 @@ from collections.abc import Mapping, Sequence
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from oct3d.models.blocks import OctBasicBlock, OctBottleneck, make_stage
+from oct3d.models.blocks import OctaveResplit, OctBasicBlock, OctBottleneck, make_stage
 from oct3d.models.registry import register_model
 from oct3d.nn import (
     OCTAVE_MODES,
@@ -33,8 +33,6 @@ from oct3d.nn import (
     OctBatchNorm,
     OctConv,
     OctGlobalAvgPool,
-    from_octave,
-    to_octave,
 )
 from oct3d.nn.conv import check_alpha
 from oct3d.nn.octave import low_size, octave_factors
@@ -124,29 +122,6 @@ class OctTemporalMaxPool(nn.Module):
             return Octave(high, self._pool(x.low))
         frames = low_size(high.shape[2:], self.factors)[0]
         return Octave(high, self._pool(x.low, ceil_mode=True)[:, :, :frames])
-
-
-class OctaveResplit(nn.Module):
-    """Parameter-free shortcut that re-splits a map from ratio ``alpha_in`` to ``alpha_out``.
-
-    The identity of a residual block whose convolutions change only the octave ratio: the map is
-    merged to full resolution (:func:`~oct3d.nn.from_octave`, nearest upsampling of the low
-    branch) and split again (:func:`~oct3d.nn.to_octave`, average pooling of the last channels).
-    From a plain tensor (``alpha_in = 0``) that is exactly ``to_octave``.
-    """
-
-    def __init__(self, alpha_in: float, alpha_out: float, octave: str = "spatial") -> None:
-        super().__init__()
-        self.alpha_in = check_alpha(alpha_in, "alpha_in")
-        self.alpha_out = check_alpha(alpha_out, "alpha_out")
-        self.octave = octave
-
-    def extra_repr(self) -> str:
-        return f"alpha_in={self.alpha_in}, alpha_out={self.alpha_out}, octave={self.octave!r}"
-
-    def forward(self, x: OctaveInput) -> OctaveInput:
-        full = from_octave(x, self.octave)
-        return to_octave(full, self.alpha_out, self.octave) if self.alpha_out > 0 else full
 
 
 def _triple(value: int | Sequence[int], name: str) -> Kernel3:
@@ -276,17 +251,6 @@ class OctVideoResNet(nn.Module):
             )
             channels, alpha_in = width * expansion, alphas[i]
         self.layer1, self.layer2, self.layer3, self.layer4 = stages
-        for stage in stages:
-            first = stage[0]
-            conv = first.conv1
-            if (
-                first.downsample is not None and conv.in_channels == first.bn2.num_features
-                and all(s == 1 for s in first.conv2.stride + conv.stride) and block == "basic"
-            ):
-                # Only the octave ratio changes (R3D's layer1.0: plain stem tensor in, octave map out):
-                # re-split the identity instead of adding a projection the vanilla network lacks, so
-                # parameters stay independent of alpha and load_vanilla finds every weight.
-                first.downsample = OctaveResplit(conv.alpha_in, first.conv2.alpha_out, octave)
         self.temporal_pool = OctTemporalMaxPool(2, octave) if temporal_pool else nn.Identity()
         self.avgpool = OctGlobalAvgPool()
         self.dropout = nn.Dropout(dropout)
