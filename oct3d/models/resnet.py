@@ -18,6 +18,14 @@ Cost at 224x224, 1000 classes (multiply-adds from ``torch.utils.flop_counter`` /
 Oct-ResNet-50 gives 4.09 / 3.57 / 3.10 / 2.37 / 1.88 GMACs at alpha 0 / .125 / .25 / .5 / .75
 with 25.56 M parameters at every alpha (paper Table 2: 4.1 / 3.6 / 3.1 / 2.4 / 1.9, 25.6 M).
 
+Weights from vanilla models: at ``alpha > 0``, ``load_vanilla(oct_resnet50(alpha), resnet50())``
+is a warm start for fine-tuning, not an equivalent network. Besides the low channels seeing
+pooled maps, every strided octave convolution average-pools and then convolves instead of
+subsampling (``SPEC.md`` section 2), which changes the high path too: on a randomly
+initialised ResNet-50 (BatchNorm calibrated on smooth random 112x112 images) the logits move
+by 0.58 / 0.57 / 0.56 relative L2 at alpha .125 / .25 / .5, and already at alpha .02 the
+features differ by 0.8 after ``layer2``. See ``tests/test_transfer_2d.py`` for the other models.
+
 ResNeXt (grouped 3x3): every branch of a grouped octave convolution must divide by
 ``groups`` (``SPEC.md`` section 2, as in the official code), so ``oct_resnext50_32x4d`` accepts
 ``alpha`` in {0, .25, .5, .75} (``layer1`` is 128 channels wide: 32 groups of 4) and rejects
