@@ -1,0 +1,558 @@
+"""Inference over video files (or images, for 2D models) from a training checkpoint or an exported model.
+
+``python tools/infer.py --checkpoint CKPT PATH...`` (also ``oct3d infer``) writes one JSON line per
+input file::
+
+    {"path": "a.mp4", "topk": [{"label": "moving left", "score": 0.97}, ...]}
+    {"path": "b.mp4", "error": "b.mp4: truncated: ..."}
+
+With ``--window SEC --hop SEC`` a line also holds ``"segments": [{"start", "end", "topk"}, ...]``
+(its ``topk`` is the average over the segments). Without ``--output`` a table goes to stdout.
+The exit status is 0 when every file succeeded, 1 when any failed (all others are still written),
+2 for usage errors (bad checkpoint, no input files).
+
+``CKPT`` is a Lightning checkpoint written by ``lightning fit`` (it carries the backbone, class
+names and preprocessing; read with ``torch.load(weights_only=True)``) or a file written by
+``tools/export.py`` (``.onnx``, TorchScript ``.pt``, ``torch.export`` ``.pt2``) next to its
+``<file>.json`` sidecar.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import pickle
+import sys
+from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "VIDEO_EXTENSIONS",
+    "IMAGE_EXTENSIONS",
+    "CheckpointError",
+    "ModelMetadata",
+    "Predictor",
+    "load_predictor",
+    "find_inputs",
+    "plan_segments",
+    "predict_files",
+    "main",
+]
+
+VIDEO_EXTENSIONS = (".mp4", ".mkv", ".webm", ".avi", ".mov")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+#: views -> (temporal clips, spatial crops): 30 is the Kinetics 10-clip x 3-crop test protocol.
+VIEW_LAYOUTS = {1: (1, 1), 3: (1, 3), 10: (10, 1), 30: (10, 3)}
+EXPORT_FORMATS = {".onnx": "onnx", ".pt": "torchscript", ".ts": "torchscript", ".pt2": "exported-program"}
+
+
+class CheckpointError(ValueError):
+    """The model file is not an oct3d checkpoint or export, or cannot be read safely."""
+
+
+@dataclass
+class ModelMetadata:
+    """What inference needs to know about a model besides its weights.
+
+    Attributes:
+        task: ``"video"`` or ``"image"``.
+        backbone: registered model name.
+        backbone_kwargs: builder arguments other than ``num_classes``.
+        num_classes: classifier outputs.
+        class_names: labels in class-index order (``None``: labels are printed as indices).
+        preprocessing: ``num_frames``, ``sampling_rate``, ``crop_size``, ``short_side`` (video) or
+            ``crop_size``, ``resize_size`` (image), and ``mean``, ``std``.
+    """
+
+    task: str
+    backbone: str
+    backbone_kwargs: dict[str, Any]
+    num_classes: int
+    class_names: list[str] | None
+    preprocessing: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, meta: dict[str, Any]) -> ModelMetadata:
+        """Build from the ``checkpoint["oct3d"]`` / sidecar dictionary."""
+        try:
+            return cls(
+                task=str(meta["task"]),
+                backbone=str(meta["backbone"]),
+                backbone_kwargs=dict(meta.get("backbone_kwargs") or {}),
+                num_classes=int(meta["num_classes"]),
+                class_names=list(meta["class_names"]) if meta.get("class_names") is not None else None,
+                preprocessing=dict(meta.get("preprocessing") or {}),
+            )
+        except KeyError as error:
+            raise CheckpointError(f"oct3d metadata lacks the entry {error}") from error
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-type dictionary (the inverse of :meth:`from_dict`)."""
+        return {
+            "task": self.task,
+            "backbone": self.backbone,
+            "backbone_kwargs": dict(self.backbone_kwargs),
+            "num_classes": self.num_classes,
+            "class_names": list(self.class_names) if self.class_names is not None else None,
+            "preprocessing": dict(self.preprocessing),
+        }
+
+    def label(self, index: int) -> str:
+        """The name of class ``index`` (its number when the model has no class names)."""
+        return self.class_names[index] if self.class_names else str(index)
+
+    def input_shape(self, batch_size: int = 1) -> tuple[int, ...]:
+        """Shape of a model input batch: ``(B, 3, T, S, S)`` for video, ``(B, 3, S, S)`` for images."""
+        crop = int(self.preprocessing.get("crop_size", 224))
+        channels = int(self.backbone_kwargs.get("in_channels", 3))
+        if self.task == "video":
+            return (batch_size, channels, int(self.preprocessing.get("num_frames", 8)), crop, crop)
+        return (batch_size, channels, crop, crop)
+
+
+def resolve_device(device: str) -> torch.device:
+    """``"auto"`` -> CUDA when available else CPU; ``"cuda"`` without a GPU is a clear error."""
+    if device not in ("auto", "cpu", "cuda") and not device.startswith("cuda:"):
+        raise ValueError(f"device must be 'auto', 'cpu' or 'cuda[:N]', got {device!r}")
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device={device!r} asked for but CUDA is not available")
+    return torch.device(device)
+
+
+class Predictor:
+    """A loaded model: call it with a preprocessed batch to get logits ``(B, num_classes)`` on the CPU.
+
+    Use :func:`load_predictor` to create one.
+
+    Attributes:
+        metadata: the model's :class:`ModelMetadata`.
+        device: where the model runs.
+        source: ``"checkpoint"``, ``"onnx"``, ``"torchscript"`` or ``"exported-program"``.
+    """
+
+    def __init__(self, run: Any, metadata: ModelMetadata, device: torch.device, source: str, amp: bool = True):
+        self._run = run
+        self.metadata = metadata
+        self.device = device
+        self.source = source
+        self.amp = amp and device.type == "cuda" and source != "onnx"
+
+    @torch.inference_mode()
+    def __call__(self, batch: Tensor) -> Tensor:
+        """Logits for a float batch shaped like :meth:`ModelMetadata.input_shape`."""
+        if self.source == "onnx":
+            session = self._run
+            name = session.get_inputs()[0].name
+            return torch.from_numpy(session.run(None, {name: batch.numpy().astype("float32")})[0]).float()
+        autocast = torch.autocast("cuda", dtype=torch.float16) if self.amp else nullcontext()
+        with autocast:
+            out = self._run(batch.to(self.device, non_blocking=True))
+        return out.float().cpu()
+
+
+def _load_checkpoint_dict(path: Path, trust: bool) -> dict[str, Any]:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        if not trust:
+            raise CheckpointError(
+                f"{path}: holds objects that torch.load(weights_only=True) refuses ({str(error).splitlines()[0]}); "
+                "pass --trust-checkpoint to load it with full unpickling if you trust its source"
+            ) from error
+    except Exception as error:  # zip/format errors: not a torch file at all
+        raise CheckpointError(f"{path}: not a PyTorch checkpoint ({type(error).__name__}: {error})") from error
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def _sidecar(path: Path) -> Path:
+    return path.with_name(path.name + ".json")
+
+
+def load_predictor(path: str | os.PathLike, device: str = "auto", trust_checkpoint: bool = False,
+                   amp: bool = True) -> Predictor:
+    """Load a Lightning checkpoint from ``lightning fit`` or a model from ``tools/export.py``.
+
+    Args:
+        path: ``.ckpt`` checkpoint, or ``.onnx`` / ``.pt`` / ``.pt2`` export with its ``<file>.json`` sidecar.
+        device: ``"auto"``, ``"cpu"`` or ``"cuda"``.
+        trust_checkpoint: allow full unpickling when ``weights_only`` loading refuses the file.
+        amp: float16 autocast on CUDA (torch models).
+
+    Raises:
+        CheckpointError: the file is missing, not ours, or not loadable safely.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    torch_device = resolve_device(device)
+    sidecar = _sidecar(path)
+    if path.suffix in EXPORT_FORMATS and sidecar.is_file():
+        return _load_export(path, sidecar, torch_device, amp)
+    if path.suffix in EXPORT_FORMATS and path.suffix != ".pt":
+        raise CheckpointError(f"{path}: exported model without its metadata sidecar {sidecar}")
+    from oct3d.lightning.modules import CHECKPOINT_FORMAT_VERSION, CHECKPOINT_KEY
+    from oct3d.models import get_model
+
+    checkpoint = _load_checkpoint_dict(path, trust_checkpoint)
+    if not isinstance(checkpoint, dict) or CHECKPOINT_KEY not in checkpoint or "state_dict" not in checkpoint:
+        keys = sorted(checkpoint)[:8] if isinstance(checkpoint, dict) else type(checkpoint).__name__
+        raise CheckpointError(
+            f"{path} is not an oct3d checkpoint: expected a Lightning checkpoint from `lightning fit` with "
+            f"'state_dict' and '{CHECKPOINT_KEY}' entries, found {keys}"
+        )
+    meta_dict = checkpoint[CHECKPOINT_KEY]
+    if int(meta_dict.get("format_version", 0)) > CHECKPOINT_FORMAT_VERSION:
+        raise CheckpointError(f"{path}: checkpoint format {meta_dict.get('format_version')} is newer than this oct3d")
+    metadata = ModelMetadata.from_dict(meta_dict)
+    model = get_model(metadata.backbone, num_classes=metadata.num_classes, **metadata.backbone_kwargs)
+    prefix = "model."
+    state = {k[len(prefix):]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
+    model.load_state_dict(state)
+    model.eval().to(torch_device)
+    return Predictor(model, metadata, torch_device, "checkpoint", amp)
+
+
+def _load_export(path: Path, sidecar: Path, device: torch.device, amp: bool) -> Predictor:
+    with open(sidecar) as handle:
+        info = json.load(handle)
+    if "oct3d" not in info or "format" not in info:
+        raise CheckpointError(f"{sidecar} is not an oct3d export sidecar (needs 'format' and 'oct3d' entries)")
+    metadata = ModelMetadata.from_dict(info["oct3d"])
+    fmt = info["format"]
+    if fmt == "onnx":
+        import onnxruntime as ort
+
+        providers = ["CPUExecutionProvider"]
+        if device.type == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
+            providers.insert(0, "CUDAExecutionProvider")
+        run: Any = ort.InferenceSession(str(path), providers=providers)
+    elif fmt == "torchscript":
+        run = torch.jit.load(str(path), map_location=device).eval()
+    elif fmt == "exported-program":
+        run = torch.export.load(str(path)).module().to(device)
+    else:
+        raise CheckpointError(f"{sidecar}: unknown export format {fmt!r}")
+    return Predictor(run, metadata, device, fmt, amp)
+
+
+# --------------------------------------------------------------------------------------------- inputs
+def find_inputs(paths: Iterable[str | os.PathLike], extensions: Sequence[str] = VIDEO_EXTENSIONS) -> list[Path]:
+    """Files named in ``paths``, with folders searched recursively for files with ``extensions`` (sorted).
+
+    Raises:
+        FileNotFoundError: a path does not exist.
+    """
+    found: list[Path] = []
+    for entry in paths:
+        path = Path(entry)
+        if path.is_dir():
+            found.extend(sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in extensions))
+        elif path.exists():
+            found.append(path)
+        else:
+            raise FileNotFoundError(f"input path {path} does not exist")
+    return found
+
+
+@dataclass(frozen=True)
+class Segment:
+    """A time span of a video and the first frames of the clips sampled in it."""
+
+    start: float
+    end: float
+    clip_starts: tuple[int, ...]
+
+
+def plan_segments(num_frames: int, fps: float, clip_frames: int, sampling_rate: int, temporal_views: int,
+                  window: float | None = None, hop: float | None = None) -> list[Segment]:
+    """Where to sample clips: one segment (the whole video) or sliding windows of ``window`` s every ``hop`` s.
+
+    In each segment, ``temporal_views`` clips of ``clip_frames`` frames every ``sampling_rate`` frames
+    are spread uniformly (one clip: centered), as in the Kinetics test protocol.
+    """
+    if num_frames < 1 or fps <= 0:
+        raise ValueError(f"a video needs frames and a frame rate, got num_frames={num_frames}, fps={fps}")
+    duration = num_frames / fps
+    span = (clip_frames - 1) * sampling_rate + 1
+    if window is None:
+        bounds = [(0.0, duration)]
+    else:
+        hop = window if hop is None else hop
+        count = max(1, math.ceil(max(duration - window, 0.0) / hop - 1e-9) + 1)
+        bounds = [(i * hop, min(i * hop + window, duration)) for i in range(count)]
+    segments = []
+    for start, end in bounds:
+        first = round(start * fps)
+        last = max(min(round(end * fps), num_frames) - 1, first)
+        room = max(last - first + 1 - span, 0)
+        if temporal_views == 1:
+            starts = (first + room // 2,)
+        else:
+            starts = tuple(first + round(room * i / (temporal_views - 1)) for i in range(temporal_views))
+        segments.append(Segment(round(start, 3), round(end, 3), starts))
+    return segments
+
+
+@dataclass
+class _Work:
+    """The preprocessed views of one file, waiting for the model."""
+
+    index: int
+    path: Path
+    views: Tensor | None = None  # (n_segments * views, ...) inputs
+    segments: list[Segment] = field(default_factory=list)
+    views_per_segment: int = 1
+    error: str | None = None
+
+
+def _load_video_views(path: Path, meta: ModelMetadata, views: int, window: float | None, hop: float | None,
+                      decoder: str) -> tuple[Tensor, list[Segment], int]:
+    from datamodules.transforms import VideoEvalTransform
+    from datamodules.video import clip_indices, open_video
+
+    prep = meta.preprocessing
+    num_frames = int(prep.get("num_frames", 8))
+    rate = int(prep.get("sampling_rate", 8))
+    crop = int(prep.get("crop_size", 224))
+    temporal, crops = VIEW_LAYOUTS[views]
+    kwargs = {k: prep[k] for k in ("mean", "std") if k in prep}
+    transform = VideoEvalTransform(num_frames, crop, max(int(prep.get("short_side", crop)), crop), crops, **kwargs)
+    clips: list[Tensor] = []
+    with open_video(path, decoder) as reader:
+        info = reader.info
+        segments = plan_segments(info.num_frames, info.fps, num_frames, rate, temporal, window, hop)
+        for segment in segments:
+            # One decode per segment keeps memory bounded on long videos.
+            indices = [clip_indices(info.num_frames, s, num_frames, rate) for s in segment.clip_starts]
+            frames = reader.get_frames([i for clip in indices for i in clip])
+            for c in range(len(indices)):
+                clip = frames[c * num_frames:(c + 1) * num_frames]
+                clips.extend(transform(clip, crop_index) for crop_index in range(crops))
+    return torch.stack(clips), segments, temporal * crops
+
+
+def _load_image_view(path: Path, meta: ModelMetadata) -> Tensor:
+    from torchvision.io import ImageReadMode, decode_image
+    from torchvision.transforms.v2 import functional as F
+
+    prep = meta.preprocessing
+    crop = int(prep.get("crop_size", 224))
+    image = decode_image(str(path), mode=ImageReadMode.RGB)
+    image = F.resize(image, int(prep.get("resize_size", round(crop * 256 / 224))), antialias=True)
+    image = F.center_crop(image, [crop, crop])
+    image = F.to_dtype(image, torch.float32, scale=True)
+    return F.normalize(image, prep.get("mean", [0.485, 0.456, 0.406]), prep.get("std", [0.229, 0.224, 0.225]))[None]
+
+
+def _prepare(index: int, path: Path, meta: ModelMetadata, views: int, window: float | None, hop: float | None,
+             decoder: str) -> _Work:
+    work = _Work(index, path)
+    try:
+        if meta.task == "video":
+            work.views, work.segments, work.views_per_segment = _load_video_views(
+                path, meta, views, window, hop, decoder)
+        else:
+            work.views = _load_image_view(path, meta)
+            work.segments = [Segment(0.0, 0.0, (0,))]
+    except Exception as error:  # any unreadable input becomes an error line; the run goes on
+        message = str(error) or type(error).__name__
+        work.error = message if str(path) in message else f"{path}: {message}"
+    return work
+
+
+def _topk(meta: ModelMetadata, probs: Tensor, k: int) -> list[dict[str, Any]]:
+    scores, indices = probs.topk(min(k, probs.numel()))
+    return [{"label": meta.label(int(i)), "score": round(float(s), 6)} for s, i in zip(scores, indices)]
+
+
+def _result(work: _Work, probs: Tensor, meta: ModelMetadata, k: int, windowed: bool) -> dict[str, Any]:
+    per_segment = probs.view(len(work.segments), work.views_per_segment, -1).mean(1)
+    result: dict[str, Any] = {"path": str(work.path), "topk": _topk(meta, per_segment.mean(0), k)}
+    if windowed:
+        result["segments"] = [
+            {"start": s.start, "end": s.end, "topk": _topk(meta, p, k)} for s, p in zip(work.segments, per_segment)
+        ]
+    return result
+
+
+def predict_files(predictor: Predictor, files: Sequence[Path], topk: int = 5, views: int = 1,
+                  window: float | None = None, hop: float | None = None, batch_size: int = 8,
+                  decoder: str = "pyav", workers: int = 2, progress: bool = False) -> Iterator[dict[str, Any]]:
+    """Predict every file in order; yields one result dict per file (``topk`` or ``error``).
+
+    Files are decoded by ``workers`` threads ahead of the model; the views of successive files are
+    batched together up to ``batch_size`` inputs per forward pass.
+    """
+    if views not in VIEW_LAYOUTS:
+        raise ValueError(f"views must be one of {sorted(VIEW_LAYOUTS)}, got {views}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if topk < 1:
+        raise ValueError(f"topk must be >= 1, got {topk}")
+    if window is not None and window <= 0:
+        raise ValueError(f"window must be > 0 seconds, got {window}")
+    if hop is not None and (window is None or hop <= 0):
+        raise ValueError("hop needs a window and must be > 0 seconds")
+    meta = predictor.metadata
+    pending: list[_Work] = []  # decoded, in file order, awaiting (part of) a forward pass
+    outputs: dict[int, list[Tensor]] = {}
+    bar = _Progress(len(files), progress)
+
+    def flush(force: bool) -> Iterator[dict[str, Any]]:
+        # Run the model whenever a full batch is queued (or at the end), then emit finished files in order.
+        queued = [(w, i) for w in pending if w.views is not None for i in range(len(w.views))
+                  if len(outputs.get(w.index, [])) <= i]
+        while queued and (force or len(queued) >= batch_size):
+            chunk, queued = queued[:batch_size], queued[batch_size:]
+            logits = predictor(torch.stack([w.views[i] for w, i in chunk]))
+            for (w, _), row in zip(chunk, logits.float().softmax(-1)):
+                outputs.setdefault(w.index, []).append(row)
+        while pending and (pending[0].error or len(outputs.get(pending[0].index, [])) == len(pending[0].views)):
+            work = pending.pop(0)
+            if work.error:
+                yield {"path": str(work.path), "error": work.error}
+            else:
+                yield _result(work, torch.stack(outputs.pop(work.index)), meta, topk, window is not None)
+            bar.advance()
+
+    with ThreadPoolExecutor(max_workers=max(workers, 1)) as pool, bar:
+        futures: list[Future] = []
+        next_file = 0
+        while next_file < len(files) or futures:
+            # Keep a bounded number of files decoding ahead of the model.
+            while next_file < len(files) and len(futures) < 2 * max(workers, 1):
+                futures.append(pool.submit(_prepare, next_file, files[next_file], meta, views, window, hop, decoder))
+                next_file += 1
+            pending.append(futures.pop(0).result())
+            yield from flush(force=False)
+        yield from flush(force=True)
+
+
+class _Progress:
+    """A rich progress bar on stderr for long runs (no-op otherwise)."""
+
+    def __init__(self, total: int, enabled: bool):
+        self._bar = None
+        if enabled and total > 1:
+            from rich.console import Console
+            from rich.progress import Progress
+
+            self._bar = Progress(console=Console(stderr=True), transient=True)
+            self._task = self._bar.add_task("inference", total=total)
+
+    def __enter__(self) -> _Progress:
+        if self._bar is not None:
+            self._bar.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+
+    def advance(self) -> None:
+        if self._bar is not None:
+            self._bar.advance(self._task)
+
+
+def _print_table(results: list[dict[str, Any]], topk: int) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="oct3d predictions")
+    table.add_column("file", overflow="fold")
+    table.add_column("span (s)")
+    table.add_column("top-1")
+    table.add_column("score", justify="right")
+    if topk > 1:
+        table.add_column("top-2" if topk == 2 else f"top-2..{topk}")
+    for result in results:
+        name = Path(result["path"]).name
+        if "error" in result:
+            table.add_row(name, "", "[red]error[/red]", "", *([result["error"]] if topk > 1 else []))
+            continue
+        segments = result.get("segments", [])
+        rows = [("all", result["topk"])] + [(f"{s['start']:g}-{s['end']:g}", s["topk"]) for s in segments]
+        for span, predictions in rows:
+            best = predictions[0]
+            rest = ", ".join(f"{p['label']} {p['score']:.3f}" for p in predictions[1:])
+            table.add_row(name, span, best["label"], f"{best['score']:.3f}", *([rest] if topk > 1 else []))
+    Console(width=max(Console().width, 120)).print(table)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command-line parser of ``tools/infer.py`` / ``oct3d infer``."""
+    parser = argparse.ArgumentParser(
+        prog="oct3d infer", description="Classify video files (or images, for 2D models) with an oct3d model."
+    )
+    parser.add_argument("paths", nargs="+", metavar="PATH", help="video files, or folders searched recursively")
+    parser.add_argument("--checkpoint", required=True, help="Lightning .ckpt from `lightning fit`, or an export")
+    parser.add_argument("--output", help="write JSON lines here instead of printing a table")
+    parser.add_argument("--topk", type=int, default=5, help="predictions per file (default 5)")
+    parser.add_argument("--views", type=int, default=1, choices=sorted(VIEW_LAYOUTS),
+                        help="views per video (segment): 1 center clip, 30 = 10 clips x 3 crops")
+    parser.add_argument("--window", type=float, help="predict per segment of this many seconds")
+    parser.add_argument("--hop", type=float, help="seconds between segment starts (default: --window)")
+    parser.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
+    parser.add_argument("--batch-size", type=int, default=8, help="views per forward pass (default 8)")
+    parser.add_argument("--decoder", default="pyav", choices=["pyav", "decord"], help="video decoder")
+    parser.add_argument("--workers", type=int, default=2, help="decoding threads (default 2)")
+    parser.add_argument("--no-amp", action="store_true", help="disable float16 autocast on CUDA")
+    parser.add_argument("--trust-checkpoint", action="store_true",
+                        help="allow full unpickling of a checkpoint that weights_only loading refuses")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command-line entry point; returns 0 if every file succeeded, 1 if any failed, 2 on usage errors."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    for name in ("topk", "batch_size", "workers"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.window is not None and args.window <= 0:
+        parser.error(f"--window must be > 0 seconds, got {args.window}")
+    if args.hop is not None and (args.window is None or args.hop <= 0):
+        parser.error("--hop needs --window and must be > 0 seconds")
+    try:
+        predictor = load_predictor(args.checkpoint, args.device, args.trust_checkpoint, amp=not args.no_amp)
+        extensions = VIDEO_EXTENSIONS if predictor.metadata.task == "video" else IMAGE_EXTENSIONS
+        files = find_inputs(args.paths, extensions)
+    except (CheckpointError, FileNotFoundError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    if not files:
+        print(f"error: no {'/'.join(extensions)} files under {' '.join(args.paths)}", file=sys.stderr)
+        return 2
+    results: list[dict[str, Any]] = []
+    handle = open(args.output, "w") if args.output else None  # noqa: SIM115 - closed below, written line by line
+    try:
+        for result in predict_files(predictor, files, args.topk, args.views, args.window, args.hop, args.batch_size,
+                                    args.decoder, args.workers, progress=sys.stderr.isatty()):
+            results.append(result)
+            if handle is not None:
+                handle.write(json.dumps(result) + "\n")
+                handle.flush()
+    finally:
+        if handle is not None:
+            handle.close()
+    if handle is None:
+        _print_table(results, args.topk)
+    failed = sum("error" in r for r in results)
+    if failed:
+        print(f"{failed} of {len(results)} files failed", file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,460 @@
+"""Lightning modules for octave classifiers: :class:`VideoClassifier` (clips) and :class:`ImageClassifier` (images).
+
+Both build their backbone by name from :mod:`oct3d.models` (``get_model(backbone, num_classes=...,
+**backbone_kwargs)``), train with SGD (momentum) or AdamW under a linear-warmup + cosine schedule
+stepped every optimizer step, report top-1/top-5 through torchmetrics, and write everything that
+inference needs (backbone name and arguments, class names, preprocessing) into the checkpoint as
+plain Python types, so ``torch.load(..., weights_only=True)`` can read it and no config is needed.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_info
+from torch import Tensor, nn
+from torchmetrics.classification import MulticlassAccuracy
+
+from oct3d.models import get_model
+
+__all__ = [
+    "CHECKPOINT_KEY",
+    "CHECKPOINT_FORMAT_VERSION",
+    "OctaveClassifier",
+    "VideoClassifier",
+    "ImageClassifier",
+    "WarmupCosine",
+]
+
+#: Key of the checkpoint entry holding everything inference needs; its presence marks "our" checkpoint.
+CHECKPOINT_KEY = "oct3d"
+#: Bumped when the layout of ``checkpoint[CHECKPOINT_KEY]`` changes incompatibly.
+CHECKPOINT_FORMAT_VERSION = 1
+
+# ImageNet statistics: what the data modules normalise with unless they say otherwise.
+_IMAGENET_MEAN = [0.485, 0.456, 0.406]
+_IMAGENET_STD = [0.229, 0.224, 0.225]
+# Kinetics statistics (pytorchvideo's), the video data modules' default.
+_KINETICS_MEAN = [0.45, 0.45, 0.45]
+_KINETICS_STD = [0.225, 0.225, 0.225]
+
+
+class WarmupCosine:
+    """LR multiplier per optimizer step: linear warm-up from ``start_factor`` to 1, then cosine to ``min_factor``.
+
+    A plain callable object (not a lambda) so that ``LambdaLR.state_dict`` stores its fields and a
+    resumed run continues the same curve.
+    """
+
+    def __init__(self, warmup_steps: int, total_steps: int, start_factor: float = 0.01, min_factor: float = 0.0):
+        if total_steps < 1:
+            raise ValueError(f"total_steps must be >= 1, got {total_steps}")
+        if not 0 <= warmup_steps <= total_steps:
+            raise ValueError(f"warmup_steps must be in [0, total_steps={total_steps}], got {warmup_steps}")
+        self.warmup_steps = int(warmup_steps)
+        self.total_steps = int(total_steps)
+        self.start_factor = float(start_factor)
+        self.min_factor = float(min_factor)
+
+    def __call__(self, step: int) -> float:
+        """The multiplier of the base learning rate at optimizer step ``step`` (0-based)."""
+        if step < self.warmup_steps:
+            return self.start_factor + (1.0 - self.start_factor) * step / self.warmup_steps
+        decay_steps = max(self.total_steps - self.warmup_steps, 1)
+        progress = min((step - self.warmup_steps) / decay_steps, 1.0)
+        return self.min_factor + (1.0 - self.min_factor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+class OctaveClassifier(pl.LightningModule):
+    """Shared training logic of the video and image classifiers (see their docstrings for the arguments).
+
+    Subclasses set :attr:`task` and :attr:`input_key` (the batch dict key of the input tensor).
+    """
+
+    task: str = ""
+    input_key: str = ""
+
+    def __init__(
+        self,
+        backbone: str,
+        backbone_kwargs: dict[str, Any] | None = None,
+        num_classes: int = 400,
+        class_names: list[str] | None = None,
+        optimizer: Literal["sgd", "adamw"] = "sgd",
+        lr: float = 0.1,
+        lr_reference_batch_size: int | None = None,
+        momentum: float = 0.9,
+        nesterov: bool = False,
+        weight_decay: float = 1e-4,
+        no_weight_decay_on_norm_and_bias: bool = False,
+        warmup_epochs: float = 0.0,
+        warmup_start_factor: float = 0.01,
+        min_lr_factor: float = 0.0,
+        label_smoothing: float = 0.0,
+        preprocessing: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        if not isinstance(num_classes, int) or num_classes < 1:
+            raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+        if class_names is not None and len(class_names) != num_classes:
+            raise ValueError(f"class_names has {len(class_names)} entries but num_classes is {num_classes}")
+        if optimizer not in ("sgd", "adamw"):
+            raise ValueError(f"optimizer must be 'sgd' or 'adamw', got {optimizer!r}")
+        if lr <= 0:
+            raise ValueError(f"lr must be > 0, got {lr}")
+        if warmup_epochs < 0:
+            raise ValueError(f"warmup_epochs must be >= 0, got {warmup_epochs}")
+        if not 0.0 <= label_smoothing < 1.0:
+            raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
+        if lr_reference_batch_size is not None and lr_reference_batch_size < 1:
+            raise ValueError(f"lr_reference_batch_size must be >= 1 or None, got {lr_reference_batch_size}")
+        backbone_kwargs = dict(backbone_kwargs or {})
+        if "num_classes" in backbone_kwargs:
+            raise ValueError("pass num_classes as the module's num_classes, not inside backbone_kwargs")
+        # Kept as plain types (str, int, float, list, dict) so the checkpoint loads with weights_only=True.
+        self.save_hyperparameters()
+        self.model: nn.Module = get_model(backbone, num_classes=num_classes, **backbone_kwargs)
+        self.class_names: list[str] | None = list(class_names) if class_names is not None else None
+        self.preprocessing: dict[str, Any] = dict(preprocessing or {})
+        self.criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+        top5 = min(5, num_classes)
+        self.val_top1 = MulticlassAccuracy(num_classes, top_k=1, average="micro")
+        self.val_top5 = MulticlassAccuracy(num_classes, top_k=top5, average="micro")
+        self.test_top1 = MulticlassAccuracy(num_classes, top_k=1, average="micro")
+        self.test_top5 = MulticlassAccuracy(num_classes, top_k=top5, average="micro")
+        self._test_views: dict[int, list] = {}
+
+    # ----------------------------------------------------------------------------- forward / steps
+    def forward(self, x: Tensor) -> Tensor:
+        """Logits ``(B, num_classes)`` of the backbone for an input batch."""
+        return self.model(x)
+
+    def _unpack(self, batch: Any) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        """(inputs, labels or None, video_index or None) from a dict batch or an ``(x, y)`` tuple."""
+        if isinstance(batch, dict):
+            if self.input_key not in batch:
+                raise KeyError(f"{type(self).__name__} expects batches with key {self.input_key!r}, got {list(batch)}")
+            return batch[self.input_key], batch.get("label"), batch.get("video_index")
+        if isinstance(batch, (tuple, list)):
+            return batch[0], (batch[1] if len(batch) > 1 else None), None
+        return batch, None, None
+
+    def _log_failed(self, batch: Any, stage: str) -> None:
+        # Unreadable files are replaced by the data module and reported once per epoch by its
+        # DataErrorReport callback; a running count in the logs makes them visible on dashboards too.
+        failed = batch.get("failed") if isinstance(batch, dict) else None
+        count = sum(1 for f in failed if f) if isinstance(failed, (list, tuple)) else 0
+        if count:
+            self.log(f"{stage}/failed_videos", float(count), reduce_fx="sum", on_step=False, on_epoch=True,
+                     sync_dist=True, batch_size=1)
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        """Cross-entropy (with label smoothing) on one training batch."""
+        x, y, _ = self._unpack(batch)
+        logits = self(x)
+        loss = self.criterion(logits, y)
+        acc = (logits.argmax(1) == y).float().mean()
+        self.log("train/loss", loss, prog_bar=True, batch_size=x.shape[0])
+        self.log("train/top1", acc, prog_bar=False, on_step=False, on_epoch=True, batch_size=x.shape[0])
+        self._log_failed(batch, "train")
+        return loss
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        """Loss and per-sample (per-clip) top-1/top-5."""
+        x, y, _ = self._unpack(batch)
+        logits = self(x)
+        self.val_top1.update(logits, y)
+        self.val_top5.update(logits, y)
+        self.log("val/loss", F.cross_entropy(logits, y), sync_dist=True, batch_size=x.shape[0])
+        self.log("val/top1", self.val_top1, prog_bar=True, batch_size=x.shape[0])
+        self.log("val/top5", self.val_top5, batch_size=x.shape[0])
+        self._log_failed(batch, "val")
+
+    def on_validation_epoch_end(self) -> None:
+        """One plain log line per validation epoch, readable without a progress bar (logs, CI, the demo)."""
+        if self.trainer.sanity_checking:
+            return
+        # The logged metric objects are computed and reset only after this hook, so compute them here.
+        shown = f"val/top1={float(self.val_top1.compute()):.4f} val/top5={float(self.val_top5.compute()):.4f}"
+        train_loss = self.trainer.callback_metrics.get("train/loss")
+        if train_loss is not None:
+            shown += f" train/loss={float(train_loss):.4f}"
+        rank_zero_info(f"epoch {self.current_epoch} step {self.global_step}: {shown}")
+
+    def on_test_epoch_start(self) -> None:
+        """Reset the per-video softmax accumulators."""
+        self._test_views = {}
+
+    def test_step(self, batch: Any, batch_idx: int) -> None:
+        """Per-view top-1/top-5; with ``video_index`` in the batch, also accumulates softmax per video."""
+        x, y, video_index = self._unpack(batch)
+        logits = self(x)
+        self.test_top1.update(logits, y)
+        self.test_top5.update(logits, y)
+        self.log("test/view_top1", self.test_top1, batch_size=x.shape[0])
+        self.log("test/view_top5", self.test_top5, batch_size=x.shape[0])
+        if video_index is None:
+            return
+        probs = logits.float().softmax(1).detach().cpu()
+        for i, idx in enumerate(video_index.tolist()):
+            entry = self._test_views.get(idx)
+            if entry is None:
+                self._test_views[idx] = [probs[i].clone(), 1, int(y[i])]
+            else:
+                entry[0] += probs[i]
+                entry[1] += 1
+
+    def on_test_epoch_end(self) -> None:
+        """Average the softmax over all views of each video, then log video-level top-1/top-5."""
+        if not self._test_views and not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            return
+        views = self._test_views
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            # Views of one video may land on different ranks; the index space is global, so merge by index.
+            gathered: list[dict] = [None] * torch.distributed.get_world_size()  # type: ignore[list-item]
+            torch.distributed.all_gather_object(gathered, views)
+            merged: dict[int, list] = defaultdict(lambda: [0.0, 0, -1])
+            for part in gathered:
+                for idx, (prob_sum, count, label) in part.items():
+                    merged[idx][0] = merged[idx][0] + prob_sum
+                    merged[idx][1] += count
+                    merged[idx][2] = label
+            views = dict(merged)
+        if not views:
+            return
+        indices = sorted(views)
+        probs = torch.stack([views[i][0] / views[i][1] for i in indices])
+        labels = torch.tensor([views[i][2] for i in indices])
+        k = min(5, probs.shape[1])
+        topk = probs.topk(k, dim=1).indices
+        top1 = (topk[:, 0] == labels).float().mean()
+        top5 = (topk == labels[:, None]).any(1).float().mean()
+        # Every rank holds the merged result, so no further reduction is needed.
+        self.log("test/top1", top1, rank_zero_only=True, sync_dist=False)
+        self.log("test/top5", top5, rank_zero_only=True, sync_dist=False)
+        self.log("test/num_videos", float(len(indices)), rank_zero_only=True, sync_dist=False)
+        self._test_views = {}
+
+    def predict_step(self, batch: Any, batch_idx: int) -> dict[str, Tensor]:
+        """Softmax probabilities (and ``video_index`` / ``label`` when the batch has them)."""
+        x, y, video_index = self._unpack(batch)
+        out = {"probs": self(x).float().softmax(1)}
+        if video_index is not None:
+            out["video_index"] = video_index
+        if y is not None:
+            out["label"] = y
+        return out
+
+    # ----------------------------------------------------------------------------- metadata
+    def setup(self, stage: str) -> None:
+        """Take class names and preprocessing from the data module when they were not given."""
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if datamodule is None:
+            return
+        if self.class_names is None:
+            names = getattr(datamodule, "class_names", None)
+            if names is not None and len(names) == self.hparams.num_classes:
+                self.class_names = [str(n) for n in names]
+                self.hparams["class_names"] = list(self.class_names)
+        if not self.preprocessing:
+            self.preprocessing = self._preprocessing_from(datamodule)
+            self.hparams["preprocessing"] = dict(self.preprocessing)
+
+    default_mean: list[float] = _IMAGENET_MEAN
+    default_std: list[float] = _IMAGENET_STD
+
+    def _preprocessing_from(self, datamodule: Any) -> dict[str, Any]:
+        """What inference must do to a raw input to match the data module's evaluation transform."""
+        mean = getattr(datamodule, "mean", None)
+        std = getattr(datamodule, "std", None)
+        return {
+            "mean": [float(v) for v in (mean if mean is not None else self.default_mean)],
+            "std": [float(v) for v in (std if std is not None else self.default_std)],
+        }
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Store backbone, class names and preprocessing as plain types under ``checkpoint["oct3d"]``."""
+        checkpoint[CHECKPOINT_KEY] = {
+            "format_version": CHECKPOINT_FORMAT_VERSION,
+            "task": self.task,
+            "module": type(self).__name__,
+            "backbone": self.hparams.backbone,
+            "backbone_kwargs": dict(self.hparams.backbone_kwargs or {}),
+            "num_classes": int(self.hparams.num_classes),
+            "class_names": list(self.class_names) if self.class_names is not None else None,
+            "preprocessing": dict(self.preprocessing),
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Restore class names and preprocessing saved by :meth:`on_save_checkpoint`."""
+        meta = checkpoint.get(CHECKPOINT_KEY) or {}
+        if meta.get("class_names") is not None:
+            self.class_names = list(meta["class_names"])
+        if meta.get("preprocessing"):
+            self.preprocessing = dict(meta["preprocessing"])
+
+    # ----------------------------------------------------------------------------- optimisation
+    def effective_lr(self) -> float:
+        """``lr``, scaled linearly by total batch / ``lr_reference_batch_size`` when that is set."""
+        lr = float(self.hparams.lr)
+        reference = self.hparams.lr_reference_batch_size
+        if reference is None or self._trainer is None:
+            return lr
+        datamodule = getattr(self.trainer, "datamodule", None)
+        per_device = getattr(datamodule, "batch_size", None)
+        if per_device is None:
+            raise ValueError("lr_reference_batch_size is set but the data module has no batch_size attribute")
+        total = int(per_device) * self.trainer.world_size * self.trainer.accumulate_grad_batches
+        return lr * total / reference
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        """SGD/AdamW plus a per-step linear-warmup + cosine schedule over the whole run."""
+        hp = self.hparams
+        if hp.no_weight_decay_on_norm_and_bias:
+            decay, no_decay = [], []
+            for p in self.parameters():
+                if p.requires_grad:
+                    (no_decay if p.ndim <= 1 else decay).append(p)
+            groups = [{"params": decay, "weight_decay": hp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        else:
+            groups = [{"params": [p for p in self.parameters() if p.requires_grad], "weight_decay": hp.weight_decay}]
+        lr = self.effective_lr()
+        if hp.optimizer == "sgd":
+            opt: torch.optim.Optimizer = torch.optim.SGD(groups, lr=lr, momentum=hp.momentum, nesterov=hp.nesterov)
+        else:
+            opt = torch.optim.AdamW(groups, lr=lr)
+        total_steps = max(int(self.trainer.estimated_stepping_batches), 1)
+        # estimated_stepping_batches has just set up the train loader, so the epoch length is known
+        # (and stays right when the run is bounded by max_steps rather than max_epochs).
+        batches = self.trainer.num_training_batches
+        if isinstance(batches, int) or (isinstance(batches, float) and math.isfinite(batches)):
+            steps_per_epoch = max(math.ceil(batches / self.trainer.accumulate_grad_batches), 1)
+        else:
+            max_epochs = self.trainer.max_epochs if self.trainer.max_epochs and self.trainer.max_epochs > 0 else 1
+            steps_per_epoch = max(total_steps / max_epochs, 1.0)
+        warmup_steps = min(round(hp.warmup_epochs * steps_per_epoch), total_steps)
+        schedule = WarmupCosine(warmup_steps, total_steps, hp.warmup_start_factor, hp.min_lr_factor)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1}}
+
+
+class VideoClassifier(OctaveClassifier):
+    """Video classification with an octave video backbone (``oct_i3d_r50``, ``oct_c2d_r50``, ``oct_r3d_18``...).
+
+    Batches are dicts ``{"video": (B, 3, T, H, W), "label": (B,), "video_index": (B,), ...}`` or
+    ``(video, label)`` tuples. Validation reports per-clip top-1/top-5 (``val/top1``, ``val/top5``);
+    test additionally averages the softmax over all views of each video (``video_index``) and reports
+    video-level ``test/top1``/``test/top5`` (the 10 clips x 3 crops protocol when the data module
+    yields 30 views per video).
+
+    Args:
+        backbone: registered model name (``oct3d.models.list_models("video")``).
+        backbone_kwargs: extra builder arguments, e.g. ``{"alpha": 0.5, "octave": "spatial", "dropout": 0.5}``.
+        num_classes: number of classes; the CLI links it from ``data.num_classes``.
+        class_names: class names in label order; taken from the data module at fit start when omitted.
+        optimizer: ``"sgd"`` (with ``momentum``, ``nesterov``) or ``"adamw"``.
+        lr: peak learning rate (after warm-up); see ``lr_reference_batch_size``.
+        lr_reference_batch_size: when set, the peak LR is ``lr * total_batch / lr_reference_batch_size``
+            (linear scaling rule) with total_batch = per-device batch x devices x nodes x accumulation.
+        momentum: SGD momentum.
+        nesterov: Nesterov momentum for SGD.
+        weight_decay: weight decay (L2 for SGD, decoupled for AdamW).
+        no_weight_decay_on_norm_and_bias: exempt BatchNorm parameters and biases from weight decay.
+        warmup_epochs: linear warm-up length in epochs (fractions allowed); then cosine decay to the end.
+        warmup_start_factor: LR multiplier at the first step of the warm-up.
+        min_lr_factor: LR multiplier reached at the end of the cosine.
+        label_smoothing: label smoothing of the training cross-entropy.
+        preprocessing: inference preprocessing (``num_frames``, ``sampling_rate``, ``crop_size``,
+            ``short_side``, ``mean``, ``std``); taken from the data module at fit start when omitted.
+    """
+
+    task = "video"
+    input_key = "video"
+    default_mean = _KINETICS_MEAN
+    default_std = _KINETICS_STD
+
+    def __init__(
+        self,
+        backbone: str = "oct_i3d_r50",
+        backbone_kwargs: dict[str, Any] | None = None,
+        num_classes: int = 400,
+        class_names: list[str] | None = None,
+        optimizer: Literal["sgd", "adamw"] = "sgd",
+        lr: float = 0.1,
+        lr_reference_batch_size: int | None = None,
+        momentum: float = 0.9,
+        nesterov: bool = False,
+        weight_decay: float = 1e-4,
+        no_weight_decay_on_norm_and_bias: bool = False,
+        warmup_epochs: float = 0.0,
+        warmup_start_factor: float = 0.01,
+        min_lr_factor: float = 0.0,
+        label_smoothing: float = 0.0,
+        preprocessing: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__(
+            backbone, backbone_kwargs, num_classes, class_names, optimizer, lr, lr_reference_batch_size, momentum,
+            nesterov, weight_decay, no_weight_decay_on_norm_and_bias, warmup_epochs, warmup_start_factor,
+            min_lr_factor, label_smoothing, preprocessing,
+        )
+
+    def _preprocessing_from(self, datamodule: Any) -> dict[str, Any]:
+        out = super()._preprocessing_from(datamodule)
+        crop = int(getattr(datamodule, "crop_size", 224))
+        out.update(
+            num_frames=int(getattr(datamodule, "num_frames", 8)),
+            sampling_rate=int(getattr(datamodule, "sampling_rate", 8)),
+            crop_size=crop,
+            # Evaluation resizes the short side to this before cropping.
+            short_side=int(getattr(datamodule, "eval_short_side", None) or getattr(datamodule, "min_short_side", None)
+                           or crop),
+        )
+        return out
+
+
+class ImageClassifier(OctaveClassifier):
+    """Image classification with an octave 2D backbone (``oct_resnet50``, ``oct_mobilenet_v2``...).
+
+    Batches are dicts ``{"image": (B, 3, H, W), "label": (B,)}`` or ``(image, label)`` tuples.
+    Same arguments as :class:`VideoClassifier` (``backbone`` defaults to ``"oct_resnet50"``,
+    ``num_classes`` to 1000); ``preprocessing`` holds ``crop_size``, ``resize_size``, ``mean``, ``std``.
+    """
+
+    task = "image"
+    input_key = "image"
+
+    def __init__(
+        self,
+        backbone: str = "oct_resnet50",
+        backbone_kwargs: dict[str, Any] | None = None,
+        num_classes: int = 1000,
+        class_names: list[str] | None = None,
+        optimizer: Literal["sgd", "adamw"] = "sgd",
+        lr: float = 0.1,
+        lr_reference_batch_size: int | None = None,
+        momentum: float = 0.9,
+        nesterov: bool = False,
+        weight_decay: float = 1e-4,
+        no_weight_decay_on_norm_and_bias: bool = False,
+        warmup_epochs: float = 0.0,
+        warmup_start_factor: float = 0.01,
+        min_lr_factor: float = 0.0,
+        label_smoothing: float = 0.0,
+        preprocessing: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__(
+            backbone, backbone_kwargs, num_classes, class_names, optimizer, lr, lr_reference_batch_size, momentum,
+            nesterov, weight_decay, no_weight_decay_on_norm_and_bias, warmup_epochs, warmup_start_factor,
+            min_lr_factor, label_smoothing, preprocessing,
+        )
+
+    def _preprocessing_from(self, datamodule: Any) -> dict[str, Any]:
+        out = super()._preprocessing_from(datamodule)
+        crop = int(getattr(datamodule, "crop_size", 224))
+        out.update(crop_size=crop, resize_size=int(getattr(datamodule, "resize_size", round(crop * 256 / 224))))
+        return out

@@ -1,0 +1,142 @@
+"""The `oct3d` / `lightning` console scripts: configs, dispatch, fit end to end, resume, the ImageNet recipe."""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from oct3d import cli
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "configs"
+QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
+
+
+def _tiny_video_args(root: Path, out: Path) -> list[str]:
+    # The demo model on the tiny dataset: 3 classes, 6 train videos of 16 frames at 32x32.
+    return [
+        "-c", str(CONFIGS / "oct_i3d_demo.yaml"), "--data.root", str(root), "--data.num_workers", "0",
+        "--data.batch_size", "2", "--data.num_frames", "4", "--data.sampling_rate", "2", "--data.crop_size", "32",
+        "--data.min_short_side", "32", "--data.max_short_side", "36", "--data.test_clips", "2",
+        "--trainer.default_root_dir", str(out), *QUIET,
+    ]
+
+
+def _checkpoints(root: Path, name: str) -> list[Path]:
+    return sorted(root.rglob(name), key=lambda p: p.stat().st_mtime)
+
+
+@pytest.mark.parametrize("config", sorted(p.name for p in CONFIGS.glob("*.yaml")))
+def test_print_config_is_complete(config, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["fit", "-c", str(CONFIGS / config), "--print_config"])
+    assert exit_info.value.code in (0, None)
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["model"]["class_path"].startswith("oct3d.lightning.")
+    assert printed["data"]["class_path"].startswith("datamodules.")
+    assert printed["checkpoint"]["monitor"] == "val/top1"
+    assert printed["model"]["init_args"]["backbone"]
+
+
+def test_kinetics400_config_is_the_paper_setting(capsys):
+    with pytest.raises(SystemExit):
+        cli.lightning_main(["fit", "-c", str(CONFIGS / "oct_i3d.yaml"), "--print_config"])
+    printed = yaml.safe_load(capsys.readouterr().out)
+    model, data = printed["model"]["init_args"], printed["data"]["init_args"]
+    assert model["backbone"] == "oct_i3d_r50"
+    assert model["backbone_kwargs"] == {"alpha": 0.5, "octave": "spatial", "dropout": 0.5}
+    assert (model["optimizer"], model["lr"], model["lr_reference_batch_size"]) == ("sgd", 0.1, 64)
+    assert (model["momentum"], model["weight_decay"], model["warmup_epochs"]) == (0.9, 0.0001, 5)
+    assert data["root"] == "data/kinetics400"
+    assert (data["num_frames"], data["sampling_rate"], data["crop_size"]) == (8, 8, 224)
+    assert (data["test_clips"], data["test_crops"]) == (10, 3)
+
+
+def test_tools_are_dispatched(monkeypatch):
+    calls = []
+    monkeypatch.setattr(cli, "_load_tool", lambda spec: lambda argv: calls.append((spec, argv)) or 3)
+    assert cli.main(["infer", "--checkpoint", "x.ckpt", "a.mp4"]) == 3
+    assert cli.main(["table", "--plot"]) == 3
+    assert calls == [("oct3d.inference:main", ["--checkpoint", "x.ckpt", "a.mp4"]),
+                     ("oct3d.model_table:main", ["--plot"])]
+    assert set(cli.TOOLS) == {"table", "bench", "infer", "export"}
+
+
+def test_console_scripts_are_installed():
+    # Running them is covered by tests/test_ddp.py (`lightning fit` in a subprocess).
+    bin_dir = Path(sys.executable).parent
+    for script, entry in (("lightning", "lightning_main"), ("oct3d", "main")):
+        path = shutil.which(script, path=str(bin_dir))
+        assert path, f"console script {script} is not installed; run pip install -e ."
+        assert "oct3d.cli" in Path(path).read_text() and entry in Path(path).read_text()
+
+
+def test_fit_then_resume_continues_epoch_and_step(tiny_kinetics, tmp_path):
+    args = _tiny_video_args(tiny_kinetics, tmp_path)
+    cli.main(["fit", *args, "--trainer.max_epochs", "1"])
+    (first,) = _checkpoints(tmp_path, "last.ckpt")
+    state = torch.load(first, weights_only=True)
+    assert (state["epoch"], state["global_step"]) == (0, 3)  # 6 videos / batch 2
+    assert state["oct3d"]["class_names"] == ["moving left", "moving right", "moving up"]
+    assert state["hyper_parameters"]["num_classes"] == 3  # linked from data.num_classes
+    assert _checkpoints(tmp_path, "best-epoch000-top1*.ckpt")
+
+    cli.main(["fit", *args, "--trainer.max_epochs", "2", "--ckpt_path", str(first)])
+    resumed = _checkpoints(tmp_path, "last.ckpt")[-1]
+    assert resumed != first
+    state = torch.load(resumed, weights_only=True)
+    assert (state["epoch"], state["global_step"]) == (1, 6)
+
+    # test: 3 test videos x 2 clips, aggregated per video; predict: softmax per view
+    from oct3d.lightning.cli import OctCLI
+
+    tested = OctCLI(args=["test", *args, "--ckpt_path", str(resumed), "--trainer.logger", "false"])
+    assert tested.trainer.callback_metrics["test/num_videos"] == 3
+    predicted = OctCLI(args=["predict", *args, "--ckpt_path", str(resumed), "--trainer.logger", "false"])
+    batches = predicted.trainer.predict_loop.predictions
+    probs = torch.cat([b["probs"] for b in batches])
+    assert probs.shape == (6, 3) and torch.allclose(probs.sum(1), torch.ones(6))
+    assert torch.cat([b["video_index"] for b in batches]).tolist() == [0, 0, 1, 1, 2, 2]
+
+
+def test_imagenet_recipe_end_to_end(tiny_imagefolder, tmp_path):
+    cli.main([
+        "fit", "-c", str(CONFIGS / "oct_resnet50_imagenet.yaml"), "--data.root", str(tiny_imagefolder),
+        "--data.batch_size", "4", "--data.eval_batch_size", "6", "--data.num_workers", "0",
+        "--data.crop_size", "32", "--data.resize_size", "36", "--trainer.accelerator", "cpu",
+        "--trainer.devices", "1", "--trainer.strategy", "auto", "--trainer.precision", "32-true",
+        "--trainer.max_steps", "2", "--trainer.limit_val_batches", "1", "--trainer.default_root_dir", str(tmp_path),
+        *QUIET,
+    ])
+    (last,) = _checkpoints(tmp_path, "last.ckpt")
+    state = torch.load(last, weights_only=True)
+    assert state["global_step"] == 2
+    meta = state["oct3d"]
+    assert (meta["task"], meta["backbone"], meta["num_classes"]) == ("image", "oct_resnet50", 3)
+    assert meta["class_names"] == ["n01440764", "n01443537", "n01484850"]
+    assert meta["preprocessing"]["crop_size"] == 32 and meta["preprocessing"]["resize_size"] == 36
+    assert state["hyper_parameters"]["label_smoothing"] == 0.1
+    # lr 0.1 per 256 images, batch 4 on one device: peak 0.1 * 4 / 256
+    assert state["optimizer_states"][0]["param_groups"][0]["initial_lr"] == pytest.approx(0.1 * 4 / 256)
+
+
+def test_fit_over_broken_videos_finishes_and_reports_them(broken_kinetics, tmp_path):
+    from datamodules import DataErrorReport
+    from oct3d.lightning.cli import OctCLI
+
+    args = _tiny_video_args(broken_kinetics, tmp_path)
+    run = OctCLI(args=["fit", *args, "--data.batch_size", "3", "--trainer.max_epochs", "1"])
+    assert run.trainer.state.finished and run.trainer.global_step == 3  # 9 listed train videos / batch 3
+    (report,) = [c for c in run.trainer.callbacks if isinstance(c, DataErrorReport)]
+    reported = {(r.stage, Path(entry.split(".mp4")[0]).name + ".mp4") for r in report.history for entry in r.failures}
+    assert reported == {
+        ("train", "trunc000001_000000_000002.mp4"),
+        ("train", "missng00002_000000_000002.mp4"),
+        ("train", "notvideo003_000000_000002.mp4"),
+        ("validation", "truncval004_000000_000002.mp4"),
+    }

@@ -1,0 +1,94 @@
+"""tools/export.py (oct3d.export): exported octave models match eager ones and feed tools/infer.py."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from oct3d.export import export_model
+from oct3d.export import main as export_main
+from oct3d.inference import ModelMetadata
+from oct3d.inference import main as infer_main
+from oct3d.models import get_model
+
+TINY_I3D = {"alpha": 0.5, "base_width": 8, "depths": [1, 1, 1, 1]}
+
+
+def _eager_and_meta(name: str, kwargs: dict, task: str, preprocessing: dict) -> tuple[torch.nn.Module, ModelMetadata]:
+    torch.manual_seed(0)
+    model = get_model(name, num_classes=5, **kwargs).eval()
+    # Non-trivial BatchNorm statistics, so the exported graph's folded BN is really exercised.
+    for module in model.modules():
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+            module.running_mean.uniform_(-0.5, 0.5)
+            module.running_var.uniform_(0.5, 2.0)
+    return model, ModelMetadata(task, name, kwargs, 5, list("abcde"), preprocessing)
+
+
+def _onnx_outputs(path, x: torch.Tensor) -> torch.Tensor:
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return torch.from_numpy(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0])
+
+
+@pytest.mark.parametrize(
+    ("name", "kwargs", "task", "preprocessing"),
+    [
+        ("oct_i3d_r50", TINY_I3D, "video", {"num_frames": 4, "crop_size": 32}),
+        # 45x45: odd octave maps (23 -> 12, 12 -> 6 -> 3 -> 2) in the exported graph.
+        ("oct_resnet50", {"alpha": 0.5}, "image", {"crop_size": 45}),
+    ],
+)
+def test_onnx_matches_eager(name, kwargs, task, preprocessing, tmp_path):
+    model, meta = _eager_and_meta(name, kwargs, task, preprocessing)
+    out = export_model(model, meta, "onnx", tmp_path / f"{name}.onnx")
+    x = torch.randn(meta.input_shape(batch_size=3))  # exported at batch 2: the batch axis is dynamic
+    with torch.no_grad():
+        expected = model(x)
+    assert torch.allclose(_onnx_outputs(out, x), expected, atol=1e-4, rtol=0)
+    sidecar = json.loads((tmp_path / f"{name}.onnx.json").read_text())
+    assert sidecar["format"] == "onnx" and sidecar["oct3d"]["class_names"] == list("abcde")
+    assert sidecar["input_shape"] == ["batch", *meta.input_shape()[1:]]
+
+
+@pytest.mark.parametrize(("fmt", "suffix"), [("torchscript", ".pt"), ("exported-program", ".pt2")])
+def test_torch_formats_match_eager(fmt, suffix, tmp_path):
+    model, meta = _eager_and_meta("oct_i3d_r50", TINY_I3D, "video", {"num_frames": 4, "crop_size": 32})
+    out = export_model(model, meta, fmt, tmp_path / f"i3d{suffix}")
+    loaded = torch.jit.load(str(out)) if fmt == "torchscript" else torch.export.load(str(out)).module()
+    x = torch.randn(meta.input_shape(batch_size=3))
+    with torch.no_grad():
+        assert torch.allclose(loaded(x), model(x), atol=1e-5, rtol=0)
+
+
+def test_cli_export_then_infer_with_the_exported_file(tiny_kinetics, tmp_path):
+    from test_infer import make_checkpoint
+
+    checkpoint = make_checkpoint(tiny_kinetics, tmp_path / "tiny.ckpt")
+    onnx_path = tmp_path / "tiny.onnx"
+    assert export_main(["--checkpoint", str(checkpoint), "--format", "onnx", str(onnx_path)]) == 0
+    videos = sorted((tiny_kinetics / "test").rglob("*.mp4"))
+    results = {}
+    for model_file in (checkpoint, onnx_path):
+        output = tmp_path / f"{model_file.suffix[1:]}.jsonl"
+        assert infer_main(["--checkpoint", str(model_file), "--output", str(output), *map(str, videos)]) == 0
+        results[model_file.suffix] = [json.loads(line) for line in output.read_text().splitlines()]
+    assert len(results[".onnx"]) == len(videos)
+    for eager, exported in zip(results[".ckpt"], results[".onnx"]):
+        assert [p["label"] for p in eager["topk"]] == [p["label"] for p in exported["topk"]]
+        assert [p["score"] for p in eager["topk"]] == pytest.approx([p["score"] for p in exported["topk"]], abs=1e-4)
+    # Without its sidecar an export is refused with a clear message.
+    bare = tmp_path / "bare.onnx"
+    shutil.copy(onnx_path, bare)
+    assert infer_main(["--checkpoint", str(bare), str(videos[0])]) == 2
+
+
+def test_export_refuses_foreign_checkpoints(tmp_path, capsys):
+    foreign = tmp_path / "foreign.ckpt"
+    torch.save({"state_dict": {}}, foreign)
+    assert export_main(["--checkpoint", str(foreign), "--format", "onnx", str(tmp_path / "x.onnx")]) == 2
+    assert "not an oct3d checkpoint" in capsys.readouterr().err

@@ -1,0 +1,141 @@
+"""tools/infer.py (oct3d.inference): checkpoints, folders with broken files, windows, views, batching."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+import torch
+
+from oct3d.inference import find_inputs, load_predictor, main, plan_segments
+
+CLASSES = ["moving left", "moving right", "moving up"]
+
+
+def make_checkpoint(data_root: Path, path: Path) -> Path:
+    """A one-step Oct-I3D (base width 8) checkpoint on the tiny dataset, written by a real Trainer."""
+    from datamodules import KineticsDataModule
+    from oct3d.lightning import VideoClassifier
+
+    torch.manual_seed(0)
+    data = KineticsDataModule(str(data_root), num_frames=4, sampling_rate=2, crop_size=32, min_short_side=32,
+                              max_short_side=36, batch_size=2, num_workers=0)
+    model = VideoClassifier(backbone="oct_i3d_r50", num_classes=data.num_classes,
+                            backbone_kwargs={"alpha": 0.5, "base_width": 8, "depths": [1, 1, 1, 1]})
+    trainer = pl.Trainer(accelerator="cpu", max_steps=1, limit_val_batches=0, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(model, datamodule=data)
+    trainer.save_checkpoint(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tiny_kinetics, tmp_path_factory) -> Path:
+    return make_checkpoint(tiny_kinetics, tmp_path_factory.mktemp("ckpt") / "tiny.ckpt")
+
+
+@pytest.fixture()
+def mixed_folder(tiny_kinetics, tmp_path) -> tuple[Path, list[Path]]:
+    """Two good videos (one nested), a truncated mp4, a text file named .mp4 and an ignored .txt."""
+    good = sorted((tiny_kinetics / "test").rglob("*.mp4"))[:2]
+    folder = tmp_path / "inputs"
+    (folder / "nested").mkdir(parents=True)
+    shutil.copy(good[0], folder / "a_good.mp4")
+    shutil.copy(good[1], folder / "nested" / "b_good.mp4")
+    data = good[0].read_bytes()
+    (folder / "c_truncated.mp4").write_bytes(data[: len(data) // 3])
+    (folder / "d_text.mp4").write_text("not a video\n" * 10)
+    (folder / "notes.txt").write_text("ignored")
+    return folder, good
+
+
+def _lines(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_folder_with_broken_files(checkpoint, mixed_folder, tmp_path):
+    folder, _ = mixed_folder
+    output = tmp_path / "out.jsonl"
+    status = main(["--checkpoint", str(checkpoint), "--output", str(output), "--device", "cpu", str(folder)])
+    assert status == 1
+    results = {Path(r["path"]).name: r for r in _lines(output)}
+    assert sorted(results) == ["a_good.mp4", "b_good.mp4", "c_truncated.mp4", "d_text.mp4"]
+    assert set(results["c_truncated.mp4"]) == {"path", "error"}
+    assert set(results["d_text.mp4"]) == {"path", "error"}
+    for name in ("a_good.mp4", "b_good.mp4"):
+        assert set(results[name]) == {"path", "topk"}
+        topk = results[name]["topk"]
+        assert len(topk) == 3  # --topk 5 clipped to the 3 classes
+        assert sorted(p["label"] for p in topk) == CLASSES
+        scores = [p["score"] for p in topk]
+        assert scores == sorted(scores, reverse=True) and sum(scores) == pytest.approx(1.0, abs=1e-4)
+
+
+def test_all_good_exits_zero_and_batching_does_not_change_results(checkpoint, mixed_folder, tmp_path):
+    _, good = mixed_folder
+    runs = []
+    for batch_size in ("1", "3"):
+        output = tmp_path / f"out{batch_size}.jsonl"
+        args = ["--checkpoint", str(checkpoint), "--output", str(output), "--batch-size", batch_size,
+                "--views", "30", *map(str, good)]
+        assert main(args) == 0
+        runs.append(_lines(output))
+    for first, second in zip(*runs):
+        assert [p["label"] for p in first["topk"]] == [p["label"] for p in second["topk"]]
+        assert [p["score"] for p in first["topk"]] == pytest.approx([p["score"] for p in second["topk"]], abs=1e-5)
+
+
+def test_windows_give_segments_with_times(checkpoint, mixed_folder, tmp_path):
+    _, good = mixed_folder
+    output = tmp_path / "windows.jsonl"
+    args = ["--checkpoint", str(checkpoint), "--output", str(output), "--window", "1", "--hop", "0.5", str(good[0])]
+    assert main(args) == 0
+    (result,) = _lines(output)
+    # 16 frames at 8 fps = 2 s: windows [0, 1], [0.5, 1.5], [1, 2]
+    assert [(s["start"], s["end"]) for s in result["segments"]] == [(0.0, 1.0), (0.5, 1.5), (1.0, 2.0)]
+    assert all(len(s["topk"]) == 3 for s in result["segments"])
+
+
+def test_table_without_output(checkpoint, mixed_folder, capsys):
+    _, good = mixed_folder
+    assert main(["--checkpoint", str(checkpoint), "--topk", "2", str(good[0])]) == 0
+    out = capsys.readouterr().out
+    assert "oct3d predictions" in out and good[0].name[:10] in out
+
+
+def test_foreign_checkpoint_is_a_clear_error(tmp_path, mixed_folder, capsys):
+    _, good = mixed_folder
+    foreign = tmp_path / "resnet.pth"
+    torch.save({"state_dict": {"fc.weight": torch.zeros(2, 2)}}, foreign)
+    assert main(["--checkpoint", str(foreign), str(good[0])]) == 2
+    assert "is not an oct3d checkpoint" in capsys.readouterr().err
+    garbage = tmp_path / "garbage.ckpt"
+    garbage.write_text("hello")
+    assert main(["--checkpoint", str(garbage), str(good[0])]) == 2
+    assert "not a PyTorch checkpoint" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--checkpoint", str(foreign), "--views", "7", str(good[0])])
+
+
+def test_checkpoint_metadata_drives_preprocessing(checkpoint):
+    predictor = load_predictor(checkpoint, device="cpu")
+    meta = predictor.metadata
+    assert (meta.task, meta.backbone, meta.class_names) == ("video", "oct_i3d_r50", CLASSES)
+    assert {k: meta.preprocessing[k] for k in ("num_frames", "sampling_rate", "crop_size", "short_side")} == {
+        "num_frames": 4, "sampling_rate": 2, "crop_size": 32, "short_side": 32}
+    assert meta.preprocessing["mean"] == [0.45, 0.45, 0.45]
+    assert predictor(torch.zeros(meta.input_shape(2))).shape == (2, 3)
+
+
+def test_plan_segments_and_find_inputs(mixed_folder):
+    (whole,) = plan_segments(32, 8.0, clip_frames=8, sampling_rate=3, temporal_views=1)
+    assert (whole.start, whole.end, whole.clip_starts) == (0.0, 4.0, (5,))  # span 22 of 32 frames, centered
+    (ten,) = plan_segments(32, 8.0, clip_frames=8, sampling_rate=1, temporal_views=10)
+    assert ten.clip_starts[0] == 0 and ten.clip_starts[-1] == 24 and len(ten.clip_starts) == 10
+    folder, _ = mixed_folder
+    assert [p.name for p in find_inputs([folder])] == ["a_good.mp4", "c_truncated.mp4", "d_text.mp4", "b_good.mp4"]
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        find_inputs([folder / "missing.mp4"])

@@ -1,0 +1,138 @@
+"""VideoClassifier / ImageClassifier: schedule, argument checks, multi-view aggregation, checkpoint metadata."""
+
+from __future__ import annotations
+
+import math
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from oct3d.lightning import CHECKPOINT_KEY, ImageClassifier, VideoClassifier, WarmupCosine
+from oct3d.models import register_model
+from oct3d.models.registry import list_models
+
+
+class _MeanLogits(nn.Module):
+    """Logits = per-channel mean of the input: a test can choose every view's logits exactly."""
+
+    def __init__(self, num_classes: int = 3) -> None:
+        super().__init__()
+        self.num_classes = num_classes
+        self.scale = nn.Parameter(torch.ones(()))  # something for the optimizer to hold
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.mean(dim=tuple(range(2, x.dim())))[:, : self.num_classes] * self.scale
+
+
+if "_test_mean_logits" not in list_models():
+
+    @register_model(task="video")
+    def _test_mean_logits(num_classes: int = 3) -> nn.Module:
+        """Test-only backbone (see ``_MeanLogits``)."""
+        return _MeanLogits(num_classes)
+
+
+def test_warmup_cosine_values():
+    schedule = WarmupCosine(warmup_steps=2, total_steps=10, start_factor=0.0, min_factor=0.1)
+    assert schedule(0) == 0.0
+    assert schedule(1) == 0.5
+    assert schedule(2) == 1.0
+    assert schedule(6) == pytest.approx(0.1 + 0.9 * 0.5)
+    assert schedule(10) == pytest.approx(0.1)
+    assert schedule(50) == pytest.approx(0.1)
+    no_warmup = WarmupCosine(0, 4)
+    assert [no_warmup(s) for s in range(5)] == pytest.approx([1.0, 0.5 + 0.5 * math.cos(math.pi / 4), 0.5,
+                                                              0.5 - 0.5 * math.cos(math.pi / 4), 0.0])
+    with pytest.raises(ValueError, match="warmup_steps"):
+        WarmupCosine(11, 10)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"num_classes": 0}, "num_classes"),
+        ({"optimizer": "adam"}, "optimizer"),
+        ({"lr": 0.0}, "lr"),
+        ({"label_smoothing": 1.0}, "label_smoothing"),
+        ({"class_names": ["a", "b"]}, "class_names"),
+        ({"backbone_kwargs": {"num_classes": 3}}, "num_classes"),
+        ({"backbone": "no_such_model"}, "unknown model"),
+    ],
+)
+def test_bad_arguments_name_the_argument(kwargs, message):
+    args = {"backbone": "_test_mean_logits", "num_classes": 3, **kwargs}
+    with pytest.raises(ValueError, match=message):
+        VideoClassifier(**args)
+
+
+def _views(logits_per_view: list[list[float]], labels: list[int], video_index: list[int]) -> list[dict]:
+    # One sample per view: a (3, 1, 2, 2) clip whose channel means are the wanted logits.
+    return [
+        {"video": torch.tensor(v).view(3, 1, 1, 1).expand(3, 1, 2, 2).clone(), "label": y, "video_index": i}
+        for v, y, i in zip(logits_per_view, labels, video_index)
+    ]
+
+
+def test_multi_view_test_aggregates_softmax_per_video():
+    # Video 0 (label 0): views predict 0 and 1, but the averaged softmax picks 0.
+    # Video 1 (label 2): both views predict 1 -> wrong at video level.
+    samples = _views(
+        [[2.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 3.0, 0.0], [0.0, 1.0, 0.5]],
+        labels=[0, 0, 2, 2],
+        video_index=[0, 0, 1, 1],
+    )
+    model = VideoClassifier(backbone="_test_mean_logits", num_classes=3)
+    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
+    (metrics,) = trainer.test(model, DataLoader(samples, batch_size=3), verbose=False)
+    assert metrics["test/view_top1"] == pytest.approx(0.25)
+    assert metrics["test/top1"] == pytest.approx(0.5)
+    assert metrics["test/top5"] == pytest.approx(1.0)  # top-5 clipped to the 3 classes
+    assert metrics["test/num_videos"] == 2
+
+
+def test_optimizer_and_schedule_follow_hyperparameters():
+    model = VideoClassifier(backbone="_test_mean_logits", num_classes=3, optimizer="sgd", lr=0.4, momentum=0.8,
+                            weight_decay=1e-3, warmup_epochs=1, lr_reference_batch_size=8)
+    samples = _views([[1.0, 0.0, 0.0]] * 8, [0] * 8, list(range(8)))
+
+    class Data(pl.LightningDataModule):
+        batch_size = 2
+
+        def train_dataloader(self):
+            return DataLoader(samples, batch_size=self.batch_size)
+
+    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+                         enable_checkpointing=False, max_epochs=2)
+    trainer.fit(model, datamodule=Data())
+    optimizer = trainer.optimizers[0]
+    assert isinstance(optimizer, torch.optim.SGD)
+    group = optimizer.param_groups[0]
+    # lr scaled by total batch 2 / reference 8; after 8 of 8 steps the cosine reached 0.
+    assert group["initial_lr"] == pytest.approx(0.1)
+    assert group["momentum"] == 0.8 and group["weight_decay"] == 1e-3
+    scheduler = trainer.lr_scheduler_configs[0].scheduler
+    assert scheduler.lr_lambdas[0].warmup_steps == 4
+    assert scheduler.lr_lambdas[0].total_steps == 8
+    assert group["lr"] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_checkpoint_holds_plain_metadata(tmp_path):
+    model = ImageClassifier(backbone="_test_mean_logits", num_classes=3, class_names=["a", "b", "c"],
+                            preprocessing={"crop_size": 32, "resize_size": 36, "mean": [0.5] * 3, "std": [0.2] * 3})
+    model.input_key = "video"  # the test backbone reads any tensor
+    samples = _views([[1.0, 0.0, 0.0]] * 2, [0] * 2, [0, 1])
+    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+                         enable_checkpointing=False, max_steps=1)
+    trainer.fit(model, DataLoader(samples, batch_size=2))
+    path = tmp_path / "model.ckpt"
+    trainer.save_checkpoint(path)
+    checkpoint = torch.load(path, weights_only=True)  # plain types only
+    meta = checkpoint[CHECKPOINT_KEY]
+    assert meta["task"] == "image"
+    assert meta["backbone"] == "_test_mean_logits"
+    assert meta["class_names"] == ["a", "b", "c"]
+    assert meta["preprocessing"]["crop_size"] == 32
+    assert checkpoint["hyper_parameters"]["num_classes"] == 3

@@ -1,0 +1,11 @@
+"""Export an oct3d checkpoint to ONNX, TorchScript or a torch.export program; see ``oct3d.export``.
+
+    python tools/export.py --checkpoint CKPT --format onnx|torchscript|exported-program OUT
+"""
+
+import sys
+
+from oct3d.export import main
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,13 @@
+"""Classify videos with an oct3d checkpoint or exported model; see ``oct3d.inference`` (same as ``oct3d infer``).
+
+    python tools/infer.py --checkpoint CKPT [--output OUT.jsonl] [--topk 5] [--views 1|30]
+                          [--window SEC --hop SEC] [--device auto|cpu|cuda] [--batch-size N]
+                          [--decoder pyav|decord] PATH...
+"""
+
+import sys
+
+from oct3d.inference import main
+
+if __name__ == "__main__":
+    sys.exit(main())
