@@ -10,12 +10,12 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader, Dataset
 from torchvision import datasets
 from torchvision.transforms import v2
 
+from .base import SplitDataModule
 from .transforms import IMAGENET_MEAN, IMAGENET_STD
 
 __all__ = [
@@ -99,7 +99,7 @@ class ImageFolderDictDataset(Dataset):
         return {"image": self.transform(self.loader(path)), "label": label}
 
 
-class ImageNetDataModule(pl.LightningDataModule):
+class ImageNetDataModule(SplitDataModule):
     """LightningDataModule for ImageFolder-layout image classification (ImageNet recipe by default).
 
     Args:
@@ -147,7 +147,6 @@ class ImageNetDataModule(pl.LightningDataModule):
         self.persistent_workers = persistent_workers
         self.drop_last = drop_last
         self._class_names: list[str] | None = None
-        self.datasets: dict[str, ImageFolderDictDataset] = {}
 
     @property
     def class_names(self) -> list[str]:
@@ -171,19 +170,6 @@ class ImageNetDataModule(pl.LightningDataModule):
             self.datasets["val"] = ImageFolderDictDataset(
                 self.root / "val", imagenet_eval_transform(self.crop_size, self.resize_size), self.class_names
             )
-
-    def _loader(self, split: str, shuffle: bool, batch_size: int, drop_last: bool = False) -> DataLoader:
-        if split not in self.datasets:
-            self.setup("fit" if split == "train" else "validate")
-        return DataLoader(
-            self.datasets[split],
-            batch_size=batch_size,
-            shuffle=shuffle,
-            num_workers=self.num_workers,
-            pin_memory=self.pin_memory and torch.cuda.is_available(),
-            persistent_workers=self.persistent_workers and self.num_workers > 0,
-            drop_last=drop_last,
-        )
 
     def train_dataloader(self) -> DataLoader:
         """Shuffled, augmented training images."""

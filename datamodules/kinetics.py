@@ -25,10 +25,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from .base import SplitDataModule
 from .transforms import KINETICS_MEAN, KINETICS_STD, VideoEvalTransform, VideoTrainTransform
 from .video import DECODERS, VIDEO_EXTENSIONS, VideoDecodeError, clip_indices, open_video
 
@@ -369,7 +369,7 @@ class VideoClipDataset(Dataset):
         )
 
 
-class KineticsDataModule(pl.LightningDataModule):
+class KineticsDataModule(SplitDataModule):
     """LightningDataModule for Kinetics-layout video classification (see the module docstring for formats).
 
     Batches are dicts: ``video`` float (B, 3, T, H, W), ``label`` long (B,), ``video_index`` long (B,)
@@ -472,7 +472,6 @@ class KineticsDataModule(pl.LightningDataModule):
         self.drop_last = drop_last
         self.flip_prob = flip_prob
         self._class_names: list[str] | None = None
-        self.datasets: dict[str, VideoClipDataset] = {}
 
     # Class names are needed before setup(): LightningCLI links data.num_classes into the model.
     @property
@@ -564,19 +563,6 @@ class KineticsDataModule(pl.LightningDataModule):
             self.datasets["val"] = self.make_dataset("val")
         if stage in ("test", "predict", None) and "test" not in self.datasets:
             self.datasets["test"] = self.make_dataset(self._test_split(), "test")
-
-    def _loader(self, split: str, shuffle: bool, batch_size: int, drop_last: bool = False) -> DataLoader:
-        if split not in self.datasets:
-            self.setup({"train": "fit", "val": "validate", "test": "test"}[split])
-        return DataLoader(
-            self.datasets[split],
-            batch_size=batch_size,
-            shuffle=shuffle,
-            num_workers=self.num_workers,
-            pin_memory=self.pin_memory and torch.cuda.is_available(),
-            persistent_workers=self.persistent_workers and self.num_workers > 0,
-            drop_last=drop_last,
-        )
 
     def train_dataloader(self) -> DataLoader:
         """Shuffled training clips (one random clip per video per epoch)."""
