@@ -1,0 +1,175 @@
+"""The fast path of OctConv (``OctConv._forward_fast``) must compute exactly the reference formula."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from oct3d.nn import Octave, OctConv
+from oct3d.nn.octave import low_size, octave_factors
+
+
+def _make_input(conv: OctConv, batch: int, size: tuple[int, ...], dtype=torch.float32, memory_format=None):
+    high = torch.randn(batch, conv.in_high, *size, dtype=dtype)
+    if memory_format is not None:
+        high = high.contiguous(memory_format=memory_format)
+    if conv.in_low == 0:
+        return high
+    low = torch.randn(batch, conv.in_low, *low_size(size, octave_factors(conv.dims, conv.octave)), dtype=dtype)
+    if memory_format is not None:
+        low = low.contiguous(memory_format=memory_format)
+    return Octave(high, low)
+
+
+def _parts(y):
+    return [y] if isinstance(y, torch.Tensor) else [t for t in y if t is not None]
+
+
+def _assert_same(fast, ref, atol=1e-5, rtol=1e-5):
+    fast_parts, ref_parts = _parts(fast), _parts(ref)
+    assert len(fast_parts) == len(ref_parts)
+    for a, b in zip(fast_parts, ref_parts):
+        assert a.shape == b.shape
+        torch.testing.assert_close(a, b, atol=atol, rtol=rtol)
+
+
+ALPHAS = [(0.0, 0.5), (0.5, 0.5), (0.5, 0.0), (0.25, 0.75)]
+CASES = [
+    # dims, octave, spatial size (odd sizes included)
+    (1, "spatial", (17,)),
+    (2, "spatial", (12, 10)),
+    (2, "spatial", (9, 7)),
+    (3, "spatial", (4, 8, 6)),
+    (3, "spatiotemporal", (4, 8, 6)),
+    (3, "spatiotemporal", (5, 7, 9)),
+]
+
+
+@pytest.mark.parametrize(("dims", "octave", "size"), CASES)
+@pytest.mark.parametrize(("alpha_in", "alpha_out"), ALPHAS)
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("kernel", [1, 3])
+def test_fast_equals_reference(dims, octave, size, alpha_in, alpha_out, stride, kernel):
+    torch.manual_seed(0)
+    conv = OctConv(dims, 8, 8, kernel, alpha_in, alpha_out, stride=stride, bias=True, octave=octave)
+    x = _make_input(conv, 2, size)
+    _assert_same(conv(x), conv.forward_reference(x))
+
+
+@pytest.mark.parametrize(("dims", "octave", "size"), [(2, "spatial", (9, 8)), (3, "spatiotemporal", (4, 6, 5))])
+@pytest.mark.parametrize("stride", [1, (1, 2), 2])
+def test_fast_equals_reference_groups_and_depthwise(dims, octave, size, stride):
+    torch.manual_seed(0)
+    stride = stride if isinstance(stride, int) else (1,) * (dims - 2) + stride
+    grouped = OctConv(dims, 16, 16, 3, 0.5, 0.5, stride=stride, groups=4, octave=octave)
+    depthwise = OctConv(dims, 8, 8, 3, 0.5, 0.5, stride=stride, groups=8, octave=octave)
+    for conv in (grouped, depthwise):
+        x = _make_input(conv, 2, size)
+        _assert_same(conv(x), conv.forward_reference(x))
+
+
+def test_per_axis_stride_and_dilation():
+    torch.manual_seed(0)
+    conv = OctConv(3, 8, 12, 3, 0.5, 0.5, stride=(1, 2, 2), dilation=(1, 2, 1), octave="spatiotemporal")
+    x = _make_input(conv, 1, (6, 10, 8))
+    _assert_same(conv(x), conv.forward_reference(x))
+
+
+@pytest.mark.parametrize(("dims", "memory_format", "size"), [
+    (2, torch.channels_last, (12, 11)),
+    (3, torch.channels_last_3d, (4, 8, 10)),
+])
+@pytest.mark.parametrize("stride", [1, 2])
+def test_channels_last(dims, memory_format, size, stride):
+    torch.manual_seed(0)
+    conv = OctConv(dims, 16, 16, 3, 0.5, 0.5, stride=stride).to(memory_format=memory_format)
+    x = _make_input(conv, 2, size, memory_format=memory_format)
+    _assert_same(conv(x), conv.forward_reference(x))
+
+
+@pytest.mark.parametrize("alphas", [(0.0, 0.5), (0.5, 0.5), (0.5, 0.0)])
+def test_bfloat16(alphas):
+    torch.manual_seed(0)
+    conv = OctConv(2, 16, 16, 3, *alphas, stride=2).to(torch.bfloat16)
+    x = _make_input(conv, 2, (12, 12), dtype=torch.bfloat16)
+    # bfloat16 keeps 8 bits of mantissa; the fast path sums in a different order.
+    _assert_same(conv(x), conv.forward_reference(x), atol=5e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize(("dims", "octave", "size"), [(2, "spatial", (9, 8)), (3, "spatiotemporal", (4, 6, 6))])
+@pytest.mark.parametrize(("alpha_in", "alpha_out"), ALPHAS)
+@pytest.mark.parametrize("stride", [1, 2])
+def test_gradients_equal(dims, octave, size, alpha_in, alpha_out, stride):
+    torch.manual_seed(0)
+    conv = OctConv(dims, 8, 8, 3, alpha_in, alpha_out, stride=stride, bias=True, octave=octave)
+    x = _make_input(conv, 2, size)
+    inputs = _parts(x)
+    for t in inputs:
+        t.requires_grad_(True)
+    grads = []
+    for forward in (conv.forward, conv.forward_reference):
+        conv.zero_grad()
+        for t in inputs:
+            t.grad = None
+        out = forward(x)
+        sum((p * torch.linspace(-1, 1, p.numel()).view(p.shape)).sum() for p in _parts(out)).backward()
+        grads.append([t.grad.clone() for t in inputs] + [p.grad.clone() for p in conv.parameters()])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_weight_cache_follows_weight_updates():
+    """Eval/no-grad caches the concatenated low weight; in-place updates must invalidate it."""
+    torch.manual_seed(0)
+    conv = OctConv(2, 8, 8, 3, 0.5, 0.5).eval()
+    x = _make_input(conv, 1, (8, 8))
+    with torch.no_grad():
+        first = conv(x).low.clone()
+        conv.h2l.weight.mul_(2.0)  # in place: same storage, new version
+        _assert_same(conv(x), conv.forward_reference(x))
+        assert not torch.allclose(conv(x).low, first)
+        conv.load_state_dict({k: torch.randn_like(v) for k, v in conv.state_dict().items()})
+        _assert_same(conv(x), conv.forward_reference(x))
+        conv.l2l.weight = torch.nn.Parameter(torch.randn_like(conv.l2l.weight))  # new storage
+        _assert_same(conv(x), conv.forward_reference(x))
+    with torch.inference_mode():
+        _assert_same(conv(x), conv.forward_reference(x))
+    assert "_low_weight_cache" not in "".join(conv.state_dict())
+
+
+def test_training_step_after_cached_inference():
+    """A cached no-grad forward followed by training must still reach every weight."""
+    torch.manual_seed(0)
+    conv = OctConv(2, 8, 8, 3, 0.5, 0.5)
+    x = _make_input(conv, 1, (8, 8))
+    with torch.no_grad():
+        conv(x)
+    out = conv(x)
+    (out.high.sum() + out.low.sum()).backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in conv.parameters())
+
+
+def test_fast_path_switch_is_honoured(monkeypatch):
+    conv = OctConv(2, 8, 8, 3, 0.5, 0.5)
+    calls = []
+    monkeypatch.setattr(conv, "_forward_fast", lambda h, lo: calls.append(1) or conv._forward_reference(h, lo))
+    conv(_make_input(conv, 1, (8, 8)))
+    monkeypatch.setattr(OctConv, "fast_path", False)
+    conv(_make_input(conv, 1, (8, 8)))
+    assert calls == [1]
+
+
+@pytest.mark.parametrize(("dims", "octave", "stride"), list(itertools.product([2], ["spatial"], [1, 2]))
+                         + [(3, "spatiotemporal", 2)])
+def test_compile_fullgraph_no_graph_breaks(dims, octave, stride):
+    """Dynamo must trace the fast path in one graph (the eager backend keeps this test fast)."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    conv = OctConv(dims, 8, 8, 3, 0.5, 0.5, stride=stride, octave=octave)
+    x = _make_input(conv, 1, (8,) * dims)
+    compiled = torch.compile(conv, fullgraph=True, backend="eager")
+    with torch.no_grad():
+        _assert_same(compiled(x), conv.forward_reference(x))
+    _assert_same(compiled(x), conv.forward_reference(x))

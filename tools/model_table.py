@@ -1,0 +1,11 @@
+"""Cost table of the registered octave models next to their vanilla peers (see oct3d/model_table.py).
+
+Usage: python tools/model_table.py [--task image|video|all] [--alphas ...] [--markdown] [--plot FILE.png]
+"""
+
+import sys
+
+from oct3d.model_table import main
+
+if __name__ == "__main__":
+    sys.exit(main())
