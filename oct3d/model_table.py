@@ -34,6 +34,7 @@ __all__ = [
     "input_size",
     "main",
     "plot_costs",
+    "peer_label",
     "vanilla_peer",
 ]
 
@@ -114,6 +115,11 @@ def build_octave(name: str, alpha: float, octave: str | None = None, **kwargs) -
     return get_model(name, **options)
 
 
+def peer_label(name: str) -> str:
+    """Name of the vanilla network ``name`` is compared with (without building it)."""
+    return _PEERS[name][0] if name in _PEERS else f"{name} alpha=0"
+
+
 def vanilla_peer(name: str, num_classes: int | None = None) -> tuple[str, nn.Module]:
     """``(label, model)`` of the vanilla network ``name`` is compared with.
 
@@ -122,10 +128,9 @@ def vanilla_peer(name: str, num_classes: int | None = None) -> tuple[str, nn.Mod
     vanilla architecture by construction.
     """
     if name in _PEERS:
-        label, build = _PEERS[name]
-        return label, build(num_classes or num_classes_of(name))
+        return peer_label(name), _PEERS[name][1](num_classes or num_classes_of(name))
     model = build_octave(name, 0.0, **({} if num_classes is None else {"num_classes": num_classes}))
-    return f"{name} alpha=0", model
+    return peer_label(name), model
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,430 @@
+"""Wall-clock benchmark: octave models against their vanilla peers, side by side in one process.
+
+``python tools/benchmark.py --model oct_resnet50 --alphas 0.25 0.5 0.75`` (also ``oct3d bench``)
+builds the octave model at each alpha and its vanilla peer (torchvision / pytorchvideo, the
+same peers as ``tools/model_table.py``), warms every model up, then times them *interleaved*
+(round-robin, one call each per round) so that load changes on the machine hit all models
+alike. It reports medians of inference and of a training step (forward, backward, SGD step),
+throughput, peak memory, the measured time ratio octave/vanilla and, beside it, the
+multiply-add ratio (the ideal a perfect implementation would reach).
+
+Peak memory is ``torch.cuda.max_memory_allocated`` on CUDA. On CPU it is the rise of the
+process's peak resident set size (Linux ``VmHWM``, reset through ``/proc/self/clear_refs``)
+during one step over the resident size before it: allocator caching makes it approximate,
+but it is measured the same way for both models.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import math
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from oct3d.model_table import build_octave, input_size, peer_label, vanilla_peer
+from oct3d.models.registry import list_models, model_task
+from oct3d.profiling import count_macs
+
+__all__ = ["BenchResult", "benchmark_models", "format_results", "main", "plot_results"]
+
+MODES = ("inference", "train")
+
+
+@dataclass
+class BenchResult:
+    """Timings of one model at one setting, with the matching vanilla peer's figures."""
+
+    model: str
+    alpha: float | None
+    octave: str | None
+    mode: str
+    batch: int
+    shape: tuple[int, ...]
+    median_ms: float
+    peer_median_ms: float
+    macs: int
+    peer_macs: int
+    peak_bytes: int | None
+    peer_peak_bytes: int | None
+
+    @property
+    def time_ratio(self) -> float:
+        return self.median_ms / self.peer_median_ms
+
+    @property
+    def mac_ratio(self) -> float:
+        return self.macs / self.peer_macs
+
+    @property
+    def throughput(self) -> float:
+        return self.batch / (self.median_ms / 1e3)
+
+    @property
+    def memory_ratio(self) -> float | None:
+        if not self.peak_bytes or not self.peer_peak_bytes:
+            return None
+        return self.peak_bytes / self.peer_peak_bytes
+
+
+# ----------------------------------------------------------------------------- memory
+def _read_status(field: str) -> int | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+@contextlib.contextmanager
+def _peak_memory(device: torch.device):
+    """Yields a one-element list that holds the peak bytes the block used (None if unmeasurable)."""
+    out: list[int | None] = [None]
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        yield out
+        torch.cuda.synchronize(device)
+        out[0] = torch.cuda.max_memory_allocated(device) - base
+        return
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
+        base = _read_status("VmRSS")
+    except OSError:
+        base = None
+    yield out
+    peak = _read_status("VmHWM")
+    if base is not None and peak is not None:
+        out[0] = max(peak - base, 0)
+
+
+# ----------------------------------------------------------------------------- steps
+def _adaptive_head(model: nn.Module) -> nn.Module:
+    """pytorchvideo heads pool with a fixed kernel sized for 8x224x224; make them adaptive so
+    the peer accepts the same clip sizes as the octave model (same result at the default)."""
+    for name, module in model.named_modules():
+        if isinstance(module, nn.AvgPool3d) and name.endswith("pool") and "blocks" in name:
+            parent = model.get_submodule(name.rsplit(".", 1)[0])
+            setattr(parent, name.rsplit(".", 1)[1], nn.AdaptiveAvgPool3d(1))
+    return model
+
+
+def _prepare(model: nn.Module, device: torch.device, dtype: torch.dtype, channels_last: bool, dims: int) -> nn.Module:
+    model = model.to(device=device, dtype=dtype)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last if dims == 2 else torch.channels_last_3d)
+    return model
+
+
+def _make_step(model: nn.Module, mode: str, x: Tensor, num_classes: int) -> Callable[[], None]:
+    if mode == "inference":
+        model.eval()
+
+        def infer() -> None:
+            with torch.inference_mode():
+                model(x)
+
+        return infer
+    model.train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
+    target = torch.randint(0, num_classes, (x.shape[0],), device=x.device)
+    loss_fn = nn.CrossEntropyLoss()
+
+    def train() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        loss = loss_fn(model(x).float(), target)
+        loss.backward()
+        optimizer.step()
+
+    return train
+
+
+def _timed(step: Callable[[], None], device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    step()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return (time.perf_counter() - start) * 1e3
+
+
+def _macs(build: Callable[[], nn.Module], shape: Sequence[int]) -> int:
+    with torch.device("meta"):
+        model = build()
+    return count_macs(_adaptive_head(model), (1, *shape[1:]))
+
+
+def benchmark_models(
+    name: str,
+    alphas: Sequence[float],
+    octaves: Sequence[str | None] = (None,),
+    modes: Sequence[str] = MODES,
+    batch_size: int = 4,
+    frames: int | None = None,
+    size: int | None = None,
+    device: str = "cpu",
+    dtype: str = "float32",
+    channels_last: bool = False,
+    compile: bool = False,
+    fuse: bool = False,
+    warmup: int = 3,
+    iters: int = 10,
+    model_kwargs: dict | None = None,
+) -> list[BenchResult]:
+    """Time ``name`` at each alpha (and octave mode) against its vanilla peer, interleaved.
+
+    Returns one :class:`BenchResult` per (alpha, octave mode, mode). ``fuse`` folds BatchNorm
+    into the convolutions of every model (octave and peer alike) for inference.
+    """
+    if name not in list_models():
+        raise ValueError(f"unknown model {name!r}; known: {', '.join(list_models())}")
+    for m in modes:
+        if m not in MODES:
+            raise ValueError(f"modes must be among {MODES}, got {m!r}")
+    if iters < 1 or warmup < 0:
+        raise ValueError(f"iters must be >= 1 and warmup >= 0, got iters={iters}, warmup={warmup}")
+    dev = torch.device(device)
+    torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
+    shape = input_size(name, batch_size, frames, size)
+    dims = len(shape) - 2
+    model_kwargs = dict(model_kwargs or {})
+    num_classes = model_kwargs.get("num_classes", 1000 if model_task(name) == "image" else 400)
+
+    # Every contender: (label, alpha, octave, builder). The peer goes first.
+    contenders: list[tuple[str, float | None, str | None, Callable[[], nn.Module]]] = []
+    if model_kwargs:
+        # Custom widths have no torchvision/pytorchvideo twin: the same builder at alpha 0 is the vanilla net.
+        contenders.append(("peer", None, None, lambda: build_octave(name, 0.0, **model_kwargs)))
+    else:
+        contenders.append(("peer", None, None, lambda: _adaptive_head(vanilla_peer(name)[1])))
+    for octave in octaves:
+        for alpha in alphas:
+            contenders.append(
+                (name, float(alpha), octave, lambda a=alpha, o=octave: build_octave(name, float(a), o, **model_kwargs))
+            )
+
+    x = torch.randn(shape, device=dev, dtype=torch_dtype)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last if dims == 2 else torch.channels_last_3d)
+
+    results: list[BenchResult] = []
+    for mode in modes:
+        steps, peaks, macs = [], [], []
+        for _label, _alpha, _octave, build in contenders:
+            model = _prepare(build(), dev, torch_dtype, channels_last, dims)
+            if fuse and mode == "inference":
+                from oct3d.fuse import fuse as fuse_model
+
+                model = fuse_model(model, tuple(shape), inplace=True)
+            if compile:
+                model = torch.compile(model)
+            step = _make_step(model, mode, x, num_classes)
+            for _ in range(warmup):
+                step()
+            with _peak_memory(dev) as peak:
+                step()
+            steps.append(step)
+            peaks.append(peak[0])
+            macs.append(_macs(build, shape))
+        times: list[list[float]] = [[] for _ in contenders]
+        for round_index in range(iters):
+            # Rotate the order each round so no contender always runs right after another.
+            order = list(range(len(contenders)))
+            order = order[round_index % len(order):] + order[:round_index % len(order)]
+            for i in order:
+                times[i].append(_timed(steps[i], dev))
+        medians = [statistics.median(t) for t in times]
+        for i, (label, alpha, octave, _build) in enumerate(contenders[1:], start=1):
+            results.append(
+                BenchResult(
+                    model=label, alpha=alpha, octave=octave, mode=mode, batch=shape[0], shape=tuple(shape),
+                    median_ms=medians[i], peer_median_ms=medians[0], macs=macs[i], peer_macs=macs[0],
+                    peak_bytes=peaks[i], peer_peak_bytes=peaks[0],
+                )
+            )
+        del steps
+    return results
+
+
+# ----------------------------------------------------------------------------- reporting
+def _mb(value: int | None) -> str:
+    return "n/a" if value is None else f"{value / 2**20:.0f}"
+
+
+def format_results(results: Sequence[BenchResult], peer_label: str, setting: str) -> str:
+    """A markdown table of ``results``: medians, throughput, peak memory and the two ratios."""
+    unit = "clips/s" if len(results[0].shape) == 5 else "img/s" if results else "items/s"
+    lines = [
+        f"Setting: {setting}. Peer: {peer_label}. Medians of interleaved runs.",
+        "",
+        f"| model | alpha | octave | mode | octave ms | vanilla ms | time ratio | MAC ratio | {unit} | "
+        "peak MB (oct / van) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        lines.append(
+            f"| {r.model} | {r.alpha} | {r.octave or '-'} | {r.mode} | {r.median_ms:.1f} | {r.peer_median_ms:.1f} | "
+            f"**{r.time_ratio:.2f}x** | {r.mac_ratio:.2f}x | {r.throughput:.2f} | "
+            f"{_mb(r.peak_bytes)} / {_mb(r.peer_peak_bytes)} |"
+        )
+    return "\n".join(lines)
+
+
+def plot_results(results: Sequence[BenchResult], path: str | Path, title: str) -> None:
+    """Time ratio and multiply-add ratio against alpha, one line per mode and octave mode."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    groups: dict[tuple[str, str | None], list[BenchResult]] = {}
+    for r in results:
+        groups.setdefault((r.mode, r.octave), []).append(r)
+    for (mode, octave), rows in groups.items():
+        rows = sorted(rows, key=lambda r: r.alpha)
+        label = mode + (f", {octave}" if octave else "")
+        ax.plot([r.alpha for r in rows], [r.time_ratio for r in rows], marker="o", label=f"time: {label}")
+    seen: set[str | None] = set()
+    for (_mode, octave), rows in groups.items():
+        if octave in seen:
+            continue
+        seen.add(octave)
+        rows = sorted(rows, key=lambda r: r.alpha)
+        ax.plot([r.alpha for r in rows], [r.mac_ratio for r in rows], linestyle="--", color="gray",
+                label="multiply-adds" + (f", {octave}" if octave else ""))
+    ax.axhline(1.0, color="black", linewidth=0.8)
+    ax.set_xlabel("alpha")
+    ax.set_ylabel("octave / vanilla")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------- CLI
+def _parse_clip(text: str) -> tuple[int, int]:
+    parts = text.lower().split("x")
+    if len(parts) != 3 or not all(p.isdigit() for p in parts) or parts[1] != parts[2]:
+        raise argparse.ArgumentTypeError(f"--clip must look like 8x224x224 (square frames), got {text!r}")
+    return int(parts[0]), int(parts[1])
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="oct3d bench", description="Time octave models against their vanilla peers, interleaved in one process."
+    )
+    parser.add_argument("--model", default="oct_resnet50", help="registered octave model (see oct3d table)")
+    parser.add_argument("--alphas", type=float, nargs="+", default=[0.25, 0.5, 0.75])
+    parser.add_argument("--octave", nargs="+", choices=["spatial", "spatiotemporal"], default=None,
+                        help="octave modes of a 3D model (default: spatial)")
+    parser.add_argument("--mode", nargs="+", choices=[*MODES, "both"], default=["both"])
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    parser.add_argument("--channels-last", action="store_true", help="channels_last / channels_last_3d memory format")
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--input-size", type=int, default=None, help="image side (2D models)")
+    parser.add_argument("--clip", type=_parse_clip, default=None, help="TxHxW of a clip, e.g. 8x224x224")
+    parser.add_argument("--compile", action="store_true", help="torch.compile every model")
+    parser.add_argument("--fuse", action="store_true", help="fold BatchNorm into convolutions for inference")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--iters", type=int, default=10)
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads on CPU")
+    parser.add_argument("--scaling", choices=["batch", "frames"], default=None,
+                        help="time the first alpha over batch sizes 1,2,4,8 or clip lengths 8,16,32")
+    parser.add_argument("--model-kwargs", default=None,
+                        help="JSON kwargs for the octave builder (e.g. '{\"base_width\": 16}'); "
+                             "the peer is then the same builder at alpha 0")
+    parser.add_argument("--output", default=None, help="write the markdown table here")
+    parser.add_argument("--plot", default=None, help="write a PNG of time and multiply-add ratios against alpha")
+    args = parser.parse_args(argv)
+    if args.batch_size < 1:
+        parser.error("--batch-size must be >= 1")
+    return args
+
+
+def _setting(args: argparse.Namespace, dev: str) -> str:
+    parts = [f"device {dev}", args.dtype, f"batch {args.batch_size}"]
+    if args.channels_last:
+        parts.append("channels_last")
+    if args.compile:
+        parts.append("torch.compile")
+    if args.fuse:
+        parts.append("BN folded")
+    if dev == "cpu":
+        parts.append(f"{torch.get_num_threads()} threads")
+    elif torch.cuda.is_available():
+        parts.append(torch.cuda.get_device_name(torch.device(dev)))
+    parts.append(f"torch {torch.__version__}")
+    return ", ".join(parts)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``tools/benchmark.py`` and ``oct3d bench``; returns the exit status."""
+    import json
+
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        print("error: --device cuda asked for, but CUDA is not available")
+        return 2
+    modes = list(MODES) if "both" in args.mode else args.mode
+    octaves: list[str | None] = list(args.octave) if args.octave else [None]
+    if model_task(args.model) == "image" and args.octave:
+        print("error: --octave applies to 3D models only")
+        return 2
+    frames, side = (args.clip if args.clip else (None, args.input_size))
+    model_kwargs = json.loads(args.model_kwargs) if args.model_kwargs else None
+    peer = f"{args.model} alpha=0" if model_kwargs else peer_label(args.model)
+    common = dict(
+        device=args.device, dtype=args.dtype, channels_last=args.channels_last, compile=args.compile, fuse=args.fuse,
+        warmup=args.warmup, iters=args.iters, model_kwargs=model_kwargs,
+    )
+    sections: list[str] = []
+    results: list[BenchResult] = []
+    if args.scaling:
+        alpha = args.alphas[0]
+        values = [1, 2, 4, 8] if args.scaling == "batch" else [8, 16, 32]
+        for value in values:
+            batch = value if args.scaling == "batch" else args.batch_size
+            clip_frames = value if args.scaling == "frames" else frames
+            rows = benchmark_models(args.model, [alpha], octaves, modes, batch, clip_frames, side, **common)
+            results.extend(rows)
+        lines = [
+            f"Scaling over {args.scaling} at alpha {alpha}; {_setting(args, args.device)}. Peer: {peer}.",
+            "",
+            f"| {args.scaling} | octave | mode | octave ms | vanilla ms | time ratio | MAC ratio |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for r in results:
+            value = r.batch if args.scaling == "batch" else r.shape[2]
+            lines.append(
+                f"| {value} | {r.octave or '-'} | {r.mode} | {r.median_ms:.1f} | {r.peer_median_ms:.1f} | "
+                f"**{r.time_ratio:.2f}x** | {r.mac_ratio:.2f}x |"
+            )
+        sections.append("\n".join(lines))
+    else:
+        results = benchmark_models(
+            args.model, args.alphas, octaves, modes, args.batch_size, frames, side, **common
+        )
+        sections.append(format_results(results, peer, _setting(args, args.device)))
+    text = "\n\n".join(sections)
+    print(text)
+    if args.output:
+        Path(args.output).write_text(text + "\n")
+    if args.plot and not args.scaling:
+        plot_results(results, args.plot, f"{args.model}: {_setting(args, args.device)}")
+    bad = [r for r in results if not math.isfinite(r.time_ratio)]
+    return 1 if bad else 0
