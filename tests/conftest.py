@@ -82,3 +82,25 @@ def tiny_imagefolder(tmp_path_factory) -> Path:
                 pixels[..., class_index] = 255  # a class-colored tint, so a model could learn it
                 Image.fromarray(pixels).save(folder / f"{wnid}_{i}.JPEG", quality=90)
     return root
+
+
+@pytest.fixture(scope="session")
+def tiny_video_checkpoint(tiny_kinetics, tmp_path_factory) -> Path:
+    """A one-step Oct-I3D (base width 8) checkpoint on the tiny dataset, written by a real Trainer."""
+    import lightning.pytorch as pl
+    import torch
+
+    from datamodules import KineticsDataModule
+    from oct3d.lightning import VideoClassifier
+
+    torch.manual_seed(0)
+    data = KineticsDataModule(str(tiny_kinetics), num_frames=4, sampling_rate=2, crop_size=32, min_short_side=32,
+                              max_short_side=36, batch_size=2, num_workers=0)
+    model = VideoClassifier(backbone="oct_i3d_r50", num_classes=data.num_classes,
+                            backbone_kwargs={"alpha": 0.5, "base_width": 8, "depths": [1, 1, 1, 1]})
+    trainer = pl.Trainer(accelerator="cpu", max_steps=1, limit_val_batches=0, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(model, datamodule=data)
+    path = tmp_path_factory.mktemp("ckpt") / "tiny.ckpt"
+    trainer.save_checkpoint(path)
+    return path

@@ -65,10 +65,9 @@ def test_torch_formats_match_eager(fmt, suffix, tmp_path):
         assert torch.allclose(loaded(x), model(x), atol=1e-5, rtol=0)
 
 
-def test_cli_export_then_infer_with_the_exported_file(tiny_kinetics, tmp_path):
-    from test_infer import make_checkpoint
+def test_cli_export_then_infer_with_the_exported_file(tiny_kinetics, tiny_video_checkpoint, tmp_path):
 
-    checkpoint = make_checkpoint(tiny_kinetics, tmp_path / "tiny.ckpt")
+    checkpoint = tiny_video_checkpoint
     onnx_path = tmp_path / "tiny.onnx"
     assert export_main(["--checkpoint", str(checkpoint), "--format", "onnx", str(onnx_path)]) == 0
     videos = sorted((tiny_kinetics / "test").rglob("*.mp4"))

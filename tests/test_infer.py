@@ -6,7 +6,6 @@ import json
 import shutil
 from pathlib import Path
 
-import lightning.pytorch as pl
 import pytest
 import torch
 
@@ -15,26 +14,9 @@ from oct3d.inference import find_inputs, load_predictor, main, plan_segments
 CLASSES = ["moving left", "moving right", "moving up"]
 
 
-def make_checkpoint(data_root: Path, path: Path) -> Path:
-    """A one-step Oct-I3D (base width 8) checkpoint on the tiny dataset, written by a real Trainer."""
-    from datamodules import KineticsDataModule
-    from oct3d.lightning import VideoClassifier
-
-    torch.manual_seed(0)
-    data = KineticsDataModule(str(data_root), num_frames=4, sampling_rate=2, crop_size=32, min_short_side=32,
-                              max_short_side=36, batch_size=2, num_workers=0)
-    model = VideoClassifier(backbone="oct_i3d_r50", num_classes=data.num_classes,
-                            backbone_kwargs={"alpha": 0.5, "base_width": 8, "depths": [1, 1, 1, 1]})
-    trainer = pl.Trainer(accelerator="cpu", max_steps=1, limit_val_batches=0, logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False)
-    trainer.fit(model, datamodule=data)
-    trainer.save_checkpoint(path)
-    return path
-
-
 @pytest.fixture(scope="module")
-def checkpoint(tiny_kinetics, tmp_path_factory) -> Path:
-    return make_checkpoint(tiny_kinetics, tmp_path_factory.mktemp("ckpt") / "tiny.ckpt")
+def checkpoint(tiny_video_checkpoint) -> Path:
+    return tiny_video_checkpoint
 
 
 @pytest.fixture()
