@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from oct3d.models import get_model
+from oct3d.nn.conv import check_positive_int
 
 __all__ = [
     "CHECKPOINT_KEY",
@@ -99,8 +100,7 @@ class OctaveClassifier(pl.LightningModule):
         preprocessing: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
-        if not isinstance(num_classes, int) or num_classes < 1:
-            raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+        check_positive_int(num_classes, "num_classes")
         if class_names is not None and len(class_names) != num_classes:
             raise ValueError(f"class_names has {len(class_names)} entries but num_classes is {num_classes}")
         if optimizer not in ("sgd", "adamw"):

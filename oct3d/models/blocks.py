@@ -9,6 +9,7 @@ output and shortcut). The transitions of SPEC.md section 4 are blocks with
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -33,8 +34,47 @@ __all__ = [
     "OctSqueezeExcite",
     "OctaveResplit",
     "conv_bn",
+    "init_like_vanilla",
     "make_stage",
 ]
+
+
+def init_like_vanilla(model: nn.Module, conv_mode: str = "fan_out") -> None:
+    """Kaiming-normal initialisation of every convolution as if it were the vanilla layer.
+
+    The four paths of an :class:`~oct3d.nn.OctConv` are slices of one vanilla weight, so each
+    gets the vanilla layer's standard deviation ``sqrt(2 / fan)`` (fan of the whole layer, not
+    of the slice); initialising each path on its own would inflate the variance by up to
+    ``1 / alpha``. BatchNorms start at weight 1, bias 0 (``bn_h`` and ``bn_l`` alike).
+
+    Args:
+        model: the network to initialise in place.
+        conv_mode: ``"fan_out"`` (torchvision ResNet, MobileNetV2) or ``"fan_in"`` (DenseNet).
+    """
+    if conv_mode not in ("fan_in", "fan_out"):
+        raise ValueError(f"conv_mode must be 'fan_in' or 'fan_out', got {conv_mode!r}")
+    # OctConv paths are initialised through their parent, with the whole layer's fan.
+    octave_paths = {id(c) for m in model.modules() if isinstance(m, OctConv) for c in m.children()}
+    for module in model.modules():
+        if isinstance(module, OctConv):
+            receptive = math.prod(module.kernel_size)
+            if conv_mode == "fan_out":
+                fan = module.out_channels * receptive
+            else:
+                fan = module.in_channels // (module.in_channels if module.depthwise else module.groups) * receptive
+            std = math.sqrt(2.0 / fan)
+            for path in (module.h2h, module.h2l, module.l2h, module.l2l):
+                if path is not None:
+                    nn.init.normal_(path.weight, 0.0, std)
+                    if path.bias is not None:
+                        nn.init.zeros_(path.bias)
+        elif isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) and id(module) not in octave_paths:
+            nn.init.kaiming_normal_(module.weight, mode=conv_mode, nonlinearity="relu")
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.modules.batchnorm._BatchNorm) and module.affine:
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
 
 
 def conv_bn(

@@ -39,7 +39,7 @@ from torch import Tensor, nn
 from oct3d.models.registry import register_model
 from oct3d.models.resnet import init_like_vanilla
 from oct3d.nn import Octave, OctaveInput, OctBatchNorm, OctConv, OctMaxPool, OctReLU, split_channels
-from oct3d.nn.conv import check_alpha
+from oct3d.nn.conv import check_alpha, check_positive_int
 from oct3d.nn.octave import avg_pool, low_size
 
 __all__ = ["OctDenseLayer", "OctDenseBlock", "OctTransition", "OctDenseNet", "oct_densenet121"]
@@ -181,8 +181,7 @@ class OctDenseNet(nn.Module):
             ("num_classes", num_classes), ("growth_rate", growth_rate),
             ("num_init_features", num_init_features), ("bn_size", bn_size),
         ):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+            check_positive_int(value, name)
         if len(block_config) < 2 or any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in block_config):
             raise ValueError(f"block_config must be at least two positive ints, got {block_config!r}")
         last = len(block_config) - 1

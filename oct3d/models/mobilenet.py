@@ -38,7 +38,7 @@ from torch import Tensor, nn
 from oct3d.models.registry import register_model
 from oct3d.models.resnet import init_like_vanilla
 from oct3d.nn import OctaveInput, OctBatchNorm, OctConv, OctGlobalAvgPool, OctMap
-from oct3d.nn.conv import check_alpha
+from oct3d.nn.conv import check_alpha, check_positive_int
 
 __all__ = [
     "OctDepthwiseSeparable",
@@ -54,12 +54,6 @@ def _check_positive(name: str, value: float) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
         raise ValueError(f"{name} must be a positive number, got {value!r}")
     return float(value)
-
-
-def _check_classes(num_classes: int) -> int:
-    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
-        raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
-    return num_classes
 
 
 def _make_divisible(value: float, divisor: int = 8) -> int:
@@ -117,7 +111,7 @@ class OctMobileNetV1(nn.Module):
         super().__init__()
         alpha = check_alpha(alpha, "alpha")
         width_mult = _check_positive("width_mult", width_mult)
-        num_classes = _check_classes(num_classes)
+        num_classes = check_positive_int(num_classes, "num_classes")
         n = len(self.BLOCKS)
         self.dw_alphas = (0.0,) + (alpha,) * 10 + (0.0,) * (n - 11)
         self.pw_alphas = (alpha,) * 10 + (0.0,) * (n - 10)
@@ -216,9 +210,8 @@ class OctMobileNetV2(nn.Module):
         super().__init__()
         alpha = check_alpha(alpha, "alpha")
         width_mult = _check_positive("width_mult", width_mult)
-        num_classes = _check_classes(num_classes)
-        if isinstance(round_nearest, bool) or not isinstance(round_nearest, int) or round_nearest < 1:
-            raise ValueError(f"round_nearest must be a positive int, got {round_nearest!r}")
+        num_classes = check_positive_int(num_classes, "num_classes")
+        check_positive_int(round_nearest, "round_nearest")
         in_channels = _make_divisible(32 * width_mult, round_nearest)
         self.last_channel = _make_divisible(1280 * max(1.0, width_mult), round_nearest)
         layers: list[nn.Module] = [

@@ -34,15 +34,14 @@ ResNeXt (grouped 3x3): every branch of a grouped octave convolution must divide 
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 from torch import Tensor, nn
 
-from oct3d.models.blocks import OctBottleneck, make_stage
+from oct3d.models.blocks import OctBottleneck, init_like_vanilla, make_stage
 from oct3d.models.registry import register_model
-from oct3d.nn import OctConv, OctGlobalAvgPool
-from oct3d.nn.conv import check_alpha
+from oct3d.nn import OctGlobalAvgPool
+from oct3d.nn.conv import check_alpha, check_positive_int
 
 __all__ = [
     "OctResNet",
@@ -60,44 +59,6 @@ __all__ = [
 
 #: Output channels of a bottleneck are four times its ``planes`` (torchvision's ``expansion``).
 _EXPANSION = 4
-
-
-def init_like_vanilla(model: nn.Module, conv_mode: str = "fan_out") -> None:
-    """Kaiming-normal initialisation of every convolution as if it were the vanilla layer.
-
-    The four paths of an :class:`~oct3d.nn.OctConv` are slices of one vanilla weight, so each
-    gets the vanilla layer's standard deviation ``sqrt(2 / fan)`` (fan of the whole layer, not
-    of the slice); initialising each path on its own would inflate the variance by up to
-    ``1 / alpha``. BatchNorms start at weight 1, bias 0 (``bn_h`` and ``bn_l`` alike).
-
-    Args:
-        model: the network to initialise in place.
-        conv_mode: ``"fan_out"`` (torchvision ResNet, MobileNetV2) or ``"fan_in"`` (DenseNet).
-    """
-    if conv_mode not in ("fan_in", "fan_out"):
-        raise ValueError(f"conv_mode must be 'fan_in' or 'fan_out', got {conv_mode!r}")
-    # OctConv paths are initialised through their parent, with the whole layer's fan.
-    octave_paths = {id(c) for m in model.modules() if isinstance(m, OctConv) for c in m.children()}
-    for module in model.modules():
-        if isinstance(module, OctConv):
-            receptive = math.prod(module.kernel_size)
-            if conv_mode == "fan_out":
-                fan = module.out_channels * receptive
-            else:
-                fan = module.in_channels // (module.in_channels if module.depthwise else module.groups) * receptive
-            std = math.sqrt(2.0 / fan)
-            for path in (module.h2h, module.h2l, module.l2h, module.l2l):
-                if path is not None:
-                    nn.init.normal_(path.weight, 0.0, std)
-                    if path.bias is not None:
-                        nn.init.zeros_(path.bias)
-        elif isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) and id(module) not in octave_paths:
-            nn.init.kaiming_normal_(module.weight, mode=conv_mode, nonlinearity="relu")
-            if module.bias is not None:
-                nn.init.zeros_(module.bias)
-        elif isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)):
-            nn.init.ones_(module.weight)
-            nn.init.zeros_(module.bias)
 
 
 class OctResNet(nn.Module):
@@ -133,11 +94,8 @@ class OctResNet(nn.Module):
         super().__init__()
         if len(layers) != 4 or any(isinstance(d, bool) or not isinstance(d, int) or d < 1 for d in layers):
             raise ValueError(f"layers must be four positive ints, got {layers!r}")
-        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
-            raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
-        for name, value in (("groups", groups), ("width_per_group", width_per_group)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        for name, value in (("num_classes", num_classes), ("groups", groups), ("width_per_group", width_per_group)):
+            check_positive_int(value, name)
         alpha = check_alpha(alpha, "alpha")
         if alphas is None:
             alphas = (alpha, alpha, alpha, 0.0)

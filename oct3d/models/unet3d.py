@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from oct3d.models.blocks import init_like_vanilla
 from oct3d.models.registry import register_model
-from oct3d.models.video_resnet import init_conv_bn
 from oct3d.nn import OCTAVE_MODES, Octave, OctaveInput, OctBatchNorm, OctConv, OctReLU, split_channels
 from oct3d.nn.conv import check_alpha
 
@@ -110,7 +110,7 @@ class OctUNet3d(nn.Module):
             self.encoder.append(nn.Sequential(first, _conv_bn_relu(width, width, alpha, alpha, octave)))
         self.decoder = nn.ModuleList(_UpBlock(widths[i + 1], widths[i], alpha, octave) for i in range(depth - 1))
         self.head = OctConv(3, widths[0], num_classes, 1, alpha, 0.0, bias=True, octave=octave)
-        init_conv_bn(self)
+        init_like_vanilla(self, "fan_out")
 
     def forward(self, x: Tensor) -> Tensor:
         """Per-voxel logits ``(N, num_classes, D, H, W)`` of a volume batch ``(N, in_channels, D, H, W)``."""

@@ -17,31 +17,28 @@ vanilla peer, layer for layer.
 
 from __future__ import annotations
 
-import math
 import re
 from collections.abc import Mapping, Sequence
 
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from oct3d.models.blocks import OctaveResplit, OctBasicBlock, OctBottleneck, make_stage
+from oct3d.models.blocks import OctaveResplit, OctBasicBlock, OctBottleneck, init_like_vanilla, make_stage
 from oct3d.models.registry import register_model
 from oct3d.nn import (
     OCTAVE_MODES,
     Octave,
     OctaveInput,
     OctBatchNorm,
-    OctConv,
     OctGlobalAvgPool,
 )
-from oct3d.nn.conv import check_alpha
+from oct3d.nn.conv import check_alpha, check_positive_int, to_tuple
 from oct3d.nn.octave import low_size, octave_factors
 
 __all__ = [
     "OctTemporalMaxPool",
     "OctaveResplit",
     "OctVideoResNet",
-    "init_conv_bn",
     "oct_c2d_r50",
     "oct_i3d_r50",
     "oct_r3d_18",
@@ -50,36 +47,11 @@ __all__ = [
     "oct_slow_r50",
 ]
 
-Kernel3 = tuple[int, int, int]
 
 # pytorchvideo's create_resnet repeats a stage's conv_a kernel list until it covers the stage's depth.
 _I3D_TEMPORAL_KERNELS = ((3,), (3, 1), (3, 1), (1, 3))
 _C2D_TEMPORAL_KERNELS = ((1,), (1,), (1,), (1,))
 _SLOW_TEMPORAL_KERNELS = ((1,), (1,), (3,), (3,))
-
-
-def init_conv_bn(model: nn.Module) -> None:
-    """Kaiming-normal (fan-out) convolutions and unit BatchNorms, as pytorchvideo and torchvision do.
-
-    An octave path gets the standard deviation of the whole vanilla layer it is a slice of, so
-    the initial statistics do not depend on alpha. Biases start at zero.
-    """
-    octave_paths = {id(c) for m in model.modules() if isinstance(m, OctConv) for c in m.children()}
-    for m in model.modules():
-        if isinstance(m, OctConv):
-            std = (2.0 / (m.out_channels * math.prod(m.kernel_size))) ** 0.5
-            for path in (m.h2h, m.h2l, m.l2h, m.l2l):
-                if path is not None:
-                    nn.init.normal_(path.weight, 0.0, std)
-                    if path.bias is not None:
-                        nn.init.zeros_(path.bias)
-        elif isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) and id(m) not in octave_paths:
-            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.modules.batchnorm._BatchNorm) and m.affine:
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
 
 
 class OctTemporalMaxPool(nn.Module):
@@ -95,8 +67,7 @@ class OctTemporalMaxPool(nn.Module):
 
     def __init__(self, kernel_size: int = 2, octave: str = "spatial") -> None:
         super().__init__()
-        if isinstance(kernel_size, bool) or not isinstance(kernel_size, int) or kernel_size < 1:
-            raise ValueError(f"kernel_size must be a positive int, got {kernel_size!r}")
+        check_positive_int(kernel_size, "kernel_size")
         if octave not in OCTAVE_MODES:
             raise ValueError(f"octave must be one of {OCTAVE_MODES}, got {octave!r}")
         self.kernel_size = kernel_size
@@ -122,20 +93,6 @@ class OctTemporalMaxPool(nn.Module):
             return Octave(high, self._pool(x.low))
         frames = low_size(high.shape[2:], self.factors)[0]
         return Octave(high, self._pool(x.low, ceil_mode=True)[:, :, :frames])
-
-
-def _triple(value: int | Sequence[int], name: str) -> Kernel3:
-    if isinstance(value, int) and not isinstance(value, bool):
-        return (value,) * 3
-    if isinstance(value, Sequence) and len(value) == 3 and all(isinstance(v, int) for v in value):
-        return tuple(value)  # type: ignore[return-value]
-    raise TypeError(f"{name} must be an int or a tuple of 3 ints, got {value!r}")
-
-
-def _check_positive_int(value: object, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return value
 
 
 class OctVideoResNet(nn.Module):
@@ -198,16 +155,18 @@ class OctVideoResNet(nn.Module):
             raise ValueError(f"octave must be one of {OCTAVE_MODES}, got {octave!r}")
         depths = _four(depths, "depths")
         for i, d in enumerate(depths):
-            _check_positive_int(d, f"depths[{i}]")
+            check_positive_int(d, f"depths[{i}]")
         alphas = tuple(check_alpha(a, f"alphas[{i}]") for i, a in enumerate(_four(alphas, "alphas")))
-        base_width = _check_positive_int(base_width, "base_width")
-        in_channels = _check_positive_int(in_channels, "in_channels")
-        num_classes = _check_positive_int(num_classes, "num_classes")
+        base_width = check_positive_int(base_width, "base_width")
+        in_channels = check_positive_int(in_channels, "in_channels")
+        num_classes = check_positive_int(num_classes, "num_classes")
         if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be a float in [0, 1), got {dropout!r}")
         temporal_kernels = _four(temporal_kernels, "temporal_kernels")
-        stage_strides = [_triple(s, f"stage_strides[{i}]") for i, s in enumerate(_four(stage_strides, "stage_strides"))]
-        stem_kernel = _triple(stem_kernel_size, "stem_kernel_size")
+        stage_strides = [
+            to_tuple(s, 3, f"stage_strides[{i}]") for i, s in enumerate(_four(stage_strides, "stage_strides"))
+        ]
+        stem_kernel = to_tuple(stem_kernel_size, 3, "stem_kernel_size")
         if any(k % 2 == 0 for k in stem_kernel):
             raise ValueError(f"stem_kernel_size must be odd, got {stem_kernel_size!r}")
 
@@ -258,7 +217,7 @@ class OctVideoResNet(nn.Module):
         self._init_weights(zero_init_residual)
 
     def _init_weights(self, zero_init_residual: bool) -> None:
-        init_conv_bn(self)
+        init_like_vanilla(self, "fan_out")
         nn.init.normal_(self.fc.weight, 0.0, 0.01)
         nn.init.zeros_(self.fc.bias)
         if zero_init_residual:

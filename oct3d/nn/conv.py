@@ -29,7 +29,7 @@ from oct3d.nn.octave import (
     upsample_to,
 )
 
-__all__ = ["OctConv", "OctConv1d", "OctConv2d", "OctConv3d", "check_alpha", "to_tuple"]
+__all__ = ["OctConv", "OctConv1d", "OctConv2d", "OctConv3d", "check_alpha", "check_positive_int", "to_tuple"]
 
 IntOrTuple = int | Sequence[int]
 
@@ -48,6 +48,13 @@ def to_tuple(value: IntOrTuple, dims: int, name: str) -> tuple[int, ...]:
     ):
         return tuple(value)
     raise TypeError(f"{name} must be an int or a tuple of {dims} ints, got {value!r}")
+
+
+def check_positive_int(value: object, name: str) -> int:
+    """Return ``value`` if it is an int >= 1 (bools excluded), else raise a ``ValueError`` naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return value
 
 
 def check_alpha(alpha: float, name: str = "alpha") -> float:
@@ -106,8 +113,7 @@ class OctConv(nn.Module):
         super().__init__()
         self.axes = octave_axes(dims, octave)  # validates dims and octave
         for name, value in (("in_channels", in_channels), ("out_channels", out_channels), ("groups", groups)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+            check_positive_int(value, name)
         self.dims = dims
         self.octave = octave
         self.in_channels = in_channels

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from oct3d.nn.conv import IntOrTuple, check_alpha, to_tuple
+from oct3d.nn.conv import IntOrTuple, check_alpha, check_positive_int, to_tuple
 from oct3d.nn.octave import Octave, OctaveInput, low_size, octave_factors, split_channels
 
 __all__ = [
@@ -73,8 +73,7 @@ class OctBatchNorm(nn.Module):
         super().__init__()
         if dims not in _BN:
             raise ValueError(f"dims must be 1, 2 or 3, got {dims!r}")
-        if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features < 1:
-            raise ValueError(f"num_features must be a positive int, got {num_features!r}")
+        check_positive_int(num_features, "num_features")
         self.dims = dims
         self.num_features = num_features
         self.alpha = check_alpha(alpha)
