@@ -217,9 +217,11 @@ def benchmark_models(
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last if dims == 2 else torch.channels_last_3d)
 
+    # Multiply-adds depend on the architecture and input size only, not on the mode.
+    macs = [_macs(build, shape) for *_, build in contenders]
     results: list[BenchResult] = []
     for mode in modes:
-        steps, peaks, macs = [], [], []
+        steps, peaks = [], []
         for _label, _alpha, _octave, build in contenders:
             model = _prepare(build(), dev, torch_dtype, channels_last, dims)
             if fuse and mode == "inference":
@@ -235,7 +237,6 @@ def benchmark_models(
                 step()
             steps.append(step)
             peaks.append(peak[0])
-            macs.append(_macs(build, shape))
         times: list[list[float]] = [[] for _ in contenders]
         for round_index in range(iters):
             # Rotate the order each round so no contender always runs right after another.
@@ -252,7 +253,6 @@ def benchmark_models(
                     peak_bytes=peaks[i], peer_peak_bytes=peaks[0],
                 )
             )
-        del steps
     return results
 
 
@@ -263,7 +263,7 @@ def _mb(value: int | None) -> str:
 
 def format_results(results: Sequence[BenchResult], peer_label: str, setting: str) -> str:
     """A markdown table of ``results``: medians, throughput, peak memory and the two ratios."""
-    unit = "clips/s" if len(results[0].shape) == 5 else "img/s" if results else "items/s"
+    unit = "clips/s" if results and len(results[0].shape) == 5 else "img/s"
     lines = [
         f"Setting: {setting}. Peer: {peer_label}. Medians of interleaved runs.",
         "",
