@@ -17,13 +17,13 @@ from __future__ import annotations
 import argparse
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass
 
 import torch
 from torch import nn
 
 from oct3d.models import get_model, list_models, model_task
-from oct3d.profiling import activation_memory, count_macs, count_params
+from oct3d.profiling import measure
 
 __all__ = [
     "DEFAULT_ALPHAS",
@@ -163,10 +163,6 @@ class CostRow:
         return self.activation_bytes / self.peer_activation_bytes
 
 
-def _cost(model: nn.Module, size: Sequence[int]) -> tuple[int, int, int]:
-    return count_macs(model, size), count_params(model), activation_memory(model, size)
-
-
 def cost_rows(
     names: Sequence[str],
     alphas: Sequence[float] = DEFAULT_ALPHAS,
@@ -179,14 +175,14 @@ def cost_rows(
         size = input_size(name)
         with torch.device("meta"):
             label, peer = vanilla_peer(name)
-        peer_macs, peer_params, peer_bytes = _cost(peer, size)
+        peer_macs, peer_params, peer_bytes = astuple(measure(peer, size))
         rows.append(CostRow(label, "-", None, size, peer_macs, peer_params, peer_bytes, peer_macs, peer_bytes))
         modes = ("spatial",) if model_task(name) == "image" else tuple(octaves)
         for octave in modes:
             for alpha in alphas:
                 with torch.device("meta"):
                     model = build_octave(name, alpha, octave)
-                macs, params, act = _cost(model, size)
+                macs, params, act = astuple(measure(model, size))
                 rows.append(CostRow(name, octave, float(alpha), size, macs, params, act, peer_macs, peer_bytes))
     return rows
 
