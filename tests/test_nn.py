@@ -461,3 +461,16 @@ def test_cuda_matches_cpu():
     x = torch.randn(2, 3, 5, 9, 11)
     expected = net(x)
     torch.testing.assert_close(net.cuda()(x.cuda()).cpu(), expected, atol=1e-3, rtol=1e-3)
+
+
+@pytest.mark.parametrize("octave", ["spatial", "spatiotemporal"])
+def test_pools_keep_the_octave_size_where_floor_mode_would_not(octave):
+    # High 6 -> 3 in floor mode; its low map of 3 would floor to 1, the octave size is 2.
+    high, low = torch.randn(1, 2, 6, 6, 6), torch.randn(1, 2, 3 if octave == "spatiotemporal" else 6, 3, 3)
+    y = OctAvgPool(3, 2, 2, octave=octave)(Octave(high, low))
+    assert y.high.shape[2:] == (3, 3, 3)
+    assert y.low.shape[2:] == ((2 if octave == "spatiotemporal" else 3), 2, 2)
+    # The low map's last window is the partial one: the mean of what it covers.
+    torch.testing.assert_close(y.low[:, :, 0, -1, -1], low[:, :, :2, 2, 2].mean(dim=2))
+    t = OctMaxPool(3, (2, 1, 1), (2, 1, 1), octave=octave)(Octave(high, low))
+    assert t.high.shape[2] == 3 and t.low.shape[2] == (2 if octave == "spatiotemporal" else 3)

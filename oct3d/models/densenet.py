@@ -38,9 +38,8 @@ from torch import Tensor, nn
 
 from oct3d.models.registry import register_model
 from oct3d.models.resnet import init_like_vanilla
-from oct3d.nn import Octave, OctaveInput, OctBatchNorm, OctConv, OctMaxPool, OctReLU, split_channels
+from oct3d.nn import Octave, OctaveInput, OctAvgPool, OctBatchNorm, OctConv, OctMaxPool, OctReLU, split_channels
 from oct3d.nn.conv import check_alpha, check_positive_int
-from oct3d.nn.octave import avg_pool, low_size
 
 __all__ = ["OctDenseLayer", "OctDenseBlock", "OctTransition", "OctDenseNet", "oct_densenet121"]
 
@@ -123,22 +122,6 @@ class OctDenseBlock(nn.ModuleDict):
         return _pack(torch.cat(highs, 1), torch.cat(lows, 1) if lows else None)
 
 
-class _TransitionPool(nn.Module):
-    """2x2 average pool, stride 2: floor on the high branch (torchvision's), ceil-then-crop on the low one."""
-
-    def forward(self, x: OctaveInput) -> OctaveInput:
-        high, low = _branches(x)
-        high = F.avg_pool2d(high, 2, 2)
-        if low is None:
-            return high
-        # A floor on both branches breaks the octave size rule on odd sizes (a 6x6 high map
-        # pools to 3x3, its 3x3 low map to 1x1 instead of 2x2): pool the low map with
-        # ceiling and keep the rows/columns that belong to the kept high rows/columns.
-        target = low_size(high.shape[2:], (2, 2))
-        low = avg_pool(low, (2, 2))[..., : target[0], : target[1]]
-        return Octave(high, low)
-
-
 class OctTransition(nn.Sequential):
     """Transition between dense blocks: ``norm, relu, conv`` (1x1, halves the channels), ``pool`` (2x2 average)."""
 
@@ -150,7 +133,7 @@ class OctTransition(nn.Sequential):
                 norm=OctBatchNorm(2, in_channels, alpha_in),
                 relu=OctReLU(inplace=True),
                 conv=OctConv(2, in_channels, out_channels, 1, alpha_in, alpha_out),
-                pool=_TransitionPool(),
+                pool=OctAvgPool(2, 2, 2),  # floor on high like torchvision; low kept at octave size
             )
         )
         self.input_pieces = tuple(input_pieces)

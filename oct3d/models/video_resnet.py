@@ -20,20 +20,18 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping, Sequence
 
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from oct3d.models.blocks import OctaveResplit, OctBasicBlock, OctBottleneck, init_like_vanilla, make_stage
 from oct3d.models.registry import register_model
 from oct3d.nn import (
     OCTAVE_MODES,
-    Octave,
     OctaveInput,
     OctBatchNorm,
     OctGlobalAvgPool,
+    OctMaxPool,
 )
 from oct3d.nn.conv import check_alpha, check_positive_int, to_tuple
-from oct3d.nn.octave import low_size, octave_factors
 
 __all__ = [
     "OctTemporalMaxPool",
@@ -54,45 +52,18 @@ _C2D_TEMPORAL_KERNELS = ((1,), (1,), (1,), (1,))
 _SLOW_TEMPORAL_KERNELS = ((1,), (1,), (3,), (3,))
 
 
-class OctTemporalMaxPool(nn.Module):
+class OctTemporalMaxPool(OctMaxPool):
     """Max pooling over time only (kernel = stride = ``kernel_size`` frames), for plain or octave maps.
 
-    The high branch (or a plain tensor) is pooled exactly like ``nn.MaxPool3d((k, 1, 1))``
-    (floor mode), as pytorchvideo's I3D/C2D do after res2. In ``"spatial"`` mode the low branch
-    has the same number of frames and is pooled the same way. In ``"spatiotemporal"`` mode the
-    low branch has ``ceil(T / 2)`` frames, and floor-mode pooling of both branches would break the
-    octave size rule for some T (T = 6: high 3 frames, low 1 instead of 2); the low branch is
-    therefore pooled in ceil mode and cropped to ``ceil(T_high_out / 2)`` frames.
+    The high branch (or a plain tensor) is pooled exactly like ``nn.MaxPool3d((k, 1, 1))``, as
+    pytorchvideo's I3D/C2D do after res2; :class:`~oct3d.nn.OctMaxPool` keeps the low branch at
+    the octave size on odd frame counts in ``"spatiotemporal"`` mode.
     """
 
     def __init__(self, kernel_size: int = 2, octave: str = "spatial") -> None:
-        super().__init__()
         check_positive_int(kernel_size, "kernel_size")
-        if octave not in OCTAVE_MODES:
-            raise ValueError(f"octave must be one of {OCTAVE_MODES}, got {octave!r}")
-        self.kernel_size = kernel_size
-        self.octave = octave
-        self.factors = octave_factors(3, octave)
-
-    def extra_repr(self) -> str:
-        return f"kernel_size={self.kernel_size}, octave={self.octave!r}"
-
-    def _pool(self, x: Tensor, ceil_mode: bool = False) -> Tensor:
-        k = (self.kernel_size, 1, 1)
-        return F.max_pool3d(x, k, k, 0, ceil_mode=ceil_mode)
-
-    def forward(self, x: OctaveInput) -> OctaveInput:
-        if isinstance(x, Tensor):
-            return self._pool(x)
-        if not isinstance(x, Octave):
-            raise TypeError(f"OctTemporalMaxPool expects a torch.Tensor or an Octave, got {type(x).__name__}")
-        high = self._pool(x.high)
-        if x.low is None:
-            return Octave(high, None)
-        if self.factors[0] == 1:
-            return Octave(high, self._pool(x.low))
-        frames = low_size(high.shape[2:], self.factors)[0]
-        return Octave(high, self._pool(x.low, ceil_mode=True)[:, :, :frames])
+        k = (kernel_size, 1, 1)
+        super().__init__(3, k, k, 0, octave)
 
 
 class OctVideoResNet(nn.Module):

@@ -186,13 +186,18 @@ class _OctPool(nn.Module):
     def extra_repr(self) -> str:
         return f"dims={self.dims}, kernel_size={self.kernel_size}, stride={self.stride}, padding={self.padding}"
 
-    def _pool(self, x: Tensor) -> Tensor:
+    def _pool(self, x: Tensor, ceil_mode: bool = False) -> Tensor:
         raise NotImplementedError
 
     def forward(self, x: OctaveInput) -> OctaveInput:
         if isinstance(x, Octave) and x.low is not None:
-            high, low = self._pool(x.high), self._pool(x.low)
+            # The high map pools in floor mode like the vanilla layer. On odd sizes floor mode can
+            # drop the low map's last partial window (high 6 -> 3 but its low 3 -> 1, not 2), so the
+            # low map pools in ceil mode and keeps the windows that belong to the kept high ones.
+            high, low = self._pool(x.high), self._pool(x.low, ceil_mode=True)
             expected = low_size(high.shape[2:], self.factors)
+            if all(m >= n for m, n in zip(low.shape[2:], expected)):
+                low = low[(slice(None), slice(None), *(slice(0, n) for n in expected))]
             if tuple(low.shape[2:]) != expected:
                 raise ValueError(
                     f"{type(self).__name__}(kernel_size={self.kernel_size}, stride={self.stride}, "
@@ -207,17 +212,17 @@ class _OctPool(nn.Module):
 class OctMaxPool(_OctPool):
     """Max pooling applied to both branches with the same kernel, stride and padding."""
 
-    def _pool(self, x: Tensor) -> Tensor:
+    def _pool(self, x: Tensor, ceil_mode: bool = False) -> Tensor:
         fn = (F.max_pool1d, F.max_pool2d, F.max_pool3d)[self.dims - 1]
-        return fn(x, self.kernel_size, self.stride, self.padding)
+        return fn(x, self.kernel_size, self.stride, self.padding, ceil_mode=ceil_mode)
 
 
 class OctAvgPool(_OctPool):
     """Average pooling applied to both branches with the same kernel, stride and padding."""
 
-    def _pool(self, x: Tensor) -> Tensor:
+    def _pool(self, x: Tensor, ceil_mode: bool = False) -> Tensor:
         fn = (F.avg_pool1d, F.avg_pool2d, F.avg_pool3d)[self.dims - 1]
-        return fn(x, self.kernel_size, self.stride, self.padding)
+        return fn(x, self.kernel_size, self.stride, self.padding, ceil_mode=ceil_mode)
 
 
 class OctGlobalAvgPool(nn.Module):
