@@ -173,3 +173,48 @@ def test_compile_fullgraph_no_graph_breaks(dims, octave, stride):
     with torch.no_grad():
         _assert_same(compiled(x), conv.forward_reference(x))
     _assert_same(compiled(x), conv.forward_reference(x))
+
+
+def _count_onednn_calls(monkeypatch) -> list[tuple[int, ...]]:
+    calls: list[tuple[int, ...]] = []
+    real = torch.mkldnn_convolution
+
+    def counting(x, weight, *args):
+        calls.append(tuple(weight.shape[2:]))
+        return real(x, weight, *args)
+
+    monkeypatch.setattr(torch, "mkldnn_convolution", counting)
+    return calls
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="needs oneDNN")
+def test_batch1_3d_paths_take_onednn_and_stay_exact(monkeypatch):
+    """Batch-1 3D paths go to oneDNN (PyTorch would pick its slower im2col kernel) with the same values and grads."""
+    calls = _count_onednn_calls(monkeypatch)
+    torch.manual_seed(0)
+    conv = OctConv(3, 16, 16, (3, 3, 3), 0.5, 0.5, bias=True, octave="spatiotemporal")
+    x = _make_input(conv, 1, (4, 10, 10))
+    for t in _parts(x):
+        t.requires_grad_(True)
+    out = conv(x)
+    assert calls, "no octave path used oneDNN"
+    assert all(k == (3, 3, 3) for k in calls)
+    ref = conv.forward_reference(x)
+    _assert_same(out, ref)
+    fast_grads = torch.autograd.grad(sum(p.square().sum() for p in _parts(out)), [*_parts(x), *conv.parameters()])
+    ref_grads = torch.autograd.grad(sum(p.square().sum() for p in _parts(ref)), [*_parts(x), *conv.parameters()])
+    for a, b in zip(fast_grads, ref_grads):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-5)
+
+
+def test_pointwise_2d_and_bfloat16_keep_pytorch_kernel_choice(monkeypatch):
+    calls = _count_onednn_calls(monkeypatch)
+    torch.manual_seed(0)
+    pointwise = OctConv(3, 16, 16, 1, 0.5, 0.5, octave="spatiotemporal")
+    planar = OctConv(2, 16, 16, 3, 0.5, 0.5)
+    half = OctConv(3, 16, 16, 3, 0.5, 0.5, octave="spatiotemporal").to(torch.bfloat16)
+    with torch.no_grad():
+        pointwise(_make_input(pointwise, 1, (4, 8, 8)))
+        planar(_make_input(planar, 1, (8, 8)))
+        half(_make_input(half, 1, (4, 8, 8), dtype=torch.bfloat16))
+    assert calls == []

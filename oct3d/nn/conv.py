@@ -35,6 +35,7 @@ IntOrTuple = int | Sequence[int]
 
 _CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 _CONV_FN = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+_ONEDNN_AVAILABLE = torch.backends.mkldnn.is_available()
 
 
 def to_tuple(value: IntOrTuple, dims: int, name: str) -> tuple[int, ...]:
@@ -290,7 +291,13 @@ class OctConv(nn.Module):
         return y_high, y_low
 
     def _conv(self, x: Tensor, weight: Tensor, bias: Tensor | None, groups: int) -> Tensor:
+        if _prefer_onednn(x, weight):
+            return torch.mkldnn_convolution(x, weight, bias, self.padding, (1,) * self.dims, self.dilation, groups)
         return _CONV_FN[self.dims](x, weight, bias, 1, self.padding, self.dilation, groups)
+
+    def _path(self, conv: nn.Module, x: Tensor) -> Tensor:
+        """One octave path's stride-1 convolution, through :meth:`_conv`'s kernel choice."""
+        return self._conv(x, conv.weight, conv.bias, conv.groups)
 
     def _forward_fast(self, high: Tensor, low: Tensor | None) -> tuple[Tensor, Tensor | None]:
         """The reference formula with fewer kernels and copies (same outputs, see tests/test_fast_path.py).
@@ -304,9 +311,9 @@ class OctConv(nn.Module):
           (2x2 of 2x2 instead of 4x4 of the full map) when that is exact (even sizes).
         """
         pooled_high = avg_pool(high, self._pool_h2h)
-        y_high = self.h2h(pooled_high)
+        y_high = self._path(self.h2h, pooled_high)
         if self.l2h is not None:
-            from_low = self.l2h(avg_pool(low, self._pool_l2h))
+            from_low = self._path(self.l2h, avg_pool(low, self._pool_l2h))
             y_high = _add_upsampled_(y_high, from_low, self._up_l2h)
         if not self.out_low:
             return y_high, None
@@ -316,9 +323,9 @@ class OctConv(nn.Module):
             return y_high, self._conv(inputs, self._low_weight(), self.l2l.bias, 1)
         y_low = None
         if self.l2l is not None:
-            y_low = self.l2l(avg_pool(low, self._pool_l2l))
+            y_low = self._path(self.l2l, avg_pool(low, self._pool_l2l))
         if self.h2l is not None:
-            from_high = self.h2l(high_for_low)
+            from_high = self._path(self.h2l, high_for_low)
             y_low = from_high if y_low is None else y_low.add_(from_high)
         return y_high, y_low
 
@@ -352,6 +359,30 @@ class OctConv(nn.Module):
             cached = (key, torch.cat([w_high, w_low], dim=1))
             self.__dict__["_low_weight_cache"] = cached
         return cached[1]
+
+
+def _prefer_onednn(x: Tensor, weight: Tensor) -> bool:
+    """Whether to call oneDNN's convolution directly instead of letting ``F.conv3d`` choose.
+
+    PyTorch's CPU dispatch (``use_mkldnn`` in ATen's ``Convolution.cpp``) sends a float32
+    convolution with batch 1, a kernel of at most 3x3 in its last two axes and
+    ``N*C*D*H <= 20480`` to its im2col fallback, a rule tuned on 2D maps. An octave network's
+    3D paths land there (the low branch, and the high branch at half the channels), where
+    oneDNN is 1.4x to 3.3x faster for non-pointwise kernels and equal for 1x1x1 ones
+    (measured in docs/benchmarks/cpu_conv3d_kernels.md). 2D and 1D maps gain nothing, so
+    they keep PyTorch's choice; so do traced, scripted and compiled graphs.
+    """
+    if torch.compiler.is_compiling() or torch.jit.is_scripting() or torch.jit.is_tracing():
+        return False  # checked first: Dynamo must not trace the backend queries below
+    return (
+        x.dim() == 5
+        and x.device.type == "cpu"
+        and x.dtype == torch.float32
+        and not x.is_mkldnn
+        and any(k > 1 for k in weight.shape[2:])
+        and _ONEDNN_AVAILABLE
+        and torch.backends.mkldnn.enabled
+    )
 
 
 def _add_upsampled_(y: Tensor, small: Tensor, factors: tuple[int, ...]) -> Tensor:
