@@ -218,3 +218,43 @@ def test_pointwise_2d_and_bfloat16_keep_pytorch_kernel_choice(monkeypatch):
         planar(_make_input(planar, 1, (8, 8)))
         half(_make_input(half, 1, (4, 8, 8), dtype=torch.bfloat16))
     assert calls == []
+
+
+@pytest.mark.parametrize(("shape", "factors"), [
+    ((2, 3, 16), (2,)),
+    ((2, 3, 8, 12), (2, 2)),
+    ((2, 3, 8, 12), (4, 4)),
+    ((1, 3, 4, 8, 6), (2, 2, 2)),
+    ((1, 3, 4, 8, 6), (1, 2, 2)),
+    ((1, 3, 4, 8, 8), (2, 4, 4)),
+])
+@pytest.mark.parametrize("memory_format", ["contiguous", "channels_last"])
+def test_pairwise_pool_equals_pytorch_pool(shape, factors, memory_format):
+    """The CPU pairwise-sum pool (taken for exact windows) must equal avg_poolNd, values and gradients."""
+    from oct3d.nn.octave import _pool_by_pairs_is_faster, avg_pool
+
+    torch.manual_seed(0)
+    pool = (torch.nn.functional.avg_pool1d, torch.nn.functional.avg_pool2d, torch.nn.functional.avg_pool3d)
+    x = torch.randn(shape, dtype=torch.float64)
+    if memory_format == "channels_last" and len(shape) > 3:
+        x = x.contiguous(memory_format=torch.channels_last if len(shape) == 4 else torch.channels_last_3d)
+    with torch.no_grad():
+        assert _pool_by_pairs_is_faster(x, factors)
+        torch.testing.assert_close(avg_pool(x, factors), pool[len(factors) - 1](x, factors, factors))
+    x.requires_grad_(True)
+    reference = pool[len(factors) - 1](x, factors, factors)
+    weights = torch.randn_like(reference)  # a non-uniform upstream gradient
+    (got,) = torch.autograd.grad((avg_pool(x, factors) * weights).sum(), x)
+    (expected,) = torch.autograd.grad((reference * weights).sum(), x)
+    torch.testing.assert_close(got, expected)
+
+
+def test_pairwise_pool_is_skipped_where_it_would_be_wrong_or_slow():
+    from oct3d.nn.octave import _pool_by_pairs_is_faster
+
+    assert not _pool_by_pairs_is_faster(torch.randn(1, 2, 7, 8), (2, 2))  # partial window at an odd border
+    assert not _pool_by_pairs_is_faster(torch.randn(1, 2, 6, 6), (3, 3))  # not a power of two
+    assert not _pool_by_pairs_is_faster(torch.randn(1, 2, 8, 8, dtype=torch.bfloat16), (2, 2))
+    with torch.enable_grad():
+        assert not _pool_by_pairs_is_faster(torch.randn(1, 2, 8, 8, requires_grad=True), (4, 4))
+        assert _pool_by_pairs_is_faster(torch.randn(1, 2, 8, 8, requires_grad=True), (2, 2))
