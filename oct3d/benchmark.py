@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import math
 import statistics
 import time
@@ -32,7 +33,8 @@ from oct3d.model_table import build_octave, input_size, peer_label, vanilla_peer
 from oct3d.models.registry import list_models, model_task
 from oct3d.profiling import count_macs
 
-__all__ = ["BenchResult", "benchmark_models", "format_results", "main", "plot_results"]
+__all__ = ["BenchResult", "benchmark_models", "format_results", "main", "op_table", "plot_results",
+           "route_conv3d_like_octave"]
 
 MODES = ("inference", "train")
 
@@ -118,6 +120,29 @@ def _adaptive_head(model: nn.Module) -> nn.Module:
     return model
 
 
+def route_conv3d_like_octave(model: nn.Module) -> int:
+    """Give every ``nn.Conv3d`` of ``model`` the octave paths' CPU kernel choice; returns how many.
+
+    Octave paths call oneDNN directly where PyTorch's dispatch rule would take its im2col
+    kernel (``oct3d.nn.conv._prefer_onednn``). Applied to a vanilla peer, this shows how much
+    of a measured speed-up comes from that choice rather than from the octave saving.
+    """
+    from oct3d.nn.conv import _prefer_onednn
+
+    def forward(conv: nn.Conv3d, x: Tensor) -> Tensor:
+        if _prefer_onednn(x, conv.weight):
+            return torch.mkldnn_convolution(x, conv.weight, conv.bias, conv.padding, conv.stride, conv.dilation,
+                                            conv.groups)
+        return conv._conv_forward(x, conv.weight, conv.bias)
+
+    routed = 0
+    for module in model.modules():
+        if type(module) is nn.Conv3d and module.padding_mode == "zeros" and not isinstance(module.padding, str):
+            module.forward = functools.partial(forward, module)
+            routed += 1
+    return routed
+
+
 def _prepare(model: nn.Module, device: torch.device, dtype: torch.dtype, channels_last: bool, dims: int) -> nn.Module:
     model = model.to(device=device, dtype=dtype)
     if channels_last:
@@ -180,11 +205,15 @@ def benchmark_models(
     warmup: int = 3,
     iters: int = 10,
     model_kwargs: dict | None = None,
+    peer_onednn: bool = False,
 ) -> list[BenchResult]:
     """Time ``name`` at each alpha (and octave mode) against its vanilla peer, interleaved.
 
     Returns one :class:`BenchResult` per (alpha, octave mode, mode). ``fuse`` folds BatchNorm
     into the convolutions of every model (octave and peer alike) for inference.
+    ``peer_onednn`` gives the peer's 3D convolutions the CPU kernel choice of the octave
+    paths (see :func:`route_conv3d_like_octave`), a control that separates that choice from
+    the octave saving.
     """
     if name not in list_models():
         raise ValueError(f"unknown model {name!r}; known: {', '.join(list_models())}")
@@ -228,6 +257,8 @@ def benchmark_models(
                 from oct3d.fuse import fuse as fuse_model
 
                 model = fuse_model(model, tuple(shape), inplace=True)
+            if peer_onednn and _label == "peer":
+                route_conv3d_like_octave(model)
             if compile:
                 model = torch.compile(model)
             step = _make_step(model, mode, x, num_classes)
@@ -254,6 +285,74 @@ def benchmark_models(
                 )
             )
     return results
+
+
+# ----------------------------------------------------------------------------- kernel choices
+def _op_cases() -> list[tuple[str, str, Callable[[], object], Callable[[], object]]]:
+    """(operation, shape, PyTorch default, oct3d's choice) at octave-branch shapes of
+    Oct-ResNet-50 (batch 4) and Oct-I3D-R50 (batch 1, 8 frames) at alpha 0.5."""
+    import torch.nn.functional as F
+
+    from oct3d.nn.conv import _add_upsampled_, _prefer_onednn
+    from oct3d.nn.octave import avg_pool, upsample_to
+
+    cases = []
+    torch_pool = {4: F.avg_pool2d, 5: F.avg_pool3d}
+    for shape, factors in (((4, 128, 56, 56), (2, 2)), ((4, 256, 28, 28), (2, 2)),
+                           ((1, 32, 8, 56, 56), (2, 2, 2)), ((1, 32, 8, 56, 56), (1, 2, 2))):
+        x = torch.randn(shape)
+        pool = torch_pool[len(shape)]
+        cases.append((f"avg pool {'x'.join(map(str, factors))}", str(shape),
+                      lambda x=x, f=factors, pool=pool: pool(x, f, f), lambda x=x, f=factors: avg_pool(x, f)))
+    for shape, factors in (((4, 128, 56, 56), (2, 2)), ((4, 256, 28, 28), (2, 2)), ((1, 32, 8, 56, 56), (2, 2, 2))):
+        y = torch.randn(shape)
+        small = torch.randn(*shape[:2], *(n // f for n, f in zip(shape[2:], factors)))
+        cases.append(("L->H upsample + add", str(shape),
+                      lambda y=y, s=small, f=factors: y.add_(upsample_to(s, f, y.shape[2:])),
+                      lambda y=y, s=small, f=factors: _add_upsampled_(y, s, f)))
+    for shape, kernel, out in (((1, 32, 8, 56, 56), (1, 3, 3), 32), ((1, 64, 4, 28, 28), (1, 3, 3), 64),
+                               ((1, 128, 4, 28, 28), (3, 1, 1), 32), ((1, 128, 4, 14, 14), (1, 3, 3), 128),
+                               ((1, 32, 8, 56, 56), (1, 1, 1), 128)):
+        x = torch.randn(shape)
+        w = torch.randn(out, shape[1], *kernel) * 0.05
+        pad = tuple(k // 2 for k in kernel)
+
+        def octave_choice(x=x, w=w, pad=pad):
+            if _prefer_onednn(x, w):
+                return torch.mkldnn_convolution(x, w, None, pad, (1, 1, 1), (1, 1, 1), 1)
+            return F.conv3d(x, w, None, 1, pad)
+
+        cases.append((f"conv3d {'x'.join(map(str, kernel))} -> {out}", str(shape),
+                      lambda x=x, w=w, pad=pad: F.conv3d(x, w, None, 1, pad), octave_choice))
+    return cases
+
+
+def op_table(iters: int = 20) -> str:
+    """Markdown table timing oct3d's CPU kernel choices against PyTorch's defaults, interleaved.
+
+    Covers the three places where the octave fast path departs from the obvious PyTorch call:
+    average pooling (pairwise sums), the L->H upsample-add, and batch-1 3D convolutions
+    (oneDNN called directly). Inference mode, median of ``iters`` interleaved calls each.
+    """
+    rows = []
+    with torch.inference_mode():
+        for op, shape, default, ours in _op_cases():
+            for fn in (default, ours):
+                fn()
+            times: list[list[float]] = [[], []]
+            for i in range(iters):
+                for j in ((0, 1) if i % 2 == 0 else (1, 0)):
+                    times[j].append(_timed((default, ours)[j], torch.device("cpu")))
+            d, o = statistics.median(times[0]), statistics.median(times[1])
+            rows.append(f"| {op} | {shape} | {d:.3f} | {o:.3f} | **{d / o:.2f}x** |")
+    header = [
+        f"CPU kernel choices, float32, {torch.get_num_threads()} threads, torch {torch.__version__}; "
+        f"medians of {iters} interleaved calls.",
+        "",
+        "| operation | input shape | PyTorch default ms | oct3d ms | speed-up |",
+        "|---|---|---|---|---|",
+    ]
+    return "\n".join(header + rows)
 
 
 # ----------------------------------------------------------------------------- reporting
@@ -346,6 +445,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--model-kwargs", default=None,
                         help="JSON kwargs for the octave builder (e.g. '{\"base_width\": 16}'); "
                              "the peer is then the same builder at alpha 0")
+    parser.add_argument("--peer-onednn", action="store_true",
+                        help="control: give the peer's 3D convolutions the octave paths' CPU kernel choice")
+    parser.add_argument("--ops", action="store_true",
+                        help="instead of models, time oct3d's CPU kernel choices against PyTorch's defaults")
     parser.add_argument("--output", default=None, help="write the markdown table here")
     parser.add_argument("--plot", default=None, help="write a PNG of time and multiply-add ratios against alpha")
     args = parser.parse_args(argv)
@@ -362,6 +465,8 @@ def _setting(args: argparse.Namespace, dev: str) -> str:
         parts.append("torch.compile")
     if args.fuse:
         parts.append("BN folded")
+    if args.peer_onednn:
+        parts.append("peer's 3D convs routed like the octave paths")
     if dev == "cpu":
         parts.append(f"{torch.get_num_threads()} threads")
     elif torch.cuda.is_available():
@@ -380,6 +485,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         print("error: --device cuda asked for, but CUDA is not available")
         return 2
+    if args.ops:
+        text = op_table(iters=args.iters)
+        print(text)
+        if args.output:
+            Path(args.output).write_text(text + "\n")
+        return 0
     modes = list(MODES) if "both" in args.mode else args.mode
     octaves: list[str | None] = list(args.octave) if args.octave else [None]
     if model_task(args.model) == "image" and args.octave:
@@ -390,7 +501,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     peer = f"{args.model} alpha=0" if model_kwargs else peer_label(args.model)
     common = dict(
         device=args.device, dtype=args.dtype, channels_last=args.channels_last, compile=args.compile, fuse=args.fuse,
-        warmup=args.warmup, iters=args.iters, model_kwargs=model_kwargs,
+        warmup=args.warmup, iters=args.iters, model_kwargs=model_kwargs, peer_onednn=args.peer_onednn,
     )
     sections: list[str] = []
     results: list[BenchResult] = []

@@ -55,3 +55,32 @@ def test_bad_arguments():
     with pytest.raises(SystemExit):
         main(["--clip", "8x224"])
     assert main(["--model", "oct_resnet50", "--octave", "spatial"]) == 2
+
+
+def test_ops_table_times_every_kernel_choice(tmp_path):
+    out = tmp_path / "ops.md"
+    assert main(["--ops", "--iters", "1", "--output", str(out)]) == 0
+    rows = [line for line in out.read_text().splitlines() if line.startswith("| ") and "operation" not in line]
+    assert len(rows) == 12
+    assert {row.split("|")[1].strip().split()[0] for row in rows} == {"avg", "L->H", "conv3d"}
+    assert all(float(row.split("**")[1].rstrip("x")) > 0 for row in rows)
+
+
+def test_peer_onednn_control_keeps_outputs_and_routes_every_conv3d():
+    import torch
+
+    from oct3d.benchmark import route_conv3d_like_octave
+    from oct3d.model_table import build_octave
+
+    torch.manual_seed(0)
+    peer = build_octave("oct_i3d_r50", 0.0, **TINY).eval()
+    x = torch.randn(1, 3, 4, 32, 32)
+    with torch.no_grad():
+        expected = peer(x)
+        assert route_conv3d_like_octave(peer) == sum(isinstance(m, torch.nn.Conv3d) for m in peer.modules())
+        torch.testing.assert_close(peer(x), expected, atol=1e-4, rtol=1e-4)
+    rows = benchmark_models(
+        "oct_i3d_r50", [0.5], ["spatiotemporal"], ["inference"], batch_size=1, frames=4, size=32,
+        warmup=0, iters=1, model_kwargs=TINY, peer_onednn=True,
+    )
+    assert len(rows) == 1 and math.isfinite(rows[0].time_ratio)

@@ -368,9 +368,9 @@ def _prefer_onednn(x: Tensor, weight: Tensor) -> bool:
     convolution with batch 1, a kernel of at most 3x3 in its last two axes and
     ``N*C*D*H <= 20480`` to its im2col fallback, a rule tuned on 2D maps. An octave network's
     3D paths land there (the low branch, and the high branch at half the channels), where
-    oneDNN is 1.4x to 3.3x faster for non-pointwise kernels and equal for 1x1x1 ones
-    (measured in docs/benchmarks/cpu_conv3d_kernels.md). 2D and 1D maps gain nothing, so
-    they keep PyTorch's choice; so do traced, scripted and compiled graphs.
+    oneDNN is 1.4x to 3.2x faster for non-pointwise kernels and equal for 1x1x1 ones
+    (``tools/benchmark.py --ops``; docs/benchmarks/cpu_ops.md). 2D and 1D maps gain
+    nothing, so they keep PyTorch's choice; so do traced, scripted and compiled graphs.
     """
     if torch.compiler.is_compiling() or torch.jit.is_scripting() or torch.jit.is_tracing():
         return False  # checked first: Dynamo must not trace the backend queries below
@@ -401,7 +401,7 @@ def _add_upsampled_(y: Tensor, small: Tensor, factors: tuple[int, ...]) -> Tenso
         if factors[-1] > 1 and y.stride(-1) == 1 and y.device.type == "cpu":
             # Channels-first on CPU: a broadcast on the innermost axis leaves the add a
             # 2-element inner loop; materialising that one axis (half of y's size) keeps
-            # the add vectorised over whole rows (2.5-4x faster, `benchmark.py --ops`).
+            # the add vectorised over whole rows (see `tools/benchmark.py --ops`).
             small = small.repeat_interleave(factors[-1], dim=-1)
             factors = (*factors[:-1], 1)
         view_shape = [y.shape[0], y.shape[1]]
