@@ -458,7 +458,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def _setting(args: argparse.Namespace, dev: str) -> str:
-    parts = [f"device {dev}", args.dtype, f"batch {args.batch_size}"]
+    parts = [f"device {dev}", args.dtype]
+    if args.scaling != "batch":
+        parts.append(f"batch {args.batch_size}")
     if args.channels_last:
         parts.append("channels_last")
     if args.compile:
