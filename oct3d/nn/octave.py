@@ -120,11 +120,11 @@ def _pool_by_pairs_is_faster(x: Tensor, factors: tuple[int, ...]) -> bool:
     PyTorch's CPU average-pooling kernels run far below memory bandwidth on
     channels-first maps: ``tools/benchmark.py --ops`` times both side by side (2.6-8x
     for exact 2x2 and 2x2x2 windows; docs/benchmarks/cpu_ops.md). Pairwise adds of
-    contiguous slabs are plain vectorised elementwise kernels. They need exact windows (every size divisible by its
-    factor, factors powers of two); under autograd, windows wider than 2 take the pooling
-    kernel, whose single backward beats the chain of slice backwards. GPUs, reduced
-    precision, and traced or compiled graphs (where one pooling op exports and fuses
-    better) keep ``avg_pool``.
+    contiguous slabs are plain vectorised elementwise kernels. They need exact windows
+    (every size divisible by its factor, factors powers of two); under autograd, windows
+    wider than 2 take the pooling kernel, whose single backward beats the chain of slice
+    backwards. GPUs, reduced precision, and traced or compiled graphs (where one pooling
+    op exports and fuses better) keep ``avg_pool``.
     """
     if torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.jit.is_scripting():
         return False
