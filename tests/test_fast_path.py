@@ -213,10 +213,13 @@ def test_pointwise_2d_and_bfloat16_keep_pytorch_kernel_choice(monkeypatch):
     pointwise = OctConv(3, 16, 16, 1, 0.5, 0.5, octave="spatiotemporal")
     planar = OctConv(2, 16, 16, 3, 0.5, 0.5)
     half = OctConv(3, 16, 16, 3, 0.5, 0.5, octave="spatiotemporal").to(torch.bfloat16)
+    spatial = OctConv(3, 16, 16, 3, 0.5, 0.5, octave="spatiotemporal")
     with torch.no_grad():
         pointwise(_make_input(pointwise, 1, (4, 8, 8)))
         planar(_make_input(planar, 1, (8, 8)))
         half(_make_input(half, 1, (4, 8, 8), dtype=torch.bfloat16))
+        with torch.backends.mkldnn.flags(enabled=False):  # the user's switch is honoured
+            spatial(_make_input(spatial, 1, (4, 8, 8)))
     assert calls == []
 
 
