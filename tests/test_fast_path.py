@@ -261,3 +261,35 @@ def test_pairwise_pool_is_skipped_where_it_would_be_wrong_or_slow():
     with torch.enable_grad():
         assert not _pool_by_pairs_is_faster(torch.randn(1, 2, 8, 8, requires_grad=True), (4, 4))
         assert _pool_by_pairs_is_faster(torch.randn(1, 2, 8, 8, requires_grad=True), (2, 2))
+
+
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last_3d])
+def test_training_runs_1xkxk_paths_over_frames_with_reference_values_and_grads(monkeypatch, memory_format):
+    """Under autograd on CPU, 1xkxk paths run as 2D convolutions over frames: same values, grads and layout."""
+    import oct3d.nn.conv as conv_module
+
+    calls = []
+    real = conv_module._conv_over_frames
+    monkeypatch.setattr(conv_module, "_conv_over_frames", lambda *a: calls.append(1) or real(*a))
+    torch.manual_seed(0)
+    conv = OctConv(3, 16, 24, (1, 3, 3), 0.5, 0.5, bias=True, dilation=(1, 2, 1), octave="spatiotemporal")
+    conv = conv.to(memory_format=memory_format)
+    x = _make_input(conv, 2, (4, 10, 8), memory_format=memory_format)
+    for t in _parts(x):
+        t.requires_grad_(True)
+    out = conv(x)
+    assert calls, "no path ran over frames"
+    for part in _parts(out):
+        assert part.is_contiguous(memory_format=memory_format)
+    ref = conv.forward_reference(x)
+    _assert_same(out, ref)
+    weights = [torch.randn_like(p) for p in _parts(ref)]
+    wrt = [*_parts(x), *conv.parameters()]
+    fast_grads = torch.autograd.grad(sum((p * w).sum() for p, w in zip(_parts(out), weights)), wrt)
+    ref_grads = torch.autograd.grad(sum((p * w).sum() for p, w in zip(_parts(ref), weights)), wrt)
+    for a, b in zip(fast_grads, ref_grads):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-5)
+    calls.clear()
+    with torch.no_grad():
+        conv(x)
+    assert calls == []  # inference keeps the 3D call
