@@ -121,15 +121,20 @@ def _adaptive_head(model: nn.Module) -> nn.Module:
 
 
 def route_conv3d_like_octave(model: nn.Module) -> int:
-    """Give every ``nn.Conv3d`` of ``model`` the octave paths' CPU kernel choice; returns how many.
+    """Give every ``nn.Conv3d`` of ``model`` the octave paths' CPU kernel choices; returns how many.
 
     Octave paths call oneDNN directly where PyTorch's dispatch rule would take its im2col
-    kernel (``oct3d.nn.conv._prefer_onednn``). Applied to a vanilla peer, this shows how much
-    of a measured speed-up comes from that choice rather than from the octave saving.
+    kernel (``oct3d.nn.conv._prefer_onednn``), and under autograd run ``1 x k x k`` kernels
+    as 2D convolutions over the frames (``_frames_as_batch``). Applied to a vanilla peer,
+    this shows how much of a measured speed-up comes from those choices rather than from
+    the octave saving.
     """
-    from oct3d.nn.conv import _prefer_onednn
+    from oct3d.nn.conv import _conv_over_frames, _frames_as_batch, _prefer_onednn
 
     def forward(conv: nn.Conv3d, x: Tensor) -> Tensor:
+        if conv.stride[0] == 1 and _frames_as_batch(x, conv.weight):
+            return _conv_over_frames(x, conv.weight, conv.bias, conv.padding[1:], conv.dilation[1:], conv.groups,
+                                     conv.stride[1:])
         if _prefer_onednn(x, conv.weight):
             return torch.mkldnn_convolution(x, conv.weight, conv.bias, conv.padding, conv.stride, conv.dilation,
                                             conv.groups)
@@ -211,8 +216,8 @@ def benchmark_models(
 
     Returns one :class:`BenchResult` per (alpha, octave mode, mode). ``fuse`` folds BatchNorm
     into the convolutions of every model (octave and peer alike) for inference.
-    ``peer_onednn`` gives the peer's 3D convolutions the CPU kernel choice of the octave
-    paths (see :func:`route_conv3d_like_octave`), a control that separates that choice from
+    ``peer_onednn`` gives the peer's 3D convolutions the CPU kernel choices of the octave
+    paths (see :func:`route_conv3d_like_octave`), a control that separates those choices from
     the octave saving.
     """
     if name not in list_models():
@@ -446,7 +451,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="JSON kwargs for the octave builder (e.g. '{\"base_width\": 16}'); "
                              "the peer is then the same builder at alpha 0")
     parser.add_argument("--peer-onednn", action="store_true",
-                        help="control: give the peer's 3D convolutions the octave paths' CPU kernel choice")
+                        help="control: give the peer's 3D convolutions the octave paths' CPU kernel choices")
     parser.add_argument("--ops", action="store_true",
                         help="instead of models, time oct3d's CPU kernel choices against PyTorch's defaults")
     parser.add_argument("--output", default=None, help="write the markdown table here")

@@ -77,8 +77,13 @@ def test_peer_onednn_control_keeps_outputs_and_routes_every_conv3d():
     x = torch.randn(1, 3, 4, 32, 32)
     with torch.no_grad():
         expected = peer(x)
-        assert route_conv3d_like_octave(peer) == sum(isinstance(m, torch.nn.Conv3d) for m in peer.modules())
+    expected_grads = torch.autograd.grad(peer(x).square().sum(), list(peer.parameters()))
+    assert route_conv3d_like_octave(peer) == sum(isinstance(m, torch.nn.Conv3d) for m in peer.modules())
+    with torch.no_grad():
         torch.testing.assert_close(peer(x), expected, atol=1e-4, rtol=1e-4)
+    # Under autograd the 1xkxk convolutions run over frames: same gradients.
+    for got, want in zip(torch.autograd.grad(peer(x).square().sum(), list(peer.parameters())), expected_grads):
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
     rows = benchmark_models(
         "oct_i3d_r50", [0.5], ["spatiotemporal"], ["inference"], batch_size=1, frames=4, size=32,
         warmup=0, iters=1, model_kwargs=TINY, peer_onednn=True,

@@ -411,14 +411,16 @@ def _frames_as_batch(x: Tensor, weight: Tensor) -> bool:
 
 
 def _conv_over_frames(
-    x: Tensor, weight: Tensor, bias: Tensor | None, padding: tuple[int, ...], dilation: tuple[int, ...], groups: int
+    x: Tensor, weight: Tensor, bias: Tensor | None, padding: tuple[int, ...], dilation: tuple[int, ...], groups: int,
+    stride: tuple[int, ...] = (1, 1),
 ) -> Tensor:
-    """A stride-1 3D convolution with temporal kernel 1, computed frame by frame as one 2D
-    convolution over ``(N*T, C, H, W)``; the output keeps the input's memory format."""
+    """A 3D convolution with temporal kernel and stride 1, computed frame by frame as one 2D
+    convolution over ``(N*T, C, H, W)`` (``padding``, ``dilation`` and ``stride`` are the
+    spatial ones); the output keeps the input's memory format."""
     n, c, t, h, w = x.shape
     channels_last = x.is_contiguous(memory_format=torch.channels_last_3d) and not x.is_contiguous()
     frames = x.transpose(1, 2).reshape(n * t, c, h, w)  # a view for channels_last_3d input
-    y = F.conv2d(frames, weight.squeeze(2), bias, 1, padding, dilation, groups)
+    y = F.conv2d(frames, weight.squeeze(2), bias, stride, padding, dilation, groups)
     y = y.view(n, t, y.shape[1], y.shape[2], y.shape[3]).transpose(1, 2)
     return y.contiguous(memory_format=torch.channels_last_3d if channels_last else torch.contiguous_format)
 
