@@ -8,10 +8,9 @@ alike. It reports medians of inference and of a training step (forward, backward
 throughput, peak memory, the measured time ratio octave/vanilla and, beside it, the
 multiply-add ratio (the ideal a perfect implementation would reach).
 
-Peak memory is ``torch.cuda.max_memory_allocated`` on CUDA. On CPU it is the rise of the
-process's peak resident set size (Linux ``VmHWM``, reset through ``/proc/self/clear_refs``)
-during one step over the resident size before it: allocator caching makes it approximate,
-but it is measured the same way for both models.
+Peak memory is the peak of tensor memory one step allocates on top of what was live
+before it (weights, inputs, optimizer state): ``torch.cuda.max_memory_allocated`` on CUDA,
+the profiler's allocation events on CPU.
 """
 
 from __future__ import annotations
@@ -76,19 +75,16 @@ class BenchResult:
 
 
 # ----------------------------------------------------------------------------- memory
-def _read_status(field: str) -> int | None:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
-
-
 @contextlib.contextmanager
 def _peak_memory(device: torch.device):
-    """Yields a one-element list that holds the peak bytes the block used (None if unmeasurable)."""
+    """Yields a one-element list that receives the peak bytes of tensor memory the block
+    allocated on top of what was live before it.
+
+    CUDA: ``max_memory_allocated`` minus the allocation at entry. CPU: the running sum of
+    the profiler's allocation and free events (``profile_memory=True``), which counts
+    tensors exactly; the process's resident set size cannot be attributed to one step,
+    since the C allocator keeps freed pages and reuses them.
+    """
     out: list[int | None] = [None]
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -98,15 +94,21 @@ def _peak_memory(device: torch.device):
         torch.cuda.synchronize(device)
         out[0] = torch.cuda.max_memory_allocated(device) - base
         return
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        yield out
     try:
-        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
-        base = _read_status("VmRSS")
-    except OSError:
-        base = None
-    yield out
-    peak = _read_status("VmHWM")
-    if base is not None and peak is not None:
-        out[0] = max(peak - base, 0)
+        # Every allocation and free, in order (the per-op summaries net them out).
+        changes = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                         if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU)
+    except AttributeError:  # a torch without the raw event list: report n/a rather than guess
+        return
+    live = peak = 0
+    for _start, nbytes in changes:
+        live += nbytes
+        peak = max(peak, live)
+    out[0] = peak
 
 
 # ----------------------------------------------------------------------------- steps

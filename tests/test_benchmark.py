@@ -38,6 +38,28 @@ def test_results_have_finite_ratios_and_mac_ratio_below_one():
     assert row.shape == (1, 3, 4, 32, 32)
 
 
+def test_cpu_peak_memory_counts_the_step_tensors():
+    """CPU peak memory is exact tensor accounting: at least the input-sized first activation, more in training."""
+    import torch
+
+    from oct3d.benchmark import _peak_memory
+
+    with _peak_memory(torch.device("cpu")) as peak:
+        a = torch.ones(1024, 1024)  # 4 MiB live at the peak
+        b = torch.ones(512, 1024)  # 2 MiB
+        del a, b
+        c = torch.ones(256, 1024)  # 1 MiB, allocated after the peak
+    assert peak[0] == 6 * 2**20
+    del c
+    inference, train = (
+        benchmark_models("oct_i3d_r50", [0.5], ["spatial"], [mode], batch_size=1, frames=4, size=32,
+                         warmup=1, iters=1, model_kwargs=TINY)[0]
+        for mode in ("inference", "train")
+    )
+    assert 0 < inference.peak_bytes < train.peak_bytes
+    assert 0 < inference.peer_peak_bytes < train.peer_peak_bytes
+
+
 def test_scaling_over_frames(tmp_path):
     out = tmp_path / "scaling.md"
     assert main([
