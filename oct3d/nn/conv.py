@@ -370,7 +370,7 @@ def _prefer_onednn(x: Tensor, weight: Tensor) -> bool:
     convolution with batch 1, a kernel of at most 3x3 in its last two axes and
     ``N*C*D*H <= 20480`` to its im2col fallback, a rule tuned on 2D maps. An octave network's
     3D paths land there (the low branch, and the high branch at half the channels), where
-    oneDNN is 1.7x to 3.5x faster for non-pointwise kernels and equal for 1x1x1 ones
+    oneDNN is 1.4x to 3.3x faster for non-pointwise kernels and equal for 1x1x1 ones
     (``tools/benchmark.py --ops``; docs/benchmarks/cpu_ops.md). 2D and 1D maps gain
     nothing, so they keep PyTorch's choice; so do traced, scripted and compiled graphs.
     """

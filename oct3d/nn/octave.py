@@ -118,7 +118,7 @@ def _pool_by_pairs_is_faster(x: Tensor, factors: tuple[int, ...]) -> bool:
     """Whether :func:`_pool_by_pairs` should replace ``avg_pool{1,2,3}d`` for this call.
 
     PyTorch's CPU average-pooling kernels run far below memory bandwidth on
-    channels-first maps: ``tools/benchmark.py --ops`` times both side by side (2.6-8x
+    channels-first maps: ``tools/benchmark.py --ops`` times both side by side (3-5x
     for exact 2x2 and 2x2x2 windows; docs/benchmarks/cpu_ops.md). Pairwise adds of
     contiguous slabs are plain vectorised elementwise kernels. They need exact windows
     (every size divisible by its factor, factors powers of two); under autograd, windows
