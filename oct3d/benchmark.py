@@ -134,7 +134,7 @@ def route_conv3d_like_octave(model: nn.Module) -> int:
     from oct3d.nn.conv import _conv_over_frames, _frames_as_batch, _prefer_onednn
 
     def forward(conv: nn.Conv3d, x: Tensor) -> Tensor:
-        if conv.stride[0] == 1 and _frames_as_batch(x, conv.weight):
+        if conv.stride[0] == 1 and conv.padding[0] == 0 and _frames_as_batch(x, conv.weight):
             return _conv_over_frames(x, conv.weight, conv.bias, conv.padding[1:], conv.dilation[1:], conv.groups,
                                      conv.stride[1:])
         if _prefer_onednn(x, conv.weight):

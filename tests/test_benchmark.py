@@ -88,26 +88,50 @@ def test_ops_table_times_every_kernel_choice(tmp_path):
     assert all(float(row.split("**")[1].rstrip("x")) > 0 for row in rows)
 
 
-def test_peer_onednn_control_keeps_outputs_and_routes_every_conv3d():
+def test_peer_onednn_control_keeps_outputs_and_routes_every_conv3d(monkeypatch):
     import torch
 
+    import oct3d.nn.conv as conv_module
     from oct3d.benchmark import route_conv3d_like_octave
     from oct3d.model_table import build_octave
 
+    onednn_calls, frame_calls = [], []
+    real_onednn, real_frames = torch.mkldnn_convolution, conv_module._conv_over_frames
+    monkeypatch.setattr(torch, "mkldnn_convolution", lambda *a: onednn_calls.append(1) or real_onednn(*a))
+    monkeypatch.setattr(conv_module, "_conv_over_frames", lambda *a: frame_calls.append(1) or real_frames(*a))
     torch.manual_seed(0)
     peer = build_octave("oct_i3d_r50", 0.0, **TINY).eval()
     x = torch.randn(1, 3, 4, 32, 32)
     with torch.no_grad():
         expected = peer(x)
     expected_grads = torch.autograd.grad(peer(x).square().sum(), list(peer.parameters()))
+    assert not onednn_calls and not frame_calls  # alpha 0 layers are nn.Conv3d: PyTorch's own choice
     assert route_conv3d_like_octave(peer) == sum(isinstance(m, torch.nn.Conv3d) for m in peer.modules())
     with torch.no_grad():
         torch.testing.assert_close(peer(x), expected, atol=1e-4, rtol=1e-4)
+    assert onednn_calls and not frame_calls
     # Under autograd the 1xkxk convolutions run over frames: same gradients.
     for got, want in zip(torch.autograd.grad(peer(x).square().sum(), list(peer.parameters())), expected_grads):
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    assert frame_calls
     rows = benchmark_models(
         "oct_i3d_r50", [0.5], ["spatiotemporal"], ["inference"], batch_size=1, frames=4, size=32,
         warmup=0, iters=1, model_kwargs=TINY, peer_onednn=True,
     )
     assert len(rows) == 1 and math.isfinite(rows[0].time_ratio)
+
+
+def test_peer_routing_keeps_temporal_padding_and_stride():
+    import torch
+
+    from oct3d.benchmark import route_conv3d_like_octave
+
+    torch.manual_seed(0)
+    convs = torch.nn.Sequential(torch.nn.Conv3d(4, 4, (1, 3, 3), padding=(1, 1, 1)),
+                                torch.nn.Conv3d(4, 4, (1, 3, 3), stride=(1, 2, 2), padding=(0, 1, 1)))
+    x = torch.randn(1, 4, 3, 9, 9, requires_grad=True)
+    expected = convs(x)
+    route_conv3d_like_octave(convs)
+    got = convs(x)
+    assert got.shape == expected.shape == (1, 4, 5, 5, 5)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)

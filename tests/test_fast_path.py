@@ -189,7 +189,7 @@ def _count_onednn_calls(monkeypatch) -> list[tuple[int, ...]]:
 
 @pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="needs oneDNN")
 def test_batch1_3d_paths_take_onednn_and_stay_exact(monkeypatch):
-    """Batch-1 3D paths go to oneDNN (PyTorch would pick its slower im2col kernel) with the same values and grads."""
+    """Batch-1 3D paths go to oneDNN (PyTorch would pick its slower im2col kernel): same values, grads, layout."""
     calls = _count_onednn_calls(monkeypatch)
     torch.manual_seed(0)
     conv = OctConv(3, 16, 16, (3, 3, 3), 0.5, 0.5, bias=True, octave="spatiotemporal")
@@ -201,6 +201,8 @@ def test_batch1_3d_paths_take_onednn_and_stay_exact(monkeypatch):
     assert all(k == (3, 3, 3) for k in calls)
     ref = conv.forward_reference(x)
     _assert_same(out, ref)
+    for a, b in zip(_parts(out), _parts(ref)):
+        assert a.is_contiguous() == b.is_contiguous()
     fast_grads = torch.autograd.grad(sum(p.square().sum() for p in _parts(out)), [*_parts(x), *conv.parameters()])
     ref_grads = torch.autograd.grad(sum(p.square().sum() for p in _parts(ref)), [*_parts(x), *conv.parameters()])
     for a, b in zip(fast_grads, ref_grads):
@@ -213,14 +215,87 @@ def test_pointwise_2d_and_bfloat16_keep_pytorch_kernel_choice(monkeypatch):
     pointwise = OctConv(3, 16, 16, 1, 0.5, 0.5, octave="spatiotemporal")
     planar = OctConv(2, 16, 16, 3, 0.5, 0.5)
     half = OctConv(3, 16, 16, 3, 0.5, 0.5, octave="spatiotemporal").to(torch.bfloat16)
-    spatial = OctConv(3, 16, 16, 3, 0.5, 0.5, octave="spatiotemporal")
+    cubic = OctConv(3, 16, 16, 3, 0.5, 0.5, octave="spatiotemporal")
     with torch.no_grad():
         pointwise(_make_input(pointwise, 1, (4, 8, 8)))
         planar(_make_input(planar, 1, (8, 8)))
         half(_make_input(half, 1, (4, 8, 8), dtype=torch.bfloat16))
+        cubic(_make_input(cubic, 2, (4, 8, 8)))  # batch 2: PyTorch already picks oneDNN
         with torch.backends.mkldnn.flags(enabled=False):  # the user's switch is honoured
-            spatial(_make_input(spatial, 1, (4, 8, 8)))
+            cubic(_make_input(cubic, 1, (4, 8, 8)))
     assert calls == []
+
+
+def _cubic_layer_and_input():
+    torch.manual_seed(0)
+    conv = OctConv(3, 16, 16, 3, 0.5, 0.5, bias=True, octave="spatiotemporal")
+    return conv, _make_input(conv, 1, (4, 8, 8))
+
+
+def test_flop_counter_sees_every_path_on_cpu():
+    """FlopCounterMode has no formula for oneDNN's op: counting on CPU must equal counting on meta."""
+    from oct3d.profiling import count_macs
+
+    conv, _ = _cubic_layer_and_input()
+    model = torch.nn.Sequential(OctConv(3, 16, 16, 3, 0.0, 0.5, octave="spatiotemporal"), conv,
+                                OctConv(3, 16, 16, 3, 0.5, 0.0, octave="spatiotemporal"))
+    on_cpu = count_macs(model, (1, 16, 4, 8, 8))
+    with torch.device("meta"):
+        meta_model = torch.nn.Sequential(OctConv(3, 16, 16, 3, 0.0, 0.5, octave="spatiotemporal"),
+                                         OctConv(3, 16, 16, 3, 0.5, 0.5, octave="spatiotemporal"),
+                                         OctConv(3, 16, 16, 3, 0.5, 0.0, octave="spatiotemporal"))
+    assert on_cpu == count_macs(meta_model, (1, 16, 4, 8, 8)) > 0
+
+
+def test_cpu_autocast_gives_the_reference_dtypes():
+    conv, x = _cubic_layer_and_input()
+    for grad in (False, True):
+        with torch.set_grad_enabled(grad), torch.autocast("cpu", torch.bfloat16):
+            fast, ref = conv(x), conv.forward_reference(x)
+        assert [t.dtype for t in _parts(fast)] == [t.dtype for t in _parts(ref)] == [torch.bfloat16] * 2
+
+
+def test_forward_mode_ad_and_vmap_work():
+    conv, x = _cubic_layer_and_input()
+    tangent = Octave(torch.randn_like(x.high), torch.randn_like(x.low))
+    out, jvp = torch.func.jvp(conv, (x,), (tangent,))
+    ref_out, ref_jvp = torch.func.jvp(conv.forward_reference, (x,), (tangent,))
+    _assert_same(out, ref_out)
+    _assert_same(jvp, ref_jvp, atol=1e-4)
+    batched = Octave(x.high.expand(3, *x.high.shape), x.low.expand(3, *x.low.shape))
+    _assert_same(torch.func.vmap(conv)(batched), torch.func.vmap(conv.forward_reference)(batched))
+
+
+def test_hooked_or_pruned_paths_take_the_reference_formula():
+    """Hooks must fire and see an output nobody mutates afterwards; pruning pre-hooks must apply."""
+    conv, x = _cubic_layer_and_input()
+    seen = []
+    handle = conv.h2h.register_forward_hook(lambda module, args, output: seen.append(output.clone()) or None)
+    stored = []
+    conv.l2l.register_forward_hook(lambda module, args, output: stored.append(output))
+    with torch.no_grad():
+        out = conv(x)
+    assert len(seen) == 1 and len(stored) == 1
+    torch.testing.assert_close(stored[0], conv.l2l(avg_pool_low(conv, x)))  # not added into
+    handle.remove()
+
+    from torch.nn.utils import prune
+
+    conv, x = _cubic_layer_and_input()
+    prune.l1_unstructured(conv.h2h, "weight", amount=0.5)
+    optimizer = torch.optim.SGD(conv.parameters(), lr=0.5)
+    out = conv(x)
+    sum(t.sum() for t in _parts(out)).backward()
+    optimizer.step()
+    with torch.no_grad():
+        _assert_same(conv(x), conv.forward_reference(x))
+        assert (conv.h2h.weight == 0).sum() >= conv.h2h.weight.numel() // 2
+
+
+def avg_pool_low(conv, x):
+    from oct3d.nn.octave import avg_pool
+
+    return avg_pool(x.low, conv._pool_l2l)
 
 
 @pytest.mark.parametrize(("shape", "factors"), [
@@ -231,23 +306,30 @@ def test_pointwise_2d_and_bfloat16_keep_pytorch_kernel_choice(monkeypatch):
     ((1, 3, 4, 8, 6), (1, 2, 2)),
     ((1, 3, 4, 8, 8), (2, 4, 4)),
 ])
-@pytest.mark.parametrize("memory_format", ["contiguous", "channels_last"])
-def test_pairwise_pool_equals_pytorch_pool(shape, factors, memory_format):
-    """The CPU pairwise-sum pool (taken for exact windows) must equal avg_poolNd, values and gradients."""
-    from oct3d.nn.octave import _pool_by_pairs_is_faster, avg_pool
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_pairwise_pool_equals_pytorch_pool(shape, factors, channels_last, dtype):
+    """The CPU pairwise-sum pool must equal avg_poolNd in values and gradients, and keep the input's layout."""
+    from oct3d.nn.octave import _pool_by_pairs, _pool_by_pairs_is_faster, avg_pool
 
+    if channels_last and len(shape) == 3:
+        pytest.skip("1D maps have no channels_last format")
     torch.manual_seed(0)
     pool = (torch.nn.functional.avg_pool1d, torch.nn.functional.avg_pool2d, torch.nn.functional.avg_pool3d)
-    x = torch.randn(shape, dtype=torch.float64)
-    if memory_format == "channels_last" and len(shape) > 3:
-        x = x.contiguous(memory_format=torch.channels_last if len(shape) == 4 else torch.channels_last_3d)
+    layout = {4: torch.channels_last, 5: torch.channels_last_3d}.get(len(shape), torch.contiguous_format)
+    x = torch.randn(shape, dtype=dtype)
+    if channels_last:
+        x = x.contiguous(memory_format=layout)
     with torch.no_grad():
         assert _pool_by_pairs_is_faster(x, factors)
-        torch.testing.assert_close(avg_pool(x, factors), pool[len(factors) - 1](x, factors, factors))
+        out = avg_pool(x, factors)
+        torch.testing.assert_close(out, pool[len(factors) - 1](x, factors, factors))
+        assert out.is_contiguous(memory_format=layout if channels_last else torch.contiguous_format)
     x.requires_grad_(True)
     reference = pool[len(factors) - 1](x, factors, factors)
     weights = torch.randn_like(reference)  # a non-uniform upstream gradient
-    (got,) = torch.autograd.grad((avg_pool(x, factors) * weights).sum(), x)
+    # _pool_by_pairs directly: under autograd avg_pool itself takes the pooling kernel for windows wider than 2.
+    (got,) = torch.autograd.grad((_pool_by_pairs(x, factors) * weights).sum(), x)
     (expected,) = torch.autograd.grad((reference * weights).sum(), x)
     torch.testing.assert_close(got, expected)
 
@@ -263,8 +345,13 @@ def test_pairwise_pool_is_skipped_where_it_would_be_wrong_or_slow():
         assert _pool_by_pairs_is_faster(torch.randn(1, 2, 8, 8, requires_grad=True), (2, 2))
 
 
-@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last_3d])
-def test_training_runs_1xkxk_paths_over_frames_with_reference_values_and_grads(monkeypatch, memory_format):
+@pytest.mark.parametrize(("memory_format", "weight_format"), [
+    (torch.contiguous_format, torch.contiguous_format),
+    (torch.channels_last_3d, torch.channels_last_3d),
+    (torch.contiguous_format, torch.channels_last_3d),  # F.conv3d then returns channels_last_3d
+])
+def test_training_runs_1xkxk_paths_over_frames_with_reference_values_and_grads(monkeypatch, memory_format,
+                                                                                weight_format):
     """Under autograd on CPU, 1xkxk paths run as 2D convolutions over frames: same values, grads and layout."""
     import oct3d.nn.conv as conv_module
 
@@ -273,16 +360,17 @@ def test_training_runs_1xkxk_paths_over_frames_with_reference_values_and_grads(m
     monkeypatch.setattr(conv_module, "_conv_over_frames", lambda *a: calls.append(1) or real(*a))
     torch.manual_seed(0)
     conv = OctConv(3, 16, 24, (1, 3, 3), 0.5, 0.5, bias=True, dilation=(1, 2, 1), octave="spatiotemporal")
-    conv = conv.to(memory_format=memory_format)
+    conv = conv.to(memory_format=weight_format)
     x = _make_input(conv, 2, (4, 10, 8), memory_format=memory_format)
     for t in _parts(x):
         t.requires_grad_(True)
     out = conv(x)
     assert calls, "no path ran over frames"
-    for part in _parts(out):
-        assert part.is_contiguous(memory_format=memory_format)
     ref = conv.forward_reference(x)
     _assert_same(out, ref)
+    for part, ref_part in zip(_parts(out), _parts(ref)):
+        for layout in (torch.contiguous_format, torch.channels_last_3d):
+            assert part.is_contiguous(memory_format=layout) == ref_part.is_contiguous(memory_format=layout)
     weights = [torch.randn_like(p) for p in _parts(ref)]
     wrt = [*_parts(x), *conv.parameters()]
     fast_grads = torch.autograd.grad(sum((p * w).sum() for p, w in zip(_parts(out), weights)), wrt)

@@ -260,7 +260,7 @@ class OctConv(nn.Module):
         high, low = self._split_input(x)
         if self.is_vanilla:
             return self.h2h(high)
-        if self.fast_path:
+        if self.fast_path and self._paths_are_plain():
             y_high, y_low = self._forward_fast(high, low)
         else:
             y_high, y_low = self._forward_reference(high, low)
@@ -290,11 +290,33 @@ class OctConv(nn.Module):
                 y_low = from_high if y_low is None else y_low + from_high
         return y_high, y_low
 
+    def _paths_are_plain(self) -> bool:
+        """Whether every path is a stock ``ConvNd`` that no hook watches.
+
+        The fast path reads the path weights directly and adds into path outputs in place.
+        A hook (forward, pre-forward or backward, module or global), a pruning or old-style
+        weight-norm pre-hook, or a swapped-in module (QAT) expects the module to be called
+        and its output left alone, so such layers take the reference formula.
+        """
+        if _global_module_hooks():
+            return False
+        for path in (self.h2h, self.h2l, self.l2h, self.l2l):
+            if path is not None and (
+                type(path) is not _CONV[self.dims]
+                or path._forward_hooks
+                or path._forward_pre_hooks
+                or path._backward_hooks
+                or path._backward_pre_hooks
+            ):
+                return False
+        return True
+
     def _conv(self, x: Tensor, weight: Tensor, bias: Tensor | None, groups: int) -> Tensor:
         if _frames_as_batch(x, weight):
             return _conv_over_frames(x, weight, bias, self.padding[1:], self.dilation[1:], groups)
         if _prefer_onednn(x, weight):
-            return torch.mkldnn_convolution(x, weight, bias, self.padding, (1,) * self.dims, self.dilation, groups)
+            y = torch.mkldnn_convolution(x, weight, bias, self.padding, (1,) * self.dims, self.dilation, groups)
+            return y.contiguous(memory_format=_conv_output_format(x, weight))
         return _CONV_FN[self.dims](x, weight, bias, 1, self.padding, self.dilation, groups)
 
     def _path(self, conv: nn.Module, x: Tensor) -> Tensor:
@@ -304,9 +326,11 @@ class OctConv(nn.Module):
     def _forward_fast(self, high: Tensor, low: Tensor | None) -> tuple[Tensor, Tensor | None]:
         """The reference formula with fewer kernels and copies (same outputs, see tests/test_fast_path.py).
 
-        - The L->H result is added *in place* into the H->H output through a broadcast view
-          (no materialised upsample, no new tensor): a convolution's output is not saved
-          for its backward, so autograd allows it.
+        - Without autograd the L->H result is added *in place* into the H->H output through
+          a broadcast view (no materialised upsample, no new tensor); with autograd it goes
+          through the upsample, whose backward is one kernel (see :func:`_add_upsampled_`).
+        - On CPU some paths take other kernels than ``F.convNd`` would (see
+          :func:`_prefer_onednn` and :func:`_frames_as_batch`).
         - H->L and L->L run as one convolution over the concatenated low-resolution inputs;
           without autograd the concatenated weight is cached (see :meth:`_low_weight`).
         - With stride 2 the H->L input is pooled from the already stride-pooled H->H input
@@ -371,20 +395,70 @@ def _prefer_onednn(x: Tensor, weight: Tensor) -> bool:
     ``N*C*D*H <= 20480`` to its im2col fallback, a rule tuned on 2D maps. An octave network's
     3D paths land there (the low branch, and the high branch at half the channels), where
     oneDNN is 1.4x to 3.3x faster for non-pointwise kernels and equal for 1x1x1 ones
-    (``tools/benchmark.py --ops``; docs/benchmarks/cpu_ops.md). 2D and 1D maps gain
-    nothing, so they keep PyTorch's choice; so do traced, scripted and compiled graphs.
+    (``tools/benchmark.py --ops``; docs/benchmarks/cpu_ops.md). Batches above 1 already get
+    oneDNN, and 2D and 1D maps gain nothing, so they keep PyTorch's choice.
+
+    Only in plain eager execution: ``mkldnn_convolution`` has no autocast rule, no
+    forward-mode derivative, no functorch batching rule, no FLOP formula and no meta
+    kernel, so autocast, ``torch.func`` transforms, forward AD, dispatch modes (such as
+    ``FlopCounterMode``), tracing and compilation all get ``F.conv3d``.
     """
     if torch.compiler.is_compiling() or torch.jit.is_scripting() or torch.jit.is_tracing():
-        return False  # checked first: Dynamo must not trace the backend queries below
+        return False  # checked first: Dynamo must not trace the queries below
     return (
         x.dim() == 5
+        and x.shape[0] == 1
         and x.device.type == "cpu"
         and x.dtype == torch.float32
         and not x.is_mkldnn
         and any(k > 1 for k in weight.shape[2:])
         and _ONEDNN_AVAILABLE
         and torch.backends.mkldnn.enabled
+        and _plain_eager()
     )
+
+
+def _plain_eager() -> bool:
+    """No CPU autocast, functorch transform, forward-AD level or Python dispatch mode is active.
+
+    These queries live in private modules; where one is missing the answer is "not plain",
+    which only costs the faster kernel.
+    """
+    try:
+        autocast = torch.is_autocast_enabled("cpu")
+    except TypeError:  # torch < 2.4 takes no device type
+        autocast = torch.is_autocast_cpu_enabled()
+    if autocast:
+        return False
+    transforms_active = getattr(torch._C, "_are_functorch_transforms_active", None)
+    if transforms_active is None or transforms_active():
+        return False
+    if getattr(torch.autograd.forward_ad, "_current_level", 0) >= 0:
+        return False
+    from torch.utils import _python_dispatch
+
+    in_mode = getattr(_python_dispatch, "is_in_torch_dispatch_mode", None)
+    return in_mode is not None and not in_mode()
+
+
+def _global_module_hooks() -> bool:
+    """Whether any global ``nn.Module`` hook is registered (they must see every path call)."""
+    from torch.nn.modules import module
+
+    return any(
+        getattr(module, name, None)
+        for name in ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",
+                     "_global_backward_pre_hooks")
+    )
+
+
+def _conv_output_format(x: Tensor, weight: Tensor) -> torch.memory_format:
+    """The memory format ``F.conv3d`` gives its output: channels_last_3d when the input or the
+    weight is laid out that way (and not also plainly contiguous), else contiguous."""
+    def channels_last(t: Tensor) -> bool:
+        return not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last_3d)
+
+    return torch.channels_last_3d if channels_last(x) or channels_last(weight) else torch.contiguous_format
 
 
 def _frames_as_batch(x: Tensor, weight: Tensor) -> bool:
@@ -416,13 +490,12 @@ def _conv_over_frames(
 ) -> Tensor:
     """A 3D convolution with temporal kernel and stride 1, computed frame by frame as one 2D
     convolution over ``(N*T, C, H, W)`` (``padding``, ``dilation`` and ``stride`` are the
-    spatial ones); the output keeps the input's memory format."""
+    spatial ones); the output has the memory format ``F.conv3d`` would give it."""
     n, c, t, h, w = x.shape
-    channels_last = x.is_contiguous(memory_format=torch.channels_last_3d) and not x.is_contiguous()
     frames = x.transpose(1, 2).reshape(n * t, c, h, w)  # a view for channels_last_3d input
     y = F.conv2d(frames, weight.squeeze(2), bias, stride, padding, dilation, groups)
     y = y.view(n, t, y.shape[1], y.shape[2], y.shape[3]).transpose(1, 2)
-    return y.contiguous(memory_format=torch.channels_last_3d if channels_last else torch.contiguous_format)
+    return y.contiguous(memory_format=_conv_output_format(x, weight))
 
 
 def _add_upsampled_(y: Tensor, small: Tensor, factors: tuple[int, ...]) -> Tensor:

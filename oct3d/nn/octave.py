@@ -118,7 +118,7 @@ def _pool_by_pairs_is_faster(x: Tensor, factors: tuple[int, ...]) -> bool:
     """Whether :func:`_pool_by_pairs` should replace ``avg_pool{1,2,3}d`` for this call.
 
     PyTorch's CPU average-pooling kernels run far below memory bandwidth on
-    channels-first maps: ``tools/benchmark.py --ops`` times both side by side (3-5x
+    channels-first maps: ``tools/benchmark.py --ops`` times both side by side (about 3-5x
     for exact 2x2 and 2x2x2 windows; docs/benchmarks/cpu_ops.md). Pairwise adds of
     contiguous slabs are plain vectorised elementwise kernels. They need exact windows
     (every size divisible by its factor, factors powers of two); under autograd, windows
@@ -137,7 +137,8 @@ def _pool_by_pairs_is_faster(x: Tensor, factors: tuple[int, ...]) -> bool:
 
 def _pool_by_pairs(x: Tensor, factors: tuple[int, ...]) -> Tensor:
     """Exact-window average pooling as a sum of halves, axis by axis (outermost first, so the
-    later strided adds touch the already reduced map), then one scale."""
+    later strided adds touch the already reduced map), then one scale. The output keeps the
+    input's memory format (CPU ``avg_pool3d`` turns channels_last_3d into contiguous)."""
     for axis, factor in enumerate(factors, start=2):
         while factor > 1:
             pairs = x.unflatten(axis, (x.shape[axis] // 2, 2))
