@@ -131,16 +131,10 @@ def route_conv3d_like_octave(model: nn.Module) -> int:
     this shows how much of a measured speed-up comes from those choices rather than from
     the octave saving.
     """
-    from oct3d.nn.conv import _conv_over_frames, _frames_as_batch, _prefer_onednn
+    from oct3d.nn.conv import conv_nd
 
     def forward(conv: nn.Conv3d, x: Tensor) -> Tensor:
-        if conv.stride[0] == 1 and conv.padding[0] == 0 and _frames_as_batch(x, conv.weight):
-            return _conv_over_frames(x, conv.weight, conv.bias, conv.padding[1:], conv.dilation[1:], conv.groups,
-                                     conv.stride[1:])
-        if _prefer_onednn(x, conv.weight):
-            return torch.mkldnn_convolution(x, conv.weight, conv.bias, conv.padding, conv.stride, conv.dilation,
-                                            conv.groups)
-        return conv._conv_forward(x, conv.weight, conv.bias)
+        return conv_nd(x, conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups)
 
     routed = 0
     for module in model.modules():
@@ -300,7 +294,7 @@ def _op_cases() -> list[tuple[str, str, Callable[[], object], Callable[[], objec
     Oct-ResNet-50 (batch 4) and Oct-I3D-R50 (batch 1, 8 frames) at alpha 0.5."""
     import torch.nn.functional as F
 
-    from oct3d.nn.conv import _add_upsampled_, _prefer_onednn
+    from oct3d.nn.conv import _add_upsampled_, conv_nd
     from oct3d.nn.octave import avg_pool, upsample_to
 
     cases = []
@@ -323,14 +317,9 @@ def _op_cases() -> list[tuple[str, str, Callable[[], object], Callable[[], objec
         x = torch.randn(shape)
         w = torch.randn(out, shape[1], *kernel) * 0.05
         pad = tuple(k // 2 for k in kernel)
-
-        def octave_choice(x=x, w=w, pad=pad):
-            if _prefer_onednn(x, w):
-                return torch.mkldnn_convolution(x, w, None, pad, (1, 1, 1), (1, 1, 1), 1)
-            return F.conv3d(x, w, None, 1, pad)
-
         cases.append((f"conv3d {'x'.join(map(str, kernel))} -> {out}", str(shape),
-                      lambda x=x, w=w, pad=pad: F.conv3d(x, w, None, 1, pad), octave_choice))
+                      lambda x=x, w=w, pad=pad: F.conv3d(x, w, None, 1, pad),
+                      lambda x=x, w=w, pad=pad: conv_nd(x, w, None, (1, 1, 1), pad, (1, 1, 1), 1)))
     return cases
 
 

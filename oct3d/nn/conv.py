@@ -312,12 +312,7 @@ class OctConv(nn.Module):
         return True
 
     def _conv(self, x: Tensor, weight: Tensor, bias: Tensor | None, groups: int) -> Tensor:
-        if _frames_as_batch(x, weight):
-            return _conv_over_frames(x, weight, bias, self.padding[1:], self.dilation[1:], groups)
-        if _prefer_onednn(x, weight):
-            y = torch.mkldnn_convolution(x, weight, bias, self.padding, (1,) * self.dims, self.dilation, groups)
-            return y.contiguous(memory_format=_conv_output_format(x, weight))
-        return _CONV_FN[self.dims](x, weight, bias, 1, self.padding, self.dilation, groups)
+        return conv_nd(x, weight, bias, (1,) * self.dims, self.padding, self.dilation, groups)
 
     def _path(self, conv: nn.Module, x: Tensor) -> Tensor:
         """One octave path's stride-1 convolution, through :meth:`_conv`'s kernel choice."""
@@ -385,6 +380,20 @@ class OctConv(nn.Module):
             cached = (key, torch.cat([w_high, w_low], dim=1))
             self.__dict__["_low_weight_cache"] = cached
         return cached[1]
+
+
+def conv_nd(
+    x: Tensor, weight: Tensor, bias: Tensor | None, stride: tuple[int, ...], padding: tuple[int, ...],
+    dilation: tuple[int, ...], groups: int,
+) -> Tensor:
+    """``F.conv{1,2,3}d`` with the octave paths' CPU kernel choices (:func:`_frames_as_batch`,
+    :func:`_prefer_onednn`); same values and output memory format as the plain call."""
+    if stride[0] == 1 and padding[0] == 0 and _frames_as_batch(x, weight):
+        return _conv_over_frames(x, weight, bias, padding[1:], dilation[1:], groups, stride[1:])
+    if _prefer_onednn(x, weight):
+        y = torch.mkldnn_convolution(x, weight, bias, padding, stride, dilation, groups)
+        return y.contiguous(memory_format=_conv_output_format(x, weight))
+    return _CONV_FN[x.dim() - 2](x, weight, bias, stride, padding, dilation, groups)
 
 
 def _prefer_onednn(x: Tensor, weight: Tensor) -> bool:
