@@ -26,6 +26,7 @@ from oct3d.nn.octave import (
     low_size,
     octave_axes,
     split_channels,
+    traced_or_compiled,
     upsample_to,
 )
 
@@ -412,8 +413,8 @@ def _prefer_onednn(x: Tensor, weight: Tensor) -> bool:
     kernel, so autocast, ``torch.func`` transforms, forward AD, dispatch modes (such as
     ``FlopCounterMode``), tracing and compilation all get ``F.conv3d``.
     """
-    if torch.compiler.is_compiling() or torch.jit.is_scripting() or torch.jit.is_tracing():
-        return False  # checked first: Dynamo must not trace the queries below
+    if traced_or_compiled():
+        return False
     return (
         x.dim() == 5
         and x.shape[0] == 1
@@ -480,7 +481,7 @@ def _frames_as_batch(x: Tensor, weight: Tensor) -> bool:
     with the frames as its batch takes PyTorch's 2D kernels; the training step of
     Oct-I3D-R50 runs about 10% faster. Inference keeps the 3D call, whose forward is faster.
     """
-    if torch.compiler.is_compiling() or torch.jit.is_scripting() or torch.jit.is_tracing():
+    if traced_or_compiled():
         return False
     return (
         torch.is_grad_enabled()

@@ -114,6 +114,15 @@ def avg_pool(x: Tensor, factors: Sequence[int]) -> Tensor:
     return pool(x, factors, factors, 0, ceil_mode=True, count_include_pad=False)
 
 
+def traced_or_compiled() -> bool:
+    """Whether this call is being traced or compiled (Dynamo, TorchScript scripting or tracing).
+
+    The CPU-only kernel choices of the fast path switch off there: a graph keeps the plain
+    operator, which exports and fuses. Check it first, before anything Dynamo cannot trace.
+    """
+    return torch.compiler.is_compiling() or torch.jit.is_scripting() or torch.jit.is_tracing()
+
+
 def _pool_by_pairs_is_faster(x: Tensor, factors: tuple[int, ...]) -> bool:
     """Whether :func:`_pool_by_pairs` should replace ``avg_pool{1,2,3}d`` for this call.
 
@@ -126,7 +135,7 @@ def _pool_by_pairs_is_faster(x: Tensor, factors: tuple[int, ...]) -> bool:
     backwards. GPUs, reduced precision, and traced or compiled graphs (where one pooling
     op exports and fuses better) keep ``avg_pool``.
     """
-    if torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.jit.is_scripting():
+    if traced_or_compiled():
         return False
     if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64):
         return False
