@@ -18,6 +18,8 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.modules import module as _module
+from torch.utils import _python_dispatch
 
 from oct3d.nn.octave import (
     Octave,
@@ -428,38 +430,36 @@ def _prefer_onednn(x: Tensor, weight: Tensor) -> bool:
     )
 
 
-def _plain_eager() -> bool:
-    """No CPU autocast, functorch transform, forward-AD level or Python dispatch mode is active.
+# The queries behind _plain_eager live in private modules: resolved once here, and where one
+# is missing the answer is "not plain", which only costs the faster kernel.
+_FUNCTORCH_TRANSFORMS_ACTIVE = getattr(torch._C, "_are_functorch_transforms_active", None)
+_IN_DISPATCH_MODE = getattr(_python_dispatch, "is_in_torch_dispatch_mode", None)
+_GLOBAL_HOOK_NAMES = ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",
+                      "_global_backward_pre_hooks")
 
-    These queries live in private modules; where one is missing the answer is "not plain",
-    which only costs the faster kernel.
-    """
+
+def _cpu_autocast() -> bool:
     try:
-        autocast = torch.is_autocast_enabled("cpu")
+        return torch.is_autocast_enabled("cpu")
     except TypeError:  # torch < 2.4 takes no device type
-        autocast = torch.is_autocast_cpu_enabled()
-    if autocast:
-        return False
-    transforms_active = getattr(torch._C, "_are_functorch_transforms_active", None)
-    if transforms_active is None or transforms_active():
-        return False
-    if getattr(torch.autograd.forward_ad, "_current_level", 0) >= 0:
-        return False
-    from torch.utils import _python_dispatch
+        return torch.is_autocast_cpu_enabled()
 
-    in_mode = getattr(_python_dispatch, "is_in_torch_dispatch_mode", None)
-    return in_mode is not None and not in_mode()
+
+def _plain_eager() -> bool:
+    """No CPU autocast, functorch transform, forward-AD level or Python dispatch mode is active."""
+    return (
+        _FUNCTORCH_TRANSFORMS_ACTIVE is not None
+        and _IN_DISPATCH_MODE is not None
+        and not _cpu_autocast()
+        and not _FUNCTORCH_TRANSFORMS_ACTIVE()
+        and getattr(torch.autograd.forward_ad, "_current_level", 0) < 0
+        and not _IN_DISPATCH_MODE()
+    )
 
 
 def _global_module_hooks() -> bool:
     """Whether any global ``nn.Module`` hook is registered (they must see every path call)."""
-    from torch.nn.modules import module
-
-    return any(
-        getattr(module, name, None)
-        for name in ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",
-                     "_global_backward_pre_hooks")
-    )
+    return any(getattr(_module, name, None) for name in _GLOBAL_HOOK_NAMES)
 
 
 def _conv_output_format(x: Tensor, weight: Tensor) -> torch.memory_format:
