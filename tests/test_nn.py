@@ -474,3 +474,23 @@ def test_pools_keep_the_octave_size_where_floor_mode_would_not(octave):
     torch.testing.assert_close(y.low[:, :, 0, -1, -1], low[:, :, :2, 2, 2].mean(dim=2))
     t = OctMaxPool(3, (2, 1, 1), (2, 1, 1), octave=octave)(Octave(high, low))
     assert t.high.shape[2] == 3 and t.low.shape[2] == (2 if octave == "spatiotemporal" else 3)
+
+
+@pytest.mark.parametrize("dims", [1, 2, 3])
+@pytest.mark.parametrize("kernel", [1, 3])
+def test_pool_first_vanilla_layer_pools_then_convolves_at_stride_1(dims, kernel):
+    torch.manual_seed(0)
+    layer = OctConv(dims, 6, 8, kernel, 0.0, 0.0, stride=2, pool_first=True)
+    assert layer.h2h.stride == (1,) * dims and "pool_first=True" in repr(layer)
+    x = torch.randn(2, 6, *(7, 10, 5)[:dims])  # odd sizes: ceil-mode pooling
+    pooled = F.avg_pool1d if dims == 1 else F.avg_pool2d if dims == 2 else F.avg_pool3d
+    expected = layer.h2h(pooled(x, 2, 2, ceil_mode=True, count_include_pad=False))
+    assert torch.equal(layer(x), expected)
+    strided = OctConv(dims, 6, 8, kernel, 0.0, 0.0, stride=2)
+    strided.load_state_dict(layer.state_dict())  # same keys and shapes either way
+    assert strided(x).shape == expected.shape and not torch.allclose(strided(x), expected)
+
+
+def test_pool_first_must_be_a_bool():
+    with pytest.raises(TypeError, match="pool_first"):
+        OctConv(2, 4, 4, 3, 0.0, 0.0, stride=2, pool_first="yes")

@@ -89,6 +89,12 @@ class OctConv(nn.Module):
         bias: add a learnable bias per output branch (on ``h2h`` and ``l2l``; on ``h2l``
             for a first layer, which has no ``l2l``).
         octave: 3D only: ``"spatial"`` halves H and W, ``"spatiotemporal"`` halves T, H, W.
+        pool_first: how a strided *vanilla* layer (``alpha_in == alpha_out == 0``) strides.
+            ``False`` (default): a strided convolution, so the layer is exactly ``nn.ConvNd``.
+            ``True``: average-pool by the stride, then convolve at stride 1, as the official
+            OctConv code does for every strided convolution inside an octave network, ratio 0
+            included (e.g. ``layer4.0.conv2`` of Oct-ResNet-50). Layers with a low branch
+            always pool first, whatever this says.
 
     Input is a plain tensor when ``alpha_in == 0`` (an ``Octave`` whose ``low`` is None is
     accepted too), else an :class:`~oct3d.nn.Octave`. Output is an ``Octave`` when
@@ -113,6 +119,8 @@ class OctConv(nn.Module):
         groups: int = 1,
         bias: bool = False,
         octave: str = "spatial",
+        *,
+        pool_first: bool = False,
     ) -> None:
         super().__init__()
         self.axes = octave_axes(dims, octave)  # validates dims and octave
@@ -168,8 +176,11 @@ class OctConv(nn.Module):
                         f"out_channels={out_channels}, alpha_out={alpha_out})"
                     )
         self.is_vanilla = self.in_low == 0 and self.out_low == 0
+        if not isinstance(pool_first, bool):
+            raise TypeError(f"pool_first must be a bool, got {pool_first!r}")
+        self.pool_first = pool_first
 
-        conv_stride = self.stride if self.is_vanilla else 1
+        conv_stride = self.stride if self.is_vanilla and not pool_first else 1
 
         def conv(cin: int, cout: int, g: int, with_bias: bool) -> nn.Module:
             return _CONV[dims](
@@ -202,7 +213,7 @@ class OctConv(nn.Module):
         return (
             f"dims={self.dims}, {self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
             f"alpha_in={self.alpha_in}, alpha_out={self.alpha_out}, stride={self.stride}, "
-            f"octave={self.octave!r}, groups={self.groups}"
+            f"octave={self.octave!r}, groups={self.groups}" + (", pool_first=True" if self.pool_first else "")
         )
 
     # ------------------------------------------------------------------ input checks
@@ -262,7 +273,7 @@ class OctConv(nn.Module):
     def forward(self, x: OctaveInput) -> OctaveInput:
         high, low = self._split_input(x)
         if self.is_vanilla:
-            return self.h2h(high)
+            return self._forward_vanilla(high)
         if self.fast_path and self._paths_are_plain():
             y_high, y_low = self._forward_fast(high, low)
         else:
@@ -275,9 +286,13 @@ class OctConv(nn.Module):
         """The literal four-convolution formula of SPEC.md; the fast path must equal it."""
         high, low = self._split_input(x)
         if self.is_vanilla:
-            return self.h2h(high)
+            return self._forward_vanilla(high)
         y_high, y_low = self._forward_reference(high, low)
         return y_high if self.out_low == 0 else Octave(y_high, y_low)
+
+    def _forward_vanilla(self, high: Tensor) -> Tensor:
+        """``alpha_in == alpha_out == 0``: ``nn.ConvNd``, or pool-then-convolve with ``pool_first``."""
+        return self.h2h(avg_pool(high, self._pool_h2h) if self.pool_first else high)
 
     def _forward_reference(self, high: Tensor, low: Tensor | None) -> tuple[Tensor, Tensor | None]:
         y_high = self.h2h(avg_pool(high, self._pool_h2h))
@@ -555,9 +570,12 @@ class OctConv1d(OctConv):
     def __init__(
         self, in_channels: int, out_channels: int, kernel_size: IntOrTuple, alpha_in: float = 0.5,
         alpha_out: float = 0.5, stride: IntOrTuple = 1, dilation: IntOrTuple = 1, groups: int = 1,
-        bias: bool = False,
+        bias: bool = False, *, pool_first: bool = False,
     ) -> None:
-        super().__init__(1, in_channels, out_channels, kernel_size, alpha_in, alpha_out, stride, dilation, groups, bias)
+        super().__init__(
+            1, in_channels, out_channels, kernel_size, alpha_in, alpha_out, stride, dilation, groups, bias,
+            pool_first=pool_first,
+        )
 
 
 class OctConv2d(OctConv):
@@ -566,9 +584,12 @@ class OctConv2d(OctConv):
     def __init__(
         self, in_channels: int, out_channels: int, kernel_size: IntOrTuple, alpha_in: float = 0.5,
         alpha_out: float = 0.5, stride: IntOrTuple = 1, dilation: IntOrTuple = 1, groups: int = 1,
-        bias: bool = False,
+        bias: bool = False, *, pool_first: bool = False,
     ) -> None:
-        super().__init__(2, in_channels, out_channels, kernel_size, alpha_in, alpha_out, stride, dilation, groups, bias)
+        super().__init__(
+            2, in_channels, out_channels, kernel_size, alpha_in, alpha_out, stride, dilation, groups, bias,
+            pool_first=pool_first,
+        )
 
 
 class OctConv3d(OctConv):
@@ -581,8 +602,9 @@ class OctConv3d(OctConv):
     def __init__(
         self, in_channels: int, out_channels: int, kernel_size: IntOrTuple, alpha_in: float = 0.5,
         alpha_out: float = 0.5, stride: IntOrTuple = 1, dilation: IntOrTuple = 1, groups: int = 1,
-        bias: bool = False, octave: str = "spatial",
+        bias: bool = False, octave: str = "spatial", *, pool_first: bool = False,
     ) -> None:
         super().__init__(
-            3, in_channels, out_channels, kernel_size, alpha_in, alpha_out, stride, dilation, groups, bias, octave
+            3, in_channels, out_channels, kernel_size, alpha_in, alpha_out, stride, dilation, groups, bias, octave,
+            pool_first=pool_first,
         )
