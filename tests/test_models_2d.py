@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 import torchvision
 from torch import nn
 
@@ -300,3 +301,31 @@ def test_registry_and_builder_types():
     with torch.device("meta"):
         model = get_model("oct_resnet50", alpha=0.25, num_classes=5)
     assert isinstance(model, OctResNet) and model.fc.out_features == 5
+
+
+@pytest.mark.parametrize(
+    ("builder", "conv_path"),
+    [
+        ("oct_resnet50", "layer4.0.conv2"),
+        ("oct_mobilenet_v1", "features.12.conv1"),
+        ("oct_mobilenet_v2", "features.14.conv.1.0"),
+    ],
+)
+def test_octave_models_pool_before_strided_ratio0_convs_like_the_official_code(builder, conv_path):
+    """At alpha > 0 a strided ratio-0 conv average-pools by its stride and convolves at stride 1."""
+    from oct3d.models import get_model
+
+    official = get_model(builder, alpha=0.5, num_classes=10).get_submodule(conv_path)
+    strided = get_model(builder, alpha=0.5, num_classes=10, pool_first=False).get_submodule(conv_path)
+    vanilla = get_model(builder, alpha=0.0, num_classes=10).get_submodule(conv_path)
+    assert official.is_vanilla and official.pool_first and official.h2h.stride == (1, 1)
+    assert not strided.pool_first and strided.h2h.stride == (2, 2)
+    assert not vanilla.pool_first and vanilla.h2h.stride == (2, 2)
+    x = torch.randn(1, official.in_channels, 9, 7)
+    expected = official.h2h(F.avg_pool2d(x, 2, 2, ceil_mode=True, count_include_pad=False))
+    torch.testing.assert_close(official(x), expected)
+
+
+def test_pool_first_rejects_non_bool():
+    with pytest.raises(TypeError, match="pool_first"):
+        oct_resnet50(alpha=0.5, pool_first="yes")

@@ -206,3 +206,11 @@ def test_bad_input_shape():
     model = oct_c2d_r50(base_width=8, depths=(1, 1, 1, 1)).eval()
     with pytest.raises(ValueError, match="N, C, T, H, W"):
         model(torch.randn(1, 3, 32, 32))
+
+
+def test_octave_video_resnet_pools_before_res5s_strided_conv():
+    """Oct-I3D at alpha > 0 follows the official code at res5's strided ratio-0 conv; alpha 0 stays strided."""
+    official = oct_i3d_r50(alpha=0.5).layer4[0].conv2
+    assert official.pool_first and official.h2h.stride == (1, 1, 1)
+    assert not oct_i3d_r50(alpha=0.0).layer4[0].conv2.pool_first
+    assert not oct_i3d_r50(alpha=0.5, pool_first=False).layer4[0].conv2.pool_first

@@ -79,15 +79,35 @@ def init_like_vanilla(model: nn.Module, conv_mode: str = "fan_out") -> None:
 
 def conv_bn(
     dims: int, in_channels: int, out_channels: int, kernel_size: IntOrTuple, alpha_in: float, alpha_out: float,
-    stride: IntOrTuple = 1, groups: int = 1, octave: str = "spatial",
+    stride: IntOrTuple = 1, groups: int = 1, octave: str = "spatial", pool_first: bool = False,
 ) -> nn.Sequential:
-    """An octave convolution followed by its octave BatchNorm, as ``Sequential(conv, bn)``."""
+    """An octave convolution followed by its octave BatchNorm, as ``Sequential(conv, bn)``.
+
+    ``pool_first`` is :class:`~oct3d.nn.OctConv`'s: a strided ratio-0 layer pools, then convolves at stride 1.
+    """
     return nn.Sequential(
         OctConv(
-            dims, in_channels, out_channels, kernel_size, alpha_in, alpha_out, stride, groups=groups, octave=octave
+            dims, in_channels, out_channels, kernel_size, alpha_in, alpha_out, stride, groups=groups, octave=octave,
+            pool_first=pool_first,
         ),
         OctBatchNorm(dims, out_channels, alpha_out),
     )
+
+
+def resolve_pool_first(pool_first: bool | None, alphas: Sequence[float]) -> bool:
+    """How the strided ratio-0 convolutions of a network with stage ratios ``alphas`` stride.
+
+    ``None`` (the builders' default) follows the official OctConv code: inside an octave
+    network (any ratio > 0) *every* strided convolution average-pools by its stride and
+    convolves at stride 1, ratio 0 included (e.g. Oct-ResNet-50's ``layer4.0.conv2``), so the
+    official and d-li14 checkpoints compute the same function here. At alpha 0 the network stays
+    exactly the vanilla one (strided convolutions). ``True``/``False`` force either rule.
+    """
+    if pool_first is None:
+        return any(a > 0 for a in alphas)
+    if not isinstance(pool_first, bool):
+        raise TypeError(f"pool_first must be None or a bool, got {pool_first!r}")
+    return pool_first
 
 
 class OctSqueezeExcite(nn.Module):
@@ -153,13 +173,15 @@ class _OctResidual(nn.Module):
 
     def _shortcut(
         self, dims: int, in_channels: int, out_channels: int, stride: tuple[int, ...], alpha_in: float,
-        alpha_out: float, octave: str,
+        alpha_out: float, octave: str, pool_first: bool,
     ) -> nn.Module | None:
         if in_channels == out_channels and all(s == 1 for s in stride):
             # Only the octave ratio may change (e.g. R3D's layer1.0): re-split the identity rather
             # than add a projection the vanilla network lacks, so parameters stay independent of alpha.
             return None if alpha_in == alpha_out else OctaveResplit(alpha_in, alpha_out, octave)
-        return conv_bn(dims, in_channels, out_channels, 1, alpha_in, alpha_out, stride, octave=octave)
+        return conv_bn(
+            dims, in_channels, out_channels, 1, alpha_in, alpha_out, stride, octave=octave, pool_first=pool_first
+        )
 
     def _finish(self, out: OctaveInput, x: OctaveInput) -> OctaveInput:
         identity = x if self.downsample is None else self.downsample(x)
@@ -179,24 +201,30 @@ class OctBottleneck(_OctResidual):
         kernel_b: kernel of ``conv2`` (3 in 2D; ``(1, 3, 3)`` in the video ResNets).
         octave: ``"spatial"`` or ``"spatiotemporal"`` (3D).
         se_reduction: add an :class:`OctSqueezeExcite` with this reduction (SE-ResNet).
+        pool_first: a strided ratio-0 ``conv2`` and shortcut pool by the stride and convolve at
+            stride 1 (see :func:`resolve_pool_first`); octave layers always do.
     """
 
     def __init__(
         self, dims: int, in_channels: int, width: int, out_channels: int, stride: IntOrTuple = 1, groups: int = 1,
         alpha_in: float = 0.5, alpha: float = 0.5, alpha_out: float = 0.5, kernel_a: IntOrTuple = 1,
-        kernel_b: IntOrTuple = 3, octave: str = "spatial", se_reduction: int | None = None,
+        kernel_b: IntOrTuple = 3, octave: str = "spatial", se_reduction: int | None = None, pool_first: bool = False,
     ) -> None:
         super().__init__()
         stride_t = to_tuple(stride, dims, "stride")
         self.conv1 = OctConv(dims, in_channels, width, kernel_a, alpha_in, alpha, octave=octave)
         self.bn1 = OctBatchNorm(dims, width, alpha)
-        self.conv2 = OctConv(dims, width, width, kernel_b, alpha, alpha, stride_t, groups=groups, octave=octave)
+        self.conv2 = OctConv(
+            dims, width, width, kernel_b, alpha, alpha, stride_t, groups=groups, octave=octave, pool_first=pool_first
+        )
         self.bn2 = OctBatchNorm(dims, width, alpha)
         self.conv3 = OctConv(dims, width, out_channels, 1, alpha, alpha_out, octave=octave)
         self.bn3 = OctBatchNorm(dims, out_channels, alpha_out)
         self.se = OctSqueezeExcite(out_channels, alpha_out, se_reduction) if se_reduction else None
         self.relu = OctReLU(inplace=True)
-        self.downsample = self._shortcut(dims, in_channels, out_channels, stride_t, alpha_in, alpha_out, octave)
+        self.downsample = self._shortcut(
+            dims, in_channels, out_channels, stride_t, alpha_in, alpha_out, octave, pool_first
+        )
 
     def forward(self, x: OctaveInput) -> OctaveInput:
         out = self.relu(self.bn1(self.conv1(x)))
@@ -211,24 +239,30 @@ class OctBasicBlock(_OctResidual):
     """Basic residual block (two kxk convolutions, stride on the first) for any dims.
 
     ``kernel_size`` is 3 in 2D and ``3`` (3x3x3) in R3D. ``width`` is accepted for a common
-    signature with :class:`OctBottleneck` and must equal ``out_channels``.
+    signature with :class:`OctBottleneck` and must equal ``out_channels``. ``pool_first`` is as
+    for :class:`OctBottleneck`, on ``conv1`` and the shortcut.
     """
 
     def __init__(
         self, dims: int, in_channels: int, width: int, out_channels: int, stride: IntOrTuple = 1, groups: int = 1,
         alpha_in: float = 0.5, alpha: float = 0.5, alpha_out: float = 0.5, kernel_size: IntOrTuple = 3,
-        octave: str = "spatial",
+        octave: str = "spatial", pool_first: bool = False,
     ) -> None:
         super().__init__()
         if groups != 1 or width != out_channels:
             raise ValueError(f"OctBasicBlock needs groups=1 and width == out_channels, got {groups=}, {width=}")
         stride_t = to_tuple(stride, dims, "stride")
-        self.conv1 = OctConv(dims, in_channels, out_channels, kernel_size, alpha_in, alpha, stride_t, octave=octave)
+        self.conv1 = OctConv(
+            dims, in_channels, out_channels, kernel_size, alpha_in, alpha, stride_t, octave=octave,
+            pool_first=pool_first,
+        )
         self.bn1 = OctBatchNorm(dims, out_channels, alpha)
         self.conv2 = OctConv(dims, out_channels, out_channels, kernel_size, alpha, alpha_out, octave=octave)
         self.bn2 = OctBatchNorm(dims, out_channels, alpha_out)
         self.relu = OctReLU(inplace=True)
-        self.downsample = self._shortcut(dims, in_channels, out_channels, stride_t, alpha_in, alpha_out, octave)
+        self.downsample = self._shortcut(
+            dims, in_channels, out_channels, stride_t, alpha_in, alpha_out, octave, pool_first
+        )
 
     def forward(self, x: OctaveInput) -> OctaveInput:
         out = self.relu(self.bn1(self.conv1(x)))

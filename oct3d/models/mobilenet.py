@@ -35,8 +35,8 @@ from collections.abc import Sequence
 
 from torch import Tensor, nn
 
+from oct3d.models.blocks import init_like_vanilla, resolve_pool_first
 from oct3d.models.registry import register_model
-from oct3d.models.resnet import init_like_vanilla
 from oct3d.nn import OctaveInput, OctBatchNorm, OctConv, OctGlobalAvgPool, OctMap
 from oct3d.nn.conv import check_alpha, check_positive_int
 
@@ -70,11 +70,18 @@ class OctDepthwiseSeparable(nn.Module):
         stride: stride of the depthwise convolution (1 or 2).
         alpha_in: ratio of the input and of the depthwise convolution.
         alpha_out: ratio of the pointwise convolution's output.
+        pool_first: a strided ratio-0 depthwise conv pools by the stride, then convolves at stride 1
+            (:func:`~oct3d.models.blocks.resolve_pool_first`).
     """
 
-    def __init__(self, in_channels: int, out_channels: int, stride: int, alpha_in: float, alpha_out: float) -> None:
+    def __init__(
+        self, in_channels: int, out_channels: int, stride: int, alpha_in: float, alpha_out: float,
+        pool_first: bool = False,
+    ) -> None:
         super().__init__()
-        self.conv1 = OctConv(2, in_channels, in_channels, 3, alpha_in, alpha_in, stride, groups=in_channels)
+        self.conv1 = OctConv(
+            2, in_channels, in_channels, 3, alpha_in, alpha_in, stride, groups=in_channels, pool_first=pool_first
+        )
         self.bn1 = OctBatchNorm(2, in_channels, alpha_in)
         self.conv2 = OctConv(2, in_channels, out_channels, 1, alpha_in, alpha_out)
         self.bn2 = OctBatchNorm(2, out_channels, alpha_out)
@@ -97,6 +104,9 @@ class OctMobileNetV1(nn.Module):
         num_classes: outputs of the classifier.
         width_mult: channel multiplier (the paper: 1.0 and 0.75).
         dropout: dropout before the classifier (0 in the official recipe).
+        pool_first: how the strided ratio-0 depthwise conv (``features.12``) strides; ``None``
+            follows the official code (pool first when ``alpha > 0``). See
+            :func:`~oct3d.models.blocks.resolve_pool_first`.
     """
 
     #: (output channels, stride) of the 13 depthwise-separable blocks at width 1.0.
@@ -106,7 +116,8 @@ class OctMobileNetV1(nn.Module):
     )
 
     def __init__(
-        self, alpha: float = 0.5, num_classes: int = 1000, width_mult: float = 1.0, dropout: float = 0.0
+        self, alpha: float = 0.5, num_classes: int = 1000, width_mult: float = 1.0, dropout: float = 0.0,
+        pool_first: bool | None = None,
     ) -> None:
         super().__init__()
         alpha = check_alpha(alpha, "alpha")
@@ -115,6 +126,7 @@ class OctMobileNetV1(nn.Module):
         n = len(self.BLOCKS)
         self.dw_alphas = (0.0,) + (alpha,) * 10 + (0.0,) * (n - 11)
         self.pw_alphas = (alpha,) * 10 + (0.0,) * (n - 10)
+        self.pool_first = resolve_pool_first(pool_first, (alpha,))
 
         in_channels = int(32 * width_mult)
         layers: list[nn.Module] = [
@@ -126,7 +138,9 @@ class OctMobileNetV1(nn.Module):
         ]
         for (channels, stride), alpha_dw, alpha_pw in zip(self.BLOCKS, self.dw_alphas, self.pw_alphas):
             out_channels = int(channels * width_mult)
-            layers.append(OctDepthwiseSeparable(in_channels, out_channels, stride, alpha_dw, alpha_pw))
+            layers.append(
+                OctDepthwiseSeparable(in_channels, out_channels, stride, alpha_dw, alpha_pw, self.pool_first)
+            )
             in_channels = out_channels
         self.features = nn.Sequential(*layers)
         self.avgpool = OctGlobalAvgPool()
@@ -144,10 +158,14 @@ class OctInvertedResidual(nn.Module):
 
     ``conv`` holds ``[expand (conv, bn, relu6)], depthwise (conv, bn, relu6), project conv,
     project bn``, the expand part only when ``expand_ratio != 1``. The block's input and
-    output are plain tensors; the expanded maps are octave at ratio ``alpha``.
+    output are plain tensors; the expanded maps are octave at ratio ``alpha``. With ``pool_first``
+    a strided ratio-0 depthwise conv pools by the stride, then convolves at stride 1.
     """
 
-    def __init__(self, in_channels: int, out_channels: int, stride: int, expand_ratio: int, alpha: float) -> None:
+    def __init__(
+        self, in_channels: int, out_channels: int, stride: int, expand_ratio: int, alpha: float,
+        pool_first: bool = False,
+    ) -> None:
         super().__init__()
         hidden = round(in_channels * expand_ratio)
         self.use_res_connect = stride == 1 and in_channels == out_channels
@@ -156,7 +174,7 @@ class OctInvertedResidual(nn.Module):
         layers: list[nn.Module] = []
         if expand_ratio != 1:
             layers.append(_conv_bn_relu6(in_channels, hidden, 1, 1, 1, 0.0, alpha))
-        layers.append(_conv_bn_relu6(hidden, hidden, 3, stride, hidden, alpha, alpha))
+        layers.append(_conv_bn_relu6(hidden, hidden, 3, stride, hidden, alpha, alpha, pool_first))
         layers.append(OctConv(2, hidden, out_channels, 1, alpha, 0.0))
         layers.append(OctBatchNorm(2, out_channels, 0.0))
         self.conv = nn.Sequential(*layers)
@@ -168,10 +186,13 @@ class OctInvertedResidual(nn.Module):
 
 
 def _conv_bn_relu6(
-    in_channels: int, out_channels: int, kernel: int, stride: int, groups: int, alpha_in: float, alpha_out: float
+    in_channels: int, out_channels: int, kernel: int, stride: int, groups: int, alpha_in: float, alpha_out: float,
+    pool_first: bool = False,
 ) -> nn.Sequential:
     return nn.Sequential(
-        OctConv(2, in_channels, out_channels, kernel, alpha_in, alpha_out, stride, groups=groups),
+        OctConv(
+            2, in_channels, out_channels, kernel, alpha_in, alpha_out, stride, groups=groups, pool_first=pool_first
+        ),
         OctBatchNorm(2, out_channels, alpha_out),
         OctMap(nn.ReLU6(inplace=True)),
     )
@@ -194,6 +215,9 @@ class OctMobileNetV2(nn.Module):
             ``width_mult=1.125`` that is the paper's 4.2 M-parameter model, while the default 8
             is ``torchvision.models.mobilenet_v2(width_mult=1.125)`` with 4.35 M. At
             ``width_mult=1.0`` both are the same model.
+        pool_first: how strided ratio-0 depthwise convs (``features.14``) stride; ``None``
+            follows the official code (pool first when ``alpha > 0``). See
+            :func:`~oct3d.models.blocks.resolve_pool_first`.
     """
 
     #: torchvision's (expansion t, channels c, repeats n, stride s) per stage.
@@ -205,13 +229,14 @@ class OctMobileNetV2(nn.Module):
 
     def __init__(
         self, alpha: float = 0.5, num_classes: int = 1000, width_mult: float = 1.0, dropout: float = 0.2,
-        round_nearest: int = 8,
+        round_nearest: int = 8, pool_first: bool | None = None,
     ) -> None:
         super().__init__()
         alpha = check_alpha(alpha, "alpha")
         width_mult = _check_positive("width_mult", width_mult)
         num_classes = check_positive_int(num_classes, "num_classes")
         check_positive_int(round_nearest, "round_nearest")
+        self.pool_first = resolve_pool_first(pool_first, (alpha,))
         in_channels = _make_divisible(32 * width_mult, round_nearest)
         self.last_channel = _make_divisible(1280 * max(1.0, width_mult), round_nearest)
         layers: list[nn.Module] = [
@@ -228,7 +253,9 @@ class OctMobileNetV2(nn.Module):
             for i in range(n):
                 # No expansion, no octave middle (module docstring); otherwise the official schedule.
                 block_alpha = alpha if (index < self.OCTAVE_BLOCKS and t != 1) else 0.0
-                layers.append(OctInvertedResidual(in_channels, out_channels, s if i == 0 else 1, t, block_alpha))
+                layers.append(
+                    OctInvertedResidual(in_channels, out_channels, s if i == 0 else 1, t, block_alpha, self.pool_first)
+                )
                 block_alphas.append(block_alpha)
                 in_channels = out_channels
                 index += 1

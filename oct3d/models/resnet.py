@@ -38,7 +38,7 @@ from collections.abc import Sequence
 
 from torch import Tensor, nn
 
-from oct3d.models.blocks import OctBottleneck, init_like_vanilla, make_stage
+from oct3d.models.blocks import OctBottleneck, init_like_vanilla, make_stage, resolve_pool_first
 from oct3d.models.registry import register_model
 from oct3d.nn import OctGlobalAvgPool
 from oct3d.nn.conv import check_alpha, check_positive_int
@@ -78,6 +78,10 @@ class OctResNet(nn.Module):
             takes the previous stage's ratio as input (the stem's is 0); with ``alphas[3] > 0``
             the head pools both branches and concatenates them before ``fc``.
         zero_init_residual: start every block's last BatchNorm at zero (torchvision's option).
+        pool_first: how strided ratio-0 convolutions (``layer4.0.conv2``) stride. ``None``: the
+            official code's rule, pool then stride-1 conv when any ratio is > 0, a strided conv at
+            alpha 0 (exactly torchvision). ``True``/``False`` force either. See
+            :func:`~oct3d.models.blocks.resolve_pool_first`.
     """
 
     def __init__(
@@ -90,6 +94,7 @@ class OctResNet(nn.Module):
         se_reduction: int | None = None,
         alphas: Sequence[float] | None = None,
         zero_init_residual: bool = False,
+        pool_first: bool | None = None,
     ) -> None:
         super().__init__()
         if len(layers) != 4 or any(isinstance(d, bool) or not isinstance(d, int) or d < 1 for d in layers):
@@ -104,6 +109,7 @@ class OctResNet(nn.Module):
         self.alphas = tuple(check_alpha(a, f"alphas[{i}]") for i, a in enumerate(alphas))
         self.layers = tuple(layers)
         self.groups = groups
+        self.pool_first = resolve_pool_first(pool_first, self.alphas)
 
         self.conv1 = nn.Conv2d(3, 64, kernel_size=7, stride=2, padding=3, bias=False)
         self.bn1 = nn.BatchNorm2d(64)
@@ -111,7 +117,7 @@ class OctResNet(nn.Module):
         self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
 
         in_channels, alpha_in = 64, 0.0
-        block_options = {"groups": groups, "se_reduction": se_reduction}
+        block_options = {"groups": groups, "se_reduction": se_reduction, "pool_first": self.pool_first}
         for index, (planes, depth, stage_alpha) in enumerate(zip((64, 128, 256, 512), layers, self.alphas)):
             width = int(planes * width_per_group / 64) * groups
             out_channels = planes * _EXPANSION

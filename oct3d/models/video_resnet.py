@@ -22,7 +22,14 @@ from collections.abc import Mapping, Sequence
 
 from torch import Tensor, nn
 
-from oct3d.models.blocks import OctaveResplit, OctBasicBlock, OctBottleneck, init_like_vanilla, make_stage
+from oct3d.models.blocks import (
+    OctaveResplit,
+    OctBasicBlock,
+    OctBottleneck,
+    init_like_vanilla,
+    make_stage,
+    resolve_pool_first,
+)
 from oct3d.models.registry import register_model
 from oct3d.nn import (
     OCTAVE_MODES,
@@ -88,6 +95,9 @@ class OctVideoResNet(nn.Module):
         num_classes: classifier outputs.
         dropout: dropout probability before the classifier.
         zero_init_residual: zero the last BatchNorm of every block (pytorchvideo's initialisation).
+        pool_first: how strided ratio-0 convolutions (res5's first block) stride. ``None``: the
+            official OctConv rule, pool then stride-1 conv when any ratio is > 0, strided convs at
+            alpha 0 (exactly pytorchvideo / torchvision). See :func:`~oct3d.models.blocks.resolve_pool_first`.
 
     Head. pytorchvideo's head averages with a fixed ``AvgPool3d`` kernel (``(4, 7, 7)`` for I3D and C2D,
     ``(8, 7, 7)`` for Slow; stride 1), applies the classifier at every remaining position and averages
@@ -118,6 +128,7 @@ class OctVideoResNet(nn.Module):
         num_classes: int = 400,
         dropout: float = 0.5,
         zero_init_residual: bool = True,
+        pool_first: bool | None = None,
     ) -> None:
         super().__init__()
         if block not in ("bottleneck", "basic"):
@@ -145,6 +156,7 @@ class OctVideoResNet(nn.Module):
         self.depths = depths
         self.alphas = alphas
         self.octave = octave
+        self.pool_first = resolve_pool_first(pool_first, alphas)
         self.base_width = base_width
         self.num_classes = num_classes
 
@@ -176,7 +188,7 @@ class OctVideoResNet(nn.Module):
             stages.append(
                 make_stage(
                     block_cls, 3, channels, width, width * expansion, depths[i], stage_strides[i], alpha_in, alphas[i],
-                    octave=octave, block_kwargs=per_block,
+                    octave=octave, block_kwargs=per_block, pool_first=self.pool_first,
                 )
             )
             channels, alpha_in = width * expansion, alphas[i]
@@ -301,6 +313,7 @@ def oct_i3d_r50(
     depths: Sequence[int] = (3, 4, 6, 3),
     base_width: int = 64,
     in_channels: int = 3,
+    pool_first: bool | None = None,
 ) -> OctVideoResNet:
     """Oct-I3D ResNet-50 (paper Table 8); at ``alpha=0`` it is pytorchvideo's ``i3d_r50``.
 
@@ -318,11 +331,14 @@ def oct_i3d_r50(
         depths: blocks per stage; ``(1, 1, 1, 1)`` with a small ``base_width`` for tests and demos.
         base_width: stem channels (64); every stage width scales with it.
         in_channels: input channels.
+        pool_first: strided ratio-0 convs (res5's first block) pool, then convolve at stride 1;
+            ``None`` follows the official code (pool first when any ratio is > 0). See
+            :func:`~oct3d.models.blocks.resolve_pool_first`.
     """
     return OctVideoResNet(
         "bottleneck", depths, _alphas(alpha, alphas), octave, stem_kernel_size=(5, 7, 7), stem_pool=True,
         temporal_pool=True, temporal_kernels=_I3D_TEMPORAL_KERNELS, base_width=base_width, in_channels=in_channels,
-        num_classes=num_classes, dropout=dropout,
+        num_classes=num_classes, dropout=dropout, pool_first=pool_first,
     )
 
 
@@ -337,6 +353,7 @@ def oct_c2d_r50(
     depths: Sequence[int] = (3, 4, 6, 3),
     base_width: int = 64,
     in_channels: int = 3,
+    pool_first: bool | None = None,
 ) -> OctVideoResNet:
     """Oct-C2D ResNet-50 (paper Table 8); at ``alpha=0`` it is pytorchvideo's ``c2d_r50``.
 
@@ -347,7 +364,7 @@ def oct_c2d_r50(
     return OctVideoResNet(
         "bottleneck", depths, _alphas(alpha, alphas), octave, stem_kernel_size=(1, 7, 7), stem_pool=True,
         temporal_pool=True, temporal_kernels=_C2D_TEMPORAL_KERNELS, base_width=base_width, in_channels=in_channels,
-        num_classes=num_classes, dropout=dropout,
+        num_classes=num_classes, dropout=dropout, pool_first=pool_first,
     )
 
 
@@ -362,6 +379,7 @@ def oct_slow_r50(
     depths: Sequence[int] = (3, 4, 6, 3),
     base_width: int = 64,
     in_channels: int = 3,
+    pool_first: bool | None = None,
 ) -> OctVideoResNet:
     """Oct-Slow ResNet-50 (the Slow pathway of SlowFast); at ``alpha=0`` it is pytorchvideo's ``slow_r50``.
 
@@ -371,19 +389,20 @@ def oct_slow_r50(
     return OctVideoResNet(
         "bottleneck", depths, _alphas(alpha, alphas), octave, stem_kernel_size=(1, 7, 7), stem_pool=True,
         temporal_pool=False, temporal_kernels=_SLOW_TEMPORAL_KERNELS, base_width=base_width,
-        in_channels=in_channels, num_classes=num_classes, dropout=dropout,
+        in_channels=in_channels, num_classes=num_classes, dropout=dropout, pool_first=pool_first,
     )
 
 
 def _r3d(
     block: str, default_depths: Sequence[int], alpha: float, octave: str, num_classes: int, dropout: float,
     alphas: Sequence[float] | None, depths: Sequence[int] | None, base_width: int, in_channels: int,
+    pool_first: bool | None,
 ) -> OctVideoResNet:
     return OctVideoResNet(
         block, default_depths if depths is None else depths, _alphas(alpha, alphas), octave,
         stem_kernel_size=(3, 7, 7), stem_pool=False, temporal_pool=False, temporal_kernels=((1,),) * 4,
         spatial_kernel_size=3, stage_strides=((1, 1, 1), (2, 2, 2), (2, 2, 2), (2, 2, 2)), base_width=base_width,
-        in_channels=in_channels, num_classes=num_classes, dropout=dropout,
+        in_channels=in_channels, num_classes=num_classes, dropout=dropout, pool_first=pool_first,
     )
 
 
@@ -398,6 +417,7 @@ def oct_r3d_18(
     depths: Sequence[int] = (2, 2, 2, 2),
     base_width: int = 64,
     in_channels: int = 3,
+    pool_first: bool | None = None,
 ) -> OctVideoResNet:
     """Oct-R3D-18: 3x3x3 basic blocks; at ``alpha=0`` it is torchvision's ``r3d_18`` (plus head dropout).
 
@@ -407,7 +427,9 @@ def oct_r3d_18(
     parameter-free :class:`OctaveResplit` (the vanilla identity), so the parameter count does not
     depend on alpha and :func:`~oct3d.models.load_vanilla` fills it from ``r3d_18`` at any alpha.
     """
-    return _r3d("basic", (2, 2, 2, 2), alpha, octave, num_classes, dropout, alphas, depths, base_width, in_channels)
+    return _r3d(
+        "basic", (2, 2, 2, 2), alpha, octave, num_classes, dropout, alphas, depths, base_width, in_channels, pool_first
+    )
 
 
 @register_model(task="video")
@@ -421,9 +443,12 @@ def oct_r3d_34(
     depths: Sequence[int] = (3, 4, 6, 3),
     base_width: int = 64,
     in_channels: int = 3,
+    pool_first: bool | None = None,
 ) -> OctVideoResNet:
     """Oct-R3D-34: :func:`oct_r3d_18` with ``(3, 4, 6, 3)`` basic blocks (torchvision's ``VideoResNet`` layout)."""
-    return _r3d("basic", (3, 4, 6, 3), alpha, octave, num_classes, dropout, alphas, depths, base_width, in_channels)
+    return _r3d(
+        "basic", (3, 4, 6, 3), alpha, octave, num_classes, dropout, alphas, depths, base_width, in_channels, pool_first
+    )
 
 
 @register_model(task="video")
@@ -437,9 +462,11 @@ def oct_r3d_50(
     depths: Sequence[int] = (3, 4, 6, 3),
     base_width: int = 64,
     in_channels: int = 3,
+    pool_first: bool | None = None,
 ) -> OctVideoResNet:
     """Oct-R3D-50: bottleneck blocks (1x1x1, 3x3x3, 1x1x1) in the R3D layout (torchvision's ``VideoResNet``
     with ``Bottleneck`` and ``Conv3DSimple``). Arguments as :func:`oct_i3d_r50`."""
     return _r3d(
-        "bottleneck", (3, 4, 6, 3), alpha, octave, num_classes, dropout, alphas, depths, base_width, in_channels
+        "bottleneck", (3, 4, 6, 3), alpha, octave, num_classes, dropout, alphas, depths, base_width, in_channels,
+        pool_first,
     )
