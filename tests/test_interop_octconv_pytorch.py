@@ -10,6 +10,9 @@ built with ``alpha_out=0, output=True``). No download: the weights are random.
 
 from __future__ import annotations
 
+import math
+import re
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -21,22 +24,23 @@ from oct3d.interop import (
     load_octconv_pytorch,
     translate_octconv_pytorch,
 )
-from oct3d.models import oct_resnet26, oct_resnet50, oct_resnet101
+from oct3d.models import oct_mobilenet_v1, oct_resnet26, oct_resnet50, oct_resnet101
 
 
 class _TheirOctaveConv(nn.Module):
-    def __init__(self, cin, cout, kernel, alpha_in, alpha_out, stride=1, padding=0):
+    def __init__(self, cin, cout, kernel, alpha_in, alpha_out, stride=1, padding=0, groups=1):
         super().__init__()
         self.stride = stride
+        depthwise = groups == cin
         low_in, low_out = int(alpha_in * cin), int(alpha_out * cout)
 
-        def conv(i, o):
-            return nn.Conv2d(i, o, kernel, 1, padding, bias=False)
+        def conv(i, o, g):
+            return nn.Conv2d(i, o, kernel, 1, padding, groups=g, bias=False)
 
-        self.conv_l2l = conv(low_in, low_out) if low_in and low_out else None
-        self.conv_l2h = conv(low_in, cout - low_out) if low_in else None
-        self.conv_h2l = conv(cin - low_in, low_out) if low_out else None
-        self.conv_h2h = conv(cin - low_in, cout - low_out)
+        self.conv_l2l = conv(low_in, low_out, math.ceil(alpha_in * groups)) if low_in and low_out else None
+        self.conv_l2h = conv(low_in, cout - low_out, groups) if low_in and not depthwise else None
+        self.conv_h2l = conv(cin - low_in, low_out, groups) if low_out and not depthwise else None
+        self.conv_h2h = conv(cin - low_in, cout - low_out, math.ceil(groups - alpha_in * groups))
 
     def forward(self, x):
         high, low = x if isinstance(x, tuple) else (x, None)
@@ -45,19 +49,21 @@ class _TheirOctaveConv(nn.Module):
         y_high = self.conv_h2h(high)
         y_low = self.conv_h2l(F.avg_pool2d(high, 2, 2)) if self.conv_h2l is not None else None
         if low is not None:
-            from_low = self.conv_l2h(low)
-            if self.stride == 1:
-                from_low = F.interpolate(from_low, scale_factor=2, mode="nearest")
-            y_high = y_high + from_low
+            if self.conv_l2h is not None:
+                from_low = self.conv_l2h(low)
+                if self.stride == 1:
+                    from_low = F.interpolate(from_low, scale_factor=2, mode="nearest")
+                y_high = y_high + from_low
             if self.conv_l2l is not None:
-                y_low = y_low + self.conv_l2l(F.avg_pool2d(low, 2, 2) if self.stride == 2 else low)
+                from_low = self.conv_l2l(F.avg_pool2d(low, 2, 2) if self.stride == 2 else low)
+                y_low = from_low if y_low is None else y_low + from_low
         return y_high, y_low
 
 
 class _TheirConvBN(nn.Module):  # their Conv_BN (act=False) and Conv_BN_ACT (act=True)
-    def __init__(self, cin, cout, kernel, alpha_in, alpha_out, stride=1, padding=0, act=True):
+    def __init__(self, cin, cout, kernel, alpha_in, alpha_out, stride=1, padding=0, groups=1, act=True):
         super().__init__()
-        self.conv = _TheirOctaveConv(cin, cout, kernel, alpha_in, alpha_out, stride, padding)
+        self.conv = _TheirOctaveConv(cin, cout, kernel, alpha_in, alpha_out, stride, padding, groups)
         self.bn_h = nn.BatchNorm2d(int(cout * (1 - alpha_out)))
         self.bn_l = nn.BatchNorm2d(int(cout * alpha_out)) if alpha_out else None
         self.act = nn.ReLU(inplace=True) if act else None
@@ -122,9 +128,34 @@ class _TheirOctResNet(nn.Module):
         return self.fc(torch.flatten(self.avgpool(high), 1))
 
 
+class _TheirOctMobileNet(nn.Module):  # their oct_mobilenet.py (MobileNetV1, width 1.0)
+    def __init__(self, num_classes=1000):
+        super().__init__()
+
+        def separable(cin, cout, stride, alpha_in=0.5, alpha_out=0.5):
+            return nn.Sequential(
+                _TheirConvBN(cin, cin, 3, alpha_in, alpha_in, stride, 1, groups=cin),
+                _TheirConvBN(cin, cout, 1, alpha_in, alpha_out),
+            )
+
+        stem = nn.Sequential(nn.Conv2d(3, 32, 3, 2, 1, bias=False), nn.BatchNorm2d(32), nn.ReLU(inplace=True))
+        self.features = nn.Sequential(
+            stem, separable(32, 64, 1, 0, 0.5), separable(64, 128, 2), separable(128, 128, 1),
+            separable(128, 256, 2), separable(256, 256, 1), separable(256, 512, 2),
+            *[separable(512, 512, 1) for _ in range(4)], separable(512, 512, 1, 0.5, 0),
+            separable(512, 1024, 2, 0, 0), separable(1024, 1024, 1, 0, 0),
+        )
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(1024, num_classes)
+
+    def forward(self, x):
+        high, _ = self.features(x)
+        return self.fc(torch.flatten(self.avgpool(high), 1))
+
+
 def _theirs(layers, num_classes=1000) -> nn.Module:
     torch.manual_seed(0)
-    model = _TheirOctResNet(layers, num_classes)
+    model = _TheirOctMobileNet(num_classes) if layers == "mobilenet" else _TheirOctResNet(layers, num_classes)
     generator = torch.Generator().manual_seed(1)
     for m in model.modules():  # random statistics and affine parameters, so a misplaced norm shows
         if isinstance(m, nn.BatchNorm2d):
@@ -156,17 +187,32 @@ PUBLISHED = {
     "layer4.2.conv1.conv.conv_h2h.weight": (512, 2048, 1, 1),
     "fc.weight": (1000, 2048),
 }
+PUBLISHED_MOBILENET = {
+    "features.0.0.weight": (32, 3, 3, 3),
+    "features.1.0.conv.conv_h2h.weight": (32, 1, 3, 3),
+    "features.1.1.conv.conv_h2l.weight": (32, 32, 1, 1),
+    "features.2.0.conv.conv_l2l.weight": (32, 1, 3, 3),
+    "features.2.0.bn_l.running_mean": (32,),
+    "features.11.1.conv.conv_l2h.weight": (512, 256, 1, 1),
+    "features.12.0.conv.conv_h2h.weight": (512, 1, 3, 3),
+    "fc.weight": (1000, 1024),
+}
 
 
-@pytest.mark.parametrize(("layers", "builder"), [((3, 4, 6, 3), oct_resnet50), ((3, 4, 23, 3), oct_resnet101)],
-                         ids=["resnet50", "resnet101"])
-def test_every_key_maps_onto_oct_resnet(layers, builder):
+@pytest.mark.parametrize(
+    ("layers", "builder", "published"),
+    [((3, 4, 6, 3), oct_resnet50, PUBLISHED), ((3, 4, 23, 3), oct_resnet101, PUBLISHED),
+     ("mobilenet", oct_mobilenet_v1, PUBLISHED_MOBILENET)],
+    ids=["resnet50", "resnet101", "mobilenet_v1"],
+)
+def test_every_key_maps_onto_oct3d(layers, builder, published):
     with torch.device("meta"):
-        state = _TheirOctResNet(layers).state_dict()
+        state = (_TheirOctMobileNet() if layers == "mobilenet" else _TheirOctResNet(layers)).state_dict()
         model = builder(alpha=0.5)
-    for key, shape in PUBLISHED.items():
+    for key, shape in published.items():
         assert tuple(state[key].shape) == shape, key
-    assert not any("layer4" in k and ("conv_h2l" in k or "conv_l2l" in k or "bn_l" in k) for k in state)
+    # No low outputs where the paper is vanilla: ResNet's layer4, MobileNet's last two blocks.
+    assert not any(re.match(r"(layer4|features\.1[23])\..*(h2l|l2l|bn_l)", k) for k in state)
     mapped = translate_octconv_pytorch(state, model)  # raises on any unconsumed key or unfilled parameter
     ours = model.state_dict()
     assert len(state) == len(mapped) == len(ours) and set(mapped) == set(ours)
@@ -177,6 +223,15 @@ def test_resnet50_logits_match_their_forward():
     theirs = _theirs((3, 4, 6, 3))
     model = from_octconv_pytorch(theirs.state_dict(), arch="oct_resnet50").eval()
     image = torch.randn(2, 3, 96, 96)  # low maps of 3x3 in layer3, like 7x7 at 224
+    with torch.no_grad():
+        _assert_same_logits(model(image), theirs(image))
+
+
+def test_mobilenet_v1_logits_match_their_forward():
+    theirs = _theirs("mobilenet")
+    model = from_octconv_pytorch(theirs.state_dict(), arch="oct_mobilenet").eval()
+    assert model.pool_first and model.pw_alphas[0] == 0.5
+    image = torch.randn(2, 3, 64, 64)  # 4x4 high / 2x2 low maps at the end of the octave part
     with torch.no_grad():
         _assert_same_logits(model(image), theirs(image))
 
@@ -207,11 +262,11 @@ def test_checkpoint_file_with_dataparallel_prefix(tmp_path):
 def test_mismatches_are_named():
     with torch.device("meta"):
         state = _TheirOctResNet((3, 4, 6, 3)).state_dict()
-        with pytest.raises(OctconvPytorchMismatchError, match=r"alpha 0.5.*alphas \[0.25"):
+        with pytest.raises(OctconvPytorchMismatchError, match=r"alphas \[0.5, 0.5, 0.5, 0.0\].*alphas \[0.25"):
             translate_octconv_pytorch(state, oct_resnet50(alpha=0.25))
         with pytest.raises(OctconvPytorchMismatchError, match="pool_first"):
             translate_octconv_pytorch(state, oct_resnet50(alpha=0.5, pool_first=False))
-        with pytest.raises(OctconvPytorchMismatchError, match=r"blocks \[3, 4, 6, 3\].*blocks \[3, 4, 23, 3\]"):
+        with pytest.raises(OctconvPytorchMismatchError, match=r"stage \[3, 4, 6, 3\].*stage \[3, 4, 23, 3\]"):
             translate_octconv_pytorch(state, oct_resnet101(alpha=0.5))
         broken = dict(state)
         del broken["layer2.1.conv2.conv.conv_l2h.weight"]
