@@ -85,7 +85,7 @@ def test_costs_across_alpha_and_mode(builder):
 
 def test_spatial_octave_cost_matches_formula_on_one_layer():
     # A 1x3x3 octave conv at alpha .5 costs (1-a)^2 + a(1-a)/2 + a^2/4 = 1/4 + 3/16 = 7/16 of the vanilla
-    # one in spatial mode (SPEC.md section 2); spatiotemporal divides the low-resolution terms by 8
+    # one in spatial mode (docs/semantics.md section 2); spatiotemporal divides the low-resolution terms by 8
     # instead of 4: 1/4 + 3/32 = 11/32.
     def macs(conv, x):
         with FlopCounterMode(display=False) as counter:

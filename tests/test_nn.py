@@ -1,4 +1,4 @@
-"""Octave operator family against an independent dense reference (SPEC.md section 2).
+"""Octave operator family against an independent dense reference (docs/semantics.md section 2).
 
 The reference below shares no code with oct3d: pooling is a NaN-padded reshape-mean,
 upsampling is ``repeat_interleave`` then crop, and the convolutions are functional calls
@@ -76,7 +76,7 @@ def ref_octconv(layer: OctConv, high: torch.Tensor, low: torch.Tensor | None):
         return CONV[dims](x, w, sd.get(f"{path}.bias"), 1, pad, layer.dilation, groups)
 
     if layer.in_low == 0 and layer.out_low == 0:
-        # The vanilla case is the strided convolution itself (SPEC.md section 2).
+        # The vanilla case is the strided convolution itself (docs/semantics.md section 2).
         return CONV[dims](high, sd["h2h.weight"], sd.get("h2h.bias"), s, pad, layer.dilation, layer.groups), None
     y_high = conv("h2h", ref_pool(high, s))
     if low is not None and "l2h.weight" in sd:

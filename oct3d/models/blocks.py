@@ -3,7 +3,7 @@
 Names follow torchvision's ``resnet`` (``conv1``, ``bn1``, ..., ``downsample``), so a 2D
 Oct-ResNet at ``alpha=0`` has the same module tree as torchvision's. A block carries three
 ratios: ``alpha_in`` (its input), ``alpha`` (its inner convolutions) and ``alpha_out`` (its
-output and shortcut). The transitions of SPEC.md section 4 are blocks with
+output and shortcut). The transitions of docs/semantics.md section 4 are blocks with
 ``alpha_in=0`` (first octave block) or ``alpha=alpha_out=0`` (first vanilla block).
 """
 
@@ -111,7 +111,7 @@ def resolve_pool_first(pool_first: bool | None, alphas: Sequence[float]) -> bool
 
 
 class OctSqueezeExcite(nn.Module):
-    """Squeeze-and-excitation for octave maps (SPEC.md section 3).
+    """Squeeze-and-excitation for octave maps (docs/semantics.md section 3).
 
     Each branch is average-pooled, the results are concatenated and squeezed by one shared
     FC (``fc1``); each branch is excited by its own FC (``fc_h``, ``fc_l``) and a sigmoid.
@@ -287,7 +287,7 @@ def make_stage(
     """A stage of ``depth`` blocks: the first changes stride/width/ratio, the rest keep them.
 
     The first block maps ``alpha_in -> alpha``; when ``alpha == 0`` (a vanilla stage after
-    an octave one) its inner convolutions are vanilla too (SPEC.md section 4). ``block_kwargs``
+    an octave one) its inner convolutions are vanilla too (docs/semantics.md section 4). ``block_kwargs``
     gives extra per-block keyword arguments (one dict for all, or a list of ``depth`` dicts),
     e.g. I3D's alternating temporal kernels.
     """

@@ -1,7 +1,7 @@
 """Oct-DenseNet-121 for ImageNet (2D), torchvision layout.
 
-``SPEC.md`` is silent on DenseNet; the placement here is the official MXNet code's
-(``facebookresearch/OctConv``, ``utils/gluon/utils/densenet.py``, ``ratio=(a, a, a, 0)``):
+The paper does not give DenseNet's placement; the one here (``docs/semantics.md`` section 4) is
+the official MXNet code's (``facebookresearch/OctConv``, ``utils/gluon/utils/densenet.py``, ``ratio=(a, a, a, 0)``):
 
 - the stem convolution ``conv0`` is the network's first octave layer (``alpha_in = 0``,
   ``alpha_out = alpha``, 7x7, stride 2); ``norm0``, ``relu0`` and the 3x3 max pool

@@ -1,6 +1,6 @@
 """Oct-MobileNet V1 and V2 for ImageNet (2D).
 
-Octave placement follows the official code (``SPEC.md`` section 4):
+Octave placement follows the official code (``docs/semantics.md`` section 4):
 
 - **V1** (vanilla 3x3 stem, then 13 depthwise-separable blocks): block ``i``'s depthwise
   convolution runs at ``dw[i]`` and its pointwise convolution maps ``dw[i] -> pw[i]`` with

@@ -1,6 +1,6 @@
 """Oct-ResNet, Oct-ResNeXt and Oct-SE-ResNet for ImageNet (2D), torchvision layout.
 
-Octave placement follows the official code (``SPEC.md`` section 4):
+Octave placement follows the official code (``docs/semantics.md`` section 4):
 
 - the stem (``conv1``, ``bn1``, ``relu``, ``maxpool``) is vanilla;
 - ``layer1``..``layer3`` run at ratio ``alpha``; the first block of ``layer1`` takes the
@@ -21,13 +21,13 @@ with 25.56 M parameters at every alpha (paper Table 2: 4.1 / 3.6 / 3.1 / 2.4 / 1
 Weights from vanilla models: at ``alpha > 0``, ``load_vanilla(oct_resnet50(alpha), resnet50())``
 is a warm start for fine-tuning, not an equivalent network. Besides the low channels seeing
 pooled maps, every strided octave convolution average-pools and then convolves instead of
-subsampling (``SPEC.md`` section 2), which changes the high path too: on a randomly
+subsampling (``docs/semantics.md`` section 2), which changes the high path too: on a randomly
 initialised ResNet-50 (BatchNorm calibrated on smooth random 112x112 images) the logits move
 by 0.58 / 0.57 / 0.56 relative L2 at alpha .125 / .25 / .5, and already at alpha .02 the
 features differ by 0.8 after ``layer2``. See ``tests/test_transfer_2d.py`` for the other models.
 
 ResNeXt (grouped 3x3): every branch of a grouped octave convolution must divide by
-``groups`` (``SPEC.md`` section 2, as in the official code), so ``oct_resnext50_32x4d`` accepts
+``groups`` (``docs/semantics.md`` section 2, as in the official code), so ``oct_resnext50_32x4d`` accepts
 ``alpha`` in {0, .25, .5, .75} (``layer1`` is 128 channels wide: 32 groups of 4) and rejects
 ``alpha = .125`` with a ``ValueError``.
 """
@@ -207,6 +207,6 @@ def oct_se_resnet50(alpha: float = 0.5, num_classes: int = 1000, **kwargs) -> Oc
     """Oct-SE-ResNet-50: Oct-ResNet-50 with an octave squeeze-excitation (reduction 16) in every block.
 
     The SE pools both branches, squeezes them with one shared FC and excites each branch with
-    its own FC (``SPEC.md`` section 3); ``layer4``'s SE is the ordinary one. See :class:`OctResNet`.
+    its own FC (``docs/semantics.md`` section 3); ``layer4``'s SE is the ordinary one. See :class:`OctResNet`.
     """
     return _build((3, 4, 6, 3), alpha, num_classes, se_reduction=16, **kwargs)

@@ -8,7 +8,7 @@ torchvision ResNet (``conv1, bn1, relu, maxpool, layer1..layer4, avgpool, fc``) 
 :func:`oct3d.models.load_vanilla` fills it from pytorchvideo's or torchvision's vanilla peers
 (:meth:`OctVideoResNet.translate_vanilla_state_dict` renames their keys).
 
-Octave placement follows SPEC.md section 4 (the paper's Table 8): stem vanilla, ``layer1`` to
+Octave placement follows docs/semantics.md section 4 (the paper's Table 8): stem vanilla, ``layer1`` to
 ``layer3`` (res2..res4) octave with ratio ``alpha`` (the first block of ``layer1`` takes the plain
 stem output), ``layer4`` (res5) vanilla. ``octave="spatial"`` halves H and W of the low branch (the
 paper's video setting), ``"spatiotemporal"`` halves T as well. At ``alpha=0`` every model is its
@@ -79,7 +79,8 @@ class OctVideoResNet(nn.Module):
     Args:
         block: ``"bottleneck"`` (ResNet-50 family) or ``"basic"`` (R3D-18/34).
         depths: blocks per stage (res2..res5), e.g. ``(3, 4, 6, 3)``.
-        alphas: octave ratio per stage (res2..res5); SPEC.md's placement is ``(a, a, a, 0)``.
+        alphas: octave ratio per stage (res2..res5); the paper's placement is ``(a, a, a, 0)``
+            (``docs/semantics.md`` section 4).
         octave: ``"spatial"`` (low branch at half H, W) or ``"spatiotemporal"`` (half T, H, W).
         stem_kernel_size: kernel of the vanilla stem convolution (stride ``(1, 2, 2)``, "same" padding).
         stem_pool: add pytorchvideo's stem max pool (kernel ``(1, 3, 3)``, stride ``(1, 2, 2)``).

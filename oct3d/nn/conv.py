@@ -1,6 +1,6 @@
 """Octave convolution for 1D, 2D and 3D maps (Chen et al., "Drop an Octave", ICCV 2019).
 
-One dimension-generic module, :class:`OctConv`, implements ``SPEC.md`` section 2 exactly:
+One dimension-generic module, :class:`OctConv`, implements ``docs/semantics.md`` section 2 exactly:
 
     Y_high = h2h(pool(X_high, s)) + up(l2h(pool(X_low, s on non-octave axes)), size of Y_high)
     Y_low  = l2l(pool(X_low, s))  + h2l(pool(X_high, s * p))
@@ -202,7 +202,7 @@ class OctConv(nn.Module):
                 conv(self.in_low, self.out_low, groups, bias) if self.in_low and self.out_low else None
             )
 
-        # Pooling factors of each path's input (SPEC.md section 2).
+        # Pooling factors of each path's input (docs/semantics.md section 2).
         self._pool_h2h = self.stride
         self._pool_h2l = tuple(s * p for s, p in zip(self.stride, self.factors))
         self._pool_l2l = self.stride
@@ -283,7 +283,7 @@ class OctConv(nn.Module):
         return Octave(y_high, y_low)
 
     def forward_reference(self, x: OctaveInput) -> OctaveInput:
-        """The literal four-convolution formula of SPEC.md; the fast path must equal it."""
+        """The literal four-convolution formula of ``docs/semantics.md``; the fast path must equal it."""
         high, low = self._split_input(x)
         if self.is_vanilla:
             return self._forward_vanilla(high)

@@ -2,7 +2,7 @@
 
 A feature map with ``c`` channels is held as ``high`` (``c - c_low`` channels at full
 resolution) and ``low`` (``c_low = floor(alpha * c)`` channels at half resolution on the
-*octave axes*). See ``SPEC.md`` section 1.
+*octave axes*). See ``docs/semantics.md`` section 1.
 """
 
 from __future__ import annotations
