@@ -16,14 +16,27 @@ from oct3d.interop.octconv_pytorch import (
     read_octconv_pytorch,
     translate_octconv_pytorch,
 )
-from oct3d.interop.pytorchvideo import (
-    OctaveActivation,
-    OctaveBatchNorm,
-    OctaveConv,
-    OctaveSum,
-    create_octave_resnet,
-    init_octave_convs,
+
+# The pytorchvideo hooks load on first use: importing pytorchvideo takes about two seconds,
+# which users of the checkpoint loader alone should not pay.
+_PYTORCHVIDEO_NAMES = (
+    "OctaveActivation",
+    "OctaveBatchNorm",
+    "OctaveConv",
+    "OctaveSum",
+    "create_octave_resnet",
+    "init_octave_convs",
 )
+
+
+def __getattr__(name: str) -> object:
+    """Load the pytorchvideo hooks when one of them is first asked for."""
+    if name in _PYTORCHVIDEO_NAMES:
+        from oct3d.interop import pytorchvideo
+
+        return getattr(pytorchvideo, name)
+    raise AttributeError(f"module 'oct3d.interop' has no attribute {name!r}")
+
 
 __all__ = [
     "OctconvPytorchMismatchError",

@@ -269,7 +269,9 @@ def create_octave_resnet(
     """An octave video ResNet assembled from pytorchvideo's builders and this module's callables.
 
     The arguments after ``pool_first`` are ``pytorchvideo.models.resnet.create_resnet``'s, with
-    its defaults (a Slow-R50 style network); pytorchvideo's hub configurations carry over, e.g.
+    its defaults (a Slow-R50 style network). Its ``norm``, ``activation``, ``stem``, ``head``,
+    ``bottleneck`` and ``stage_conv_b_dilation`` stay at their defaults (BatchNorm, ReLU, the basic
+    stem and head, the bottleneck block, no dilation). pytorchvideo's hub configurations carry over, e.g.
     I3D-R50 is ``stem_conv_kernel_size=(5, 7, 7), stage1_pool=nn.MaxPool3d,
     stage_conv_a_kernel_size=((3, 1, 1), [(3, 1, 1), (1, 1, 1)], [(3, 1, 1), (1, 1, 1)],
     [(1, 1, 1), (3, 1, 1)])``. The stem (``create_res_basic_stem``) and the head
