@@ -88,6 +88,11 @@ def test_octave_resnet_carries_octave_trains_and_matches_oct_i3d():
     block = model.blocks[3].res_blocks[0]
     assert block.branch1_conv.l2l.weight.grad.abs().sum() > 0
     assert block.branch2.norm_c.bn_l.weight.grad.abs().sum() > 0
+    # Each path starts with the vanilla layer's Kaiming std (fan out of the whole layer), not its own.
+    conv_b = model.blocks[3].res_blocks[1].branch2.conv_b
+    vanilla_std = (2.0 / (conv_b.out_channels * 9)) ** 0.5
+    for path in (conv_b.h2h, conv_b.h2l, conv_b.l2h, conv_b.l2l):
+        assert abs(path.weight.std().item() / vanilla_std - 1) < 0.2
     # pytorchvideo's init zeroes each residual branch's last norm: both octave branches too.
     norm_c = model.blocks[3].res_blocks[0].branch2.norm_c
     assert torch.count_nonzero(norm_c.bn_h.weight) == 0 and torch.count_nonzero(norm_c.bn_l.weight) == 0
