@@ -2,4 +2,5 @@
 
 __version__ = "0.1.0"
 
+from oct3d.convert import octavize as octavize  # any traceable CNN -> octave network, with its weights
 from oct3d.fuse import fuse as fuse  # inference-time BatchNorm folding

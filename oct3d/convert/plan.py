@@ -1,0 +1,281 @@
+"""Placement: which maps of the traced graph carry the octave representation.
+
+The graph's tensors are grouped into *regions*: maps joined by flow ops (a convolution's output
+with the norm, activation and residual sum after it, the pieces of a concatenation, ...). A
+region is produced by convolutions and read by convolutions (or by closing ops). A region
+carries octaves when
+
+1. every producer is a convolution that opens an octave: not the stem (a convolution reading the
+   network input), not at the network's coarsest resolution, and with ``alpha(name, module) > 0``;
+2. every reader takes octaves (a convolution; no closing op, excluded module or graph output);
+3. at least one reading convolution is not one of the vanilla ones of (1), so no octave is
+   opened for layers that would immediately close it (ResNet's ``layer4.0.conv1``);
+4. every map in it can be halved (no octave axis of size 1) and its channel splits agree
+   (e.g. the two operands of a sum split the same channels).
+
+The *resolution level* of a map counts the halvings from the network input, op by op (a stride-2
+convolution adds one, a x2 upsampling takes one away), so the placement does not change with the
+example input's size as long as no map shrinks to a single pixel.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from torch import fx, nn
+
+from oct3d.convert.core import Context, IncompatibleSplitError, Split, tensor_inputs
+from oct3d.convert.rules import Rule
+from oct3d.nn.conv import check_alpha
+from oct3d.nn.octave import low_channels
+
+__all__ = ["ConvPlan", "Plan", "make_plan"]
+
+AlphaFn = Callable[[str, nn.Module], float]
+
+
+@dataclass
+class ConvPlan:
+    """What becomes of one convolution: its input and output splits (None = plain) and why."""
+
+    name: str
+    alpha: float
+    split_in: Split | None = None
+    split_out: Split | None = None
+    note: str = ""
+
+    @property
+    def alpha_in(self) -> float:
+        return 0.0 if self.split_in is None else self.split_in.alpha
+
+    @property
+    def alpha_out(self) -> float:
+        return 0.0 if self.split_out is None else self.split_out.alpha
+
+
+@dataclass
+class Plan:
+    """The placement of a whole graph (see the module docstring)."""
+
+    rules: dict[fx.Node, Rule | None] = field(default_factory=dict)
+    kinds: dict[fx.Node, str] = field(default_factory=dict)
+    reasons: dict[fx.Node, str] = field(default_factory=dict)
+    levels: dict[fx.Node, int | None] = field(default_factory=dict)
+    splits: dict[fx.Node, Split] = field(default_factory=dict)
+    convs: dict[fx.Node, ConvPlan] = field(default_factory=dict)
+    stems: set[fx.Node] = field(default_factory=set)
+    pool_first: bool = False
+
+    def is_octave(self, node: fx.Node) -> bool:
+        return node in self.splits
+
+    @property
+    def any_octave(self) -> bool:
+        return bool(self.splits)
+
+
+class _UnionFind:
+    def __init__(self) -> None:
+        self.parent: dict[fx.Node, fx.Node] = {}
+
+    def find(self, x: fx.Node) -> fx.Node:
+        self.parent.setdefault(x, x)
+        while self.parent[x] is not x:
+            self.parent[x] = self.parent[self.parent[x]]
+            x = self.parent[x]
+        return x
+
+    def union(self, a: fx.Node, b: fx.Node) -> None:
+        self.parent[self.find(a)] = self.find(b)
+
+
+def _level_step(n_in: int, n_out: int) -> int:
+    """Halvings from a size ``n_in`` to ``n_out`` (negative for upsampling), ties to the smallest step."""
+    best, best_cost = 0, None
+    for k in sorted(range(-6, 7), key=abs):
+        if k >= 0:
+            cost = min(abs(n_out - -(-n_in // 2**k)), abs(n_out - n_in // 2**k))
+        else:
+            cost = abs(n_out - n_in * 2**-k)
+        if best_cost is None or cost < best_cost:
+            best, best_cost = k, cost
+    return best
+
+
+def _levels(graph: fx.Graph, ctx: Context) -> dict[fx.Node, int | None]:
+    levels: dict[fx.Node, int | None] = {}
+    for node in graph.nodes:
+        shape = ctx.shape(node)
+        if node.op == "placeholder":
+            levels[node] = 0 if shape is not None and len(shape) >= 3 else None
+            continue
+        inputs = [i for i in tensor_inputs(node) if levels.get(i) is not None]
+        if shape is None or len(shape) < 3 or not inputs or len(ctx.shape(inputs[0])) != len(shape):
+            levels[node] = None
+            continue
+        source = ctx.shape(inputs[0])
+        axes = ctx.axes(len(shape) - 2)
+        steps = [_level_step(a, b) for a, b, on in zip(source[2:], shape[2:], axes) if on]
+        levels[node] = max(levels[i] for i in inputs) + (max(steps, key=abs) if steps else 0)
+    return levels
+
+
+def _classify(node: fx.Node, rules: Sequence[Rule], ctx: Context, exclude: Sequence[str]) -> tuple:
+    if node.op in ("placeholder", "output", "get_attr"):
+        return None, "close", None
+    rule = next((r for r in rules if r.matches(node, ctx)), None)
+    if node.op == "call_module" and any(node.target == p or node.target.startswith(p + ".") for p in exclude):
+        return rule, "close", "excluded"
+    if rule is None:
+        return None, "close", "no rule matches it"
+    if rule.kind in ("close", "meta"):
+        return rule, rule.kind, None if rule.kind == "meta" else rule.name
+    module = ctx.module(node)
+    if module is not None and ctx.calls[node.target] > 1 and any(True for _ in module.parameters()):
+        return rule, "close", "a module with parameters called more than once"
+    shape = ctx.shape(node)
+    if shape is None or len(shape) < 3:
+        return rule, "close", "its output is not a map with spatial axes"
+    if rule.kind == "flow" and any(
+        ctx.shape(i) is None or len(ctx.shape(i)) != len(shape) for i in rule.data_inputs(node, ctx)
+    ):
+        return rule, "close", "inputs of another rank than its output"
+    reason = rule.check(node, ctx)
+    return rule, ("close" if reason else rule.kind), reason
+
+
+def make_plan(
+    gm: fx.GraphModule, ctx: Context, rules: Sequence[Rule], alpha: float | AlphaFn, exclude: Sequence[str],
+    pool_first: bool | None,
+) -> Plan:
+    """Place the octaves in ``gm`` (shapes recorded) for ``alpha``; see the module docstring."""
+    from oct3d.models.blocks import resolve_pool_first
+
+    plan = Plan()
+    nodes = list(gm.graph.nodes)
+    for node in nodes:
+        rule, kind, reason = _classify(node, rules, ctx, exclude)
+        plan.rules[node], plan.kinds[node] = rule, kind
+        if reason:
+            plan.reasons[node] = reason
+    plan.levels = _levels(gm.graph, ctx)
+
+    def data_inputs(node: fx.Node) -> list[fx.Node]:
+        rule = plan.rules[node]
+        if plan.kinds[node] == "conv":
+            return [node.args[0]]
+        return rule.data_inputs(node, ctx) if plan.kinds[node] == "flow" else []
+
+    regions = _UnionFind()
+    for node in nodes:
+        if ctx.shape(node) is not None:
+            regions.find(node)
+            if plan.kinds[node] == "flow":
+                for source in data_inputs(node):
+                    regions.union(node, source)
+    members: dict[fx.Node, list[fx.Node]] = {}
+    for node in nodes:
+        if ctx.shape(node) is not None:
+            members.setdefault(regions.find(node), []).append(node)
+
+    convs = [n for n in nodes if plan.kinds[n] == "conv"]
+    for node in convs:
+        module = ctx.module(node)
+        value = alpha(node.target, module) if callable(alpha) else alpha
+        plan.convs[node] = ConvPlan(node.target, check_alpha(value, f"alpha for {node.target!r}"))
+
+    def has_placeholder(root: fx.Node) -> bool:
+        return any(m.op == "placeholder" for m in members[root])
+
+    conv_types = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+    for node in nodes:
+        if (
+            node.op == "call_module"
+            and plan.kinds[node] in ("conv", "flow")
+            and isinstance(ctx.module(node), conv_types)
+            and isinstance(node.args[0], fx.Node)
+            and has_placeholder(regions.find(node.args[0]))
+        ):
+            plan.stems.add(node)
+    conv_levels = [plan.levels[n] for n in convs if plan.levels[n] is not None]
+    coarsest = max(conv_levels) if conv_levels and max(conv_levels) > min(conv_levels) else None
+
+    vanilla: set[fx.Node] = set()
+    for node in convs:
+        conv = plan.convs[node]
+        if conv.alpha == 0:
+            conv.note = "alpha 0"
+        elif node in plan.stems:
+            conv.note = "stem"
+        elif coarsest is not None and plan.levels[node] == coarsest:
+            conv.note = "coarsest resolution"
+        else:
+            continue
+        vanilla.add(node)
+
+    octave: dict[fx.Node, bool] = {}
+    for root, values in members.items():
+        octave[root] = _region_can_carry(values, plan, ctx, data_inputs, vanilla)
+
+    while True:
+        splits: dict[fx.Node, Split] = {}
+        failed: set[fx.Node] = set()
+        for node in nodes:
+            if ctx.shape(node) is None:
+                continue
+            root = regions.find(node)
+            if not octave[root] or root in failed:
+                continue
+            if plan.kinds[node] == "conv":
+                channels = ctx.shape(node)[1]
+                low = low_channels(channels, plan.convs[node].alpha)
+                if 0 < low < channels:
+                    splits[node] = Split.natural(channels, low)
+                else:
+                    failed.add(root)
+            elif plan.kinds[node] == "flow":
+                try:
+                    splits[node] = plan.rules[node].channel_map(node, [splits[i] for i in data_inputs(node)], ctx)
+                except (IncompatibleSplitError, KeyError):
+                    failed.add(root)
+        if not failed:
+            break
+        for root in failed:
+            octave[root] = False
+    plan.splits = splits
+
+    for node in convs:
+        conv = plan.convs[node]
+        conv.split_in = splits.get(node.args[0])
+        conv.split_out = splits.get(node)
+    plan.pool_first = resolve_pool_first(pool_first, [1.0 if plan.any_octave else 0.0])
+    return plan
+
+
+def _region_can_carry(
+    values: list[fx.Node], plan: Plan, ctx: Context, data_inputs: Callable[[fx.Node], list[fx.Node]],
+    vanilla: set[fx.Node],
+) -> bool:
+    """Conditions 1-3 and the size part of 4 of the module docstring for one region."""
+    readers_open = False
+    for value in values:
+        kind = plan.kinds[value]
+        if kind == "conv":
+            if value in vanilla:
+                return False
+        elif kind != "flow":
+            return False  # network input, closing op, constant: a plain source
+        shape = ctx.shape(value)
+        dims = len(shape) - 2
+        if dims < 1 or any(n < 2 for n, on in zip(shape[2:], ctx.axes(dims)) if on):
+            return False
+        for user in value.users:
+            user_kind = plan.kinds[user]
+            if user_kind == "meta" or (user_kind == "flow" and value in data_inputs(user)):
+                continue
+            if user_kind == "conv" and user.args[0] is value and value not in tensor_inputs(user)[1:]:
+                readers_open = readers_open or user not in vanilla
+                continue
+            return False
+    return readers_open
