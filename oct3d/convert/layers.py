@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from oct3d.nn.octave import Octave, low_size
 
-__all__ = ["OctBranchNorm", "octave_shape", "octave_size", "pad_low", "pool_low", "resize_low"]
+__all__ = ["OctBranchNorm", "OctStochasticDepth", "octave_shape", "octave_size", "pad_low", "pool_low", "resize_low"]
 
 _MAX_POOL = {1: F.max_pool1d, 2: F.max_pool2d, 3: F.max_pool3d}
 _AVG_POOL = {1: F.avg_pool1d, 2: F.avg_pool2d, 3: F.avg_pool3d}
@@ -116,3 +116,31 @@ class OctBranchNorm(nn.Module):
         if not isinstance(x, Octave) or x.low is None:
             raise TypeError(f"OctBranchNorm expects an Octave with a low tensor, got {type(x).__name__}")
         return Octave(self.norm_h(x.high), self.norm_l(x.low))
+
+
+class OctStochasticDepth(nn.Module):
+    """Stochastic depth (torchvision's ``StochasticDepth``) on an octave pair: one mask for both branches.
+
+    ``mode="row"`` drops a whole sample's residual branch, ``"batch"`` the whole batch's, in the high and
+    the low branch alike, so a residual is never half dropped. Identity in eval mode or with ``p == 0``.
+    """
+
+    def __init__(self, p: float, mode: str) -> None:
+        super().__init__()
+        if mode not in ("row", "batch"):
+            raise ValueError(f"mode must be 'row' or 'batch', got {mode!r}")
+        self.p = p
+        self.mode = mode
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}, mode={self.mode!r}"
+
+    def forward(self, high: Tensor, low: Tensor) -> tuple[Tensor, Tensor]:
+        if not self.training or self.p == 0.0:
+            return high, low
+        survival = 1.0 - self.p
+        shape = [high.shape[0]] + [1] * (high.dim() - 1) if self.mode == "row" else [1] * high.dim()
+        noise = torch.empty(shape, dtype=high.dtype, device=high.device).bernoulli_(survival)
+        if survival > 0.0:
+            noise.div_(survival)
+        return high * noise, low * noise

@@ -215,8 +215,12 @@ def make_plan(
         vanilla.add(node)
 
     octave: dict[fx.Node, bool] = {}
+    blocked: dict[fx.Node, str] = {}
     for root, values in members.items():
-        octave[root] = _region_can_carry(values, plan, ctx, data_inputs, vanilla)
+        reason = _region_can_carry(values, plan, ctx, data_inputs, vanilla)
+        octave[root] = reason is None
+        if reason:
+            blocked[root] = reason
 
     while True:
         splits: dict[fx.Node, Split] = {}
@@ -234,11 +238,13 @@ def make_plan(
                     splits[node] = Split.natural(channels, low)
                 else:
                     failed.add(root)
+                    blocked[root] = f"{node.target}: alpha {plan.convs[node].alpha} leaves no channels in a branch"
             elif plan.kinds[node] == "flow":
                 try:
                     splits[node] = plan.rules[node].channel_map(node, [splits[i] for i in data_inputs(node)], ctx)
-                except (IncompatibleSplitError, KeyError):
+                except (IncompatibleSplitError, KeyError) as error:
                     failed.add(root)
+                    blocked[root] = str(error)
         if not failed:
             break
         for root in failed:
@@ -249,6 +255,8 @@ def make_plan(
         conv = plan.convs[node]
         conv.split_in = splits.get(node.args[0])
         conv.split_out = splits.get(node)
+        if conv.split_out is None and not conv.note:
+            conv.note = f"closes: output {blocked.get(regions.find(node), 'stays plain')}"
     plan.pool_first = resolve_pool_first(pool_first, [1.0 if plan.any_octave else 0.0])
     return plan
 
@@ -256,20 +264,21 @@ def make_plan(
 def _region_can_carry(
     values: list[fx.Node], plan: Plan, ctx: Context, data_inputs: Callable[[fx.Node], list[fx.Node]],
     vanilla: set[fx.Node],
-) -> bool:
-    """Conditions 1-3 and the size part of 4 of the module docstring for one region."""
+) -> str | None:
+    """None when a region passes conditions 1-3 and the size part of 4 of the module docstring, else why not."""
     readers_open = False
     for value in values:
         kind = plan.kinds[value]
         if kind == "conv":
             if value in vanilla:
-                return False
+                return f"written by {value.target} ({plan.convs[value].note})"
         elif kind != "flow":
-            return False  # network input, closing op, constant: a plain source
+            what = {"placeholder": "the network input", "get_attr": "a constant"}.get(value.op, value.name)
+            return f"written by {what}" + (f" ({plan.reasons[value]})" if value in plan.reasons else "")
         shape = ctx.shape(value)
         dims = len(shape) - 2
         if dims < 1 or any(n < 2 for n, on in zip(shape[2:], ctx.axes(dims)) if on):
-            return False
+            return f"{value.name} is too small to halve {tuple(shape[2:])}"
         for user in value.users:
             user_kind = plan.kinds[user]
             if user_kind == "meta" or (user_kind == "flow" and value in data_inputs(user)):
@@ -277,5 +286,8 @@ def _region_can_carry(
             if user_kind == "conv" and user.args[0] is value and value not in tensor_inputs(user)[1:]:
                 readers_open = readers_open or user not in vanilla
                 continue
-            return False
-    return readers_open
+            if user.op == "output":
+                return "read by the graph output"
+            target = user.target if isinstance(user.target, str) else getattr(user.target, "__name__", user.name)
+            return f"read by {target} ({plan.reasons.get(user, 'closes')})"
+    return None if readers_open else "read only by vanilla convolutions"

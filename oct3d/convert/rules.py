@@ -35,13 +35,22 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from oct3d.convert.core import Context, IncompatibleSplitError, Split, tensor_inputs
-from oct3d.convert.layers import OctBranchNorm, octave_shape, octave_size, pad_low, pool_low, resize_low
+from oct3d.convert.layers import (
+    OctBranchNorm,
+    OctStochasticDepth,
+    octave_shape,
+    octave_size,
+    pad_low,
+    pool_low,
+    resize_low,
+)
 from oct3d.models.transfer import partition_conv_weight, slice_paths, split_batchnorm, split_channel_state
 from oct3d.nn import OctBatchNorm, OctConv
 from oct3d.nn.transposed import OctConvTranspose, transposed_low_size_ok
 
 __all__ = [
     "RULES",
+    "StochasticDepthRule",
     "BatchNormRule",
     "BinaryRule",
     "BranchNormRule",
@@ -207,7 +216,7 @@ class ConvRule(Rule):
             alpha_out=0.0 if split_out is None else split_out.alpha,
             stride=_ints(module.stride), dilation=_ints(module.dilation), groups=module.groups,
             bias=module.bias is not None,
-            octave=ctx.octave_for(dims), pool_first=pool_first,
+            octave=ctx.octave_for(dims),
         )
         order = None if split_in is None or split_in.is_natural else split_in.order
         conv.load_state_dict(partition_conv_weight(conv, module.weight, module.bias, in_order=order))
@@ -479,8 +488,7 @@ def _stochastic_depth_types() -> tuple[type, ...]:
 class ElementwiseRule(Rule):
     """Activations, dropout, identity and other one-input elementwise ops: the same op on each branch.
 
-    ``nn.PReLU`` flows only with a single shared slope. torchvision's ``StochasticDepth`` is traced as one
-    op (not into its ``self.training`` test, which fx would freeze) and drops each branch independently.
+    ``nn.PReLU`` flows only with a single shared slope.
     """
 
     name = "elementwise"
@@ -490,7 +498,7 @@ class ElementwiseRule(Rule):
         self, modules: tuple[type, ...] | None = None, functions: set[Callable] | None = None,
         methods: set[str] | None = None,
     ) -> None:
-        self.modules = (_ELEMENTWISE_MODULES + _stochastic_depth_types()) if modules is None else modules
+        self.modules = _ELEMENTWISE_MODULES if modules is None else modules
         self.functions = _ELEMENTWISE_FUNCTIONS if functions is None else functions
         self.methods = _ELEMENTWISE_METHODS if methods is None else methods
 
@@ -515,6 +523,28 @@ class ElementwiseRule(Rule):
 
     def data_inputs(self, node: fx.Node, ctx: Context) -> list[fx.Node]:
         return tensor_inputs(node)
+
+
+class StochasticDepthRule(Rule):
+    """torchvision's ``StochasticDepth`` -> :class:`~oct3d.convert.layers.OctStochasticDepth`: one mask for both
+    branches. Traced as one op, not into its ``self.training`` test (which fx would freeze)."""
+
+    name = "stochastic depth"
+    kind = "flow"
+
+    def leaf(self, module: nn.Module) -> bool:
+        return isinstance(module, _stochastic_depth_types())
+
+    def matches(self, node: fx.Node, ctx: Context) -> bool:
+        return _is_module(node, ctx, _stochastic_depth_types())
+
+    def data_inputs(self, node: fx.Node, ctx: Context) -> list[fx.Node]:
+        return [node.args[0]]
+
+    def emit(self, node: fx.Node, em) -> tuple[fx.Node, fx.Node]:
+        module = em.ctx.module(node)
+        em.set_module(node.target, OctStochasticDepth(module.p, module.mode))
+        return em.unpack(em.call_module(node.target, em.pair(node.args[0]), name=node.name), node.name)
 
 
 _BINARY_FUNCTIONS = {
@@ -860,6 +890,7 @@ RULES: list[Rule] = [
     BatchNormRule(),
     BranchNormRule(),
     ElementwiseRule(),
+    StochasticDepthRule(),
     BinaryRule(),
     CatRule(),
     PoolRule(),
