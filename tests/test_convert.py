@@ -16,6 +16,7 @@ import torchvision
 from torch import nn
 
 from oct3d import octavize
+from oct3d.convert.examples import TinySegNet
 from oct3d.convert.layers import OctStochasticDepth
 from oct3d.profiling import count_macs
 
@@ -23,31 +24,6 @@ with warnings.catch_warnings():
     warnings.simplefilter("ignore")  # pytorchvideo and MONAI emit deprecation warnings on import
     from monai.networks.nets import BasicUNet, DynUNet, SegResNet, UNet
     from pytorchvideo.models.resnet import create_resnet
-
-
-class TinySegNet(nn.Module):
-    """The README's 3D encoder/decoder written with plain torch layers (the README converts this one)."""
-
-    def __init__(self, in_channels: int = 1, num_classes: int = 3, width: int = 16) -> None:
-        super().__init__()
-
-        def conv_bn_relu(cin: int, cout: int, stride: int | tuple = 1) -> nn.Sequential:
-            return nn.Sequential(
-                nn.Conv3d(cin, cout, 3, stride, padding=1, bias=False), nn.BatchNorm3d(cout), nn.ReLU(inplace=True)
-            )
-
-        self.enc1 = conv_bn_relu(in_channels, width)
-        self.enc2 = conv_bn_relu(width, width)
-        self.down = conv_bn_relu(width, 2 * width, stride=(1, 2, 2))
-        self.bottom = conv_bn_relu(2 * width, 2 * width, stride=(1, 2, 2))
-        self.up = conv_bn_relu(2 * width, width)
-        self.dec = conv_bn_relu(width, width)
-        self.head = nn.Conv3d(width, num_classes, 1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        skip = self.enc2(self.enc1(x))
-        y = self.up(F.interpolate(self.bottom(self.down(skip)), size=skip.shape[2:], mode="trilinear"))
-        return self.head(self.dec(y + skip))
 
 
 _I3D = dict(
@@ -219,6 +195,26 @@ def test_resnet50_matches_the_hand_written_oct_resnet50(resnet50, pool_first):
         macs = count_macs(converted, (1, 3, 224, 224))
         assert macs == count_macs(reference, (1, 3, 224, 224))
         assert round(macs / 1e9, 1) == 2.4
+
+
+@pytest.mark.parametrize(("name", "builder"), [("i3d_r50", "oct_i3d_r50"), ("slow_r50", "oct_slow_r50")])
+def test_pytorchvideo_resnets_match_the_hand_written_octave_models(name, builder, zoo):
+    import oct3d.models
+
+    model, x, converted = zoo(name)
+    octave_model = getattr(oct3d.models, builder)(alpha=0.5, base_width=16, num_classes=5)
+    reference = oct3d.models.load_vanilla(octave_model, model)
+    with torch.no_grad():
+        torch.testing.assert_close(converted.eval()(x), reference.eval()(x), rtol=1e-5, atol=1e-5)
+
+
+def test_cost_table_tool():
+    from oct3d.convert import table
+
+    original, converted = table.mac_ratio(table.MODELS["README TinySegNet"], full_size=False)
+    assert 0 < converted < 0.8 * original
+    with pytest.raises(ValueError, match="unknown models"):
+        table.markdown(["no such model"])
 
 
 def test_placement_does_not_depend_on_the_example_size():

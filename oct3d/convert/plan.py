@@ -103,7 +103,9 @@ def _level_step(n_in: int, n_out: int) -> int:
     return best
 
 
-def _levels(graph: fx.Graph, ctx: Context) -> dict[fx.Node, int | None]:
+def _levels(graph: fx.Graph, ctx: Context, kinds: dict[fx.Node, str]) -> dict[fx.Node, int | None]:
+    """Resolution level of every map; None after a closing op that pools away the octave axes (global
+    pooling: a squeeze-excitation's 1x1 convolutions are not the network's coarsest stage)."""
     levels: dict[fx.Node, int | None] = {}
     for node in graph.nodes:
         shape = ctx.shape(node)
@@ -116,6 +118,9 @@ def _levels(graph: fx.Graph, ctx: Context) -> dict[fx.Node, int | None]:
             continue
         source = ctx.shape(inputs[0])
         axes = ctx.axes(len(shape) - 2)
+        if kinds[node] == "close" and all(n == 1 for n, on in zip(shape[2:], axes) if on):
+            levels[node] = None
+            continue
         steps = [_level_step(a, b) for a, b, on in zip(source[2:], shape[2:], axes) if on]
         levels[node] = max(levels[i] for i in inputs) + (max(steps, key=abs) if steps else 0)
     return levels
@@ -159,7 +164,7 @@ def make_plan(
         plan.rules[node], plan.kinds[node] = rule, kind
         if reason:
             plan.reasons[node] = reason
-    plan.levels = _levels(gm.graph, ctx)
+    plan.levels = _levels(gm.graph, ctx, plan.kinds)
 
     def data_inputs(node: fx.Node) -> list[fx.Node]:
         rule = plan.rules[node]

@@ -219,8 +219,9 @@ def record_shapes(gm: fx.GraphModule, example_input: Tensor | Sequence[Tensor]) 
             return _ShapeRecorder(gm).run(*args)
     except Exception as error:
         raise ConversionError(
-            f"the traced model failed on example_input ({type(error).__name__}: {error}); the trace may have "
-            "frozen a Python branch that depends on the input, see docs/convert.md"
+            f"running the traced model on example_input failed ({type(error).__name__}: {error}). Check that the "
+            "model accepts this input (e.g. a fixed-size pooling head needs its full input size); if it does, the "
+            "trace froze a Python branch that depends on the input, see docs/convert.md"
         ) from error
     finally:
         gm.train(was_training)
