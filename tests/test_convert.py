@@ -217,6 +217,16 @@ def test_cost_table_tool():
         table.markdown(["no such model"])
 
 
+@pytest.mark.parametrize(("alpha", "paper_gmacs"), [(0.125, 3.6), (0.25, 3.1), (0.75, 1.9)])
+def test_resnet50_has_the_paper_cost_at_every_alpha(resnet50, alpha, paper_gmacs):
+    from oct3d.models import oct_resnet50
+
+    converted = octavize(resnet50, alpha, example_input=torch.randn(1, 3, 64, 64), validate=False)
+    macs = count_macs(converted, (1, 3, 224, 224))
+    assert macs == count_macs(oct_resnet50(alpha=alpha), (1, 3, 224, 224))
+    assert round(macs / 1e9, 1) == paper_gmacs
+
+
 def test_placement_does_not_depend_on_the_example_size():
     torch.manual_seed(0)
     model = torchvision.models.mobilenet_v2().eval()

@@ -10,9 +10,9 @@ import torch
 from torch import Tensor, fx, nn
 
 from oct3d.convert.core import Context, ConversionError
-from oct3d.convert.plan import make_plan
+from oct3d.convert.plan import Plan, make_plan
 from oct3d.convert.rewrite import rewrite
-from oct3d.convert.rules import RULES, Rule
+from oct3d.convert.rules import RULES, DepthwiseConvRule, Rule
 from oct3d.convert.trace import record_shapes, trace
 from oct3d.nn.octave import OCTAVE_MODES
 
@@ -100,7 +100,7 @@ def octavize(
         _compare(_run(twin, example_input), expected, atol, "the converted network at alpha 0")
 
     result = rewrite(gm, ctx, plan, class_name)
-    result.octave_plan = {c.name: (c.alpha_in, c.alpha_out, c.note) for c in plan.convs.values()}
+    result.octave_plan = _octave_plan(plan)
     result.train(model.training)
     if validate:
         got = _run(result, example_input)
@@ -109,6 +109,19 @@ def octavize(
                 f"the converted network returns {_structure(got)} on example_input, the original {_structure(expected)}"
             )
     return result
+
+
+def _octave_plan(plan: Plan) -> dict[str, tuple[float, float, str]]:
+    """``name -> (alpha_in, alpha_out, note)`` of every convolution, depthwise ones included, in graph order."""
+    out: dict[str, tuple[float, float, str]] = {}
+    for node, rule in plan.rules.items():
+        if node in plan.convs:
+            conv = plan.convs[node]
+            out[conv.name] = (conv.alpha_in, conv.alpha_out, conv.note)
+        elif isinstance(rule, DepthwiseConvRule) and plan.kinds[node] == "flow":
+            alpha = plan.splits[node].alpha if node in plan.splits else 0.0
+            out[node.target] = (alpha, alpha, "depthwise")
+    return out
 
 
 def describe_plan(model: fx.GraphModule) -> str:

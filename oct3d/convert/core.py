@@ -41,6 +41,7 @@ class Split:
 
     @property
     def channels(self) -> int:
+        """Channels of the vanilla map (both branches)."""
         return len(self.high) + len(self.low)
 
     @property
@@ -50,6 +51,7 @@ class Split:
 
     @property
     def is_natural(self) -> bool:
+        """Whether the branches hold the vanilla channels in order (high first), as ``OctConv`` assumes."""
         return self.high + self.low == tuple(range(self.channels))
 
     @cached_property

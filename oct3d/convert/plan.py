@@ -47,10 +47,12 @@ class ConvPlan:
 
     @property
     def alpha_in(self) -> float:
+        """The input's ratio (0 for a plain input)."""
         return 0.0 if self.split_in is None else self.split_in.alpha
 
     @property
     def alpha_out(self) -> float:
+        """The output's ratio (0 for a plain output)."""
         return 0.0 if self.split_out is None else self.split_out.alpha
 
 
@@ -68,10 +70,12 @@ class Plan:
     pool_first: bool = False
 
     def is_octave(self, node: fx.Node) -> bool:
+        """Whether ``node``'s map carries octaves."""
         return node in self.splits
 
     @property
     def any_octave(self) -> bool:
+        """Whether any map carries octaves."""
         return bool(self.splits)
 
 

@@ -37,6 +37,7 @@ class Emitter:
 
     # ------------------------------------------------------------------ values
     def is_octave(self, node: fx.Node) -> bool:
+        """Whether ``node``'s value in the new graph is an octave pair."""
         return isinstance(self.env.get(node), tuple)
 
     def pair(self, node: fx.Node) -> Pair:
@@ -47,19 +48,23 @@ class Emitter:
         return value
 
     def plain(self, node: fx.Node) -> fx.Node:
+        """The new-graph node of a plain map (or of any non-tensor value)."""
         value = self.env[node]
         if isinstance(value, tuple):
             raise AssertionError(f"{node.name} is an octave map where a plain tensor is needed")
         return value
 
     def split(self, node: fx.Node) -> Split:
+        """Which vanilla channels each branch of the octave map ``node`` holds."""
         return self.plan.splits[node]
 
     # ------------------------------------------------------------------ writing
     def call_function(self, fn: Any, args: tuple, kwargs: Mapping | None = None, name: str | None = None) -> fx.Node:
+        """Append a call of ``fn`` to the new graph."""
         return self.graph.create_node("call_function", fn, args, dict(kwargs or {}), name=name)
 
     def call_module(self, target: str, args: tuple, name: str | None = None) -> fx.Node:
+        """Append a call of the converted model's module ``target`` to the new graph."""
         return self.graph.create_node("call_module", target, args, {}, name=name)
 
     def set_module(self, target: str, module: nn.Module) -> None:
@@ -95,6 +100,7 @@ class Emitter:
         return self.call_function(Octave, (high, low), name=f"{node.name}_octave")
 
     def unpack(self, value: fx.Node, name: str) -> Pair:
+        """``(value[0], value[1])``: the branches of an ``Octave`` returned by a module."""
         high = self.call_function(operator.getitem, (value, 0), name=f"{name}_h")
         low = self.call_function(operator.getitem, (value, 1), name=f"{name}_l")
         return high, low
