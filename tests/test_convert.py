@@ -16,6 +16,7 @@ import torchvision
 from torch import nn
 
 from oct3d import octavize
+from oct3d.convert import ConversionError
 from oct3d.convert.examples import TinySegNet
 from oct3d.convert.layers import OctStochasticDepth
 from oct3d.profiling import count_macs
@@ -38,7 +39,8 @@ def _ptv(config: dict, frames_at_head: int) -> nn.Module:
         return create_resnet(**config, stem_dim_out=16, model_num_class=5, head_pool_kernel_size=(frames_at_head, 1, 1))
 
 
-# name: (builder, example input, odd input or None, octave)
+# name: (builder, example input, odd input or None, octave). MONAI's UNet, SegResNet and DynUNet reject
+# odd sizes themselves (their skips no longer match); BasicUNet has its own test below.
 MODELS = {
     "resnet18": (lambda: torchvision.models.resnet18(num_classes=10), (2, 3, 64, 64), (1, 3, 67, 61), "spatial"),
     "mobilenet_v2": (lambda: torchvision.models.mobilenet_v2(num_classes=10), (2, 3, 64, 64), (1, 3, 65, 63),
@@ -48,8 +50,9 @@ MODELS = {
                         "spatial"),
     "r3d_18": (lambda: torchvision.models.video.r3d_18(num_classes=5), (2, 3, 8, 24, 24), (1, 3, 9, 25, 23),
                "spatiotemporal"),
-    "i3d_r50": (lambda: _ptv(_I3D, 2), (2, 3, 4, 32, 32), None, "spatial"),
-    "slow_r50": (lambda: _ptv(dict(stem_conv_kernel_size=(1, 7, 7)), 4), (2, 3, 4, 32, 32), None, "spatial"),
+    "i3d_r50": (lambda: _ptv(_I3D, 2), (2, 3, 4, 32, 32), (1, 3, 5, 33, 31), "spatial"),
+    "slow_r50": (lambda: _ptv(dict(stem_conv_kernel_size=(1, 7, 7)), 4), (2, 3, 4, 32, 32), (1, 3, 5, 33, 31),
+                 "spatial"),
     "monai_unet": (lambda: UNet(3, 1, 2, (8, 16, 32, 64, 128), (2, 2, 2, 2), num_res_units=1), (2, 1, 32, 32, 32),
                    None, "spatial"),
     "monai_basicunet": (lambda: BasicUNet(3, 1, 2, features=(8, 8, 16, 32, 64, 8)), (2, 1, 32, 32, 32), None,
@@ -296,7 +299,7 @@ def _net(middle: nn.Module) -> nn.Sequential:
 def test_untraceable_module_is_named_and_exclude_keeps_it_opaque():
     model = _net(_Untraceable())
     x = torch.randn(1, 3, 32, 32)
-    with pytest.raises(Exception, match=r"module '6' \(_Untraceable\).*exclude=\('6',\)"):
+    with pytest.raises(ConversionError, match=r"module '6' \(_Untraceable\).*exclude=\('6',\)"):
         octavize(model, 0.5, example_input=x)
     converted = octavize(model, 0.5, example_input=x, exclude=("6",)).eval()
     assert converted.octave_plan["3"][1] == 0.0  # the octave closes before the excluded module
@@ -306,15 +309,13 @@ def test_untraceable_module_is_named_and_exclude_keeps_it_opaque():
 
 
 def test_python_branch_on_a_tensor_is_guarded_not_silently_frozen():
-    model = _net(_Branchy())
-    x = torch.randn(1, 3, 32, 32)
-    converted = octavize(model, 0.0, example_input=x).eval()
+    model = nn.Sequential(_Branchy(), *_net(nn.Identity())).eval()  # the branch tests the input's mean
+    x = torch.rand(1, 3, 32, 32) + 0.5
+    converted = octavize(model, 0.5, example_input=x).eval()
     with torch.no_grad():
-        torch.testing.assert_close(converted(x), model(x))
-        flipped = -10 * torch.ones(1, 3, 32, 32) if model[:6](x).mean() > 0 else 10 * torch.ones(1, 3, 32, 32)
-        if (model[:6](flipped).mean() > 0) != (model[:6](x).mean() > 0):
-            with pytest.raises(RuntimeError, match="octavize traced"):
-                converted(flipped)
+        assert converted(x).shape == model(x).shape
+        with pytest.raises(RuntimeError, match="octavize traced"):
+            converted(-x)  # the original takes the other branch here
 
 
 def test_alpha_schedule_and_argument_errors():
