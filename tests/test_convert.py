@@ -220,6 +220,23 @@ def test_cost_table_tool():
         table.markdown(["no such model"])
 
 
+def test_resnext_grouped_convolutions_match_the_hand_written_model():
+    from oct3d.models import load_vanilla, oct_resnext50_32x4d
+
+    torch.manual_seed(0)
+    model = torchvision.models.resnext50_32x4d().eval()
+    _randomize_norms(model)
+    x = torch.randn(1, 3, 64, 64)
+    converted = octavize(model, 0.25, example_input=x).eval()
+    reference = load_vanilla(oct_resnext50_32x4d(alpha=0.25), model).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(converted(x), reference(x), rtol=1e-5, atol=1e-5)
+    # At .125 the 128-channel grouped layers cannot split into 32 groups per branch: they stay vanilla.
+    coarse = octavize(model, 0.125, example_input=x, validate=False)
+    assert coarse.octave_plan["layer1.0.conv2"][:2] == (0.0, 0.0)
+    assert "groups" in coarse.octave_plan["layer1.0.conv2"][2]
+
+
 @pytest.mark.parametrize(("alpha", "paper_gmacs"), [(0.125, 3.6), (0.25, 3.1), (0.75, 1.9)])
 def test_resnet50_has_the_paper_cost_at_every_alpha(resnet50, alpha, paper_gmacs):
     from oct3d.models import oct_resnet50

@@ -109,6 +109,11 @@ class Rule:
         """Write the per-branch code of an octave flow node into ``em.graph``; return ``(high, low)``."""
         return em.replicate(node)
 
+    def check_splits(self, node: fx.Node, ctx: Context, split_in: Split | None, split_out: Split | None) -> str | None:
+        """Conv rules: None when the module can read ``split_in`` and write ``split_out`` (None = plain), else
+        why not; the map on that side then stays plain."""
+        return None
+
     def build(
         self, node: fx.Node, ctx: Context, split_in: Split | None, split_out: Split | None, pool_first: bool
     ) -> nn.Module | None:
@@ -182,7 +187,10 @@ def _spatial_ok(ctx: Context, shape: tuple[int, ...] | None, dims: int) -> bool:
 
 
 class ConvRule(Rule):
-    """``nn.Conv1d/2d/3d`` (groups 1) -> :class:`~oct3d.nn.OctConv`, weights partitioned as ``load_vanilla`` does.
+    """``nn.Conv1d/2d/3d`` -> :class:`~oct3d.nn.OctConv`, weights partitioned as ``load_vanilla`` does.
+
+    Grouped layers (ResNeXt) keep octaves only where every branch divides by the groups; their weights
+    then keep the block-diagonal part of each partition (a warm start at ``alpha > 0``, as for ``load_vanilla``).
 
     With no octave on either side the original module is kept, except that a strided layer becomes
     ``OctConv(0, 0, pool_first=True)`` when the network's ``pool_first`` asks for it.
@@ -198,10 +206,19 @@ class ConvRule(Rule):
         return _is_module(node, ctx, _CONVS) and not _depthwise(ctx.module(node))
 
     def check(self, node: fx.Node, ctx: Context) -> str | None:
-        module = ctx.module(node)
-        if module.groups != 1:
-            return f"grouped convolution (groups={module.groups}) stays vanilla"
-        return conv_geometry_problem(module)
+        return conv_geometry_problem(ctx.module(node))
+
+    def check_splits(self, node: fx.Node, ctx: Context, split_in: Split | None, split_out: Split | None) -> str | None:
+        groups = ctx.module(node).groups
+        if groups == 1:
+            return None
+        # Grouped (ResNeXt): every branch must divide by the groups, and the input must be in vanilla order.
+        for side, split in (("input", split_in), ("output", split_out)):
+            if split is not None and (
+                not split.is_natural or len(split.high) % groups or len(split.low) % groups
+            ):
+                return f"{side}: a grouped convolution (groups={groups}) needs each branch to divide by its groups"
+        return None
 
     def build(
         self, node: fx.Node, ctx: Context, split_in: Split | None, split_out: Split | None, pool_first: bool
