@@ -254,16 +254,16 @@ def make_plan(
                 except (IncompatibleSplitError, KeyError) as error:
                     failed.add(root)
                     blocked[root] = str(error)
-        for node in convs:
-            source = node.args[0]
-            split_in, split_out = splits.get(source), splits.get(node)
-            if split_in is None and split_out is None:
-                continue
-            reason = plan.rules[node].check_splits(node, ctx, split_in, split_out)
-            if reason:
-                root = regions.find(source if reason.startswith("input") and split_in is not None else node)
-                failed.add(root)
-                blocked[root] = f"{node.target}: {reason}"
+        for node in convs:  # each side on its own: a refused side stays plain
+            for side, split_in, split_out in (
+                (node.args[0], splits.get(node.args[0]), None), (node, None, splits.get(node))
+            ):
+                if split_in is None and split_out is None:
+                    continue
+                reason = plan.rules[node].check_splits(node, ctx, split_in, split_out)
+                if reason:
+                    failed.add(regions.find(side))
+                    blocked[regions.find(side)] = f"{node.target}: {reason}"
         if not failed:
             break
         for root in failed:

@@ -110,8 +110,10 @@ class Rule:
         return em.replicate(node)
 
     def check_splits(self, node: fx.Node, ctx: Context, split_in: Split | None, split_out: Split | None) -> str | None:
-        """Conv rules: None when the module can read ``split_in`` and write ``split_out`` (None = plain), else
-        why not; the map on that side then stays plain."""
+        """Conv rules: None when the module can read ``split_in`` / write ``split_out``, else why not.
+
+        The planner asks about one side at a time (the other is None); a refused side's map stays plain.
+        """
         return None
 
     def build(
@@ -213,11 +215,9 @@ class ConvRule(Rule):
         if groups == 1:
             return None
         # Grouped (ResNeXt): every branch must divide by the groups, and the input must be in vanilla order.
-        for side, split in (("input", split_in), ("output", split_out)):
-            if split is not None and (
-                not split.is_natural or len(split.high) % groups or len(split.low) % groups
-            ):
-                return f"{side}: a grouped convolution (groups={groups}) needs each branch to divide by its groups"
+        for split in (split_in, split_out):
+            if split is not None and (not split.is_natural or len(split.high) % groups or len(split.low) % groups):
+                return f"a grouped convolution (groups={groups}) needs each branch to divide by its groups"
         return None
 
     def build(

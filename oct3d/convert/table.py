@@ -81,6 +81,7 @@ def _readme_segnet() -> nn.Module:
 MODELS: dict[str, TableModel] = {
     "resnet18": TableModel(_tv("resnet18"), (1, 3, 64, 64), (1, 3, 224, 224)),
     "resnet50": TableModel(_tv("resnet50"), (1, 3, 64, 64), (1, 3, 224, 224)),
+    "resnext50_32x4d": TableModel(_tv("resnext50_32x4d"), (1, 3, 64, 64), (1, 3, 224, 224)),
     "mobilenet_v2": TableModel(_tv("mobilenet_v2"), (1, 3, 64, 64), (1, 3, 224, 224)),
     "densenet121": TableModel(_tv("densenet121"), (1, 3, 64, 64), (1, 3, 224, 224)),
     "efficientnet_b0": TableModel(_tv("efficientnet_b0"), (1, 3, 64, 64), (1, 3, 224, 224)),
