@@ -7,6 +7,7 @@ Models are small (widths, inputs) and built once per module.
 
 from __future__ import annotations
 
+import copy
 import warnings
 
 import pytest
@@ -16,7 +17,7 @@ import torchvision
 from torch import nn
 
 from oct3d import octavize
-from oct3d.convert import ConversionError
+from oct3d.convert import ConversionError, describe_plan
 from oct3d.convert.examples import TinySegNet
 from oct3d.convert.layers import OctStochasticDepth
 from oct3d.profiling import count_macs
@@ -269,6 +270,9 @@ def test_converted_model_is_an_ordinary_module(zoo, tmp_path):
         expected = converted(x)
         text = str(converted)
         assert "OctConv(" in text and "OctBatchNorm(" in text
+        copied = copy.deepcopy(converted)
+        torch.testing.assert_close(copied(x), expected)
+        assert "layer1.0.conv1" in describe_plan(copied)
         again = octavize(model, 0.5, example_input=x, validate=False).eval()
         path = tmp_path / "converted.pt"
         torch.save(converted.state_dict(), path)

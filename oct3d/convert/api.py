@@ -62,7 +62,8 @@ def octavize(
 
     Returns:
         a ``torch.fx.GraphModule`` (an ordinary ``nn.Module``) in the training mode of ``model``; its
-        attribute ``octave_plan`` maps each convolution to ``(alpha_in, alpha_out, note)``.
+        attribute ``octave_plan`` (also ``meta["octave_plan"]``, which survives ``copy.deepcopy``) maps each
+        convolution to ``(alpha_in, alpha_out, note)``.
 
     Raises:
         ConversionError: the model cannot be traced (the message names the module to exclude), or the
@@ -101,6 +102,7 @@ def octavize(
 
     result = rewrite(gm, ctx, plan, class_name)
     result.octave_plan = _octave_plan(plan)
+    result.meta["octave_plan"] = result.octave_plan  # GraphModule.meta survives copy.deepcopy
     result.train(model.training)
     if validate:
         got = _run(result, example_input)
@@ -126,7 +128,7 @@ def _octave_plan(plan: Plan) -> dict[str, tuple[float, float, str]]:
 
 def describe_plan(model: fx.GraphModule) -> str:
     """A table of the converted convolutions: name, ``alpha_in -> alpha_out`` and why a side is plain."""
-    plan = getattr(model, "octave_plan", None)
+    plan = getattr(model, "octave_plan", None) or getattr(model, "meta", {}).get("octave_plan")
     if plan is None:
         raise TypeError("describe_plan needs a model returned by octavize")
     width = max((len(n) for n in plan), default=4)
