@@ -248,6 +248,19 @@ def test_resnet50_has_the_paper_cost_at_every_alpha(resnet50, alpha, paper_gmacs
     assert round(macs / 1e9, 1) == paper_gmacs
 
 
+def test_dilated_segmentation_backbone_with_and_without_the_coarsest_rule():
+    torch.manual_seed(0)
+    model = torchvision.models.segmentation.fcn_resnet50(weights=None, weights_backbone=None, num_classes=3).eval()
+    x = torch.randn(1, 3, 65, 63)
+    paper = octavize(model, 0.5, example_input=x, validate=False).eval()
+    dilated = octavize(model, 0.5, example_input=x, vanilla_coarsest=False).eval()
+    with torch.no_grad():
+        assert dilated(x)["out"].shape == model(x)["out"].shape == (1, 3, 65, 63)
+    base = count_macs(model, x)
+    assert count_macs(paper, x) > 0.9 * base  # layer2..layer4 and the head all sit at 1/8 resolution
+    assert count_macs(dilated, x) < 0.6 * base
+
+
 def test_placement_does_not_depend_on_the_example_size():
     torch.manual_seed(0)
     model = torchvision.models.mobilenet_v2().eval()

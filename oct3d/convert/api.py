@@ -27,6 +27,7 @@ def octavize(
     octave: str = "spatial",
     exclude: Sequence[str] = (),
     pool_first: bool | None = None,
+    vanilla_coarsest: bool = True,
     rules: Sequence[Rule] | None = None,
     validate: bool = True,
     atol: float = 1e-4,
@@ -55,6 +56,8 @@ def octavize(
             (:func:`oct3d.models.blocks.resolve_pool_first`): None (default) pools by the stride and
             convolves at stride 1 when the result has any octave (the official code), True/False force it.
             The stem keeps its strided convolution.
+        vanilla_coarsest: keep the convolutions at the network's coarsest resolution vanilla (the paper's
+            res5 rule). Set False for dilated backbones (segmentation), whose coarsest maps stay large.
         rules: the rule table (default :data:`oct3d.convert.rules.RULES`), e.g. ``[MyRule(), *RULES]``.
         validate: check at conversion time that the trace reproduces ``model`` and that the converted
             network at ratio 0 computes exactly the original on ``example_input`` (within ``atol``).
@@ -83,6 +86,8 @@ def octavize(
         raise TypeError(f"alpha must be a float in [0, 1) or a callable (name, module) -> float, got {alpha!r}")
     if pool_first is not None and not isinstance(pool_first, bool):
         raise TypeError(f"pool_first must be None or a bool, got {pool_first!r}")
+    if not isinstance(vanilla_coarsest, bool):
+        raise TypeError(f"vanilla_coarsest must be a bool, got {vanilla_coarsest!r}")
     _check_example(example_input)
     rules = list(RULES if rules is None else rules)
 
@@ -90,7 +95,7 @@ def octavize(
     gm = trace(source, rules, exclude, example_input)
     traced_out = record_shapes(gm, example_input)
     ctx = Context(gm, octave)
-    plan = make_plan(gm, ctx, rules, alpha, exclude, pool_first)
+    plan = make_plan(gm, ctx, rules, alpha, exclude, pool_first, vanilla_coarsest)
     class_name = f"Octave{type(model).__name__}"
 
     if validate:

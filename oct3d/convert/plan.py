@@ -156,9 +156,12 @@ def _classify(node: fx.Node, rules: Sequence[Rule], ctx: Context, exclude: Seque
 
 def make_plan(
     gm: fx.GraphModule, ctx: Context, rules: Sequence[Rule], alpha: float | AlphaFn, exclude: Sequence[str],
-    pool_first: bool | None,
+    pool_first: bool | None, vanilla_coarsest: bool = True,
 ) -> Plan:
-    """Place the octaves in ``gm`` (shapes recorded) for ``alpha``; see the module docstring."""
+    """Place the octaves in ``gm`` (shapes recorded) for ``alpha``; see the module docstring.
+
+    ``vanilla_coarsest=False`` drops the coarsest-resolution rule (dilated backbones keep large maps there).
+    """
     from oct3d.models.blocks import resolve_pool_first
 
     plan = Plan()
@@ -208,7 +211,7 @@ def make_plan(
         ):
             plan.stems.add(node)
     conv_levels = [plan.levels[n] for n in convs if plan.levels[n] is not None]
-    coarsest = max(conv_levels) if conv_levels and max(conv_levels) > min(conv_levels) else None
+    coarsest = max(conv_levels) if vanilla_coarsest and conv_levels and max(conv_levels) > min(conv_levels) else None
 
     vanilla: set[fx.Node] = set()
     for node in convs:
