@@ -201,12 +201,20 @@ def test_resnet50_matches_the_hand_written_oct_resnet50(resnet50, pool_first):
         assert round(macs / 1e9, 1) == 2.4
 
 
-@pytest.mark.parametrize(("name", "builder"), [("i3d_r50", "oct_i3d_r50"), ("slow_r50", "oct_slow_r50")])
-def test_pytorchvideo_resnets_match_the_hand_written_octave_models(name, builder, zoo):
+@pytest.mark.parametrize(
+    ("name", "builder", "kwargs"),
+    [
+        ("i3d_r50", "oct_i3d_r50", dict(base_width=16)),
+        ("slow_r50", "oct_slow_r50", dict(base_width=16)),
+        # R3D's layer1 adds the stem's output: the sum re-splits it, as the hand-written model's OctaveResplit.
+        ("r3d_18", "oct_r3d_18", dict(octave="spatiotemporal")),
+    ],
+)
+def test_video_resnets_match_the_hand_written_octave_models(name, builder, kwargs, zoo):
     import oct3d.models
 
     model, x, converted = zoo(name)
-    octave_model = getattr(oct3d.models, builder)(alpha=0.5, base_width=16, num_classes=5)
+    octave_model = getattr(oct3d.models, builder)(alpha=0.5, num_classes=5, **kwargs)
     reference = oct3d.models.load_vanilla(octave_model, model)
     with torch.no_grad():
         torch.testing.assert_close(converted.eval()(x), reference.eval()(x), rtol=1e-5, atol=1e-5)

@@ -15,9 +15,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from oct3d.nn.octave import Octave, low_size
+from oct3d.nn.octave import Octave, avg_pool, low_size
 
-__all__ = ["OctBranchNorm", "OctStochasticDepth", "octave_shape", "octave_size", "pad_low", "pool_low", "resize_low"]
+__all__ = [
+    "OctBranchNorm",
+    "OctStochasticDepth",
+    "octave_shape",
+    "octave_size",
+    "octave_split",
+    "pad_low",
+    "pool_low",
+    "resize_low",
+]
 
 _MAX_POOL = {1: F.max_pool1d, 2: F.max_pool2d, 3: F.max_pool3d}
 _AVG_POOL = {1: F.avg_pool1d, 2: F.avg_pool2d, 3: F.avg_pool3d}
@@ -32,6 +41,15 @@ def octave_size(high: Tensor, low: Tensor, dim: int | None = None) -> torch.Size
     """``x.size(dim)`` of the vanilla map an octave pair stands for (see :func:`octave_shape`)."""
     shape = octave_shape(high, low)
     return shape if dim is None else shape[dim]
+
+
+def octave_split(x: Tensor, low_channels: int, factors: Sequence[int]) -> Octave:
+    """A plain map as an octave with its last ``low_channels`` channels pooled (``oct3d.nn.to_octave``).
+
+    The converter splits the plain operand of a residual sum this way when the other operand is an octave.
+    """
+    high_channels = x.shape[1] - low_channels
+    return Octave(x[:, :high_channels], avg_pool(x[:, high_channels:], factors))
 
 
 def _crop_low(low: Tensor, high: Tensor, factors: Sequence[int], what: str) -> Tensor:

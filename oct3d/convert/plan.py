@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from torch import fx, nn
 
 from oct3d.convert.core import Context, IncompatibleSplitError, Split, tensor_inputs
-from oct3d.convert.rules import Rule
+from oct3d.convert.rules import BinaryRule, Rule
 from oct3d.nn.conv import check_alpha
 from oct3d.nn.octave import low_channels
 
@@ -67,6 +67,7 @@ class Plan:
     splits: dict[fx.Node, Split] = field(default_factory=dict)
     convs: dict[fx.Node, ConvPlan] = field(default_factory=dict)
     stems: set[fx.Node] = field(default_factory=set)
+    resplit: dict[fx.Node, list[fx.Node]] = field(default_factory=dict)
     pool_first: bool = False
 
     def is_octave(self, node: fx.Node) -> bool:
@@ -173,11 +174,22 @@ def make_plan(
             plan.reasons[node] = reason
     plan.levels = _levels(gm.graph, ctx, plan.kinds)
 
+    convs = [n for n in nodes if plan.kinds[n] == "conv"]
+    for node in convs:
+        module = ctx.module(node)
+        value = alpha(node.target, module) if callable(alpha) else alpha
+        plan.convs[node] = ConvPlan(node.target, check_alpha(value, f"alpha for {node.target!r}"))
+    conv_levels = [plan.levels[n] for n in convs if plan.levels[n] is not None]
+    coarsest = max(conv_levels) if vanilla_coarsest and conv_levels and max(conv_levels) > min(conv_levels) else None
+    plan.resplit = _residual_resplits(nodes, plan, ctx, coarsest)
+
     def data_inputs(node: fx.Node) -> list[fx.Node]:
         rule = plan.rules[node]
         if plan.kinds[node] == "conv":
             return [node.args[0]]
-        return rule.data_inputs(node, ctx) if plan.kinds[node] == "flow" else []
+        if plan.kinds[node] != "flow":
+            return []
+        return [n for n in rule.data_inputs(node, ctx) if n not in plan.resplit.get(node, ())]
 
     regions = _UnionFind()
     for node in nodes:
@@ -190,12 +202,6 @@ def make_plan(
     for node in nodes:
         if ctx.shape(node) is not None:
             members.setdefault(regions.find(node), []).append(node)
-
-    convs = [n for n in nodes if plan.kinds[n] == "conv"]
-    for node in convs:
-        module = ctx.module(node)
-        value = alpha(node.target, module) if callable(alpha) else alpha
-        plan.convs[node] = ConvPlan(node.target, check_alpha(value, f"alpha for {node.target!r}"))
 
     def has_placeholder(root: fx.Node) -> bool:
         return any(m.op == "placeholder" for m in members[root])
@@ -210,8 +216,6 @@ def make_plan(
             and has_placeholder(regions.find(node.args[0]))
         ):
             plan.stems.add(node)
-    conv_levels = [plan.levels[n] for n in convs if plan.levels[n] is not None]
-    coarsest = max(conv_levels) if vanilla_coarsest and conv_levels and max(conv_levels) > min(conv_levels) else None
 
     vanilla: set[fx.Node] = set()
     for node in convs:
@@ -254,6 +258,8 @@ def make_plan(
             elif plan.kinds[node] == "flow":
                 try:
                     splits[node] = plan.rules[node].channel_map(node, [splits[i] for i in data_inputs(node)], ctx)
+                    if node in plan.resplit and not splits[node].is_natural:
+                        raise IncompatibleSplitError(f"{node.name}: a re-split operand needs the natural split")
                 except (IncompatibleSplitError, KeyError) as error:
                     failed.add(root)
                     blocked[root] = str(error)
@@ -305,6 +311,8 @@ def _region_can_carry(
             user_kind = plan.kinds[user]
             if user_kind == "meta" or (user_kind == "flow" and value in data_inputs(user)):
                 continue
+            if value in plan.resplit.get(user, ()):
+                continue  # the sum splits this plain operand itself
             if user_kind == "conv" and user.args[0] is value and value not in tensor_inputs(user)[1:]:
                 readers_open = readers_open or user not in vanilla
                 continue
@@ -313,3 +321,52 @@ def _region_can_carry(
             target = user.target if isinstance(user.target, str) else getattr(user.target, "__name__", user.name)
             return f"read by {target} ({plan.reasons.get(user, 'closes')})"
     return None if readers_open else "read only by vanilla convolutions"
+
+
+def _residual_resplits(
+    nodes: Sequence[fx.Node], plan: Plan, ctx: Context, coarsest: int | None
+) -> dict[fx.Node, list[fx.Node]]:
+    """Residual sums whose one operand comes only from vanilla layers (the stem, the network input) and the
+    other only from octave-opening convolutions: the plain operand is split into an octave there
+    (``to_octave``, as the hand-written models' ``OctaveResplit``), so the residual chain can carry
+    octaves (ResNet-18's ``layer1``, R3D's ``layer1``) while the vanilla layers stay vanilla."""
+    resplit: dict[fx.Node, list[fx.Node]] = {}
+
+    def sources(node: fx.Node) -> set[fx.Node]:
+        found, stack, seen = set(), [node], set()
+        while stack:
+            current = stack.pop()
+            if current in seen:
+                continue
+            seen.add(current)
+            if plan.kinds.get(current) == "flow":
+                inputs = plan.rules[current].data_inputs(current, ctx)
+                stack.extend(n for n in inputs if n not in resplit.get(current, ()))
+            else:
+                found.add(current)
+        return found
+
+    def plain_source(node: fx.Node) -> bool:
+        if node.op == "placeholder":
+            return True
+        if plan.kinds.get(node) != "conv":
+            return False
+        conv = plan.convs[node]
+        return (
+            conv.alpha == 0
+            or (coarsest is not None and plan.levels[node] == coarsest)
+            or any(s.op == "placeholder" for s in sources(node.args[0]))
+        )
+
+    for node in nodes:
+        if plan.kinds[node] != "flow" or not isinstance(plan.rules[node], BinaryRule):
+            continue
+        operands = plan.rules[node].data_inputs(node, ctx)
+        if len(operands) != 2:
+            continue
+        found = [sources(o) for o in operands]
+        for i, j in ((0, 1), (1, 0)):
+            octave_side = found[j] and all(plan.kinds.get(s) == "conv" and not plain_source(s) for s in found[j])
+            if found[i] and all(plain_source(s) for s in found[i]) and octave_side:
+                resplit[node] = [operands[i]]
+    return resplit

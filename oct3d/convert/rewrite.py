@@ -17,6 +17,7 @@ from typing import Any
 from torch import fx, nn
 
 from oct3d.convert.core import Context, Split
+from oct3d.convert.layers import octave_split
 from oct3d.convert.plan import Plan
 from oct3d.nn.octave import Octave
 
@@ -126,6 +127,19 @@ def rewrite(gm: fx.GraphModule, ctx: Context, plan: Plan, class_name: str) -> fx
             else:
                 out = em.call_module(node.target, (em.pack(node.args[0]),), name=node.name)
                 em.env[node] = em.unpack(out, node.name) if conv.split_out is not None else out
+        elif kind == "flow" and plan.is_octave(node) and node in plan.resplit:
+            # The plain operand of a residual sum with an octave: split it with the sum's split.
+            split = plan.splits[node]
+            dims = len(ctx.shape(node)) - 2
+            saved = {}
+            for operand in plan.resplit[node]:
+                packed = em.call_function(
+                    octave_split, (em.plain(operand), len(split.low), ctx.factors(dims)), name=f"{operand.name}_split"
+                )
+                saved[operand] = em.env[operand]
+                em.env[operand] = em.unpack(packed, f"{operand.name}_split")
+            em.env[node] = plan.rules[node].emit(node, em)
+            em.env.update(saved)
         elif (kind == "flow" and plan.is_octave(node)) or (
             kind == "meta" and any(em.is_octave(n) for n in node.all_input_nodes)
         ):
