@@ -360,6 +360,17 @@ def test_python_branch_on_a_tensor_is_guarded_not_silently_frozen():
             converted(-x)  # the original takes the other branch here
 
 
+class _MisTraced(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return 2 * x if isinstance(x, torch.Tensor) else x  # an fx Proxy is no Tensor: the trace drops the 2 *
+
+
+def test_a_wrong_trace_is_caught_at_conversion_time():
+    model = _net(_MisTraced())
+    with pytest.raises(ConversionError, match="trace of the model differs"):
+        octavize(model, 0.5, example_input=torch.randn(1, 3, 32, 32))
+
+
 def test_alpha_schedule_and_argument_errors():
     model = _net(nn.Identity())
     x = torch.randn(1, 3, 32, 32)
