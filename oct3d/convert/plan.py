@@ -20,6 +20,7 @@ example input's size as long as no map shrinks to a single pixel.
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -323,6 +324,9 @@ def _region_can_carry(
     return None if readers_open else "read only by vanilla convolutions"
 
 
+_IN_PLACE = {operator.iadd, operator.isub, operator.imul, operator.itruediv}
+
+
 def _residual_resplits(
     nodes: Sequence[fx.Node], plan: Plan, ctx: Context, coarsest: int | None
 ) -> dict[fx.Node, list[fx.Node]]:
@@ -361,12 +365,15 @@ def _residual_resplits(
     for node in nodes:
         if plan.kinds[node] != "flow" or not isinstance(plan.rules[node], BinaryRule):
             continue
+        in_place = (node.op == "call_method" and node.target.endswith("_")) or node.target in _IN_PLACE
         operands = plan.rules[node].data_inputs(node, ctx)
         if len(operands) != 2:
             continue
         found = [sources(o) for o in operands]
         for i, j in ((0, 1), (1, 0)):
             octave_side = found[j] and all(plan.kinds.get(s) == "conv" and not plain_source(s) for s in found[j])
+            if in_place and operands[i] is node.args[0]:
+                continue  # updating a split operand in place would change only its high slice
             if found[i] and all(plain_source(s) for s in found[i]) and octave_side:
                 resplit[node] = [operands[i]]
     return resplit
