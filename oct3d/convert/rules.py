@@ -181,10 +181,6 @@ def conv_geometry_problem(module: nn.Module) -> str | None:
     return None
 
 
-def _spatial_ok(ctx: Context, shape: tuple[int, ...] | None, dims: int) -> bool:
-    return shape is not None and len(shape) == dims + 2
-
-
 # --------------------------------------------------------------------------- conv kinds
 
 
