@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from torch import fx, nn
 
 from oct3d.convert.core import Context, IncompatibleSplitError, Split, tensor_inputs
-from oct3d.convert.rules import BinaryRule, Rule
+from oct3d.convert.rules import BinaryRule, CatRule, Rule
 from oct3d.nn.conv import check_alpha
 from oct3d.nn.octave import low_channels
 
@@ -68,7 +68,8 @@ class Plan:
     splits: dict[fx.Node, Split] = field(default_factory=dict)
     convs: dict[fx.Node, ConvPlan] = field(default_factory=dict)
     stems: set[fx.Node] = field(default_factory=set)
-    resplit: dict[fx.Node, list[fx.Node]] = field(default_factory=dict)
+    resplit: dict[fx.Node, dict[fx.Node, float | None]] = field(default_factory=dict)
+    resplit_splits: dict[tuple[fx.Node, fx.Node], Split] = field(default_factory=dict)
     pool_first: bool = False
 
     def is_octave(self, node: fx.Node) -> bool:
@@ -258,9 +259,10 @@ def make_plan(
                     blocked[root] = f"{node.target}: alpha {plan.convs[node].alpha} leaves no channels in a branch"
             elif plan.kinds[node] == "flow":
                 try:
-                    splits[node] = plan.rules[node].channel_map(node, [splits[i] for i in data_inputs(node)], ctx)
-                    if node in plan.resplit and not splits[node].is_natural:
-                        raise IncompatibleSplitError(f"{node.name}: a re-split operand needs the natural split")
+                    inputs = [splits[i] for i in data_inputs(node)]
+                    if node in plan.resplit:
+                        inputs = _with_resplit_operands(node, plan, ctx, splits, data_inputs(node))
+                    splits[node] = plan.rules[node].channel_map(node, inputs, ctx)
                 except (IncompatibleSplitError, KeyError) as error:
                     failed.add(root)
                     blocked[root] = str(error)
@@ -327,14 +329,40 @@ def _region_can_carry(
 _IN_PLACE = {operator.iadd, operator.isub, operator.imul, operator.itruediv}
 
 
+def _with_resplit_operands(
+    node: fx.Node, plan: Plan, ctx: Context, splits: dict[fx.Node, Split], octave_inputs: list[fx.Node]
+) -> list[Split]:
+    """The splits of all of ``node``'s data inputs, the re-split plain operands' included (recorded in
+    ``plan.resplit_splits``): a sum's plain operand takes the other operand's (natural) split, a
+    concatenation's plain piece the natural split at the ratio of the octave pieces' convolutions."""
+    out = []
+    for source in plan.rules[node].data_inputs(node, ctx):
+        if source not in plan.resplit[node]:
+            out.append(splits[source])
+            continue
+        alpha = plan.resplit[node][source]
+        if alpha is None:
+            split = splits[octave_inputs[0]]
+        else:
+            channels = ctx.shape(source)[1]
+            split = Split.natural(channels, low_channels(channels, alpha))
+        if not split.is_natural or not 0 < len(split.low) < split.channels:
+            raise IncompatibleSplitError(f"{node.name}: cannot split its plain operand {source.name}")
+        plan.resplit_splits[(node, source)] = split
+        out.append(split)
+    return out
+
+
 def _residual_resplits(
     nodes: Sequence[fx.Node], plan: Plan, ctx: Context, coarsest: int | None
-) -> dict[fx.Node, list[fx.Node]]:
-    """Residual sums whose one operand comes only from vanilla layers (the stem, the network input) and the
-    other only from octave-opening convolutions: the plain operand is split into an octave there
-    (``to_octave``, as the hand-written models' ``OctaveResplit``), so the residual chain can carry
-    octaves (ResNet-18's ``layer1``, R3D's ``layer1``) while the vanilla layers stay vanilla."""
-    resplit: dict[fx.Node, list[fx.Node]] = {}
+) -> dict[fx.Node, dict[fx.Node, float | None]]:
+    """Residual sums and channel concatenations that join maps coming only from vanilla layers (the stem,
+    the network input) with maps coming only from octave-opening convolutions: the plain operands are
+    split into octaves there (``to_octave``, as the hand-written models' ``OctaveResplit``), so the
+    residual chain or dense block can carry octaves (ResNet-18's and R3D's ``layer1``, DenseNet's first
+    block) while the vanilla layers stay vanilla. Maps each such node to ``{operand: ratio}``: None for a
+    sum (the operand takes the other operand's split), the octave pieces' ratio for a concatenation."""
+    resplit: dict[fx.Node, dict[fx.Node, float | None]] = {}
 
     def sources(node: fx.Node) -> set[fx.Node]:
         found, stack, seen = set(), [node], set()
@@ -362,18 +390,25 @@ def _residual_resplits(
             or any(s.op == "placeholder" for s in sources(node.args[0]))
         )
 
+    def octave_source(node: fx.Node) -> bool:
+        return plan.kinds.get(node) == "conv" and not plain_source(node)
+
     for node in nodes:
-        if plan.kinds[node] != "flow" or not isinstance(plan.rules[node], BinaryRule):
+        rule = plan.rules[node]
+        if plan.kinds[node] != "flow" or not isinstance(rule, (BinaryRule, CatRule)):
             continue
-        in_place = (node.op == "call_method" and node.target.endswith("_")) or node.target in _IN_PLACE
-        operands = plan.rules[node].data_inputs(node, ctx)
-        if len(operands) != 2:
-            continue
+        operands = rule.data_inputs(node, ctx)
         found = [sources(o) for o in operands]
-        for i, j in ((0, 1), (1, 0)):
-            octave_side = found[j] and all(plan.kinds.get(s) == "conv" and not plain_source(s) for s in found[j])
-            if in_place and operands[i] is node.args[0]:
+        plain = [bool(f) and all(plain_source(s) for s in f) for f in found]
+        octave = [bool(f) and all(octave_source(s) for s in f) for f in found]
+        if not any(octave) or not any(plain) or not all(p or o for p, o in zip(plain, octave)):
+            continue
+        if isinstance(rule, BinaryRule):
+            in_place = (node.op == "call_method" and node.target.endswith("_")) or node.target in _IN_PLACE
+            if len(operands) != 2 or (in_place and plain[operands.index(node.args[0])]):
                 continue  # updating a split operand in place would change only its high slice
-            if found[i] and all(plain_source(s) for s in found[i]) and octave_side:
-                resplit[node] = [operands[i]]
+            resplit[node] = {o: None for o, p in zip(operands, plain) if p}
+        else:
+            ratio = next(plan.convs[s].alpha for f, o in zip(found, octave) if o for s in f)
+            resplit[node] = {o: ratio for o, p in zip(operands, plain) if p}
     return resplit

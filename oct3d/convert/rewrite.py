@@ -128,13 +128,13 @@ def rewrite(gm: fx.GraphModule, ctx: Context, plan: Plan, class_name: str) -> fx
                 out = em.call_module(node.target, (em.pack(node.args[0]),), name=node.name)
                 em.env[node] = em.unpack(out, node.name) if conv.split_out is not None else out
         elif kind == "flow" and plan.is_octave(node) and node in plan.resplit:
-            # The plain operand of a residual sum with an octave: split it with the sum's split.
-            split = plan.splits[node]
+            # The plain operands of a residual sum or concatenation with octaves: split them first.
             dims = len(ctx.shape(node)) - 2
             saved = {}
             for operand in plan.resplit[node]:
+                low = len(plan.resplit_splits[(node, operand)].low)
                 packed = em.call_function(
-                    octave_split, (em.plain(operand), len(split.low), ctx.factors(dims)), name=f"{operand.name}_split"
+                    octave_split, (em.plain(operand), low, ctx.factors(dims)), name=f"{operand.name}_split"
                 )
                 saved[operand] = em.env[operand]
                 em.env[operand] = em.unpack(packed, f"{operand.name}_split")

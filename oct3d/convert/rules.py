@@ -912,7 +912,9 @@ RULES: list[Rule] = [
     MetaRule(),
     CloseRule("flatten/reshape", _targets(torch.flatten, torch.reshape, "flatten", "view", "reshape", "permute",
                                           "transpose", "squeeze", "unsqueeze", torch.squeeze, torch.unsqueeze)),
-    CloseRule("global pooling", _modules(*_ADAPTIVE_POOLS)),
+    CloseRule("global pooling", lambda node, ctx: _modules(*_ADAPTIVE_POOLS)(node, ctx) or _targets(
+        F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d, F.adaptive_max_pool1d,
+        F.adaptive_max_pool2d, F.adaptive_max_pool3d)(node, ctx)),
     CloseRule("mean/sum reduction", _targets(torch.mean, torch.sum, torch.amax, "mean", "sum", "amax", "max")),
     CloseRule("linear", _modules(nn.Linear, nn.Bilinear, nn.LayerNorm)),
     CloseRule("attention", _modules(nn.MultiheadAttention), leaf_types=(nn.MultiheadAttention,)),
