@@ -25,7 +25,16 @@ from torch import Tensor, nn
 
 from oct3d.nn import OctBatchNorm, OctConv
 
-__all__ = ["InflationReport", "VanillaMismatchError", "inflate", "load_vanilla", "partition_conv_weight"]
+__all__ = [
+    "InflationReport",
+    "VanillaMismatchError",
+    "inflate",
+    "load_vanilla",
+    "partition_conv_weight",
+    "slice_paths",
+    "split_batchnorm",
+    "split_channel_state",
+]
 
 _BN_KEYS = ("weight", "bias", "running_mean", "running_var")
 
@@ -49,16 +58,46 @@ def _dense_to_grouped(dense: Tensor, groups: int) -> Tensor:
     return torch.cat([dense[g * og:(g + 1) * og, g * ig:(g + 1) * ig] for g in range(groups)], dim=0)
 
 
-def partition_conv_weight(conv: OctConv, weight: Tensor, bias: Tensor | None = None) -> dict[str, Tensor]:
+def slice_paths(dense: Tensor, out_high: int, in_high: int) -> dict[str, Tensor]:
+    """The four channel blocks of a dense ``(out, in, *kernel)`` weight, high channels first.
+
+    ``h2h = W[:out_high, :in_high]``, ``h2l = W[out_high:, :in_high]``, ``l2h = W[:out_high, in_high:]``,
+    ``l2l = W[out_high:, in_high:]`` (SPEC.md section 2: the paths partition the vanilla weight). Shared by
+    :func:`partition_conv_weight` and the converter's transposed convolutions.
+    """
+    return {
+        "h2h": dense[:out_high, :in_high],
+        "h2l": dense[out_high:, :in_high],
+        "l2h": dense[:out_high, in_high:],
+        "l2l": dense[out_high:, in_high:],
+    }
+
+
+def partition_conv_weight(
+    conv: OctConv, weight: Tensor, bias: Tensor | None = None, in_order: Tensor | None = None
+) -> dict[str, Tensor]:
     """Split a vanilla ``ConvNd`` weight (and bias) into the state dict of ``conv``'s paths.
 
     ``weight`` has the vanilla shape ``(out_channels, in_channels // groups, *kernel_size)``.
     Grouped (non-depthwise) layers at ``alpha > 0`` take the block-diagonal part of each
     partition that their own grouping can hold, which is a warm start only.
+
+    ``in_order`` (optional, ``groups == 1`` or depthwise) lists the vanilla input channels in the
+    octave input's order (all high channels, then all low ones), for inputs that are not "high
+    channels first", such as a channel concatenation of octave maps. A depthwise layer's outputs
+    follow the same order.
     """
     expected = (conv.out_channels, conv.in_channels // conv.groups, *conv.kernel_size)
     if tuple(weight.shape) != expected:
         raise VanillaMismatchError(f"expected a weight of shape {expected}, got {tuple(weight.shape)}")
+    if in_order is not None:
+        if conv.depthwise:
+            weight = weight[in_order]
+            bias = None if bias is None else bias[in_order]
+        elif conv.groups == 1:
+            weight = weight[:, in_order]
+        else:
+            raise VanillaMismatchError("in_order needs groups == 1 or a depthwise convolution")
     oh, ih = conv.out_high, conv.in_high
     out: dict[str, Tensor] = {}
     if conv.is_vanilla:
@@ -69,13 +108,7 @@ def partition_conv_weight(conv: OctConv, weight: Tensor, bias: Tensor | None = N
             out["l2l.weight"] = weight[oh:]
     else:
         dense = weight if conv.groups == 1 else _grouped_to_dense(weight, conv.groups)
-        parts = {
-            "h2h": dense[:oh, :ih],
-            "h2l": dense[oh:, :ih],
-            "l2h": dense[:oh, ih:],
-            "l2l": dense[oh:, ih:],
-        }
-        for path, w in parts.items():
+        for path, w in slice_paths(dense, oh, ih).items():
             if getattr(conv, path) is not None:
                 out[f"{path}.weight"] = w if conv.groups == 1 else _dense_to_grouped(w, conv.groups)
     if bias is not None:
@@ -88,25 +121,55 @@ def partition_conv_weight(conv: OctConv, weight: Tensor, bias: Tensor | None = N
     return {k: v.detach().clone() for k, v in out.items()}
 
 
-def _split_batchnorm(bn: OctBatchNorm, source: Mapping[str, Tensor], prefix: str) -> dict[str, Tensor]:
+def split_channel_state(
+    source: Mapping[str, Tensor], prefix: str, keys: Sequence[str], num_features: int, high_channels: int,
+    has_low: bool, order: Tensor | None = None,
+) -> dict[str, Tensor]:
+    """Split per-channel tensors ``source[prefix + key]`` into high (first ``high_channels``) and low parts.
+
+    Returns ``{"h.<key>": ..., "l.<key>": ...}`` (no ``l.`` entries when ``has_low`` is False) for the
+    keys present. ``order`` (optional) lists the vanilla channels in octave order first (see
+    :func:`partition_conv_weight`). Normalisation statistics and affine parameters of BatchNorm,
+    InstanceNorm and GroupNorm are split this way.
+    """
     out: dict[str, Tensor] = {}
-    ch = bn.high_channels
-    for key in _BN_KEYS:
+    for key in keys:
         full = f"{prefix}{key}"
-        if full not in source:
+        if full not in source or source[full] is None:
             continue
         value = source[full]
-        if value.shape[0] != bn.num_features:
-            raise VanillaMismatchError(f"{full}: expected {bn.num_features} channels, got {tuple(value.shape)}")
-        out[f"bn_h.{key}"] = value[:ch]
-        if bn.bn_l is not None:
-            out[f"bn_l.{key}"] = value[ch:]
+        if value.shape[0] != num_features:
+            raise VanillaMismatchError(f"{full}: expected {num_features} channels, got {tuple(value.shape)}")
+        if order is not None:
+            value = value[order]
+        out[f"h.{key}"] = value[:high_channels]
+        if has_low:
+            out[f"l.{key}"] = value[high_channels:]
+    return {k: v.detach().clone() for k, v in out.items()}
+
+
+def _split_batchnorm(
+    bn: OctBatchNorm, source: Mapping[str, Tensor], prefix: str, order: Tensor | None = None
+) -> dict[str, Tensor]:
+    parts = split_channel_state(
+        source, prefix, _BN_KEYS, bn.num_features, bn.high_channels, bn.bn_l is not None, order
+    )
+    out = {("bn_h." if k[0] == "h" else "bn_l.") + k[2:]: v for k, v in parts.items()}
     counter = f"{prefix}num_batches_tracked"
     if counter in source:
-        out["bn_h.num_batches_tracked"] = source[counter]
+        out["bn_h.num_batches_tracked"] = source[counter].detach().clone()
         if bn.bn_l is not None:
-            out["bn_l.num_batches_tracked"] = source[counter]
-    return {k: v.detach().clone() for k, v in out.items()}
+            out["bn_l.num_batches_tracked"] = source[counter].detach().clone()
+    return out
+
+
+def split_batchnorm(bn: OctBatchNorm, vanilla: nn.Module, order: Tensor | None = None) -> dict[str, Tensor]:
+    """The state dict of ``bn`` (an :class:`~oct3d.nn.OctBatchNorm`) from a vanilla ``BatchNormNd``.
+
+    The statistics and affine parameters are split into ``bn_h`` (high channels) and ``bn_l`` (low
+    channels), as :func:`load_vanilla` does; ``order`` as for :func:`split_channel_state`.
+    """
+    return _split_batchnorm(bn, vanilla.state_dict(), "", order)
 
 
 def _state_dict_of(vanilla: nn.Module | Mapping[str, Tensor]) -> dict[str, Tensor]:

@@ -1,0 +1,192 @@
+"""``octavize``: any traceable CNN into an octave network, with its weights."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, fx, nn
+
+from oct3d.convert.core import Context, ConversionError
+from oct3d.convert.plan import Plan, make_plan
+from oct3d.convert.rewrite import rewrite
+from oct3d.convert.rules import RULES, DepthwiseConvRule, Rule
+from oct3d.convert.trace import record_shapes, trace
+from oct3d.nn.octave import OCTAVE_MODES
+
+__all__ = ["octavize", "describe_plan"]
+
+
+def octavize(
+    model: nn.Module,
+    alpha: float | Callable[[str, nn.Module], float] = 0.5,
+    *,
+    example_input: Tensor | Sequence[Tensor],
+    octave: str = "spatial",
+    exclude: Sequence[str] = (),
+    pool_first: bool | None = None,
+    vanilla_coarsest: bool = True,
+    rules: Sequence[Rule] | None = None,
+    validate: bool = True,
+    atol: float = 1e-4,
+) -> fx.GraphModule:
+    """Convert ``model`` into an octave network, carrying its weights over as ``load_vanilla`` does.
+
+    The model is traced with ``torch.fx``; every convolution that can carry octaves becomes an
+    :class:`~oct3d.nn.OctConv` (or :class:`~oct3d.nn.transposed.OctConvTranspose`), every norm an
+    octave norm, and activations, dropout, sums, channel concatenations, pooling and resizing run per
+    branch. Where the octave cannot flow (flatten, global pooling, linear layers, gating, attention,
+    unknown ops, ``exclude``), it closes first: the producing convolution gets ``alpha_out = 0`` and
+    the next one opens it again. Placement follows the paper: the stem convolution and the
+    convolutions at the network's coarsest resolution stay vanilla (docs/convert.md).
+
+    Args:
+        model: the vanilla network (left untouched; the result holds copies of its weights).
+        alpha: the ratio of low-frequency channels, in [0, 1), or a callable ``(name, module) -> float``
+            giving each convolution's output ratio (0 keeps it vanilla).
+        example_input: an input the model accepts (a tensor or a tuple of positional tensors), used to
+            record shapes and to check the conversion. Its size does not change the placement unless
+            some map shrinks to one pixel; a small input converts the same network as a large one.
+        octave: for 3D maps, ``"spatial"`` (halve H, W: video, anisotropic volumes) or
+            ``"spatiotemporal"`` (halve T, H, W).
+        exclude: module names (and their submodules) to keep as opaque vanilla modules.
+        pool_first: how strided ratio-0 convolutions stride, as in the oct3d builders
+            (:func:`oct3d.models.blocks.resolve_pool_first`): None (default) pools by the stride and
+            convolves at stride 1 when the result has any octave (the official code), True/False force it.
+            The stem keeps its strided convolution.
+        vanilla_coarsest: keep the convolutions at the network's coarsest resolution vanilla (the paper's
+            res5 rule). Set False for dilated backbones (segmentation), whose coarsest maps stay large.
+        rules: the rule table (default :data:`oct3d.convert.rules.RULES`), e.g. ``[MyRule(), *RULES]``.
+        validate: check at conversion time that the trace reproduces ``model`` and that the converted
+            network at ratio 0 computes exactly the original on ``example_input`` (within ``atol``).
+        atol: tolerance of that check.
+
+    Returns:
+        a ``torch.fx.GraphModule`` (an ordinary ``nn.Module``) in the training mode of ``model``; its
+        attribute ``octave_plan`` (also ``meta["octave_plan"]``, which survives ``copy.deepcopy``) maps each
+        convolution to ``(alpha_in, alpha_out, note)``.
+
+    Raises:
+        ConversionError: the model cannot be traced (the message names the module to exclude), or the
+            trace does not reproduce it.
+        ValueError, TypeError: bad arguments.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if octave not in OCTAVE_MODES:
+        raise ValueError(f"octave must be one of {OCTAVE_MODES}, got {octave!r}")
+    if isinstance(exclude, str):
+        exclude = (exclude,)
+    exclude = tuple(exclude)
+    if not all(isinstance(e, str) for e in exclude):
+        raise TypeError(f"exclude must be a sequence of module names, got {exclude!r}")
+    if not callable(alpha) and (isinstance(alpha, bool) or not isinstance(alpha, (int, float))):
+        raise TypeError(f"alpha must be a float in [0, 1) or a callable (name, module) -> float, got {alpha!r}")
+    if pool_first is not None and not isinstance(pool_first, bool):
+        raise TypeError(f"pool_first must be None or a bool, got {pool_first!r}")
+    if not isinstance(vanilla_coarsest, bool):
+        raise TypeError(f"vanilla_coarsest must be a bool, got {vanilla_coarsest!r}")
+    _check_example(example_input)
+    rules = list(RULES if rules is None else rules)
+
+    source = copy.deepcopy(model)
+    gm = trace(source, rules, exclude, example_input)
+    traced_out = record_shapes(gm, example_input)
+    ctx = Context(gm, octave)
+    plan = make_plan(gm, ctx, rules, alpha, exclude, pool_first, vanilla_coarsest)
+    class_name = f"Octave{type(model).__name__}"
+
+    if validate:
+        expected = _run(model, example_input)
+        _compare(traced_out, expected, atol, "the torch.fx trace of the model")
+        twin_plan = make_plan(gm, ctx, rules, 0.0, exclude, None)
+        twin = rewrite(gm, ctx, twin_plan, class_name)
+        _compare(_run(twin, example_input), expected, atol, "the converted network at alpha 0")
+
+    result = rewrite(gm, ctx, plan, class_name)
+    result.octave_plan = _octave_plan(plan)
+    result.meta["octave_plan"] = result.octave_plan  # GraphModule.meta survives copy.deepcopy
+    result.train(model.training)
+    if validate:
+        got = _run(result, example_input)
+        if _structure(got) != _structure(expected):
+            raise ConversionError(
+                f"the converted network returns {_structure(got)} on example_input, the original {_structure(expected)}"
+            )
+    return result
+
+
+def _octave_plan(plan: Plan) -> dict[str, tuple[float, float, str]]:
+    """``name -> (alpha_in, alpha_out, note)`` of every convolution, depthwise ones included, in graph order."""
+    out: dict[str, tuple[float, float, str]] = {}
+    for node, rule in plan.rules.items():
+        if node in plan.convs:
+            conv = plan.convs[node]
+            out[conv.name] = (conv.alpha_in, conv.alpha_out, conv.note)
+        elif isinstance(rule, DepthwiseConvRule) and plan.kinds[node] == "flow":
+            alpha = plan.splits[node].alpha if node in plan.splits else 0.0
+            out[node.target] = (alpha, alpha, "depthwise")
+    return out
+
+
+def describe_plan(model: fx.GraphModule) -> str:
+    """A table of the converted convolutions: name, ``alpha_in -> alpha_out`` and why a side is plain."""
+    plan = getattr(model, "octave_plan", None) or getattr(model, "meta", {}).get("octave_plan")
+    if plan is None:
+        raise TypeError("describe_plan needs a model returned by octavize")
+    width = max((len(n) for n in plan), default=4)
+    lines = [f"{'conv':<{width}}  alpha_in  alpha_out  note"]
+    for name, (a_in, a_out, note) in plan.items():
+        lines.append(f"{name:<{width}}  {a_in:8.3f}  {a_out:9.3f}  {note}")
+    return "\n".join(lines)
+
+
+def _check_example(example_input: Any) -> None:
+    items = (example_input,) if isinstance(example_input, Tensor) else example_input
+    if not isinstance(items, (tuple, list)) or not items or not all(isinstance(t, Tensor) for t in items):
+        raise TypeError(
+            "example_input must be a tensor the model accepts (or a tuple of positional tensors), "
+            f"got {type(example_input).__name__}"
+        )
+
+
+def _run(model: nn.Module, example_input: Tensor | Sequence[Tensor]) -> Any:
+    args = (example_input,) if isinstance(example_input, Tensor) else tuple(example_input)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            return model(*args)
+    finally:
+        model.train(was_training)
+
+
+def _tensors(value: Any) -> list[Tensor]:
+    if isinstance(value, Tensor):
+        return [value]
+    if isinstance(value, dict):
+        return [t for v in value.values() for t in _tensors(v)]
+    if isinstance(value, (tuple, list)):
+        return [t for v in value for t in _tensors(v)]
+    return []
+
+
+def _structure(value: Any) -> list[tuple[int, ...]]:
+    return [tuple(t.shape) for t in _tensors(value)]
+
+
+def _compare(got: Any, expected: Any, atol: float, what: str) -> None:
+    got_t, exp_t = _tensors(got), _tensors(expected)
+    if _structure(got) != _structure(expected):
+        raise ConversionError(f"{what} returns {_structure(got)} on example_input, the original {_structure(expected)}")
+    for a, b in zip(got_t, exp_t):
+        error = float((a.float() - b.float()).abs().max()) if a.numel() else 0.0
+        scale = float(b.float().abs().max()) if b.numel() else 0.0
+        if error > atol * max(1.0, scale):
+            raise ConversionError(
+                f"{what} differs from the original model by {error:.3g} on example_input: the trace froze a "
+                "branch or an op is not what it seems; exclude the module involved (see docs/convert.md)"
+            )
+

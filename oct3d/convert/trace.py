@@ -1,0 +1,227 @@
+"""Tracing a model into a ``torch.fx`` graph, and recording each node's example shape.
+
+The tracer stops at ``torch.nn`` modules (fx's default), at the module types a rule asks for
+(:meth:`~oct3d.convert.rules.Rule.leaf`) and at every name in ``exclude``. When tracing fails,
+the error names the innermost module being traced and says how to keep it out of the trace.
+
+Python control flow on traced values (``if x.shape[-1] != y.shape[-1]``, ``for t in x.shape``),
+which plain ``torch.fx`` refuses, is *specialised*: the tracer evaluates the condition on the
+example input and follows that branch, and the graph gets a guard (:func:`specialised`) that
+raises on inputs that would take the other branch. So a converted model is never silently wrong;
+at worst it asks to be converted with an example of the size it is used at. ``torch.jit.isinstance(x,
+torch.Tensor)`` (MONAI's optional inputs) is answered True for traced tensors.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, fx, nn
+from torch.fx import _symbolic_trace
+
+from oct3d.convert.core import ConversionError
+from oct3d.convert.rules import Rule
+
+__all__ = ["record_shapes", "specialised", "trace"]
+
+
+def specialised(value: Any, expected: Any, message: str) -> Any:
+    """Guard of a specialised Python branch: ``value`` must be what it was on the example input."""
+    if value != expected:
+        raise RuntimeError(message)
+    return value
+
+
+def _excluded(name: str, exclude: Sequence[str]) -> bool:
+    return any(name == p or name.startswith(p + ".") for p in exclude)
+
+
+class _Tracer(fx.Tracer):
+    def __init__(self, rules: Sequence[Rule], exclude: Sequence[str], example: tuple[Tensor, ...]) -> None:
+        super().__init__()
+        self.rules = rules
+        self.exclude = exclude
+        self.example = example
+        self.stack: list[str] = []
+        self.values: dict[fx.Node, Any] = {}
+
+    # ------------------------------------------------------------------ specialised control flow
+    def _evaluate(self, node: fx.Node) -> Any:
+        """The value of ``node`` on the example input (its ancestors evaluated once, in eval mode)."""
+        pending = [node]
+        while pending:
+            current = pending[-1]
+            if current in self.values:
+                pending.pop()
+                continue
+            missing = [n for n in current.all_input_nodes if n not in self.values]
+            if missing:
+                pending.extend(missing)
+                continue
+            pending.pop()
+            args = fx.node.map_arg(current.args, self.values.__getitem__)
+            kwargs = fx.node.map_arg(current.kwargs, self.values.__getitem__)
+            if current.op == "placeholder":
+                index = [n for n in current.graph.nodes if n.op == "placeholder"].index(current)
+                value = self.example[index] if index < len(self.example) else (args[0] if args else None)
+            elif current.op == "get_attr":
+                value = self.root
+                for part in current.target.split("."):
+                    value = getattr(value, part)
+            elif current.op == "call_module":
+                value = self.root.get_submodule(current.target)(*args, **kwargs)
+            elif current.op == "call_function":
+                value = current.target(*args, **kwargs)
+            else:
+                value = getattr(args[0], current.target)(*args[1:], **kwargs)
+            self.values[current] = value
+        return self.values[node]
+
+    def _concrete(self, obj: fx.Proxy) -> Any:
+        was_training = self.root.training
+        self.root.eval()
+        # fx patches nn.Module.__call__/__getattr__ while tracing; real evaluation needs the originals.
+        patched = nn.Module.__call__, nn.Module.__getattr__
+        nn.Module.__call__ = getattr(_symbolic_trace, "_orig_module_call", patched[0])
+        nn.Module.__getattr__ = getattr(_symbolic_trace, "_orig_module_getattr", patched[1])
+        try:
+            with torch.no_grad():
+                return self._evaluate(obj.node)
+        except Exception as error:
+            raise fx.proxy.TraceError(
+                f"control flow on a traced value ({obj.node.name}) could not be evaluated on example_input: {error}"
+            ) from error
+        finally:
+            nn.Module.__call__, nn.Module.__getattr__ = patched
+            self.root.train(was_training)
+
+    def _guard(self, proxy: fx.Proxy, expected: Any, what: str) -> None:
+        where = self.stack[-1] if self.stack else "the model's forward"
+        message = (
+            f"octavize traced {where!r} for inputs where {what} was {expected!r} (as on example_input); this "
+            f"input takes another branch there. Convert with an example_input like this one, or pass "
+            f"exclude=({where!r},) to keep that module opaque"
+        )
+        self.create_proxy("call_function", specialised, (proxy, expected, message), {})
+
+    def length(self, obj: fx.Proxy) -> int:
+        length = len(self._concrete(obj))
+        self._guard(self.create_proxy("call_function", len, (obj,), {}), length, f"the length of {obj.node.name}")
+        return length
+
+    def to_bool(self, obj: fx.Proxy) -> bool:
+        value = bool(self._concrete(obj))
+        self._guard(obj, value, f"the test {obj.node.name}")
+        return value
+
+    def iter(self, obj: fx.Proxy) -> Iterator:
+        return iter([obj[i] for i in range(self.length(obj))])
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        if _excluded(module_qualified_name, self.exclude) or any(rule.leaf(m) for rule in self.rules):
+            return True
+        return super().is_leaf_module(m, module_qualified_name)
+
+    def call_module(self, m: nn.Module, forward: Any, args: tuple, kwargs: dict) -> Any:
+        name = self.path_of_module(m)
+        self.stack.append(name)
+        try:
+            return super().call_module(m, forward, args, kwargs)
+        except Exception as error:
+            if not hasattr(error, "_oct3d_module"):
+                error._oct3d_module = (name, type(m).__name__)
+            raise
+        finally:
+            self.stack.pop()
+
+
+@contextlib.contextmanager
+def _specialising() -> Iterator[None]:
+    """While tracing: ``torch.jit.isinstance(proxy, torch.Tensor)`` is True (it is False for an fx Proxy),
+    and ``len(proxy)`` is answered by a converter tracer from the example input (fx refuses it)."""
+    original_isinstance = torch.jit.isinstance
+    original_len = fx.Proxy.__len__
+
+    def patched_isinstance(obj: Any, target_type: Any) -> bool:
+        if isinstance(obj, fx.Proxy):
+            return target_type is Tensor
+        return original_isinstance(obj, target_type)
+
+    def patched_len(proxy: fx.Proxy) -> int:
+        if isinstance(proxy.tracer, _Tracer):
+            return proxy.tracer.length(proxy)
+        return original_len(proxy)
+
+    torch.jit.isinstance = patched_isinstance
+    fx.Proxy.__len__ = patched_len
+    try:
+        yield
+    finally:
+        torch.jit.isinstance = original_isinstance
+        fx.Proxy.__len__ = original_len
+
+
+def trace(
+    model: nn.Module, rules: Sequence[Rule], exclude: Sequence[str] = (),
+    example_input: Tensor | Sequence[Tensor] = (),
+) -> fx.GraphModule:
+    """``torch.fx``-trace ``model`` with the converter's leaf policy; a failure raises :class:`ConversionError`.
+
+    ``example_input`` answers the control flow on traced values (see the module docstring).
+    """
+    names = {name for name, _ in model.named_modules()}
+    unknown = [p for p in exclude if p not in names]
+    if unknown:
+        raise ValueError(f"exclude names modules the model does not have: {unknown}; see model.named_modules()")
+    example = (example_input,) if isinstance(example_input, Tensor) else tuple(example_input)
+    tracer = _Tracer(rules, tuple(exclude), example)
+    try:
+        with _specialising():
+            graph = tracer.trace(model)
+    except Exception as error:
+        where = getattr(error, "_oct3d_module", None)
+        if where is None:
+            raise ConversionError(
+                f"octavize could not trace {type(model).__name__} with torch.fx ({type(error).__name__}: {error}). "
+                "The failing code is in the model's own forward; make the forward traceable (no Python control "
+                "flow on tensor values), or convert a traceable submodule and keep the rest around it"
+            ) from error
+        name, kind = where
+        raise ConversionError(
+            f"octavize could not trace module {name!r} ({kind}) of {type(model).__name__} with torch.fx "
+            f"({type(error).__name__}: {error}). Pass exclude=({name!r},) to keep it as one opaque module (it "
+            "stays vanilla and the octave closes around it), or make its forward traceable, e.g. by moving "
+            "data-dependent control flow into a function marked with torch.fx.wrap"
+        ) from error
+    return fx.GraphModule(tracer.root, graph, class_name=type(model).__name__)
+
+
+class _ShapeRecorder(fx.Interpreter):
+    def run_node(self, n: fx.Node) -> Any:
+        value = super().run_node(n)
+        n.meta["oct3d_shape"] = tuple(value.shape) if isinstance(value, Tensor) and value.dim() > 0 else None
+        return value
+
+
+def record_shapes(gm: fx.GraphModule, example_input: Tensor | Sequence[Tensor]) -> Any:
+    """Run ``gm`` once on the example (eval mode, no autograd); store shapes in ``node.meta["oct3d_shape"]``.
+
+    Returns the graph's output, for checking the trace against the original model.
+    """
+    args = (example_input,) if isinstance(example_input, Tensor) else tuple(example_input)
+    was_training = gm.training
+    gm.eval()
+    try:
+        with torch.no_grad():
+            return _ShapeRecorder(gm).run(*args)
+    except Exception as error:
+        raise ConversionError(
+            f"running the traced model on example_input failed ({type(error).__name__}: {error}). Check that the "
+            "model accepts this input (e.g. a fixed-size pooling head needs its full input size); if it does, the "
+            "trace froze a Python branch that depends on the input, see docs/convert.md"
+        ) from error
+    finally:
+        gm.train(was_training)

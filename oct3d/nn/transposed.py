@@ -1,0 +1,145 @@
+"""Octave transposed convolution, the upsampling layer of octave decoders.
+
+:class:`OctConvTranspose` mirrors :class:`~oct3d.nn.OctConv` for ``nn.ConvTransposeNd``. With the
+vanilla layer's geometry ``T`` (kernel, stride, padding, output padding) on every path:
+
+    Y_high = T_h2h(X_high) + up(T_l2h(X_low), size of Y_high)
+    Y_low  = T_l2l(X_low)  + T_h2l(pool(X_high))          (cropped to the low size of Y_high)
+
+``pool`` and ``up`` are the octave resampling ops of ``SPEC.md`` section 2 (average pooling by 2
+on the octave axes, nearest upsampling then crop). H->L pools *before* its transposed convolution,
+as a strided octave convolution pools first, so every low-resolution path costs a quarter of its
+high-resolution counterpart in 2D (FLOPs ``(1-a)^2 + a(1-a)/2 + a^2/4`` of the vanilla layer, as for
+``OctConv``). At ``alpha_in == alpha_out == 0`` the layer is exactly the vanilla ``ConvTransposeNd``.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from oct3d.nn.conv import IntOrTuple, check_alpha, check_positive_int, to_tuple
+from oct3d.nn.octave import Octave, OctaveInput, avg_pool, low_size, octave_axes, split_channels, upsample_to
+
+__all__ = ["OctConvTranspose", "transposed_low_size_ok"]
+
+_CONV_T = {1: nn.ConvTranspose1d, 2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}
+
+
+def _out_size(n: int, kernel: int, stride: int, padding: int, output_padding: int) -> int:
+    return (n - 1) * stride - 2 * padding + kernel + output_padding
+
+
+def transposed_low_size_ok(
+    kernel_size: tuple[int, ...], stride: tuple[int, ...], padding: tuple[int, ...],
+    output_padding: tuple[int, ...], factors: tuple[int, ...], sizes: range = range(1, 65),
+) -> bool:
+    """Whether the geometry's low output always covers the octave low size of its high output.
+
+    The low paths see maps of ``ceil(n / 2)`` on the octave axes; their transposed convolution must
+    give at least ``ceil(out(n) / 2)`` so that cropping (never padding) aligns the branches. True for
+    the usual decoder layers (kernel 2 stride 2; kernel 3 stride 2 padding 1 output padding 1; any
+    stride-1 "same" layer), false e.g. for kernel 3 stride 2 padding 1 without output padding.
+    """
+    for k, s, p, op, f in zip(kernel_size, stride, padding, output_padding, factors):
+        if f == 1:
+            continue
+        for n in sizes:
+            out_high = _out_size(n, k, s, p, op)
+            if out_high < 1:
+                continue
+            if _out_size(-(-n // f), k, s, p, op) < -(-out_high // f):
+                return False
+    return True
+
+
+class OctConvTranspose(nn.Module):
+    """Octave transposed convolution over ``dims`` (1, 2 or 3) spatial axes.
+
+    Args:
+        dims: number of spatial axes.
+        in_channels, out_channels: total channels (high + low) of the input and output.
+        kernel_size, stride, padding, output_padding: the vanilla ``ConvTransposeNd`` geometry, shared by
+            every path (int or per-axis tuple); :func:`transposed_low_size_ok` must hold for it.
+        alpha_in, alpha_out: fractions of low-frequency channels of the input and the output, in [0, 1).
+        bias: a learnable bias per output branch (on ``h2h`` and ``l2l``, or ``h2l`` without ``l2l``).
+        octave: 3D only, ``"spatial"`` (halve H, W) or ``"spatiotemporal"`` (halve T, H, W).
+
+    Paths are ordinary ``ConvTransposeNd`` modules named ``h2h``, ``h2l``, ``l2h`` and ``l2l`` (absent
+    paths are None). Input and output follow :class:`~oct3d.nn.OctConv`: a plain tensor at ratio 0,
+    an :class:`~oct3d.nn.Octave` otherwise.
+    """
+
+    def __init__(
+        self, dims: int, in_channels: int, out_channels: int, kernel_size: IntOrTuple, alpha_in: float = 0.5,
+        alpha_out: float = 0.5, stride: IntOrTuple = 1, padding: IntOrTuple = 0, output_padding: IntOrTuple = 0,
+        bias: bool = False, octave: str = "spatial",
+    ) -> None:
+        super().__init__()
+        self.axes = octave_axes(dims, octave)
+        check_positive_int(in_channels, "in_channels")
+        check_positive_int(out_channels, "out_channels")
+        self.dims, self.octave = dims, octave
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.alpha_in = check_alpha(alpha_in, "alpha_in")
+        self.alpha_out = check_alpha(alpha_out, "alpha_out")
+        self.kernel_size = to_tuple(kernel_size, dims, "kernel_size")
+        self.stride = to_tuple(stride, dims, "stride")
+        self.padding = to_tuple(padding, dims, "padding")
+        self.output_padding = to_tuple(output_padding, dims, "output_padding")
+        self.factors = tuple(2 if a else 1 for a in self.axes)
+        self.in_high, self.in_low = split_channels(in_channels, self.alpha_in)
+        self.out_high, self.out_low = split_channels(out_channels, self.alpha_out)
+        for name, alpha, total, low in (
+            ("alpha_in", self.alpha_in, in_channels, self.in_low),
+            ("alpha_out", self.alpha_out, out_channels, self.out_low),
+        ):
+            if alpha > 0 and low == 0:
+                raise ValueError(f"{name}={alpha} gives no low-frequency channels out of {total}")
+        if (self.in_low or self.out_low) and not transposed_low_size_ok(
+            self.kernel_size, self.stride, self.padding, self.output_padding, self.factors
+        ):
+            raise ValueError(
+                f"kernel_size={self.kernel_size}, stride={self.stride}, padding={self.padding}, "
+                f"output_padding={self.output_padding}: the low branch would come out smaller than half the "
+                "high branch; use kernel - 2 * padding + output_padding >= stride"
+            )
+
+        def path(cin: int, cout: int, with_bias: bool) -> nn.Module:
+            return _CONV_T[dims](
+                cin, cout, self.kernel_size, self.stride, self.padding, self.output_padding, bias=with_bias
+            )
+
+        self.h2h = path(self.in_high, self.out_high, bias)
+        self.h2l = path(self.in_high, self.out_low, bias and self.in_low == 0) if self.out_low else None
+        self.l2h = path(self.in_low, self.out_high, False) if self.in_low else None
+        self.l2l = path(self.in_low, self.out_low, bias) if self.in_low and self.out_low else None
+        self.is_vanilla = self.in_low == 0 and self.out_low == 0
+
+    def extra_repr(self) -> str:
+        return (
+            f"dims={self.dims}, {self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
+            f"alpha_in={self.alpha_in}, alpha_out={self.alpha_out}, stride={self.stride}, padding={self.padding}, "
+            f"output_padding={self.output_padding}, octave={self.octave!r}"
+        )
+
+    def forward(self, x: OctaveInput) -> OctaveInput:
+        high = x.high if isinstance(x, Octave) else x
+        low = x.low if isinstance(x, Octave) else None
+        if not isinstance(high, Tensor):
+            raise TypeError(f"OctConvTranspose expects a torch.Tensor or an Octave, got {type(x).__name__}")
+        if (low is None) != (self.in_low == 0):
+            raise TypeError(
+                f"OctConvTranspose with alpha_in={self.alpha_in} expects "
+                + ("an Octave with a low tensor" if self.in_low else "a plain tensor (no low branch)")
+            )
+        y_high = self.h2h(high)
+        if self.l2h is not None:
+            y_high = y_high + upsample_to(self.l2h(low), self.factors, y_high.shape[2:])
+        if not self.out_low:
+            return y_high
+        size = low_size(y_high.shape[2:], self.factors)
+        y_low = self.h2l(avg_pool(high, self.factors))
+        if self.l2l is not None:
+            y_low = y_low + self.l2l(low)
+        crop = (slice(None), slice(None), *(slice(0, n) for n in size))
+        return Octave(y_high, y_low[crop])

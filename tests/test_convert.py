@@ -1,0 +1,433 @@
+"""oct3d.octavize: the must-convert models (torchvision, video, pytorchvideo, MONAI, the README's 3D network).
+
+For each model: alpha 0 computes exactly the original, alpha .5 costs fewer multiply-adds and trains
+(gradients reach every parameter, the loss goes down), and odd sizes run where the original allows them.
+Models are small (widths, inputs) and built once per module.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+
+from oct3d import octavize
+from oct3d.convert import ConversionError, describe_plan
+from oct3d.convert.examples import TinySegNet
+from oct3d.convert.layers import OctStochasticDepth
+from oct3d.profiling import count_macs
+
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore")  # pytorchvideo and MONAI emit deprecation warnings on import
+    from monai.networks.nets import BasicUNet, DynUNet, SegResNet, UNet
+    from pytorchvideo.models.resnet import create_resnet
+
+
+_I3D = dict(
+    stem_conv_kernel_size=(5, 7, 7), stage1_pool=nn.MaxPool3d,
+    stage_conv_a_kernel_size=((3, 1, 1), [(3, 1, 1), (1, 1, 1)], [(3, 1, 1), (1, 1, 1)], [(1, 1, 1), (3, 1, 1)]),
+)
+
+
+def _ptv(config: dict, frames_at_head: int) -> nn.Module:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return create_resnet(**config, stem_dim_out=16, model_num_class=5, head_pool_kernel_size=(frames_at_head, 1, 1))
+
+
+# name: (builder, example input, odd input or None, octave). MONAI's UNet, SegResNet and DynUNet reject
+# odd sizes themselves (their skips no longer match); BasicUNet has its own test below.
+MODELS = {
+    "resnet18": (lambda: torchvision.models.resnet18(num_classes=10), (2, 3, 64, 64), (1, 3, 67, 61), "spatial"),
+    "mobilenet_v2": (lambda: torchvision.models.mobilenet_v2(num_classes=10), (2, 3, 64, 64), (1, 3, 65, 63),
+                     "spatial"),
+    "densenet121": (lambda: torchvision.models.densenet121(num_classes=10), (2, 3, 64, 64), (1, 3, 65, 63), "spatial"),
+    "efficientnet_b0": (lambda: torchvision.models.efficientnet_b0(num_classes=10), (2, 3, 64, 64), (1, 3, 65, 63),
+                        "spatial"),
+    "r3d_18": (lambda: torchvision.models.video.r3d_18(num_classes=5), (2, 3, 8, 24, 24), (1, 3, 9, 25, 23),
+               "spatiotemporal"),
+    "i3d_r50": (lambda: _ptv(_I3D, 2), (2, 3, 4, 32, 32), (1, 3, 5, 33, 31), "spatial"),
+    "slow_r50": (lambda: _ptv(dict(stem_conv_kernel_size=(1, 7, 7)), 4), (2, 3, 4, 32, 32), (1, 3, 5, 33, 31),
+                 "spatial"),
+    "monai_unet": (lambda: UNet(3, 1, 2, (8, 16, 32, 64, 128), (2, 2, 2, 2), num_res_units=1), (2, 1, 32, 32, 32),
+                   None, "spatial"),
+    "monai_basicunet": (lambda: BasicUNet(3, 1, 2, features=(8, 8, 16, 32, 64, 8)), (2, 1, 32, 32, 32), None,
+                        "spatial"),
+    "monai_segresnet": (lambda: SegResNet(3, 8, 1, 2), (2, 1, 32, 32, 32), None, "spatial"),
+    "monai_dynunet": (lambda: DynUNet(3, 1, 2, [3, 3, 3, 3], [1, 2, 2, 2], [2, 2, 2], filters=[8, 16, 32, 64]),
+                      (2, 1, 32, 32, 32), None, "spatial"),
+    "readme_tinysegnet": (lambda: TinySegNet(), (2, 1, 5, 32, 32), (1, 1, 7, 33, 29), "spatial"),
+}
+
+
+def _randomize_norms(model: nn.Module) -> None:
+    # Random statistics and affine parameters, so that a wrongly split norm shows at alpha 0.
+    generator = torch.Generator().manual_seed(1)
+    for m in model.modules():
+        for name, low, high in (("running_mean", -0.5, 0.5), ("running_var", 0.5, 1.5), ("weight", 0.5, 1.5),
+                                ("bias", -0.5, 0.5)):
+            tensor = getattr(m, name, None)
+            if isinstance(m, (nn.modules.batchnorm._NormBase, nn.GroupNorm)) and isinstance(tensor, torch.Tensor):
+                tensor.data.copy_(torch.rand(tensor.shape, generator=generator) * (high - low) + low)
+
+
+class Zoo:
+    """Each model, its example input and its alpha-.5 conversion, built once for the module."""
+
+    def __init__(self) -> None:
+        self.cache: dict[str, tuple[nn.Module, torch.Tensor, nn.Module]] = {}
+
+    def __call__(self, name: str) -> tuple[nn.Module, torch.Tensor, nn.Module]:
+        if name not in self.cache:
+            builder, shape, _, octave = MODELS[name]
+            torch.manual_seed(0)
+            model = builder().eval()
+            _randomize_norms(model)
+            x = torch.randn(shape)
+            self.cache[name] = (model, x, octavize(model, 0.5, example_input=x, octave=octave))
+        return self.cache[name]
+
+
+@pytest.fixture(scope="module")
+def zoo() -> Zoo:
+    return Zoo()
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_alpha0_computes_the_original(name, zoo):
+    model, x, _ = zoo(name)
+    twin = octavize(model, 0.0, example_input=x, octave=MODELS[name][3], validate=False).eval()
+    probe = torch.randn_like(x)
+    with torch.no_grad():
+        torch.testing.assert_close(twin(probe), model(probe), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_alpha_half_costs_fewer_macs_and_trains(name, zoo):
+    model, x, converted = zoo(name)
+    ratio = count_macs(converted, x) / count_macs(model, x)
+    assert ratio < 0.9, f"{name}: alpha .5 costs {ratio:.2f} of the original"
+    assert any(a_out > 0 for _, a_out, _ in converted.octave_plan.values())
+
+    snapshot = {k: v.clone() for k, v in converted.state_dict().items()}
+    torch.manual_seed(0)
+    with torch.no_grad():
+        target = torch.randn_like(model.eval()(x))
+    # Training mode (dropout and stochastic depth off, so that no branch is dropped by chance): a backward
+    # pass reaches every parameter.
+    net = converted.train()
+    for m in net.modules():
+        if isinstance(m, (nn.Dropout, torchvision.ops.StochasticDepth, OctStochasticDepth)):
+            m.eval()
+    F.mse_loss(net(x), target).backward()
+    missing = [n for n, p in net.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.any())]
+    assert not missing, f"{name}: no gradient reaches {missing[:5]}"
+    # A few clipped SGD steps lower the loss. BatchNorm statistics are frozen (eval mode) so that the
+    # objective is smooth and deterministic; with batch-2 statistics a step on these random networks
+    # may go either way.
+    net.load_state_dict(snapshot)  # undo the training-mode pass's update of the running statistics
+    net.eval()
+    optimizer = torch.optim.SGD(net.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(3):
+        optimizer.zero_grad()
+        loss = F.mse_loss(net(x), target)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+        optimizer.step()
+        losses.append(loss.item())
+    assert all(torch.isfinite(torch.tensor(losses))) and losses[2] < losses[1] < losses[0], losses
+    net.load_state_dict(snapshot)  # leave the shared conversion as it was built
+    net.zero_grad(set_to_none=True)
+
+
+@pytest.mark.parametrize("name", [n for n, spec in MODELS.items() if spec[2] is not None])
+def test_odd_sizes_run_like_the_original(name, zoo):
+    model, _, converted = zoo(name)
+    odd = torch.randn(MODELS[name][2])
+    with torch.no_grad():
+        assert converted.eval()(odd).shape == model(odd).shape
+
+
+def test_basicunet_odd_sizes_when_converted_at_an_odd_size():
+    # BasicUNet pads decoder maps to odd encoder sizes behind a Python test of the shapes; the converter
+    # follows the branch the example takes and guards it, so convert with the size the network will see.
+    torch.manual_seed(0)
+    model = BasicUNet(3, 1, 2, features=(4, 4, 8, 8, 16, 4)).eval()
+    odd = torch.randn(1, 1, 33, 31, 32)
+    converted = octavize(model, 0.5, example_input=odd).eval()
+    with torch.no_grad():
+        assert converted(odd).shape == model(odd).shape
+        with pytest.raises(RuntimeError, match="octavize traced 'upcat_"):
+            converted(torch.randn(1, 1, 32, 32, 32))
+    assert count_macs(converted, odd) < count_macs(model, odd)
+
+
+# --------------------------------------------------------------------------- the paper's ResNet-50
+
+
+@pytest.fixture(scope="module")
+def resnet50() -> nn.Module:
+    torch.manual_seed(0)
+    model = torchvision.models.resnet50().eval()
+    _randomize_norms(model)
+    return model
+
+
+@pytest.mark.parametrize("pool_first", [None, False])
+def test_resnet50_matches_the_hand_written_oct_resnet50(resnet50, pool_first):
+    from oct3d.models import load_vanilla, oct_resnet50
+
+    converted = octavize(resnet50, 0.5, example_input=torch.randn(1, 3, 64, 64), pool_first=pool_first).eval()
+    reference = load_vanilla(oct_resnet50(alpha=0.5, pool_first=pool_first), resnet50).eval()
+    probe = torch.randn(2, 3, 97, 83)
+    with torch.no_grad():
+        torch.testing.assert_close(converted(probe), reference(probe), rtol=1e-5, atol=1e-5)
+    # The paper's placement and cost (Table 2: 2.4 GMACs at alpha .5), at full size.
+    assert converted.octave_plan["conv1"][:2] == (0.0, 0.0)
+    assert converted.octave_plan["layer1.0.conv1"][:2] == (0.0, 0.5)
+    assert converted.octave_plan["layer4.0.conv1"][:2] == (0.5, 0.0)
+    assert converted.octave_plan["layer4.0.downsample.0"][:2] == (0.5, 0.0)
+    assert isinstance(converted.conv1, nn.Conv2d)  # the stem keeps its strided convolution
+    assert getattr(converted.get_submodule("layer4.0.conv2"), "pool_first", False) is (pool_first is None)
+    if pool_first is None:
+        macs = count_macs(converted, (1, 3, 224, 224))
+        assert macs == count_macs(reference, (1, 3, 224, 224))
+        assert round(macs / 1e9, 1) == 2.4
+
+
+@pytest.mark.parametrize(
+    ("name", "builder", "kwargs"),
+    [
+        ("i3d_r50", "oct_i3d_r50", dict(base_width=16)),
+        ("slow_r50", "oct_slow_r50", dict(base_width=16)),
+        # R3D's layer1 adds the stem's output: the sum re-splits it, as the hand-written model's OctaveResplit.
+        ("r3d_18", "oct_r3d_18", dict(octave="spatiotemporal")),
+    ],
+)
+def test_video_resnets_match_the_hand_written_octave_models(name, builder, kwargs, zoo):
+    import oct3d.models
+
+    model, x, converted = zoo(name)
+    octave_model = getattr(oct3d.models, builder)(alpha=0.5, num_classes=5, **kwargs)
+    reference = oct3d.models.load_vanilla(octave_model, model)
+    with torch.no_grad():
+        torch.testing.assert_close(converted.eval()(x), reference.eval()(x), rtol=1e-5, atol=1e-5)
+
+
+def test_cost_table_tool():
+    from oct3d.convert import table
+
+    original, converted = table.mac_ratio(table.MODELS["README TinySegNet"], full_size=False)
+    assert 0 < converted < 0.8 * original
+    with pytest.raises(ValueError, match="unknown models"):
+        table.markdown(["no such model"])
+
+
+def test_resnext_grouped_convolutions_match_the_hand_written_model():
+    from oct3d.models import load_vanilla, oct_resnext50_32x4d
+
+    torch.manual_seed(0)
+    model = torchvision.models.resnext50_32x4d().eval()
+    _randomize_norms(model)
+    x = torch.randn(1, 3, 64, 64)
+    converted = octavize(model, 0.25, example_input=x).eval()
+    reference = load_vanilla(oct_resnext50_32x4d(alpha=0.25), model).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(converted(x), reference(x), rtol=1e-5, atol=1e-5)
+    # At .125 the 128-channel grouped layers cannot split into 32 groups per branch: they stay vanilla.
+    coarse = octavize(model, 0.125, example_input=x, validate=False)
+    assert coarse.octave_plan["layer1.0.conv2"][:2] == (0.0, 0.0)
+    assert "groups" in coarse.octave_plan["layer1.0.conv2"][2]
+
+
+@pytest.mark.parametrize(("alpha", "paper_gmacs"), [(0.125, 3.6), (0.25, 3.1), (0.75, 1.9)])
+def test_resnet50_has_the_paper_cost_at_every_alpha(resnet50, alpha, paper_gmacs):
+    from oct3d.models import oct_resnet50
+
+    converted = octavize(resnet50, alpha, example_input=torch.randn(1, 3, 64, 64), validate=False)
+    macs = count_macs(converted, (1, 3, 224, 224))
+    assert macs == count_macs(oct_resnet50(alpha=alpha), (1, 3, 224, 224))
+    assert round(macs / 1e9, 1) == paper_gmacs
+
+
+def test_dilated_segmentation_backbone_with_and_without_the_coarsest_rule():
+    torch.manual_seed(0)
+    model = torchvision.models.segmentation.fcn_resnet50(weights=None, weights_backbone=None, num_classes=3).eval()
+    x = torch.randn(1, 3, 65, 63)
+    paper = octavize(model, 0.5, example_input=x, validate=False).eval()
+    dilated = octavize(model, 0.5, example_input=x, vanilla_coarsest=False).eval()
+    with torch.no_grad():
+        assert dilated(x)["out"].shape == model(x)["out"].shape == (1, 3, 65, 63)
+    base = count_macs(model, x)
+    assert count_macs(paper, x) > 0.9 * base  # layer2..layer4 and the head all sit at 1/8 resolution
+    assert count_macs(dilated, x) < 0.6 * base
+
+
+def test_placement_does_not_depend_on_the_example_size():
+    torch.manual_seed(0)
+    model = torchvision.models.mobilenet_v2().eval()
+    small = octavize(model, 0.5, example_input=torch.randn(1, 3, 64, 64), validate=False)
+    full = octavize(model, 0.5, example_input=torch.randn(1, 3, 224, 224), validate=False)
+    assert small.octave_plan == full.octave_plan
+    assert small.octave_plan["features.18.0"][2] == "coarsest resolution"
+
+
+# --------------------------------------------------------------------------- an ordinary module
+
+
+def test_converted_model_is_an_ordinary_module(zoo, tmp_path):
+    from oct3d import fuse
+    from oct3d.export import _without_in_place_ops
+
+    model, x, converted = zoo("resnet18")
+    converted.eval()
+    with torch.no_grad():
+        expected = converted(x)
+        text = str(converted)
+        assert "OctConv(" in text and "OctBatchNorm(" in text
+        copied = copy.deepcopy(converted)
+        torch.testing.assert_close(copied(x), expected)
+        assert "layer1.0.conv1" in describe_plan(copied)
+        again = octavize(model, 0.5, example_input=x, validate=False).eval()
+        path = tmp_path / "converted.pt"
+        torch.save(converted.state_dict(), path)
+        again.load_state_dict(torch.load(path, weights_only=True))
+        torch.testing.assert_close(again(x), expected)
+        torch.testing.assert_close(fuse(converted, example_input=x)(x), expected, rtol=1e-4, atol=1e-4)
+        compiled = torch.compile(converted, fullgraph=True, backend="eager")
+        torch.testing.assert_close(compiled(x), expected, rtol=1e-5, atol=1e-5)
+        program = torch.export.export(converted, (x,))
+        torch.testing.assert_close(program.module()(x), expected, rtol=1e-5, atol=1e-5)
+
+    onnxruntime = pytest.importorskip("onnxruntime")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        # The TorchScript-based exporter needs the octave fast path off (see oct3d/export.py).
+        torch.onnx.export(_without_in_place_ops(converted), (x,), str(tmp_path / "m.onnx"), dynamo=False)
+    session = onnxruntime.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+    assert abs(got - expected.numpy()).max() < 1e-4
+
+
+# --------------------------------------------------------------------------- errors, exclude, schedules, rules
+
+
+class _Untraceable(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * float(x.mean())  # a Python number from a traced tensor
+
+
+class _Branchy(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + 1 if x.mean() > 0 else x - 1  # a Python branch on a tensor value
+
+
+def _net(middle: nn.Module) -> nn.Sequential:
+    def block(cin: int, cout: int, stride: int = 1) -> list[nn.Module]:
+        return [nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU()]
+
+    return nn.Sequential(
+        *block(3, 8, 2), *block(8, 16), middle, *block(16, 16), *block(16, 32, 2), *block(32, 32, 2),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 4),
+    ).eval()
+
+
+def test_untraceable_module_is_named_and_exclude_keeps_it_opaque():
+    model = _net(_Untraceable())
+    x = torch.randn(1, 3, 32, 32)
+    with pytest.raises(ConversionError, match=r"module '6' \(_Untraceable\).*exclude=\('6',\)"):
+        octavize(model, 0.5, example_input=x)
+    converted = octavize(model, 0.5, example_input=x, exclude=("6",)).eval()
+    assert converted.octave_plan["3"][1] == 0.0  # the octave closes before the excluded module
+    assert converted.octave_plan["7"][:2] == (0.0, 0.5)  # and opens again after it
+    with torch.no_grad():
+        assert converted(x).shape == model(x).shape
+
+
+def test_python_branch_on_a_tensor_is_guarded_not_silently_frozen():
+    model = nn.Sequential(_Branchy(), *_net(nn.Identity())).eval()  # the branch tests the input's mean
+    x = torch.rand(1, 3, 32, 32) + 0.5
+    converted = octavize(model, 0.5, example_input=x).eval()
+    with torch.no_grad():
+        assert converted(x).shape == model(x).shape
+        with pytest.raises(RuntimeError, match="octavize traced"):
+            converted(-x)  # the original takes the other branch here
+
+
+class _MisTraced(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return 2 * x if isinstance(x, torch.Tensor) else x  # an fx Proxy is no Tensor: the trace drops the 2 *
+
+
+def test_a_wrong_trace_is_caught_at_conversion_time():
+    model = _net(_MisTraced())
+    with pytest.raises(ConversionError, match="trace of the model differs"):
+        octavize(model, 0.5, example_input=torch.randn(1, 3, 32, 32))
+
+
+def test_alpha_schedule_and_argument_errors():
+    model = _net(nn.Identity())
+    x = torch.randn(1, 3, 32, 32)
+    converted = octavize(model, lambda name, module: 0.25 if name == "3" else 0.5, example_input=x)
+    assert converted.octave_plan["3"][1] == 0.25
+    assert converted.octave_plan["7"][:2] == (0.25, 0.5)
+    with pytest.raises(ValueError, match="alpha"):
+        octavize(model, 1.0, example_input=x)
+    with pytest.raises(ValueError, match="exclude"):
+        octavize(model, 0.5, example_input=x, exclude=("nonexistent",))
+    with pytest.raises(TypeError, match="example_input"):
+        octavize(model, 0.5, example_input=(1, 3, 32, 32))
+
+
+class _Square(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.pow(x, 2)
+
+
+def test_the_rule_table_can_be_extended():
+    from oct3d.convert import RULES
+    from oct3d.convert.rules import ElementwiseRule
+
+    model = _net(_Square())
+    x = torch.randn(1, 3, 32, 32)
+    default = octavize(model, 0.5, example_input=x)
+    assert default.octave_plan["3"][1] == 0.0  # torch.pow has no rule: the octave closes before it
+    square = ElementwiseRule(modules=(_Square,), functions=set(), methods=set())
+    extended = octavize(model, 0.5, example_input=x, rules=[square, *RULES])
+    assert extended.octave_plan["3"][1] == 0.5 and extended.octave_plan["7"][0] == 0.5
+
+
+# --------------------------------------------------------------------------- MONAI: loss and sliding windows
+
+
+@pytest.mark.parametrize("name", ["monai_unet", "monai_segresnet"])
+def test_monai_dice_ce_training_and_sliding_window_inference(name, zoo):
+    from monai.inferers import sliding_window_inference
+    from monai.losses import DiceCELoss
+
+    torch.manual_seed(0)
+    builder, shape, _, octave = MODELS[name]
+    net = octavize(builder(), 0.5, example_input=torch.randn(shape), octave=octave).train()
+    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
+    optimizer = torch.optim.Adam(net.parameters(), lr=1e-2)
+    image = torch.randn(2, 1, 32, 32, 32)
+    label = (image > 0.5).long()  # a segmentation the network can learn in a few steps
+    losses = []
+    for _ in range(4):
+        optimizer.zero_grad()
+        loss = loss_fn(net(image), label)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0], losses
+    net.eval()
+    with torch.no_grad():
+        volume = torch.randn(1, 1, 48, 40, 40)
+        logits = sliding_window_inference(volume, roi_size=(32, 32, 32), sw_batch_size=2, predictor=net, overlap=0.25)
+    assert logits.shape == (1, 2, 48, 40, 40) and torch.isfinite(logits).all()
