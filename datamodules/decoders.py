@@ -25,6 +25,7 @@ from __future__ import annotations
 import functools
 import os
 import re
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -288,6 +289,20 @@ def _fill_tail(path: str, found: dict[int, object], wanted: list[int], decoded_u
 
 
 # --------------------------------------------------------------------------------------------- PyAV
+# PyAV reformatters (swscale contexts) by output size, per thread and process: they are not thread-safe,
+# and a context made before a fork would be used without its slice threads (a deadlock) in the child.
+_THREAD_STATE = threading.local()
+_MAX_REFORMATTERS = 32
+_REFORMAT_TAKES_THREADS = True
+
+
+def _reformatters() -> dict:
+    if getattr(_THREAD_STATE, "pid", None) != os.getpid():
+        _THREAD_STATE.pid = os.getpid()
+        _THREAD_STATE.reformatters = {}
+    return _THREAD_STATE.reformatters
+
+
 class _PyAVReader(VideoReader):
     """PyAV reader: seeks to the keyframe before the first wanted frame and decodes forward.
 
@@ -354,6 +369,7 @@ class _PyAVReader(VideoReader):
             # the last timestamps), which can be far off: count the packets instead (demuxing, no decoding).
             num_frames = sum(1 for packet in self._container.demux(stream) if packet.size > 0)
             self._rewind()
+            stream = self._stream
             if num_frames > 0 and fps > 0:
                 duration = num_frames / fps
         if num_frames <= 0 and fps > 0:
@@ -363,10 +379,12 @@ class _PyAVReader(VideoReader):
         if duration <= 0:
             duration = num_frames / fps
         self._skip_nonref = stream.codec_context.name in _SKIP_NONREF_CODECS
+        self._frames_per_tick = float(stream.time_base) * fps
         self.info = VideoInfo(self.path, num_frames, fps, duration, stream.height, stream.width)
 
     def _index(self, pts: int) -> int:
-        return round(float((pts - self._start_pts) * self._stream.time_base) * self.info.fps)
+        # Float arithmetic: Fraction time bases cost microseconds per call, and this runs per packet and frame.
+        return round((pts - self._start_pts) * self._frames_per_tick)
 
     def _seek(self, first_index: int) -> None:
         stream = self._stream
@@ -486,6 +504,32 @@ class _PyAVReader(VideoReader):
             raise VideoDecodeError(self.path, f"decoding failed: {_short(error)}") from error
         return decoded_until
 
+    def _to_rgb(self, frame, size: Size | None) -> np.ndarray:
+        """RGB array of ``frame`` (scaled to ``size`` by libswscale when given).
+
+        A reformatter keeps its swscale context while the frame format and sizes stay the same; building
+        one costs more than converting a frame, so each thread keeps one per output size across files.
+        """
+        cache = _reformatters()
+        reformatter = cache.get(size)
+        if reformatter is None:
+            from av.video.reformatter import VideoReformatter
+
+            if len(cache) >= _MAX_REFORMATTERS:
+                cache.clear()
+            reformatter = cache[size] = VideoReformatter()
+        global _REFORMAT_TAKES_THREADS
+        options = {"format": "rgb24", "interpolation": "BILINEAR"}
+        if size is not None:
+            options.update(width=size[1], height=size[0])
+        if _REFORMAT_TAKES_THREADS:
+            # PyAV >= 17 would otherwise start a swscale thread pool per context, sized to the machine.
+            try:
+                return reformatter.reformat(frame, threads=self._threads, **options).to_ndarray()
+            except TypeError:  # PyAV < 17: no threads argument, and single-threaded scaling
+                _REFORMAT_TAKES_THREADS = False
+        return reformatter.reformat(frame, **options).to_ndarray()
+
     def get_frames(self, indices: Sequence[int]) -> torch.Tensor:
         if len(indices) == 0:
             raise ValueError("indices must not be empty")
@@ -514,12 +558,7 @@ class _PyAVReader(VideoReader):
                 for size in wanted_sizes[index]:
                     key = size if size in scaled else None
                     if key not in images:
-                        if key is None:
-                            images[key] = frame.to_ndarray(format="rgb24")
-                        else:
-                            images[key] = frame.to_ndarray(
-                                format="rgb24", width=key[1], height=key[0], interpolation="BILINEAR"
-                            )
+                        images[key] = self._to_rgb(frame, key)
                 found[index] = images
 
         decoded_until = self._run(wanted, emit)

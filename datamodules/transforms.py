@@ -96,9 +96,17 @@ def spatial_crop_boxes(height: int, width: int, crop_size: int, num_crops: int) 
 
 
 def _to_normalized_cthw(video_tchw: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
-    video = F.to_dtype(video_tchw, torch.float32, scale=True)
-    video = F.normalize(video, mean=list(mean), std=list(std))
-    return video.permute(1, 0, 2, 3).contiguous()
+    """uint8 (T, C, H, W), any strides -> float32 (C, T, H, W) contiguous, ``(x / 255 - mean) / std``.
+
+    One conversion pass into the output layout, then one fused multiply-add per channel: the
+    to_dtype / normalize / permute / contiguous sequence made four passes over strided memory.
+    """
+    frames, channels, height, width = video_tchw.shape
+    out = torch.empty((channels, frames, height, width), dtype=torch.float32)
+    out.copy_(video_tchw.permute(1, 0, 2, 3))
+    scale = torch.tensor([1.0 / (255.0 * s) for s in std], dtype=torch.float32).view(channels, 1, 1, 1)
+    shift = torch.tensor([-m / s for m, s in zip(mean, std)], dtype=torch.float32).view(channels, 1, 1, 1)
+    return out.mul_(scale).add_(shift)
 
 
 def _frames_tchw(frames: torch.Tensor, num_frames: int) -> torch.Tensor:

@@ -14,6 +14,8 @@ Loaders (``--loaders``):
 
 * ``plain``: a plain PyAV loop (the baseline of issue 14): open, decode from the first frame up to the
   clip's last frame converting every frame to RGB, then the same :class:`VideoTrainTransform`;
+* ``plain:kept``: the same loop converting only the kept frames (what the data module did before
+  multi-clip reads and frame skipping, on files with one keyframe per clip);
 * ``pyav:K``, ``decord:K``, ``torchcodec:K``: :class:`datamodules.kinetics.VideoClipDataset` with that
   decoder and ``clips_per_video=K``; a ``:swscale`` suffix scales while decoding (``decode_time_resize``),
   ``:tN`` decodes with N threads (a worker that owns N cores; the per-worker figure then uses N cores).
@@ -135,11 +137,22 @@ def _find_samples(root: Path, clip: dict[str, Any]) -> list:
 
 
 # --------------------------------------------------------------------------------------------- loaders
-class _PlainPyAV:
-    """The baseline: decode from the start up to the clip, converting every frame, then transform."""
+def _one_thread() -> dict[str, int]:
+    """``to_ndarray`` keyword for single-threaded swscale: PyAV >= 17 otherwise starts a thread pool for
+    every frame (about 3 ms a frame here, and more than the one core this benchmark measures)."""
+    import av
 
-    def __init__(self, samples: list, transform, num_frames: int, sampling_rate: int) -> None:
-        self.samples, self.transform = samples, transform
+    return {"threads": 1} if int(av.__version__.split(".")[0]) >= 17 else {}
+
+
+_ONE_THREAD = _one_thread()
+
+
+class _PlainPyAV:
+    """The baseline: decode from the start up to the clip, converting every (or every kept) frame, then transform."""
+
+    def __init__(self, samples: list, transform, num_frames: int, sampling_rate: int, convert_all: bool) -> None:
+        self.samples, self.transform, self.convert_all = samples, transform, convert_all
         self.num_frames, self.sampling_rate = num_frames, sampling_rate
         self.timing = {"decode_s": 0.0, "transform_s": 0.0, "clips": 0}
         self.clips_per_video = 1
@@ -159,7 +172,8 @@ class _PlainPyAV:
             wanted = clip_indices(total, start, self.num_frames, self.sampling_rate)
             kept = {}
             for position, frame in enumerate(container.decode(stream)):
-                image = frame.to_ndarray(format="rgb24")
+                if self.convert_all or position in wanted:
+                    image = frame.to_ndarray(format="rgb24", **_ONE_THREAD)
                 if position in wanted:
                     kept[position] = image
                 if position >= wanted[-1]:
@@ -181,8 +195,8 @@ def _make_loader(spec: str, samples: list, clip: dict[str, Any]):
         clip["num_frames"], clip["crop_size"], clip["min_short_side"], clip["max_short_side"], clip["flip_prob"],
         mean=clip.get("mean", KINETICS_MEAN), std=clip.get("std", KINETICS_STD),
     )
-    if spec == "plain":
-        return _PlainPyAV(samples, transform, clip["num_frames"], clip["sampling_rate"])
+    if spec in ("plain", "plain:kept"):
+        return _PlainPyAV(samples, transform, clip["num_frames"], clip["sampling_rate"], convert_all=spec == "plain")
     decoder, _, rest = spec.partition(":")
     parts = rest.split(":")
     options = set(parts[1:])
@@ -311,7 +325,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("folder", help="Kinetics-layout or path-list root, or a folder of videos")
     parser.add_argument("--config", help="LightningCLI YAML whose data.init_args give the clip settings")
     parser.add_argument("--loaders", nargs="+",
-                        help="loaders to compare (default: plain, pyav:1, the config's decoder:K, and "
+                        help="loaders to compare (default: plain, plain:kept, pyav:1, the config's decoder:K, and "
                              "decord:K / torchcodec:K where available)")
     parser.add_argument("--clips-per-video", type=int, help="override the config's clips_per_video (default 2)")
     parser.add_argument("--videos", type=int, default=24, help="video reads per loader (default 24)")
@@ -355,7 +369,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     k = int(clip["clips_per_video"])
     decoder = "pyav" if clip["decoder"] == "auto" else clip["decoder"]
     others = [f"{d}:{k}" for d in ("decord", "torchcodec") if d in available_decoders()]
-    loaders = args.loaders or list(dict.fromkeys(["plain", "pyav:1", f"{decoder}:{k}", *others]))
+    loaders = args.loaders or list(dict.fromkeys(["plain", "plain:kept", "pyav:1", f"{decoder}:{k}", *others]))
     torch.set_num_threads(1)  # one core: what one DataLoader worker has
     try:
         results = benchmark_loaders(samples, loaders, clip, args.videos, args.rounds, args.seed)

@@ -47,11 +47,11 @@ def test_benchmark_counts_clips_of_every_loader(kinetics_like, tmp_path):
     config.write_text(SMALL_CONFIG)
     output = tmp_path / "result.json"
     args = [str(folder), "--config", str(config), "--videos", "4", "--rounds", "2", "--model-clips-per-s", "50",
-            "--loaders", "plain", "pyav:1", "pyav:2", "pyav:2:swscale", "decord:3", "--json", str(output)]
+            "--loaders", "plain", "plain:kept", "pyav:1", "pyav:2", "pyav:2:swscale", "decord:3", "--json", str(output)]
     assert main(args) == 0
     result = json.loads(output.read_text())
     clips = {r["name"]: r["clips"] for r in result["results"]}
-    assert clips == {"plain": 4, "pyav:1": 4, "pyav:2": 8, "pyav:2:swscale": 8, "decord:3": 12}
+    assert clips == {"plain": 4, "plain:kept": 4, "pyav:1": 4, "pyav:2": 8, "pyav:2:swscale": 8, "decord:3": 12}
     assert result["clip"]["num_frames"] == 4 and result["clip"]["crop_size"] == 64
     for r in result["results"]:
         assert r["decode_s"] > 0 and r["transform_s"] > 0 and r["decode_s"] + r["transform_s"] <= r["seconds"] * 1.01
