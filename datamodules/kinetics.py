@@ -385,6 +385,11 @@ class VideoClipDataset(Dataset):
         transforming = time.perf_counter()
         if self.mode == "test":
             videos = [self.transform(frames, crop_index) for frames in decoded]
+        elif choices[0] is not None and self.clips_per_video > 1:
+            # The clips are written straight into the item's tensor (no stack copy).
+            size = self.transform.crop_size
+            stacked = torch.empty((len(decoded), 3, self.transform.num_frames, size, size), dtype=torch.float32)
+            videos = [self.transform.apply(f, c, out=slot) for f, c, slot in zip(decoded, choices, stacked)]
         elif choices[0] is not None:
             videos = [self.transform.apply(frames, choice) for frames, choice in zip(decoded, choices)]
         else:
@@ -394,7 +399,9 @@ class VideoClipDataset(Dataset):
         self.timing["transform_s"] += done - transforming
         self.timing["clips"] += len(videos)
         self.timing["videos"] += 1
-        return torch.stack(videos) if self.clips_per_video > 1 else videos[0]
+        if self.clips_per_video == 1:
+            return videos[0]
+        return stacked if choices[0] is not None else torch.stack(videos)
 
     def _replacements(self, video_index: int):
         """Other video indices in a deterministic order that visits every video once."""

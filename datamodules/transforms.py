@@ -95,14 +95,18 @@ def spatial_crop_boxes(height: int, width: int, crop_size: int, num_crops: int) 
     return [(top, left_center) for top in tops]
 
 
-def _to_normalized_cthw(video_tchw: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+def _to_normalized_cthw(
+    video_tchw: torch.Tensor, mean: Sequence[float], std: Sequence[float], out: torch.Tensor | None = None
+) -> torch.Tensor:
     """uint8 (T, C, H, W), any strides -> float32 (C, T, H, W) contiguous, ``(x / 255 - mean) / std``.
 
-    One conversion pass into the output layout, then one fused multiply-add per channel: the
-    to_dtype / normalize / permute / contiguous sequence made four passes over strided memory.
+    One conversion pass into the output layout (``out`` when given, e.g. a slot of a multi-clip
+    tensor), then one multiply and one add per channel: the to_dtype / normalize / permute / contiguous
+    sequence made four passes over strided memory.
     """
     frames, channels, height, width = video_tchw.shape
-    out = torch.empty((channels, frames, height, width), dtype=torch.float32)
+    if out is None:
+        out = torch.empty((channels, frames, height, width), dtype=torch.float32)
     out.copy_(video_tchw.permute(1, 0, 2, 3))
     scale = torch.tensor([1.0 / (255.0 * s) for s in std], dtype=torch.float32).view(channels, 1, 1, 1)
     shift = torch.tensor([-m / s for m, s in zip(mean, std)], dtype=torch.float32).view(channels, 1, 1, 1)
@@ -188,18 +192,25 @@ class VideoTrainTransform:
         flip = bool(torch.rand(()).item() < self.flip_prob)
         return TrainAugmentation(resized, top, left, flip)
 
-    def apply(self, frames: torch.Tensor, augmentation: TrainAugmentation) -> torch.Tensor:
+    def apply(
+        self, frames: torch.Tensor, augmentation: TrainAugmentation, out: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Apply drawn choices to uint8 frames (T, H, W, 3), stored or already at ``augmentation.resized_size``.
 
+        Args:
+            frames: decoded frames.
+            augmentation: from :meth:`sample`.
+            out: float32 (C, num_frames, crop_size, crop_size) tensor to write the clip into.
+
         Returns:
-            float32 clip (C, num_frames, crop_size, crop_size).
+            float32 clip (C, num_frames, crop_size, crop_size) (``out`` when given).
         """
         _check_frames(frames)
         video = _resize(_frames_tchw(frames, self.num_frames), augmentation.resized_size)
         video = F.crop(video, augmentation.top, augmentation.left, self.crop_size, self.crop_size)
         if augmentation.flip:
             video = F.horizontal_flip(video)
-        return _to_normalized_cthw(video, self.mean, self.std)
+        return _to_normalized_cthw(video, self.mean, self.std, out)
 
     def __call__(self, frames: torch.Tensor) -> torch.Tensor:
         """Augment uint8 frames (T, H, W, 3) into a float32 clip (C, num_frames, crop_size, crop_size)."""
