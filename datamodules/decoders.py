@@ -29,6 +29,10 @@ import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+# PyAV's FFmpeg libraries must load before decord's: decord's wheel bundles older builds (libvpx among
+# them) whose symbols, when loaded first, are used by PyAV too and break its VP8/VP9 encoder
+# ("avcodec_open2(libvpx-vp9) returned 22"). Importing av here, before any decord import, fixes the order.
+import av
 import numpy as np
 import torch
 from torchvision.transforms.v2 import functional as F
@@ -98,7 +102,7 @@ class VideoInfo:
         num_frames: number of frames (from the container header, or estimated from duration x fps).
         fps: average frame rate.
         duration: duration in seconds.
-        height: frame height in pixels (as stored; rotation metadata is not applied).
+        height: frame height in pixels (PyAV: as stored; torchcodec applies rotation metadata).
         width: frame width in pixels.
     """
 
@@ -329,8 +333,6 @@ class _PyAVReader(VideoReader):
             raise
 
     def _open(self) -> None:
-        import av
-
         try:
             self._container = av.open(self.path)
         except Exception as error:  # av raises many error types (InvalidDataError, OSError, ...)
@@ -597,8 +599,6 @@ class _DecordReader(VideoReader):
 
     def _frame_size(self, path: str) -> tuple[int, int]:
         """(height, width) from the container header; decord has no accessor short of decoding a frame."""
-        import av
-
         try:
             with av.open(path) as container:
                 stream = container.streams.video[0]
