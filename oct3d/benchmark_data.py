@@ -297,7 +297,7 @@ def format_table(results: list[LoaderResult], model_clips_per_s: float | None = 
     baseline = next((r.clips_per_s for r in results if r.name == "plain"), None)
     header = "| loader | clips/s per worker | decode ms/clip | transform ms/clip | vs plain |"
     if model_clips_per_s:
-        header += f" workers for {model_clips_per_s:.0f} clips/s |"
+        header += f" workers for {model_clips_per_s:.3g} clips/s |"
     lines = [header, "|" + "---|" * (header.count("|") - 1)]
     for r in results:
         per_clip = 1000 / max(r.clips, 1)
