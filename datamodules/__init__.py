@@ -1,13 +1,14 @@
 """Data for oct3d: Kinetics-layout video and ImageNet-layout image LightningDataModules.
 
 * :class:`KineticsDataModule`: video clips from the official Kinetics layout or a path-label list,
-  decoded with PyAV or decord (:mod:`datamodules.video`), augmented with torchvision v2
-  (:mod:`datamodules.transforms`), robust to unreadable videos.
+  decoded with PyAV, decord or torchcodec (:mod:`datamodules.video`, :mod:`datamodules.decoders`),
+  augmented with torchvision v2 (:mod:`datamodules.transforms`), robust to unreadable videos.
 * :class:`DataErrorReport`: Lightning callback printing the unreadable videos once per epoch.
 * :class:`ImageNetDataModule`: ImageFolder-layout images with the standard ImageNet recipe.
 * :mod:`datamodules.synthetic`: a synthetic Kinetics-format dataset that only motion tells apart.
 """
 
+from .decoders import available_decoders
 from .imagenet import ImageNetDataModule
 from .kinetics import KineticsDataModule, VideoClipDataset, VideoSample
 from .reporting import DataErrorReport, format_failures
@@ -25,6 +26,7 @@ __all__ = [
     "VideoInfo",
     "VideoSample",
     "VideoTrainTransform",
+    "available_decoders",
     "format_failures",
     "make_synthetic_kinetics",
     "open_video",

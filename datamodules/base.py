@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -27,7 +29,9 @@ class SplitDataModule(pl.LightningDataModule):
         super().__init__()
         self.datasets: dict[str, Dataset] = {}
 
-    def _loader(self, split: str, shuffle: bool, batch_size: int, drop_last: bool = False) -> DataLoader:
+    def _loader(
+        self, split: str, shuffle: bool, batch_size: int, drop_last: bool = False, collate_fn: Callable | None = None
+    ) -> DataLoader:
         if split not in self.datasets:
             self.setup(_STAGE_OF_SPLIT[split])
         return DataLoader(
@@ -39,4 +43,5 @@ class SplitDataModule(pl.LightningDataModule):
             pin_memory=self.pin_memory and torch.cuda.is_available(),
             persistent_workers=self.persistent_workers and self.num_workers > 0,
             drop_last=drop_last,
+            collate_fn=collate_fn,
         )

@@ -10,6 +10,10 @@ Two on-disk formats are read (detected automatically):
   (path relative to ``root`` or absolute, integer label); class names from ``root/classes.txt``
   (one per line) when present, else the label numbers.
 
+Training can draw several clips from one read of a video (``clips_per_video``), each with its own
+temporal position and augmentation, as PySlowFast's repeated sampling does: decoding, not the network,
+is what limits video training, and a second clip of an already decoded stretch of video is almost free.
+
 Unreadable videos (missing, truncated, corrupt, not a video) never stop a run: the sample is replaced
 by another readable video of the same split, chosen deterministically, and the failure travels in the
 batch (``batch["failed"]``) so that :class:`datamodules.DataErrorReport` can report it once per epoch.
@@ -21,21 +25,25 @@ import csv
 import math
 import os
 import random
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, default_collate
 
 from .base import SplitDataModule
+from .decoders import require_decoder
 from .transforms import KINETICS_MEAN, KINETICS_STD, VideoEvalTransform, VideoTrainTransform
-from .video import DECODERS, VIDEO_EXTENSIONS, VideoDecodeError, clip_indices, open_video
+from .video import VIDEO_EXTENSIONS, VideoDecodeError, clip_indices, open_video
 
 __all__ = [
     "KineticsDataModule",
     "VideoClipDataset",
     "VideoSample",
+    "collate_multi_clip",
     "find_annotation_format",
     "read_kinetics_annotations",
     "read_labeled_paths",
@@ -251,7 +259,14 @@ class VideoClipDataset(Dataset):
           ``transform(frames, crop_index)``.
 
     Each item is a dict ``{"video": (C, T, H, W) float, "label": int, "video_index": int, "failed": str}``;
-    ``failed`` is ``""`` or ``"path: reason"`` of the unreadable video that this item replaced.
+    ``failed`` is ``""`` or ``"path: reason"`` of the unreadable video that this item replaced. With
+    ``clips_per_video=K > 1`` (train mode) ``video`` is (K, C, T, H, W): K clips of one decode, each at its
+    own random start and with its own augmentation; :func:`collate_multi_clip` flattens them into a batch.
+
+    A transform with ``sample(height, width)`` and ``apply(frames, choice)`` (as
+    :class:`~datamodules.transforms.VideoTrainTransform`) has its random choices drawn before decoding,
+    so that ``decode_time_resize`` can scale each clip while it is decoded; any other callable is called
+    on the decoded frames.
 
     Args:
         samples: the videos of the split.
@@ -261,9 +276,16 @@ class VideoClipDataset(Dataset):
         sampling_rate: distance between clip frames, in source frames.
         num_clips: temporal views per video (test mode).
         num_crops: spatial views per clip (test mode).
-        decoder: ``"pyav"`` or ``"decord"``.
+        decoder: ``"pyav"``, ``"decord"``, ``"torchcodec"`` or ``"auto"`` (see :mod:`datamodules.decoders`).
         max_retries: how many other videos to try before giving up on an item.
         seed: varies the (deterministic) choice of replacement videos.
+        clips_per_video: training clips drawn from one decode of a video (train mode).
+        decoder_threads: decoding threads per reader.
+        decode_time_resize: resize clips while decoding (PyAV: libswscale) instead of in the transform.
+
+    Attributes:
+        timing: seconds spent decoding (open, decode, RGB conversion) and transforming, and the clips and
+            videos delivered, in this process since construction (read by ``tools/benchmark_data.py``).
     """
 
     def __init__(
@@ -278,16 +300,25 @@ class VideoClipDataset(Dataset):
         decoder: str = "pyav",
         max_retries: int = 50,
         seed: int = 0,
+        clips_per_video: int = 1,
+        decoder_threads: int = 1,
+        decode_time_resize: bool = False,
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-        if decoder not in DECODERS:
-            raise ValueError(f"decoder must be one of {DECODERS}, got {decoder!r}")
+        decoder = require_decoder(decoder)
         if not samples:
             raise ValueError("samples is empty: the split lists no video")
-        for name, value in (("num_frames", num_frames), ("sampling_rate", sampling_rate), ("max_retries", max_retries)):
-            if value < 1:
-                raise ValueError(f"{name} must be >= 1, got {value}")
+        checked = (
+            ("num_frames", num_frames),
+            ("sampling_rate", sampling_rate),
+            ("max_retries", max_retries),
+            ("clips_per_video", clips_per_video),
+            ("decoder_threads", decoder_threads),
+        )
+        for name, value in checked:
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
         if mode == "test" and (num_clips < 1 or num_crops < 1):
             raise ValueError(f"num_clips and num_crops must be >= 1, got {num_clips} and {num_crops}")
         self.samples = list(samples)
@@ -301,6 +332,10 @@ class VideoClipDataset(Dataset):
         self.decoder = decoder
         self.max_retries = max_retries
         self.seed = seed
+        self.clips_per_video = clips_per_video if mode == "train" else 1
+        self.decoder_threads = decoder_threads
+        self.decode_time_resize = decode_time_resize
+        self.timing: dict[str, float] = {"decode_s": 0.0, "transform_s": 0.0, "clips": 0, "videos": 0}
         # Failures seen by this process (each DataLoader worker has its own copy; batches carry them out).
         self.failures: dict[str, str] = {}
 
@@ -316,21 +351,57 @@ class VideoClipDataset(Dataset):
             return slack // 2
         return round(clip_index * slack / (self.num_clips - 1))
 
+    def _plan(self, num_video_frames: int, height: int, width: int, clip_index: int) -> tuple[list, list]:
+        """Frame indices and (train mode) augmentation choices of the clips to draw from one video."""
+        clips, choices = [], []
+        sample = getattr(self.transform, "sample", None) if self.mode == "train" else None
+        for _ in range(self.clips_per_video):
+            start = self._start_frame(num_video_frames, clip_index)
+            clips.append(clip_indices(num_video_frames, start, self.num_frames, self.sampling_rate))
+            choices.append(sample(height, width) if sample is not None else None)
+        return clips, choices
+
+    def _sizes(self, choices: list, height: int, width: int) -> list | None:
+        if not self.decode_time_resize:
+            return None
+        if self.mode == "train":
+            return [getattr(choice, "resized_size", None) for choice in choices]
+        resized_size = getattr(self.transform, "resized_size", None)
+        return [resized_size(height, width)] * len(choices) if resized_size is not None else None
+
     def _load(self, video_index: int, clip_index: int, crop_index: int) -> torch.Tensor:
         path = self.samples[video_index].path
         if path in self.failures:
             raise VideoDecodeError(path, self.failures[path])
+        started = time.perf_counter()
         try:
-            with open_video(path, self.decoder) as reader:
-                start = self._start_frame(reader.info.num_frames, clip_index)
-                indices = clip_indices(reader.info.num_frames, start, self.num_frames, self.sampling_rate)
-                frames = reader.get_frames(indices)
+            with open_video(path, self.decoder, self.decoder_threads, self.decode_time_resize) as reader:
+                info = reader.info
+                clips, choices = self._plan(info.num_frames, info.height, info.width, clip_index)
+                decoded = reader.get_clips(clips, self._sizes(choices, info.height, info.width))
         except VideoDecodeError as error:
             self.failures[path] = error.reason
             raise
+        transforming = time.perf_counter()
         if self.mode == "test":
-            return self.transform(frames, crop_index)
-        return self.transform(frames)
+            videos = [self.transform(frames, crop_index) for frames in decoded]
+        elif choices[0] is not None and self.clips_per_video > 1:
+            # The clips are written straight into the item's tensor (no stack copy).
+            size = self.transform.crop_size
+            stacked = torch.empty((len(decoded), 3, self.transform.num_frames, size, size), dtype=torch.float32)
+            videos = [self.transform.apply(f, c, out=slot) for f, c, slot in zip(decoded, choices, stacked)]
+        elif choices[0] is not None:
+            videos = [self.transform.apply(frames, choice) for frames, choice in zip(decoded, choices)]
+        else:
+            videos = [self.transform(frames) for frames in decoded]
+        done = time.perf_counter()
+        self.timing["decode_s"] += transforming - started
+        self.timing["transform_s"] += done - transforming
+        self.timing["clips"] += len(videos)
+        self.timing["videos"] += 1
+        if self.clips_per_video == 1:
+            return videos[0]
+        return stacked if choices[0] is not None else torch.stack(videos)
 
     def _replacements(self, video_index: int):
         """Other video indices in a deterministic order that visits every video once."""
@@ -369,12 +440,27 @@ class VideoClipDataset(Dataset):
         )
 
 
+def collate_multi_clip(items: list[dict[str, Any]]) -> dict[str, Any]:
+    """Collate items holding K clips each (``video`` (K, C, T, H, W)) into a batch of B x K clips.
+
+    The clips of one video are consecutive; ``label``, ``video_index`` and ``failed`` are repeated per clip.
+    """
+    batch = default_collate(items)
+    clips = batch["video"].shape[1]
+    batch["video"] = batch["video"].flatten(0, 1)
+    batch["label"] = batch["label"].repeat_interleave(clips)
+    batch["video_index"] = batch["video_index"].repeat_interleave(clips)
+    batch["failed"] = [entry for entry in batch["failed"] for _ in range(clips)]
+    return batch
+
+
 class KineticsDataModule(SplitDataModule):
     """LightningDataModule for Kinetics-layout video classification (see the module docstring for formats).
 
     Batches are dicts: ``video`` float (B, 3, T, H, W), ``label`` long (B,), ``video_index`` long (B,)
     (index of the video in its split, for multi-view aggregation), ``failed`` list[str] (per sample,
-    ``""`` or ``"path: reason"`` of an unreadable video it replaced).
+    ``""`` or ``"path: reason"`` of an unreadable video it replaced). Training batches hold
+    ``B = batch_size x clips_per_video`` clips (see :attr:`clips_per_batch`), the clips of a video consecutive.
 
     Args:
         root: dataset root.
@@ -383,9 +469,10 @@ class KineticsDataModule(SplitDataModule):
         crop_size: spatial size of the clips.
         min_short_side: short side of evaluation frames and lower bound of the training scale jitter.
         max_short_side: upper bound of the training scale jitter.
-        batch_size: training batch size.
+        batch_size: videos per training batch (the batch holds ``batch_size x clips_per_video`` clips).
         num_workers: DataLoader worker processes.
-        decoder: ``"pyav"`` (default) or ``"decord"``.
+        decoder: ``"pyav"`` (default), ``"decord"``, ``"torchcodec"`` (optional extra) or ``"auto"``
+            (see :mod:`datamodules.decoders`).
         test_clips: temporal views per test video.
         test_crops: spatial views per test clip (1: center, 3: left/center/right).
         pin_memory: pin batches in page-locked memory (for GPU training).
@@ -398,6 +485,13 @@ class KineticsDataModule(SplitDataModule):
         drop_last: drop the last incomplete training batch.
         flip_prob: probability of a horizontal flip in training (0 when classes depend on left/right,
             e.g. the synthetic "moving left"/"moving right").
+        clips_per_video: training clips drawn from one decode of each video, each with its own random
+            start and augmentation (1: one clip per video per epoch, as before; 2 roughly doubles the clips
+            per second a worker delivers, see docs/video_data.md).
+        decoder_threads: decoding threads per DataLoader worker (0: the cores of this process shared among
+            the workers, at least 1).
+        decode_time_resize: scale while decoding (PyAV: libswscale in the RGB conversion) instead of in the
+            transform; off by default because torch's resize measured faster (docs/video_data.md).
     """
 
     def __init__(
@@ -422,12 +516,16 @@ class KineticsDataModule(SplitDataModule):
         persistent_workers: bool = False,
         drop_last: bool = False,
         flip_prob: float = 0.5,
+        clips_per_video: int = 1,
+        decoder_threads: int = 1,
+        decode_time_resize: bool = False,
     ) -> None:
         super().__init__()
         if not 0.0 <= flip_prob <= 1.0:
             raise ValueError(f"flip_prob must be in [0, 1], got {flip_prob}")
-        if decoder not in DECODERS:
-            raise ValueError(f"decoder must be one of {DECODERS}, got {decoder!r}")
+        require_decoder(decoder)
+        if not isinstance(decoder_threads, int) or isinstance(decoder_threads, bool) or decoder_threads < 0:
+            raise ValueError(f"decoder_threads must be an int >= 0 (0: automatic), got {decoder_threads!r}")
         positive = dict(
             num_frames=num_frames,
             sampling_rate=sampling_rate,
@@ -438,6 +536,7 @@ class KineticsDataModule(SplitDataModule):
             test_clips=test_clips,
             test_crops=test_crops,
             max_retries=max_retries,
+            clips_per_video=clips_per_video,
         )
         for name, value in positive.items():
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -471,7 +570,22 @@ class KineticsDataModule(SplitDataModule):
         self.persistent_workers = persistent_workers
         self.drop_last = drop_last
         self.flip_prob = flip_prob
+        self.clips_per_video = clips_per_video
+        self.decoder_threads = decoder_threads
+        self.decode_time_resize = decode_time_resize
         self._class_names: list[str] | None = None
+
+    @property
+    def clips_per_batch(self) -> int:
+        """Clips in a training batch: ``batch_size x clips_per_video``."""
+        return self.batch_size * self.clips_per_video
+
+    def reader_threads(self) -> int:
+        """Decoding threads of each reader: ``decoder_threads``, or for 0 the cores per DataLoader worker."""
+        if self.decoder_threads > 0:
+            return self.decoder_threads
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        return max(1, cores // max(self.num_workers, 1))
 
     # Class names are needed before setup(): LightningCLI links data.num_classes into the model.
     @property
@@ -544,6 +658,9 @@ class KineticsDataModule(SplitDataModule):
             decoder=self.decoder,
             max_retries=self.max_retries,
             seed=self.seed,
+            clips_per_video=self.clips_per_video if mode == "train" else 1,
+            decoder_threads=self.reader_threads(),
+            decode_time_resize=self.decode_time_resize,
         )
 
     def _test_split(self) -> str:
@@ -565,8 +682,9 @@ class KineticsDataModule(SplitDataModule):
             self.datasets["test"] = self.make_dataset(self._test_split(), "test")
 
     def train_dataloader(self) -> DataLoader:
-        """Shuffled training clips (one random clip per video per epoch)."""
-        return self._loader("train", True, self.batch_size, self.drop_last)
+        """Shuffled training clips (``clips_per_video`` random clips per video per epoch)."""
+        collate = collate_multi_clip if self.clips_per_video > 1 else None
+        return self._loader("train", True, self.batch_size, self.drop_last, collate_fn=collate)
 
     def val_dataloader(self) -> DataLoader:
         """Center clip, center crop of every validation video."""

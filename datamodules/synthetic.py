@@ -36,6 +36,7 @@ __all__ = [
     "make_synthetic_kinetics",
     "render_motion_video",
     "write_mp4",
+    "write_video",
 ]
 
 # Ordered so that the first four (the default) are the plainest motions: translations.
@@ -51,6 +52,16 @@ MOTION_CLASSES = (
 )
 SPLITS = ("train", "val", "test")
 _TEXTURE_SIZE = 128  # period of the texture in texture pixels; larger than any frame so no repeat is visible
+#: Codec :func:`write_video` uses for each container extension when none is given.
+DEFAULT_CODECS = {
+    ".mp4": "libx264", ".m4v": "libx264", ".mov": "libx264", ".mkv": "libx264", ".webm": "libvpx-vp9",
+    ".avi": "mpeg4", ".mpg": "mpeg2video", ".mpeg": "mpeg1video", ".ts": "libx264", ".m2ts": "libx264",
+    ".mts": "libx264", ".wmv": "wmv2", ".flv": "flv", ".3gp": "libx264", ".ogv": "libvpx",
+}
+# Muxer names for extensions FFmpeg does not guess from the file name (or guesses differently).
+_CONTAINER_FORMATS = {".m2ts": "mpegts", ".mts": "mpegts", ".mpg": "mpeg", ".mpeg": "mpeg", ".ogv": "ogg"}
+# Pixel formats of encoders that do not take yuv420p.
+_PIXEL_FORMATS = {"mjpeg": "yuvj420p", "prores": "yuv422p10le", "prores_ks": "yuv422p10le", "dnxhd": "yuv422p"}
 _YOUTUBE_ALPHABET = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
 
 
@@ -333,3 +344,57 @@ def main(argv: list[str] | None = None) -> int:
         f"{videos} videos, {summary.total_bytes / 1e6:.1f} MB in {summary.seconds:.1f} s"
     )
     return 0
+
+
+def write_video(
+    path: str | os.PathLike,
+    video: np.ndarray,
+    fps: int,
+    codec: str | None = None,
+    options: dict[str, str] | None = None,
+    timestamps: list[float] | None = None,
+    rotation: float | None = None,
+    container_options: dict[str, str] | None = None,
+) -> None:
+    """Encode uint8 frames (T, H, W, 3) with PyAV in any container and codec it can write.
+
+    Args:
+        path: output file; its extension picks the container (and, without ``codec``, the codec from
+            :data:`DEFAULT_CODECS`).
+        video: the frames (H and W even for the 4:2:0 codecs).
+        fps: nominal frame rate.
+        codec: PyAV encoder name (``"libx264"``, ``"libx265"``, ``"mpeg4"``, ``"mjpeg"``, ``"libvpx-vp9"``...).
+        options: encoder options (e.g. ``{"g": "250"}``).
+        timestamps: presentation time of each frame in seconds, for variable-frame-rate files
+            (default: frame ``i`` at ``i / fps``).
+        rotation: display rotation in degrees written as container metadata (the pixels are unchanged).
+        container_options: muxer options (e.g. ``{"movflags": "+faststart"}`` puts the MP4 index first).
+    """
+    import av
+
+    path = os.fspath(path)
+    suffix = Path(path).suffix.lower()
+    codec = codec or DEFAULT_CODECS.get(suffix, "libx264")
+    _frames, height, width, _ = video.shape
+    if timestamps is not None and len(timestamps) != len(video):
+        raise ValueError(f"timestamps must have one entry per frame ({len(video)}), got {len(timestamps)}")
+    with av.open(path, mode="w", format=_CONTAINER_FORMATS.get(suffix), options=container_options or {}) as container:
+        stream = container.add_stream(codec, rate=fps)
+        stream.width = width
+        stream.height = height
+        stream.pix_fmt = _PIXEL_FORMATS.get(codec, "yuv420p")
+        stream.options = {"threads": "1", **(options or {})}
+        if timestamps is not None:
+            from fractions import Fraction
+
+            stream.codec_context.time_base = Fraction(1, 1000)
+        if rotation is not None:
+            stream.set_display_rotation(rotation)
+        for index, image in enumerate(video):
+            frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(image), format="rgb24")
+            if timestamps is not None:
+                frame.pts = round(timestamps[index] * 1000)
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)

@@ -8,6 +8,7 @@ Random choices use torch's global generator, which DataLoader seeds per worker.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from torchvision.transforms.v2 import functional as F
@@ -17,9 +18,11 @@ __all__ = [
     "IMAGENET_STD",
     "KINETICS_MEAN",
     "KINETICS_STD",
+    "TrainAugmentation",
     "VideoEvalTransform",
     "VideoTrainTransform",
     "short_side_resize",
+    "short_side_size",
     "spatial_crop_boxes",
     "uniform_temporal_subsample",
 ]
@@ -54,13 +57,24 @@ def uniform_temporal_subsample(frames: torch.Tensor, num_frames: int, dim: int =
     return frames.index_select(dim, indices)
 
 
+def short_side_size(height: int, width: int, size: int) -> tuple[int, int]:
+    """(height, width) after resizing the shorter side to ``size`` (the long side as torchvision rounds it)."""
+    _check_positive("size", size)
+    if width <= height:
+        return int(size * height / width), size
+    return size, int(size * width / height)
+
+
+def _resize(video: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    if tuple(video.shape[-2:]) == tuple(size):
+        return video
+    return F.resize(video, list(size), antialias=True)
+
+
 def short_side_resize(video: torch.Tensor, size: int) -> torch.Tensor:
     """Resize (..., H, W) so that the shorter side is ``size``, keeping the aspect ratio (bilinear, antialiased)."""
-    _check_positive("size", size)
     height, width = video.shape[-2:]
-    if min(height, width) == size:
-        return video
-    return F.resize(video, [size], antialias=True)
+    return _resize(video, short_side_size(height, width, size))
 
 
 def spatial_crop_boxes(height: int, width: int, crop_size: int, num_crops: int) -> list[tuple[int, int]]:
@@ -81,10 +95,44 @@ def spatial_crop_boxes(height: int, width: int, crop_size: int, num_crops: int) 
     return [(top, left_center) for top in tops]
 
 
-def _to_normalized_cthw(video_tchw: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
-    video = F.to_dtype(video_tchw, torch.float32, scale=True)
-    video = F.normalize(video, mean=list(mean), std=list(std))
-    return video.permute(1, 0, 2, 3).contiguous()
+def _to_normalized_cthw(
+    video_tchw: torch.Tensor, mean: Sequence[float], std: Sequence[float], out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """uint8 (T, C, H, W), any strides -> float32 (C, T, H, W) contiguous, ``(x / 255 - mean) / std``.
+
+    One conversion pass into the output layout (``out`` when given, e.g. a slot of a multi-clip
+    tensor), then one multiply and one add per channel: the to_dtype / normalize / permute / contiguous
+    sequence made four passes over strided memory.
+    """
+    frames, channels, height, width = video_tchw.shape
+    if out is None:
+        out = torch.empty((channels, frames, height, width), dtype=torch.float32)
+    out.copy_(video_tchw.permute(1, 0, 2, 3))
+    scale = torch.tensor([1.0 / (255.0 * s) for s in std], dtype=torch.float32).view(channels, 1, 1, 1)
+    shift = torch.tensor([-m / s for m, s in zip(mean, std)], dtype=torch.float32).view(channels, 1, 1, 1)
+    return out.mul_(scale).add_(shift)
+
+
+def _frames_tchw(frames: torch.Tensor, num_frames: int) -> torch.Tensor:
+    # A channels-last view: torchvision's uint8 resize has a fast path for that memory layout.
+    return uniform_temporal_subsample(frames, num_frames).permute(0, 3, 1, 2)
+
+
+@dataclass(frozen=True)
+class TrainAugmentation:
+    """The random choices of one training clip (see :meth:`VideoTrainTransform.sample`).
+
+    Attributes:
+        resized_size: (height, width) after the short-side scale jitter.
+        top: crop row in the resized frames.
+        left: crop column in the resized frames.
+        flip: horizontal flip.
+    """
+
+    resized_size: tuple[int, int]
+    top: int
+    left: int
+    flip: bool
 
 
 class VideoTrainTransform:
@@ -132,19 +180,42 @@ class VideoTrainTransform:
         self.mean = tuple(mean)
         self.std = tuple(std)
 
+    def sample(self, height: int, width: int) -> TrainAugmentation:
+        """Draw the random choices for a clip of ``height x width`` frames (torch's global generator).
+
+        The draws are those of :meth:`__call__`, in the same order: short side, crop row, crop column, flip.
+        """
+        short_side = int(torch.randint(self.min_short_side, self.max_short_side + 1, ()).item())
+        resized = short_side_size(height, width, short_side)
+        top = int(torch.randint(0, resized[0] - self.crop_size + 1, ()).item())
+        left = int(torch.randint(0, resized[1] - self.crop_size + 1, ()).item())
+        flip = bool(torch.rand(()).item() < self.flip_prob)
+        return TrainAugmentation(resized, top, left, flip)
+
+    def apply(
+        self, frames: torch.Tensor, augmentation: TrainAugmentation, out: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Apply drawn choices to uint8 frames (T, H, W, 3), stored or already at ``augmentation.resized_size``.
+
+        Args:
+            frames: decoded frames.
+            augmentation: from :meth:`sample`.
+            out: float32 (C, num_frames, crop_size, crop_size) tensor to write the clip into.
+
+        Returns:
+            float32 clip (C, num_frames, crop_size, crop_size) (``out`` when given).
+        """
+        _check_frames(frames)
+        video = _resize(_frames_tchw(frames, self.num_frames), augmentation.resized_size)
+        video = F.crop(video, augmentation.top, augmentation.left, self.crop_size, self.crop_size)
+        if augmentation.flip:
+            video = F.horizontal_flip(video)
+        return _to_normalized_cthw(video, self.mean, self.std, out)
+
     def __call__(self, frames: torch.Tensor) -> torch.Tensor:
         """Augment uint8 frames (T, H, W, 3) into a float32 clip (C, num_frames, crop_size, crop_size)."""
         _check_frames(frames)
-        video = uniform_temporal_subsample(frames, self.num_frames).permute(0, 3, 1, 2)  # (T, C, H, W)
-        short_side = int(torch.randint(self.min_short_side, self.max_short_side + 1, ()).item())
-        video = short_side_resize(video, short_side)
-        height, width = video.shape[-2:]
-        top = int(torch.randint(0, height - self.crop_size + 1, ()).item())
-        left = int(torch.randint(0, width - self.crop_size + 1, ()).item())
-        video = F.crop(video, top, left, self.crop_size, self.crop_size)
-        if torch.rand(()).item() < self.flip_prob:
-            video = F.horizontal_flip(video)
-        return _to_normalized_cthw(video, self.mean, self.std)
+        return self.apply(frames, self.sample(frames.shape[1], frames.shape[2]))
 
     def __repr__(self) -> str:
         return (
@@ -202,12 +273,16 @@ class VideoEvalTransform:
             crop_index = self.num_crops // 2
         if not 0 <= crop_index < self.num_crops:
             raise ValueError(f"crop_index must be in [0, {self.num_crops}), got {crop_index}")
-        video = uniform_temporal_subsample(frames, self.num_frames).permute(0, 3, 1, 2)
-        video = short_side_resize(video, self.short_side)
+        video = _frames_tchw(frames, self.num_frames)
+        video = _resize(video, self.resized_size(frames.shape[1], frames.shape[2]))
         height, width = video.shape[-2:]
         top, left = spatial_crop_boxes(height, width, self.crop_size, self.num_crops)[crop_index]
         video = F.crop(video, top, left, self.crop_size, self.crop_size)
         return _to_normalized_cthw(video, self.mean, self.std)
+
+    def resized_size(self, height: int, width: int) -> tuple[int, int]:
+        """(height, width) that ``height x width`` frames are resized to before cropping."""
+        return short_side_size(height, width, self.short_side)
 
     def __repr__(self) -> str:
         return (

@@ -35,6 +35,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from datamodules.decoders import DECODERS, require_decoder
+from datamodules.video import VIDEO_EXTENSIONS, find_videos
+
 __all__ = [
     "VIDEO_EXTENSIONS",
     "IMAGE_EXTENSIONS",
@@ -48,7 +51,7 @@ __all__ = [
     "main",
 ]
 
-VIDEO_EXTENSIONS = (".mp4", ".mkv", ".webm", ".avi", ".mov")
+# VIDEO_EXTENSIONS is the data modules' list (datamodules.video), so infer reads every container they train on.
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 #: views -> (temporal clips, spatial crops): 30 is the Kinetics 10-clip x 3-crop test protocol.
 VIEW_LAYOUTS = {1: (1, 1), 3: (1, 3), 10: (10, 1), 30: (10, 3)}
@@ -253,16 +256,7 @@ def find_inputs(paths: Iterable[str | os.PathLike], extensions: Sequence[str] = 
     Raises:
         FileNotFoundError: a path does not exist.
     """
-    found: list[Path] = []
-    for entry in paths:
-        path = Path(entry)
-        if path.is_dir():
-            found.extend(sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in extensions))
-        elif path.exists():
-            found.append(path)
-        else:
-            raise FileNotFoundError(f"input path {path} does not exist")
-    return found
+    return find_videos(paths, extensions)
 
 
 @dataclass(frozen=True)
@@ -505,7 +499,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--hop", type=float, help="seconds between segment starts (default: --window)")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
     parser.add_argument("--batch-size", type=int, default=8, help="views per forward pass (default 8)")
-    parser.add_argument("--decoder", default="pyav", choices=["pyav", "decord"], help="video decoder")
+    parser.add_argument("--decoder", default="pyav", choices=[*DECODERS, "auto"],
+                        help="video decoder (torchcodec needs the system FFmpeg libraries)")
     parser.add_argument("--workers", type=int, default=2, help="decoding threads (default 2)")
     parser.add_argument("--no-amp", action="store_true", help="disable float16 autocast on CUDA")
     parser.add_argument("--trust-checkpoint", action="store_true",
@@ -525,6 +520,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.hop is not None and (args.window is None or args.hop <= 0):
         parser.error("--hop needs --window and must be > 0 seconds")
     try:
+        args.decoder = require_decoder(args.decoder)  # a decoder that cannot load here is a usage error
         predictor = load_predictor(args.checkpoint, args.device, args.trust_checkpoint, amp=not args.no_amp)
         extensions = VIDEO_EXTENSIONS if predictor.metadata.task == "video" else IMAGE_EXTENSIONS
         files = find_inputs(args.paths, extensions)

@@ -121,3 +121,26 @@ def test_plan_segments_and_find_inputs(mixed_folder):
     assert [p.name for p in find_inputs([folder])] == ["a_good.mp4", "c_truncated.mp4", "d_text.mp4", "b_good.mp4"]
     with pytest.raises(FileNotFoundError, match="does not exist"):
         find_inputs([folder / "missing.mp4"])
+
+
+def test_folder_scan_accepts_every_video_extension(checkpoint, tiny_kinetics, tmp_path):
+    # .mpg/.mpeg used to be skipped silently; every container of the shared list is found and classified.
+    from datamodules.synthetic import DEFAULT_CODECS, write_video
+    from datamodules.video import VIDEO_EXTENSIONS, read_video
+    from oct3d.inference import VIDEO_EXTENSIONS as INFER_EXTENSIONS
+
+    assert INFER_EXTENSIONS is VIDEO_EXTENSIONS
+    frames = read_video(sorted((tiny_kinetics / "test").rglob("*.mp4"))[0]).frames.numpy()
+    folder = tmp_path / "containers"
+    folder.mkdir()
+    for suffix in (".mpg", ".mpeg", ".ts", ".m2ts", ".wmv", ".ogv"):
+        write_video(folder / f"clip{suffix}", frames, 24, DEFAULT_CODECS[suffix])
+    (folder / "clip.MPG").write_bytes((folder / "clip.mpg").read_bytes())  # extensions are case-insensitive
+    found = find_inputs([folder])
+    assert sorted(p.name for p in found) == sorted(
+        ["clip.mpg", "clip.mpeg", "clip.ts", "clip.m2ts", "clip.wmv", "clip.ogv", "clip.MPG"]
+    )
+    output = tmp_path / "out.jsonl"
+    assert main(["--checkpoint", str(checkpoint), "--output", str(output), "--device", "cpu", str(folder)]) == 0
+    results = _lines(output)
+    assert len(results) == 7 and all(len(r["topk"]) == 3 for r in results)

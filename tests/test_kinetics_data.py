@@ -304,3 +304,121 @@ def test_error_report_in_trainer_fit(broken_kinetics, caplog):
     assert len(lines) == 4
     assert lines[1].startswith("3 unreadable videos this epoch (train, epoch 0): ")
     assert "missng00002_000000_000002.mp4 (file not found)" in lines[1]
+
+
+# Several clips per decode -----------------------------------------------------------------------------
+
+
+def test_multi_clip_batch_layout(tiny_kinetics):
+    datamodule = _datamodule(tiny_kinetics, batch_size=2, clips_per_video=3)
+    assert datamodule.clips_per_batch == 6
+    batch = next(iter(datamodule.train_dataloader()))
+    assert batch["video"].shape == (6, 3, 4, 24, 24)
+    assert batch["label"].shape == batch["video_index"].shape == (6,)
+    assert batch["failed"] == [""] * 6
+    # The clips of one video are consecutive and carry its label and index.
+    for group in range(2):
+        labels = batch["label"][group * 3 : group * 3 + 3]
+        indices = batch["video_index"][group * 3 : group * 3 + 3]
+        assert len(set(labels.tolist())) == 1 and len(set(indices.tolist())) == 1
+    # Evaluation is unchanged: one clip per video.
+    assert next(iter(datamodule.val_dataloader()))["video"].shape == (2, 3, 4, 24, 24)
+
+
+def test_multi_clip_each_clip_has_its_own_start_and_augmentation(tiny_kinetics):
+    from datamodules.video import clip_indices, open_video
+
+    clips = 4
+    datamodule = _datamodule(tiny_kinetics, clips_per_video=clips, sampling_rate=1)
+    datamodule.setup("fit")
+    dataset = datamodule.datasets["train"]
+    transform = dataset.transform
+    torch.manual_seed(3)
+    item = dataset[0]
+    assert item["video"].shape == (clips, 3, 4, 24, 24)
+    # Replay the random draws: per clip a start frame, then its own scale, crop and flip.
+    torch.manual_seed(3)
+    expected, draws = [], []
+    with open_video(dataset.samples[0].path) as reader:
+        info = reader.info
+        slack = info.num_frames - 4
+        for _ in range(clips):
+            start = int(torch.randint(0, slack + 1, ()).item())
+            choice = transform.sample(info.height, info.width)
+            draws.append((start, choice))
+            frames = reader.get_frames(clip_indices(info.num_frames, start, 4, 1))
+            expected.append(transform.apply(frames, choice))
+    assert torch.equal(item["video"], torch.stack(expected))
+    assert len(set(draws)) == clips  # independent draws: no two clips share start and augmentation
+    assert len({tuple(clip.flatten()[:256].tolist()) for clip in item["video"]}) == clips
+
+
+def test_single_clip_draws_match_the_transform_called_on_decoded_frames(tiny_kinetics):
+    # clips_per_video=1 keeps the augmentation distribution: same draws, in the same order, as calling
+    # the transform on the decoded clip (the pre-multi-clip code path).
+    from datamodules.video import clip_indices, open_video
+
+    datamodule = _datamodule(tiny_kinetics)
+    datamodule.setup("fit")
+    dataset = datamodule.datasets["train"]
+    torch.manual_seed(5)
+    item = dataset[1]
+    torch.manual_seed(5)
+    with open_video(dataset.samples[1].path) as reader:
+        start = int(torch.randint(0, reader.info.num_frames - 7 + 1, ()).item())
+        frames = reader.get_frames(clip_indices(reader.info.num_frames, start, 4, 2))
+    assert torch.equal(item["video"], dataset.transform(frames))
+
+
+def test_multi_clip_with_broken_videos(broken_kinetics):
+    datamodule = _datamodule(broken_kinetics, batch_size=3, clips_per_video=2, num_workers=1)
+    batches = list(datamodule.train_dataloader())
+    assert [b["video"].shape[0] for b in batches] == [6, 6, 6]
+    failed = [entry for batch in batches for entry in batch["failed"] if entry]
+    assert _failed_ids(failed) == BROKEN_TRAIN and len(failed) == 2 * len(BROKEN_TRAIN)
+
+
+def test_decode_time_resize_matches_torch_resize(tiny_kinetics):
+    torch.manual_seed(0)
+    plain = _datamodule(tiny_kinetics, clips_per_video=2)
+    plain.setup("fit")
+    torch.manual_seed(0)
+    first = plain.datasets["train"][2]["video"]
+    scaled = _datamodule(tiny_kinetics, clips_per_video=2, decode_time_resize=True)
+    scaled.setup("fit")
+    torch.manual_seed(0)
+    second = scaled.datasets["train"][2]["video"]
+    assert first.shape == second.shape
+    # libswscale and torchvision interpolate slightly differently; same crops, flips and scales.
+    assert (first - second).abs().mean() < 0.1
+    val = next(iter(_datamodule(tiny_kinetics, batch_size=3, decode_time_resize=True).val_dataloader()))["video"]
+    reference = next(iter(_datamodule(tiny_kinetics, batch_size=3).val_dataloader()))["video"]
+    assert val.shape == reference.shape and (val - reference).abs().mean() < 0.1
+
+
+def test_decoder_threads_and_clip_arguments(tiny_kinetics):
+    assert _datamodule(tiny_kinetics, decoder_threads=3).reader_threads() == 3
+    assert _datamodule(tiny_kinetics, decoder_threads=0, num_workers=64).reader_threads() == 1
+    with pytest.raises(ValueError, match="clips_per_video"):
+        _datamodule(tiny_kinetics, clips_per_video=0)
+    with pytest.raises(ValueError, match="decoder_threads"):
+        _datamodule(tiny_kinetics, decoder_threads=-1)
+    datamodule = _datamodule(tiny_kinetics, decoder="auto", batch_size=3)
+    assert next(iter(datamodule.val_dataloader()))["video"].shape == (3, 3, 4, 24, 24)
+    assert datamodule.datasets["val"].decoder in ("pyav", "decord", "torchcodec")
+
+
+@pytest.mark.parametrize("suffix", [".mpg", ".MTS", ".webm", ".3gp"])
+def test_other_containers_in_label_folders(tiny_kinetics, tmp_path, suffix):
+    from datamodules.synthetic import DEFAULT_CODECS, write_video
+    from datamodules.video import read_video
+
+    root = _copy(tiny_kinetics, tmp_path / "kinetics")
+    for video in list((root / "train").rglob("*.mp4")):
+        frames = read_video(video).frames.numpy()
+        write_video(video.with_suffix(suffix), frames, 24, DEFAULT_CODECS[suffix.lower()])
+        video.unlink()
+    samples = _datamodule(root).samples("train")
+    assert all(Path(s.path).suffix == suffix and Path(s.path).is_file() for s in samples)
+    batch = next(iter(_datamodule(root, batch_size=6).train_dataloader()))
+    assert batch["failed"] == [""] * 6

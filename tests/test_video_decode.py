@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from datamodules.decoders import decoder_available
 from datamodules.synthetic import render_motion_video, write_mp4
 from datamodules.video import (
     DECODERS,
@@ -21,6 +22,12 @@ from datamodules.video import (
     read_clip,
     read_video,
 )
+
+# Every backend, skipped where it cannot load (torchcodec needs the system FFmpeg libraries).
+BACKENDS = [
+    pytest.param(name, marks=pytest.mark.skipif(not decoder_available(name), reason=f"{name} cannot load here"))
+    for name in DECODERS
+]
 
 
 def _first_video(root: Path, split: str = "train") -> Path:
@@ -36,7 +43,7 @@ def keyframe_video(tmp_path_factory) -> tuple[Path, np.ndarray]:
     return path, frames
 
 
-@pytest.mark.parametrize("decoder", DECODERS)
+@pytest.mark.parametrize("decoder", BACKENDS)
 def test_decoders_read_synthetic_mp4(tiny_kinetics, decoder):
     path = _first_video(tiny_kinetics)
     video = read_video(path, decoder=decoder)
@@ -59,7 +66,7 @@ def test_decoders_agree_and_match_source(keyframe_video):
     assert (pyav.float() @ luma - torch.from_numpy(source).float() @ luma).abs().mean() < 3.0
 
 
-@pytest.mark.parametrize("decoder", DECODERS)
+@pytest.mark.parametrize("decoder", BACKENDS)
 def test_read_clip_matches_full_decode(keyframe_video, decoder):
     path, _ = keyframe_video
     full = read_video(path, decoder).frames
@@ -77,7 +84,7 @@ def test_pyav_seeks_instead_of_decoding_from_start(keyframe_video):
     assert torch.equal(frames, read_video(path).frames[21:24])
 
 
-@pytest.mark.parametrize("decoder", DECODERS)
+@pytest.mark.parametrize("decoder", BACKENDS)
 def test_get_frames_any_order_with_repeats_and_clamping(keyframe_video, decoder):
     path, _ = keyframe_video
     full = read_video(path, decoder).frames
@@ -122,7 +129,7 @@ def unreadable_files(tiny_kinetics, tmp_path_factory) -> dict[str, Path]:
     return files
 
 
-@pytest.mark.parametrize("decoder", DECODERS)
+@pytest.mark.parametrize("decoder", BACKENDS)
 @pytest.mark.parametrize(
     ("kind", "reason"),
     [
@@ -159,3 +166,73 @@ def test_bad_arguments(keyframe_video):
     with open_video(path) as reader, pytest.raises(ValueError, match="indices"):
         reader.get_frames([])
     assert is_video_file("a/b.MP4") and not is_video_file("a/b.txt")
+
+
+# Backends and multi-clip reads ------------------------------------------------------------------------
+
+from datamodules import decoders  # noqa: E402
+from datamodules.decoders import available_decoders, require_decoder, resolve_decoder  # noqa: E402
+
+
+@pytest.mark.parametrize("decoder", BACKENDS)
+def test_get_clips_one_pass_many_clips(keyframe_video, decoder):
+    path, _ = keyframe_video
+    full = read_video(path, decoder).frames
+    clips = [[2, 4, 6], [21, 22, 23], [0, 23, 40]]
+    with open_video(path, decoder) as reader:
+        out = reader.get_clips(clips, sizes=[None, (16, 20), None])
+    assert torch.equal(out[0], full[[2, 4, 6]])
+    assert torch.equal(out[2], full[[0, 23, 23]])  # past the end: clamped
+    assert out[1].shape == (3, 16, 20, 3)
+    with open_video(path, decoder) as reader, pytest.raises(ValueError, match="sizes"):
+        reader.get_clips(clips, sizes=[None])
+
+
+def test_pyav_skips_frames_nothing_needs_and_stays_exact(keyframe_video):
+    path, _ = keyframe_video
+    full = read_video(path).frames
+    with open_video(path) as reader:
+        frames = reader.get_frames([1, 13, 19])
+        # Keyframes every 4: frames 0-19 would be decoded in full; non-reference frames are skipped.
+        assert reader.frames_decoded < 20
+    assert torch.equal(frames, full[[1, 13, 19]])
+
+
+def test_pyav_decode_time_resize_close_to_torch_resize(keyframe_video):
+    path, _ = keyframe_video
+    with open_video(path, decode_time_resize=True) as reader:
+        scaled = reader.get_clips([[3, 9]], sizes=[(40, 40)])[0]
+    with open_video(path) as reader:
+        resized = reader.get_clips([[3, 9]], sizes=[(40, 40)])[0]
+    assert scaled.shape == resized.shape == (2, 40, 40, 3)
+    # libswscale interpolates the 4:2:0 chroma at the target size, torchvision the RGB frames: on this
+    # high-frequency texture they differ by a few levels; a wrong scale or crop would differ by tens.
+    assert (scaled.float() - resized.float()).abs().mean() < 10.0
+
+
+def test_decoder_names_and_auto(keyframe_video, monkeypatch):
+    assert resolve_decoder("auto") in available_decoders()
+    assert "pyav" in available_decoders()
+    with pytest.raises(ValueError, match="decoder must be one of"):
+        resolve_decoder("opencv")
+    path, _ = keyframe_video
+    assert probe(path, "auto").num_frames == 24
+    # torchcodec without FFmpeg libraries: a clear error naming what to install, and auto avoids it.
+    monkeypatch.setattr(decoders, "_torchcodec_load_error", lambda: "OSError: libavutil.so: not found")
+    with pytest.raises(ValueError, match=r"torchcodec.*FFmpeg.*libavutil"):
+        require_decoder("torchcodec")
+    with pytest.raises(ValueError, match="FFmpeg"):
+        open_video(path, "torchcodec")
+    assert "torchcodec" not in available_decoders()
+    assert resolve_decoder("auto") != "torchcodec"
+
+
+def test_all_extensions_are_video_files():
+    from datamodules.video import VIDEO_EXTENSIONS
+
+    expected = [
+        ".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi", ".mpg", ".mpeg", ".ts", ".m2ts", ".mts", ".wmv", ".flv",
+        ".3gp", ".ogv",
+    ]
+    assert sorted(VIDEO_EXTENSIONS) == sorted(expected)
+    assert all(is_video_file(f"clip{suffix.upper()}") for suffix in expected)

@@ -1,0 +1,80 @@
+"""tools/benchmark_data.py (oct3d.benchmark_data): loaders, clip counts, the report; no timed assertions."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from oct3d import cli
+from oct3d.benchmark_data import benchmark_loaders, format_table, main, make_kinetics_like
+
+SMALL_CONFIG = """
+data:
+  class_path: datamodules.KineticsDataModule
+  init_args:
+    root: unused
+    num_frames: 4
+    sampling_rate: 2
+    crop_size: 64
+    min_short_side: 64
+    max_short_side: 80
+    batch_size: 2
+    decoder: pyav
+"""
+
+
+@pytest.fixture(scope="module")
+def kinetics_like(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("kinetics_like")
+    paths = make_kinetics_like(folder, 2, seconds=1)
+    return folder, paths
+
+
+def test_generated_videos_are_kinetics_like(kinetics_like):
+    from datamodules.video import probe
+
+    _, paths = kinetics_like
+    infos = [probe(p) for p in paths]
+    assert [(i.width, i.height) for i in infos] == [(340, 256), (640, 360)]
+    assert all(i.fps == 30 and i.num_frames == 30 for i in infos)
+
+
+def test_benchmark_counts_clips_of_every_loader(kinetics_like, tmp_path):
+    folder, _ = kinetics_like
+    config = tmp_path / "small.yaml"
+    config.write_text(SMALL_CONFIG)
+    output = tmp_path / "result.json"
+    args = [str(folder), "--config", str(config), "--videos", "4", "--rounds", "2", "--model-clips-per-s", "50",
+            "--loaders", "plain", "plain:kept", "pyav:1", "pyav:2", "pyav:2:swscale", "decord:3", "--json", str(output)]
+    assert main(args) == 0
+    result = json.loads(output.read_text())
+    clips = {r["name"]: r["clips"] for r in result["results"]}
+    assert clips == {"plain": 4, "plain:kept": 4, "pyav:1": 4, "pyav:2": 8, "pyav:2:swscale": 8, "decord:3": 12}
+    assert result["clip"]["num_frames"] == 4 and result["clip"]["crop_size"] == 64
+    for r in result["results"]:
+        assert r["decode_s"] > 0 and r["transform_s"] > 0 and r["decode_s"] + r["transform_s"] <= r["seconds"] * 1.01
+
+
+def test_table_and_workers_arithmetic():
+    from oct3d.benchmark_data import LoaderResult
+
+    results = [LoaderResult("plain", 10, 1.0, 0.8, 0.1), LoaderResult("pyav:2", 30, 1.0, 0.7, 0.2)]
+    table = format_table(results, model_clips_per_s=100)
+    assert "| plain | 10.0 | 80.0 | 10.0 | 1.00x | 10 |" in table
+    assert f"| pyav:2 | 30.0 | 23.3 | 6.7 | 3.00x | {math.ceil(100 / 30)} |" in table
+
+
+def test_bad_loader_spec_and_empty_folder(kinetics_like, tmp_path, capsys):
+    folder, _ = kinetics_like
+    assert main([str(folder), "--loaders", "pyav:two", "--videos", "1", "--rounds", "1"]) == 2
+    assert "DECODER:K" in capsys.readouterr().err
+    assert main([str(tmp_path)]) == 2
+    assert "no videos" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="no videos"):
+        benchmark_loaders([], ["plain"], {})
+
+
+def test_registered_as_oct3d_bench_data():
+    assert cli.TOOLS["bench-data"] == "oct3d.benchmark_data:main"
