@@ -153,13 +153,14 @@ class VolumeSegmenter(pl.LightningModule):
 
         # Under the CLI, hparams["backbone"] is the config's {"class_path", "init_args"} dict; a module
         # object passed in Python is replaced by its class path, so the checkpoint stays plain types.
-        self.save_hyperparameters()
+        # (The CLI gives a class path as that dict, so only a module passed in Python is ignored here.)
+        self.save_hyperparameters(ignore=["backbone"] if isinstance(backbone, nn.Module) else None)
         if isinstance(backbone, dict) and backbone_kwargs:
             raise ValueError("backbone_kwargs apply to registry names; put a class path's arguments in init_args")
         self.model = backbone if isinstance(backbone, nn.Module) else build_backbone(
             backbone, in_channels, num_classes, backbone_kwargs
         )
-        spec = self.hparams["backbone"]
+        spec = self.hparams.get("backbone", backbone)
         if isinstance(spec, nn.Module):
             spec = {"class_path": class_path_of(spec), "init_args": None}
         elif isinstance(spec, dict):
