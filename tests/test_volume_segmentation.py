@@ -338,3 +338,18 @@ def test_mni_tissue_dataset_has_disjoint_regions(tmp_path):
     assert sum(summary.label_fractions) == pytest.approx(1.0) and min(summary.label_fractions) > 0
     with pytest.raises(FileNotFoundError, match="not found"):
         find_mni_template(tmp_path)
+
+
+def test_segmentation_benchmark_tables():
+    from oct3d.segmentation_benchmark import StepCost, format_sweep, largest_patch, measure_steps
+
+    steps = measure_steps([0.0, 0.5], patch=8, batch_size=1, base_width=4, depth=2, warmup=1, rounds=1)
+    assert [s.alpha for s in steps] == [0.0, 0.5] and all(s.median_ms > 0 and s.peak_bytes > 0 for s in steps)
+    # Octave maps hold a quarter of their low channels' voxels, so the step allocates less.
+    assert steps[1].peak_bytes < steps[0].peak_bytes
+    costs = [StepCost(a, p, 2, None, int(m * 2**20)) for a, p, m in
+             ((0.0, 32, 40), (0.5, 32, 30), (0.0, 48, 150), (0.5, 48, 100), (0.0, 64, 400), (0.5, 64, 300))]
+    assert largest_patch(costs, 0.0, 128 * 2**20) == 32 and largest_patch(costs, 0.5, 128 * 2**20) == 48
+    assert largest_patch(costs, 0.0, 10 * 2**20) is None
+    table = format_sweep(costs, [0.0, 0.5], [128, 512])
+    assert "| 128 MiB | 32^3 (33 K voxels) | 48^3 (111 K voxels) |" in table
