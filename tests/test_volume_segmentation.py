@@ -160,6 +160,23 @@ def test_bad_arguments_name_the_argument(tiny_decathlon):
         VolumeSegmentationDataModule(str(tiny_decathlon / "imagesTr")).num_classes
 
 
+def test_ct_window_and_channel_check(tiny_decathlon):
+    import lightning.pytorch as pl
+    from monai.data import MetaTensor
+
+    from datamodules.volume import preprocess_transform
+
+    hu = torch.tensor([-1000.0, -175.0, 37.5, 250.0, 3000.0]).view(1, 5, 1, 1)
+    window = preprocess_transform({"normalization": "window", "window": [-175, 250]}, with_label=False)
+    assert torch.allclose(window({"image": MetaTensor(hu)})["image"].flatten(), torch.tensor([0, 0, 0.5, 1, 1.0]))
+    data = VolumeSegmentationDataModule(str(tiny_decathlon), patch_size=(8, 8, 8), num_workers=0, cache_rate=0.0)
+    model = VolumeSegmenter(in_channels=2, num_classes=3, backbone_kwargs={"alpha": 0.5, "base_width": 4, "depth": 2})
+    trainer = pl.Trainer(accelerator="cpu", fast_dev_run=1, logger=False, enable_progress_bar=False,
+                         enable_model_summary=False)
+    with pytest.raises(ValueError, match="in_channels: 1"):
+        trainer.fit(model, datamodule=data)
+
+
 def test_depth_axis_puts_the_slice_axis_first():
     seen = []
 
@@ -246,6 +263,7 @@ def test_segment_writes_label_maps_with_the_input_geometry(fitted, tiny_decathlo
         assert Path(result["output"]).name == Path(result["path"]).name
         assert written.shape == source.shape == SHAPE
         assert np.allclose(written.affine, source.affine) and written.get_data_dtype() == np.uint8
+        assert written.header.get_zooms() == source.header.get_zooms()
         labels = np.asarray(written.dataobj)
         assert labels.dtype == np.uint8 and set(np.unique(labels)) <= {0, 1, 2}
         assert sum(result["voxels"].values()) == labels.size
