@@ -219,7 +219,7 @@ def _load_case(case: DecathlonCase, channels: int, num_classes: int) -> dict[str
     return out
 
 
-def preprocess_transform(preprocessing: dict[str, Any], with_label: bool):
+def preprocess_transform(preprocessing: dict[str, Any], with_label: bool) -> Any:
     """The deterministic MONAI transform (resampling, intensity normalisation) of ``preprocessing``.
 
     ``preprocessing`` holds ``normalization`` (``"zscore"``, ``"window"`` or ``"none"``), ``nonzero``
@@ -593,7 +593,7 @@ class VolumeSegmentationDataModule(SplitDataModule):
         """(training, validation) cases: the seeded split of ``dataset.json``'s training list."""
         return _split_cases(self.info.training, self.val_fraction, self.fold, self.num_folds, self.split_seed)
 
-    def random_transform(self):
+    def random_transform(self) -> Any:
         """The training augmentation applied to each patch (None when ``augment`` is off)."""
         if not self.augment:
             return None

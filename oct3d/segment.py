@@ -60,7 +60,7 @@ class Segmenter:
         self.in_channels = int(module.hparams.in_channels)
 
     @torch.inference_mode()
-    def probabilities(self, path: str | os.PathLike, overlap: float | None = None):
+    def probabilities(self, path: str | os.PathLike, overlap: float | None = None) -> tuple[torch.Tensor, Any]:
         """Class probabilities ``(num_classes, X, Y, Z)`` on the grid of the file at ``path``, and its nibabel image.
 
         Raises:
