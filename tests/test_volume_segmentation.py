@@ -11,24 +11,22 @@ import json
 import logging
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import pytest
 import torch
 
-nib = pytest.importorskip("nibabel")
-pytest.importorskip("monai")
-
-from datamodules.volume import (  # noqa: E402
+from datamodules.volume import (
     VolumeDataset,
     VolumeReadError,
     VolumeSegmentationDataModule,
     load_nifti,
     read_decathlon,
 )
-from oct3d import cli  # noqa: E402
-from oct3d.inference import CheckpointError  # noqa: E402
-from oct3d.lightning import VolumeSegmenter  # noqa: E402
-from oct3d.segment import load_segmenter  # noqa: E402
+from oct3d import cli
+from oct3d.inference import CheckpointError
+from oct3d.lightning import VolumeSegmenter
+from oct3d.segment import load_segmenter
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 SHAPE = (18, 16, 14)
