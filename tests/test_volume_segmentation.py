@@ -142,6 +142,18 @@ def test_multichannel_4d_volumes_and_fg_sampling(tmp_path):
     # Channel-wise z-score over nonzero voxels.
     whole = data.datasets["val"][0]["image"]
     assert torch.allclose(whole.mean(dim=(1, 2, 3)), torch.zeros(2), atol=1e-4)
+    # A 2-channel model segments a 4D file into a 3D label map.
+    import lightning.pytorch as pl
+
+    model = VolumeSegmenter(in_channels=2, num_classes=3, backbone_kwargs={"alpha": 0.5, "base_width": 4, "depth": 2})
+    trainer = pl.Trainer(accelerator="cpu", max_steps=1, limit_val_batches=0, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(model, datamodule=data)
+    trainer.save_checkpoint(tmp_path / "two.ckpt")
+    assert cli.main(["segment", "--checkpoint", str(tmp_path / "two.ckpt"), "--output-dir", str(tmp_path / "seg"),
+                     str(root / "imagesTs" / "test00.nii.gz")]) == 0
+    written = nib.load(str(tmp_path / "seg" / "test00.nii.gz"))
+    assert written.shape == SHAPE and np.allclose(written.affine, AFFINE)
 
 
 def test_bad_arguments_name_the_argument(tiny_decathlon):
