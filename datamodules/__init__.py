@@ -6,6 +6,8 @@
 * :class:`DataErrorReport`: Lightning callback printing the unreadable videos once per epoch.
 * :class:`ImageNetDataModule`: ImageFolder-layout images with the standard ImageNet recipe.
 * :mod:`datamodules.synthetic`: a synthetic Kinetics-format dataset that only motion tells apart.
+* :class:`VolumeSegmentationDataModule`: NIfTI volumes in the Medical Segmentation Decathlon layout
+  (:mod:`datamodules.volume`; needs MONAI and nibabel, the ``medical`` extra, so it is imported on first use).
 """
 
 from .decoders import available_decoders
@@ -27,6 +29,7 @@ __all__ = [
     "VideoSample",
     "VideoTrainTransform",
     "available_decoders",
+    "VolumeSegmentationDataModule",
     "format_failures",
     "make_synthetic_kinetics",
     "open_video",
@@ -34,3 +37,12 @@ __all__ = [
     "read_clip",
     "read_video",
 ]
+
+
+def __getattr__(name: str):
+    # Imported on first use: video and image users need not install MONAI and nibabel.
+    if name == "VolumeSegmentationDataModule":
+        from .volume import VolumeSegmentationDataModule
+
+        return VolumeSegmentationDataModule
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -26,19 +26,21 @@ def _split_failure(entry: str) -> tuple[str, str]:
     return (path, reason) if separator else (entry, "unreadable")
 
 
-def format_failures(failures: Iterable[str], what: str = "this epoch", limit: int = 10) -> str:
+def format_failures(
+    failures: Iterable[str], what: str = "this epoch", limit: int = 10, noun: tuple[str, str] = ("video", "videos")
+) -> str:
     """One line: ``"3 unreadable videos this epoch: a.mp4 (truncated ...), b.mp4 (file not found), ..."``.
 
     Args:
         failures: ``"path: reason"`` strings (duplicates are counted once).
         what: words after the count.
         limit: at most this many videos are named; the rest are counted.
+        noun: singular and plural of what failed (volume data says ``("volume", "volumes")``).
     """
     unique = sorted(set(failures))
     named = ", ".join(f"{path} ({reason})" for path, reason in map(_split_failure, unique[:limit]))
     more = f", and {len(unique) - limit} more" if len(unique) > limit else ""
-    noun = "video" if len(unique) == 1 else "videos"
-    return f"{len(unique)} unreadable {noun} {what}: {named}{more}"
+    return f"{len(unique)} unreadable {noun[0] if len(unique) == 1 else noun[1]} {what}: {named}{more}"
 
 
 @dataclass
@@ -107,7 +109,9 @@ class DataErrorReport(pl.Callback):
         record = EpochFailures(stage, trainer.current_epoch, sorted(entries))
         self.history.append(record)
         if trainer.is_global_zero:
-            log.info(format_failures(entries, f"this epoch ({stage}, epoch {record.epoch})", self.limit))
+            # A data module may name what its files are (volume data: "volume"/"volumes").
+            noun = getattr(getattr(trainer, "datamodule", None), "data_error_noun", None) or ("video", "videos")
+            log.info(format_failures(entries, f"this epoch ({stage}, epoch {record.epoch})", self.limit, noun))
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Start a fresh training count."""

@@ -1,6 +1,6 @@
 """Console scripts: ``oct3d`` (tools + training) and ``lightning`` (training only).
 
-``oct3d table|bench|infer|export|bench-data ...`` run the corresponding tool; any other subcommand
+``oct3d table|bench|infer|export|segment|bench-data ...`` run the corresponding tool; any other subcommand
 (``fit``, ``validate``, ``test``, ``predict``, ``--help``...) goes to the Lightning CLI, exactly
 as ``lightning fit -c configs/oct_i3d.yaml`` does.
 """
@@ -18,11 +18,12 @@ TOOLS: dict[str, str] = {
     "bench": "oct3d.benchmark:main",
     "infer": "oct3d.inference:main",
     "export": "oct3d.export:main",
+    "segment": "oct3d.segment:main",
     "bench-data": "oct3d.benchmark_data:main",
 }
 
-_USAGE = """usage: oct3d {fit,validate,test,predict} [LightningCLI options]   (training, see `oct3d fit --help`)
-       oct3d {table,bench,infer,export,bench-data} [options]        (tools, see `oct3d infer --help`)"""
+_USAGE = """usage: oct3d {fit,validate,test,predict} [LightningCLI options]        (training, see `oct3d fit --help`)
+       oct3d {table,bench,infer,export,segment,bench-data} [options]   (tools, see `oct3d infer --help`)"""
 
 
 def _load_tool(spec: str) -> Callable[[list[str] | None], int]:

@@ -39,7 +39,8 @@ def test_print_config_is_complete(config, capsys):
     printed = yaml.safe_load(capsys.readouterr().out)
     assert printed["model"]["class_path"].startswith("oct3d.lightning.")
     assert printed["data"]["class_path"].startswith("datamodules.")
-    assert printed["checkpoint"]["monitor"] == "val/top1"
+    # Classifiers keep the best top-1, segmenters the best mean Dice.
+    assert printed["checkpoint"]["monitor"] == ("val/dice" if config.startswith("oct_unet3d") else "val/top1")
     assert printed["model"]["init_args"]["backbone"]
 
 
@@ -64,7 +65,7 @@ def test_tools_are_dispatched(monkeypatch):
     assert cli.main(["table", "--plot"]) == 3
     assert calls == [("oct3d.inference:main", ["--checkpoint", "x.ckpt", "a.mp4"]),
                      ("oct3d.model_table:main", ["--plot"])]
-    assert {"table", "bench", "infer", "export", "bench-data"} <= set(cli.TOOLS)
+    assert set(cli.TOOLS) >= {"table", "bench", "infer", "export", "segment", "bench-data"}
 
 
 def test_console_scripts_are_installed():

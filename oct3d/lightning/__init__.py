@@ -1,4 +1,4 @@
-"""Lightning training for octave models: classifiers, the LR schedule and the ``LightningCLI`` subclass."""
+"""Lightning training for octave models: classifiers, a volume segmenter, the LR schedule and the ``LightningCLI``."""
 
 from oct3d.lightning.modules import (
     CHECKPOINT_FORMAT_VERSION,
@@ -17,6 +17,7 @@ __all__ = [
     "VideoClassifier",
     "WarmupCosine",
     "OctCLI",
+    "VolumeSegmenter",
 ]
 
 
@@ -26,4 +27,9 @@ def __getattr__(name: str):
         from oct3d.lightning.cli import OctCLI
 
         return OctCLI
+    # The segmenter needs MONAI (the `medical` extra); video and image users need not install it.
+    if name == "VolumeSegmenter":
+        from oct3d.lightning.segmentation import VolumeSegmenter
+
+        return VolumeSegmenter
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

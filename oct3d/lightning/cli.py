@@ -10,11 +10,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from lightning.pytorch import Callback, LightningDataModule, Trainer
+from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, ProgressBar, RichProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
-
-from oct3d.lightning.modules import OctaveClassifier
 
 __all__ = ["OctCLI", "run_cli"]
 
@@ -29,10 +27,11 @@ def _data_error_callbacks() -> list[Callback]:
 
 
 class OctCLI(LightningCLI):
-    """LightningCLI for octave classifiers; ``model`` and ``data`` are chosen by ``class_path`` in the config."""
+    """LightningCLI for octave models (classifiers, the volume segmenter); ``model`` and ``data`` are chosen by
+    ``class_path`` in the config."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        kwargs.setdefault("model_class", OctaveClassifier)
+        kwargs.setdefault("model_class", LightningModule)
         kwargs.setdefault("datamodule_class", LightningDataModule)
         kwargs.setdefault("subclass_mode_model", True)
         kwargs.setdefault("subclass_mode_data", True)

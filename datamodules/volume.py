@@ -1,0 +1,658 @@
+"""Volumetric segmentation data in the Medical Segmentation Decathlon layout: reading, checks, a LightningDataModule.
+
+The layout (every Decathlon task, and most public datasets converted for nnU-Net/MONAI)::
+
+    root/dataset.json    {"name", "modality": {"0": "FLAIR", ...}, "labels": {"0": "background", ...},
+                          "training": [{"image": "./imagesTr/a.nii.gz", "label": "./labelsTr/a.nii.gz"}, ...],
+                          "test": ["./imagesTs/b.nii.gz", ...]}
+    root/imagesTr/  root/labelsTr/  root/imagesTs/
+
+Images are NIfTI (``.nii``, ``.nii.gz``) read with nibabel; a 4D image is a multi-channel volume whose
+last axis holds the modalities (BraTS: FLAIR, T1w, T1gd, T2w), turned channel-first. Arrays keep
+nibabel's axis order, so a volume is ``(C, X, Y, Z)`` as in MONAI. Test entries may also be
+``{"image", "label"}`` dicts (an extension: then ``lightning test`` reports Dice).
+
+Preprocessing (cached in memory when ``cache_rate`` > 0) and augmentation are MONAI transforms.
+Unreadable volumes, image/label shape mismatches and label values outside ``dataset.json``'s
+classes never stop a run: the case is skipped (validation, test) or replaced by another case
+(training), and ``"path: reason"`` travels in the batch's ``failed`` list, so that
+:class:`datamodules.DataErrorReport` reports it once per epoch, as for videos.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from .base import SplitDataModule
+
+__all__ = [
+    "NIFTI_SUFFIXES",
+    "DecathlonCase",
+    "DecathlonInfo",
+    "VolumeDataset",
+    "VolumeReadError",
+    "VolumeSegmentationDataModule",
+    "load_nifti",
+    "preprocess_transform",
+    "read_decathlon",
+]
+
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+NORMALIZATIONS = ("zscore", "window", "none")
+MODES = ("train", "val", "test")
+# The label of an unlabelled or skipped case: empty, so batches of whole volumes still collate.
+_EMPTY_LABEL = torch.zeros((1, 0, 0, 0), dtype=torch.uint8)
+
+
+class VolumeReadError(Exception):
+    """A volume that cannot be used: unreadable, wrong shape, or labels outside the dataset's classes."""
+
+    def __init__(self, path: str, reason: str) -> None:
+        super().__init__(f"{path}: {reason}")
+        self.path = path
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class DecathlonCase:
+    """One case: an image file and, for training cases, its label map.
+
+    Attributes:
+        image: path of the image NIfTI (may not exist: that is reported when it is read).
+        label: path of the label NIfTI, or None (unlabelled test case).
+    """
+
+    image: str
+    label: str | None = None
+
+    @property
+    def name(self) -> str:
+        """The image file name without ``.nii``/``.nii.gz``."""
+        base = os.path.basename(self.image)
+        for suffix in (".nii.gz", ".nii"):
+            if base.endswith(suffix):
+                return base[: -len(suffix)]
+        return base
+
+
+@dataclass(frozen=True)
+class DecathlonInfo:
+    """The parsed ``dataset.json``.
+
+    Attributes:
+        name: the task name (``"BrainTumour"``), or the folder name.
+        class_names: label names in label-value order (``labels`` of dataset.json; value 0 first).
+        modalities: channel names in channel order (``modality`` of dataset.json).
+        training: the labelled cases.
+        test: the test cases (labelled when dataset.json gives ``{"image", "label"}`` entries).
+    """
+
+    name: str
+    class_names: list[str]
+    modalities: list[str]
+    training: list[DecathlonCase]
+    test: list[DecathlonCase]
+
+
+def _resolve(root: Path, entry: str) -> str:
+    return entry if os.path.isabs(entry) else str((root / entry).resolve())
+
+
+def _sorted_by_key(mapping: dict, field: str, json_path: Path) -> list[str]:
+    try:
+        keys = sorted(int(k) for k in mapping)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"{json_path}: '{field}' keys must be integers, got {list(mapping)}") from error
+    if keys != list(range(len(keys))):
+        raise ValueError(f"{json_path}: '{field}' keys must be 0..{len(keys) - 1} without gaps, got {keys}")
+    return [str(mapping[str(k)] if str(k) in mapping else mapping[k]) for k in keys]
+
+
+def read_decathlon(root: str | os.PathLike) -> DecathlonInfo:
+    """Parse ``root/dataset.json`` (paths resolved against ``root``).
+
+    Raises:
+        FileNotFoundError: no ``root/dataset.json``.
+        ValueError: missing or malformed ``labels``, ``modality`` or ``training`` entries.
+    """
+    root = Path(root)
+    json_path = root / "dataset.json"
+    if not json_path.is_file():
+        raise FileNotFoundError(
+            f"{json_path} not found: expected the Medical Segmentation Decathlon layout (root/dataset.json with "
+            "'training', 'test', 'labels' and 'modality', and the folders imagesTr/, labelsTr/, imagesTs/)"
+        )
+    with open(json_path) as handle:
+        meta = json.load(handle)
+    for field in ("labels", "modality", "training"):
+        if field not in meta:
+            raise ValueError(f"{json_path}: missing the '{field}' entry")
+    if not isinstance(meta["labels"], dict) or len(meta["labels"]) < 2:
+        raise ValueError(f"{json_path}: 'labels' must map at least 2 label values to names, got {meta['labels']!r}")
+    if not isinstance(meta["modality"], dict) or not meta["modality"]:
+        raise ValueError(f"{json_path}: 'modality' must map channel numbers to names, got {meta['modality']!r}")
+    training = []
+    for i, entry in enumerate(meta["training"]):
+        if not isinstance(entry, dict) or "image" not in entry or "label" not in entry:
+            raise ValueError(f"{json_path}: training entry {i} must be {{'image': ..., 'label': ...}}, got {entry!r}")
+        training.append(DecathlonCase(_resolve(root, entry["image"]), _resolve(root, entry["label"])))
+    test = []
+    for i, entry in enumerate(meta.get("test") or []):
+        if isinstance(entry, str):
+            test.append(DecathlonCase(_resolve(root, entry)))
+        elif isinstance(entry, dict) and "image" in entry:
+            label = entry.get("label")
+            test.append(DecathlonCase(_resolve(root, entry["image"]), _resolve(root, label) if label else None))
+        else:
+            raise ValueError(f"{json_path}: test entry {i} must be a path or {{'image': ...}}, got {entry!r}")
+    return DecathlonInfo(
+        name=str(meta.get("name") or root.name),
+        class_names=_sorted_by_key(meta["labels"], "labels", json_path),
+        modalities=_sorted_by_key(meta["modality"], "modality", json_path),
+        training=training,
+        test=test,
+    )
+
+
+def load_nifti(path: str | os.PathLike, channels: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Read a NIfTI image as a float32 channel-first array ``(C, X, Y, Z)`` and its 4x4 affine.
+
+    A 3D file is one channel; a 4D file's last axis holds the channels (the Decathlon convention).
+
+    Raises:
+        VolumeReadError: missing, unreadable or truncated file, not 3D/4D, or not ``channels`` channels.
+    """
+    import nibabel as nib
+
+    path = str(path)
+    if not os.path.isfile(path):
+        raise VolumeReadError(path, "file not found")
+    try:
+        image = nib.load(path)
+        data = np.asarray(image.dataobj, dtype=np.float32)
+    except Exception as error:  # nibabel raises many types for damaged files (EOFError, zlib, HeaderDataError...)
+        first_line = (str(error).splitlines() or [""])[0][:120]
+        raise VolumeReadError(path, f"unreadable ({type(error).__name__}: {first_line})") from None
+    if data.ndim == 3:
+        data = data[None]
+    elif data.ndim == 4:
+        data = np.ascontiguousarray(np.moveaxis(data, -1, 0))
+    else:
+        raise VolumeReadError(path, f"expected a 3D or 4D volume, got shape {data.shape}")
+    if channels is not None and data.shape[0] != channels:
+        raise VolumeReadError(path, f"has {data.shape[0]} channel(s) but dataset.json lists {channels} modalities")
+    if not np.isfinite(data).all():
+        raise VolumeReadError(path, "holds NaN or infinite values")
+    return data, np.asarray(image.affine, dtype=np.float64)
+
+
+def _load_case(case: DecathlonCase, channels: int, num_classes: int) -> dict[str, Any]:
+    """Image (and label) arrays of one case, checked; raises :class:`VolumeReadError` naming the bad file."""
+    image, affine = load_nifti(case.image, channels)
+    out: dict[str, Any] = {"image": image, "affine": affine}
+    if case.label is not None:
+        label, _ = load_nifti(case.label, 1)
+        if label.shape[1:] != image.shape[1:]:
+            raise VolumeReadError(
+                case.label, f"label shape {label.shape[1:]} differs from image shape {image.shape[1:]}"
+            )
+        values = np.unique(label)
+        bad = values[(values < 0) | (values >= num_classes) | (values != np.round(values))]
+        if bad.size:
+            shown = ", ".join(f"{v:g}" for v in bad[:5])
+            raise VolumeReadError(
+                case.label, f"label values {shown} outside dataset.json's classes 0..{num_classes - 1}"
+            )
+        out["label"] = label.astype(np.uint8)
+    return out
+
+
+def preprocess_transform(preprocessing: dict[str, Any], with_label: bool) -> Any:
+    """The deterministic MONAI transform (resampling, intensity normalisation) of ``preprocessing``.
+
+    ``preprocessing`` holds ``normalization`` (``"zscore"``, ``"window"`` or ``"none"``), ``nonzero``
+    (z-score over nonzero voxels only), ``window`` (``[low, high]`` mapped to [0, 1] and clipped) and
+    ``spacing`` (voxel size in mm to resample to, or None to keep the file's). It is what the data
+    module applies to every volume and what ``oct3d segment`` applies to new ones, read from the checkpoint.
+    """
+    from monai.transforms import Compose, NormalizeIntensityd, ScaleIntensityRanged, Spacingd
+
+    keys = ["image", "label"] if with_label else ["image"]
+    steps: list = []
+    spacing = preprocessing.get("spacing")
+    if spacing:
+        modes = ("bilinear", "nearest") if with_label else ("bilinear",)
+        steps.append(Spacingd(keys, pixdim=[float(s) for s in spacing], mode=modes))
+    mode = preprocessing.get("normalization", "zscore")
+    if mode == "zscore":
+        steps.append(NormalizeIntensityd("image", nonzero=bool(preprocessing.get("nonzero", True)), channel_wise=True))
+    elif mode == "window":
+        low, high = (float(v) for v in preprocessing["window"])
+        steps.append(ScaleIntensityRanged("image", a_min=low, a_max=high, b_min=0.0, b_max=1.0, clip=True))
+    elif mode != "none":
+        raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got {mode!r}")
+    return Compose(steps)
+
+
+def _meta_tensors(item: dict[str, Any]) -> dict[str, Any]:
+    from monai.data import MetaTensor
+
+    affine = torch.as_tensor(item["affine"])
+    out = {"image": MetaTensor(torch.from_numpy(item["image"]), affine=affine)}
+    if "label" in item:
+        out["label"] = MetaTensor(torch.from_numpy(item["label"]), affine=affine.clone())
+    return out
+
+
+class VolumeDataset(Dataset):
+    """Map-style dataset of segmentation cases, robust to bad volumes.
+
+    Modes:
+        * ``"train"``: ``samples_per_volume`` items per case, each a random patch (``patch_size``,
+          foreground-centred with probability ``fg_ratio``) after the random transform;
+        * ``"val"`` / ``"test"``: one item per case, the whole preprocessed volume.
+
+    Items are dicts: ``image`` float ``(C, X, Y, Z)``, ``label`` uint8 ``(1, X, Y, Z)`` (an empty
+    ``(1, 0, 0, 0)`` placeholder for unlabelled test cases), ``valid`` bool,
+    ``case`` (the case name) and ``failed`` (``""`` or ``"path: reason"``). A bad training case is
+    replaced by another case; a bad validation or test case gives an item with ``valid`` False and
+    empty tensors, which the model skips.
+
+    Args:
+        cases: the split's cases.
+        mode: ``"train"``, ``"val"`` or ``"test"``.
+        channels: image channels every case must have.
+        num_classes: label values must lie in ``[0, num_classes)``.
+        preprocessing: see :func:`preprocess_transform`.
+        patch_size: training patch ``(X, Y, Z)``.
+        random_transform: MONAI transform applied to each training patch (None: no augmentation).
+        samples_per_volume: training items per case per epoch.
+        fg_ratio: probability that a training patch is centred on a foreground (label > 0) voxel.
+        cache_rate: fraction of the cases loaded and preprocessed once, at construction, and kept in memory.
+        cache_workers: threads loading the cache.
+        seed: varies the deterministic choice of replacement cases.
+    """
+
+    def __init__(
+        self,
+        cases: Sequence[DecathlonCase],
+        mode: str,
+        channels: int,
+        num_classes: int,
+        preprocessing: dict[str, Any],
+        patch_size: Sequence[int] = (96, 96, 96),
+        random_transform: Any = None,
+        samples_per_volume: int = 1,
+        fg_ratio: float = 0.5,
+        cache_rate: float = 1.0,
+        cache_workers: int = 2,
+        seed: int = 0,
+    ) -> None:
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if not cases:
+            raise ValueError(f"the {mode} split has no case")
+        if not 0.0 <= cache_rate <= 1.0:
+            raise ValueError(f"cache_rate must be in [0, 1], got {cache_rate}")
+        self.cases = list(cases)
+        self.mode = mode
+        self.channels = channels
+        self.num_classes = num_classes
+        self.patch_size = [int(s) for s in patch_size]
+        self.samples_per_volume = samples_per_volume if mode == "train" else 1
+        self.seed = seed
+        labelled = all(c.label is not None for c in self.cases)
+        if mode == "train" and not labelled:
+            raise ValueError("training cases need labels")
+        self.labelled = labelled
+        self._prepare = preprocess_transform(preprocessing, with_label=labelled)
+        self._random = None
+        if mode == "train":
+            from monai.transforms import Compose, FgBgToIndicesd, RandCropByPosNegLabeld, SpatialPadd
+
+            # Padding and the foreground/background voxel lists are deterministic, so they are cached too.
+            self._prepare = Compose([
+                self._prepare,
+                SpatialPadd(["image", "label"], spatial_size=self.patch_size),
+                FgBgToIndicesd("label", fg_postfix="_fg", bg_postfix="_bg"),
+            ])
+            crop = RandCropByPosNegLabeld(
+                ["image", "label"], "label", self.patch_size, pos=fg_ratio, neg=1.0 - fg_ratio, num_samples=1,
+                fg_indices_key="label_fg", bg_indices_key="label_bg", allow_smaller=False,
+            )
+            self._random = Compose([crop, random_transform]) if random_transform is not None else crop
+        # Failures seen by this process (each DataLoader worker has its own copy; batches carry them out).
+        self.failures: dict[int, tuple[str, str]] = {}
+        self._cache: dict[int, dict[str, Any]] = {}
+        count = math.ceil(cache_rate * len(self.cases))
+        if count:
+            with ThreadPoolExecutor(max(cache_workers, 1)) as pool:
+                for index, item in zip(range(count), pool.map(self._try_prepare, range(count))):
+                    if item is not None:
+                        self._cache[index] = item
+
+    def __len__(self) -> int:
+        return len(self.cases) * self.samples_per_volume
+
+    def _try_prepare(self, index: int) -> dict[str, Any] | None:
+        try:
+            return self._prepared(index)
+        except VolumeReadError:
+            return None
+
+    def _prepared(self, index: int) -> dict[str, Any]:
+        """The preprocessed case ``index`` (from the cache when it is there)."""
+        if index in self._cache:
+            return self._cache[index]
+        if index in self.failures:
+            raise VolumeReadError(*self.failures[index])
+        try:
+            item = _load_case(self.cases[index], self.channels, self.num_classes)
+            return self._prepare(_meta_tensors(item))
+        except VolumeReadError as error:
+            self.failures[index] = (error.path, error.reason)
+            raise
+        except Exception as error:  # a transform failing on odd geometry (e.g. a singular affine when resampling)
+            reason = f"preprocessing failed ({type(error).__name__}: {error})"
+            self.failures[index] = (self.cases[index].image, reason)
+            raise VolumeReadError(self.cases[index].image, reason) from None
+
+    def _sample(self, index: int) -> dict[str, Any]:
+        item = self._prepared(index)
+        if self._random is None:
+            return {"image": item["image"], **({"label": item["label"]} if "label" in item else {})}
+        # A fresh MONAI random state per patch, drawn from torch's generator: DataLoader seeds that per
+        # worker (and seed_everything seeds it in the main process), so workers do not repeat each other.
+        self._random.set_random_state(seed=int(torch.randint(0, 2**31 - 1, ()).item()))
+        patch = self._random({k: v for k, v in item.items()})
+        return patch[0] if isinstance(patch, list) else patch
+
+    def _item(self, sample: dict[str, Any], case_index: int, failed: str) -> dict[str, Any]:
+        def plain(t: Any, dtype: torch.dtype) -> torch.Tensor:
+            t = t.as_tensor() if hasattr(t, "as_tensor") else torch.as_tensor(t)
+            return t.to(dtype).contiguous()
+
+        label = plain(sample["label"], torch.uint8) if "label" in sample else _EMPTY_LABEL.clone()
+        return {"image": plain(sample["image"], torch.float32), "label": label, "valid": True,
+                "case": self.cases[case_index].name, "failed": failed}
+
+    def _replacements(self, case_index: int):
+        """Other case indices in a deterministic order that visits every case once."""
+        count = len(self.cases)
+        rng = random.Random(self.seed * 1_000_003 + case_index)
+        step = rng.randrange(1, count) if count > 1 else 1
+        while math.gcd(step, count) != 1:
+            step = rng.randrange(1, count)
+        candidate = case_index
+        for _ in range(count - 1):
+            candidate = (candidate + step) % count
+            yield candidate
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        if not 0 <= index < len(self):
+            raise IndexError(f"index {index} out of range for a dataset of {len(self)} items")
+        case_index = index // self.samples_per_volume
+        try:
+            return self._item(self._sample(case_index), case_index, "")
+        except VolumeReadError as error:
+            failed = str(error)
+        if self.mode != "train":
+            # Evaluating another case instead would count it twice: skip this one instead.
+            return {"image": torch.zeros((self.channels, 0, 0, 0)), "label": _EMPTY_LABEL.clone(), "valid": False,
+                    "case": self.cases[case_index].name, "failed": failed}
+        for replacement in self._replacements(case_index):
+            try:
+                return self._item(self._sample(replacement), replacement, failed)
+            except VolumeReadError:
+                continue
+        raise RuntimeError(f"no readable case in this split of {len(self.cases)} cases; first failure: {failed}")
+
+
+def _split_cases(cases: list[DecathlonCase], val_fraction: float, fold: int | None, num_folds: int,
+                 seed: int) -> tuple[list[DecathlonCase], list[DecathlonCase]]:
+    order = list(range(len(cases)))
+    random.Random(seed).shuffle(order)
+    if fold is not None:
+        val_idx = set(order[fold::num_folds])
+    else:
+        count = round(val_fraction * len(cases))
+        if val_fraction > 0:
+            count = min(max(count, 1), len(cases) - 1)
+        val_idx = set(order[:count])
+    train = [c for i, c in enumerate(cases) if i not in val_idx]
+    val = [c for i, c in enumerate(cases) if i in val_idx]
+    return train, val
+
+
+class VolumeSegmentationDataModule(SplitDataModule):
+    """LightningDataModule for volumetric segmentation in the Decathlon layout (see the module docstring).
+
+    Training batches: ``image`` float ``(B, C, *patch_size)``, ``label`` uint8 ``(B, 1, *patch_size)``,
+    ``valid`` bool ``(B,)``, ``case`` and ``failed`` lists. Validation and test batches hold one whole
+    preprocessed volume each (batch size 1), for sliding-window inference in the model.
+
+    Args:
+        root: dataset root holding ``dataset.json``.
+        patch_size: training patch ``(X, Y, Z)`` in voxels (after resampling); also the sliding window.
+        batch_size: training patches per batch.
+        samples_per_volume: patches drawn from each training case per epoch.
+        fg_ratio: fraction of patches centred on a foreground voxel (the rest on background).
+        val_fraction: share of the training cases held out for validation (seeded by ``split_seed``).
+        fold: instead of ``val_fraction``, validate on fold ``fold`` of ``num_folds`` (seeded as well).
+        num_folds: folds of the cross-validation split.
+        split_seed: seed of the validation split.
+        normalization: ``"zscore"`` (per volume and channel; MRI), ``"window"`` (CT: ``window`` mapped to
+            [0, 1] and clipped) or ``"none"``.
+        nonzero: z-score over nonzero voxels only (skull-stripped MRI: the zero background stays 0).
+        window: ``[low, high]`` intensity window for ``normalization="window"`` (e.g. ``[-175, 250]`` HU).
+        spacing: resample every volume to this voxel size in mm ``(X, Y, Z)``; None keeps each file's spacing.
+        augment: random flips, affine transforms and intensity scaling/shifting in training.
+        flip_prob: probability of a flip along each axis.
+        affine_prob: probability of a random rotation and scaling.
+        rotate_degrees: maximum rotation about each axis.
+        scale_range: maximum relative zoom (0.1: 0.9-1.1).
+        intensity_prob: probability of each intensity augmentation (scale, shift, Gaussian noise).
+        cache_rate: fraction of cases kept in memory after loading and preprocessing (1.0 for small datasets).
+        cache_workers: threads that fill the cache.
+        num_workers: DataLoader worker processes.
+        pin_memory: pin batches in page-locked memory (GPU training).
+        persistent_workers: keep workers alive between epochs.
+        seed: varies the deterministic choice of replacement cases.
+    """
+
+    data_error_noun = ("volume", "volumes")
+
+    def __init__(
+        self,
+        root: str,
+        patch_size: tuple[int, int, int] = (96, 96, 96),
+        batch_size: int = 2,
+        samples_per_volume: int = 4,
+        fg_ratio: float = 0.5,
+        val_fraction: float = 0.2,
+        fold: int | None = None,
+        num_folds: int = 5,
+        split_seed: int = 0,
+        normalization: Literal["zscore", "window", "none"] = "zscore",
+        nonzero: bool = True,
+        window: tuple[float, float] | None = None,
+        spacing: tuple[float, float, float] | None = None,
+        augment: bool = True,
+        flip_prob: float = 0.5,
+        affine_prob: float = 0.2,
+        rotate_degrees: float = 15.0,
+        scale_range: float = 0.1,
+        intensity_prob: float = 0.5,
+        cache_rate: float = 1.0,
+        cache_workers: int = 2,
+        num_workers: int = 2,
+        pin_memory: bool = True,
+        persistent_workers: bool = False,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        patch_size = tuple(patch_size)
+        if len(patch_size) != 3 or any(not isinstance(s, int) or isinstance(s, bool) or s < 1 for s in patch_size):
+            raise ValueError(f"patch_size must be 3 positive ints (X, Y, Z), got {patch_size!r}")
+        for name, value in (("batch_size", batch_size), ("samples_per_volume", samples_per_volume),
+                            ("num_folds", num_folds)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        for name, value in (("fg_ratio", fg_ratio), ("flip_prob", flip_prob), ("affine_prob", affine_prob),
+                            ("intensity_prob", intensity_prob), ("cache_rate", cache_rate)):
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {value}")
+        if not 0.0 <= val_fraction < 1.0:
+            raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+        if fold is not None and not 0 <= fold < num_folds:
+            raise ValueError(f"fold must be in [0, num_folds={num_folds}) or None, got {fold}")
+        if normalization not in NORMALIZATIONS:
+            raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got {normalization!r}")
+        if normalization == "window" and (window is None or len(window) != 2 or window[0] >= window[1]):
+            raise ValueError(f"normalization='window' needs window=[low, high] with low < high, got {window!r}")
+        if spacing is not None and (len(spacing) != 3 or any(s <= 0 for s in spacing)):
+            raise ValueError(f"spacing must be 3 positive voxel sizes in mm or None, got {spacing!r}")
+        if num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+        self.save_hyperparameters()
+        self.root = Path(root)
+        self.patch_size = [int(s) for s in patch_size]
+        self.batch_size = batch_size
+        self.samples_per_volume = samples_per_volume
+        self.fg_ratio = fg_ratio
+        self.val_fraction = val_fraction
+        self.fold = fold
+        self.num_folds = num_folds
+        self.split_seed = split_seed
+        self.normalization = normalization
+        self.nonzero = nonzero
+        self.window = [float(v) for v in window] if window is not None else None
+        self.spacing = [float(s) for s in spacing] if spacing is not None else None
+        self.augment = augment
+        self.flip_prob = flip_prob
+        self.affine_prob = affine_prob
+        self.rotate_degrees = rotate_degrees
+        self.scale_range = scale_range
+        self.intensity_prob = intensity_prob
+        self.cache_rate = cache_rate
+        self.cache_workers = cache_workers
+        self.num_workers = num_workers
+        self.pin_memory = pin_memory
+        self.persistent_workers = persistent_workers
+        self.seed = seed
+        self._info: DecathlonInfo | None = None
+
+    # dataset.json is read lazily, but before setup(): LightningCLI links data.num_classes into the model.
+    @property
+    def info(self) -> DecathlonInfo:
+        """The parsed ``dataset.json``."""
+        if self._info is None:
+            self._info = read_decathlon(self.root)
+        return self._info
+
+    @property
+    def class_names(self) -> list[str]:
+        """Label names in label-value order (``dataset.json``'s ``labels``)."""
+        return list(self.info.class_names)
+
+    @property
+    def num_classes(self) -> int:
+        """Number of label values, background included."""
+        return len(self.info.class_names)
+
+    @property
+    def in_channels(self) -> int:
+        """Image channels (``dataset.json``'s ``modality`` entries)."""
+        return len(self.info.modalities)
+
+    @property
+    def preprocessing(self) -> dict[str, Any]:
+        """What inference must do to a new volume: plain types, stored in checkpoints."""
+        return {
+            "normalization": self.normalization,
+            "nonzero": bool(self.nonzero),
+            "window": list(self.window) if self.window is not None else None,
+            "spacing": list(self.spacing) if self.spacing is not None else None,
+            "patch_size": list(self.patch_size),
+            "modalities": list(self.info.modalities),
+        }
+
+    def split_cases(self) -> tuple[list[DecathlonCase], list[DecathlonCase]]:
+        """(training, validation) cases: the seeded split of ``dataset.json``'s training list."""
+        return _split_cases(self.info.training, self.val_fraction, self.fold, self.num_folds, self.split_seed)
+
+    def random_transform(self) -> Any:
+        """The training augmentation applied to each patch (None when ``augment`` is off)."""
+        if not self.augment:
+            return None
+        from monai.transforms import (
+            Compose,
+            RandAffined,
+            RandFlipd,
+            RandGaussianNoised,
+            RandScaleIntensityd,
+            RandShiftIntensityd,
+        )
+
+        keys = ["image", "label"]
+        radians = math.radians(self.rotate_degrees)
+        return Compose([
+            *(RandFlipd(keys, prob=self.flip_prob, spatial_axis=axis) for axis in range(3)),
+            RandAffined(keys, prob=self.affine_prob, rotate_range=[radians] * 3, scale_range=[self.scale_range] * 3,
+                        mode=("bilinear", "nearest"), padding_mode="zeros"),
+            RandScaleIntensityd("image", factors=0.1, prob=self.intensity_prob),
+            RandShiftIntensityd("image", offsets=0.1, prob=self.intensity_prob),
+            RandGaussianNoised("image", std=0.05, prob=self.intensity_prob),
+        ])
+
+    def make_dataset(self, split: str) -> VolumeDataset:
+        """Build the dataset of ``split`` (``"train"``, ``"val"`` or ``"test"``)."""
+        train, val = self.split_cases()
+        cases = {"train": train, "val": val, "test": self.info.test}[split]
+        if split == "val" and not cases:
+            raise ValueError(f"{self.root}: no validation cases (val_fraction={self.val_fraction}, fold={self.fold})")
+        if split == "test" and not cases:
+            raise ValueError(f"{self.root}/dataset.json lists no test cases")
+        return VolumeDataset(
+            cases, split, self.in_channels, self.num_classes, self.preprocessing, self.patch_size,
+            random_transform=self.random_transform() if split == "train" else None,
+            samples_per_volume=self.samples_per_volume, fg_ratio=self.fg_ratio, cache_rate=self.cache_rate,
+            cache_workers=self.cache_workers, seed=self.seed,
+        )
+
+    def setup(self, stage: str | None = None) -> None:
+        """Build the datasets the stage needs (``fit``, ``validate``, ``test``, ``predict`` or None for all)."""
+        if stage in ("fit", None) and "train" not in self.datasets:
+            self.datasets["train"] = self.make_dataset("train")
+        if stage in ("fit", "validate", None) and "val" not in self.datasets:
+            self.datasets["val"] = self.make_dataset("val")
+        if stage in ("test", "predict", None) and "test" not in self.datasets:
+            self.datasets["test"] = self.make_dataset("test")
+
+    def train_dataloader(self) -> DataLoader:
+        """Shuffled training patches (``samples_per_volume`` per case per epoch)."""
+        return self._loader("train", True, self.batch_size, drop_last=False)
+
+    def val_dataloader(self) -> DataLoader:
+        """Whole validation volumes, one per batch."""
+        return self._loader("val", False, 1)
+
+    def test_dataloader(self) -> DataLoader:
+        """Whole test volumes, one per batch."""
+        return self._loader("test", False, 1)
+
+    def predict_dataloader(self) -> DataLoader:
+        """Same as :meth:`test_dataloader`."""
+        return self.test_dataloader()

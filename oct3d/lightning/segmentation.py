@@ -1,0 +1,354 @@
+"""Lightning module for volumetric segmentation: :class:`VolumeSegmenter`.
+
+It trains any 3D segmentation network (``oct_unet3d`` by registry name, or an ``nn.Module`` such
+as ``monai.networks.nets.UNet`` given by ``class_path``) with MONAI's Dice + cross-entropy loss
+on patches, validates with sliding-window inference over whole volumes and reports per-class
+Dice, and writes everything inference needs (backbone, class names, patch size, normalisation,
+spacing) into the checkpoint as plain types, so ``torch.load(weights_only=True)`` reads it and
+``oct3d segment`` needs no config.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+import re
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+from torch import Tensor, nn
+from torchmetrics import MeanMetric
+
+from oct3d.lightning.modules import CHECKPOINT_FORMAT_VERSION, CHECKPOINT_KEY, WarmupCosine
+from oct3d.models import get_model
+from oct3d.nn.conv import check_positive_int
+
+__all__ = ["VolumeSegmenter", "build_backbone", "class_path_of"]
+
+
+def class_path_of(module: nn.Module) -> str:
+    """``"package.module.ClassName"`` of a module's class (what a config's ``class_path`` names)."""
+    cls = type(module)
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def build_backbone(spec: str | dict[str, Any], in_channels: int, num_classes: int,
+                   backbone_kwargs: dict[str, Any] | None = None) -> nn.Module:
+    """Build a segmentation network from a registry name or a ``{"class_path", "init_args"}`` dict.
+
+    A registry name (``"oct_unet3d"``) is built with ``in_channels``, ``num_classes`` and
+    ``backbone_kwargs``; a class path is imported and called with its ``init_args`` alone (they
+    carry the network's own channel arguments, e.g. MONAI's ``in_channels``/``out_channels``).
+
+    Raises:
+        ValueError: an unknown name, an unimportable class path, or a spec without ``init_args``.
+    """
+    if isinstance(spec, str):
+        kwargs = dict(backbone_kwargs or {})
+        for key in ("in_channels", "num_classes"):
+            if key in kwargs:
+                raise ValueError(f"pass {key} as the module's {key}, not inside backbone_kwargs")
+        return get_model(spec, in_channels=in_channels, num_classes=num_classes, **kwargs)
+    if not isinstance(spec, dict) or not isinstance(spec.get("class_path"), str):
+        raise ValueError(f"backbone must be a registry name, an nn.Module or {{'class_path', 'init_args'}}, "
+                         f"got {spec!r}")
+    if spec.get("init_args") is None:
+        raise ValueError(
+            f"backbone {spec['class_path']} was given as a module object, so its constructor arguments are unknown; "
+            "train through the CLI (class_path/init_args in the config) or pass backbone as "
+            "{'class_path': ..., 'init_args': {...}} to make checkpoints rebuildable"
+        )
+    module_name, _, class_name = spec["class_path"].rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module_name), class_name)
+    except (ImportError, AttributeError, ValueError) as error:
+        raise ValueError(f"backbone class_path {spec['class_path']!r} cannot be imported ({error})") from error
+    return cls(**dict(spec["init_args"]))
+
+
+def _metric_name(class_name: str) -> str:
+    return re.sub(r"[^0-9A-Za-z_]+", "_", class_name.strip()).strip("_").lower() or "class"
+
+
+class VolumeSegmenter(pl.LightningModule):
+    """Volumetric segmentation with a 3D network, trained on patches and validated on whole volumes.
+
+    Batches are dicts from :class:`datamodules.VolumeSegmentationDataModule`: ``image``
+    ``(B, C, X, Y, Z)``, ``label`` ``(B, 1, X, Y, Z)`` (label values), ``valid`` and ``failed``.
+    Training minimises ``lambda_dice * Dice + lambda_ce * CE`` (``monai.losses.DiceCELoss``).
+    Validation (and test, when test cases have labels) runs ``sliding_window_inference`` over each
+    whole volume with Gaussian blending and logs the Dice of every foreground class
+    (``val/dice_<class name>``) and their mean (``val/dice``).
+
+    Args:
+        backbone: a registry name (``"oct_unet3d"``), a ``{"class_path", "init_args"}`` dict, or an
+            ``nn.Module`` (in a config: ``class_path: monai.networks.nets.UNet`` with ``init_args``).
+            It maps ``(B, in_channels, D, H, W)`` to logits ``(B, num_classes, D, H, W)``.
+        backbone_kwargs: builder arguments for a registry name, e.g. ``{"alpha": 0.5, "base_width": 16}``.
+        in_channels: image channels (``dataset.json``'s modalities; checked against the data module).
+        num_classes: label values including background; the CLI links it from ``data.num_classes``.
+        class_names: names in label order; taken from the data module at fit start when omitted.
+        depth_axis: which array axis (0, 1, 2 of ``(X, Y, Z)``) the network sees as its depth D. With
+            ``octave="spatial"`` the low branch halves H and W but keeps D, so give the through-plane
+            (slice) axis of anisotropic scans, usually 2; None keeps ``(X, Y, Z)`` as ``(D, H, W)``.
+        optimizer: ``"adamw"`` or ``"sgd"`` (with ``momentum``, Nesterov).
+        lr: peak learning rate (after warm-up), then cosine decay to ``min_lr_factor * lr``.
+        weight_decay: weight decay.
+        momentum: SGD momentum.
+        warmup_epochs: linear warm-up length in epochs.
+        min_lr_factor: LR multiplier at the end of the cosine.
+        lambda_dice: weight of the Dice term.
+        lambda_ce: weight of the cross-entropy term.
+        sw_batch_size: sliding-window patches per forward pass in validation.
+        overlap: overlap of neighbouring sliding windows (0.5 in nnU-Net and MONAI tutorials).
+        preprocessing: ``patch_size``, ``normalization``, ``nonzero``, ``window``, ``spacing``; taken
+            from the data module at fit start when omitted.
+    """
+
+    task = "segmentation"
+
+    def __init__(
+        self,
+        backbone: str | dict[str, Any] | nn.Module = "oct_unet3d",
+        backbone_kwargs: dict[str, Any] | None = None,
+        in_channels: int = 1,
+        num_classes: int = 2,
+        class_names: list[str] | None = None,
+        depth_axis: int | None = None,
+        optimizer: Literal["adamw", "sgd"] = "adamw",
+        lr: float = 1e-3,
+        weight_decay: float = 1e-5,
+        momentum: float = 0.99,
+        warmup_epochs: float = 0.0,
+        min_lr_factor: float = 0.0,
+        lambda_dice: float = 1.0,
+        lambda_ce: float = 1.0,
+        sw_batch_size: int = 2,
+        overlap: float = 0.5,
+        preprocessing: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        check_positive_int(in_channels, "in_channels")
+        check_positive_int(num_classes, "num_classes")
+        check_positive_int(sw_batch_size, "sw_batch_size")
+        if num_classes < 2:
+            raise ValueError(f"num_classes must be >= 2 (background and at least one class), got {num_classes}")
+        if class_names is not None and len(class_names) != num_classes:
+            raise ValueError(f"class_names has {len(class_names)} entries but num_classes is {num_classes}")
+        if depth_axis not in (None, 0, 1, 2):
+            raise ValueError(f"depth_axis must be 0, 1, 2 or None, got {depth_axis!r}")
+        if optimizer not in ("adamw", "sgd"):
+            raise ValueError(f"optimizer must be 'adamw' or 'sgd', got {optimizer!r}")
+        if lr <= 0:
+            raise ValueError(f"lr must be > 0, got {lr}")
+        if warmup_epochs < 0:
+            raise ValueError(f"warmup_epochs must be >= 0, got {warmup_epochs}")
+        if not 0.0 <= overlap < 1.0:
+            raise ValueError(f"overlap must be in [0, 1), got {overlap}")
+        if lambda_dice < 0 or lambda_ce < 0 or lambda_dice + lambda_ce == 0:
+            raise ValueError(f"lambda_dice and lambda_ce must be >= 0 and not both 0, got {lambda_dice}, {lambda_ce}")
+        from monai.losses import DiceCELoss
+
+        # Under the CLI, hparams["backbone"] is the config's {"class_path", "init_args"} dict; a module
+        # object passed in Python is replaced by its class path, so the checkpoint stays plain types.
+        # (The CLI gives a class path as that dict, so only a module passed in Python is ignored here.)
+        self.save_hyperparameters(ignore=["backbone"] if isinstance(backbone, nn.Module) else None)
+        if isinstance(backbone, dict) and backbone_kwargs:
+            raise ValueError("backbone_kwargs apply to registry names; put a class path's arguments in init_args")
+        self.model = backbone if isinstance(backbone, nn.Module) else build_backbone(
+            backbone, in_channels, num_classes, backbone_kwargs
+        )
+        spec = self.hparams.get("backbone", backbone)
+        if isinstance(spec, nn.Module):
+            spec = {"class_path": class_path_of(spec), "init_args": None}
+        elif isinstance(spec, dict):
+            spec = {"class_path": spec.get("class_path", spec.get("_class_path")),
+                    "init_args": spec.get("init_args", {k: v for k, v in spec.items() if k != "_class_path"})}
+        self.hparams["backbone"] = spec
+        self.class_names: list[str] | None = list(class_names) if class_names is not None else None
+        self.preprocessing: dict[str, Any] = dict(preprocessing or {})
+        self.criterion = DiceCELoss(to_onehot_y=True, softmax=True, lambda_dice=lambda_dice, lambda_ce=lambda_ce)
+        # One running mean per foreground class and stage; NaN (class absent from a case) is skipped.
+        self.val_dice = nn.ModuleList(MeanMetric(nan_strategy="ignore") for _ in range(num_classes - 1))
+        self.test_dice = nn.ModuleList(MeanMetric(nan_strategy="ignore") for _ in range(num_classes - 1))
+
+    # ----------------------------------------------------------------------------- forward
+    def forward(self, x: Tensor) -> Tensor:
+        """Logits ``(B, num_classes, X, Y, Z)`` of a volume batch ``(B, in_channels, X, Y, Z)``."""
+        if not isinstance(x, Tensor) or x.dim() != 5 or x.shape[1] != self.hparams.in_channels:
+            shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+            raise ValueError(f"{type(self).__name__} expects (B, {self.hparams.in_channels}, X, Y, Z), got {shape}")
+        axis = self.hparams.depth_axis
+        if axis is None or axis == 0:
+            return self.model(x)
+        order = [0, 1, 2 + axis] + [2 + a for a in range(3) if a != axis]
+        inverse = [order.index(i) for i in range(5)]
+        return self.model(x.permute(order)).permute(inverse)
+
+    @property
+    def patch_size(self) -> list[int]:
+        """The training patch, also the sliding window of validation and inference."""
+        patch = self.preprocessing.get("patch_size")
+        if not patch:
+            raise ValueError("no patch_size: pass preprocessing={'patch_size': [...]} or train with the data module")
+        return [int(s) for s in patch]
+
+    def sliding_window(self, image: Tensor, overlap: float | None = None) -> Tensor:
+        """Logits of a whole volume ``(B, C, X, Y, Z)`` by Gaussian-blended sliding windows of ``patch_size``."""
+        from monai.inferers import sliding_window_inference
+
+        return sliding_window_inference(
+            image, self.patch_size, self.hparams.sw_batch_size, self,
+            overlap=self.hparams.overlap if overlap is None else overlap, mode="gaussian",
+        )
+
+    # ----------------------------------------------------------------------------- steps
+    def _log_failed(self, batch: Any, stage: str) -> None:
+        # Bad volumes are replaced or skipped by the data module and reported once per epoch by its
+        # DataErrorReport callback; a running count in the logs makes them visible on dashboards too.
+        failed = batch.get("failed") if isinstance(batch, dict) else None
+        count = sum(1 for f in failed if f) if isinstance(failed, (list, tuple)) else 0
+        if count:
+            self.log(f"{stage}/failed_volumes", float(count), reduce_fx="sum", on_step=False, on_epoch=True,
+                     sync_dist=True, batch_size=1)
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        """Dice + cross-entropy on a batch of patches."""
+        image, label = batch["image"], batch["label"]
+        logits = self(image)
+        # The loss runs in float32 whatever the autocast precision: softmax and Dice sums are precision-sensitive.
+        loss = self.criterion(logits.float(), label.long())
+        self.log("train/loss", loss, prog_bar=True, batch_size=image.shape[0])
+        self._log_failed(batch, "train")
+        return loss
+
+    def _evaluate(self, batch: dict[str, Any], metrics: nn.ModuleList, stage: str) -> None:
+        self._log_failed(batch, stage)
+        valid = batch.get("valid")
+        keep = [i for i in range(batch["image"].shape[0]) if valid is None or bool(valid[i])]
+        label = batch["label"]
+        if not keep or label.numel() == 0:
+            return
+        from monai.metrics import compute_dice
+
+        image, label = batch["image"][keep], label[keep].long()
+        prediction = self.sliding_window(image).argmax(1, keepdim=True)
+        num_classes = self.hparams.num_classes
+        one_hot = lambda t: torch.zeros((t.shape[0], num_classes, *t.shape[2:]), device=t.device).scatter_(1, t, 1.0)
+        # Per case and foreground class; NaN where a class is absent from the ground truth.
+        dice = compute_dice(one_hot(prediction), one_hot(label), include_background=False)
+        for c, metric in enumerate(metrics):
+            metric.update(dice[:, c])
+
+    def _log_dice(self, metrics: nn.ModuleList, stage: str) -> dict[str, float]:
+        names = self.class_names or [str(i) for i in range(self.hparams.num_classes)]
+        values = {}
+        for c, metric in enumerate(metrics):
+            if not metric.update_called:
+                continue
+            # MeanMetric.compute() already reduces across ranks.
+            values[f"{stage}/dice_{_metric_name(names[c + 1])}"] = metric.compute()
+            metric.reset()
+        if values:
+            finite = [v for v in values.values() if torch.isfinite(v)]
+            mean = torch.stack(finite).mean() if finite else torch.tensor(float("nan"))
+            values = {f"{stage}/dice": mean, **values}
+            for key, value in values.items():
+                self.log(key, value, prog_bar=key == f"{stage}/dice", sync_dist=False)
+        return {k: float(v) for k, v in values.items()}
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        """Sliding-window logits of each whole volume, accumulated into per-class Dice."""
+        self._evaluate(batch, self.val_dice, "val")
+
+    def on_validation_epoch_end(self) -> None:
+        """Log ``val/dice`` and ``val/dice_<class>``, and one plain line (readable without a progress bar)."""
+        values = self._log_dice(self.val_dice, "val")
+        if values and not self.trainer.sanity_checking:
+            shown = " ".join(f"{k}={v:.4f}" for k, v in values.items())
+            train_loss = self.trainer.callback_metrics.get("train/loss")
+            if train_loss is not None:
+                shown += f" train/loss={float(train_loss):.4f}"
+            rank_zero_info(f"epoch {self.current_epoch} step {self.global_step}: {shown}")
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        """Per-class Dice on test volumes that have labels (dataset.json test entries with a ``label``)."""
+        self._evaluate(batch, self.test_dice, "test")
+
+    def on_test_epoch_end(self) -> None:
+        """Log ``test/dice`` and ``test/dice_<class>``."""
+        self._log_dice(self.test_dice, "test")
+
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        """Label maps ``(B, 1, X, Y, Z)`` (uint8) of whole volumes."""
+        return self.sliding_window(batch["image"]).argmax(1, keepdim=True).to(torch.uint8)
+
+    # ----------------------------------------------------------------------------- metadata
+    def setup(self, stage: str) -> None:
+        """Check channels against the data module; take class names and preprocessing from it when not given."""
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if datamodule is None:
+            return
+        channels = getattr(datamodule, "in_channels", None)
+        if channels is not None and int(channels) != self.hparams.in_channels:
+            raise ValueError(
+                f"the data has {channels} image channel(s) (dataset.json modalities) but the model was built with "
+                f"in_channels={self.hparams.in_channels}; set model.init_args.in_channels: {channels}"
+            )
+        if self.class_names is None:
+            names = getattr(datamodule, "class_names", None)
+            if names is not None and len(names) == self.hparams.num_classes:
+                self.class_names = [str(n) for n in names]
+                self.hparams["class_names"] = list(self.class_names)
+        if not self.preprocessing and getattr(datamodule, "preprocessing", None):
+            self.preprocessing = dict(datamodule.preprocessing)
+            self.hparams["preprocessing"] = dict(self.preprocessing)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Store backbone, class names and preprocessing as plain types under ``checkpoint["oct3d"]``."""
+        spec = self.hparams["backbone"]
+        checkpoint[CHECKPOINT_KEY] = {
+            "format_version": CHECKPOINT_FORMAT_VERSION,
+            "task": self.task,
+            "module": type(self).__name__,
+            "backbone": spec if isinstance(spec, str) else {"class_path": spec["class_path"],
+                                                            "init_args": spec.get("init_args")},
+            "backbone_kwargs": dict(self.hparams.backbone_kwargs or {}),
+            "in_channels": int(self.hparams.in_channels),
+            "num_classes": int(self.hparams.num_classes),
+            "class_names": list(self.class_names) if self.class_names is not None else None,
+            "depth_axis": self.hparams.depth_axis,
+            "overlap": float(self.hparams.overlap),
+            "preprocessing": dict(self.preprocessing),
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Restore class names and preprocessing saved by :meth:`on_save_checkpoint`."""
+        meta = checkpoint.get(CHECKPOINT_KEY) or {}
+        if meta.get("class_names") is not None:
+            self.class_names = list(meta["class_names"])
+        if meta.get("preprocessing"):
+            self.preprocessing = dict(meta["preprocessing"])
+
+    # ----------------------------------------------------------------------------- optimisation
+    def configure_optimizers(self) -> dict[str, Any]:
+        """AdamW or SGD plus a per-step linear-warmup + cosine schedule over the whole run."""
+        hp = self.hparams
+        params = [p for p in self.parameters() if p.requires_grad]
+        if hp.optimizer == "sgd":
+            opt: torch.optim.Optimizer = torch.optim.SGD(params, lr=hp.lr, momentum=hp.momentum, nesterov=True,
+                                                         weight_decay=hp.weight_decay)
+        else:
+            opt = torch.optim.AdamW(params, lr=hp.lr, weight_decay=hp.weight_decay)
+        total_steps = max(int(self.trainer.estimated_stepping_batches), 1)
+        batches = self.trainer.num_training_batches
+        if isinstance(batches, (int, float)) and math.isfinite(batches):
+            steps_per_epoch = max(math.ceil(batches / self.trainer.accumulate_grad_batches), 1)
+        else:
+            steps_per_epoch = max(total_steps // max(self.trainer.max_epochs or 1, 1), 1)
+        warmup_steps = min(round(hp.warmup_epochs * steps_per_epoch), total_steps)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(opt, WarmupCosine(warmup_steps, total_steps, 0.01,
+                                                                        hp.min_lr_factor))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1}}

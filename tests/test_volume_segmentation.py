@@ -1,0 +1,383 @@
+"""Volumetric segmentation end to end: Decathlon-layout data, ``lightning fit``, checkpoints, ``oct3d segment``.
+
+Every dataset here is written by the test itself with nibabel: tiny volumes (about 16^3 voxels)
+with a ball and a box to segment, plus broken cases (a truncated file, an image/label shape
+mismatch, a label value outside dataset.json's classes).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from datamodules.volume import (
+    VolumeDataset,
+    VolumeReadError,
+    VolumeSegmentationDataModule,
+    load_nifti,
+    read_decathlon,
+)
+from oct3d import cli
+from oct3d.inference import CheckpointError
+from oct3d.lightning import VolumeSegmenter
+from oct3d.segment import load_segmenter
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+SHAPE = (18, 16, 14)
+AFFINE = np.array([[1.5, 0, 0, -10.0], [0, 1.0, 0, 5.0], [0, 0, 2.0, 3.0], [0, 0, 0, 1]])
+CLASSES = {"0": "background", "1": "ball", "2": "box"}
+
+
+def _case(rng: np.random.Generator, channels: int) -> tuple[np.ndarray, np.ndarray]:
+    grid = np.stack(np.meshgrid(*[np.arange(s) for s in SHAPE], indexing="ij"), -1)
+    label = np.zeros(SHAPE, np.uint8)
+    label[np.linalg.norm(grid - rng.uniform(5, np.array(SHAPE) - 5), axis=-1) < rng.uniform(3, 4.5)] = 1
+    x, y, z = rng.integers(0, 4, 3)
+    label[x : x + 4, y : y + 4, z : z + 4] = 2
+    image = (2.0 + label + rng.normal(0, 0.3, SHAPE)).astype(np.float32)
+    if channels > 1:
+        image = np.stack([image * (k + 1) for k in range(channels)], -1)
+    return image, label
+
+
+def _save(array: np.ndarray, path: Path) -> None:
+    nib.save(nib.Nifti1Image(array, AFFINE), str(path))
+
+
+def make_tiny_decathlon(root: Path, cases: int = 6, channels: int = 1, broken: bool = True, seed: int = 0) -> Path:
+    """A tiny Decathlon-layout dataset; with ``broken``, three bad training cases and a corrupt test volume."""
+    rng = np.random.default_rng(seed)
+    for folder in ("imagesTr", "labelsTr", "imagesTs"):
+        (root / folder).mkdir(parents=True, exist_ok=True)
+    training = []
+    for i in range(cases):
+        image, label = _case(rng, channels)
+        _save(image, root / "imagesTr" / f"case{i:02d}.nii.gz")
+        _save(label, root / "labelsTr" / f"case{i:02d}.nii.gz")
+        training.append({"image": f"./imagesTr/case{i:02d}.nii.gz", "label": f"./labelsTr/case{i:02d}.nii.gz"})
+    test = []
+    for i in range(2):
+        _save(_case(rng, channels)[0], root / "imagesTs" / f"test{i:02d}.nii.gz")
+        test.append(f"./imagesTs/test{i:02d}.nii.gz")
+    if broken:
+        image, label = _case(rng, channels)
+        good = (root / "imagesTr" / "case00.nii.gz").read_bytes()
+        (root / "imagesTr" / "truncated.nii.gz").write_bytes(good[: len(good) // 2])
+        _save(label, root / "labelsTr" / "truncated.nii.gz")
+        _save(image, root / "imagesTr" / "mismatch.nii.gz")
+        _save(label[:, :, :-2], root / "labelsTr" / "mismatch.nii.gz")
+        _save(image, root / "imagesTr" / "badlabel.nii.gz")
+        _save(np.where(label == 2, 7, label).astype(np.uint8), root / "labelsTr" / "badlabel.nii.gz")
+        training += [{"image": f"./imagesTr/{n}.nii.gz", "label": f"./labelsTr/{n}.nii.gz"}
+                     for n in ("truncated", "mismatch", "badlabel")]
+        (root / "imagesTs" / "corrupt.nii.gz").write_bytes(b"not a nifti file\n" * 50)
+        test.append("./imagesTs/corrupt.nii.gz")
+    meta = {"name": "Tiny", "modality": {str(k): f"mod{k}" for k in range(channels)}, "labels": CLASSES,
+            "training": training, "test": test}
+    (root / "dataset.json").write_text(json.dumps(meta))
+    return root
+
+
+@pytest.fixture(scope="module")
+def tiny_decathlon(tmp_path_factory) -> Path:
+    return make_tiny_decathlon(tmp_path_factory.mktemp("data") / "tiny_decathlon")
+
+
+def test_reads_the_layout_and_splits_reproducibly(tiny_decathlon):
+    info = read_decathlon(tiny_decathlon)
+    assert info.class_names == ["background", "ball", "box"] and info.modalities == ["mod0"]
+    assert len(info.training) == 9 and len(info.test) == 3 and info.test[0].label is None
+    data = VolumeSegmentationDataModule(str(tiny_decathlon), patch_size=(8, 8, 8), val_fraction=0.25, split_seed=3)
+    assert (data.num_classes, data.in_channels) == (3, 1)
+    train, val = data.split_cases()
+    again = VolumeSegmentationDataModule(str(tiny_decathlon), val_fraction=0.25, split_seed=3).split_cases()
+    assert (train, val) == again and len(val) == 2 and not set(train) & set(val)
+    other = VolumeSegmentationDataModule(str(tiny_decathlon), val_fraction=0.25, split_seed=4).split_cases()[1]
+    assert other != val
+    folds = [VolumeSegmentationDataModule(str(tiny_decathlon), fold=f, num_folds=3).split_cases()[1] for f in range(3)]
+    assert sorted(c.image for fold in folds for c in fold) == sorted(c.image for c in info.training)
+
+
+def test_bad_volumes_are_reported_by_name_and_never_fatal(tiny_decathlon):
+    info = read_decathlon(tiny_decathlon)
+    prep = {"normalization": "zscore", "nonzero": True}
+    bad = info.training[6:]
+    val = VolumeDataset(bad, "val", 1, 3, prep, cache_rate=1.0)
+    reasons = [val[i]["failed"] for i in range(3)]
+    assert all(not val[i]["valid"] and val[i]["image"].numel() == 0 for i in range(3))
+    assert "truncated.nii.gz: unreadable" in reasons[0]
+    assert "mismatch.nii.gz: label shape (18, 16, 12) differs from image shape (18, 16, 14)" in reasons[1]
+    assert "badlabel.nii.gz: label values 7 outside dataset.json's classes 0..2" in reasons[2]
+    # Training replaces a bad case by a good one and says which case it replaced.
+    train = VolumeDataset([info.training[0], *bad], "train", 1, 3, prep, patch_size=(8, 8, 8), cache_rate=0.0)
+    items = [train[i] for i in range(4)]
+    assert all(item["image"].shape == (1, 8, 8, 8) and item["label"].shape == (1, 8, 8, 8) for item in items)
+    assert [bool(item["failed"]) for item in items] == [False, True, True, True]
+    assert {item["case"] for item in items} == {"case00"}
+    with pytest.raises(RuntimeError, match="no readable case"):
+        VolumeDataset(bad, "train", 1, 3, prep, patch_size=(8, 8, 8), cache_rate=0.0)[0]
+
+
+def test_multichannel_4d_volumes_and_fg_sampling(tmp_path):
+    root = make_tiny_decathlon(tmp_path / "four_d", cases=3, channels=2, broken=False)
+    image, affine = load_nifti(root / "imagesTr" / "case00.nii.gz")
+    assert image.shape == (2, *SHAPE) and np.allclose(affine, AFFINE)
+    with pytest.raises(VolumeReadError, match="has 2 channel"):
+        load_nifti(root / "imagesTr" / "case00.nii.gz", channels=4)
+    data = VolumeSegmentationDataModule(str(root), patch_size=(6, 6, 6), fg_ratio=1.0, val_fraction=0.34,
+                                        augment=False, num_workers=0)
+    data.setup("fit")
+    assert data.in_channels == 2
+    torch.manual_seed(0)
+    patches = [data.datasets["train"][i] for i in range(8)]
+    # fg_ratio=1: every patch is centred on a foreground voxel.
+    assert all(p["label"][0, 3, 3, 3] > 0 for p in patches)
+    assert all(p["image"].shape == (2, 6, 6, 6) for p in patches)
+    # Channel-wise z-score over nonzero voxels.
+    whole = data.datasets["val"][0]["image"]
+    assert torch.allclose(whole.mean(dim=(1, 2, 3)), torch.zeros(2), atol=1e-4)
+    # A 2-channel model segments a 4D file into a 3D label map.
+    import lightning.pytorch as pl
+
+    model = VolumeSegmenter(in_channels=2, num_classes=3, backbone_kwargs={"alpha": 0.5, "base_width": 4, "depth": 2})
+    trainer = pl.Trainer(accelerator="cpu", max_steps=1, limit_val_batches=0, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(model, datamodule=data)
+    trainer.save_checkpoint(tmp_path / "two.ckpt")
+    assert cli.main(["segment", "--checkpoint", str(tmp_path / "two.ckpt"), "--output-dir", str(tmp_path / "seg"),
+                     str(root / "imagesTs" / "test00.nii.gz")]) == 0
+    written = nib.load(str(tmp_path / "seg" / "test00.nii.gz"))
+    assert written.shape == SHAPE and np.allclose(written.affine, AFFINE)
+
+
+def test_bad_arguments_name_the_argument(tiny_decathlon):
+    for kwargs, message in (({"patch_size": (8, 8)}, "patch_size"), ({"fg_ratio": 1.5}, "fg_ratio"),
+                            ({"normalization": "window"}, "window"), ({"fold": 5}, "fold")):
+        with pytest.raises(ValueError, match=message):
+            VolumeSegmentationDataModule(str(tiny_decathlon), **kwargs)
+    for kwargs, message in (({"num_classes": 1}, "num_classes"), ({"depth_axis": 3}, "depth_axis"),
+                            ({"backbone": "no_such_model"}, "unknown model"),
+                            ({"backbone_kwargs": {"in_channels": 2}}, "in_channels")):
+        with pytest.raises(ValueError, match=message):
+            VolumeSegmenter(**kwargs)
+    with pytest.raises(FileNotFoundError, match=r"dataset\.json"):
+        VolumeSegmentationDataModule(str(tiny_decathlon / "imagesTr")).num_classes
+
+
+def test_ct_window_and_channel_check(tiny_decathlon):
+    import lightning.pytorch as pl
+    from monai.data import MetaTensor
+
+    from datamodules.volume import preprocess_transform
+
+    hu = torch.tensor([-1000.0, -175.0, 37.5, 250.0, 3000.0]).view(1, 5, 1, 1)
+    window = preprocess_transform({"normalization": "window", "window": [-175, 250]}, with_label=False)
+    assert torch.allclose(window({"image": MetaTensor(hu)})["image"].flatten(), torch.tensor([0, 0, 0.5, 1, 1.0]))
+    data = VolumeSegmentationDataModule(str(tiny_decathlon), patch_size=(8, 8, 8), num_workers=0, cache_rate=0.0)
+    model = VolumeSegmenter(in_channels=2, num_classes=3, backbone_kwargs={"alpha": 0.5, "base_width": 4, "depth": 2})
+    trainer = pl.Trainer(accelerator="cpu", fast_dev_run=1, logger=False, enable_progress_bar=False,
+                         enable_model_summary=False)
+    with pytest.raises(ValueError, match="in_channels: 1"):
+        trainer.fit(model, datamodule=data)
+
+
+def test_depth_axis_puts_the_slice_axis_first():
+    seen = []
+
+    class Probe(torch.nn.Module):
+        def forward(self, x):
+            seen.append(tuple(x.shape))
+            return x.repeat(1, 2, 1, 1, 1)
+
+    model = VolumeSegmenter(backbone=Probe(), num_classes=2, depth_axis=2)
+    x = torch.randn(1, 1, 5, 6, 7)
+    assert torch.equal(model(x), x.repeat(1, 2, 1, 1, 1)) and seen == [(1, 1, 7, 5, 6)]
+
+
+def _fit_args(root: Path, out: Path) -> list[str]:
+    # The demo config shrunk to tiny volumes: 2 epochs of a 2-level width-4 Oct-UNet3d on 12^3 patches.
+    return [
+        "fit", "-c", str(CONFIGS / "oct_unet3d_demo.yaml"), "--data.root", str(root),
+        "--data.patch_size", "[12, 12, 12]", "--data.num_workers", "0", "--data.samples_per_volume", "2",
+        "--data.val_fraction", "0.34", "--data.spacing", "[1.5, 1.5, 2.0]",
+        "--model.init_args.backbone_kwargs", '{"alpha": 0.5, "octave": "spatial", "base_width": 4, "depth": 2}',
+        "--trainer.max_epochs", "2", "--trainer.default_root_dir", str(out),
+        "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
+        "--trainer.logger", "false",
+    ]
+
+
+@pytest.fixture(scope="module")
+def fitted(tiny_decathlon, tmp_path_factory):
+    """``lightning fit`` with the demo config on the tiny dataset; returns (run folder, report lines)."""
+    out = tmp_path_factory.mktemp("fit")
+    records: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: records.append(record.getMessage())
+    logger = logging.getLogger("lightning.pytorch.datamodules")
+    logger.addHandler(handler)
+    previous = logger.level
+    logger.setLevel(logging.INFO)
+    try:
+        cli.main(_fit_args(tiny_decathlon, out))
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(previous)
+    return out, records
+
+
+def test_fit_reports_bad_volumes_and_writes_a_complete_checkpoint(fitted):
+    out, records = fitted
+    # The three bad training cases are reported by file name (whichever split the seed put them in).
+    reported = " ".join(records)
+    assert "unreadable volume" in reported
+    for name in ("truncated.nii.gz", "mismatch.nii.gz", "badlabel.nii.gz"):
+        assert name in reported
+    best = sorted(out.rglob("best-*.ckpt"))
+    assert best and list(out.rglob("last.ckpt"))
+    checkpoint = torch.load(best[0], map_location="cpu", weights_only=True)
+    meta = checkpoint["oct3d"]
+    assert meta["task"] == "segmentation" and meta["backbone"] == "oct_unet3d"
+    assert meta["class_names"] == ["background", "ball", "box"] and meta["num_classes"] == 3
+    prep = meta["preprocessing"]
+    assert prep["patch_size"] == [12, 12, 12] and prep["spacing"] == [1.5, 1.5, 2.0]
+    assert prep["normalization"] == "zscore" and prep["modalities"] == ["mod0"]
+    assert meta["backbone_kwargs"]["alpha"] == 0.5 and 0 <= float(checkpoint["callbacks"][next(
+        k for k in checkpoint["callbacks"] if k.startswith("ModelCheckpoint"))]["best_model_score"]) <= 1
+
+
+def test_segment_writes_label_maps_with_the_input_geometry(fitted, tiny_decathlon, tmp_path, capsys):
+    out, _ = fitted
+    checkpoint = sorted(out.rglob("best-*.ckpt"))[0]
+    lines = tmp_path / "seg.jsonl"
+    status = cli.main(["segment", "--checkpoint", str(checkpoint), "--output-dir", str(tmp_path / "seg"),
+                       "--output", str(lines), str(tiny_decathlon / "imagesTs"),
+                       str(tiny_decathlon / "imagesTr" / "case01.nii.gz")])
+    assert status == 1  # one corrupt input
+    results = [json.loads(line) for line in lines.read_text().splitlines()]
+    assert len(results) == 4
+    errors = [r for r in results if "error" in r]
+    assert len(errors) == 1 and "corrupt.nii.gz: unreadable" in errors[0]["error"]
+    assert not (tmp_path / "seg" / "corrupt.nii.gz").exists()
+    assert "1 of 4 files failed" in capsys.readouterr().err
+    for result in results:
+        if "error" in result:
+            continue
+        source, written = nib.load(result["path"]), nib.load(result["output"])
+        assert Path(result["output"]).name == Path(result["path"]).name
+        assert written.shape == source.shape == SHAPE
+        assert np.allclose(written.affine, source.affine) and written.get_data_dtype() == np.uint8
+        assert written.header.get_zooms() == source.header.get_zooms()
+        labels = np.asarray(written.dataobj)
+        assert labels.dtype == np.uint8 and set(np.unique(labels)) <= {0, 1, 2}
+        assert sum(result["voxels"].values()) == labels.size
+    assert not list((tmp_path / "seg").glob(".partial-*"))
+
+
+def test_any_module_backbone_trains_and_reloads(tiny_decathlon, tmp_path):
+    import lightning.pytorch as pl
+
+    data = VolumeSegmentationDataModule(str(tiny_decathlon), patch_size=(8, 8, 8), num_workers=0, batch_size=2,
+                                        samples_per_volume=1, val_fraction=0.34)
+    spec = {"class_path": "monai.networks.nets.UNet",
+            "init_args": {"spatial_dims": 3, "in_channels": 1, "out_channels": 3, "channels": [4, 8], "strides": [2]}}
+    for backbone in (spec, __import__("monai").networks.nets.UNet(**spec["init_args"])):
+        model = VolumeSegmenter(backbone=backbone, num_classes=3)
+        trainer = pl.Trainer(accelerator="cpu", max_steps=1, limit_val_batches=1, logger=False,
+                             enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+        trainer.fit(model, datamodule=data)
+        path = tmp_path / f"{type(backbone).__name__}.ckpt"
+        trainer.save_checkpoint(path)
+        if isinstance(backbone, dict):
+            segmenter = load_segmenter(path, device="cpu")
+            assert type(segmenter.module.model).__name__ == "UNet"
+            x = torch.randn(1, 1, 8, 8, 8)
+            assert torch.allclose(segmenter.module(x), model.eval()(x), atol=1e-5)
+        else:
+            with pytest.raises(CheckpointError, match="constructor arguments are unknown"):
+                load_segmenter(path, device="cpu")
+
+
+def test_foreign_checkpoint_is_a_clear_error(tmp_path, tiny_decathlon, capsys):
+    path = tmp_path / "foreign.ckpt"
+    torch.save({"state_dict": {}}, path)
+    assert cli.main(["segment", "--checkpoint", str(path), "--output-dir", str(tmp_path),
+                     str(tiny_decathlon / "imagesTs")]) == 2
+    assert "not an oct3d checkpoint" in capsys.readouterr().err
+
+
+def test_mixed_precision_training_steps(tiny_decathlon):
+    import lightning.pytorch as pl
+
+    data = VolumeSegmentationDataModule(str(tiny_decathlon), patch_size=(8, 8, 8), num_workers=0, batch_size=2,
+                                        samples_per_volume=1, val_fraction=0.34)
+    model = VolumeSegmenter(num_classes=3, backbone_kwargs={"alpha": 0.5, "base_width": 4, "depth": 2})
+    before = [p.detach().clone() for p in model.parameters()]
+    trainer = pl.Trainer(accelerator="cpu", precision="bf16-mixed", max_epochs=1, limit_train_batches=2, logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(model, datamodule=data)
+    assert torch.isfinite(trainer.callback_metrics["train/loss"])
+    assert 0 <= float(trainer.callback_metrics["val/dice"]) <= 1
+    assert any(not torch.equal(b, p) for b, p in zip(before, model.parameters()))
+
+
+def _fake_template(folder: Path, shape=(40, 72, 36)) -> Path:
+    """A stand-in for the MNI152 files: an ellipsoid 'brain' with a white-matter core, uint8 like nilearn's."""
+    from datamodules.mni_tissue import MNI_FILES
+
+    folder.mkdir(parents=True)
+    grid = np.stack(np.meshgrid(*[np.linspace(-1, 1, s) for s in shape], indexing="ij"), -1)
+    radius = np.linalg.norm(grid / np.array([0.9, 0.95, 0.9]), axis=-1)
+    wm = np.clip(1.5 - 3 * radius, 0, 1)
+    gm = np.clip(1 - wm, 0, 1) * (radius < 0.85)
+    t1 = 100 * gm + 200 * wm
+    affine = np.diag([1.0, 1.0, 1.0, 1.0])
+    affine[:3, 3] = [-20, -36, -18]
+    for role, array in (("t1", t1), ("gm", 255 * gm), ("wm", 255 * wm)):
+        nib.save(nib.Nifti1Image(np.round(array).astype(np.uint8), affine), str(folder / MNI_FILES[role]))
+    return folder
+
+
+def test_mni_tissue_dataset_has_disjoint_regions(tmp_path):
+    from datamodules.mni_tissue import find_mni_template, make_mni_tissue
+
+    template = _fake_template(tmp_path / "template")
+    summary = make_mni_tissue(tmp_path / "mni", train_cases=3, test_cases=2, crop_size=(16, 16, 16), gap=4,
+                              template_dir=template)
+    assert summary.train_y[1] + 4 <= summary.test_y[0]
+    info = read_decathlon(tmp_path / "mni")
+    assert info.class_names == ["background", "gray matter", "white matter"] and info.modalities == ["T1"]
+    assert len(info.training) == 3 and len(info.test) == 2 and all(c.label for c in info.test)
+    t1_affine = nib.load(str(template / "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz")).affine
+    for cases, (start, stop) in ((info.training, summary.train_y), (info.test, summary.test_y)):
+        for case in cases:
+            image, label = nib.load(case.image), nib.load(case.label)
+            assert image.shape == label.shape == (16, 16, 16)
+            assert set(np.unique(np.asarray(label.dataobj))) <= {0, 1, 2}
+            # Where the crop sits in the template (Y voxels): inside its own region.
+            y0 = (image.affine[1, 3] - t1_affine[1, 3]) / t1_affine[1, 1]
+            assert start <= y0 and y0 + 16 <= stop
+    assert sum(summary.label_fractions) == pytest.approx(1.0) and min(summary.label_fractions) > 0
+    with pytest.raises(FileNotFoundError, match="not found"):
+        find_mni_template(tmp_path)
+
+
+def test_segmentation_benchmark_tables():
+    from oct3d.segmentation_benchmark import StepCost, format_sweep, largest_patch, measure_steps
+
+    steps = measure_steps([0.0, 0.5], patch=8, batch_size=1, base_width=4, depth=2, warmup=1, rounds=1)
+    assert [s.alpha for s in steps] == [0.0, 0.5] and all(s.median_ms > 0 and s.peak_bytes > 0 for s in steps)
+    # Octave maps hold a quarter of their low channels' voxels, so the step allocates less.
+    assert steps[1].peak_bytes < steps[0].peak_bytes
+    costs = [StepCost(a, p, 2, None, int(m * 2**20)) for a, p, m in
+             ((0.0, 32, 40), (0.5, 32, 30), (0.0, 48, 150), (0.5, 48, 100), (0.0, 64, 400), (0.5, 64, 300))]
+    assert largest_patch(costs, 0.0, 128 * 2**20) == 32 and largest_patch(costs, 0.5, 128 * 2**20) == 48
+    assert largest_patch(costs, 0.0, 10 * 2**20) is None
+    table = format_sweep(costs, [0.0, 0.5], [128, 512])
+    assert "| 128 MiB | 32^3 (33 K voxels) | 48^3 (111 K voxels) |" in table

@@ -1,0 +1,12 @@
+"""Segment NIfTI volumes with an oct3d segmentation checkpoint; see ``oct3d.segment`` (same as ``oct3d segment``).
+
+    python tools/segment.py --checkpoint CKPT --output-dir DIR [--output OUT.jsonl] [--overlap 0.5]
+                            [--device auto|cpu|cuda] PATH...
+"""
+
+import sys
+
+from oct3d.segment import main
+
+if __name__ == "__main__":
+    sys.exit(main())
