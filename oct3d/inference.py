@@ -215,6 +215,11 @@ def load_predictor(path: str | os.PathLike, device: str = "auto", trust_checkpoi
             f"'state_dict' and '{CHECKPOINT_KEY}' entries, found {keys}"
         )
     meta_dict = checkpoint[CHECKPOINT_KEY]
+    if meta_dict.get("task") == "segmentation":
+        raise CheckpointError(
+            f"{path} is a segmentation checkpoint; label volumes with `oct3d segment` (tools/segment.py), "
+            "`oct3d infer` classifies videos and images"
+        )
     if int(meta_dict.get("format_version", 0)) > CHECKPOINT_FORMAT_VERSION:
         raise CheckpointError(f"{path}: checkpoint format {meta_dict.get('format_version')} is newer than this oct3d")
     metadata = ModelMetadata.from_dict(meta_dict)

@@ -94,6 +94,11 @@ def test_foreign_checkpoint_is_a_clear_error(tmp_path, mixed_folder, capsys):
     torch.save({"state_dict": {"fc.weight": torch.zeros(2, 2)}}, foreign)
     assert main(["--checkpoint", str(foreign), str(good[0])]) == 2
     assert "is not an oct3d checkpoint" in capsys.readouterr().err
+    segmentation = tmp_path / "unet.ckpt"
+    torch.save({"state_dict": {}, "oct3d": {"format_version": 1, "task": "segmentation"}}, segmentation)
+    assert main(["--checkpoint", str(segmentation), str(good[0])]) == 2
+    err = capsys.readouterr().err
+    assert "is a segmentation checkpoint" in err and "oct3d segment" in err
     garbage = tmp_path / "garbage.ckpt"
     garbage.write_text("hello")
     assert main(["--checkpoint", str(garbage), str(good[0])]) == 2

@@ -136,3 +136,15 @@ def test_checkpoint_holds_plain_metadata(tmp_path):
     assert meta["class_names"] == ["a", "b", "c"]
     assert meta["preprocessing"]["crop_size"] == 32
     assert checkpoint["hyper_parameters"]["num_classes"] == 3
+
+
+@pytest.mark.parametrize(
+    ("attributes", "expected"), [({"batch_size": 2}, 0.1), ({"batch_size": 2, "clips_per_batch": 4}, 0.2)]
+)
+def test_linear_lr_rule_counts_clips_per_batch(attributes, expected):
+    """With several clips per video the step holds clips_per_batch samples, and the LR scales with that."""
+    from types import SimpleNamespace
+
+    model = VideoClassifier(backbone="_test_mean_logits", num_classes=3, lr=0.4, lr_reference_batch_size=8)
+    model._trainer = SimpleNamespace(datamodule=SimpleNamespace(**attributes), world_size=1, accumulate_grad_batches=1)
+    assert model.effective_lr() == pytest.approx(expected)

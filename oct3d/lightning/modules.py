@@ -300,13 +300,17 @@ class OctaveClassifier(pl.LightningModule):
 
     # ----------------------------------------------------------------------------- optimisation
     def effective_lr(self) -> float:
-        """``lr``, scaled linearly by total batch / ``lr_reference_batch_size`` when that is set."""
+        """``lr``, scaled linearly by total batch / ``lr_reference_batch_size`` when that is set.
+
+        The batch counts samples per optimizer step: a data module drawing several clips per video
+        (``clips_per_video``) reports them through ``clips_per_batch``, which is used over ``batch_size``.
+        """
         lr = float(self.hparams.lr)
         reference = self.hparams.lr_reference_batch_size
         if reference is None or self._trainer is None:
             return lr
         datamodule = getattr(self.trainer, "datamodule", None)
-        per_device = getattr(datamodule, "batch_size", None)
+        per_device = getattr(datamodule, "clips_per_batch", None) or getattr(datamodule, "batch_size", None)
         if per_device is None:
             raise ValueError("lr_reference_batch_size is set but the data module has no batch_size attribute")
         total = int(per_device) * self.trainer.world_size * self.trainer.accumulate_grad_batches
