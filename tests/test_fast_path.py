@@ -572,3 +572,19 @@ def test_plain_pair_input_is_accepted():
         _assert_same(conv(pair), conv.forward_reference(x))
     with pytest.raises(TypeError, match=r"\(high, low\) pair of tensors, got tuple of length 3"):
         conv((x.high, x.low, x.low))
+
+
+def test_batch1_pairwise_pool_stays_channels_last_for_cat_and_convs():
+    """At batch 1 the pooled map must be a proper channels_last tensor (not just one by the size-1 rule)."""
+    from oct3d.nn.octave import avg_pool
+
+    for layout, shape, factors in ((torch.channels_last_3d, (1, 4, 4, 8, 8), (1, 2, 2)),
+                                   (torch.channels_last, (1, 4, 8, 8), (2, 2))):
+        x = torch.randn(shape).contiguous(memory_format=layout)
+        pooled = avg_pool(x, factors)
+        other = torch.randn(pooled.shape).contiguous(memory_format=layout)
+        joined = torch.cat([pooled, other], dim=1)
+        assert not joined.is_contiguous() and joined.is_contiguous(memory_format=layout)
+        x.requires_grad_(True)
+        (grad,) = torch.autograd.grad(avg_pool(x, factors).sum(), x)
+        torch.testing.assert_close(grad, torch.full_like(x, 1.0 / (factors[-1] * factors[-2])))

@@ -297,15 +297,15 @@ class OctConv(nn.Module):
         return y_high if self.out_low == 0 else Octave(y_high, y_low)
 
     def _forward_vanilla(self, high: Tensor) -> Tensor:
-        """``alpha_in == alpha_out == 0``: ``nn.ConvNd``, or pool-then-convolve with ``pool_first``.
-
-        The convolution takes the CPU kernel chosen for its shape, like an octave path.
-        """
-        x = avg_pool(high, self._pool_h2h) if self.pool_first else high
+        """``alpha_in == alpha_out == 0``: exactly ``nn.ConvNd``, or with ``pool_first`` (inside an
+        octave network) pool-then-convolve, whose convolution takes the CPU kernel chosen for
+        its shape like an octave path."""
+        if not self.pool_first:
+            return self.h2h(high)
+        x = avg_pool(high, self._pool_h2h)
         if not (self.fast_path and self._paths_are_plain()):
             return self.h2h(x)
-        conv = self.h2h
-        return conv_nd(x, conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+        return self._path(self.h2h, x)
 
     def _forward_reference(self, high: Tensor, low: Tensor | None) -> tuple[Tensor, Tensor | None]:
         y_high = self.h2h(avg_pool(high, self._pool_h2h))

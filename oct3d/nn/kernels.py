@@ -91,7 +91,8 @@ def conv_nd(
     dilation: Sequence[int], groups: int,
 ) -> Tensor:
     """``F.conv{1,2,3}d(x, weight, bias, stride, padding, dilation, groups)`` through the kernel
-    chosen for this setting; same values (up to rounding) and the same output memory format."""
+    chosen for this setting; same values (up to rounding), output in the input's memory
+    format (see :func:`run_conv`)."""
     stride, padding, dilation = tuple(stride), tuple(padding), tuple(dilation)
     if x.device.type != "cpu" or traced_or_compiled():
         return _CONV_FN[x.dim()](x, weight, bias, stride, padding, dilation, groups)
@@ -177,9 +178,17 @@ def run_conv(
     dilation: tuple[int, ...], groups: int,
 ) -> Tensor:
     """Run one convolution with ``kernel`` (one of :data:`KERNELS`, applicable to it: see
-    :func:`conv_kernels`). The output has the memory format ``F.convNd`` would give it."""
+    :func:`conv_kernels`).
+
+    Whatever the kernel, the output has the memory format :func:`conv_output_format` names,
+    so a timing-based choice never changes a layout downstream. That is the format
+    ``F.convNd`` gives, except where PyTorch's im2col fallback returns a channels_last input's
+    result channels-first (batch 1, small maps); there it is converted back.
+    """
     if kernel == "default":
-        return _CONV_FN[x.dim()](x, weight, bias, stride, padding, dilation, groups)
+        y = _CONV_FN[x.dim()](x, weight, bias, stride, padding, dilation, groups)
+        layout = conv_output_format(x, weight)
+        return y if y.is_contiguous(memory_format=layout) else y.contiguous(memory_format=layout)
     if kernel == "onednn":
         y = torch.mkldnn_convolution(x, weight, bias, padding, stride, dilation, groups)
         return y.contiguous(memory_format=conv_output_format(x, weight))
