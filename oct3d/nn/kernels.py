@@ -70,8 +70,10 @@ KERNELS = ("default", "onednn", "onednn_channels_last", "frames")
 #: Time the applicable kernels on first use and keep the fastest (``OCT3D_AUTOTUNE=0`` turns it off).
 autotune: bool = os.environ.get("OCT3D_AUTOTUNE", "1").strip().lower() not in ("0", "false", "no", "off")
 
-#: Timed calls per candidate (after one untimed warm-up call); the minimum counts.
-TUNE_REPS = 3
+#: Timed calls per candidate (after one warm-up call); the minimum counts.
+TUNE_REPS = 2
+#: Candidates whose warm-up call took this many times the fastest warm-up are not timed further.
+TUNE_DROP = 4.0
 #: A candidate must beat the rule's choice by this factor to replace it (timing noise must not flip choices).
 TUNE_MARGIN = 0.97
 
@@ -297,14 +299,20 @@ def _time_options(
             torch.autograd.grad(outs, wrt, [torch.ones_like(t) for t in outs], allow_unused=True)
 
     alive: dict[str, Callable[..., object]] = {}
+    warm: dict[str, float] = {}
     for name, fn in options.items():
+        start = time.perf_counter()
         try:
-            call(fn)  # warm-up (also tunes nested choices, untimed)
+            call(fn)  # warm-up (also tunes nested choices)
         except RuntimeError:
             continue
+        warm[name] = time.perf_counter() - start
         alive[name] = fn
     if fallback not in alive or len(alive) < 2:
         return fallback
+    # Far slower candidates (on large maps a call can take 100 ms) are not worth more calls.
+    fastest = min(warm.values())
+    alive = {name: fn for name, fn in alive.items() if name == fallback or warm[name] <= TUNE_DROP * fastest}
     best = {name: float("inf") for name in alive}
     names = list(alive)
     with torch.no_grad() if not grad else contextlib.nullcontext():
