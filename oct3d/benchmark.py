@@ -54,9 +54,15 @@ class BenchResult:
     peer_macs: int
     peak_bytes: int | None
     peer_peak_bytes: int | None
+    #: Median over rounds of (octave time / peer time) within each round; None: ratio of the medians.
+    round_ratio: float | None = None
 
     @property
     def time_ratio(self) -> float:
+        """Octave / vanilla time: the median of the per-round ratios (robust to load drifting
+        between rounds), else the ratio of the medians."""
+        if self.round_ratio is not None:
+            return self.round_ratio
         return self.median_ms / self.peer_median_ms
 
     @property
@@ -336,6 +342,7 @@ def benchmark_models(
                     model=label, alpha=alpha, octave=octave, mode=mode, batch=shape[0], shape=tuple(shape),
                     median_ms=medians[i], peer_median_ms=medians[0], macs=macs[i], peer_macs=macs[0],
                     peak_bytes=peaks[i], peer_peak_bytes=peaks[0],
+                    round_ratio=statistics.median(t / p for t, p in zip(times[i], times[0])),
                 )
             )
     return results
@@ -413,7 +420,8 @@ def format_results(results: Sequence[BenchResult], peer_label: str, setting: str
     """A markdown table of ``results``: medians, throughput, peak memory and the two ratios."""
     unit = "clips/s" if results and len(results[0].shape) == 5 else "img/s"
     lines = [
-        f"Setting: {setting}. Peer: {peer_label}. Medians of interleaved runs.",
+        f"Setting: {setting}. Peer: {peer_label}. Times are medians of interleaved rounds; the time ratio is "
+        "the median of the per-round ratios.",
         "",
         f"| model | alpha | octave | mode | octave ms | vanilla ms | time ratio | MAC ratio | {unit} | "
         "peak MB (oct / van) |",

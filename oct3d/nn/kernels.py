@@ -71,11 +71,12 @@ KERNELS = ("default", "onednn", "onednn_channels_last", "frames")
 autotune: bool = os.environ.get("OCT3D_AUTOTUNE", "1").strip().lower() not in ("0", "false", "no", "off")
 
 #: Timed calls per candidate (after one warm-up call); the minimum counts.
-TUNE_REPS = 2
+TUNE_REPS = 3
 #: Candidates whose warm-up call took this many times the fastest warm-up are not timed further.
 TUNE_DROP = 4.0
-#: A candidate must beat the rule's choice by this factor to replace it (timing noise must not flip choices).
-TUNE_MARGIN = 0.97
+#: A candidate must beat the rule's choice by this factor to replace it: on a loaded machine a few
+#: timed calls are noisy, and only clear wins (im2col against oneDNN is 1.4x-3x) should flip a choice.
+TUNE_MARGIN = 0.9
 
 _CONV_FN = {3: F.conv1d, 4: F.conv2d, 5: F.conv3d}
 _ONEDNN_AVAILABLE = torch.backends.mkldnn.is_available()
@@ -212,7 +213,8 @@ def choose(
 ) -> str:
     """Name of the fastest of ``options`` (equivalent callables of ``*args``) for ``key``.
 
-    The answer is cached per process under ``key`` extended by the grad mode, whether the
+    With :data:`autotune` off this is ``fallback`` (cached choices are not consulted). The
+    answer is cached per process under ``key`` extended by the grad mode, whether the
     tensors in ``args`` need gradients and the thread count. On a cache miss, when
     :data:`autotune` is on and timing is safe (plain eager, no saved-tensor hooks such as
     activation checkpointing's), every option runs once untimed, then :data:`TUNE_REPS` times,
@@ -221,7 +223,7 @@ def choose(
     ``fallback`` by :data:`TUNE_MARGIN`; an option that raises is dropped. Otherwise
     ``fallback`` is returned (and not cached, so a later call may still tune).
     """
-    if traced_or_compiled():
+    if not autotune or traced_or_compiled():
         return fallback
     grad = torch.is_grad_enabled() and any(a is not None and a.requires_grad for a in args)
     full_key = (*key, grad, tuple(a is not None and a.requires_grad for a in args), torch.get_num_threads())
@@ -231,8 +233,7 @@ def choose(
     if plain is None:
         plain = _plain_eager()
     if (
-        not autotune
-        or len(options) < 2
+        len(options) < 2
         or not plain
         or torch._C._autograd._top_saved_tensors_default_hooks(False) is not None
     ):
