@@ -511,6 +511,11 @@ def test_autotune_times_options_once_and_caches_the_fastest(monkeypatch):
     x.requires_grad_(True)
     assert kernels.choose(key, {"slow": slow, "fast": fast}, (x,), "slow") == "fast"
     assert x.grad is None  # tuning ran on a detached copy
+    # A candidate far slower than the fastest warm-up is not timed again.
+    glacial_calls = []
+    glacial = {"fast": fast, "glacial": lambda x: glacial_calls.append(1) or time.sleep(0.02) or x}
+    assert kernels.choose(("test-family", 3), glacial, (x.detach(),), "fast") == "fast"
+    assert glacial_calls == [1]
     broken = {"slow": slow, "broken": lambda x: (_ for _ in ()).throw(RuntimeError("unsupported"))}
     assert kernels.choose(("test-family", 2), broken, (x,), "slow") == "slow"
     kernels.clear_cache()
