@@ -32,8 +32,8 @@ from oct3d.model_table import build_octave, input_size, peer_label, vanilla_peer
 from oct3d.models.registry import list_models, model_task
 from oct3d.profiling import count_macs
 
-__all__ = ["BenchResult", "benchmark_models", "format_results", "main", "op_table", "plot_results",
-           "route_conv3d_like_octave"]
+__all__ = ["BenchResult", "benchmark_models", "cpu_name", "format_results", "main", "op_table", "plot_results",
+           "results_to_json", "route_conv3d_like_octave"]
 
 MODES = ("inference", "train")
 
@@ -54,9 +54,15 @@ class BenchResult:
     peer_macs: int
     peak_bytes: int | None
     peer_peak_bytes: int | None
+    #: Median over rounds of (octave time / peer time) within each round; None: ratio of the medians.
+    round_ratio: float | None = None
 
     @property
     def time_ratio(self) -> float:
+        """Octave / vanilla time: the median of the per-round ratios (robust to load drifting
+        between rounds), else the ratio of the medians."""
+        if self.round_ratio is not None:
+            return self.round_ratio
         return self.median_ms / self.peer_median_ms
 
     @property
@@ -96,7 +102,8 @@ def _peak_memory(device: torch.device):
         return
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with _quiet_native_stderr(not torch.cuda.is_available()), \
+            profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         yield out
     try:
         # Every allocation and free, in order (the per-op summaries net them out).
@@ -109,6 +116,42 @@ def _peak_memory(device: torch.device):
         live += nbytes
         peak = max(peak, live)
     out[0] = peak
+
+
+@contextlib.contextmanager
+def _inductor_freezing():
+    """Inductor's freezing while the graphs compile (CPU inference): parameters become constants,
+    so BatchNorm folds and oneDNN weights are pre-packed once."""
+    import torch._inductor.config as inductor_config
+
+    with inductor_config.patch(freezing=True):
+        yield
+
+
+@contextlib.contextmanager
+def _quiet_native_stderr(enabled: bool = True):
+    """Silence C++-level stderr (file descriptor 2) inside the block.
+
+    On machines without a GPU the profiler's Kineto backend prints ``profiler_start`` /
+    ``profiler_stop`` lines and ``gpuGetDeviceCount failed with code 35`` there; they are not
+    errors. Python-level output is untouched (only the descriptor is redirected)."""
+    import os
+    import sys
+
+    if not enabled:
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+            try:
+                yield
+            finally:
+                os.dup2(saved, 2)
+    finally:
+        os.close(saved)
 
 
 # ----------------------------------------------------------------------------- steps
@@ -151,7 +194,11 @@ def _prepare(model: nn.Module, device: torch.device, dtype: torch.dtype, channel
     return model
 
 
-def _make_step(model: nn.Module, mode: str, x: Tensor, num_classes: int) -> Callable[[], None]:
+def _make_step(model: nn.Module, mode: str, x: Tensor, num_classes: int, dense: bool = False) -> Callable[[], None]:
+    """One inference call or one training step (forward, cross-entropy, backward, SGD).
+
+    ``dense``: a segmentation model, whose logits ``(N, classes, *spatial)`` get a per-voxel
+    class target instead of one class per sample."""
     if mode == "inference":
         model.eval()
 
@@ -162,7 +209,8 @@ def _make_step(model: nn.Module, mode: str, x: Tensor, num_classes: int) -> Call
         return infer
     model.train()
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
-    target = torch.randint(0, num_classes, (x.shape[0],), device=x.device)
+    target_shape = (x.shape[0], *x.shape[2:]) if dense else (x.shape[0],)
+    target = torch.randint(0, num_classes, target_shape, device=x.device)
     loss_fn = nn.CrossEntropyLoss()
 
     def train() -> None:
@@ -207,6 +255,7 @@ def benchmark_models(
     iters: int = 10,
     model_kwargs: dict | None = None,
     peer_onednn: bool = False,
+    spatial: Sequence[int] | None = None,
 ) -> list[BenchResult]:
     """Time ``name`` at each alpha (and octave mode) against its vanilla peer, interleaved.
 
@@ -214,7 +263,9 @@ def benchmark_models(
     into the convolutions of every model (octave and peer alike) for inference.
     ``peer_onednn`` gives the peer's 3D convolutions the CPU kernel choices of the octave
     paths (see :func:`route_conv3d_like_octave`), a control that separates those choices from
-    the octave saving.
+    the octave saving. ``spatial`` overrides the input's spatial size (``(H, W)`` or
+    ``(T, H, W)``, e.g. a non-cubic volume). With ``compile`` on CPU, inference graphs are
+    compiled with inductor's freezing (weights folded into the graph as constants).
     """
     if name not in list_models():
         raise ValueError(f"unknown model {name!r}; known: {', '.join(list_models())}")
@@ -226,9 +277,15 @@ def benchmark_models(
     dev = torch.device(device)
     torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
     shape = input_size(name, batch_size, frames, size)
+    if spatial is not None:
+        if len(spatial) != len(shape) - 2 or any(int(n) < 1 for n in spatial):
+            raise ValueError(f"spatial must be {len(shape) - 2} positive sizes for {name}, got {spatial!r}")
+        shape = (*shape[:2], *(int(n) for n in spatial))
     dims = len(shape) - 2
     model_kwargs = dict(model_kwargs or {})
-    num_classes = model_kwargs.get("num_classes", 1000 if model_task(name) == "image" else 400)
+    task = model_task(name)
+    default_classes = {"image": 1000, "video": 400}.get(task, 2)  # the U-Net builder's default: 2
+    num_classes = model_kwargs.get("num_classes", default_classes)
 
     # Every contender: (label, alpha, octave, builder). The peer goes first.
     contenders: list[tuple[str, float | None, str | None, Callable[[], nn.Module]]] = []
@@ -262,9 +319,11 @@ def benchmark_models(
                 route_conv3d_like_octave(model)
             if compile:
                 model = torch.compile(model)
-            step = _make_step(model, mode, x, num_classes)
-            for _ in range(warmup):
-                step()
+            step = _make_step(model, mode, x, num_classes, dense=task == "segmentation")
+            freezing = compile and dev.type == "cpu" and mode == "inference"
+            with _inductor_freezing() if freezing else contextlib.nullcontext():
+                for _ in range(max(warmup, 1 if compile else 0)):
+                    step()
             with _peak_memory(dev) as peak:
                 step()
             steps.append(step)
@@ -283,6 +342,7 @@ def benchmark_models(
                     model=label, alpha=alpha, octave=octave, mode=mode, batch=shape[0], shape=tuple(shape),
                     median_ms=medians[i], peer_median_ms=medians[0], macs=macs[i], peer_macs=macs[0],
                     peak_bytes=peaks[i], peer_peak_bytes=peaks[0],
+                    round_ratio=statistics.median(t / p for t, p in zip(times[i], times[0])),
                 )
             )
     return results
@@ -360,7 +420,8 @@ def format_results(results: Sequence[BenchResult], peer_label: str, setting: str
     """A markdown table of ``results``: medians, throughput, peak memory and the two ratios."""
     unit = "clips/s" if results and len(results[0].shape) == 5 else "img/s"
     lines = [
-        f"Setting: {setting}. Peer: {peer_label}. Medians of interleaved runs.",
+        f"Setting: {setting}. Peer: {peer_label}. Times are medians of interleaved rounds; the time ratio is "
+        "the median of the per-round ratios.",
         "",
         f"| model | alpha | octave | mode | octave ms | vanilla ms | time ratio | MAC ratio | {unit} | "
         "peak MB (oct / van) |",
@@ -416,6 +477,43 @@ def _parse_clip(text: str) -> tuple[int, int]:
     return int(parts[0]), int(parts[1])
 
 
+def _parse_spatial(text: str) -> tuple[int, ...]:
+    parts = text.lower().split("x")
+    if not 1 <= len(parts) <= 3 or not all(p.isdigit() and int(p) > 0 for p in parts):
+        raise argparse.ArgumentTypeError(f"--spatial must look like 96x96x64 or 224x224, got {text!r}")
+    return tuple(int(p) for p in parts)
+
+
+def cpu_name() -> str:
+    """The CPU's model name (``/proc/cpuinfo``, else ``platform.processor()``), for tables."""
+    import platform
+
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def results_to_json(results: Sequence[BenchResult], setting: str) -> list[dict]:
+    """``results`` as JSON-ready dicts: every field, the ratios, the setting and the machine."""
+    from dataclasses import asdict
+
+    from oct3d.nn import kernels
+
+    rows = []
+    for r in results:
+        row = asdict(r)
+        row.update(time_ratio=r.time_ratio, mac_ratio=r.mac_ratio, memory_ratio=r.memory_ratio,
+                   throughput=r.throughput, setting=setting, cpu=cpu_name(), torch=torch.__version__,
+                   threads=torch.get_num_threads(), autotune=kernels.autotune)
+        rows.append(row)
+    return rows
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="oct3d bench", description="Time octave models against their vanilla peers, interleaved in one process."
@@ -431,6 +529,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--input-size", type=int, default=None, help="image side (2D models)")
     parser.add_argument("--clip", type=_parse_clip, default=None, help="TxHxW of a clip, e.g. 8x224x224")
+    parser.add_argument("--spatial", type=_parse_spatial, default=None,
+                        help="any spatial size, e.g. 96x96x64 for a volume (D x H x W) or 160x128 for an image")
     parser.add_argument("--compile", action="store_true", help="torch.compile every model")
     parser.add_argument("--fuse", action="store_true", help="fold BatchNorm into convolutions for inference")
     parser.add_argument("--warmup", type=int, default=3)
@@ -446,6 +546,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--ops", action="store_true",
                         help="instead of models, time oct3d's CPU kernel choices against PyTorch's defaults")
     parser.add_argument("--output", default=None, help="write the markdown table here")
+    parser.add_argument("--json", default=None, help="write the results as JSON here (one object per row)")
     parser.add_argument("--plot", default=None, help="write a PNG of time and multiply-add ratios against alpha")
     args = parser.parse_args(argv)
     if args.batch_size < 1:
@@ -466,7 +567,10 @@ def _setting(args: argparse.Namespace, dev: str) -> str:
     if args.peer_onednn:
         parts.append("peer's 3D convs routed like the octave paths")
     if dev == "cpu":
-        parts.append(f"{torch.get_num_threads()} threads")
+        from oct3d.nn import kernels
+
+        parts.append(f"{torch.get_num_threads()} threads, {cpu_name()}")
+        parts.append("kernel autotuning " + ("on" if kernels.autotune else "off"))
     elif torch.cuda.is_available():
         parts.append(torch.cuda.get_device_name(torch.device(dev)))
     parts.append(f"torch {torch.__version__}")
@@ -500,6 +604,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     common = dict(
         device=args.device, dtype=args.dtype, channels_last=args.channels_last, compile=args.compile, fuse=args.fuse,
         warmup=args.warmup, iters=args.iters, model_kwargs=model_kwargs, peer_onednn=args.peer_onednn,
+        spatial=args.spatial,
     )
     sections: list[str] = []
     results: list[BenchResult] = []
@@ -533,6 +638,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(text)
     if args.output:
         Path(args.output).write_text(text + "\n")
+    if args.json:
+        rows = results_to_json(results, _setting(args, args.device))
+        Path(args.json).write_text(json.dumps(rows, indent=1) + "\n")
     if args.plot and not args.scaling:
         plot_results(results, args.plot, f"{args.model}: {_setting(args, args.device)}")
     bad = [r for r in results if not math.isfinite(r.time_ratio)]

@@ -91,14 +91,15 @@ def test_ops_table_times_every_kernel_choice(tmp_path):
 def test_peer_onednn_control_keeps_outputs_and_routes_every_conv3d(monkeypatch):
     import torch
 
-    import oct3d.nn.conv as conv_module
     from oct3d.benchmark import route_conv3d_like_octave
     from oct3d.model_table import build_octave
+    from oct3d.nn import kernels
 
+    monkeypatch.setattr(kernels, "autotune", False)  # the control gives the peer the rule's choices
     onednn_calls, frame_calls = [], []
-    real_onednn, real_frames = torch.mkldnn_convolution, conv_module._conv_over_frames
+    real_onednn, real_frames = torch.mkldnn_convolution, kernels._conv_over_frames
     monkeypatch.setattr(torch, "mkldnn_convolution", lambda *a: onednn_calls.append(1) or real_onednn(*a))
-    monkeypatch.setattr(conv_module, "_conv_over_frames", lambda *a: frame_calls.append(1) or real_frames(*a))
+    monkeypatch.setattr(kernels, "_conv_over_frames", lambda *a: frame_calls.append(1) or real_frames(*a))
     torch.manual_seed(0)
     peer = build_octave("oct_i3d_r50", 0.0, **TINY).eval()
     x = torch.randn(1, 3, 4, 32, 32)
@@ -135,3 +136,45 @@ def test_peer_routing_keeps_temporal_padding_and_stride():
     got = convs(x)
     assert got.shape == expected.shape == (1, 4, 5, 5, 5)
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_segmentation_trains_with_a_dense_target_and_json_output(tmp_path):
+    """--mode train works for oct_unet3d (per-voxel target), --spatial takes a non-cubic volume, --json is written."""
+    out = tmp_path / "unet.json"
+    status = main([
+        "--model", "oct_unet3d", "--model-kwargs", json.dumps({"base_width": 4, "depth": 2}), "--alphas", "0.5",
+        "--mode", "train", "inference", "--batch-size", "2", "--spatial", "6x8x10", "--warmup", "0", "--iters", "1",
+        "--json", str(out),
+    ])
+    assert status == 0
+    rows = json.loads(out.read_text())
+    assert [r["mode"] for r in rows] == ["train", "inference"]
+    assert all(r["shape"] == [2, 1, 6, 8, 10] and math.isfinite(r["time_ratio"]) and r["cpu"] for r in rows)
+    assert {"mac_ratio", "setting", "torch", "threads", "autotune"} <= set(rows[0])
+
+
+def test_bad_spatial_size_is_rejected():
+    with pytest.raises(SystemExit):
+        main(["--model", "oct_unet3d", "--spatial", "6x8xq"])
+    with pytest.raises(ValueError, match="spatial must be 3 positive sizes"):
+        benchmark_models("oct_unet3d", [0.5], modes=["inference"], spatial=(8, 8), warmup=0, iters=1,
+                         model_kwargs={"base_width": 4, "depth": 2})
+
+
+def test_peak_memory_silences_the_profilers_native_stderr(capfd):
+    """Kineto's profiler_start / gpuGetDeviceCount lines go to fd 2 on CPU-only machines; the tool hides them."""
+    import os
+
+    import torch
+
+    from oct3d.benchmark import _peak_memory, _quiet_native_stderr
+
+    with _quiet_native_stderr():
+        os.write(2, b"native noise\n")
+    with _peak_memory(torch.device("cpu")) as peak:
+        torch.ones(1000).sum()
+    err = capfd.readouterr().err
+    assert "native noise" not in err and "profiler_start" not in err and "gpuGetDeviceCount" not in err
+    assert peak[0] is not None and peak[0] >= 4000
+    os.write(2, b"after\n")
+    assert "after" in capfd.readouterr().err  # the descriptor is restored

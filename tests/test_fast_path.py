@@ -7,7 +7,7 @@ import itertools
 import pytest
 import torch
 
-from oct3d.nn import Octave, OctConv
+from oct3d.nn import Octave, OctConv, kernels
 from oct3d.nn.octave import low_size, octave_factors
 
 
@@ -120,14 +120,17 @@ def test_gradients_equal(dims, octave, size, alpha_in, alpha_out, stride):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
-def test_weight_cache_follows_weight_updates():
-    """Eval/no-grad caches the concatenated low weight; in-place updates must invalidate it."""
+@pytest.mark.parametrize("stride", [1, 2])
+def test_weight_cache_follows_weight_updates(stride):
+    """Eval/no-grad caches the concatenated weights; in-place updates must invalidate them."""
     torch.manual_seed(0)
-    conv = OctConv(2, 8, 8, 3, 0.5, 0.5).eval()
+    conv = OctConv(2, 8, 8, 3, 0.5, 0.5, stride=stride).eval()
     x = _make_input(conv, 1, (8, 8))
-    with torch.no_grad():
+    with torch.no_grad(), kernels.force(high="cat", low="cat"):
         first = conv(x).low.clone()
         conv.h2l.weight.mul_(2.0)  # in place: same storage, new version
+        _assert_same(conv(x), conv.forward_reference(x))
+        conv.l2h.weight.mul_(3.0)
         _assert_same(conv(x), conv.forward_reference(x))
         assert not torch.allclose(conv(x).low, first)
         conv.load_state_dict({k: torch.randn_like(v) for k, v in conv.state_dict().items()})
@@ -136,7 +139,7 @@ def test_weight_cache_follows_weight_updates():
         _assert_same(conv(x), conv.forward_reference(x))
     with torch.inference_mode():
         _assert_same(conv(x), conv.forward_reference(x))
-    assert "_low_weight_cache" not in "".join(conv.state_dict())
+    assert "_cat_weight_cache" not in "".join(conv.state_dict())
 
 
 def test_training_step_after_cached_inference():
@@ -188,8 +191,9 @@ def _count_onednn_calls(monkeypatch) -> list[tuple[int, ...]]:
 
 
 @pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="needs oneDNN")
-def test_batch1_3d_paths_take_onednn_and_stay_exact(monkeypatch):
-    """Batch-1 3D paths go to oneDNN (PyTorch would pick its slower im2col kernel): same values, grads, layout."""
+def test_rule_sends_batch1_3d_paths_to_onednn_and_stays_exact(monkeypatch):
+    """Without autotuning, batch-1 3D paths go to oneDNN (PyTorch would pick im2col): same values, grads, layout."""
+    monkeypatch.setattr(kernels, "autotune", False)
     calls = _count_onednn_calls(monkeypatch)
     torch.manual_seed(0)
     conv = OctConv(3, 16, 16, (3, 3, 3), 0.5, 0.5, bias=True, octave="spatiotemporal")
@@ -209,7 +213,8 @@ def test_batch1_3d_paths_take_onednn_and_stay_exact(monkeypatch):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-5)
 
 
-def test_pointwise_2d_and_bfloat16_keep_pytorch_kernel_choice(monkeypatch):
+def test_rule_keeps_pytorch_kernel_for_pointwise_2d_and_bfloat16(monkeypatch):
+    monkeypatch.setattr(kernels, "autotune", False)
     calls = _count_onednn_calls(monkeypatch)
     torch.manual_seed(0)
     pointwise = OctConv(3, 16, 16, 1, 0.5, 0.5, octave="spatiotemporal")
@@ -223,6 +228,14 @@ def test_pointwise_2d_and_bfloat16_keep_pytorch_kernel_choice(monkeypatch):
         cubic(_make_input(cubic, 2, (4, 8, 8)))  # batch 2: PyTorch already picks oneDNN
         with torch.backends.mkldnn.flags(enabled=False):  # the user's switch is honoured
             cubic(_make_input(cubic, 1, (4, 8, 8)))
+    assert calls == []
+
+
+def test_mkldnn_switch_is_honoured_even_when_forced(monkeypatch):
+    calls = _count_onednn_calls(monkeypatch)
+    conv = OctConv(3, 16, 16, 3, 0.5, 0.5, octave="spatiotemporal")
+    with torch.no_grad(), torch.backends.mkldnn.flags(enabled=False), kernels.force(conv="onednn"):
+        conv(_make_input(conv, 1, (4, 8, 8)))
     assert calls == []
 
 
@@ -353,11 +366,10 @@ def test_pairwise_pool_is_skipped_where_it_would_be_wrong_or_slow():
 def test_training_runs_1xkxk_paths_over_frames_with_reference_values_and_grads(monkeypatch, memory_format,
                                                                                 weight_format):
     """Under autograd on CPU, 1xkxk paths run as 2D convolutions over frames: same values, grads and layout."""
-    import oct3d.nn.conv as conv_module
-
+    monkeypatch.setattr(kernels, "autotune", False)
     calls = []
-    real = conv_module._conv_over_frames
-    monkeypatch.setattr(conv_module, "_conv_over_frames", lambda *a: calls.append(1) or real(*a))
+    real = kernels._conv_over_frames
+    monkeypatch.setattr(kernels, "_conv_over_frames", lambda *a: calls.append(1) or real(*a))
     torch.manual_seed(0)
     conv = OctConv(3, 16, 24, (1, 3, 3), 0.5, 0.5, bias=True, dilation=(1, 2, 1), octave="spatiotemporal")
     conv = conv.to(memory_format=weight_format)
@@ -381,3 +393,203 @@ def test_training_runs_1xkxk_paths_over_frames_with_reference_values_and_grads(m
     with torch.no_grad():
         conv(x)
     assert calls == []  # inference keeps the 3D call
+
+
+# ----------------------------------------------------------------------------- every kernel choice, forced
+def _count_kernels(monkeypatch) -> list[str]:
+    used: list[str] = []
+    real = kernels.run_conv
+    monkeypatch.setattr(kernels, "run_conv", lambda kernel, *a: used.append(kernel) or real(kernel, *a))
+    return used
+
+
+def _check_against_reference(conv, x, atol=1e-4):
+    """Values, memory format and gradients (inputs and weights) of conv(x) equal the reference formula's."""
+    inputs = [t.detach().requires_grad_(True) for t in _parts(x)]
+    x = inputs[0] if len(inputs) == 1 else Octave(*inputs)
+    out, ref = conv(x), conv.forward_reference(x)
+    _assert_same(out, ref)
+    for part, ref_part in zip(_parts(out), _parts(ref)):
+        layout = {4: torch.channels_last, 5: torch.channels_last_3d}.get(part.dim(), torch.contiguous_format)
+        assert part.is_contiguous(memory_format=layout) == ref_part.is_contiguous(memory_format=layout)
+        assert part.is_contiguous() == ref_part.is_contiguous()
+    weights = [torch.randn_like(p) for p in _parts(ref)]
+    wrt = [*inputs, *conv.parameters()]
+    got = torch.autograd.grad(sum((p * w).sum() for p, w in zip(_parts(out), weights)), wrt)
+    want = torch.autograd.grad(sum((p * w).sum() for p, w in zip(_parts(ref), weights)), wrt)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, atol=atol, rtol=1e-5)
+    with torch.no_grad():
+        _assert_same(conv(x), conv.forward_reference(x))
+
+
+KERNEL_CASES = [
+    # dims, octave, kernel, batch, size, channels_last
+    (2, "spatial", 3, 1, (8, 10), False),
+    (2, "spatial", 3, 2, (9, 8), True),
+    (2, "spatial", 1, 1, (8, 8), False),
+    (3, "spatial", (1, 3, 3), 1, (3, 8, 6), False),
+    (3, "spatiotemporal", (1, 3, 3), 2, (4, 6, 6), True),
+    (3, "spatiotemporal", 3, 1, (4, 6, 6), False),
+]
+
+
+@pytest.mark.parametrize("kernel", kernels.KERNELS)
+@pytest.mark.parametrize(("dims", "octave", "kernel_size", "batch", "size", "channels_last"), KERNEL_CASES)
+@pytest.mark.parametrize("stride", [1, 2])
+def test_every_conv_kernel_equals_the_reference(monkeypatch, kernel, dims, octave, kernel_size, batch, size,
+                                                channels_last, stride):
+    """Each kernel, forced (not chosen by timing), matches the formula in values, gradients and layout."""
+    used = _count_kernels(monkeypatch)
+    torch.manual_seed(0)
+    layout = {2: torch.channels_last, 3: torch.channels_last_3d}[dims] if channels_last else None
+    conv = OctConv(dims, 16, 16, kernel_size, 0.5, 0.5, stride=stride, bias=True, octave=octave)
+    if layout is not None:
+        conv = conv.to(memory_format=layout)
+    x = _make_input(conv, batch, size, memory_format=layout)
+    with kernels.force(conv=kernel):
+        _check_against_reference(conv, x)
+    applicable = kernels.conv_kernels(x.high, conv.h2h.weight, (1,) * dims, conv.padding, 1, plain=True)
+    if kernel in applicable:
+        assert kernel in used, (kernel, used, applicable)
+
+
+@pytest.mark.parametrize("family", ["high", "low"])
+@pytest.mark.parametrize("option", ["cat", "split"])
+@pytest.mark.parametrize(("alpha_in", "alpha_out"), [(0.5, 0.5), (0.5, 0.0), (0.0, 0.5)])
+@pytest.mark.parametrize(("dims", "size", "channels_last"), [(2, (8, 6), False), (2, (7, 9), True),
+                                                             (3, (3, 8, 6), False)])
+def test_every_layer_plan_equals_the_reference(monkeypatch, family, option, alpha_in, alpha_out, dims, size,
+                                               channels_last):
+    """One convolution over concatenated inputs and two convolutions plus an add are both the formula."""
+    calls = []
+    real = OctConv._sum_of_convs
+    monkeypatch.setattr(OctConv, "_sum_of_convs", lambda self, fam, *a: calls.append(fam) or real(self, fam, *a))
+    torch.manual_seed(0)
+    layout = {2: torch.channels_last, 3: torch.channels_last_3d}[dims] if channels_last else None
+    conv = OctConv(dims, 16, 12, 3, alpha_in, alpha_out, stride=2 if family == "high" else 1, bias=True)
+    if layout is not None:
+        conv = conv.to(memory_format=layout)
+    with kernels.force(**{family: option}):
+        _check_against_reference(conv, _make_input(conv, 2, size, memory_format=layout))
+    assert (family in calls) == (alpha_in > 0 and (family == "high" or alpha_out > 0))
+
+
+def test_pool_first_vanilla_layer_takes_the_kernel_choice(monkeypatch):
+    used = _count_kernels(monkeypatch)
+    torch.manual_seed(0)
+    conv = OctConv(2, 8, 8, 3, 0.0, 0.0, stride=2, pool_first=True, bias=True)
+    with kernels.force(conv="onednn"):
+        _check_against_reference(conv, torch.randn(1, 8, 9, 10))
+    assert "onednn" in used
+
+
+def test_autotune_times_options_once_and_caches_the_fastest(monkeypatch):
+    import time
+
+    monkeypatch.setattr(kernels, "autotune", True)
+    kernels.clear_cache()
+    calls = {"slow": 0, "fast": 0}
+
+    def slow(x):
+        calls["slow"] += 1
+        time.sleep(0.002)
+        return x * 2
+
+    def fast(x):
+        calls["fast"] += 1
+        return x * 2
+
+    x = torch.randn(4)
+    key = ("test-family", 1)
+    assert kernels.choose(key, {"slow": slow, "fast": fast}, (x,), "slow") == "fast"
+    assert calls == {"slow": 1 + kernels.TUNE_REPS, "fast": 1 + kernels.TUNE_REPS}
+    assert kernels.choose(key, {"slow": slow, "fast": fast}, (x,), "slow") == "fast"  # cached: not timed again
+    assert calls["slow"] == 1 + kernels.TUNE_REPS
+    assert kernels.cache_info()["test-family"] == {"fast": 1}
+    # A backward pass follows under autograd: a separate setting, timed with its backward.
+    x.requires_grad_(True)
+    assert kernels.choose(key, {"slow": slow, "fast": fast}, (x,), "slow") == "fast"
+    assert x.grad is None  # tuning ran on a detached copy
+    # A candidate far slower than the fastest warm-up is not timed again.
+    glacial_calls = []
+    glacial = {"fast": fast, "glacial": lambda x: glacial_calls.append(1) or time.sleep(0.02) or x}
+    assert kernels.choose(("test-family", 3), glacial, (x.detach(),), "fast") == "fast"
+    assert glacial_calls == [1]
+    broken = {"slow": slow, "broken": lambda x: (_ for _ in ()).throw(RuntimeError("unsupported"))}
+    assert kernels.choose(("test-family", 2), broken, (x,), "slow") == "slow"
+    kernels.clear_cache()
+    assert kernels.cache_info() == {}
+
+
+def test_no_timing_when_off_or_unsafe(monkeypatch):
+    """Autotune off, autocast, dispatch modes, torch.func, saved-tensor hooks: the fallback, untimed and uncached."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    kernels.clear_cache()
+    calls = []
+    options = {"a": lambda x: calls.append("a") or x, "b": lambda x: calls.append("b") or x}
+    x = torch.randn(3)
+    contexts = [
+        lambda: torch.autocast("cpu", torch.bfloat16),
+        lambda: FlopCounterMode(display=False),
+        lambda: torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t),
+    ]
+    for context in contexts:
+        with context():
+            assert kernels.choose(("unsafe",), options, (x,), "b") == "b"
+    torch.func.vmap(lambda v: torch.tensor(kernels.choose(("unsafe",), options, (v,), "b") == "b"))(x.view(3, 1))
+    monkeypatch.setattr(kernels, "autotune", False)
+    assert kernels.choose(("unsafe",), options, (x,), "b") == "b"
+    assert calls == [] and kernels.cache_info() == {}
+
+
+def test_autotune_env_var_turns_it_off():
+    import os
+    import subprocess
+    import sys
+
+    code = "import oct3d.nn.kernels as k; print(k.autotune)"
+    for value, expected in (("0", "False"), ("off", "False"), ("1", "True")):
+        env = {**os.environ, "OCT3D_AUTOTUNE": value}
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+        assert out.stdout.strip() == expected
+
+
+def test_compiled_layer_uses_plain_convolutions(monkeypatch):
+    """Under torch.compile no kernel is timed and no direct oneDNN call is traced."""
+    torch._dynamo.reset()
+    kernels.clear_cache()
+    calls = _count_onednn_calls(monkeypatch)
+    conv = OctConv(3, 8, 8, 3, 0.5, 0.5, octave="spatiotemporal")
+    x = _make_input(conv, 1, (4, 8, 8))
+    compiled = torch.compile(conv, fullgraph=True, backend="eager")
+    with torch.no_grad():
+        _assert_same(compiled(x), conv.forward_reference(x))
+    assert calls == [] and kernels.cache_info() == {}
+
+
+def test_plain_pair_input_is_accepted():
+    torch.manual_seed(0)
+    conv = OctConv(2, 8, 8, 3, 0.5, 0.5)
+    x = _make_input(conv, 1, (8, 8))
+    for pair in (tuple(x), list(x)):
+        _assert_same(conv(pair), conv.forward_reference(x))
+    with pytest.raises(TypeError, match=r"\(high, low\) pair of tensors, got tuple of length 3"):
+        conv((x.high, x.low, x.low))
+
+
+def test_batch1_pairwise_pool_stays_channels_last_for_cat_and_convs():
+    """At batch 1 the pooled map must be a proper channels_last tensor (not just one by the size-1 rule)."""
+    from oct3d.nn.octave import avg_pool
+
+    for layout, shape, factors in ((torch.channels_last_3d, (1, 4, 4, 8, 8), (1, 2, 2)),
+                                   (torch.channels_last, (1, 4, 8, 8), (2, 2))):
+        x = torch.randn(shape).contiguous(memory_format=layout)
+        pooled = avg_pool(x, factors)
+        other = torch.randn(pooled.shape).contiguous(memory_format=layout)
+        joined = torch.cat([pooled, other], dim=1)
+        assert not joined.is_contiguous() and joined.is_contiguous(memory_format=layout)
+        x.requires_grad_(True)
+        (grad,) = torch.autograd.grad(avg_pool(x, factors).sum(), x)
+        torch.testing.assert_close(grad, torch.full_like(x, 1.0 / (factors[-1] * factors[-2])))

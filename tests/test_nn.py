@@ -391,8 +391,11 @@ def test_input_errors_name_what_was_expected():
         layer(Octave(high, torch.randn(1, 4, 8, 8)))
     with pytest.raises(ValueError, match="expects a high tensor of shape \\(N, C, H, W\\)"):
         layer(Octave(torch.randn(4, 8, 8), low))
-    with pytest.raises(TypeError, match=r"expects a torch\.Tensor or an Octave"):
-        layer([high, low])
+    with pytest.raises(TypeError, match=r"expects a torch\.Tensor, an Octave or a \(high, low\) pair"):
+        layer([high, low, low])
+    with pytest.raises(TypeError, match=r"expects a torch\.Tensor, an Octave or a \(high, low\) pair"):
+        layer({"high": high})
+    torch.testing.assert_close(layer([high, low]).high, layer(Octave(high, low)).high)  # any pair works
     first = OctConv2d(8, 8, 3, 0.0, 0.5)
     with pytest.raises(ValueError, match="takes no low branch"):
         first(Octave(torch.randn(1, 8, 8, 8), low))

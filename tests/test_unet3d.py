@@ -96,3 +96,31 @@ def test_registry_and_errors():
         oct_unet3d(alpha=1.0)
     with pytest.raises(ValueError, match=r"\(N, 1, D, H, W\)"):
         oct_unet3d(base_width=4, depth=2)(torch.randn(1, 2, 4, 4, 4))
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.5])
+def test_channels_last_runs_the_same_network(alpha):
+    """On CPU the maps run channels_last_3d (from the first convolution on); values, gradients and
+    the caller's layout of the logits are those of the channels-first network."""
+    torch.manual_seed(0)
+    fast = oct_unet3d(alpha=alpha, base_width=4, depth=3)
+    plain = oct_unet3d(alpha=alpha, base_width=4, depth=3, channels_last=False)
+    plain.load_state_dict(fast.state_dict())
+    seen = []
+    fast.decoder[0].register_forward_hook(
+        lambda module, args, out: seen.append(_parts_channels_last(out)))
+    x = torch.randn(1, 1, 6, 16, 12)
+    got, want = fast(x), plain(x)
+    assert seen == [True]
+    assert got.is_contiguous()
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    for a, b in zip(torch.autograd.grad(got.square().sum(), list(fast.parameters())),
+                    torch.autograd.grad(want.square().sum(), list(plain.parameters()))):
+        torch.testing.assert_close(a, b, atol=1e-3, rtol=1e-3)
+    with pytest.raises(TypeError, match="channels_last"):
+        oct_unet3d(channels_last="yes")
+
+
+def _parts_channels_last(out) -> bool:
+    parts = [out] if isinstance(out, torch.Tensor) else [t for t in out if t is not None]
+    return all(not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last_3d) for t in parts)

@@ -16,11 +16,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules import module as _module
-from torch.utils import _python_dispatch
 
+from oct3d.nn import kernels
+from oct3d.nn.kernels import conv_nd
 from oct3d.nn.octave import (
     Octave,
     OctaveInput,
@@ -37,8 +37,8 @@ __all__ = ["OctConv", "OctConv1d", "OctConv2d", "OctConv3d", "check_alpha", "che
 IntOrTuple = int | Sequence[int]
 
 _CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
-_CONV_FN = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
-_ONEDNN_AVAILABLE = torch.backends.mkldnn.is_available()
+_GLOBAL_HOOK_NAMES = ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",
+                      "_global_backward_pre_hooks")
 
 
 def to_tuple(value: IntOrTuple, dims: int, name: str) -> tuple[int, ...]:
@@ -97,7 +97,8 @@ class OctConv(nn.Module):
             always pool first, whatever this says.
 
     Input is a plain tensor when ``alpha_in == 0`` (an ``Octave`` whose ``low`` is None is
-    accepted too), else an :class:`~oct3d.nn.Octave`. Output is an ``Octave`` when
+    accepted too), else an :class:`~oct3d.nn.Octave` or any ``(high, low)`` pair of tensors
+    (tuple or list). Output is an ``Octave`` when
     ``alpha_out > 0``, else a plain tensor. The four weights are ordinary ``ConvNd``
     weights under the state-dict keys ``h2h.weight``, ``h2l.weight``, ``l2h.weight`` and
     ``l2l.weight``; paths that do not exist have no keys.
@@ -222,8 +223,13 @@ class OctConv(nn.Module):
             high, low = x.high, x.low
         elif isinstance(x, Tensor):
             high, low = x, None
+        elif isinstance(x, (tuple, list)) and len(x) == 2:
+            high, low = x
         else:
-            raise TypeError(f"{self._name()} expects a torch.Tensor or an Octave, got {type(x).__name__}")
+            raise TypeError(
+                f"{self._name()} expects a torch.Tensor, an Octave or a (high, low) pair of tensors, "
+                f"got {type(x).__name__}" + (f" of length {len(x)}" if isinstance(x, (tuple, list)) else "")
+            )
         if not isinstance(high, Tensor) or high.dim() != self.dims + 2:
             raise ValueError(
                 f"{self._name()} expects a high tensor of shape (N, C, {self._axes_desc()}), "
@@ -291,8 +297,15 @@ class OctConv(nn.Module):
         return y_high if self.out_low == 0 else Octave(y_high, y_low)
 
     def _forward_vanilla(self, high: Tensor) -> Tensor:
-        """``alpha_in == alpha_out == 0``: ``nn.ConvNd``, or pool-then-convolve with ``pool_first``."""
-        return self.h2h(avg_pool(high, self._pool_h2h) if self.pool_first else high)
+        """``alpha_in == alpha_out == 0``: exactly ``nn.ConvNd``, or with ``pool_first`` (inside an
+        octave network) pool-then-convolve, whose convolution takes the CPU kernel chosen for
+        its shape like an octave path."""
+        if not self.pool_first:
+            return self.h2h(high)
+        x = avg_pool(high, self._pool_h2h)
+        if not (self.fast_path and self._paths_are_plain()):
+            return self.h2h(x)
+        return self._path(self.h2h, x)
 
     def _forward_reference(self, high: Tensor, low: Tensor | None) -> tuple[Tensor, Tensor | None]:
         y_high = self.h2h(avg_pool(high, self._pool_h2h))
@@ -342,24 +355,31 @@ class OctConv(nn.Module):
         - Without autograd the L->H result is added *in place* into the H->H output through
           a broadcast view (no materialised upsample, no new tensor); with autograd it goes
           through the upsample, whose backward is one kernel (see :func:`_add_upsampled_`).
-        - On CPU some paths take other kernels than ``F.convNd`` would (see
-          :func:`_prefer_onednn` and :func:`_frames_as_batch`).
-        - H->L and L->L run as one convolution over the concatenated low-resolution inputs;
-          without autograd the concatenated weight is cached (see :meth:`_low_weight`).
+        - Each path's convolution takes the CPU kernel chosen for its shape
+          (:func:`oct3d.nn.kernels.conv_nd`).
+        - The two convolutions that feed one output at one resolution, H->L and L->L, and with
+          stride 2 also H->H and L->H (the L->H input then needs no upsampling), run either as
+          one convolution over the concatenated inputs or as two convolutions and an add,
+          whichever measures faster (:meth:`_sum_of_convs`).
         - With stride 2 the H->L input is pooled from the already stride-pooled H->H input
           (2x2 of 2x2 instead of 4x4 of the full map) when that is exact (even sizes).
         """
         pooled_high = avg_pool(high, self._pool_h2h)
-        y_high = self._path(self.h2h, pooled_high)
-        if self.l2h is not None:
-            from_low = self._path(self.l2h, avg_pool(low, self._pool_l2h))
-            y_high = _add_upsampled_(y_high, from_low, self._up_l2h)
+        if self.l2h is None:
+            y_high = self._path(self.h2h, pooled_high)
+        else:
+            low_for_high = avg_pool(low, self._pool_l2h)
+            if self.groups == 1 and pooled_high.shape[2:] == low_for_high.shape[2:]:
+                y_high = self._sum_of_convs("high", pooled_high, self.h2h, low_for_high, self.l2h, self.h2h.bias)
+            else:
+                y_high = self._path(self.h2h, pooled_high)
+                y_high = _add_upsampled_(y_high, self._path(self.l2h, low_for_high), self._up_l2h)
         if not self.out_low:
             return y_high, None
         high_for_low = self._pool_high_for_low(high, pooled_high) if self.h2l is not None else None
         if self.h2l is not None and self.l2l is not None and self.groups == 1:
-            inputs = torch.cat([high_for_low, avg_pool(low, self._pool_l2l)], dim=1)
-            return y_high, self._conv(inputs, self._low_weight(), self.l2l.bias, 1)
+            low_for_low = avg_pool(low, self._pool_l2l)
+            return y_high, self._sum_of_convs("low", high_for_low, self.h2l, low_for_low, self.l2l, self.l2l.bias)
         y_low = None
         if self.l2l is not None:
             y_low = self._path(self.l2l, avg_pool(low, self._pool_l2l))
@@ -367,6 +387,32 @@ class OctConv(nn.Module):
             from_high = self._path(self.h2l, high_for_low)
             y_low = from_high if y_low is None else y_low.add_(from_high)
         return y_high, y_low
+
+    def _sum_of_convs(
+        self, family: str, a: Tensor, conv_a: nn.Module, b: Tensor, conv_b: nn.Module, bias: Tensor | None,
+    ) -> Tensor:
+        """``conv_a(a) + conv_b(b) + bias`` for two same-size inputs, in the formulation that measures faster.
+
+        ``"cat"``: one convolution of ``cat([a, b])`` with ``cat([w_a, w_b])`` (fewer, larger
+        kernels; costs the copies of the concatenation); ``"split"``: two convolutions and an
+        in-place add. Timed once per shape by :func:`oct3d.nn.kernels.choose` (family
+        ``"high"`` or ``"low"``); ``"cat"`` without autotuning.
+        """
+        def cat(a: Tensor, b: Tensor, w_a: Tensor, w_b: Tensor, bias: Tensor | None) -> Tensor:
+            return self._conv(torch.cat([a, b], dim=1), self._cat_weight(family, w_a, w_b), bias, 1)
+
+        def split(a: Tensor, b: Tensor, w_a: Tensor, w_b: Tensor, bias: Tensor | None) -> Tensor:
+            return self._conv(b, w_b, bias, 1).add_(self._conv(a, w_a, None, 1))
+
+        options = {"cat": cat, "split": split}
+        args = (a, b, conv_a.weight, conv_b.weight, bias)
+        choice = kernels.forced(family)
+        if choice not in options and (a.device.type != "cpu" or traced_or_compiled()):
+            choice = "cat"  # graphs and GPUs keep the one larger convolution
+        elif choice not in options:
+            key = (family, *(kernels._signature(t) for t in args[:4]), bias is None, self.padding, self.dilation)
+            choice = kernels.choose(key, options, args, "cat")
+        return options[choice](*args)
 
     def _pool_high_for_low(self, high: Tensor, pooled_high: Tensor) -> Tensor:
         """``avg_pool(high, stride * p)``, reusing ``pooled_high = avg_pool(high, stride)`` when exact.
@@ -380,147 +426,29 @@ class OctConv(nn.Module):
             return avg_pool(pooled_high, self.factors)
         return avg_pool(high, self._pool_h2l)
 
-    def _low_weight(self) -> Tensor:
-        """``cat([h2l.weight, l2l.weight], dim=1)``, cached while autograd is off.
+    def _cat_weight(self, family: str, w_a: Tensor, w_b: Tensor) -> Tensor:
+        """``cat([w_a, w_b], dim=1)``, cached per ``family`` while autograd is off.
 
         The cache is keyed on both weights' version counters (bumped by every in-place
         update: optimizer steps, ``load_state_dict``, ``fuse``), storage pointers, dtype and
         device, so it can never serve stale weights. With autograd on, or while tracing for
         ``torch.compile`` (which folds the concatenation itself), it is rebuilt every call.
         """
-        w_high, w_low = self.h2l.weight, self.l2l.weight
         if torch.is_grad_enabled() or torch.compiler.is_compiling():
-            return torch.cat([w_high, w_low], dim=1)
-        key = (w_high._version, w_low._version, w_high.data_ptr(), w_low.data_ptr(), w_high.dtype, w_high.device)
-        cached = self.__dict__.get("_low_weight_cache")
+            return torch.cat([w_a, w_b], dim=1)
+        key = (w_a._version, w_b._version, w_a.data_ptr(), w_b.data_ptr(), w_a.dtype, w_a.device)
+        # Plain attribute, not a buffer: never in the state dict, rebuilt after a copy.
+        caches = self.__dict__.setdefault("_cat_weight_cache", {})
+        cached = caches.get(family)
         if cached is None or cached[0] != key:
-            # Plain attribute, not a buffer: never in the state dict, rebuilt after a copy.
-            cached = (key, torch.cat([w_high, w_low], dim=1))
-            self.__dict__["_low_weight_cache"] = cached
+            cached = (key, torch.cat([w_a, w_b], dim=1))
+            caches[family] = cached
         return cached[1]
-
-
-def conv_nd(
-    x: Tensor, weight: Tensor, bias: Tensor | None, stride: tuple[int, ...], padding: tuple[int, ...],
-    dilation: tuple[int, ...], groups: int,
-) -> Tensor:
-    """``F.conv{1,2,3}d`` with the octave paths' CPU kernel choices (:func:`_frames_as_batch`,
-    :func:`_prefer_onednn`); same values and output memory format as the plain call."""
-    if stride[0] == 1 and padding[0] == 0 and _frames_as_batch(x, weight):
-        return _conv_over_frames(x, weight, bias, padding[1:], dilation[1:], groups, stride[1:])
-    if _prefer_onednn(x, weight):
-        y = torch.mkldnn_convolution(x, weight, bias, padding, stride, dilation, groups)
-        return y.contiguous(memory_format=_conv_output_format(x, weight))
-    return _CONV_FN[x.dim() - 2](x, weight, bias, stride, padding, dilation, groups)
-
-
-def _prefer_onednn(x: Tensor, weight: Tensor) -> bool:
-    """Whether to call oneDNN's convolution directly instead of letting ``F.conv3d`` choose.
-
-    PyTorch's CPU dispatch (``use_mkldnn`` in ATen's ``Convolution.cpp``) sends a float32
-    convolution with batch 1, a kernel of at most 3x3 in its last two axes and
-    ``N*C*D*H <= 20480`` to its im2col fallback, a rule tuned on 2D maps. An octave network's
-    3D paths land there (the low branch, and the high branch at half the channels), where
-    oneDNN is 1.4x to 3.3x faster for non-pointwise kernels and equal for 1x1x1 ones
-    (``tools/benchmark.py --ops``; docs/benchmarks/cpu_ops.md). Batches above 1 already get
-    oneDNN, and 2D and 1D maps gain nothing, so they keep PyTorch's choice.
-
-    Only in plain eager execution: ``mkldnn_convolution`` has no autocast rule, no
-    forward-mode derivative, no functorch batching rule, no FLOP formula and no meta
-    kernel, so autocast, ``torch.func`` transforms, forward AD, dispatch modes (such as
-    ``FlopCounterMode``), tracing and compilation all get ``F.conv3d``.
-    """
-    if traced_or_compiled():
-        return False
-    return (
-        x.dim() == 5
-        and x.shape[0] == 1
-        and x.device.type == "cpu"
-        and x.dtype == torch.float32
-        and not x.is_mkldnn
-        and any(k > 1 for k in weight.shape[2:])
-        and _ONEDNN_AVAILABLE
-        and torch.backends.mkldnn.enabled
-        and _plain_eager()
-    )
-
-
-# The queries behind _plain_eager live in private modules: resolved once here, and where one
-# is missing the answer is "not plain", which only costs the faster kernel.
-_FUNCTORCH_TRANSFORMS_ACTIVE = getattr(torch._C, "_are_functorch_transforms_active", None)
-_IN_DISPATCH_MODE = getattr(_python_dispatch, "is_in_torch_dispatch_mode", None)
-_GLOBAL_HOOK_NAMES = ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",
-                      "_global_backward_pre_hooks")
-
-
-def _cpu_autocast() -> bool:
-    try:
-        return torch.is_autocast_enabled("cpu")
-    except TypeError:  # torch < 2.4 takes no device type
-        return torch.is_autocast_cpu_enabled()
-
-
-def _plain_eager() -> bool:
-    """No CPU autocast, functorch transform, forward-AD level or Python dispatch mode is active."""
-    return (
-        _FUNCTORCH_TRANSFORMS_ACTIVE is not None
-        and _IN_DISPATCH_MODE is not None
-        and not _cpu_autocast()
-        and not _FUNCTORCH_TRANSFORMS_ACTIVE()
-        and getattr(torch.autograd.forward_ad, "_current_level", 0) < 0
-        and not _IN_DISPATCH_MODE()
-    )
 
 
 def _global_module_hooks() -> bool:
     """Whether any global ``nn.Module`` hook is registered (they must see every path call)."""
     return any(getattr(_module, name, None) for name in _GLOBAL_HOOK_NAMES)
-
-
-def _conv_output_format(x: Tensor, weight: Tensor) -> torch.memory_format:
-    """The memory format ``F.conv3d`` gives its output: channels_last_3d when the input or the
-    weight is laid out that way (and not also plainly contiguous), else contiguous."""
-    def channels_last(t: Tensor) -> bool:
-        return not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last_3d)
-
-    return torch.channels_last_3d if channels_last(x) or channels_last(weight) else torch.contiguous_format
-
-
-def _frames_as_batch(x: Tensor, weight: Tensor) -> bool:
-    """Whether to run a ``1 x k x k`` 3D convolution as a 2D convolution over the frames.
-
-    Only under autograd on CPU (float32): oneDNN's 3D backward is slow on the half-width
-    octave paths. In a ``torch.profiler`` run of an Oct-I3D-R50 training step, each
-    32-channel 1x3x3 layer at 8x56x56 took about 77 ms of backward, three times the
-    64-channel vanilla layer with four times the work. The same layer as a 2D convolution
-    with the frames as its batch takes PyTorch's 2D kernels; the training step of
-    Oct-I3D-R50 runs about 10% faster. Inference keeps the 3D call, whose forward is faster.
-    """
-    if traced_or_compiled():
-        return False
-    return (
-        torch.is_grad_enabled()
-        and (x.requires_grad or weight.requires_grad)
-        and x.dim() == 5
-        and x.device.type == "cpu"
-        and x.dtype == torch.float32
-        and weight.shape[2] == 1
-        and any(k > 1 for k in weight.shape[3:])
-    )
-
-
-def _conv_over_frames(
-    x: Tensor, weight: Tensor, bias: Tensor | None, padding: tuple[int, ...], dilation: tuple[int, ...], groups: int,
-    stride: tuple[int, ...] = (1, 1),
-) -> Tensor:
-    """A 3D convolution with temporal kernel and stride 1, computed frame by frame as one 2D
-    convolution over ``(N*T, C, H, W)`` (``padding``, ``dilation`` and ``stride`` are the
-    spatial ones); the output has the memory format ``F.conv3d`` would give it."""
-    n, c, t, h, w = x.shape
-    frames = x.transpose(1, 2).reshape(n * t, c, h, w)  # a view for channels_last_3d input
-    y = F.conv2d(frames, weight.squeeze(2), bias, stride, padding, dilation, groups)
-    y = y.view(n, t, y.shape[1], y.shape[2], y.shape[3]).transpose(1, 2)
-    return y.contiguous(memory_format=_conv_output_format(x, weight))
 
 
 def _add_upsampled_(y: Tensor, small: Tensor, factors: tuple[int, ...]) -> Tensor:

@@ -110,8 +110,13 @@ def avg_pool(x: Tensor, factors: Sequence[int]) -> Tensor:
     pool = (F.avg_pool1d, F.avg_pool2d, F.avg_pool3d)[dims - 1]
     if dims == 3 and x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16):
         # avg_pool3d has no reduced-precision CPU kernel.
-        return pool(x.float(), factors, factors, 0, ceil_mode=True, count_include_pad=False).to(x.dtype)
-    return pool(x, factors, factors, 0, ceil_mode=True, count_include_pad=False)
+        y = pool(x.float(), factors, factors, 0, ceil_mode=True, count_include_pad=False).to(x.dtype)
+    else:
+        y = pool(x, factors, factors, 0, ceil_mode=True, count_include_pad=False)
+    if dims == 3 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last_3d):
+        # CPU avg_pool3d returns channels_last_3d input channels-first; the maps around it keep their layout.
+        y = y.contiguous(memory_format=torch.channels_last_3d)
+    return y
 
 
 def traced_or_compiled() -> bool:
@@ -148,12 +153,23 @@ def _pool_by_pairs(x: Tensor, factors: tuple[int, ...]) -> Tensor:
     """Exact-window average pooling as a sum of halves, axis by axis (outermost first, so the
     later strided adds touch the already reduced map), then one scale. The output keeps the
     input's memory format (CPU ``avg_pool3d`` turns channels_last_3d into contiguous)."""
-    for axis, factor in enumerate(factors, start=2):
+    # At batch 1 the adds run without the batch axis: with it they may give that size-1 axis a
+    # stride between the others, and torch.cat and the convolutions then no longer see a
+    # channels_last result as channels_last (and copy it).
+    batch1 = x.shape[0] == 1
+    if batch1:
+        x = x[0]
+    for axis, factor in enumerate(factors, start=1 if batch1 else 2):
         while factor > 1:
             pairs = x.unflatten(axis, (x.shape[axis] // 2, 2))
             x = pairs.select(axis + 1, 0) + pairs.select(axis + 1, 1)
             factor //= 2
-    return x.mul_(1.0 / math.prod(factors))
+    x = x.mul_(1.0 / math.prod(factors))
+    if not batch1:
+        return x
+    # unsqueeze would give the new axis the stride of the innermost axis; the outermost's is what
+    # a channels_last tensor has (the map is dense, so this is a view of all of it).
+    return x.as_strided((1, *x.shape), (x.numel(), *x.stride()))
 
 
 def upsample_to(x: Tensor, factors: Sequence[int], size: Sequence[int]) -> Tensor:
