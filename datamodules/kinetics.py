@@ -22,9 +22,7 @@ batch (``batch["failed"]``) so that :class:`datamodules.DataErrorReport` can rep
 from __future__ import annotations
 
 import csv
-import math
 import os
-import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -36,6 +34,7 @@ from torch.utils.data import DataLoader, Dataset, default_collate
 
 from .base import SplitDataModule
 from .decoders import require_decoder
+from .reporting import replacement_indices
 from .transforms import KINETICS_MEAN, KINETICS_STD, VideoEvalTransform, VideoTrainTransform
 from .video import VIDEO_EXTENSIONS, VideoDecodeError, clip_indices, open_video
 
@@ -403,18 +402,6 @@ class VideoClipDataset(Dataset):
             return videos[0]
         return stacked if choices[0] is not None else torch.stack(videos)
 
-    def _replacements(self, video_index: int):
-        """Other video indices in a deterministic order that visits every video once."""
-        count = len(self.samples)
-        rng = random.Random(self.seed * 1_000_003 + video_index)
-        step = rng.randrange(1, count) if count > 1 else 1
-        while math.gcd(step, count) != 1:
-            step = rng.randrange(1, count)
-        candidate = video_index
-        for _ in range(min(count - 1, self.max_retries)):
-            candidate = (candidate + step) % count
-            yield candidate
-
     def __getitem__(self, index: int) -> dict:
         if not 0 <= index < len(self):
             raise IndexError(f"index {index} out of range for a dataset of {len(self)} items")
@@ -425,7 +412,7 @@ class VideoClipDataset(Dataset):
             return {"video": video, "label": self.samples[video_index].label, "video_index": video_index, "failed": ""}
         except VideoDecodeError as error:
             failed = str(error)
-        for replacement in self._replacements(video_index):
+        for replacement in replacement_indices(video_index, len(self.samples), self.seed, self.max_retries):
             try:
                 video = self._load(replacement, clip_index, crop_index)
             except VideoDecodeError:

@@ -8,14 +8,16 @@ DataLoader worker processes decoded the videos (and, gathered across ranks, unde
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+import math
+import random
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
 
-__all__ = ["DataErrorReport", "EpochFailures", "format_failures"]
+__all__ = ["DataErrorReport", "EpochFailures", "format_failures", "replacement_indices"]
 
 log = logging.getLogger("lightning.pytorch.datamodules")
 
@@ -168,3 +170,20 @@ class DataErrorReport(pl.Callback):
     def on_test_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Report the test run's failures."""
         self._report("test", trainer)
+
+
+def replacement_indices(index: int, count: int, seed: int, limit: int | None = None) -> Iterator[int]:
+    """Indices to try, in order, in place of an unreadable item ``index`` of a ``count``-item dataset.
+
+    A seeded stride coprime with ``count`` visits every other item once (at most ``limit`` of them),
+    so a replacement is deterministic per item and epoch seed, and no item is tried twice.
+    """
+    rng = random.Random(seed * 1_000_003 + index)
+    step = rng.randrange(1, count) if count > 1 else 1
+    while math.gcd(step, count) != 1:
+        step = rng.randrange(1, count)
+    candidate = index
+    tries = count - 1 if limit is None else min(count - 1, limit)
+    for _ in range(tries):
+        candidate = (candidate + step) % count
+        yield candidate

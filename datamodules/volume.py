@@ -36,6 +36,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from .base import SplitDataModule
+from .reporting import replacement_indices
 
 __all__ = [
     "NIFTI_SUFFIXES",
@@ -388,18 +389,6 @@ class VolumeDataset(Dataset):
         return {"image": plain(sample["image"], torch.float32), "label": label, "valid": True,
                 "case": self.cases[case_index].name, "failed": failed}
 
-    def _replacements(self, case_index: int):
-        """Other case indices in a deterministic order that visits every case once."""
-        count = len(self.cases)
-        rng = random.Random(self.seed * 1_000_003 + case_index)
-        step = rng.randrange(1, count) if count > 1 else 1
-        while math.gcd(step, count) != 1:
-            step = rng.randrange(1, count)
-        candidate = case_index
-        for _ in range(count - 1):
-            candidate = (candidate + step) % count
-            yield candidate
-
     def __getitem__(self, index: int) -> dict[str, Any]:
         if not 0 <= index < len(self):
             raise IndexError(f"index {index} out of range for a dataset of {len(self)} items")
@@ -412,7 +401,7 @@ class VolumeDataset(Dataset):
             # Evaluating another case instead would count it twice: skip this one instead.
             return {"image": torch.zeros((self.channels, 0, 0, 0)), "label": _EMPTY_LABEL.clone(), "valid": False,
                     "case": self.cases[case_index].name, "failed": failed}
-        for replacement in self._replacements(case_index):
+        for replacement in replacement_indices(case_index, len(self.cases), self.seed):
             try:
                 return self._item(self._sample(replacement), replacement, failed)
             except VolumeReadError:
