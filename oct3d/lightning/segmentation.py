@@ -126,7 +126,8 @@ def is_octave_network(module: nn.Module) -> bool:
     from oct3d.nn import OctBatchNorm, OctConv
     from oct3d.nn.transposed import OctConvTranspose
 
-    if getattr(module, "octave_plan", None) is not None or "octave_plan" in getattr(module, "meta", {}):
+    meta = getattr(module, "meta", None)
+    if getattr(module, "octave_plan", None) is not None or (isinstance(meta, dict) and "octave_plan" in meta):
         return True
     return any(isinstance(m, (OctConv, OctConvTranspose, OctBatchNorm)) for m in module.modules())
 
@@ -396,10 +397,20 @@ class VolumeSegmenter(pl.LightningModule):
 
     # ----------------------------------------------------------------------------- metadata
     def setup(self, stage: str) -> None:
-        """Check channels against the data module; take class names and preprocessing from it when not given."""
+        """Take class names and preprocessing from the data module when not given; then run ``octavize`` if asked.
+
+        Raises:
+            ValueError: channels differ from the data's, or octavize has no patch size or cannot convert.
+        """
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
-        if datamodule is None:
-            return
+        if datamodule is not None:
+            self._take_data_settings(datamodule)
+        # Before configure_optimizers and before a --ckpt_path restore, so both see the octave network.
+        if self._octavize is not None and not self._octavized:
+            self._convert_backbone()
+
+    def _take_data_settings(self, datamodule: Any) -> None:
+        # Checks in_channels against dataset.json's modalities, then fills what the module was not given.
         channels = getattr(datamodule, "in_channels", None)
         if channels is not None and int(channels) != self.hparams.in_channels:
             raise ValueError(
@@ -414,9 +425,6 @@ class VolumeSegmenter(pl.LightningModule):
         if not self.preprocessing and getattr(datamodule, "preprocessing", None):
             self.preprocessing = dict(datamodule.preprocessing)
             self.hparams["preprocessing"] = dict(self.preprocessing)
-        # Before configure_optimizers and before a --ckpt_path restore, so both see the octave network.
-        if self._octavize is not None and not self._octavized:
-            self._convert_backbone()
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Store backbone, class names and preprocessing as plain types under ``checkpoint["oct3d"]``."""
