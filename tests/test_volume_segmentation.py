@@ -458,6 +458,9 @@ def test_octavize_bad_settings_are_clear_errors():
                               ({"example_size": [8, 8]}, "example_size")):
         with pytest.raises(ValueError, match=message):
             VolumeSegmenter(backbone=spec, num_classes=3, octavize=octavize)
+    # A command-line override of one init_arg lands beside init_args; it is an error, not silently dropped.
+    with pytest.raises(ValueError, match=r"\['channels'\] beside class_path/init_args"):
+        VolumeSegmenter(backbone={**spec, "channels": [2, 4, 8]}, num_classes=3)
     with pytest.raises(ValueError, match="already has octave layers"):
         VolumeSegmenter(num_classes=3, backbone_kwargs={"alpha": 0.0, "base_width": 4, "depth": 2}, octavize=0.5)
     # Without a patch size the conversion waits for the data module; using the module before is an error.

@@ -62,6 +62,15 @@ def build_backbone(spec: str | dict[str, Any], in_channels: int, num_classes: in
     if not isinstance(spec, dict) or not isinstance(spec.get("class_path"), str):
         raise ValueError(f"backbone must be a registry name, an nn.Module or {{'class_path', 'init_args'}}, "
                          f"got {spec!r}")
+    stray = sorted(set(spec) - {"class_path", "init_args"})
+    if stray:
+        # e.g. `--model.init_args.backbone.init_args.channels [..]` on the command line: the CLI puts the
+        # value beside init_args instead of into it, and it would otherwise be dropped without a word.
+        raise ValueError(
+            f"backbone {spec['class_path']} has key(s) {stray} beside class_path/init_args; put them into "
+            "init_args (on the command line, give the whole backbone: --model.init_args.backbone "
+            "'{\"class_path\": ..., \"init_args\": {...}}')"
+        )
     if spec.get("init_args") is None:
         raise ValueError(
             f"backbone {spec['class_path']} was given as a module object, so its constructor arguments are unknown; "
