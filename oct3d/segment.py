@@ -130,6 +130,10 @@ def load_segmenter(path: str | os.PathLike, device: str = "auto", trust_checkpoi
         trust_checkpoint: allow full unpickling when ``weights_only`` loading refuses the file.
         amp: float16 autocast on CUDA.
 
+    A backbone trained with ``VolumeSegmenter(octavize=...)`` is rebuilt from its recorded
+    ``{class_path, init_args}`` (or registry name), converted again by ``oct3d.octavize`` with the
+    recorded settings and example size, and then given the trained weights.
+
     Raises:
         CheckpointError: missing file, not an oct3d segmentation checkpoint, or a backbone that cannot be rebuilt.
     """
@@ -156,16 +160,23 @@ def load_segmenter(path: str | os.PathLike, device: str = "auto", trust_checkpoi
             in_channels=int(meta["in_channels"]), num_classes=int(meta["num_classes"]),
             class_names=meta.get("class_names"), depth_axis=meta.get("depth_axis"),
             overlap=float(meta.get("overlap", 0.5)), preprocessing=meta.get("preprocessing"),
+            # The recorded conversion (example_size included) rebuilds the trained octave network exactly.
+            octavize=meta.get("octavize"),
         )
     except (KeyError, ValueError) as error:
         raise CheckpointError(f"{path}: cannot rebuild the model ({error})") from error
     if not module.preprocessing.get("patch_size"):
         raise CheckpointError(f"{path}: the checkpoint has no patch size (preprocessing.patch_size)")
     model_state = {k: v for k, v in checkpoint["state_dict"].items() if k.startswith("model.")}
-    module.load_state_dict(model_state, strict=False)
-    missing = [k for k in module.state_dict() if k.startswith("model.") and k not in model_state]
-    if missing:
-        raise CheckpointError(f"{path}: the weights do not match the model (missing {missing[:3]})")
+    expected = {k for k in module.state_dict() if k.startswith("model.")}
+    missing, unexpected = sorted(expected - set(model_state)), sorted(set(model_state) - expected)
+    if missing or unexpected:
+        raise CheckpointError(f"{path}: the weights do not match the rebuilt model (missing {missing[:3]}, "
+                              f"unexpected {unexpected[:3]})")
+    try:
+        module.load_state_dict(model_state, strict=False)
+    except RuntimeError as error:  # same names, other shapes
+        raise CheckpointError(f"{path}: the weights do not match the rebuilt model ({str(error)[:300]})") from error
     module.eval().to(torch_device)
     return Segmenter(module, torch_device, amp)
 

@@ -40,7 +40,8 @@ def test_print_config_is_complete(config, capsys):
     assert printed["model"]["class_path"].startswith("oct3d.lightning.")
     assert printed["data"]["class_path"].startswith("datamodules.")
     # Classifiers keep the best top-1, segmenters the best mean Dice.
-    assert printed["checkpoint"]["monitor"] == ("val/dice" if config.startswith("oct_unet3d") else "val/top1")
+    segmenter = printed["model"]["class_path"].endswith(".VolumeSegmenter")
+    assert printed["checkpoint"]["monitor"] == ("val/dice" if segmenter else "val/top1")
     assert printed["model"]["init_args"]["backbone"]
 
 

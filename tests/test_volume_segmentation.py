@@ -381,3 +381,92 @@ def test_segmentation_benchmark_tables():
     assert largest_patch(costs, 0.0, 10 * 2**20) is None
     table = format_sweep(costs, [0.0, 0.5], [128, 512])
     assert "| 128 MiB | 32^3 (33 K voxels) | 48^3 (111 K voxels) |" in table
+
+
+# ----------------------------------------------------------------------------- octavize'd backbones
+TINY_UNET = {"spatial_dims": 3, "in_channels": 1, "out_channels": 3, "channels": [4, 8, 16], "strides": [2, 2],
+             "num_res_units": 1}
+
+
+def test_octavized_monai_unet_reloads_as_the_trained_network(tiny_decathlon, tmp_path):
+    import lightning.pytorch as pl
+
+    data = VolumeSegmentationDataModule(str(tiny_decathlon), patch_size=(12, 12, 8), num_workers=0, batch_size=2,
+                                        samples_per_volume=1, val_fraction=0.34, augment=False)
+    spec = {"class_path": "monai.networks.nets.UNet", "init_args": TINY_UNET}
+    # depth_axis=2: the network sees (Z, X, Y) = (8, 12, 12), and so does octavize's example input.
+    model = VolumeSegmenter(backbone=spec, num_classes=3, depth_axis=2, octavize={"alpha": 0.5, "octave": "spatial"})
+    assert type(model.model).__name__ == "UNet"  # converted at fit start, when the patch size is known
+    trainer = pl.Trainer(accelerator="cpu", max_steps=2, limit_val_batches=1, logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(model, datamodule=data)
+    plan = model.model.octave_plan
+    assert any(a_out > 0 for _, a_out, _ in plan.values()), plan  # some convolutions really carry octaves
+    path = tmp_path / "octave_unet.ckpt"
+    trainer.save_checkpoint(path)
+    meta = torch.load(path, map_location="cpu", weights_only=True)["oct3d"]
+    assert meta["octavize"] == {"alpha": 0.5, "octave": "spatial", "exclude": [], "pool_first": None,
+                                "vanilla_coarsest": True, "validate": True, "example_size": [12, 12, 8]}
+    assert meta["backbone"] == spec
+    segmenter = load_segmenter(path, device="cpu")
+    rebuilt = segmenter.module.model
+    assert rebuilt.octave_plan == plan
+    assert list(rebuilt.state_dict()) == list(model.model.state_dict())
+    x = torch.randn(1, 1, 12, 12, 8)
+    assert torch.allclose(segmenter.module(x), model.eval()(x), atol=1e-5)
+    # A module built with other settings refuses the checkpoint instead of loading mismatched weights.
+    with pytest.raises(ValueError, match="converted with octavize"):
+        VolumeSegmenter.load_from_checkpoint(path, weights_only=True, octavize=0.25)
+
+
+def test_octavize_config_fits_and_segments(tiny_decathlon, tmp_path):
+    out = tmp_path / "fit"
+    # The demo config shrunk: a 3-level width-4 MONAI UNet, 3 steps on 12^3 patches.
+    backbone = json.dumps({"class_path": "monai.networks.nets.UNet", "init_args": TINY_UNET})
+    cli.main([
+        "fit", "-c", str(CONFIGS / "monai_unet_octave_demo.yaml"), "--data.root", str(tiny_decathlon),
+        "--data.patch_size", "[12, 12, 12]", "--data.num_workers", "0", "--data.val_fraction", "0.34",
+        "--model.init_args.backbone", backbone,
+        "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "3", "--trainer.default_root_dir", str(out),
+        "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
+        "--trainer.logger", "false",
+    ])
+    checkpoint = sorted(out.rglob("best-*.ckpt"))[0]
+    loaded = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    meta = loaded["oct3d"]
+    assert meta["backbone"]["class_path"] == "monai.networks.nets.UNet"
+    assert meta["octavize"]["alpha"] == 0.5 and meta["octavize"]["example_size"] == [12, 12, 12]
+    trained_keys = [k for k in loaded["state_dict"] if k.startswith("model.")]
+    assert any(".h2l." in k for k in trained_keys)
+    assert ["model." + k for k in load_segmenter(checkpoint, device="cpu").module.model.state_dict()] == trained_keys
+    status = cli.main(["segment", "--checkpoint", str(checkpoint), "--output-dir", str(tmp_path / "seg"),
+                       "--output", str(tmp_path / "seg.jsonl"), str(tiny_decathlon / "imagesTs")])
+    assert status == 1  # the corrupt test volume
+    results = [json.loads(line) for line in (tmp_path / "seg.jsonl").read_text().splitlines()]
+    written = [r for r in results if "error" not in r]
+    assert len(written) == 2 and len(results) == 3
+    for result in written:
+        labels = nib.load(result["output"])
+        assert labels.shape == SHAPE and np.allclose(labels.affine, AFFINE)
+        assert labels.get_data_dtype() == np.uint8 and set(np.unique(np.asarray(labels.dataobj))) <= {0, 1, 2}
+
+
+def test_octavize_bad_settings_are_clear_errors():
+    spec = {"class_path": "monai.networks.nets.UNet", "init_args": TINY_UNET}
+    for octavize, message in ((1.0, r"alpha .* \[0, 1\)"), (True, "alpha"), ({"ratio": 0.5}, "unknown key"),
+                              ({"octave": "temporal"}, "octave must be one of"),
+                              ({"example_size": [8, 8]}, "example_size")):
+        with pytest.raises(ValueError, match=message):
+            VolumeSegmenter(backbone=spec, num_classes=3, octavize=octavize)
+    # A command-line override of one init_arg lands beside init_args; it is an error, not silently dropped.
+    with pytest.raises(ValueError, match=r"\['channels'\] beside class_path/init_args"):
+        VolumeSegmenter(backbone={**spec, "channels": [2, 4, 8]}, num_classes=3)
+    with pytest.raises(ValueError, match="already has octave layers"):
+        VolumeSegmenter(num_classes=3, backbone_kwargs={"alpha": 0.0, "base_width": 4, "depth": 2}, octavize=0.5)
+    # Without a patch size the conversion waits for the data module; using the module before is an error.
+    model = VolumeSegmenter(backbone=spec, num_classes=3, octavize=0.5)
+    with pytest.raises(RuntimeError, match="not octavized yet"):
+        model(torch.zeros(1, 1, 8, 8, 8))
+    converted = VolumeSegmenter(backbone=spec, num_classes=3, octavize=0.5, preprocessing={"patch_size": [8, 8, 8]})
+    with pytest.raises(ValueError, match="already has octave layers"):
+        VolumeSegmenter(backbone=converted.model, num_classes=3, octavize=0.5)

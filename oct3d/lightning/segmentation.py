@@ -5,7 +5,9 @@ as ``monai.networks.nets.UNet`` given by ``class_path``) with MONAI's Dice + cro
 on patches, validates with sliding-window inference over whole volumes and reports per-class
 Dice, and writes everything inference needs (backbone, class names, patch size, normalisation,
 spacing) into the checkpoint as plain types, so ``torch.load(weights_only=True)`` reads it and
-``oct3d segment`` needs no config.
+``oct3d segment`` needs no config. With ``octavize``, a vanilla backbone (a MONAI network, say) is
+converted into an octave network by :func:`oct3d.octavize` before training; the conversion's
+settings go into the checkpoint too, so inference rebuilds exactly the trained network.
 """
 
 from __future__ import annotations
@@ -25,7 +27,13 @@ from oct3d.lightning.modules import CHECKPOINT_FORMAT_VERSION, CHECKPOINT_KEY, W
 from oct3d.models import get_model
 from oct3d.nn.conv import check_positive_int
 
-__all__ = ["VolumeSegmenter", "build_backbone", "class_path_of"]
+__all__ = ["OCTAVIZE_KEYS", "VolumeSegmenter", "build_backbone", "class_path_of", "is_octave_network",
+           "resolve_octavize"]
+
+#: The keyword arguments of :func:`oct3d.octavize` that ``VolumeSegmenter(octavize={...})`` takes
+#: (plain types, so they go into checkpoints), plus ``example_size``: the spatial size ``(X, Y, Z)`` of
+#: the example input the conversion traces with (default: the training patch size).
+OCTAVIZE_KEYS = ("alpha", "octave", "exclude", "pool_first", "vanilla_coarsest", "validate", "example_size")
 
 
 def class_path_of(module: nn.Module) -> str:
@@ -54,6 +62,15 @@ def build_backbone(spec: str | dict[str, Any], in_channels: int, num_classes: in
     if not isinstance(spec, dict) or not isinstance(spec.get("class_path"), str):
         raise ValueError(f"backbone must be a registry name, an nn.Module or {{'class_path', 'init_args'}}, "
                          f"got {spec!r}")
+    stray = sorted(set(spec) - {"class_path", "init_args"})
+    if stray:
+        # e.g. `--model.init_args.backbone.init_args.channels [..]` on the command line: the CLI puts the
+        # value beside init_args instead of into it, and it would otherwise be dropped without a word.
+        raise ValueError(
+            f"backbone {spec['class_path']} has key(s) {stray} beside class_path/init_args; put them into "
+            "init_args (on the command line, give the whole backbone: --model.init_args.backbone "
+            "'{\"class_path\": ..., \"init_args\": {...}}')"
+        )
     if spec.get("init_args") is None:
         raise ValueError(
             f"backbone {spec['class_path']} was given as a module object, so its constructor arguments are unknown; "
@@ -66,6 +83,62 @@ def build_backbone(spec: str | dict[str, Any], in_channels: int, num_classes: in
     except (ImportError, AttributeError, ValueError) as error:
         raise ValueError(f"backbone class_path {spec['class_path']!r} cannot be imported ({error})") from error
     return cls(**dict(spec["init_args"]))
+
+
+def resolve_octavize(spec: float | dict[str, Any] | None) -> dict[str, Any] | None:
+    """The complete ``octavize`` settings of a ratio or a dict of :data:`OCTAVIZE_KEYS`; None stays None.
+
+    Every key gets its value (``octavize``'s defaults where not given), so a checkpoint that records
+    the result rebuilds the same network even if those defaults change later.
+
+    Raises:
+        ValueError: a ratio outside [0, 1), an unknown key, or a value of the wrong type.
+    """
+    if spec is None:
+        return None
+    if not isinstance(spec, dict):
+        spec = {"alpha": spec}
+    unknown = sorted(set(spec) - set(OCTAVIZE_KEYS))
+    if unknown:
+        raise ValueError(f"octavize got unknown key(s) {unknown}; expected a ratio or a dict of {list(OCTAVIZE_KEYS)}")
+    from oct3d.nn.octave import OCTAVE_MODES
+
+    out: dict[str, Any] = {"alpha": 0.5, "octave": "spatial", "exclude": [], "pool_first": None,
+                           "vanilla_coarsest": True, "validate": True, "example_size": None, **spec}
+    alpha = out["alpha"]
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 <= alpha < 1.0:
+        raise ValueError(f"octavize alpha (the ratio of low-frequency channels) must be a number in [0, 1), "
+                         f"got {alpha!r}")
+    out["alpha"] = float(alpha)
+    if out["octave"] not in OCTAVE_MODES:
+        raise ValueError(f"octavize octave must be one of {OCTAVE_MODES}, got {out['octave']!r}")
+    exclude = [out["exclude"]] if isinstance(out["exclude"], str) else out["exclude"]
+    if not isinstance(exclude, (list, tuple)) or not all(isinstance(e, str) for e in exclude):
+        raise ValueError(f"octavize exclude must be a list of module names, got {out['exclude']!r}")
+    out["exclude"] = list(exclude)
+    if out["pool_first"] is not None and not isinstance(out["pool_first"], bool):
+        raise ValueError(f"octavize pool_first must be null, true or false, got {out['pool_first']!r}")
+    for key in ("vanilla_coarsest", "validate"):
+        if not isinstance(out[key], bool):
+            raise ValueError(f"octavize {key} must be true or false, got {out[key]!r}")
+    size = out["example_size"]
+    if size is not None:
+        if (not isinstance(size, (list, tuple)) or len(size) != 3
+                or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in size)):
+            raise ValueError(f"octavize example_size must be 3 positive ints (X, Y, Z), got {size!r}")
+        out["example_size"] = [int(s) for s in size]
+    return out
+
+
+def is_octave_network(module: nn.Module) -> bool:
+    """Whether ``module`` already has octave layers (oct3d's builders, or a network ``octavize`` returned)."""
+    from oct3d.nn import OctBatchNorm, OctConv
+    from oct3d.nn.transposed import OctConvTranspose
+
+    meta = getattr(module, "meta", None)
+    if getattr(module, "octave_plan", None) is not None or (isinstance(meta, dict) and "octave_plan" in meta):
+        return True
+    return any(isinstance(m, (OctConv, OctConvTranspose, OctBatchNorm)) for m in module.modules())
 
 
 def _metric_name(class_name: str) -> str:
@@ -105,6 +178,12 @@ class VolumeSegmenter(pl.LightningModule):
         overlap: overlap of neighbouring sliding windows (0.5 in nnU-Net and MONAI tutorials).
         preprocessing: ``patch_size``, ``normalization``, ``nonzero``, ``window``, ``spacing``; taken
             from the data module at fit start when omitted.
+        octavize: convert a vanilla backbone into an octave network with :func:`oct3d.octavize` before
+            training: a ratio of low-frequency channels (``0.5``) or a dict of :data:`OCTAVIZE_KEYS`
+            (``{"alpha": 0.5, "octave": "spatial"}``). The example input is
+            ``zeros(1, in_channels, *patch_size)`` (axes ordered by ``depth_axis``), so without
+            ``preprocessing`` or ``example_size`` the conversion happens at fit start, when the data
+            module gives the patch size. The complete settings are recorded in the checkpoint.
     """
 
     task = "segmentation"
@@ -128,8 +207,10 @@ class VolumeSegmenter(pl.LightningModule):
         sw_batch_size: int = 2,
         overlap: float = 0.5,
         preprocessing: dict[str, Any] | None = None,
+        octavize: float | dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
+        octave_settings = resolve_octavize(octavize)
         check_positive_int(in_channels, "in_channels")
         check_positive_int(num_classes, "num_classes")
         check_positive_int(sw_batch_size, "sw_batch_size")
@@ -167,12 +248,47 @@ class VolumeSegmenter(pl.LightningModule):
             spec = {"class_path": spec.get("class_path", spec.get("_class_path")),
                     "init_args": spec.get("init_args", {k: v for k, v in spec.items() if k != "_class_path"})}
         self.hparams["backbone"] = spec
+        self._octavize = octave_settings
+        self._octavized = False
+        if octave_settings is not None and is_octave_network(self.model):
+            raise ValueError(
+                f"octavize converts a vanilla network, but the backbone {class_path_of(self.model)} already has "
+                "octave layers; set its own ratio instead (backbone_kwargs.alpha for oct_unet3d) or drop octavize"
+            )
         self.class_names: list[str] | None = list(class_names) if class_names is not None else None
         self.preprocessing: dict[str, Any] = dict(preprocessing or {})
         self.criterion = DiceCELoss(to_onehot_y=True, softmax=True, lambda_dice=lambda_dice, lambda_ce=lambda_ce)
         # One running mean per foreground class and stage; NaN (class absent from a case) is skipped.
         self.val_dice = nn.ModuleList(MeanMetric(nan_strategy="ignore") for _ in range(num_classes - 1))
         self.test_dice = nn.ModuleList(MeanMetric(nan_strategy="ignore") for _ in range(num_classes - 1))
+        if octave_settings is not None and (octave_settings["example_size"] or self.preprocessing.get("patch_size")):
+            self._convert_backbone()
+
+    def _convert_backbone(self) -> None:
+        """Replace the vanilla backbone by ``oct3d.octavize`` of it, and record the settings used."""
+        from oct3d.convert import ConversionError, octavize
+
+        settings = dict(self._octavize)
+        size = settings["example_size"] or self.patch_size
+        axis = self.hparams.depth_axis or 0
+        # The network sees (D, H, W) = the depth axis first (see forward), so the example does too.
+        spatial = [size[axis]] + [size[a] for a in range(3) if a != axis]
+        reference = next(self.model.parameters(), None)
+        example = torch.zeros(1, self.hparams.in_channels, *spatial,
+                              device=reference.device if reference is not None else None)
+        try:
+            self.model = octavize(
+                self.model, settings["alpha"], example_input=example, octave=settings["octave"],
+                exclude=tuple(settings["exclude"]), pool_first=settings["pool_first"],
+                vanilla_coarsest=settings["vanilla_coarsest"], validate=settings["validate"],
+            )
+        except ConversionError as error:
+            raise ValueError(f"octavize cannot convert the backbone {class_path_of(self.model)} "
+                             f"on an example of shape {tuple(example.shape)}: {error}") from error
+        settings["example_size"] = [int(s) for s in size]
+        self._octavize = settings
+        self._octavized = True
+        self.hparams["octavize"] = dict(settings)
 
     # ----------------------------------------------------------------------------- forward
     def forward(self, x: Tensor) -> Tensor:
@@ -180,6 +296,9 @@ class VolumeSegmenter(pl.LightningModule):
         if not isinstance(x, Tensor) or x.dim() != 5 or x.shape[1] != self.hparams.in_channels:
             shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
             raise ValueError(f"{type(self).__name__} expects (B, {self.hparams.in_channels}, X, Y, Z), got {shape}")
+        if self._octavize is not None and not self._octavized:
+            raise RuntimeError("the backbone is not octavized yet: octavize needs the patch size, so fit with the "
+                               "data module, or pass preprocessing={'patch_size': [...]} or octavize example_size")
         axis = self.hparams.depth_axis
         if axis is None or axis == 0:
             return self.model(x)
@@ -287,10 +406,20 @@ class VolumeSegmenter(pl.LightningModule):
 
     # ----------------------------------------------------------------------------- metadata
     def setup(self, stage: str) -> None:
-        """Check channels against the data module; take class names and preprocessing from it when not given."""
+        """Take class names and preprocessing from the data module when not given; then run ``octavize`` if asked.
+
+        Raises:
+            ValueError: channels differ from the data's, or octavize has no patch size or cannot convert.
+        """
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
-        if datamodule is None:
-            return
+        if datamodule is not None:
+            self._take_data_settings(datamodule)
+        # Before configure_optimizers and before a --ckpt_path restore, so both see the octave network.
+        if self._octavize is not None and not self._octavized:
+            self._convert_backbone()
+
+    def _take_data_settings(self, datamodule: Any) -> None:
+        # Checks in_channels against dataset.json's modalities, then fills what the module was not given.
         channels = getattr(datamodule, "in_channels", None)
         if channels is not None and int(channels) != self.hparams.in_channels:
             raise ValueError(
@@ -322,11 +451,16 @@ class VolumeSegmenter(pl.LightningModule):
             "depth_axis": self.hparams.depth_axis,
             "overlap": float(self.hparams.overlap),
             "preprocessing": dict(self.preprocessing),
+            "octavize": dict(self._octavize) if self._octavized else None,
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Restore class names and preprocessing saved by :meth:`on_save_checkpoint`."""
         meta = checkpoint.get(CHECKPOINT_KEY) or {}
+        saved, current = meta.get("octavize"), self._octavize if self._octavized else None
+        if "octavize" in meta and saved != current:
+            raise ValueError(f"the checkpoint's backbone was converted with octavize={saved}, this module with "
+                             f"octavize={current}; build the module with the checkpoint's settings")
         if meta.get("class_names") is not None:
             self.class_names = list(meta["class_names"])
         if meta.get("preprocessing"):
