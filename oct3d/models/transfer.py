@@ -62,7 +62,7 @@ def slice_paths(dense: Tensor, out_high: int, in_high: int) -> dict[str, Tensor]
     """The four channel blocks of a dense ``(out, in, *kernel)`` weight, high channels first.
 
     ``h2h = W[:out_high, :in_high]``, ``h2l = W[out_high:, :in_high]``, ``l2h = W[:out_high, in_high:]``,
-    ``l2l = W[out_high:, in_high:]`` (SPEC.md section 2: the paths partition the vanilla weight). Shared by
+    ``l2l = W[out_high:, in_high:]`` (docs/semantics.md section 2: the paths partition the vanilla weight). Shared by
     :func:`partition_conv_weight` and the converter's transposed convolutions.
     """
     return {

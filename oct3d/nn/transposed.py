@@ -6,7 +6,7 @@ vanilla layer's geometry ``T`` (kernel, stride, padding, output padding) on ever
     Y_high = T_h2h(X_high) + up(T_l2h(X_low), size of Y_high)
     Y_low  = T_l2l(X_low)  + T_h2l(pool(X_high))          (cropped to the low size of Y_high)
 
-``pool`` and ``up`` are the octave resampling ops of ``SPEC.md`` section 2 (average pooling by 2
+``pool`` and ``up`` are the octave resampling ops of ``docs/semantics.md`` section 2 (average pooling by 2
 on the octave axes, nearest upsampling then crop). H->L pools *before* its transposed convolution,
 as a strided octave convolution pools first, so every low-resolution path costs a quarter of its
 high-resolution counterpart in 2D (FLOPs ``(1-a)^2 + a(1-a)/2 + a^2/4`` of the vanilla layer, as for
