@@ -61,6 +61,24 @@ def check_positive_int(value: object, name: str) -> int:
     return value
 
 
+def branch_channels(
+    in_channels: int, out_channels: int, alpha_in: float, alpha_out: float
+) -> tuple[int, int, int, int]:
+    """``(in_high, in_low, out_high, out_low)`` of an octave layer; a ratio > 0 must leave a low channel."""
+    in_high, in_low = split_channels(in_channels, alpha_in)
+    out_high, out_low = split_channels(out_channels, alpha_out)
+    for name, alpha, total, low in (
+        ("alpha_in", alpha_in, in_channels, in_low),
+        ("alpha_out", alpha_out, out_channels, out_low),
+    ):
+        if alpha > 0 and low == 0:
+            raise ValueError(
+                f"{name}={alpha} gives no low-frequency channels out of {total}; "
+                f"use {name}=0 or at least {int(1 / alpha) + 1} channels"
+            )
+    return in_high, in_low, out_high, out_low
+
+
 def check_alpha(alpha: float, name: str = "alpha") -> float:
     """Return ``alpha`` as a float if it lies in [0, 1), else raise a ``ValueError`` naming ``name``."""
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
@@ -146,17 +164,9 @@ class OctConv(nn.Module):
         self.groups = groups
         self.factors = tuple(2 if a else 1 for a in self.axes)
 
-        self.in_high, self.in_low = split_channels(in_channels, self.alpha_in)
-        self.out_high, self.out_low = split_channels(out_channels, self.alpha_out)
-        for name, alpha, total, low in (
-            ("alpha_in", self.alpha_in, in_channels, self.in_low),
-            ("alpha_out", self.alpha_out, out_channels, self.out_low),
-        ):
-            if alpha > 0 and low == 0:
-                raise ValueError(
-                    f"{name}={alpha} gives no low-frequency channels out of {total}; "
-                    f"use {name}=0 or at least {int(1 / alpha) + 1} channels"
-                )
+        self.in_high, self.in_low, self.out_high, self.out_low = branch_channels(
+            in_channels, out_channels, self.alpha_in, self.alpha_out
+        )
         self.depthwise = groups > 1 and groups == in_channels == out_channels
         if self.depthwise and self.alpha_in != self.alpha_out:
             raise ValueError(

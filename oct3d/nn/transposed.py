@@ -17,8 +17,8 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from oct3d.nn.conv import IntOrTuple, check_alpha, check_positive_int, to_tuple
-from oct3d.nn.octave import Octave, OctaveInput, avg_pool, low_size, octave_axes, split_channels, upsample_to
+from oct3d.nn.conv import IntOrTuple, branch_channels, check_alpha, check_positive_int, to_tuple
+from oct3d.nn.octave import Octave, OctaveInput, avg_pool, low_size, octave_axes, upsample_to
 
 __all__ = ["OctConvTranspose", "transposed_low_size_ok"]
 
@@ -87,14 +87,9 @@ class OctConvTranspose(nn.Module):
         self.padding = to_tuple(padding, dims, "padding")
         self.output_padding = to_tuple(output_padding, dims, "output_padding")
         self.factors = tuple(2 if a else 1 for a in self.axes)
-        self.in_high, self.in_low = split_channels(in_channels, self.alpha_in)
-        self.out_high, self.out_low = split_channels(out_channels, self.alpha_out)
-        for name, alpha, total, low in (
-            ("alpha_in", self.alpha_in, in_channels, self.in_low),
-            ("alpha_out", self.alpha_out, out_channels, self.out_low),
-        ):
-            if alpha > 0 and low == 0:
-                raise ValueError(f"{name}={alpha} gives no low-frequency channels out of {total}")
+        self.in_high, self.in_low, self.out_high, self.out_low = branch_channels(
+            in_channels, out_channels, self.alpha_in, self.alpha_out
+        )
         if (self.in_low or self.out_low) and not transposed_low_size_ok(
             self.kernel_size, self.stride, self.padding, self.output_padding, self.factors
         ):
