@@ -148,3 +148,16 @@ def test_linear_lr_rule_counts_clips_per_batch(attributes, expected):
     model = VideoClassifier(backbone="_test_mean_logits", num_classes=3, lr=0.4, lr_reference_batch_size=8)
     model._trainer = SimpleNamespace(datamodule=SimpleNamespace(**attributes), world_size=1, accumulate_grad_batches=1)
     assert model.effective_lr() == pytest.approx(expected)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"optimizer": "adam"}, "optimizer must be"),
+        ({"lr": 0.0}, "lr must be > 0"),
+        ({"warmup_epochs": -1}, "warmup_epochs must be >= 0"),
+    ],
+)
+def test_optimisation_arguments_are_checked_by_name(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        VideoClassifier(backbone="_test_mean_logits", num_classes=3, **kwargs)

@@ -30,6 +30,8 @@ __all__ = [
     "VideoClassifier",
     "ImageClassifier",
     "WarmupCosine",
+    "check_optimization",
+    "warmup_cosine_schedule",
 ]
 
 #: Key of the checkpoint entry holding everything inference needs; its presence marks "our" checkpoint.
@@ -71,6 +73,35 @@ class WarmupCosine:
         return self.min_factor + (1.0 - self.min_factor) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+def check_optimization(optimizer: str, lr: float, warmup_epochs: float) -> None:
+    """Validate the optimisation arguments the Lightning modules share, naming the bad one."""
+    if optimizer not in ("sgd", "adamw"):
+        raise ValueError(f"optimizer must be 'sgd' or 'adamw', got {optimizer!r}")
+    if lr <= 0:
+        raise ValueError(f"lr must be > 0, got {lr}")
+    if warmup_epochs < 0:
+        raise ValueError(f"warmup_epochs must be >= 0, got {warmup_epochs}")
+
+
+def warmup_cosine_schedule(
+    optimizer: torch.optim.Optimizer, trainer: pl.Trainer, warmup_epochs: float, start_factor: float,
+    min_factor: float,
+) -> dict[str, Any]:
+    """Lightning's ``lr_scheduler`` entry: :class:`WarmupCosine` stepped per optimizer step over the whole run."""
+    total_steps = max(int(trainer.estimated_stepping_batches), 1)
+    # estimated_stepping_batches has just set up the train loader, so the epoch length is known
+    # (and stays right when the run is bounded by max_steps rather than max_epochs).
+    batches = trainer.num_training_batches
+    if isinstance(batches, int) or (isinstance(batches, float) and math.isfinite(batches)):
+        steps_per_epoch = max(math.ceil(batches / trainer.accumulate_grad_batches), 1)
+    else:
+        max_epochs = trainer.max_epochs if trainer.max_epochs and trainer.max_epochs > 0 else 1
+        steps_per_epoch = max(total_steps / max_epochs, 1.0)
+    warmup_steps = min(round(warmup_epochs * steps_per_epoch), total_steps)
+    schedule = WarmupCosine(warmup_steps, total_steps, start_factor, min_factor)
+    return {"scheduler": torch.optim.lr_scheduler.LambdaLR(optimizer, schedule), "interval": "step", "frequency": 1}
+
+
 class OctaveClassifier(pl.LightningModule):
     """Shared training logic of the video and image classifiers (see their docstrings for the arguments).
 
@@ -103,12 +134,7 @@ class OctaveClassifier(pl.LightningModule):
         check_positive_int(num_classes, "num_classes")
         if class_names is not None and len(class_names) != num_classes:
             raise ValueError(f"class_names has {len(class_names)} entries but num_classes is {num_classes}")
-        if optimizer not in ("sgd", "adamw"):
-            raise ValueError(f"optimizer must be 'sgd' or 'adamw', got {optimizer!r}")
-        if lr <= 0:
-            raise ValueError(f"lr must be > 0, got {lr}")
-        if warmup_epochs < 0:
-            raise ValueError(f"warmup_epochs must be >= 0, got {warmup_epochs}")
+        check_optimization(optimizer, lr, warmup_epochs)
         if not 0.0 <= label_smoothing < 1.0:
             raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
         if lr_reference_batch_size is not None and lr_reference_batch_size < 1:
@@ -332,19 +358,8 @@ class OctaveClassifier(pl.LightningModule):
             opt: torch.optim.Optimizer = torch.optim.SGD(groups, lr=lr, momentum=hp.momentum, nesterov=hp.nesterov)
         else:
             opt = torch.optim.AdamW(groups, lr=lr)
-        total_steps = max(int(self.trainer.estimated_stepping_batches), 1)
-        # estimated_stepping_batches has just set up the train loader, so the epoch length is known
-        # (and stays right when the run is bounded by max_steps rather than max_epochs).
-        batches = self.trainer.num_training_batches
-        if isinstance(batches, int) or (isinstance(batches, float) and math.isfinite(batches)):
-            steps_per_epoch = max(math.ceil(batches / self.trainer.accumulate_grad_batches), 1)
-        else:
-            max_epochs = self.trainer.max_epochs if self.trainer.max_epochs and self.trainer.max_epochs > 0 else 1
-            steps_per_epoch = max(total_steps / max_epochs, 1.0)
-        warmup_steps = min(round(hp.warmup_epochs * steps_per_epoch), total_steps)
-        schedule = WarmupCosine(warmup_steps, total_steps, hp.warmup_start_factor, hp.min_lr_factor)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1}}
+        schedule = warmup_cosine_schedule(opt, self.trainer, hp.warmup_epochs, hp.warmup_start_factor, hp.min_lr_factor)
+        return {"optimizer": opt, "lr_scheduler": schedule}
 
 
 class VideoClassifier(OctaveClassifier):

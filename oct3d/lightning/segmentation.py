@@ -13,7 +13,6 @@ settings go into the checkpoint too, so inference rebuilds exactly the trained n
 from __future__ import annotations
 
 import importlib
-import math
 import re
 from typing import Any, Literal
 
@@ -23,7 +22,12 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
-from oct3d.lightning.modules import CHECKPOINT_FORMAT_VERSION, CHECKPOINT_KEY, WarmupCosine
+from oct3d.lightning.modules import (
+    CHECKPOINT_FORMAT_VERSION,
+    CHECKPOINT_KEY,
+    check_optimization,
+    warmup_cosine_schedule,
+)
 from oct3d.models import get_model
 from oct3d.nn.conv import check_positive_int
 
@@ -220,12 +224,7 @@ class VolumeSegmenter(pl.LightningModule):
             raise ValueError(f"class_names has {len(class_names)} entries but num_classes is {num_classes}")
         if depth_axis not in (None, 0, 1, 2):
             raise ValueError(f"depth_axis must be 0, 1, 2 or None, got {depth_axis!r}")
-        if optimizer not in ("adamw", "sgd"):
-            raise ValueError(f"optimizer must be 'adamw' or 'sgd', got {optimizer!r}")
-        if lr <= 0:
-            raise ValueError(f"lr must be > 0, got {lr}")
-        if warmup_epochs < 0:
-            raise ValueError(f"warmup_epochs must be >= 0, got {warmup_epochs}")
+        check_optimization(optimizer, lr, warmup_epochs)
         if not 0.0 <= overlap < 1.0:
             raise ValueError(f"overlap must be in [0, 1), got {overlap}")
         if lambda_dice < 0 or lambda_ce < 0 or lambda_dice + lambda_ce == 0:
@@ -476,13 +475,5 @@ class VolumeSegmenter(pl.LightningModule):
                                                          weight_decay=hp.weight_decay)
         else:
             opt = torch.optim.AdamW(params, lr=hp.lr, weight_decay=hp.weight_decay)
-        total_steps = max(int(self.trainer.estimated_stepping_batches), 1)
-        batches = self.trainer.num_training_batches
-        if isinstance(batches, (int, float)) and math.isfinite(batches):
-            steps_per_epoch = max(math.ceil(batches / self.trainer.accumulate_grad_batches), 1)
-        else:
-            steps_per_epoch = max(total_steps // max(self.trainer.max_epochs or 1, 1), 1)
-        warmup_steps = min(round(hp.warmup_epochs * steps_per_epoch), total_steps)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(opt, WarmupCosine(warmup_steps, total_steps, 0.01,
-                                                                        hp.min_lr_factor))
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1}}
+        schedule = warmup_cosine_schedule(opt, self.trainer, hp.warmup_epochs, 0.01, hp.min_lr_factor)
+        return {"optimizer": opt, "lr_scheduler": schedule}
