@@ -44,10 +44,5 @@ __all__ = [
     "load_octconv_pytorch",
     "read_octconv_pytorch",
     "translate_octconv_pytorch",
-    "OctaveActivation",
-    "OctaveBatchNorm",
-    "OctaveConv",
-    "OctaveSum",
-    "create_octave_resnet",
-    "init_octave_convs",
+    *_PYTORCHVIDEO_NAMES,
 ]
