@@ -100,8 +100,13 @@ def _peak_memory(device: torch.device):
         torch.cuda.synchronize(device)
         out[0] = torch.cuda.max_memory_allocated(device) - base
         return
+    import gc
+
     from torch.profiler import ProfilerActivity, profile
 
+    # A collection inside the block would free tensors allocated before it, whose frees would
+    # then be netted against the block's own allocations.
+    gc.collect()
     with _quiet_native_stderr(not torch.cuda.is_available()), \
             profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         yield out

@@ -593,3 +593,95 @@ def test_batch1_pairwise_pool_stays_channels_last_for_cat_and_convs():
         x.requires_grad_(True)
         (grad,) = torch.autograd.grad(avg_pool(x, factors).sum(), x)
         torch.testing.assert_close(grad, torch.full_like(x, 1.0 / (factors[-1] * factors[-2])))
+
+
+needs_onednn = pytest.mark.skipif(kernels._PACKED_CONV is None, reason="no oneDNN packed convolution")
+
+
+@needs_onednn
+@pytest.mark.parametrize(("dims", "channels_last"), [(2, False), (2, True), (3, False), (3, True)])
+def test_packed_kernel_equals_reference_and_repacks_changed_weights(dims, channels_last):
+    """Without autograd the packed kernel is the formula; an in-place weight update is never served stale."""
+    torch.manual_seed(0)
+    layout = {2: torch.channels_last, 3: torch.channels_last_3d}[dims] if channels_last else None
+    conv = OctConv(dims, 16, 16, 3, 0.5, 0.5, bias=True).eval()
+    if layout is not None:
+        conv = conv.to(memory_format=layout)
+    x = _make_input(conv, 1, (6, 8) if dims == 2 else (4, 6, 8), memory_format=layout)
+    kernels.clear_cache()
+    with torch.no_grad(), kernels.force(conv="onednn_packed"):
+        out = conv(x)
+        _assert_same(out, conv.forward_reference(x), atol=1e-4)
+        for part in _parts(out):  # the input's layout (F.conv3d's batch-1 im2col fallback would drop it)
+            assert part.is_contiguous(memory_format=layout or torch.contiguous_format)
+        packed_before = len(kernels._packed)
+        assert packed_before > 0
+        for p in conv.parameters():
+            p.mul_(-0.5)  # an optimizer step, load_state_dict or fuse: an in-place update
+        _assert_same(conv(x), conv.forward_reference(x), atol=1e-4)
+        conv.load_state_dict({k: torch.randn_like(v) for k, v in conv.state_dict().items()})
+        _assert_same(conv(x), conv.forward_reference(x), atol=1e-4)
+    kernels.clear_cache()
+    assert len(kernels._packed) == 0
+
+
+@needs_onednn
+def test_packed_kernel_is_offered_only_without_autograd():
+    conv = OctConv(2, 8, 8, 3, 0.5, 0.5)
+    x = torch.randn(1, 4, 8, 8)
+    args = (x, conv.h2h.weight, (1, 1), conv.padding, 1)
+    assert "onednn_packed" not in kernels.conv_kernels(*args, plain=True)
+    with torch.no_grad():
+        assert "onednn_packed" in kernels.conv_kernels(*args, plain=True)
+    with torch.inference_mode():
+        assert "onednn_packed" in kernels.conv_kernels(*args, plain=True)
+
+
+@needs_onednn
+def test_packed_weights_are_bounded_per_weight_and_die_with_it():
+    import gc
+
+    kernels.clear_cache()
+    weight = torch.randn(8, 8, 3, 3)
+    for size in range(4, 4 + kernels.PACKED_PER_WEIGHT + 3):
+        kernels.packed_weight(weight, (1, 8, size, size), (1, 1), (1, 1), (1, 1), 1)
+    assert len(kernels._packed[weight]) == kernels.PACKED_PER_WEIGHT
+    del weight
+    gc.collect()
+    assert len(kernels._packed) == 0
+
+
+def test_memoised_choice_follows_autotune_and_clear_cache(monkeypatch):
+    """conv_nd's memo never outlives clear_cache, and turning autotune off takes effect at once."""
+    used = _count_kernels(monkeypatch)
+    conv = OctConv(3, 8, 8, (1, 3, 3), 0.5, 0.5)
+    x = _make_input(conv, 2, (4, 6, 6))
+    x = Octave(x.high.requires_grad_(), x.low.requires_grad_())
+    monkeypatch.setattr(kernels, "autotune", False)
+    kernels.clear_cache()
+    conv(x)
+    assert set(used) == {"frames"}  # the rule under autograd for 1 x k x k kernels
+    assert kernels._resolved
+    kernels.clear_cache()
+    assert not kernels._resolved and kernels.memo(("any",)) is None
+    assert kernels.memo(("any",), "split") == "split" and kernels.memo(("any",)) == "split"
+    kernels.clear_cache()
+
+
+@pytest.mark.parametrize(("shape", "factors"), [
+    ((2, 8, 6, 10, 12), (1, 2, 2)), ((2, 8, 6, 10, 12), (2, 2, 2)), ((1, 5, 7, 4, 6), (1, 1, 2)),
+    ((2, 3, 4, 6, 8), (2, 1, 1)), ((1, 4, 6, 8), (2, 2)), ((3, 6, 5, 4), (1, 2)),
+])
+def test_channels_last_upsampled_add_is_exact_and_keeps_the_layout(shape, factors):
+    import torch.nn.functional as F
+
+    from oct3d.nn.conv import _add_upsampled_
+
+    layout = torch.channels_last_3d if len(shape) == 5 else torch.channels_last
+    y = torch.randn(shape).contiguous(memory_format=layout)
+    small = torch.randn(*shape[:2], *(n // f for n, f in zip(shape[2:], factors))).contiguous(memory_format=layout)
+    want = y + F.interpolate(small, scale_factor=[float(f) for f in factors], mode="nearest")
+    with torch.no_grad():
+        got = _add_upsampled_(y, small, factors)
+    assert got is y and torch.equal(got, want)
+    assert got.is_contiguous(memory_format=layout)

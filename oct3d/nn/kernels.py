@@ -15,7 +15,11 @@ values:
   converted back (small channels-first maps, where oneDNN's blocked-layout reorders
   dominate);
 - ``"frames"``: a ``1 x k x k`` 3D convolution run as one 2D convolution over the frames,
-  ``(N*T, C, H, W)``.
+  ``(N*T, C, H, W)``;
+- ``"onednn_packed"``: without autograd, oneDNN on a weight reordered once into oneDNN's
+  blocked layout and cached (``torch.ops.mkldnn._convolution_pointwise``, the call inductor's
+  freezing emits). ``F.convNd`` reorders the weight on every call; on small maps at batch 1
+  that copy costs as much as the convolution itself.
 
 With :data:`autotune` on (the default; ``OCT3D_AUTOTUNE=0`` in the environment or
 ``oct3d.nn.kernels.autotune = False`` turns it off), the first call of each distinct setting
@@ -60,12 +64,14 @@ __all__ = [
     "conv_nd",
     "conv_kernels",
     "force",
+    "memo",
+    "packed_weight",
     "rule_kernel",
     "run_conv",
 ]
 
 #: Every convolution kernel this module can route to.
-KERNELS = ("default", "onednn", "onednn_channels_last", "frames")
+KERNELS = ("default", "onednn", "onednn_channels_last", "frames", "onednn_packed")
 
 #: Time the applicable kernels on first use and keep the fastest (``OCT3D_AUTOTUNE=0`` turns it off).
 autotune: bool = os.environ.get("OCT3D_AUTOTUNE", "1").strip().lower() not in ("0", "false", "no", "off")
@@ -84,7 +90,20 @@ _CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}
 # oneDNN's channels_last path pays two layout copies; beyond this many input elements they cost more than they save.
 _CHANNELS_LAST_MAX_NUMEL = 1 << 20
 
+# Weight-packing ops of oneDNN builds (absent elsewhere: the packed kernel is then never offered).
+_PACK_WEIGHT = getattr(torch.ops.mkldnn, "_reorder_convolution_weight", None) if _ONEDNN_AVAILABLE else None
+_PACKED_CONV = getattr(torch.ops.mkldnn, "_convolution_pointwise", None) if _ONEDNN_AVAILABLE else None
+#: Packed copies kept per weight (one per input shape; the oldest is dropped beyond this).
+PACKED_PER_WEIGHT = 4
+# weight -> {(input shape, stride, padding, dilation, groups): (version, data_ptr, packed)}; entries die with
+# the weight. Keyed by identity: a tensor's ``==`` is elementwise.
+_packed = torch.utils.weak.WeakIdKeyDictionary()
+
 _cache: dict[tuple, str] = {}
+# conv_nd's memo: the kernel resolved for each exact call setting, so that a repeated call skips
+# the applicability checks and the tuning key (a few microseconds a call, which add up to
+# several percent of a batch-1 forward pass).
+_resolved: dict[tuple, str] = {}
 _forced: dict[str, str] = {}
 
 
@@ -100,7 +119,21 @@ def conv_nd(
     if x.device.type != "cpu" or traced_or_compiled():
         return _CONV_FN[x.dim()](x, weight, bias, stride, padding, dilation, groups)
     plain = _plain_eager()
+    # Every input of the choice below, in one cheap key: strides stand for the memory format.
+    # A forced choice bypasses the memo (it is for tests and A/B runs).
+    memo_key = None
+    if not _forced and x.layout == torch.strided and weight.layout == torch.strided:
+        memo_key = (
+            x.shape, x.stride(), x.dtype, weight.shape, weight.stride(), weight.dtype,
+            None if bias is None else bias.requires_grad, stride, padding,
+            dilation, groups, plain, torch.is_grad_enabled(), x.requires_grad, weight.requires_grad, autotune,
+            torch.get_num_threads(),
+        )
+        kernel = _resolved.get(memo_key)
+        if kernel is not None:
+            return run_conv(kernel, x, weight, bias, stride, padding, dilation, groups)
     kernels = conv_kernels(x, weight, stride, padding, groups, plain)
+    final = True
     if len(kernels) == 1:
         kernel = kernels[0]
     else:
@@ -108,13 +141,15 @@ def conv_nd(
         if forced is not None:
             kernel = forced if forced in kernels else rule_kernel(x, weight, kernels)
         else:
-            kernel = choose(
+            kernel, final = _choose(
                 ("conv", *_signature(x), *_signature(weight), bias is None, stride, padding, dilation, groups),
                 {k: (lambda *a, k=k: run_conv(k, *a, stride, padding, dilation, groups)) for k in kernels},
                 (x, weight, bias),
                 rule_kernel(x, weight, kernels),
                 plain=plain,
             )
+    if memo_key is not None and final:
+        _resolved[memo_key] = kernel
     return run_conv(kernel, x, weight, bias, stride, padding, dilation, groups)
 
 
@@ -145,6 +180,14 @@ def conv_kernels(
         kernels.append("onednn")
     if onednn and not _is_channels_last(x) and x.numel() <= _CHANNELS_LAST_MAX_NUMEL:
         kernels.append("onednn_channels_last")
+    if (
+        onednn
+        and _PACKED_CONV is not None
+        and _PACK_WEIGHT is not None
+        and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
+        and not weight.is_mkldnn
+    ):
+        kernels.append("onednn_packed")
     if (
         dims == 3
         and x.dtype == torch.float32
@@ -204,7 +247,39 @@ def run_conv(
         return y.contiguous(memory_format=conv_output_format(x, weight))
     if kernel == "frames":
         return _conv_over_frames(x, weight, bias, padding[1:], dilation[1:], groups, stride[1:])
+    if kernel == "onednn_packed":
+        packed = packed_weight(weight, x.shape, stride, padding, dilation, groups)
+        y = _PACKED_CONV(x, packed, bias, padding, stride, dilation, groups, "none", [], "")
+        return y.contiguous(memory_format=conv_output_format(x, weight))
     raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
+
+
+def packed_weight(
+    weight: Tensor, input_shape: Sequence[int], stride: tuple[int, ...], padding: tuple[int, ...],
+    dilation: tuple[int, ...], groups: int,
+) -> Tensor:
+    """``weight`` reordered into oneDNN's blocked layout for inputs of ``input_shape``, cached.
+
+    The cache entry is checked against the weight's version counter (bumped by every in-place
+    update: optimizer steps, ``load_state_dict``, ``fuse``) and storage pointer, so a changed
+    weight is repacked, never served stale. It holds an opaque oneDNN copy of the weight
+    (as much memory again as the weight) and dies with the weight.
+    """
+    key = (tuple(input_shape), stride, padding, dilation, groups)
+    stamp = (weight._version, weight.data_ptr())
+    entries = _packed.get(weight)
+    if entries is None:
+        entries = _packed[weight] = {}
+    hit = entries.get(key)
+    if hit is not None and hit[:2] == stamp:
+        return hit[2]
+    with torch.no_grad():
+        packed = _PACK_WEIGHT(weight.detach(), list(padding), list(stride), list(dilation), groups, list(input_shape))
+    entries.pop(key, None)
+    entries[key] = (*stamp, packed)
+    while len(entries) > PACKED_PER_WEIGHT:
+        entries.pop(next(iter(entries)))
+    return packed
 
 
 def choose(
@@ -223,24 +298,33 @@ def choose(
     ``fallback`` by :data:`TUNE_MARGIN`; an option that raises is dropped. Otherwise
     ``fallback`` is returned (and not cached, so a later call may still tune).
     """
-    if not autotune or traced_or_compiled():
-        return fallback
+    return _choose(key, options, args, fallback, plain)[0]
+
+
+def _choose(
+    key: tuple, options: dict[str, Callable[..., object]], args: Sequence[Tensor | None], fallback: str,
+    plain: bool | None = None,
+) -> tuple[str, bool]:
+    """:func:`choose`, and whether the answer is final for this setting (tuned and cached, or
+    autotuning off) rather than a fallback that a later call may still replace by tuning."""
+    if not autotune:
+        return fallback, True
+    if traced_or_compiled():
+        return fallback, False
     grad = torch.is_grad_enabled() and any(a is not None and a.requires_grad for a in args)
     full_key = (*key, grad, tuple(a is not None and a.requires_grad for a in args), torch.get_num_threads())
     cached = _cache.get(full_key)
     if cached is not None:
-        return cached
+        return cached, True
     if plain is None:
         plain = _plain_eager()
-    if (
-        len(options) < 2
-        or not plain
-        or torch._C._autograd._top_saved_tensors_default_hooks(False) is not None
-    ):
-        return fallback
+    if len(options) < 2:
+        return fallback, True
+    if not plain or torch._C._autograd._top_saved_tensors_default_hooks(False) is not None:
+        return fallback, False
     choice = _time_options(options, args, grad, fallback)
     _cache[full_key] = choice
-    return choice
+    return choice, True
 
 
 @contextlib.contextmanager
@@ -269,9 +353,26 @@ def forced(family: str) -> str | None:
     return _forced.get(family)
 
 
+def memo(key: tuple, choice: str | None = None) -> str | None:
+    """The choice memoised under ``key`` (``None`` if none), or, with ``choice``, memoise it.
+
+    For callers that resolve a choice through :func:`choose` and want to skip rebuilding its
+    key on later identical calls. ``key`` must hold everything the choice depends on (shapes,
+    strides, dtype, grad mode, ``requires_grad`` flags, :data:`autotune`, thread count);
+    memoise only final answers (see ``_choose``). :func:`clear_cache` forgets them.
+    """
+    if choice is None:
+        return _resolved.get(key)
+    _resolved[key] = choice
+    return choice
+
+
 def clear_cache() -> None:
-    """Forget every tuned choice (the next call of each setting times its options again)."""
+    """Forget every tuned choice (the next call of each setting times its options again) and drop
+    the packed weights."""
     _cache.clear()
+    _resolved.clear()
+    _packed.clear()
 
 
 def cache_info() -> dict[str, dict[str, int]]:
@@ -329,6 +430,11 @@ def _time_options(
 # ----------------------------------------------------------------------------- helpers
 def _signature(t: Tensor) -> tuple:
     return (tuple(t.shape), t.dtype, _is_channels_last(t))
+
+
+def is_channels_last(t: Tensor) -> bool:
+    """Whether ``t`` is laid out channels_last(_3d) (and not also plainly contiguous)."""
+    return _is_channels_last(t)
 
 
 def _is_channels_last(t: Tensor) -> bool:
