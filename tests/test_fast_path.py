@@ -354,8 +354,57 @@ def test_pairwise_pool_is_skipped_where_it_would_be_wrong_or_slow():
     assert not _pool_by_pairs_is_faster(torch.randn(1, 2, 6, 6), (3, 3))  # not a power of two
     assert not _pool_by_pairs_is_faster(torch.randn(1, 2, 8, 8, dtype=torch.bfloat16), (2, 2))
     with torch.enable_grad():
-        assert not _pool_by_pairs_is_faster(torch.randn(1, 2, 8, 8, requires_grad=True), (4, 4))
+        # Under autograd wide windows need the one-kernel backward, which only plain eager mode has.
+        assert _pool_by_pairs_is_faster(torch.randn(1, 2, 8, 8, requires_grad=True), (4, 4))
+        with torch.autocast("cpu", torch.bfloat16):
+            assert not _pool_by_pairs_is_faster(torch.randn(1, 2, 8, 8, requires_grad=True), (4, 4))
         assert _pool_by_pairs_is_faster(torch.randn(1, 2, 8, 8, requires_grad=True), (2, 2))
+
+
+@pytest.mark.parametrize(("shape", "factors", "layout"), [
+    ((2, 3, 8, 6), (2, 2), None), ((1, 4, 8, 12), (4, 2), torch.channels_last),
+    ((2, 8, 4, 6, 8), (1, 2, 2), torch.channels_last_3d), ((1, 8, 4, 6, 8), (2, 2, 2), torch.channels_last_3d),
+    ((2, 3, 4, 6, 8), (2, 2, 2), None),
+])
+def test_pairwise_pool_gradient_is_exact_keeps_the_layout_and_double_backward_works(shape, factors, layout):
+    import torch.nn.functional as F
+
+    from oct3d.nn.octave import avg_pool
+
+    x = torch.randn(shape, dtype=torch.float64)
+    if layout is not None:
+        x = x.contiguous(memory_format=layout)
+    x.requires_grad_(True)
+    pool = (F.avg_pool2d, F.avg_pool3d)[len(shape) - 4]
+    out, ref = avg_pool(x, factors), pool(x, factors)
+    torch.testing.assert_close(out, ref)
+    g = torch.randn_like(ref)
+    (got,), (want,) = torch.autograd.grad(out, x, g), torch.autograd.grad(ref, x, g)
+    torch.testing.assert_close(got, want)
+    assert got.stride() == x.stride()
+    assert torch.autograd.gradcheck(lambda t: avg_pool(t, factors), (x,))
+    assert torch.autograd.gradgradcheck(lambda t: avg_pool(t, factors) ** 2, (x,))
+
+
+@pytest.mark.parametrize("layout", [None, torch.channels_last_3d])
+def test_training_low_to_high_add_has_exact_gradients_in_the_maps_layout(layout):
+    from oct3d.nn.conv import _add_upsampled_
+    from oct3d.nn.octave import upsample_to
+
+    y0 = torch.randn(2, 4, 4, 6, 8, dtype=torch.float64)
+    small = torch.randn(2, 4, 4, 3, 4, dtype=torch.float64)
+    if layout is not None:
+        y0, small = y0.contiguous(memory_format=layout), small.contiguous(memory_format=layout)
+    y0.requires_grad_(True)
+    small.requires_grad_(True)
+    g = torch.randn(2, 4, 4, 6, 8, dtype=torch.float64)
+    out = _add_upsampled_(y0 * 1.0, small, (1, 2, 2))  # a fresh non-leaf map, as a conv output is
+    ref = y0 + upsample_to(small, (1, 2, 2), (4, 6, 8))
+    torch.testing.assert_close(out, ref)
+    got, want = torch.autograd.grad(out, (y0, small), g), torch.autograd.grad(ref, (y0, small), g)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
+    assert torch.autograd.gradgradcheck(lambda a, b: _add_upsampled_(a * 1.0, b, (1, 2, 2)) ** 2, (y0, small))
 
 
 @pytest.mark.parametrize(("memory_format", "weight_format"), [

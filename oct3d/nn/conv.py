@@ -13,6 +13,7 @@ pools first and convolves at stride 1 (the paper's Table 3); only the vanilla ca
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from functools import partial
 
@@ -26,6 +27,7 @@ from oct3d.nn.octave import (
     Octave,
     OctaveInput,
     avg_pool,
+    broadcast_upsampled_,
     low_size,
     octave_axes,
     split_channels,
@@ -487,64 +489,42 @@ def _add_upsampled_(y: Tensor, small: Tensor, factors: tuple[int, ...]) -> Tenso
     channels_last too. Odd sizes materialise the cropped upsample.
     """
     size = y.shape[2:]
+    exact = all(n == f * m for n, f, m in zip(size, factors, small.shape[2:]))
     if torch.is_grad_enabled() and (y.requires_grad or small.requires_grad):
-        # Under autograd an in-place add into a view records CopySlices, whose backward
-        # clones the whole gradient and reduces it over the broadcast axes; the upsample's
-        # own backward is one kernel (about 10% of an Oct-I3D-R50 CPU training step).
+        if (exact and y.device.type == "cpu" and not traced_or_compiled() and kernels._plain_eager()
+                and not (y.is_leaf and y.requires_grad)):
+            return _AddUpsampledFunction.apply(y, small, factors)
+        # An in-place add into a view would record CopySlices, whose backward clones the
+        # whole gradient and reduces it over the broadcast axes; the upsample's own backward
+        # is one kernel (about 10% of an Oct-I3D-R50 CPU training step).
         return y + upsample_to(small, factors, size)
     if all(f == 1 for f in factors):
         return y.add_(small)
-    if all(n == f * m for n, f, m in zip(size, factors, small.shape[2:])):
-        if y.device.type == "cpu" and y.dim() > 3 and kernels.is_channels_last(y):
-            return _add_upsampled_channels_last_(y, small, factors)
-        if factors[-1] > 1 and y.stride(-1) == 1 and y.device.type == "cpu":
-            # Channels-first on CPU: a broadcast on the innermost axis leaves the add a
-            # 2-element inner loop; materialising that one axis (half of y's size) keeps
-            # the add vectorised over whole rows (see `tools/benchmark.py --ops`).
-            small = small.repeat_interleave(factors[-1], dim=-1)
-            factors = (*factors[:-1], 1)
-        view_shape = [y.shape[0], y.shape[1]]
-        index: list[object] = [slice(None), slice(None)]
-        for m, f in zip(small.shape[2:], factors):
-            view_shape.append(m)
-            index.append(slice(None))
-            if f != 1:
-                view_shape.append(f)
-                index.append(None)
-        y.view(view_shape).add_(small[tuple(index)])
-        return y
+    if exact:
+        return broadcast_upsampled_(y, small, factors, "add")
     return y.add_(upsample_to(small, factors, size))
 
 
-def _add_upsampled_channels_last_(y: Tensor, small: Tensor, factors: tuple[int, ...]) -> Tensor:
-    """:func:`_add_upsampled_` for a channels_last(_3d) ``y`` on CPU, exact sizes.
+class _AddUpsampledFunction(torch.autograd.Function):
+    """``y + up(small)`` for exact sizes under autograd, added in place into ``y`` (a fresh
+    convolution output that nothing saved for its backward).
 
-    In memory ``y`` is ``(N, *spatial, C)``, so a broadcast over the upsampled axes leaves the
-    add an inner loop of only ``C`` elements (8 in a U-Net's first level at alpha .5, about
-    4x slower than a vectorised add). ``small`` is materialised along the innermost spatial
-    axis (half of ``y``'s size at most), after which each run of ``W * C`` elements is
-    contiguous in both operands and only the outer axes broadcast.
+    Forward is one broadcast add (no upsampled map); backward passes the gradient through
+    to ``y`` and sums it over each upsampling window for ``small``, both in the gradient's
+    memory format. Autograd's own upsample-and-add materialises the upsampled map and
+    returns a channels_last map's gradient channels-first.
     """
-    y_last = y.movedim(1, -1)  # a dense view for channels_last
-    small_last = small.movedim(1, -1)
-    if factors[-1] > 1:
-        *outer, width, channels = small_last.shape
-        small_last = (
-            small_last.unsqueeze(-2).expand(*outer, width, factors[-1], channels)
-            .reshape(*outer, width * factors[-1], channels)
-        )
-    view_shape = [y.shape[0]]
-    index: list[object] = [slice(None)]
-    for m, f in zip(small_last.shape[1:-2], factors[:-1]):
-        view_shape.append(m)
-        index.append(slice(None))
-        if f != 1:
-            view_shape.append(f)
-            index.append(None)
-    view_shape += list(y_last.shape[-2:])
-    index += [slice(None), slice(None)]
-    y_last.view(view_shape).add_(small_last[tuple(index)])
-    return y
+
+    @staticmethod
+    def forward(ctx, y: Tensor, small: Tensor, factors: tuple[int, ...]) -> Tensor:
+        ctx.factors = factors
+        ctx.mark_dirty(y)
+        return broadcast_upsampled_(y, small.detach(), factors, "add")
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor, None]:
+        window_sum = avg_pool(grad, ctx.factors) * math.prod(ctx.factors)  # differentiable (double backward)
+        return grad, window_sum, None
 
 
 def _shape(x: object) -> str:

@@ -146,10 +146,91 @@ def _pool_by_pairs_is_faster(x: Tensor, factors: tuple[int, ...]) -> bool:
         return False
     if any(f & (f - 1) or n % f for f, n in zip(factors, x.shape[2:])):
         return False
-    return max(factors) <= 2 or not (torch.is_grad_enabled() and x.requires_grad)
+    return max(factors) <= 2 or not (torch.is_grad_enabled() and x.requires_grad) or _plain_eager()
+
+
+def _plain_eager() -> bool:
+    from oct3d.nn.kernels import _plain_eager as plain_eager  # kernels imports this module
+
+    return plain_eager()
 
 
 def _pool_by_pairs(x: Tensor, factors: tuple[int, ...]) -> Tensor:
+    """Exact-window average pooling as a sum of halves (see :func:`_sum_halves`).
+
+    Under autograd in plain eager mode the backward is one broadcast copy in the input's
+    memory format (:class:`_PairPoolFunction`); autograd's own backward of the slices and
+    adds would fill a zero gradient per slice, add them up, and hand a channels_last map a
+    channels-first gradient, which makes every elementwise backward after it (ReLU,
+    BatchNorm) run on mismatched layouts, many times slower.
+    """
+    if torch.is_grad_enabled() and x.requires_grad and _plain_eager():
+        return _PairPoolFunction.apply(x, factors)
+    return _sum_halves(x, factors)
+
+
+class _PairPoolFunction(torch.autograd.Function):
+    """Exact-window average pooling whose backward spreads the gradient in one kernel."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, factors: tuple[int, ...]) -> Tensor:
+        ctx.factors = factors
+        ctx.input_shape = x.shape
+        ctx.input_strides = x.stride()
+        return _sum_halves(x, factors)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
+        scale = 1.0 / math.prod(ctx.factors)
+        if torch.is_grad_enabled():  # double backward (create_graph=True): differentiable ops
+            up = F.interpolate(grad, scale_factor=[float(f) for f in ctx.factors], mode="nearest")
+            return up * scale, None
+        out = torch.empty_strided(ctx.input_shape, ctx.input_strides, dtype=grad.dtype, device=grad.device)
+        return broadcast_upsampled_(out, grad * scale, ctx.factors, "copy"), None
+
+
+def broadcast_upsampled_(y: Tensor, small: Tensor, factors: Sequence[int], mode: str = "add") -> Tensor:
+    """``y += up(small)`` (``mode="add"``) or ``y[:] = up(small)`` (``"copy"``) in place, where
+    ``up`` is nearest upsampling by ``factors`` and every axis of ``y`` is exactly ``factor``
+    times ``small``'s; returns ``y``. No autograd.
+
+    ``y`` is viewed as ``(N, C, m0, f0, m1, f1, ...)`` and ``small`` broadcast over the ``f``
+    axes, so the upsampled map is never materialised, except along the innermost axis in
+    memory: a broadcast there would leave the kernel a 2-element (channels-first) or
+    ``C``-element (channels_last) inner loop, so ``small`` is materialised along that one axis
+    (half of ``y`` at most), which keeps the kernel vectorised over whole rows.
+    """
+    factors = tuple(factors)
+    op = {"add": Tensor.add_, "copy": Tensor.copy_}[mode]
+    channels_last = y.dim() > 3 and _is_channels_last(y)
+    if channels_last:
+        target, source = y.movedim(1, -1), small.movedim(1, -1)  # (N, *spatial, C): dense views
+        spatial = range(1, y.dim() - 1)
+    else:
+        target, source = y, small
+        spatial = range(2, y.dim())
+    last = spatial[-1]
+    if factors[-1] > 1 and (channels_last or y.stride(-1) == 1) and y.device.type == "cpu":
+        source = source.repeat_interleave(factors[-1], dim=last)
+        factors = (*factors[:-1], 1)
+    view_shape: list[int] = []
+    index: list[object] = []
+    for axis, m in enumerate(source.shape):
+        view_shape.append(m)
+        index.append(slice(None))
+        if axis in spatial and factors[axis - spatial[0]] != 1:
+            view_shape.append(factors[axis - spatial[0]])
+            index.append(None)
+    op(target.view(view_shape), source[tuple(index)])
+    return y
+
+
+def _is_channels_last(t: Tensor) -> bool:
+    layout = {4: torch.channels_last, 5: torch.channels_last_3d}.get(t.dim())
+    return layout is not None and not t.is_contiguous() and t.is_contiguous(memory_format=layout)
+
+
+def _sum_halves(x: Tensor, factors: tuple[int, ...]) -> Tensor:
     """Exact-window average pooling as a sum of halves, axis by axis (outermost first, so the
     later strided adds touch the already reduced map), then one scale. The output keeps the
     input's memory format (CPU ``avg_pool3d`` turns channels_last_3d into contiguous)."""
