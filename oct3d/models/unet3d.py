@@ -39,6 +39,7 @@ from oct3d.nn import (
     split_channels,
 )
 from oct3d.nn.conv import check_alpha
+from oct3d.nn.octave import is_channels_last
 
 __all__ = ["OctUNet3d", "oct_unet3d"]
 
@@ -70,10 +71,14 @@ def _conv_bn_relu(
 
 
 def _is_channels_last(t: Tensor) -> bool:
-    return not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last_3d)
+    return is_channels_last(t)
 
 
 def _to_channels_last(t: Tensor) -> Tensor:
+    if t.shape[1] == 1 and t.is_contiguous():
+        # A one-channel volume is contiguous in both layouts, and .contiguous() leaves it alone;
+        # a channel stride of 1 is what marks it channels_last for the convolutions (same memory).
+        return t.as_strided(t.shape, (t.stride(0), 1, *t.stride()[2:]))
     return t.contiguous(memory_format=torch.channels_last_3d)
 
 
@@ -115,8 +120,8 @@ class OctUNet3d(nn.Module):
         octave: ``"spatial"`` (low branch at half H, W) or ``"spatiotemporal"`` (half D, H, W).
         base_width: channels of the first level; level ``i`` has ``base_width * 2**i``.
         depth: number of resolution levels (``depth - 1`` downsamplings), at least 2.
-        channels_last: run in the channels_last_3d memory format (maps converted after the
-            first convolution, logits returned channels-first for a channels-first input).
+        channels_last: run in the channels_last_3d memory format (the input marked so before
+            the first convolution, logits returned channels-first for a channels-first input).
             ``None`` (default): on CPU inputs only.
 
     Modules: ``encoder[i]`` (level ``i``: an optional strided conv, then two 3x3x3 convs; level 0
@@ -164,15 +169,9 @@ class OctUNet3d(nn.Module):
             raise ValueError(f"OctUNet3d expects a volume batch of shape (N, {self.in_channels}, D, H, W), got {shape}")
         channels_last = x.device.type == "cpu" if self.channels_last is None else self.channels_last
         skips = []
-        out: OctaveInput = x
-        for i, level in enumerate(self.encoder):
-            if i == 0 and channels_last:
-                # Converted after the first convolution: a 1-channel volume is contiguous in both
-                # layouts, so the format would not propagate from the input.
-                out = map_octave(_to_channels_last, level[0](out))
-                out = level[1](out)
-            else:
-                out = level(out)
+        out: OctaveInput = _to_channels_last(x) if channels_last else x
+        for level in self.encoder:
+            out = level(out)
             skips.append(out)
         for i in reversed(range(len(self.decoder))):
             out = self.decoder[i](out, skips[i])

@@ -53,6 +53,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils import _python_dispatch
 
+from oct3d.nn.octave import is_channels_last as _is_channels_last
 from oct3d.nn.octave import traced_or_compiled
 
 __all__ = [
@@ -433,18 +434,14 @@ def _signature(t: Tensor) -> tuple:
 
 
 def is_channels_last(t: Tensor) -> bool:
-    """Whether ``t`` is laid out channels_last(_3d) (and not also plainly contiguous)."""
+    """Whether PyTorch treats ``t`` as channels_last(_3d) (see :func:`oct3d.nn.octave.is_channels_last`)."""
     return _is_channels_last(t)
-
-
-def _is_channels_last(t: Tensor) -> bool:
-    layout = _CHANNELS_LAST.get(t.dim())
-    return layout is not None and not t.is_contiguous() and t.is_contiguous(memory_format=layout)
 
 
 def conv_output_format(x: Tensor, weight: Tensor) -> torch.memory_format:
     """The memory format ``F.convNd`` gives its output: channels_last(_3d) when the input or the
-    weight is laid out that way (and not also plainly contiguous), else contiguous."""
+    weight is laid out that way (a one-channel map counts when its channel stride is 1, as in
+    PyTorch's ``suggest_memory_format``), else contiguous."""
     if x.dim() in _CHANNELS_LAST and (_is_channels_last(x) or _is_channels_last(weight)):
         return _CHANNELS_LAST[x.dim()]
     return torch.contiguous_format

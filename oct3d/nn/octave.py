@@ -202,7 +202,7 @@ def broadcast_upsampled_(y: Tensor, small: Tensor, factors: Sequence[int], mode:
     """
     factors = tuple(factors)
     op = {"add": Tensor.add_, "copy": Tensor.copy_}[mode]
-    channels_last = y.dim() > 3 and _is_channels_last(y)
+    channels_last = y.dim() > 3 and is_channels_last(y)
     if channels_last:
         target, source = y.movedim(1, -1), small.movedim(1, -1)  # (N, *spatial, C): dense views
         spatial = range(1, y.dim() - 1)
@@ -225,9 +225,23 @@ def broadcast_upsampled_(y: Tensor, small: Tensor, factors: Sequence[int], mode:
     return y
 
 
-def _is_channels_last(t: Tensor) -> bool:
-    layout = {4: torch.channels_last, 5: torch.channels_last_3d}.get(t.dim())
-    return layout is not None and not t.is_contiguous() and t.is_contiguous(memory_format=layout)
+def is_channels_last(t: Tensor) -> bool:
+    """Whether PyTorch treats ``t`` as channels_last(_3d), as its ``suggest_memory_format`` does.
+
+    A map that is both contiguous and channels_last counts as contiguous, except a
+    one-channel map whose channel stride is 1: that is how a one-channel volume is marked
+    channels_last (``.contiguous(memory_format=...)`` leaves it unchanged), and convolutions
+    then return their output channels_last.
+    """
+    layout = _CHANNELS_LAST.get(t.dim())
+    if layout is None:
+        return False
+    if t.is_contiguous():  # asked first: torch.func's vmap only answers this one
+        return t.shape[1] == 1 and t.stride(1) == 1 and math.prod(t.shape[2:]) > 1
+    return t.is_contiguous(memory_format=layout)
+
+
+_CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}
 
 
 def _sum_halves(x: Tensor, factors: tuple[int, ...]) -> Tensor:
