@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from oct3d.nn.conv import IntOrTuple, check_alpha, check_positive_int, to_tuple
+from oct3d.nn.norm import batch_norm
 from oct3d.nn.octave import Octave, OctaveInput, low_size, octave_factors, split_channels
 
 __all__ = [
@@ -102,9 +103,9 @@ class OctBatchNorm(nn.Module):
                 f"({want}), got ({got})"
             )
         if self.bn_l is None:
-            out = self.bn_h(high)
+            out = batch_norm(self.bn_h, high)
             return Octave(out, None) if isinstance(x, Octave) else out
-        return Octave(self.bn_h(high), self.bn_l(low))
+        return Octave(batch_norm(self.bn_h, high), batch_norm(self.bn_l, low))
 
 
 class OctBatchNorm1d(OctBatchNorm):
