@@ -19,6 +19,7 @@ import argparse
 import contextlib
 import functools
 import math
+import platform
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -541,6 +542,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads on CPU")
+    parser.add_argument("--malloc", choices=["steady", "default"], default="steady",
+                        help="steady (default): raise glibc's mmap/trim thresholds so no model page-faults its "
+                             "activations in every step (see steady_malloc); default: leave malloc alone")
     parser.add_argument("--scaling", choices=["batch", "frames"], default=None,
                         help="time the first alpha over batch sizes 1,2,4,8 or clip lengths 8,16,32")
     parser.add_argument("--model-kwargs", default=None,
@@ -557,6 +561,31 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if args.batch_size < 1:
         parser.error("--batch-size must be >= 1")
     return args
+
+
+def steady_malloc() -> bool:
+    """Keep glibc's malloc from returning large blocks to the OS between steps (Linux, glibc only).
+
+    By default glibc serves blocks above a threshold (128 KiB, adapting up to 32 MiB) with
+    fresh ``mmap`` pages and trims freed heap memory, so a step's large activations can be
+    page-faulted in again on every step. That costs whichever model allocates larger tensors
+    (the vanilla one) up to a quarter of a U-Net training step, and how much depends on the
+    allocator's history in the process (one memory-profiled step changes it). Raising the
+    mmap and trim thresholds gives every model the steady state that jemalloc or tcmalloc give,
+    so the ratios measure computation. Returns whether it applied.
+    """
+    import ctypes
+    import ctypes.util
+
+    if platform.system() != "Linux":
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    return bool(mallopt(m_mmap_threshold, 512 << 20)) and bool(mallopt(m_trim_threshold, 1 << 30))
 
 
 def _setting(args: argparse.Namespace, dev: str) -> str:
@@ -576,6 +605,7 @@ def _setting(args: argparse.Namespace, dev: str) -> str:
 
         parts.append(f"{torch.get_num_threads()} threads, {cpu_name()}")
         parts.append("kernel autotuning " + ("on" if kernels.autotune else "off"))
+        parts.append("steady malloc" if args.malloc == "steady" else "default malloc")
     elif torch.cuda.is_available():
         parts.append(torch.cuda.get_device_name(torch.device(dev)))
     parts.append(f"torch {torch.__version__}")
@@ -589,6 +619,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.malloc == "steady" and not steady_malloc():
+        args.malloc = "default"  # not glibc: nothing to change
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         print("error: --device cuda asked for, but CUDA is not available")
         return 2

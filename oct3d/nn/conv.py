@@ -344,9 +344,10 @@ class OctConv(nn.Module):
         """
         if _global_module_hooks():
             return False
-        for path in (self.h2h, self.h2l, self.l2h, self.l2l):
+        conv_type = _CONV[self.dims]
+        for path in self._modules.values():  # the paths are the only submodules
             if path is not None and (
-                type(path) is not _CONV[self.dims]
+                type(path) is not conv_type
                 or path._forward_hooks
                 or path._forward_pre_hooks
                 or path._backward_hooks
@@ -360,7 +361,8 @@ class OctConv(nn.Module):
 
     def _path(self, conv: nn.Module, x: Tensor) -> Tensor:
         """One octave path's stride-1 convolution, through :meth:`_conv`'s kernel choice."""
-        return self._conv(x, conv.weight, conv.bias, conv.groups)
+        params = conv._parameters  # plain ConvNd here (see _paths_are_plain): no parametrisation
+        return self._conv(x, params["weight"], params["bias"], conv.groups)
 
     def _forward_fast(self, high: Tensor, low: Tensor | None) -> tuple[Tensor, Tensor | None]:
         """The reference formula with fewer kernels and copies (same outputs, see tests/test_fast_path.py).

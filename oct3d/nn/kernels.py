@@ -130,9 +130,9 @@ def conv_nd(
             dilation, groups, plain, torch.is_grad_enabled(), x.requires_grad, weight.requires_grad, autotune,
             torch.get_num_threads(),
         )
-        kernel = _resolved.get(memo_key)
-        if kernel is not None:
-            return run_conv(kernel, x, weight, bias, stride, padding, dilation, groups)
+        hit = _resolved.get(memo_key)
+        if hit is not None:
+            return run_conv(hit[0], x, weight, bias, stride, padding, dilation, groups, hit[1])
     kernels = conv_kernels(x, weight, stride, padding, groups, plain)
     final = True
     if len(kernels) == 1:
@@ -150,7 +150,7 @@ def conv_nd(
                 plain=plain,
             )
     if memo_key is not None and final:
-        _resolved[memo_key] = kernel
+        _resolved[memo_key] = (kernel, conv_output_format(x, weight))
     return run_conv(kernel, x, weight, bias, stride, padding, dilation, groups)
 
 
@@ -222,7 +222,7 @@ def rule_kernel(x: Tensor, weight: Tensor, kernels: Sequence[str]) -> str:
 
 def run_conv(
     kernel: str, x: Tensor, weight: Tensor, bias: Tensor | None, stride: tuple[int, ...], padding: tuple[int, ...],
-    dilation: tuple[int, ...], groups: int,
+    dilation: tuple[int, ...], groups: int, layout: torch.memory_format | None = None,
 ) -> Tensor:
     """Run one convolution with ``kernel`` (one of :data:`KERNELS`, applicable to it: see
     :func:`conv_kernels`).
@@ -232,26 +232,27 @@ def run_conv(
     ``F.convNd`` gives, except where PyTorch's im2col fallback returns a channels_last input's
     result channels-first (batch 1, small maps); there it is converted back.
     """
+    if layout is None:
+        layout = conv_output_format(x, weight)
     if kernel == "default":
         y = _CONV_FN[x.dim()](x, weight, bias, stride, padding, dilation, groups)
-        layout = conv_output_format(x, weight)
         return y if y.is_contiguous(memory_format=layout) else y.contiguous(memory_format=layout)
     if kernel == "onednn":
         y = torch.mkldnn_convolution(x, weight, bias, padding, stride, dilation, groups)
-        return y.contiguous(memory_format=conv_output_format(x, weight))
+        return y.contiguous(memory_format=layout)
     if kernel == "onednn_channels_last":
-        layout = _CHANNELS_LAST[x.dim()]
+        last = _CHANNELS_LAST[x.dim()]
         y = torch.mkldnn_convolution(
-            x.contiguous(memory_format=layout), weight.contiguous(memory_format=layout), bias, padding, stride,
+            x.contiguous(memory_format=last), weight.contiguous(memory_format=last), bias, padding, stride,
             dilation, groups,
         )
-        return y.contiguous(memory_format=conv_output_format(x, weight))
+        return y.contiguous(memory_format=layout)
     if kernel == "frames":
         return _conv_over_frames(x, weight, bias, padding[1:], dilation[1:], groups, stride[1:])
     if kernel == "onednn_packed":
         packed = packed_weight(weight, x.shape, stride, padding, dilation, groups)
         y = _PACKED_CONV(x, packed, bias, padding, stride, dilation, groups, "none", [], "")
-        return y.contiguous(memory_format=conv_output_format(x, weight))
+        return y.contiguous(memory_format=layout)
     raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
 
 

@@ -38,16 +38,18 @@ def batch_norm(bn: nn.Module, x: Tensor) -> Tensor:
 
 
 def _rows_per_wide_row(bn: nn.Module, x: Tensor) -> int | None:
+    # Cheapest tests first: most calls (wide or channels-first maps) leave at the first two.
     if (
-        type(bn) not in _BN_TYPES
+        x.dim() not in (4, 5)
+        or x.shape[1] >= 16
+        or (x.is_contiguous() and x.shape[1] != 1)
+        or type(bn) is not _BN_TYPES[x.dim() - 4]
         or x.device.type != "cpu"
         or x.dtype not in (torch.float32, torch.float64)
-        or x.shape[1] >= 16
         or bn._forward_hooks
         or bn._forward_pre_hooks
         or traced_or_compiled()
         or not is_channels_last(x)
-        or x.dim() != {nn.BatchNorm2d: 4, nn.BatchNorm3d: 5}[type(bn)]
     ):
         return None
     from oct3d.nn.kernels import _plain_eager
