@@ -178,3 +178,16 @@ def test_peak_memory_silences_the_profilers_native_stderr(capfd):
     assert peak[0] is not None and peak[0] >= 4000
     os.write(2, b"after\n")
     assert "after" in capfd.readouterr().err  # the descriptor is restored
+
+
+def test_malloc_setting_is_named_and_steady_by_default():
+    from oct3d.benchmark import _setting, parse_args, steady_malloc
+
+    args = parse_args(["--model", "oct_resnet50"])
+    assert args.malloc == "steady"
+    assert "steady malloc" in _setting(args, "cpu")
+    assert "default malloc" in _setting(parse_args(["--malloc", "default"]), "cpu")
+    import platform
+
+    if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
+        assert steady_malloc()
