@@ -734,3 +734,47 @@ def test_channels_last_upsampled_add_is_exact_and_keeps_the_layout(shape, factor
         got = _add_upsampled_(y, small, factors)
     assert got is y and torch.equal(got, want)
     assert got.is_contiguous(memory_format=layout)
+
+
+@needs_onednn
+def test_packed_kernel_under_inference_mode():
+    """inference_mode tensors have no version counter: the cat weights stay normal tensors, and an
+    inference-mode weight is packed for its call only."""
+    torch.manual_seed(0)
+    conv = OctConv(2, 16, 16, 3, 0.5, 0.5, bias=True).eval()
+    x = _make_input(conv, 1, (8, 8))
+    kernels.clear_cache()
+    with kernels.force(conv="onednn_packed", low="cat"):
+        with torch.inference_mode():
+            out = conv(x)
+        with torch.no_grad():
+            _assert_same(out, conv.forward_reference(x), atol=1e-4)
+            _assert_same(conv(x), out, atol=1e-4)
+        with torch.inference_mode():
+            weight = torch.randn(8, 8, 3, 3)
+            got = kernels.run_conv("onednn_packed", x.high, weight, None, (1, 1), (1, 1), (1, 1), 1)
+        torch.testing.assert_close(got, torch.nn.functional.conv2d(x.high, weight, padding=1), atol=1e-4, rtol=1e-5)
+    assert all(not w.is_inference() for w, _entries in kernels._packed.items())
+    kernels.clear_cache()
+
+
+@needs_onednn
+def test_cached_weights_are_dropped_when_the_mode_switches():
+    """An update through .data does not bump the version counter; train()/eval() starts afresh,
+    and in training mode nothing is cached (an EMA teacher updated through .data stays right)."""
+    torch.manual_seed(0)
+    conv = OctConv(2, 16, 16, 3, 0.5, 0.5, bias=True).eval()
+    x = _make_input(conv, 1, (8, 8))
+    with torch.no_grad(), kernels.force(conv="onednn_packed", low="cat"):
+        conv(x)
+        for p in conv.parameters():
+            p.data.mul_(-0.5)  # no version bump
+        conv.train()
+        for p in conv.parameters():
+            p.data.mul_(3.0)  # in training mode: no cached copy to go stale
+        _assert_same(conv(x), conv.forward_reference(x), atol=1e-4)
+        conv.eval()
+        _assert_same(conv(x), conv.forward_reference(x), atol=1e-4)
+    assert "onednn_packed" not in kernels.conv_kernels(x.high, conv.h2h.weight, (1, 1), (1, 1), 1, plain=True,
+                                                        cache_weights=False)
+    kernels.clear_cache()

@@ -357,7 +357,21 @@ class OctConv(nn.Module):
         return True
 
     def _conv(self, x: Tensor, weight: Tensor, bias: Tensor | None, groups: int) -> Tensor:
-        return conv_nd(x, weight, bias, (1,) * self.dims, self.padding, self.dilation, groups)
+        # Packed copies of the weights only in eval mode (see :meth:`train`).
+        return conv_nd(x, weight, bias, (1,) * self.dims, self.padding, self.dilation, groups, not self.training)
+
+    def train(self, mode: bool = True) -> OctConv:
+        """``nn.Module.train``, which also drops this layer's cached weight copies.
+
+        The concatenated and oneDNN-packed weights are cached while autograd is off in eval
+        mode, checked against the weights' version counters. An in-place update through
+        ``.data`` (old-style optimizers, some EMA teachers) does not bump that counter, so
+        every switch between training and evaluation starts afresh; a model kept in eval
+        mode whose weights are changed through ``.data`` needs ``oct3d.nn.kernels.clear_cache()``.
+        """
+        self.__dict__.pop("_cat_weight_cache", None)
+        kernels.forget_weights([p for p in self.parameters()])
+        return super().train(mode)
 
     def _path(self, conv: nn.Module, x: Tensor) -> Tensor:
         """One octave path's stride-1 convolution, through :meth:`_conv`'s kernel choice."""
@@ -457,21 +471,24 @@ class OctConv(nn.Module):
         return avg_pool(high, self._pool_h2l)
 
     def _cat_weight(self, family: str, w_a: Tensor, w_b: Tensor) -> Tensor:
-        """``cat([w_a, w_b], dim=1)``, cached per ``family`` while autograd is off.
+        """``cat([w_a, w_b], dim=1)``, cached per ``family`` while autograd is off in eval mode.
 
         The cache is keyed on both weights' version counters (bumped by every in-place
         update: optimizer steps, ``load_state_dict``, ``fuse``), storage pointers, dtype and
         device, so it can never serve stale weights. With autograd on, or while tracing for
         ``torch.compile`` (which folds the concatenation itself), it is rebuilt every call.
         """
-        if torch.is_grad_enabled() or torch.compiler.is_compiling():
+        if torch.is_grad_enabled() or self.training or torch.compiler.is_compiling():
             return torch.cat([w_a, w_b], dim=1)
         key = (w_a._version, w_b._version, w_a.data_ptr(), w_b.data_ptr(), w_a.dtype, w_a.device)
         # Plain attribute, not a buffer: never in the state dict, rebuilt after a copy.
         caches = self.__dict__.setdefault("_cat_weight_cache", {})
         cached = caches.get(family)
         if cached is None or cached[0] != key:
-            cached = (key, torch.cat([w_a, w_b], dim=1))
+            # Built as a normal tensor even under inference_mode: an inference tensor has no
+            # version counter, which the packed-weight cache checks.
+            with torch.inference_mode(False):
+                cached = (key, torch.cat([w_a, w_b], dim=1))
             caches[family] = cached
         return cached[1]
 

@@ -65,6 +65,7 @@ __all__ = [
     "conv_nd",
     "conv_kernels",
     "force",
+    "forget_weights",
     "memo",
     "packed_weight",
     "rule_kernel",
@@ -111,11 +112,13 @@ _forced: dict[str, str] = {}
 # ----------------------------------------------------------------------------- public API
 def conv_nd(
     x: Tensor, weight: Tensor, bias: Tensor | None, stride: Sequence[int], padding: Sequence[int],
-    dilation: Sequence[int], groups: int,
+    dilation: Sequence[int], groups: int, cache_weights: bool = True,
 ) -> Tensor:
     """``F.conv{1,2,3}d(x, weight, bias, stride, padding, dilation, groups)`` through the kernel
     chosen for this setting; same values (up to rounding), output in the input's memory
-    format (see :func:`run_conv`)."""
+    format (see :func:`run_conv`). ``cache_weights=False`` keeps the packed-weight kernel out
+    (a caller whose weights may change without a version bump, e.g. a module in training mode).
+    """
     stride, padding, dilation = tuple(stride), tuple(padding), tuple(dilation)
     if x.device.type != "cpu" or traced_or_compiled():
         return _CONV_FN[x.dim()](x, weight, bias, stride, padding, dilation, groups)
@@ -127,13 +130,14 @@ def conv_nd(
         memo_key = (
             x.shape, x.stride(), x.dtype, weight.shape, weight.stride(), weight.dtype,
             None if bias is None else bias.requires_grad, stride, padding,
-            dilation, groups, plain, torch.is_grad_enabled(), x.requires_grad, weight.requires_grad, autotune,
+            dilation, groups, plain, cache_weights, torch.is_grad_enabled(), x.requires_grad, weight.requires_grad,
+            autotune,
             torch.get_num_threads(),
         )
         hit = _resolved.get(memo_key)
         if hit is not None:
             return run_conv(hit[0], x, weight, bias, stride, padding, dilation, groups, hit[1])
-    kernels = conv_kernels(x, weight, stride, padding, groups, plain)
+    kernels = conv_kernels(x, weight, stride, padding, groups, plain, cache_weights)
     final = True
     if len(kernels) == 1:
         kernel = kernels[0]
@@ -156,12 +160,13 @@ def conv_nd(
 
 def conv_kernels(
     x: Tensor, weight: Tensor, stride: tuple[int, ...], padding: tuple[int, ...], groups: int,
-    plain: bool | None = None,
+    plain: bool | None = None, cache_weights: bool = True,
 ) -> tuple[str, ...]:
     """The kernels of :data:`KERNELS` that can compute this CPU convolution (``"default"`` first).
 
     ``plain`` says whether execution is plain eager (see the module docstring); by default it
     is checked here. The direct oneDNN calls need it; the frames kernel does not.
+    ``cache_weights`` allows the packed-weight kernel (see :func:`conv_nd`).
     """
     if plain is None:
         plain = _plain_eager()
@@ -187,6 +192,7 @@ def conv_kernels(
         and _PACK_WEIGHT is not None
         and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
         and not weight.is_mkldnn
+        and cache_weights
     ):
         kernels.append("onednn_packed")
     if (
@@ -265,8 +271,13 @@ def packed_weight(
     The cache entry is checked against the weight's version counter (bumped by every in-place
     update: optimizer steps, ``load_state_dict``, ``fuse``) and storage pointer, so a changed
     weight is repacked, never served stale. It holds an opaque oneDNN copy of the weight
-    (as much memory again as the weight) and dies with the weight.
+    (as much memory again as the weight) and dies with the weight. An inference tensor (made
+    under ``torch.inference_mode``) has no version counter and is packed afresh on every call.
     """
+    if weight.is_inference():
+        # No version counter to check a cached copy against: pack for this call only.
+        with torch.no_grad():
+            return _PACK_WEIGHT(weight, list(padding), list(stride), list(dilation), groups, list(input_shape))
     key = (tuple(input_shape), stride, padding, dilation, groups)
     stamp = (weight._version, weight.data_ptr())
     entries = _packed.get(weight)
@@ -367,6 +378,13 @@ def memo(key: tuple, choice: str | None = None) -> str | None:
         return _resolved.get(key)
     _resolved[key] = choice
     return choice
+
+
+def forget_weights(weights: Iterator[Tensor] | Sequence[Tensor]) -> None:
+    """Drop the packed copies of ``weights`` (an in-place update through ``.data`` does not bump
+    the version counter the cache checks; ``OctConv`` calls this when its mode switches)."""
+    for weight in weights:
+        _packed.pop(weight, None)
 
 
 def clear_cache() -> None:
