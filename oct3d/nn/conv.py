@@ -487,7 +487,8 @@ class OctConv(nn.Module):
         if cached is None or cached[0] != key:
             # Built as a normal tensor even under inference_mode: an inference tensor has no
             # version counter, which the packed-weight cache checks.
-            with torch.inference_mode(False):
+            # (inference_mode(False) turns grad mode back on, hence the no_grad inside it.)
+            with torch.inference_mode(False), torch.no_grad():
                 cached = (key, torch.cat([w_a, w_b], dim=1))
             caches[family] = cached
         return cached[1]
