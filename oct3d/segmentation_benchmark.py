@@ -149,11 +149,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--budgets", type=int, nargs="+", default=[256, 512, 1024], help="memory budgets in MiB")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--output", help="also write the tables to this markdown file")
+    parser.add_argument("--malloc", choices=["steady", "default"], default="steady",
+                        help="as for tools/benchmark.py: steady raises glibc's mmap/trim thresholds")
     args = parser.parse_args(argv)
     if args.rounds < 1 or args.patch < 4 or args.batch_size < 1:
         parser.error("--rounds and --batch-size must be >= 1 and --patch >= 4")
+    from oct3d.benchmark import steady_malloc
+
+    malloc = "steady" if args.malloc == "steady" and steady_malloc() else "default"
     text = [f"Training step of oct_unet3d(base_width={args.base_width}, depth={args.depth}, octave='spatial'), "
-            f"batch {args.batch_size} x 1 x {args.patch}^3, {args.device}, {torch.get_num_threads()} threads:", "",
+            f"batch {args.batch_size} x 1 x {args.patch}^3, {args.device}, {torch.get_num_threads()} threads, "
+            f"{malloc} malloc:", "",
             format_steps(measure_steps(args.alphas, args.patch, args.batch_size, args.base_width, args.depth,
                                        rounds=args.rounds, device=args.device))]
     if args.sweep:
