@@ -501,6 +501,18 @@ def test_every_conv_kernel_equals_the_reference(monkeypatch, kernel, dims, octav
     applicable = kernels.conv_kernels(x.high, conv.h2h.weight, (1,) * dims, conv.padding, 1, plain=True)
     if kernel in applicable:
         assert kernel in used, (kernel, used, applicable)
+    # Eval mode without autograd: where the cached-weight kernel applies (every kernel is checked again).
+    conv.eval()
+    used.clear()
+    with torch.no_grad(), kernels.force(conv=kernel):
+        out, ref = conv(x), conv.forward_reference(x)
+        _assert_same(out, ref, atol=1e-4)
+        for part, ref_part in zip(_parts(out), _parts(ref)):
+            assert part.is_contiguous() == ref_part.is_contiguous()
+        applicable = kernels.conv_kernels(x.high, conv.h2h.weight, (1,) * dims, conv.padding, 1, plain=True)
+    if kernel in applicable:
+        assert kernel in used, (kernel, used, applicable)
+    kernels.clear_cache()
 
 
 @pytest.mark.parametrize("family", ["high", "low"])
