@@ -34,7 +34,7 @@ from oct3d.models.registry import list_models, model_task
 from oct3d.profiling import count_macs
 
 __all__ = ["BenchResult", "benchmark_models", "cpu_name", "format_results", "main", "op_table", "plot_results",
-           "results_to_json", "route_conv3d_like_octave"]
+           "results_to_json", "route_conv3d_like_octave", "route_convs_like_octave"]
 
 MODES = ("inference", "train")
 
@@ -175,19 +175,27 @@ def route_conv3d_like_octave(model: nn.Module) -> int:
     """Give every ``nn.Conv3d`` of ``model`` the octave paths' CPU kernel choices; returns how many.
 
     Octave paths call oneDNN directly where PyTorch's dispatch rule would take its im2col
-    kernel (``oct3d.nn.conv._prefer_onednn``), and under autograd run ``1 x k x k`` kernels
-    as 2D convolutions over the frames (``_frames_as_batch``). Applied to a vanilla peer,
-    this shows how much of a measured speed-up comes from those choices rather than from
-    the octave saving.
+    kernel, and under autograd run ``1 x k x k`` kernels as 2D convolutions over the frames
+    (``oct3d.nn.kernels``). Applied to a vanilla peer, this shows how much of a measured
+    speed-up comes from those choices rather than from the octave saving.
     """
-    from oct3d.nn.conv import conv_nd
+    return route_convs_like_octave(model, (nn.Conv3d,))
 
-    def forward(conv: nn.Conv3d, x: Tensor) -> Tensor:
-        return conv_nd(x, conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+
+def route_convs_like_octave(model: nn.Module, types: tuple[type, ...] = (nn.Conv2d, nn.Conv3d)) -> int:
+    """Send every convolution of ``types`` in ``model`` through ``oct3d.nn.kernels.conv_nd``, as
+    octave paths are: autotuned kernels, and packed weights in eval mode without autograd.
+    Returns how many. The ``--peer-routed`` control of the benchmark: octave against a vanilla
+    network with the same kernel choices."""
+    from oct3d.nn.kernels import conv_nd
+
+    def forward(conv: nn.Module, x: Tensor) -> Tensor:
+        return conv_nd(x, conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups,
+                       not conv.training)
 
     routed = 0
     for module in model.modules():
-        if type(module) is nn.Conv3d and module.padding_mode == "zeros" and not isinstance(module.padding, str):
+        if type(module) in types and module.padding_mode == "zeros" and not isinstance(module.padding, str):
             module.forward = functools.partial(forward, module)
             routed += 1
     return routed
@@ -262,6 +270,7 @@ def benchmark_models(
     model_kwargs: dict | None = None,
     peer_onednn: bool = False,
     spatial: Sequence[int] | None = None,
+    peer_routed: bool = False,
 ) -> list[BenchResult]:
     """Time ``name`` at each alpha (and octave mode) against its vanilla peer, interleaved.
 
@@ -269,8 +278,9 @@ def benchmark_models(
     into the convolutions of every model (octave and peer alike) for inference.
     ``peer_onednn`` gives the peer's 3D convolutions the CPU kernel choices of the octave
     paths (see :func:`route_conv3d_like_octave`), a control that separates those choices from
-    the octave saving. ``spatial`` overrides the input's spatial size (``(H, W)`` or
-    ``(T, H, W)``, e.g. a non-cubic volume). With ``compile`` on CPU, inference graphs are
+    the octave saving; ``peer_routed`` does the same for every 2D and 3D convolution, packed
+    weights included (see :func:`route_convs_like_octave`). ``spatial`` overrides the input's
+    spatial size (``(H, W)`` or ``(T, H, W)``, e.g. a non-cubic volume). With ``compile`` on CPU, inference graphs are
     compiled with inductor's freezing (weights folded into the graph as constants).
     """
     if name not in list_models():
@@ -323,6 +333,8 @@ def benchmark_models(
                 model = fuse_model(model, tuple(shape), inplace=True)
             if peer_onednn and _label == "peer":
                 route_conv3d_like_octave(model)
+            if peer_routed and _label == "peer":
+                route_convs_like_octave(model)
             if compile:
                 model = torch.compile(model)
             step = _make_step(model, mode, x, num_classes, dense=task == "segmentation")
@@ -552,6 +564,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                              "the peer is then the same builder at alpha 0")
     parser.add_argument("--peer-onednn", action="store_true",
                         help="control: give the peer's 3D convolutions the octave paths' CPU kernel choices")
+    parser.add_argument("--peer-routed", action="store_true",
+                        help="control: send all the peer's 2D/3D convolutions through the octave paths' kernel "
+                             "choices (autotuning, packed weights)")
     parser.add_argument("--ops", action="store_true",
                         help="instead of models, time oct3d's CPU kernel choices against PyTorch's defaults")
     parser.add_argument("--output", default=None, help="write the markdown table here")
@@ -600,6 +615,8 @@ def _setting(args: argparse.Namespace, dev: str) -> str:
         parts.append("BN folded")
     if args.peer_onednn:
         parts.append("peer's 3D convs routed like the octave paths")
+    if args.peer_routed:
+        parts.append("peer's convs routed through oct3d's kernel choices")
     if dev == "cpu":
         from oct3d.nn import kernels
 
@@ -641,6 +658,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     common = dict(
         device=args.device, dtype=args.dtype, channels_last=args.channels_last, compile=args.compile, fuse=args.fuse,
         warmup=args.warmup, iters=args.iters, model_kwargs=model_kwargs, peer_onednn=args.peer_onednn,
+        peer_routed=args.peer_routed,
         spatial=args.spatial,
     )
     sections: list[str] = []

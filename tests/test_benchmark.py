@@ -191,3 +191,32 @@ def test_malloc_setting_is_named_and_steady_by_default():
 
     if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
         assert steady_malloc()
+
+
+def test_peer_routed_control_keeps_outputs_and_uses_packed_weights_in_eval(monkeypatch):
+    import torch
+    import torchvision
+
+    from oct3d.benchmark import route_convs_like_octave
+    from oct3d.nn import kernels
+
+    used = []
+    real = kernels.run_conv
+    monkeypatch.setattr(kernels, "run_conv", lambda kernel, *a: used.append(kernel) or real(kernel, *a))
+    torch.manual_seed(0)
+    peer = torchvision.models.resnet18(num_classes=10).eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        expected = peer(x)
+    assert route_convs_like_octave(peer) == sum(isinstance(m, torch.nn.Conv2d) for m in peer.modules())
+    kernels.clear_cache()
+    with torch.no_grad(), kernels.force(conv="onednn_packed"):
+        torch.testing.assert_close(peer(x), expected, atol=1e-4, rtol=1e-4)
+    if kernels._PACKED_CONV is not None:
+        assert "onednn_packed" in used
+    peer.train()
+    used.clear()
+    with torch.no_grad(), kernels.force(conv="onednn_packed"):
+        peer(x)
+    assert "onednn_packed" not in used  # training mode: no cached weight copies
+    kernels.clear_cache()
