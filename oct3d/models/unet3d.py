@@ -54,7 +54,7 @@ class _ConvBNReLU(nn.Sequential):
 
     def forward(self, x: OctaveInput) -> OctaveInput:
         out = super().forward(x)
-        if _is_channels_last(_branches(x)[0]):
+        if is_channels_last(_branches(x)[0]):
             out = map_octave(_to_channels_last, out)  # no copy where the layout was kept
         return out
 
@@ -68,10 +68,6 @@ def _conv_bn_relu(
         OctBatchNorm(3, out_channels, alpha_out),
         OctReLU(inplace=True),
     )
-
-
-def _is_channels_last(t: Tensor) -> bool:
-    return is_channels_last(t)
 
 
 def _to_channels_last(t: Tensor) -> Tensor:

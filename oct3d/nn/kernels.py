@@ -53,6 +53,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils import _python_dispatch
 
+from oct3d.nn.octave import CHANNELS_LAST_FORMATS as _CHANNELS_LAST
 from oct3d.nn.octave import is_channels_last as _is_channels_last
 from oct3d.nn.octave import traced_or_compiled
 
@@ -88,7 +89,6 @@ TUNE_MARGIN = 0.9
 
 _CONV_FN = {3: F.conv1d, 4: F.conv2d, 5: F.conv3d}
 _ONEDNN_AVAILABLE = torch.backends.mkldnn.is_available()
-_CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}
 # oneDNN's channels_last path pays two layout copies; beyond this many input elements they cost more than they save.
 _CHANNELS_LAST_MAX_NUMEL = 1 << 20
 

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
-from oct3d.nn.octave import is_channels_last, traced_or_compiled
+from oct3d.nn.octave import CHANNELS_LAST_FORMATS, is_channels_last, traced_or_compiled
 
 __all__ = ["batch_norm", "WIDE_ROW"]
 
@@ -130,7 +130,7 @@ class _WideBatchNormFunction(torch.autograd.Function):
         k, channels = ctx.k, x.shape[1]
         rows = _wide(x, k)
         if not is_channels_last(grad):
-            grad = grad.contiguous(memory_format=torch.channels_last if x.dim() == 4 else torch.channels_last_3d)
+            grad = grad.contiguous(memory_format=CHANNELS_LAST_FORMATS[x.dim()])
         grad_rows = _wide(grad, k)
         count = rows.shape[0] * k
         centred = rows - mean.repeat(k)

@@ -15,6 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+#: The channels_last memory format of 4D and 5D maps.
+CHANNELS_LAST_FORMATS = {4: torch.channels_last, 5: torch.channels_last_3d}
+
 __all__ = [
     "Octave",
     "OctaveInput",
@@ -28,6 +31,9 @@ __all__ = [
     "upsample_to",
     "to_octave",
     "from_octave",
+    "broadcast_upsampled_",
+    "is_channels_last",
+    "CHANNELS_LAST_FORMATS",
 ]
 
 OCTAVE_MODES = ("spatial", "spatiotemporal")
@@ -135,10 +141,11 @@ def _pool_by_pairs_is_faster(x: Tensor, factors: tuple[int, ...]) -> bool:
     channels-first maps: ``tools/benchmark.py --ops`` times both side by side (about 3-5x
     for exact 2x2 and 2x2x2 windows; docs/benchmarks/cpu_ops.md). Pairwise adds of
     contiguous slabs are plain vectorised elementwise kernels. They need exact windows
-    (every size divisible by its factor, factors powers of two); under autograd, windows
-    wider than 2 take the pooling kernel, whose single backward beats the chain of slice
-    backwards. GPUs, reduced precision, and traced or compiled graphs (where one pooling
-    op exports and fuses better) keep ``avg_pool``.
+    (every size divisible by its factor, factors powers of two). Under autograd in plain
+    eager mode they get a one-kernel backward (:class:`_PairPoolFunction`); elsewhere under
+    autograd, windows wider than 2 take the pooling kernel, whose single backward beats the
+    chain of slice backwards. GPUs, reduced precision, and traced or compiled graphs (where
+    one pooling op exports and fuses better) keep ``avg_pool``.
     """
     if traced_or_compiled():
         return False
@@ -233,15 +240,13 @@ def is_channels_last(t: Tensor) -> bool:
     channels_last (``.contiguous(memory_format=...)`` leaves it unchanged), and convolutions
     then return their output channels_last.
     """
-    layout = _CHANNELS_LAST.get(t.dim())
+    layout = CHANNELS_LAST_FORMATS.get(t.dim())
     if layout is None:
         return False
     if t.is_contiguous():  # asked first: torch.func's vmap only answers this one
         return t.shape[1] == 1 and t.stride(1) == 1 and math.prod(t.shape[2:]) > 1
     return t.is_contiguous(memory_format=layout)
 
-
-_CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}
 
 
 def _sum_halves(x: Tensor, factors: tuple[int, ...]) -> Tensor:
