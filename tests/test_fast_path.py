@@ -722,9 +722,9 @@ def test_memoised_choice_follows_autotune_and_clear_cache(monkeypatch):
     kernels.clear_cache()
     conv(x)
     assert set(used) == {"frames"}  # the rule under autograd for 1 x k x k kernels
-    assert kernels._resolved
+    assert kernels._resolved_convs
     kernels.clear_cache()
-    assert not kernels._resolved and kernels.memo(("any",)) is None
+    assert not kernels._resolved_convs and kernels.memo(("any",)) is None
     assert kernels.memo(("any",), "split") == "split" and kernels.memo(("any",)) == "split"
     kernels.clear_cache()
 

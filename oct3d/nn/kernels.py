@@ -102,9 +102,10 @@ PACKED_PER_WEIGHT = 4
 _packed = torch.utils.weak.WeakIdKeyDictionary()
 
 _cache: dict[tuple, str] = {}
-# conv_nd's memo: the kernel resolved for each exact call setting, so that a repeated call skips
-# the applicability checks and the tuning key (a few microseconds a call, which add up to
-# several percent of a batch-1 forward pass).
+# conv_nd's memo: the kernel (and output layout) resolved for each exact call setting, so that a
+# repeated call skips the applicability checks and the tuning key (a few microseconds a call,
+# which add up to several percent of a batch-1 forward pass); and memo()'s, for layer plans.
+_resolved_convs: dict[tuple, tuple[str, torch.memory_format]] = {}
 _resolved: dict[tuple, str] = {}
 _forced: dict[str, str] = {}
 
@@ -134,7 +135,7 @@ def conv_nd(
             autotune,
             torch.get_num_threads(),
         )
-        hit = _resolved.get(memo_key)
+        hit = _resolved_convs.get(memo_key)
         if hit is not None:
             return run_conv(hit[0], x, weight, bias, stride, padding, dilation, groups, hit[1])
     kernels = conv_kernels(x, weight, stride, padding, groups, plain, cache_weights)
@@ -154,7 +155,7 @@ def conv_nd(
                 plain=plain,
             )
     if memo_key is not None and final:
-        _resolved[memo_key] = (kernel, conv_output_format(x, weight))
+        _resolved_convs[memo_key] = (kernel, conv_output_format(x, weight))
     return run_conv(kernel, x, weight, bias, stride, padding, dilation, groups)
 
 
@@ -392,6 +393,7 @@ def clear_cache() -> None:
     the packed weights."""
     _cache.clear()
     _resolved.clear()
+    _resolved_convs.clear()
     _packed.clear()
 
 
@@ -450,11 +452,6 @@ def _time_options(
 # ----------------------------------------------------------------------------- helpers
 def _signature(t: Tensor) -> tuple:
     return (tuple(t.shape), t.dtype, _is_channels_last(t))
-
-
-def is_channels_last(t: Tensor) -> bool:
-    """Whether PyTorch treats ``t`` as channels_last(_3d) (see :func:`oct3d.nn.octave.is_channels_last`)."""
-    return _is_channels_last(t)
 
 
 def conv_output_format(x: Tensor, weight: Tensor) -> torch.memory_format:
