@@ -370,7 +370,7 @@ class OctConv(nn.Module):
         mode whose weights are changed through ``.data`` needs ``oct3d.nn.kernels.clear_cache()``.
         """
         self.__dict__.pop("_cat_weight_cache", None)
-        kernels.forget_weights([p for p in self.parameters()])
+        kernels.forget_weights(self.parameters())
         return super().train(mode)
 
     def _path(self, conv: nn.Module, x: Tensor) -> Tensor:
