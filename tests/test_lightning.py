@@ -113,6 +113,7 @@ def test_optimizer_and_schedule_follow_hyperparameters():
     # lr scaled by total batch 2 / reference 8; after 8 of 8 steps the cosine reached 0.
     assert group["initial_lr"] == pytest.approx(0.1)
     assert group["momentum"] == 0.8 and group["weight_decay"] == 1e-3
+    assert group["foreach"] is True  # CPU parameters: the multi-tensor implementation (foreach_kwargs)
     scheduler = trainer.lr_scheduler_configs[0].scheduler
     assert scheduler.lr_lambdas[0].warmup_steps == 4
     assert scheduler.lr_lambdas[0].total_steps == 8
@@ -161,3 +162,11 @@ def test_linear_lr_rule_counts_clips_per_batch(attributes, expected):
 def test_optimisation_arguments_are_checked_by_name(kwargs, message):
     with pytest.raises(ValueError, match=message):
         VideoClassifier(backbone="_test_mean_logits", num_classes=3, **kwargs)
+
+
+def test_foreach_only_where_every_parameter_is_on_the_cpu():
+    from oct3d.lightning.modules import foreach_kwargs
+
+    assert foreach_kwargs([torch.zeros(2), torch.zeros(3)]) == {"foreach": True}
+    assert foreach_kwargs([]) == {}
+    assert foreach_kwargs([torch.zeros(2, device="meta")]) == {}

@@ -26,6 +26,7 @@ from oct3d.lightning.modules import (
     CHECKPOINT_FORMAT_VERSION,
     CHECKPOINT_KEY,
     check_optimization,
+    foreach_kwargs,
     warmup_cosine_schedule,
 )
 from oct3d.models import get_model
@@ -470,10 +471,11 @@ class VolumeSegmenter(pl.LightningModule):
         """AdamW or SGD plus a per-step linear-warmup + cosine schedule over the whole run."""
         hp = self.hparams
         params = [p for p in self.parameters() if p.requires_grad]
+        fast = foreach_kwargs(params)
         if hp.optimizer == "sgd":
             opt: torch.optim.Optimizer = torch.optim.SGD(params, lr=hp.lr, momentum=hp.momentum, nesterov=True,
-                                                         weight_decay=hp.weight_decay)
+                                                         weight_decay=hp.weight_decay, **fast)
         else:
-            opt = torch.optim.AdamW(params, lr=hp.lr, weight_decay=hp.weight_decay)
+            opt = torch.optim.AdamW(params, lr=hp.lr, weight_decay=hp.weight_decay, **fast)
         schedule = warmup_cosine_schedule(opt, self.trainer, hp.warmup_epochs, 0.01, hp.min_lr_factor)
         return {"optimizer": opt, "lr_scheduler": schedule}
