@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
+from oct3d.nn.kernels import _plain_eager
 from oct3d.nn.octave import CHANNELS_LAST_FORMATS, is_channels_last, traced_or_compiled
 
 __all__ = ["batch_norm", "WIDE_ROW"]
@@ -52,8 +53,6 @@ def _rows_per_wide_row(bn: nn.Module, x: Tensor) -> int | None:
         or not is_channels_last(x)
     ):
         return None
-    from oct3d.nn.kernels import _plain_eager
-
     if not _plain_eager():
         return None
     rows = x.numel() // x.shape[1]

@@ -157,8 +157,11 @@ def _pool_by_pairs_is_faster(x: Tensor, factors: tuple[int, ...]) -> bool:
 
 
 def _plain_eager() -> bool:
-    from oct3d.nn.kernels import _plain_eager as plain_eager  # kernels imports this module
+    """``oct3d.nn.kernels._plain_eager``, bound on first use (kernels imports this module)."""
+    global _plain_eager
+    from oct3d.nn.kernels import _plain_eager as plain_eager
 
+    _plain_eager = plain_eager
     return plain_eager()
 
 
