@@ -185,7 +185,7 @@ def test_resnet50_matches_the_hand_written_oct_resnet50(resnet50, pool_first):
     from oct3d.models import load_vanilla, oct_resnet50
 
     converted = octavize(resnet50, 0.5, example_input=torch.randn(1, 3, 64, 64), pool_first=pool_first).eval()
-    reference = load_vanilla(oct_resnet50(alpha=0.5, pool_first=pool_first), resnet50).eval()
+    reference = load_vanilla(oct_resnet50(alpha=0.5, pool_first=pool_first, channels_last=False), resnet50).eval()
     probe = torch.randn(2, 3, 97, 83)
     # Same kernels for both (timing may pick differently rounding ones for the two models).
     with torch.no_grad(), kernels.force(conv="default", low="cat", high="cat"):

@@ -329,3 +329,31 @@ def test_octave_models_pool_before_strided_ratio0_convs_like_the_official_code(b
 def test_pool_first_rejects_non_bool():
     with pytest.raises(TypeError, match="pool_first"):
         oct_resnet50(alpha=0.5, pool_first="yes")
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.5])
+def test_channels_last_on_cpu_runs_the_same_network(alpha):
+    """On CPU an Oct-ResNet converts its input to channels_last once; every map after it keeps that
+    layout, and values and gradients are those of the channels-first network (float64: exactly up
+    to summation order)."""
+    torch.manual_seed(0)
+    fast = oct_resnet26(alpha=alpha, num_classes=10).double()
+    plain = oct_resnet26(alpha=alpha, num_classes=10, channels_last=False).double()
+    plain.load_state_dict(fast.state_dict())
+    seen = []
+    fast.layer3.register_forward_hook(lambda module, args, out: seen.append(_all_channels_last(out)))
+    plain.layer3.register_forward_hook(lambda module, args, out: seen.append(_all_channels_last(out)))
+    x = torch.randn(2, 3, 64, 48, dtype=torch.float64)
+    got, want = fast(x), plain(x)
+    assert seen == [True, False]
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
+    for a, b in zip(torch.autograd.grad(got.square().sum(), list(fast.parameters())),
+                    torch.autograd.grad(want.square().sum(), list(plain.parameters()))):
+        torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-9)
+    with pytest.raises(TypeError, match="channels_last"):
+        oct_resnet26(channels_last="yes")
+
+
+def _all_channels_last(out) -> bool:
+    parts = [out] if isinstance(out, torch.Tensor) else [t for t in out if t is not None]
+    return all(not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last) for t in parts)

@@ -214,3 +214,28 @@ def test_octave_video_resnet_pools_before_res5s_strided_conv():
     assert official.pool_first and official.h2h.stride == (1, 1, 1)
     assert not oct_i3d_r50(alpha=0.0).layer4[0].conv2.pool_first
     assert not oct_i3d_r50(alpha=0.5, pool_first=False).layer4[0].conv2.pool_first
+
+
+@pytest.mark.parametrize("octave", ["spatial", "spatiotemporal"])
+def test_channels_last_on_cpu_runs_the_same_network(octave):
+    """On CPU a video backbone converts its clip to channels_last_3d once, keeps it through the
+    stages, and computes the channels-first network's values and gradients."""
+    torch.manual_seed(0)
+    kwargs = dict(alpha=0.5, octave=octave, depths=(1, 1, 1, 1), base_width=8, num_classes=5)
+    fast = oct_i3d_r50(**kwargs).eval()
+    plain = oct_i3d_r50(**kwargs, channels_last=False).eval()
+    plain.load_state_dict(fast.state_dict())
+    seen = []
+    for model in (fast, plain):
+        model.layer2.register_forward_hook(lambda module, args, out: seen.append(
+            all(t.is_contiguous(memory_format=torch.channels_last_3d) and not t.is_contiguous() for t in out)))
+    # float32: CPU conv3d has no channels_last float64 kernel (slow_conv3d returns channels-first).
+    x = torch.randn(1, 3, 8, 32, 32)
+    got, want = fast(x), plain(x)
+    assert seen == [True, False]
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    for a, b in zip(torch.autograd.grad(got.square().sum(), list(fast.parameters())),
+                    torch.autograd.grad(want.square().sum(), list(plain.parameters()))):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4)
+    with pytest.raises(TypeError, match="channels_last"):
+        oct_i3d_r50(channels_last=1)

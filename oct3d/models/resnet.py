@@ -38,7 +38,14 @@ from collections.abc import Sequence
 
 from torch import Tensor, nn
 
-from oct3d.models.blocks import OctBottleneck, init_like_vanilla, make_stage, resolve_pool_first
+from oct3d.models.blocks import (
+    OctBottleneck,
+    check_channels_last,
+    in_model_layout,
+    init_like_vanilla,
+    make_stage,
+    resolve_pool_first,
+)
 from oct3d.models.registry import register_model
 from oct3d.nn import OctGlobalAvgPool
 from oct3d.nn.conv import check_alpha, check_positive_int
@@ -82,6 +89,10 @@ class OctResNet(nn.Module):
             official code's rule, pool then stride-1 conv when any ratio is > 0, a strided conv at
             alpha 0 (exactly torchvision). ``True``/``False`` force either. See
             :func:`~oct3d.models.blocks.resolve_pool_first`.
+        channels_last: run in the channels_last memory format (the input converted once,
+            before the stem; logits are layout-free). ``None`` (default): on CPU inputs only,
+            where oneDNN would otherwise reorder every convolution's input and output. See
+            :func:`~oct3d.models.blocks.in_model_layout`.
     """
 
     def __init__(
@@ -95,8 +106,10 @@ class OctResNet(nn.Module):
         alphas: Sequence[float] | None = None,
         zero_init_residual: bool = False,
         pool_first: bool | None = None,
+        channels_last: bool | None = None,
     ) -> None:
         super().__init__()
+        self.channels_last = check_channels_last(channels_last)
         if len(layers) != 4 or any(isinstance(d, bool) or not isinstance(d, int) or d < 1 for d in layers):
             raise ValueError(f"layers must be four positive ints, got {layers!r}")
         for name, value in (("num_classes", num_classes), ("groups", groups), ("width_per_group", width_per_group)):
@@ -144,7 +157,7 @@ class OctResNet(nn.Module):
         if not isinstance(x, Tensor) or x.dim() != 4 or x.shape[1] != 3:
             shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
             raise ValueError(f"{type(self).__name__} expects an image batch of shape (N, 3, H, W), got {shape}")
-        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        x = self.maxpool(self.relu(self.bn1(self.conv1(in_model_layout(x, self.channels_last)))))
         x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
         return self.fc(self.avgpool(x))
 

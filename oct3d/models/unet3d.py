@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from oct3d.models.blocks import init_like_vanilla
+from oct3d.models.blocks import check_channels_last, init_like_vanilla
 from oct3d.models.registry import register_model
 from oct3d.nn import (
     OCTAVE_MODES,
@@ -39,7 +39,7 @@ from oct3d.nn import (
     split_channels,
 )
 from oct3d.nn.conv import check_alpha
-from oct3d.nn.octave import is_channels_last
+from oct3d.nn.octave import is_channels_last, to_channels_last
 
 __all__ = ["OctUNet3d", "oct_unet3d"]
 
@@ -55,7 +55,7 @@ class _ConvBNReLU(nn.Sequential):
     def forward(self, x: OctaveInput) -> OctaveInput:
         out = super().forward(x)
         if is_channels_last(_branches(x)[0]):
-            out = map_octave(_to_channels_last, out)  # no copy where the layout was kept
+            out = map_octave(to_channels_last, out)  # no copy where the layout was kept
         return out
 
 
@@ -68,14 +68,6 @@ def _conv_bn_relu(
         OctBatchNorm(3, out_channels, alpha_out),
         OctReLU(inplace=True),
     )
-
-
-def _to_channels_last(t: Tensor) -> Tensor:
-    if t.shape[1] == 1 and t.is_contiguous():
-        # A one-channel volume is contiguous in both layouts, and .contiguous() leaves it alone;
-        # a channel stride of 1 is what marks it channels_last for the convolutions (same memory).
-        return t.as_strided(t.shape, (t.stride(0), 1, *t.stride()[2:]))
-    return t.contiguous(memory_format=torch.channels_last_3d)
 
 
 def _branches(x: OctaveInput) -> tuple[Tensor, Tensor | None]:
@@ -130,9 +122,7 @@ class OctUNet3d(nn.Module):
         base_width: int = 16, depth: int = 4, channels_last: bool | None = None,
     ) -> None:
         super().__init__()
-        if channels_last is not None and not isinstance(channels_last, bool):
-            raise TypeError(f"channels_last must be a bool or None, got {channels_last!r}")
-        self.channels_last = channels_last
+        self.channels_last = check_channels_last(channels_last)
         for name, value, minimum in (
             ("in_channels", in_channels, 1), ("num_classes", num_classes, 1), ("base_width", base_width, 1),
             ("depth", depth, 2),
@@ -165,7 +155,7 @@ class OctUNet3d(nn.Module):
             raise ValueError(f"OctUNet3d expects a volume batch of shape (N, {self.in_channels}, D, H, W), got {shape}")
         channels_last = x.device.type == "cpu" if self.channels_last is None else self.channels_last
         skips = []
-        out: OctaveInput = _to_channels_last(x) if channels_last else x
+        out: OctaveInput = to_channels_last(x) if channels_last else x
         for level in self.encoder:
             out = level(out)
             skips.append(out)

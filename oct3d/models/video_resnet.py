@@ -26,6 +26,8 @@ from oct3d.models.blocks import (
     OctaveResplit,
     OctBasicBlock,
     OctBottleneck,
+    check_channels_last,
+    in_model_layout,
     init_like_vanilla,
     make_stage,
     resolve_pool_first,
@@ -99,6 +101,10 @@ class OctVideoResNet(nn.Module):
         pool_first: how strided ratio-0 convolutions (res5's first block) stride. ``None``: the
             official OctConv rule, pool then stride-1 conv when any ratio is > 0, strided convs at
             alpha 0 (exactly pytorchvideo / torchvision). See :func:`~oct3d.models.blocks.resolve_pool_first`.
+        channels_last: run in the channels_last_3d memory format (the clip converted once, before
+            the stem; logits are layout-free). ``None`` (default): on CPU inputs only, where oneDNN
+            would otherwise reorder every convolution's input and output. See
+            :func:`~oct3d.models.blocks.in_model_layout`.
 
     Head. pytorchvideo's head averages with a fixed ``AvgPool3d`` kernel (``(4, 7, 7)`` for I3D and C2D,
     ``(8, 7, 7)`` for Slow; stride 1), applies the classifier at every remaining position and averages
@@ -130,8 +136,10 @@ class OctVideoResNet(nn.Module):
         dropout: float = 0.5,
         zero_init_residual: bool = True,
         pool_first: bool | None = None,
+        channels_last: bool | None = None,
     ) -> None:
         super().__init__()
+        self.channels_last = check_channels_last(channels_last)
         if block not in ("bottleneck", "basic"):
             raise ValueError(f"block must be 'bottleneck' or 'basic', got {block!r}")
         if octave not in OCTAVE_MODES:
@@ -218,7 +226,7 @@ class OctVideoResNet(nn.Module):
         """The feature map after ``layer4``, before the head."""
         if not isinstance(x, Tensor) or x.dim() != 5:
             raise ValueError(f"expected a clip tensor of shape (N, C, T, H, W), got {getattr(x, 'shape', type(x))}")
-        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        x = self.maxpool(self.relu(self.bn1(self.conv1(in_model_layout(x, self.channels_last)))))
         x = self.temporal_pool(self.layer1(x))
         return self.layer4(self.layer3(self.layer2(x)))
 
@@ -315,6 +323,7 @@ def oct_i3d_r50(
     base_width: int = 64,
     in_channels: int = 3,
     pool_first: bool | None = None,
+    channels_last: bool | None = None,
 ) -> OctVideoResNet:
     """Oct-I3D ResNet-50 (paper Table 8); at ``alpha=0`` it is pytorchvideo's ``i3d_r50``.
 
@@ -335,11 +344,14 @@ def oct_i3d_r50(
         pool_first: strided ratio-0 convs (res5's first block) pool, then convolve at stride 1;
             ``None`` follows the official code (pool first when any ratio is > 0). See
             :func:`~oct3d.models.blocks.resolve_pool_first`.
+        channels_last: run in channels_last_3d; ``None`` (default): on CPU inputs only. See
+            :func:`~oct3d.models.blocks.in_model_layout`.
     """
     return OctVideoResNet(
         "bottleneck", depths, _alphas(alpha, alphas), octave, stem_kernel_size=(5, 7, 7), stem_pool=True,
         temporal_pool=True, temporal_kernels=_I3D_TEMPORAL_KERNELS, base_width=base_width, in_channels=in_channels,
         num_classes=num_classes, dropout=dropout, pool_first=pool_first,
+        channels_last=channels_last,
     )
 
 
@@ -355,6 +367,7 @@ def oct_c2d_r50(
     base_width: int = 64,
     in_channels: int = 3,
     pool_first: bool | None = None,
+    channels_last: bool | None = None,
 ) -> OctVideoResNet:
     """Oct-C2D ResNet-50 (paper Table 8); at ``alpha=0`` it is pytorchvideo's ``c2d_r50``.
 
@@ -366,6 +379,7 @@ def oct_c2d_r50(
         "bottleneck", depths, _alphas(alpha, alphas), octave, stem_kernel_size=(1, 7, 7), stem_pool=True,
         temporal_pool=True, temporal_kernels=_C2D_TEMPORAL_KERNELS, base_width=base_width, in_channels=in_channels,
         num_classes=num_classes, dropout=dropout, pool_first=pool_first,
+        channels_last=channels_last,
     )
 
 
@@ -381,6 +395,7 @@ def oct_slow_r50(
     base_width: int = 64,
     in_channels: int = 3,
     pool_first: bool | None = None,
+    channels_last: bool | None = None,
 ) -> OctVideoResNet:
     """Oct-Slow ResNet-50 (the Slow pathway of SlowFast); at ``alpha=0`` it is pytorchvideo's ``slow_r50``.
 
@@ -391,19 +406,21 @@ def oct_slow_r50(
         "bottleneck", depths, _alphas(alpha, alphas), octave, stem_kernel_size=(1, 7, 7), stem_pool=True,
         temporal_pool=False, temporal_kernels=_SLOW_TEMPORAL_KERNELS, base_width=base_width,
         in_channels=in_channels, num_classes=num_classes, dropout=dropout, pool_first=pool_first,
+        channels_last=channels_last,
     )
 
 
 def _r3d(
     block: str, default_depths: Sequence[int], alpha: float, octave: str, num_classes: int, dropout: float,
     alphas: Sequence[float] | None, depths: Sequence[int] | None, base_width: int, in_channels: int,
-    pool_first: bool | None,
+    pool_first: bool | None, channels_last: bool | None,
 ) -> OctVideoResNet:
     return OctVideoResNet(
         block, default_depths if depths is None else depths, _alphas(alpha, alphas), octave,
         stem_kernel_size=(3, 7, 7), stem_pool=False, temporal_pool=False, temporal_kernels=((1,),) * 4,
         spatial_kernel_size=3, stage_strides=((1, 1, 1), (2, 2, 2), (2, 2, 2), (2, 2, 2)), base_width=base_width,
         in_channels=in_channels, num_classes=num_classes, dropout=dropout, pool_first=pool_first,
+        channels_last=channels_last,
     )
 
 
@@ -419,6 +436,7 @@ def oct_r3d_18(
     base_width: int = 64,
     in_channels: int = 3,
     pool_first: bool | None = None,
+    channels_last: bool | None = None,
 ) -> OctVideoResNet:
     """Oct-R3D-18: 3x3x3 basic blocks; at ``alpha=0`` it is torchvision's ``r3d_18`` (plus head dropout).
 
@@ -429,7 +447,8 @@ def oct_r3d_18(
     depend on alpha and :func:`~oct3d.models.load_vanilla` fills it from ``r3d_18`` at any alpha.
     """
     return _r3d(
-        "basic", (2, 2, 2, 2), alpha, octave, num_classes, dropout, alphas, depths, base_width, in_channels, pool_first
+        "basic", (2, 2, 2, 2), alpha, octave, num_classes, dropout, alphas, depths, base_width, in_channels, pool_first,
+        channels_last,
     )
 
 
@@ -445,10 +464,12 @@ def oct_r3d_34(
     base_width: int = 64,
     in_channels: int = 3,
     pool_first: bool | None = None,
+    channels_last: bool | None = None,
 ) -> OctVideoResNet:
     """Oct-R3D-34: :func:`oct_r3d_18` with ``(3, 4, 6, 3)`` basic blocks (torchvision's ``VideoResNet`` layout)."""
     return _r3d(
-        "basic", (3, 4, 6, 3), alpha, octave, num_classes, dropout, alphas, depths, base_width, in_channels, pool_first
+        "basic", (3, 4, 6, 3), alpha, octave, num_classes, dropout, alphas, depths, base_width, in_channels, pool_first,
+        channels_last,
     )
 
 
@@ -464,10 +485,11 @@ def oct_r3d_50(
     base_width: int = 64,
     in_channels: int = 3,
     pool_first: bool | None = None,
+    channels_last: bool | None = None,
 ) -> OctVideoResNet:
     """Oct-R3D-50: bottleneck blocks (1x1x1, 3x3x3, 1x1x1) in the R3D layout (torchvision's ``VideoResNet``
     with ``Bottleneck`` and ``Conv3DSimple``). Arguments as :func:`oct_i3d_r50`."""
     return _r3d(
         "bottleneck", (3, 4, 6, 3), alpha, octave, num_classes, dropout, alphas, depths, base_width, in_channels,
-        pool_first,
+        pool_first, channels_last,
     )
