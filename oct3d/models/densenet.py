@@ -36,8 +36,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from oct3d.models.blocks import check_channels_last, in_model_layout, init_like_vanilla
 from oct3d.models.registry import register_model
-from oct3d.models.resnet import init_like_vanilla
 from oct3d.nn import Octave, OctaveInput, OctAvgPool, OctBatchNorm, OctConv, OctMaxPool, OctReLU, split_channels
 from oct3d.nn.conv import check_alpha, check_positive_int
 
@@ -147,6 +147,9 @@ class OctDenseNet(nn.Module):
         num_classes: outputs of ``classifier``.
         growth_rate, block_config, num_init_features, bn_size: the DenseNet-BC shape
             (DenseNet-121: 32, ``(6, 12, 24, 16)``, 64, 4).
+        channels_last: run in the channels_last memory format (the input converted once; logits
+            are layout-free). ``None`` (default): on CPU inputs only. See
+            :func:`~oct3d.models.blocks.in_model_layout`.
     """
 
     def __init__(
@@ -157,8 +160,10 @@ class OctDenseNet(nn.Module):
         block_config: Sequence[int] = (6, 12, 24, 16),
         num_init_features: int = 64,
         bn_size: int = 4,
+        channels_last: bool | None = None,
     ) -> None:
         super().__init__()
+        self.channels_last = check_channels_last(channels_last)
         alpha = check_alpha(alpha, "alpha")
         for name, value in (
             ("num_classes", num_classes), ("growth_rate", growth_rate),
@@ -198,7 +203,7 @@ class OctDenseNet(nn.Module):
         if not isinstance(x, Tensor) or x.dim() != 4 or x.shape[1] != 3:
             shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
             raise ValueError(f"{type(self).__name__} expects an image batch of shape (N, 3, H, W), got {shape}")
-        out = F.relu(self.features(x))
+        out = F.relu(self.features(in_model_layout(x, self.channels_last)))
         return self.classifier(torch.flatten(F.adaptive_avg_pool2d(out, 1), 1))
 
     def translate_vanilla_state_dict(self, state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:

@@ -35,7 +35,7 @@ from collections.abc import Sequence
 
 from torch import Tensor, nn
 
-from oct3d.models.blocks import init_like_vanilla, resolve_pool_first
+from oct3d.models.blocks import check_channels_last, in_model_layout, init_like_vanilla, resolve_pool_first
 from oct3d.models.registry import register_model
 from oct3d.nn import OctaveInput, OctBatchNorm, OctConv, OctGlobalAvgPool, OctMap
 from oct3d.nn.conv import check_alpha, check_positive_int
@@ -107,6 +107,9 @@ class OctMobileNetV1(nn.Module):
         pool_first: how the strided ratio-0 depthwise conv (``features.12``) strides; ``None``
             follows the official code (pool first when ``alpha > 0``). See
             :func:`~oct3d.models.blocks.resolve_pool_first`.
+        channels_last: run in the channels_last memory format (the input converted once; logits
+            are layout-free). ``None`` (default): on CPU inputs only. See
+            :func:`~oct3d.models.blocks.in_model_layout`.
     """
 
     #: (output channels, stride) of the 13 depthwise-separable blocks at width 1.0.
@@ -117,9 +120,10 @@ class OctMobileNetV1(nn.Module):
 
     def __init__(
         self, alpha: float = 0.5, num_classes: int = 1000, width_mult: float = 1.0, dropout: float = 0.0,
-        pool_first: bool | None = None,
+        pool_first: bool | None = None, channels_last: bool | None = None,
     ) -> None:
         super().__init__()
+        self.channels_last = check_channels_last(channels_last)
         alpha = check_alpha(alpha, "alpha")
         width_mult = _check_positive("width_mult", width_mult)
         num_classes = check_positive_int(num_classes, "num_classes")
@@ -150,7 +154,7 @@ class OctMobileNetV1(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """Logits ``(N, num_classes)`` of an image batch ``(N, 3, H, W)``."""
         _check_image(self, x)
-        return self.classifier(self.avgpool(self.features(x)))
+        return self.classifier(self.avgpool(self.features(in_model_layout(x, self.channels_last))))
 
 
 class OctInvertedResidual(nn.Module):
@@ -218,6 +222,9 @@ class OctMobileNetV2(nn.Module):
         pool_first: how strided ratio-0 depthwise convs (``features.14``) stride; ``None``
             follows the official code (pool first when ``alpha > 0``). See
             :func:`~oct3d.models.blocks.resolve_pool_first`.
+        channels_last: run in the channels_last memory format (the input converted once; logits
+            are layout-free). ``None`` (default): on CPU inputs only. See
+            :func:`~oct3d.models.blocks.in_model_layout`.
     """
 
     #: torchvision's (expansion t, channels c, repeats n, stride s) per stage.
@@ -229,9 +236,10 @@ class OctMobileNetV2(nn.Module):
 
     def __init__(
         self, alpha: float = 0.5, num_classes: int = 1000, width_mult: float = 1.0, dropout: float = 0.2,
-        round_nearest: int = 8, pool_first: bool | None = None,
+        round_nearest: int = 8, pool_first: bool | None = None, channels_last: bool | None = None,
     ) -> None:
         super().__init__()
+        self.channels_last = check_channels_last(channels_last)
         alpha = check_alpha(alpha, "alpha")
         width_mult = _check_positive("width_mult", width_mult)
         num_classes = check_positive_int(num_classes, "num_classes")
@@ -275,7 +283,7 @@ class OctMobileNetV2(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """Logits ``(N, num_classes)`` of an image batch ``(N, 3, H, W)``."""
         _check_image(self, x)
-        return self.classifier(self.avgpool(self.features(x)))
+        return self.classifier(self.avgpool(self.features(in_model_layout(x, self.channels_last))))
 
 
 def _init_mobilenet(model: nn.Module) -> None:
