@@ -14,7 +14,7 @@ from oct3d.convert.plan import Plan, make_plan
 from oct3d.convert.rewrite import rewrite
 from oct3d.convert.rules import RULES, DepthwiseConvRule, Rule
 from oct3d.convert.trace import record_shapes, trace
-from oct3d.nn.octave import OCTAVE_MODES
+from oct3d.nn.octave import OCTAVE_MODES, in_model_layout, is_channels_last
 
 __all__ = ["octavize", "describe_plan"]
 
@@ -31,6 +31,7 @@ def octavize(
     rules: Sequence[Rule] | None = None,
     validate: bool = True,
     atol: float = 1e-4,
+    channels_last: bool | None = None,
 ) -> fx.GraphModule:
     """Convert ``model`` into an octave network, carrying its weights over as ``load_vanilla`` does.
 
@@ -62,6 +63,11 @@ def octavize(
         validate: check at conversion time that the trace reproduces ``model`` and that the converted
             network at ratio 0 computes exactly the original on ``example_input`` (within ``atol``).
         atol: tolerance of that check.
+        channels_last: run the converted network in the channels_last(_3d) memory format: its 4D/5D
+            tensor inputs are converted on entry (:func:`oct3d.nn.octave.in_model_layout`) and its
+            4D/5D outputs handed back in the caller's layout. ``None`` (default): on CPU inputs only,
+            where oneDNN would otherwise reorder every convolution's input and output (docs/speed.md);
+            ``False`` keeps the original behaviour, e.g. for a model that calls ``.view()`` on its maps.
 
     Returns:
         a ``torch.fx.GraphModule`` (an ordinary ``nn.Module``) in the training mode of ``model``; its
@@ -88,6 +94,8 @@ def octavize(
         raise TypeError(f"pool_first must be None or a bool, got {pool_first!r}")
     if not isinstance(vanilla_coarsest, bool):
         raise TypeError(f"vanilla_coarsest must be a bool, got {vanilla_coarsest!r}")
+    if channels_last is not None and not isinstance(channels_last, bool):
+        raise TypeError(f"channels_last must be None or a bool, got {channels_last!r}")
     _check_example(example_input)
     rules = list(RULES if rules is None else rules)
 
@@ -106,16 +114,59 @@ def octavize(
         _compare(_run(twin, example_input), expected, atol, "the converted network at alpha 0")
 
     result = rewrite(gm, ctx, plan, class_name)
+    if channels_last is not False:
+        _run_in_model_layout(result, channels_last)
     result.octave_plan = _octave_plan(plan)
     result.meta["octave_plan"] = result.octave_plan  # GraphModule.meta survives copy.deepcopy
     result.train(model.training)
     if validate:
-        got = _run(result, example_input)
+        try:
+            got = _run(result, example_input)
+        except RuntimeError as error:
+            if channels_last is False:
+                raise
+            raise ConversionError(
+                f"the converted network fails in the channels_last memory format ({error}); the model probably "
+                "calls .view() on a feature map: pass channels_last=False, or use .reshape() in the model"
+            ) from error
         if _structure(got) != _structure(expected):
             raise ConversionError(
                 f"the converted network returns {_structure(got)} on example_input, the original {_structure(expected)}"
             )
     return result
+
+
+def _run_in_model_layout(gm: fx.GraphModule, channels_last: bool | None) -> None:
+    """Route every input of ``gm`` through :func:`in_model_layout` and its outputs back to the layout of
+    its first input (a segmentation network's logits come back as the caller sent the volume)."""
+    graph = gm.graph
+    placeholders = [node for node in graph.nodes if node.op == "placeholder"]
+    if not placeholders:
+        return
+    for placeholder in placeholders:
+        with graph.inserting_after(placeholder):
+            converted = graph.call_function(in_model_layout, (placeholder, channels_last))
+        placeholder.replace_all_uses_with(converted, delete_user_cb=lambda user, new=converted: user is not new)
+    output = next(node for node in graph.nodes if node.op == "output")
+    with graph.inserting_before(output):
+        restored = graph.call_function(restore_caller_layout, (output.args[0], placeholders[0]))
+    output.args = (restored,)
+    graph.lint()
+    gm.recompile()
+
+
+def restore_caller_layout(outputs: Any, like: Any) -> Any:
+    """``outputs`` (tensors, or tuples, lists and dicts of them) with each channels_last 4D/5D map made
+    contiguous when ``like``, the network's input, was not channels_last."""
+    if not isinstance(like, Tensor) or is_channels_last(like):
+        return outputs
+    if isinstance(outputs, Tensor):
+        return outputs.contiguous() if outputs.dim() in (4, 5) and is_channels_last(outputs) else outputs
+    if isinstance(outputs, dict):
+        return {key: restore_caller_layout(value, like) for key, value in outputs.items()}
+    if isinstance(outputs, (tuple, list)) and not hasattr(outputs, "_fields"):
+        return type(outputs)(restore_caller_layout(value, like) for value in outputs)
+    return outputs
 
 
 def _octave_plan(plan: Plan) -> dict[str, tuple[float, float, str]]:

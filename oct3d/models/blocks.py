@@ -13,7 +13,7 @@ import math
 from collections.abc import Sequence
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from oct3d.nn import (
     Octave,
@@ -27,7 +27,6 @@ from oct3d.nn import (
     to_octave,
 )
 from oct3d.nn.conv import IntOrTuple, check_alpha, to_tuple
-from oct3d.nn.octave import to_channels_last
 
 __all__ = [
     "OctBasicBlock",
@@ -36,7 +35,6 @@ __all__ = [
     "OctaveResplit",
     "check_channels_last",
     "conv_bn",
-    "in_model_layout",
     "init_like_vanilla",
     "make_stage",
 ]
@@ -118,21 +116,6 @@ def check_channels_last(channels_last: object) -> bool | None:
     if channels_last is not None and not isinstance(channels_last, bool):
         raise TypeError(f"channels_last must be a bool or None, got {channels_last!r}")
     return channels_last
-
-
-def in_model_layout(x: Tensor, channels_last: bool | None) -> Tensor:
-    """``x`` in the memory format a model with this ``channels_last`` setting runs in.
-
-    ``None`` (the builders' default) means channels_last(_3d) for CPU inputs and the input's own
-    layout elsewhere. oneDNN computes CPU convolutions in channels_last; given a
-    channels-first map it reorders every input and output of every convolution to its
-    blocked layout and back, copies that cost more than the half-width octave convolutions
-    save (docs/speed.md). Once the input is channels_last, every convolution, norm and
-    pooling after it keeps that layout, so the conversion happens once, here.
-    """
-    if channels_last is None:
-        channels_last = x.device.type == "cpu"
-    return to_channels_last(x) if channels_last else x
 
 
 class OctSqueezeExcite(nn.Module):

@@ -36,10 +36,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from oct3d.models.blocks import check_channels_last, in_model_layout, init_like_vanilla
+from oct3d.models.blocks import check_channels_last, init_like_vanilla
 from oct3d.models.registry import register_model
 from oct3d.nn import Octave, OctaveInput, OctAvgPool, OctBatchNorm, OctConv, OctMaxPool, OctReLU, split_channels
 from oct3d.nn.conv import check_alpha, check_positive_int
+from oct3d.nn.octave import in_model_layout
 
 __all__ = ["OctDenseLayer", "OctDenseBlock", "OctTransition", "OctDenseNet", "oct_densenet121"]
 
@@ -149,7 +150,7 @@ class OctDenseNet(nn.Module):
             (DenseNet-121: 32, ``(6, 12, 24, 16)``, 64, 4).
         channels_last: run in the channels_last memory format (the input converted once; logits
             are layout-free). ``None`` (default): on CPU inputs only. See
-            :func:`~oct3d.models.blocks.in_model_layout`.
+            :func:`~oct3d.nn.octave.in_model_layout`.
     """
 
     def __init__(

@@ -35,10 +35,11 @@ from collections.abc import Sequence
 
 from torch import Tensor, nn
 
-from oct3d.models.blocks import check_channels_last, in_model_layout, init_like_vanilla, resolve_pool_first
+from oct3d.models.blocks import check_channels_last, init_like_vanilla, resolve_pool_first
 from oct3d.models.registry import register_model
 from oct3d.nn import OctaveInput, OctBatchNorm, OctConv, OctGlobalAvgPool, OctMap
 from oct3d.nn.conv import check_alpha, check_positive_int
+from oct3d.nn.octave import in_model_layout
 
 __all__ = [
     "OctDepthwiseSeparable",
@@ -109,7 +110,7 @@ class OctMobileNetV1(nn.Module):
             :func:`~oct3d.models.blocks.resolve_pool_first`.
         channels_last: run in the channels_last memory format (the input converted once; logits
             are layout-free). ``None`` (default): on CPU inputs only. See
-            :func:`~oct3d.models.blocks.in_model_layout`.
+            :func:`~oct3d.nn.octave.in_model_layout`.
     """
 
     #: (output channels, stride) of the 13 depthwise-separable blocks at width 1.0.
@@ -224,7 +225,7 @@ class OctMobileNetV2(nn.Module):
             :func:`~oct3d.models.blocks.resolve_pool_first`.
         channels_last: run in the channels_last memory format (the input converted once; logits
             are layout-free). ``None`` (default): on CPU inputs only. See
-            :func:`~oct3d.models.blocks.in_model_layout`.
+            :func:`~oct3d.nn.octave.in_model_layout`.
     """
 
     #: torchvision's (expansion t, channels c, repeats n, stride s) per stage.

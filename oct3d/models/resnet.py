@@ -41,7 +41,6 @@ from torch import Tensor, nn
 from oct3d.models.blocks import (
     OctBottleneck,
     check_channels_last,
-    in_model_layout,
     init_like_vanilla,
     make_stage,
     resolve_pool_first,
@@ -49,6 +48,7 @@ from oct3d.models.blocks import (
 from oct3d.models.registry import register_model
 from oct3d.nn import OctGlobalAvgPool
 from oct3d.nn.conv import check_alpha, check_positive_int
+from oct3d.nn.octave import in_model_layout
 
 __all__ = [
     "OctResNet",
@@ -92,7 +92,7 @@ class OctResNet(nn.Module):
         channels_last: run in the channels_last memory format (the input converted once,
             before the stem; logits are layout-free). ``None`` (default): on CPU inputs only,
             where oneDNN would otherwise reorder every convolution's input and output. See
-            :func:`~oct3d.models.blocks.in_model_layout`.
+            :func:`~oct3d.nn.octave.in_model_layout`.
     """
 
     def __init__(

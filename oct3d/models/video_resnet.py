@@ -27,7 +27,6 @@ from oct3d.models.blocks import (
     OctBasicBlock,
     OctBottleneck,
     check_channels_last,
-    in_model_layout,
     init_like_vanilla,
     make_stage,
     resolve_pool_first,
@@ -41,6 +40,7 @@ from oct3d.nn import (
     OctMaxPool,
 )
 from oct3d.nn.conv import check_alpha, check_positive_int, to_tuple
+from oct3d.nn.octave import in_model_layout
 
 __all__ = [
     "OctTemporalMaxPool",
@@ -104,7 +104,7 @@ class OctVideoResNet(nn.Module):
         channels_last: run in the channels_last_3d memory format (the clip converted once, before
             the stem; logits are layout-free). ``None`` (default): on CPU inputs only, where oneDNN
             would otherwise reorder every convolution's input and output. See
-            :func:`~oct3d.models.blocks.in_model_layout`.
+            :func:`~oct3d.nn.octave.in_model_layout`.
 
     Head. pytorchvideo's head averages with a fixed ``AvgPool3d`` kernel (``(4, 7, 7)`` for I3D and C2D,
     ``(8, 7, 7)`` for Slow; stride 1), applies the classifier at every remaining position and averages
@@ -345,7 +345,7 @@ def oct_i3d_r50(
             ``None`` follows the official code (pool first when any ratio is > 0). See
             :func:`~oct3d.models.blocks.resolve_pool_first`.
         channels_last: run in channels_last_3d; ``None`` (default): on CPU inputs only. See
-            :func:`~oct3d.models.blocks.in_model_layout`.
+            :func:`~oct3d.nn.octave.in_model_layout`.
     """
     return OctVideoResNet(
         "bottleneck", depths, _alphas(alpha, alphas), octave, stem_kernel_size=(5, 7, 7), stem_pool=True,

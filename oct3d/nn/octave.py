@@ -34,6 +34,7 @@ __all__ = [
     "broadcast_upsampled_",
     "is_channels_last",
     "to_channels_last",
+    "in_model_layout",
     "CHANNELS_LAST_FORMATS",
 ]
 
@@ -269,6 +270,23 @@ def to_channels_last(t: Tensor) -> Tensor:
     if t.shape[1] == 1 and t.is_contiguous():
         return t.as_strided(t.shape, (t.stride(0), 1, *t.stride()[2:]))
     return t.contiguous(memory_format=layout)
+
+def in_model_layout(x: object, channels_last: bool | None) -> object:
+    """``x`` in the memory format a network with this ``channels_last`` setting runs in.
+
+    ``None`` (the models' default) means channels_last(_3d) for CPU inputs and the input's own
+    layout elsewhere; anything but a 4D or 5D tensor passes through unchanged. oneDNN computes
+    CPU convolutions in channels_last: given a channels-first map it reorders every input and
+    output of every convolution to its blocked layout and back, copies that cost more than the
+    half-width octave convolutions save (docs/speed.md). Once the input is channels_last, the
+    convolutions, norms and pools after it keep that layout, so a network converts once, at
+    its input.
+    """
+    if not isinstance(x, Tensor) or x.dim() not in CHANNELS_LAST_FORMATS:
+        return x
+    if channels_last is None:
+        channels_last = x.device.type == "cpu"
+    return to_channels_last(x) if channels_last else x
 
 
 def _sum_halves(x: Tensor, factors: tuple[int, ...]) -> Tensor:
