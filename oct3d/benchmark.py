@@ -543,7 +543,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--mode", nargs="+", choices=[*MODES, "both"], default=["both"])
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
-    parser.add_argument("--channels-last", action="store_true", help="channels_last / channels_last_3d memory format")
+    parser.add_argument("--channels-last", action="store_true",
+                        help="channels_last / channels_last_3d input and weights for both models "
+                        "(oct3d's models run channels_last on CPU anyway: this is the control that gives the peer "
+                        "the same layout)")
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--input-size", type=int, default=None, help="image side (2D models)")
     parser.add_argument("--clip", type=_parse_clip, default=None, help="TxHxW of a clip, e.g. 8x224x224")
@@ -608,7 +611,9 @@ def _setting(args: argparse.Namespace, dev: str) -> str:
     if args.scaling != "batch":
         parts.append(f"batch {args.batch_size}")
     if args.channels_last:
-        parts.append("channels_last")
+        parts.append("channels_last input and weights in both models")
+    elif dev == "cpu":
+        parts.append("channels-first input (oct3d's models convert it to channels_last inside on CPU)")
     if args.compile:
         parts.append("torch.compile")
     if args.fuse:

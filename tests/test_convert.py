@@ -449,10 +449,17 @@ def test_converted_network_runs_channels_last_on_cpu(name, zoo):
         for net, seen in layouts.items() for module in net.modules() if isinstance(module, OctConv)
     ]
     probe = torch.randn_like(x)
-    with torch.no_grad():
-        got, want = fast(probe), plain(probe)
-    for hook in hooks:
-        hook.remove()
+    threads = torch.get_num_threads()
+    try:
+        # One thread too: there PyTorch's im2col fallback returns channels-first maps (kept vanilla convs).
+        for count in {threads, 1}:
+            torch.set_num_threads(count)
+            with torch.no_grad():
+                got, want = fast(probe), plain(probe)
+    finally:
+        torch.set_num_threads(threads)
+        for hook in hooks:
+            hook.remove()
     assert layouts[fast] == {"channels_last"} and layouts[plain] == {"contiguous"}
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
     if got.dim() in (4, 5):

@@ -14,7 +14,7 @@ from oct3d.convert.plan import Plan, make_plan
 from oct3d.convert.rewrite import rewrite
 from oct3d.convert.rules import RULES, DepthwiseConvRule, Rule
 from oct3d.convert.trace import record_shapes, trace
-from oct3d.nn.octave import OCTAVE_MODES, in_model_layout, is_channels_last
+from oct3d.nn.octave import OCTAVE_MODES, in_model_layout, is_channels_last, to_channels_last
 
 __all__ = ["octavize", "describe_plan"]
 
@@ -137,7 +137,8 @@ def octavize(
 
 
 def _run_in_model_layout(gm: fx.GraphModule, channels_last: bool | None) -> None:
-    """Route every input of ``gm`` through :func:`in_model_layout` and its outputs back to the layout of
+    """Route every input of ``gm`` through :func:`in_model_layout`, keep the layout after each vanilla
+    ``nn.Conv2d``/``nn.Conv3d`` (:func:`keep_channels_last`), and hand the outputs back in the layout of
     its first input (a segmentation network's logits come back as the caller sent the volume)."""
     graph = gm.graph
     placeholders = [node for node in graph.nodes if node.op == "placeholder"]
@@ -147,12 +148,28 @@ def _run_in_model_layout(gm: fx.GraphModule, channels_last: bool | None) -> None
         with graph.inserting_after(placeholder):
             converted = graph.call_function(in_model_layout, (placeholder, channels_last))
         placeholder.replace_all_uses_with(converted, delete_user_cb=lambda user, new=converted: user is not new)
+    for node in list(graph.nodes):
+        if node.op == "call_module" and type(gm.get_submodule(node.target)) in (nn.Conv2d, nn.Conv3d) and node.args:
+            with graph.inserting_after(node):
+                kept = graph.call_function(keep_channels_last, (node, node.args[0]))
+            node.replace_all_uses_with(kept, delete_user_cb=lambda user, new=kept: user is not new)
     output = next(node for node in graph.nodes if node.op == "output")
     with graph.inserting_before(output):
         restored = graph.call_function(restore_caller_layout, (output.args[0], placeholders[0]))
     output.args = (restored,)
     graph.lint()
     gm.recompile()
+
+
+def keep_channels_last(out: Any, inp: Any) -> Any:
+    """``out`` of a vanilla convolution, channels_last again where its input ``inp`` was.
+
+    PyTorch's im2col fallback (batch 1 or one thread, small maps) returns a channels_last input's
+    result channels-first; every layer after it would then run on the slow layout.
+    """
+    if isinstance(out, Tensor) and isinstance(inp, Tensor) and out.dim() in (4, 5) and is_channels_last(inp):
+        return out if is_channels_last(out) else to_channels_last(out)
+    return out
 
 
 def restore_caller_layout(outputs: Any, like: Any) -> Any:

@@ -24,13 +24,16 @@ from torch.nn.modules import module as _module
 from oct3d.nn import kernels
 from oct3d.nn.kernels import conv_nd
 from oct3d.nn.octave import (
+    CHANNELS_LAST_FORMATS,
     Octave,
     OctaveInput,
     avg_pool,
     broadcast_upsampled_,
+    is_channels_last,
     low_size,
     octave_axes,
     split_channels,
+    to_channels_last,
     traced_or_compiled,
     upsample_to,
 )
@@ -310,11 +313,17 @@ class OctConv(nn.Module):
         return y_high if self.out_low == 0 else Octave(y_high, y_low)
 
     def _forward_vanilla(self, high: Tensor) -> Tensor:
-        """``alpha_in == alpha_out == 0``: exactly ``nn.ConvNd``, or with ``pool_first`` (inside an
-        octave network) pool-then-convolve, whose convolution takes the CPU kernel chosen for
-        its shape like an octave path."""
+        """``alpha_in == alpha_out == 0``: exactly ``nn.ConvNd`` (bit for bit; the output in the
+        input's memory format), or with ``pool_first`` (inside an octave network)
+        pool-then-convolve, whose convolution takes the CPU kernel chosen for its shape like an
+        octave path."""
         if not self.pool_first:
-            return self.h2h(high)
+            y = self.h2h(high)
+            if y.dim() in CHANNELS_LAST_FORMATS and is_channels_last(high) and not is_channels_last(y):
+                # PyTorch's im2col fallback (batch 1 or one thread, small maps) returns a channels_last
+                # input's result channels-first; every layer after it would run on the slow layout.
+                y = to_channels_last(y)
+            return y
         x = avg_pool(high, self._pool_h2h)
         if not (self.fast_path and self._paths_are_plain()):
             return self.h2h(x)
@@ -356,9 +365,12 @@ class OctConv(nn.Module):
                 return False
         return True
 
-    def _conv(self, x: Tensor, weight: Tensor, bias: Tensor | None, groups: int) -> Tensor:
+    def _conv(
+        self, x: Tensor, weight: Tensor, bias: Tensor | None, groups: int, stride: tuple[int, ...] | None = None,
+    ) -> Tensor:
         # Packed copies of the weights only in eval mode (see :meth:`train`).
-        return conv_nd(x, weight, bias, (1,) * self.dims, self.padding, self.dilation, groups, not self.training)
+        stride = (1,) * self.dims if stride is None else stride
+        return conv_nd(x, weight, bias, stride, self.padding, self.dilation, groups, not self.training)
 
     def train(self, mode: bool = True) -> OctConv:
         """``nn.Module.train``, which also drops this layer's cached weight copies.
@@ -373,10 +385,10 @@ class OctConv(nn.Module):
         kernels.forget_weights(self.parameters())
         return super().train(mode)
 
-    def _path(self, conv: nn.Module, x: Tensor) -> Tensor:
-        """One octave path's stride-1 convolution, through :meth:`_conv`'s kernel choice."""
+    def _path(self, conv: nn.Module, x: Tensor, stride: tuple[int, ...] | None = None) -> Tensor:
+        """One path's convolution (stride 1 unless given), through :meth:`_conv`'s kernel choice."""
         params = conv._parameters  # plain ConvNd here (see _paths_are_plain): no parametrisation
-        return self._conv(x, params["weight"], params["bias"], conv.groups)
+        return self._conv(x, params["weight"], params["bias"], conv.groups, stride)
 
     def _forward_fast(self, high: Tensor, low: Tensor | None) -> tuple[Tensor, Tensor | None]:
         """The reference formula with fewer kernels and copies (same outputs, see tests/test_fast_path.py).
