@@ -614,6 +614,8 @@ def _setting(args: argparse.Namespace, dev: str) -> str:
         parts.append("channels_last input and weights in both models")
     elif dev == "cpu":
         parts.append("channels-first input (oct3d's models convert it to channels_last inside on CPU)")
+    if args.model_kwargs:
+        parts.append(f"builder kwargs {args.model_kwargs}")
     if args.compile:
         parts.append("torch.compile")
     if args.fuse:
