@@ -92,7 +92,6 @@ def test_peer_onednn_control_keeps_outputs_and_routes_every_conv3d(monkeypatch):
     import torch
 
     from oct3d.benchmark import route_conv3d_like_octave
-    from oct3d.model_table import build_octave
     from oct3d.nn import kernels
 
     monkeypatch.setattr(kernels, "autotune", False)  # the control gives the peer the rule's choices
@@ -101,13 +100,17 @@ def test_peer_onednn_control_keeps_outputs_and_routes_every_conv3d(monkeypatch):
     monkeypatch.setattr(torch, "mkldnn_convolution", lambda *a: onednn_calls.append(1) or real_onednn(*a))
     monkeypatch.setattr(kernels, "_conv_over_frames", lambda *a: frame_calls.append(1) or real_frames(*a))
     torch.manual_seed(0)
-    peer = build_octave("oct_i3d_r50", 0.0, **TINY).eval()
-    x = torch.randn(1, 3, 4, 32, 32)
+    # A foreign vanilla network (pytorchvideo's peers are plain nn.Conv3d): a 1x3x3 and a 3x3x3 layer.
+    peer = torch.nn.Sequential(
+        torch.nn.Conv3d(3, 8, (1, 3, 3), padding=(0, 1, 1)), torch.nn.BatchNorm3d(8), torch.nn.ReLU(),
+        torch.nn.Conv3d(8, 8, 3, padding=1, bias=False), torch.nn.AdaptiveAvgPool3d(1), torch.nn.Flatten(),
+    ).eval()
+    x = torch.randn(1, 3, 4, 16, 16)
     with torch.no_grad():
         expected = peer(x)
     expected_grads = torch.autograd.grad(peer(x).square().sum(), list(peer.parameters()))
-    assert not onednn_calls and not frame_calls  # alpha 0 layers are nn.Conv3d: PyTorch's own choice
-    assert route_conv3d_like_octave(peer) == sum(isinstance(m, torch.nn.Conv3d) for m in peer.modules())
+    assert not onednn_calls and not frame_calls  # nn.Conv3d: PyTorch's own choice
+    assert route_conv3d_like_octave(peer) == 2
     with torch.no_grad():
         torch.testing.assert_close(peer(x), expected, atol=1e-4, rtol=1e-4)
     assert onednn_calls and not frame_calls

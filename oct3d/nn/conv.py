@@ -313,11 +313,16 @@ class OctConv(nn.Module):
         return y_high if self.out_low == 0 else Octave(y_high, y_low)
 
     def _forward_vanilla(self, high: Tensor) -> Tensor:
-        """``alpha_in == alpha_out == 0``: exactly ``nn.ConvNd`` (bit for bit; the output in the
-        input's memory format), or with ``pool_first`` (inside an octave network)
-        pool-then-convolve, whose convolution takes the CPU kernel chosen for its shape like an
-        octave path."""
+        """``alpha_in == alpha_out == 0``: ``nn.ConvNd``, or with ``pool_first`` (inside an octave
+        network) pool-then-convolve. In training mode the plain convolution is exactly
+        ``nn.ConvNd``, bit for bit (its output in the input's memory format); in eval mode, and
+        for the pool-first convolution always, it takes the CPU kernel chosen for its shape like
+        an octave path (the same values up to rounding)."""
         if not self.pool_first:
+            if not self.training and self.fast_path and self._paths_are_plain():
+                # Inference: the kernel choice, packed weights included (oneDNN otherwise reorders
+                # the weight on every call, as costly as a batch-1 convolution on a small map).
+                return self._path(self.h2h, high, self.stride)
             y = self.h2h(high)
             if y.dim() in CHANNELS_LAST_FORMATS and is_channels_last(high) and not is_channels_last(y):
                 # PyTorch's im2col fallback (batch 1 or one thread, small maps) returns a channels_last
