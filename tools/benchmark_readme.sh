@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 out="${1:-docs/benchmarks/cpu_channels_last}"
 mkdir -p "$out"
 python="${PYTHON:-.venv/bin/python}"
-bench() { "$python" tools/benchmark.py --alphas 0.5 --threads 2 "$@" | tail -1; }
+bench() { "$python" tools/benchmark.py --alphas 0.5 --threads 2 "$@" 2>&1 | tail -1; }
 r50_b4=(--model oct_resnet50 --mode inference --batch-size 4 --iters 30 --warmup 5)
 r50_b1=(--model oct_resnet50 --mode inference --batch-size 1 --iters 60 --warmup 10)
 r50_train=(--model oct_resnet50 --mode train --batch-size 4 --iters 15 --warmup 3)

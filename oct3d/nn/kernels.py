@@ -33,7 +33,7 @@ in the last bits; turn it off for bit-for-bit repeatable runs.
 
 With autotuning off, or wherever timing is not safe, a deterministic rule decides
 (:func:`rule_kernel`): frames under autograd for ``1 x k x k`` kernels, oneDNN for batch-1 3D
-non-pointwise kernels, else PyTorch's default.
+non-pointwise kernels and batch-1 channels_last maps, else PyTorch's default.
 
 Nothing here runs outside plain eager CPU execution: under ``torch.compile``, TorchScript,
 tracing, export, autocast, ``torch.func`` transforms, forward AD or a dispatch mode (such as
@@ -216,13 +216,18 @@ def rule_kernel(x: Tensor, weight: Tensor, kernels: Sequence[str]) -> str:
       64-channel vanilla layer with four times the work; the same layer as a 2D convolution
       over the frames takes PyTorch's 2D kernels (the step runs about 10% faster).
     - ``"onednn"`` for batch-1 3D non-pointwise kernels, which PyTorch's rule sends to its
-      im2col kernel (``slow_conv3d``), 1.4x-3.3x slower there (docs/benchmarks/cpu_ops.md).
+      im2col kernel (``slow_conv3d``), 1.4x-3.3x slower there (docs/benchmarks/cpu_ops.md),
+      and for batch-1 channels_last maps, where the im2col kernel also returns a
+      channels-first result that must be copied back (Oct-ResNet-50 batch 1 with autotuning
+      off: 38.4 -> 32.2 ms).
     - ``"default"`` otherwise.
     """
     grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
     if "frames" in kernels and grad and any(k > 1 for k in weight.shape[3:]):
         return "frames"
-    if "onednn" in kernels and x.dim() == 5 and any(k > 1 for k in weight.shape[2:]):
+    if "onednn" in kernels and (
+        (x.dim() == 5 and any(k > 1 for k in weight.shape[2:])) or _is_channels_last(x)
+    ):
         return "onednn"
     return "default"
 
