@@ -495,3 +495,64 @@ def _map_layout(x) -> str:
         for t in parts
     }
     return layouts.pop() if len(layouts) == 1 else "mixed"
+
+
+class _TwoOutputs(nn.Module):
+    """A small net whose outputs are a NamedTuple of a map and a flattened view of a map."""
+
+    def __init__(self, in_channels: int = 3) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(in_channels, 8, 3, padding=1)
+        self.c2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.c3 = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        y = self.c3(torch.relu(self.c2(torch.relu(self.c1(x)))))
+        return _Pair(map=y, tokens=y.flatten(2))
+
+
+_Pair = __import__("collections").namedtuple("_Pair", ["map", "tokens"])
+
+
+def test_channels_last_survives_torch_save_and_restores_every_output():
+    """The layout nodes are recorded again when a saved GraphModule is loaded (its code is re-traced),
+    and every output, NamedTuple fields and flattened views included, comes back contiguous."""
+    import io
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 16, 16)
+    net = octavize(_TwoOutputs(), 0.5, example_input=x, vanilla_coarsest=False, channels_last=True).eval()
+    buffer = io.BytesIO()
+    torch.save(net, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    assert "in_model_layout" in loaded.code and "restore_caller_layout" in loaded.code
+    seen = []
+    loaded.c2.register_forward_pre_hook(lambda m, args: seen.append(_map_layout(args[0])))
+    with torch.no_grad():
+        got, want = loaded(x), net(x)
+    assert seen == ["channels_last"]
+    assert isinstance(got, _Pair) and got.map.is_contiguous() and got.tokens.is_contiguous()
+    torch.testing.assert_close(got.map, want.map)
+    got.tokens.view(2, -1)  # a caller's .view works as on the original
+
+
+def test_one_channel_input_traces_with_symbolic_strides():
+    """A one-channel input is marked channels_last by a view, which torch.jit.trace records with the
+    input's own strides: the trace is exact at another size."""
+    torch.manual_seed(0)
+    net = octavize(_TwoOutputs(1), 0.5, example_input=torch.randn(1, 1, 16, 16), vanilla_coarsest=False).eval()
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        traced = torch.jit.trace(_MapOnly(net), torch.randn(1, 1, 16, 16), check_trace=False)
+        other = torch.randn(1, 1, 24, 20)
+        torch.testing.assert_close(traced(other), net(other).map, atol=1e-5, rtol=1e-5)
+
+
+class _MapOnly(nn.Module):
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x):
+        return self.net(x).map

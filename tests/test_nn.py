@@ -497,3 +497,25 @@ def test_pool_first_vanilla_layer_pools_then_convolves_at_stride_1(dims, kernel)
 def test_pool_first_must_be_a_bool():
     with pytest.raises(TypeError, match="pool_first"):
         OctConv(2, 4, 4, 3, 0.0, 0.0, stride=2, pool_first="yes")
+
+
+def test_path_changed_after_construction_takes_the_reference_formula():
+    """A path conv whose padding mode or padding was changed no longer matches the layer's own
+    settings; the fast path (which reads the layer's) steps aside, in training and in eval."""
+    torch.manual_seed(0)
+    for alpha in (0.0, 0.5):
+        conv = OctConv2d(8, 8, 3, alpha, alpha)
+        conv.h2h.padding_mode = "circular"
+        x = torch.randn(1, 8, 8, 8)
+        x = x if alpha == 0 else to_octave(x, alpha)
+        outs = []
+        for mode in (True, False):
+            conv.train(mode)
+            with torch.no_grad():
+                out = conv(x)
+            outs.append(out if isinstance(out, torch.Tensor) else out.high)
+        torch.testing.assert_close(outs[0], outs[1])
+        conv.eval()
+        with torch.no_grad():
+            expected = conv.forward_reference(x)
+        torch.testing.assert_close(outs[1], expected if isinstance(expected, torch.Tensor) else expected.high)

@@ -123,7 +123,7 @@ def octavize(
         try:
             got = _run(result, example_input)
         except RuntimeError as error:
-            if channels_last is False:
+            if channels_last is False or "view" not in str(error):
                 raise
             raise ConversionError(
                 f"the converted network fails in the channels_last memory format ({error}); the model probably "
@@ -167,21 +167,33 @@ def keep_channels_last(out: Any, inp: Any) -> Any:
     PyTorch's im2col fallback (batch 1 or one thread, small maps) returns a channels_last input's
     result channels-first; every layer after it would then run on the slow layout.
     """
+    if isinstance(out, fx.Proxy):  # a GraphModule's unpickling re-traces its code: keep the node
+        return out.tracer.create_proxy("call_function", keep_channels_last, (out, inp), {})
     if isinstance(out, Tensor) and isinstance(inp, Tensor) and out.dim() in (4, 5) and is_channels_last(inp):
         return out if is_channels_last(out) else to_channels_last(out)
     return out
 
 
 def restore_caller_layout(outputs: Any, like: Any) -> Any:
-    """``outputs`` (tensors, or tuples, lists and dicts of them) with each channels_last 4D/5D map made
-    contiguous when ``like``, the network's input, was not channels_last."""
+    """``outputs`` (tensors, or tuples, NamedTuples, lists and dicts of them) in the caller's layout.
+
+    When ``like``, the network's first input, was not channels_last, each channels_last 4D/5D map
+    is made contiguous, and so is any other non-contiguous tensor of 3 or more dims (a view such
+    as ``flatten(2)`` of a channels_last map), so a caller's ``.view()`` works as on the original.
+    """
+    if isinstance(like, fx.Proxy):  # a GraphModule's unpickling re-traces its code: keep the node
+        return like.tracer.create_proxy("call_function", restore_caller_layout, (outputs, like), {})
     if not isinstance(like, Tensor) or is_channels_last(like):
         return outputs
     if isinstance(outputs, Tensor):
-        return outputs.contiguous() if outputs.dim() in (4, 5) and is_channels_last(outputs) else outputs
+        if outputs.dim() in (4, 5):
+            return outputs.contiguous() if is_channels_last(outputs) else outputs
+        return outputs if outputs.dim() < 3 or outputs.is_contiguous() else outputs.contiguous()
     if isinstance(outputs, dict):
         return {key: restore_caller_layout(value, like) for key, value in outputs.items()}
-    if isinstance(outputs, (tuple, list)) and not hasattr(outputs, "_fields"):
+    if isinstance(outputs, tuple) and hasattr(outputs, "_fields"):
+        return type(outputs)(*(restore_caller_layout(value, like) for value in outputs))
+    if isinstance(outputs, (tuple, list)):
         return type(outputs)(restore_caller_layout(value, like) for value in outputs)
     return outputs
 

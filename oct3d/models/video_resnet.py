@@ -223,7 +223,8 @@ class OctVideoResNet(nn.Module):
                             nn.init.zeros_(bn.weight)
 
     def forward_features(self, x: Tensor) -> OctaveInput:
-        """The feature map after ``layer4``, before the head."""
+        """The feature map after ``layer4``, before the head (channels_last_3d when the model runs
+        channels_last, as on CPU by default: use ``.reshape``, not ``.view``, to flatten it)."""
         if not isinstance(x, Tensor) or x.dim() != 5:
             raise ValueError(f"expected a clip tensor of shape (N, C, T, H, W), got {getattr(x, 'shape', type(x))}")
         x = self.maxpool(self.relu(self.bn1(self.conv1(in_model_layout(x, self.channels_last)))))

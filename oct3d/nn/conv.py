@@ -8,7 +8,8 @@ One dimension-generic module, :class:`OctConv`, implements ``docs/semantics.md``
 where every path is a stride-1 "same" convolution, ``pool`` is average pooling with
 kernel = stride and ``up`` is nearest upsampling cropped to size. A strided octave layer
 pools first and convolves at stride 1 (the paper's Table 3); only the vanilla case
-``alpha_in == alpha_out == 0`` uses a strided convolution, so that it *is* ``nn.ConvNd``.
+``alpha_in == alpha_out == 0`` uses a strided convolution, so that it *is* ``nn.ConvNd`` (in eval
+mode on CPU it takes the same kernel choice as the octave paths: equal up to rounding).
 """
 
 from __future__ import annotations
@@ -114,7 +115,9 @@ class OctConv(nn.Module):
             for a first layer, which has no ``l2l``).
         octave: 3D only: ``"spatial"`` halves H and W, ``"spatiotemporal"`` halves T, H, W.
         pool_first: how a strided *vanilla* layer (``alpha_in == alpha_out == 0``) strides.
-            ``False`` (default): a strided convolution, so the layer is exactly ``nn.ConvNd``.
+            ``False`` (default): a strided convolution, so the layer is ``nn.ConvNd`` (exactly,
+            bit for bit, in training mode; in eval mode through the CPU kernel choice, equal up
+            to rounding).
             ``True``: average-pool by the stride, then convolve at stride 1, as the official
             OctConv code does for every strided convolution inside an octave network, ratio 0
             included (e.g. ``layer4.0.conv2`` of Oct-ResNet-50). Layers with a low branch
@@ -351,8 +354,9 @@ class OctConv(nn.Module):
     def _paths_are_plain(self) -> bool:
         """Whether every path is a stock ``ConvNd`` that no hook watches.
 
-        The fast path reads the path weights directly and adds into path outputs in place.
-        A hook (forward, pre-forward or backward, module or global), a pruning or old-style
+        The fast path reads the path weights directly, with this layer's padding and dilation,
+        and adds into path outputs in place. A path whose padding, padding mode or dilation was
+        changed after construction, a hook (forward, pre-forward or backward, module or global), a pruning or old-style
         weight-norm pre-hook, or a swapped-in module (QAT) expects the module to be called
         and its output left alone, so such layers take the reference formula.
         """
@@ -362,6 +366,9 @@ class OctConv(nn.Module):
         for path in self._modules.values():  # the paths are the only submodules
             if path is not None and (
                 type(path) is not conv_type
+                or path.padding_mode != "zeros"
+                or path.padding != self.padding
+                or path.dilation != self.dilation
                 or path._forward_hooks
                 or path._forward_pre_hooks
                 or path._backward_hooks

@@ -268,8 +268,10 @@ def to_channels_last(t: Tensor) -> Tensor:
     if layout is None:
         raise ValueError(f"t must be a 4D or 5D map (N, C, *spatial), got shape {tuple(t.shape)}")
     if t.shape[1] == 1 and t.is_contiguous():
-        return t.as_strided(t.shape, (t.stride(0), 1, *t.stride()[2:]))
+        # View ops rather than as_strided, so that a trace (jit, ONNX) keeps the strides symbolic.
+        return t.squeeze(1).unsqueeze(-1).movedim(-1, 1)
     return t.contiguous(memory_format=layout)
+
 
 def in_model_layout(x: object, channels_last: bool | None) -> object:
     """``x`` in the memory format a network with this ``channels_last`` setting runs in.
@@ -282,6 +284,8 @@ def in_model_layout(x: object, channels_last: bool | None) -> object:
     convolutions, norms and pools after it keep that layout, so a network converts once, at
     its input.
     """
+    if isinstance(x, torch.fx.Proxy):  # symbolic tracing (torch.fx, a GraphModule's unpickling): record the call
+        return x.tracer.create_proxy("call_function", in_model_layout, (x, channels_last), {})
     if not isinstance(x, Tensor) or x.dim() not in CHANNELS_LAST_FORMATS:
         return x
     if channels_last is None:
