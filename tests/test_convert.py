@@ -14,6 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import torchvision
+from layouts import map_layouts
 from torch import nn
 
 from oct3d import octavize
@@ -445,7 +446,7 @@ def test_converted_network_runs_channels_last_on_cpu(name, zoo):
     plain.load_state_dict(fast.state_dict())
     layouts = {fast: set(), plain: set()}
     hooks = [
-        module.register_forward_pre_hook(lambda m, args, seen=seen: seen.add(_map_layout(args[0])))
+        module.register_forward_pre_hook(lambda m, args, seen=seen: seen.update(map_layouts(args[0])))
         for net, seen in layouts.items() for module in net.modules() if isinstance(module, OctConv)
     ]
     probe = torch.randn_like(x)
@@ -487,16 +488,6 @@ def test_a_model_that_views_its_maps_gets_a_clear_error_in_channels_last():
     assert converted(x).shape == (2, 2)
 
 
-def _map_layout(x) -> str:
-    parts = [t for t in ([x] if isinstance(x, torch.Tensor) else x) if t is not None and t.shape[2:].numel() > 1]
-    layouts = {
-        "contiguous" if t.is_contiguous() else "channels_last"
-        if t.is_contiguous(memory_format={4: torch.channels_last, 5: torch.channels_last_3d}[t.dim()]) else "other"
-        for t in parts
-    }
-    return layouts.pop() if len(layouts) == 1 else "mixed"
-
-
 class _TwoOutputs(nn.Module):
     """A small net whose outputs are a NamedTuple of a map and a flattened view of a map."""
 
@@ -528,7 +519,7 @@ def test_channels_last_survives_torch_save_and_restores_every_output():
     loaded = torch.load(buffer, weights_only=False)
     assert "in_model_layout" in loaded.code and "restore_caller_layout" in loaded.code
     seen = []
-    loaded.c2.register_forward_pre_hook(lambda m, args: seen.append(_map_layout(args[0])))
+    loaded.c2.register_forward_pre_hook(lambda m, args: seen.extend(map_layouts(args[0])))
     with torch.no_grad():
         got, want = loaded(x), net(x)
     assert seen == ["channels_last"]

@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import torchvision
+from layouts import assert_same_gradients, map_layouts
 from torch import nn
 
 from oct3d.models import (
@@ -345,23 +346,12 @@ def test_channels_last_on_cpu_runs_the_same_network(builder, alpha):
     for model, seen in layouts.items():
         for module in model.modules():
             if isinstance(module, OctConv):
-                module.register_forward_pre_hook(lambda m, args, seen=seen: seen.extend(_layouts(args[0])))
+                module.register_forward_pre_hook(lambda m, args, seen=seen: seen.extend(map_layouts(args[0])))
     x = torch.randn(2, 3, 64, 48, dtype=torch.float64)
     got, want = fast(x), plain(x)
     assert set(layouts[fast]) == {"channels_last"} and set(layouts[plain]) == {"contiguous"}
     torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
-    for a, b in zip(torch.autograd.grad(got.square().sum(), list(fast.parameters())),
-                    torch.autograd.grad(want.square().sum(), list(plain.parameters()))):
-        torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-9)
+    assert_same_gradients(fast, got, plain, want, rtol=1e-7, atol=1e-9)
     with pytest.raises(TypeError, match="channels_last"):
         builder(channels_last="yes")
 
-
-def _layouts(x) -> list[str]:
-    """The memory format of each map of an octave layer's input (maps of one pixel have none)."""
-    parts = [x] if isinstance(x, torch.Tensor) else [t for t in x if t is not None]
-    return [
-        "contiguous" if t.is_contiguous() else "channels_last" if t.is_contiguous(memory_format=torch.channels_last)
-        else "other"
-        for t in parts if t.shape[2:].numel() > 1
-    ]
