@@ -65,8 +65,9 @@ def octavize(
         atol: tolerance of that check.
         channels_last: run the converted network in the channels_last(_3d) memory format: its 4D/5D
             tensor inputs are converted on entry (:func:`oct3d.nn.octave.in_model_layout`) and its
-            4D/5D outputs handed back in the caller's layout. ``None`` (default): on CPU inputs only,
-            where oneDNN would otherwise reorder every convolution's input and output (docs/speed.md);
+            outputs handed back in the caller's layout (:func:`restore_caller_layout`). ``None``
+            (default): on CPU inputs only, where oneDNN would otherwise reorder every convolution's
+            input and output (docs/speed.md);
             ``False`` keeps the original behaviour, e.g. for a model that calls ``.view()`` on its maps.
 
     Returns:
