@@ -14,7 +14,7 @@ from oct3d.convert.plan import Plan, make_plan
 from oct3d.convert.rewrite import rewrite
 from oct3d.convert.rules import RULES, DepthwiseConvRule, Rule
 from oct3d.convert.trace import record_shapes, trace
-from oct3d.nn.octave import OCTAVE_MODES, in_model_layout, is_channels_last, to_channels_last
+from oct3d.nn.octave import OCTAVE_MODES, check_channels_last, in_model_layout, is_channels_last, keep_channels_last
 
 __all__ = ["octavize", "describe_plan"]
 
@@ -95,8 +95,7 @@ def octavize(
         raise TypeError(f"pool_first must be None or a bool, got {pool_first!r}")
     if not isinstance(vanilla_coarsest, bool):
         raise TypeError(f"vanilla_coarsest must be a bool, got {vanilla_coarsest!r}")
-    if channels_last is not None and not isinstance(channels_last, bool):
-        raise TypeError(f"channels_last must be None or a bool, got {channels_last!r}")
+    check_channels_last(channels_last)
     _check_example(example_input)
     rules = list(RULES if rules is None else rules)
 
@@ -160,19 +159,6 @@ def _run_in_model_layout(gm: fx.GraphModule, channels_last: bool | None) -> None
     output.args = (restored,)
     graph.lint()
     gm.recompile()
-
-
-def keep_channels_last(out: Any, inp: Any) -> Any:
-    """``out`` of a vanilla convolution, channels_last again where its input ``inp`` was.
-
-    PyTorch's im2col fallback (batch 1 or one thread, small maps) returns a channels_last input's
-    result channels-first; every layer after it would then run on the slow layout.
-    """
-    if isinstance(out, fx.Proxy):  # a GraphModule's unpickling re-traces its code: keep the node
-        return out.tracer.create_proxy("call_function", keep_channels_last, (out, inp), {})
-    if isinstance(out, Tensor) and isinstance(inp, Tensor) and out.dim() in (4, 5) and is_channels_last(inp):
-        return out if is_channels_last(out) else to_channels_last(out)
-    return out
 
 
 def restore_caller_layout(outputs: Any, like: Any) -> Any:

@@ -33,7 +33,6 @@ __all__ = [
     "OctBottleneck",
     "OctSqueezeExcite",
     "OctaveResplit",
-    "check_channels_last",
     "conv_bn",
     "init_like_vanilla",
     "make_stage",
@@ -109,13 +108,6 @@ def resolve_pool_first(pool_first: bool | None, alphas: Sequence[float]) -> bool
     if not isinstance(pool_first, bool):
         raise TypeError(f"pool_first must be None or a bool, got {pool_first!r}")
     return pool_first
-
-
-def check_channels_last(channels_last: object) -> bool | None:
-    """Validate a model's ``channels_last`` argument: ``None`` (on CPU inputs only) or a bool."""
-    if channels_last is not None and not isinstance(channels_last, bool):
-        raise TypeError(f"channels_last must be a bool or None, got {channels_last!r}")
-    return channels_last
 
 
 class OctSqueezeExcite(nn.Module):

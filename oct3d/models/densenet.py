@@ -36,11 +36,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from oct3d.models.blocks import check_channels_last, init_like_vanilla
+from oct3d.models.blocks import init_like_vanilla
 from oct3d.models.registry import register_model
 from oct3d.nn import Octave, OctaveInput, OctAvgPool, OctBatchNorm, OctConv, OctMaxPool, OctReLU, split_channels
 from oct3d.nn.conv import check_alpha, check_positive_int
-from oct3d.nn.octave import in_model_layout
+from oct3d.nn.octave import check_channels_last, in_model_layout
 
 __all__ = ["OctDenseLayer", "OctDenseBlock", "OctTransition", "OctDenseNet", "oct_densenet121"]
 

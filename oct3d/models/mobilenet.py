@@ -35,11 +35,11 @@ from collections.abc import Sequence
 
 from torch import Tensor, nn
 
-from oct3d.models.blocks import check_channels_last, init_like_vanilla, resolve_pool_first
+from oct3d.models.blocks import init_like_vanilla, resolve_pool_first
 from oct3d.models.registry import register_model
 from oct3d.nn import OctaveInput, OctBatchNorm, OctConv, OctGlobalAvgPool, OctMap
 from oct3d.nn.conv import check_alpha, check_positive_int
-from oct3d.nn.octave import in_model_layout
+from oct3d.nn.octave import check_channels_last, in_model_layout
 
 __all__ = [
     "OctDepthwiseSeparable",

@@ -40,7 +40,6 @@ from torch import Tensor, nn
 
 from oct3d.models.blocks import (
     OctBottleneck,
-    check_channels_last,
     init_like_vanilla,
     make_stage,
     resolve_pool_first,
@@ -48,7 +47,7 @@ from oct3d.models.blocks import (
 from oct3d.models.registry import register_model
 from oct3d.nn import OctGlobalAvgPool
 from oct3d.nn.conv import check_alpha, check_positive_int
-from oct3d.nn.octave import in_model_layout
+from oct3d.nn.octave import check_channels_last, in_model_layout
 
 __all__ = [
     "OctResNet",

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from oct3d.models.blocks import check_channels_last, init_like_vanilla
+from oct3d.models.blocks import init_like_vanilla
 from oct3d.models.registry import register_model
 from oct3d.nn import (
     OCTAVE_MODES,
@@ -39,7 +39,7 @@ from oct3d.nn import (
     split_channels,
 )
 from oct3d.nn.conv import check_alpha
-from oct3d.nn.octave import is_channels_last, to_channels_last
+from oct3d.nn.octave import check_channels_last, is_channels_last, to_channels_last
 
 __all__ = ["OctUNet3d", "oct_unet3d"]
 

@@ -26,7 +26,6 @@ from oct3d.models.blocks import (
     OctaveResplit,
     OctBasicBlock,
     OctBottleneck,
-    check_channels_last,
     init_like_vanilla,
     make_stage,
     resolve_pool_first,
@@ -40,7 +39,7 @@ from oct3d.nn import (
     OctMaxPool,
 )
 from oct3d.nn.conv import check_alpha, check_positive_int, to_tuple
-from oct3d.nn.octave import in_model_layout
+from oct3d.nn.octave import check_channels_last, in_model_layout
 
 __all__ = [
     "OctTemporalMaxPool",

@@ -25,16 +25,14 @@ from torch.nn.modules import module as _module
 from oct3d.nn import kernels
 from oct3d.nn.kernels import conv_nd
 from oct3d.nn.octave import (
-    CHANNELS_LAST_FORMATS,
     Octave,
     OctaveInput,
     avg_pool,
     broadcast_upsampled_,
-    is_channels_last,
+    keep_channels_last,
     low_size,
     octave_axes,
     split_channels,
-    to_channels_last,
     traced_or_compiled,
     upsample_to,
 )
@@ -326,12 +324,7 @@ class OctConv(nn.Module):
                 # Inference: the kernel choice, packed weights included (oneDNN otherwise reorders
                 # the weight on every call, as costly as a batch-1 convolution on a small map).
                 return self._path(self.h2h, high, self.stride)
-            y = self.h2h(high)
-            if y.dim() in CHANNELS_LAST_FORMATS and is_channels_last(high) and not is_channels_last(y):
-                # PyTorch's im2col fallback (batch 1 or one thread, small maps) returns a channels_last
-                # input's result channels-first; every layer after it would run on the slow layout.
-                y = to_channels_last(y)
-            return y
+            return keep_channels_last(self.h2h(high), high)
         x = avg_pool(high, self._pool_h2h)
         if not (self.fast_path and self._paths_are_plain()):
             return self.h2h(x)

@@ -35,6 +35,8 @@ __all__ = [
     "is_channels_last",
     "to_channels_last",
     "in_model_layout",
+    "check_channels_last",
+    "keep_channels_last",
     "CHANNELS_LAST_FORMATS",
 ]
 
@@ -292,6 +294,29 @@ def in_model_layout(x: object, channels_last: bool | None) -> object:
         channels_last = x.device.type == "cpu"
     return to_channels_last(x) if channels_last else x
 
+
+def check_channels_last(channels_last: object) -> bool | None:
+    """Validate a ``channels_last`` argument of a model or of ``octavize``: ``None`` (on CPU inputs
+    only, see :func:`in_model_layout`) or a bool."""
+    if channels_last is not None and not isinstance(channels_last, bool):
+        raise TypeError(f"channels_last must be a bool or None, got {channels_last!r}")
+    return channels_last
+
+
+def keep_channels_last(out: object, like: object) -> object:
+    """A convolution's ``out``, channels_last(_3d) again where its input ``like`` was.
+
+    PyTorch's im2col fallback (batch 1 or one thread, small maps) returns a channels_last
+    input's result channels-first; every layer after it would then run on the slow layout.
+    """
+    if isinstance(out, torch.fx.Proxy):  # a GraphModule's unpickling re-traces its code: keep the node
+        return out.tracer.create_proxy("call_function", keep_channels_last, (out, like), {})
+    if (
+        isinstance(out, Tensor) and isinstance(like, Tensor) and out.dim() in CHANNELS_LAST_FORMATS
+        and is_channels_last(like) and not is_channels_last(out)
+    ):
+        return to_channels_last(out)
+    return out
 
 def _sum_halves(x: Tensor, factors: tuple[int, ...]) -> Tensor:
     """Exact-window average pooling as a sum of halves, axis by axis (outermost first, so the
