@@ -14,6 +14,7 @@ r50_train=(--model oct_resnet50 --mode train --batch-size 4 --iters 15 --warmup 
 i3d=(--model oct_i3d_r50 --octave spatiotemporal --mode inference --batch-size 1 --iters 8 --warmup 2)
 unet_train=(--model oct_unet3d --mode train --batch-size 2 --spatial 48x48x32 --iters 15 --warmup 3)
 unet_inf=(--model oct_unet3d --mode inference --batch-size 1 --spatial 96x96x64 --iters 10 --warmup 3)
+narrow=(--model-kwargs '{"base_width": 16}')  # the U-Net at half its default width
 for malloc in steady default; do
   bench "${r50_b4[@]}" --malloc "$malloc" --json "$out/r50_b4_inf_$malloc.json"
   bench "${r50_b1[@]}" --malloc "$malloc" --json "$out/r50_b1_inf_$malloc.json"
@@ -21,6 +22,8 @@ for malloc in steady default; do
   bench "${i3d[@]}" --malloc "$malloc" --json "$out/i3d_inf_$malloc.json"
   bench "${unet_train[@]}" --malloc "$malloc" --json "$out/unet_train_$malloc.json"
   bench "${unet_inf[@]}" --malloc "$malloc" --json "$out/unet_inf_$malloc.json"
+  bench "${unet_train[@]}" "${narrow[@]}" --malloc "$malloc" --json "$out/unet16_train_$malloc.json"
+  bench "${unet_inf[@]}" "${narrow[@]}" --malloc "$malloc" --json "$out/unet16_inf_$malloc.json"
 done
 # Controls (steady malloc): both models channels_last; the octave model kept channels-first.
 bench "${r50_b4[@]}" --channels-last --json "$out/r50_b4_inf_cl.json"

@@ -12,12 +12,19 @@ size works, odd included, and the output has the input's spatial size.
 ``octave="spatial"`` halves only H and W in the low branch (the choice for anisotropic volumes
 with thick slices along D); ``"spatiotemporal"`` halves D, H and W.
 
+The first level has ``base_width=32`` channels by default, the width of the 3D U-Net of
+Cicek et al. (2016) and of nnU-Net, and of ``configs/oct_unet3d_msd.yaml``. Narrower
+networks work, but oneDNN runs narrow convolutions far below its peak (an isolated 3x3x3
+convolution at 96x96x64 ran at about 100 GMAC/s with 8 channels, 145 with 16 and 205 with 32
+on the development machine), and at alpha .5 the octave branches have half the channels: at
+``base_width=16`` the octave network saves much less time than multiply-adds
+(docs/speed.md).
+
 On CPU the network runs in the channels_last_3d memory format (``channels_last=None``, the
-default; the logits come back in the input's format). A U-Net's maps are large and narrow
-(16 channels at full resolution, 8 per branch at alpha .5): on channels-first maps oneDNN
-reorders every input and output to its blocked layout, and those copies cost more than the
-convolutions (a full U-Net forward at 96x96x64 ran about 5x faster in channels_last_3d on
-the development machine, at alpha 0 and .5 alike).
+default; the logits come back in the input's format). A U-Net's maps are large and narrow:
+on channels-first maps oneDNN reorders every input and output to its blocked layout, and
+those copies cost more than the convolutions (a full U-Net forward at 96x96x64 and width 16
+ran about 5x faster in channels_last_3d on the development machine, at alpha 0 and .5 alike).
 """
 
 from __future__ import annotations
@@ -106,7 +113,9 @@ class OctUNet3d(nn.Module):
         num_classes: output channels (per-voxel class logits).
         alpha: octave ratio of every inner map, in [0, 1); 0 gives the vanilla 3D U-Net.
         octave: ``"spatial"`` (low branch at half H, W) or ``"spatiotemporal"`` (half D, H, W).
-        base_width: channels of the first level; level ``i`` has ``base_width * 2**i``.
+        base_width: channels of the first level (32, as in the 3D U-Net paper and nnU-Net);
+            level ``i`` has ``base_width * 2**i``. Narrower networks save less CPU time at a
+            given alpha: their half-width branches run further below oneDNN's peak.
         depth: number of resolution levels (``depth - 1`` downsamplings), at least 2.
         channels_last: run in the channels_last_3d memory format (the input marked so before
             the first convolution, logits returned channels-first for a channels-first input).
@@ -119,7 +128,7 @@ class OctUNet3d(nn.Module):
 
     def __init__(
         self, in_channels: int = 1, num_classes: int = 2, alpha: float = 0.5, octave: str = "spatial",
-        base_width: int = 16, depth: int = 4, channels_last: bool | None = None,
+        base_width: int = 32, depth: int = 4, channels_last: bool | None = None,
     ) -> None:
         super().__init__()
         self.channels_last = check_channels_last(channels_last)
@@ -173,7 +182,7 @@ def oct_unet3d(
     num_classes: int = 2,
     alpha: float = 0.5,
     octave: str = "spatial",
-    base_width: int = 16,
+    base_width: int = 32,
     depth: int = 4,
     channels_last: bool | None = None,
 ) -> OctUNet3d:
