@@ -34,7 +34,7 @@ from oct3d.models.registry import list_models, model_task
 from oct3d.profiling import count_macs
 
 __all__ = ["BenchResult", "benchmark_models", "cpu_name", "format_results", "main", "op_table", "plot_results",
-           "results_to_json", "route_conv3d_like_octave", "route_convs_like_octave"]
+           "json_table", "results_to_json", "route_conv3d_like_octave", "route_convs_like_octave"]
 
 MODES = ("inference", "train")
 
@@ -532,6 +532,41 @@ def results_to_json(results: Sequence[BenchResult], setting: str) -> list[dict]:
     return rows
 
 
+def json_table(paths: Sequence[str | Path]) -> str:
+    """A markdown table of benchmark runs saved with ``--json``: one row per result, each with its
+    file name and its setting line (CPU model, threads, malloc, builder kwargs). A folder stands
+    for every ``*.json`` file in it, in name order."""
+    import json
+
+    files: list[Path] = []
+    for path in map(Path, paths):
+        if path.is_dir():
+            files.extend(sorted(path.glob("*.json")))
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise FileNotFoundError(f"no benchmark JSON file or folder at {path}")
+    lines = [
+        "| file | model | mode | batch | input | octave ms | peer ms | time ratio | MAC ratio | setting |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for file in files:
+        try:
+            rows = json.loads(file.read_text())
+            if isinstance(rows, dict):
+                rows = [rows]
+            for r in rows:
+                model = " ".join(str(v) for v in (r["model"], r["alpha"], r.get("octave")) if v is not None)
+                shape = "x".join(str(n) for n in r["shape"][2:])
+                lines.append(
+                    f"| {file.name} | {model} | {r['mode']} | {r['batch']} | {shape} | {r['median_ms']:.1f} | "
+                    f"{r['peer_median_ms']:.1f} | **{r['time_ratio']:.2f}x** | {r['mac_ratio']:.2f} | {r['setting']} |"
+                )
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ValueError(f"{file} is not a benchmark --json file: {exc!r}") from exc
+    return "\n".join(lines)
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="oct3d bench", description="Time octave models against their vanilla peers, interleaved in one process."
@@ -575,6 +610,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--output", default=None, help="write the markdown table here")
     parser.add_argument("--json", default=None, help="write the results as JSON here (one object per row)")
     parser.add_argument("--plot", default=None, help="write a PNG of time and multiply-add ratios against alpha")
+    parser.add_argument("--table", nargs="+", default=None, metavar="JSON",
+                        help="time nothing: print the markdown table of earlier --json files (or folders of them)")
     args = parser.parse_args(argv)
     if args.batch_size < 1:
         parser.error("--batch-size must be >= 1")
@@ -641,6 +678,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     import json
 
     args = parse_args(argv)
+    if args.table:
+        try:
+            text = json_table(args.table)
+        except (FileNotFoundError, ValueError) as exc:
+            print(f"error: {exc}")
+            return 2
+        print(text)
+        if args.output:
+            Path(args.output).write_text(text + "\n")
+        return 0
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.malloc == "steady" and not steady_malloc():

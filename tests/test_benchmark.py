@@ -155,6 +155,24 @@ def test_segmentation_trains_with_a_dense_target_and_json_output(tmp_path):
     assert all(r["shape"] == [2, 1, 6, 8, 10] and math.isfinite(r["time_ratio"]) and r["cpu"] for r in rows)
     assert {"mac_ratio", "setting", "torch", "threads", "autotune"} <= set(rows[0])
 
+    # --table renders saved runs (a folder of them) without timing anything.
+    (tmp_path / "notes.txt").write_text("not a run")
+    table_md = tmp_path / "runs.md"
+    assert main(["--table", str(tmp_path), "--output", str(table_md)]) == 0
+    lines = table_md.read_text().splitlines()
+    assert len(lines) == 2 + len(rows)
+    assert lines[2].startswith("| unet.json | oct_unet3d 0.5 | train | 2 | 6x8x10 |")
+    assert f"**{rows[0]['time_ratio']:.2f}x**" in lines[2] and rows[0]["setting"] in lines[2]
+
+
+def test_table_rejects_what_is_not_a_saved_run(tmp_path, capsys):
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps([{"model": "x"}]))
+    assert main(["--table", str(bad)]) == 2
+    assert "bad.json is not a benchmark --json file" in capsys.readouterr().out
+    assert main(["--table", str(tmp_path / "missing")]) == 2
+    assert "no benchmark JSON file or folder" in capsys.readouterr().out
+
 
 def test_bad_spatial_size_is_rejected():
     with pytest.raises(SystemExit):
