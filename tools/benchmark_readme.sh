@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every CPU run behind the README's speed tables, one after another, as JSON files in one folder
 # (default docs/benchmarks/cpu_channels_last). Run it on an otherwise idle machine; it takes about
-# fifteen minutes on 2 cores. Usage: bash tools/benchmark_readme.sh [OUTPUT_DIR]
+# seven minutes on 2 cores. Usage: bash tools/benchmark_readme.sh [OUTPUT_DIR]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out="${1:-docs/benchmarks/cpu_channels_last}"
