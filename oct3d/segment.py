@@ -154,9 +154,13 @@ def load_segmenter(path: str | os.PathLike, device: str = "auto", trust_checkpoi
                               "use `oct3d infer` for classifiers")
     if int(meta.get("format_version", 0)) > CHECKPOINT_FORMAT_VERSION:
         raise CheckpointError(f"{path}: checkpoint format {meta.get('format_version')} is newer than this oct3d")
+    backbone_kwargs = dict(meta.get("backbone_kwargs") or {})
+    if int(meta.get("format_version", 0)) < 2 and meta.get("backbone") == "oct_unet3d":
+        # Format 1 recorded only the arguments given; oct_unet3d's base_width defaulted to 16 then.
+        backbone_kwargs.setdefault("base_width", 16)
     try:
         module = VolumeSegmenter(
-            backbone=meta["backbone"], backbone_kwargs=meta.get("backbone_kwargs") or None,
+            backbone=meta["backbone"], backbone_kwargs=backbone_kwargs or None,
             in_channels=int(meta["in_channels"]), num_classes=int(meta["num_classes"]),
             class_names=meta.get("class_names"), depth_axis=meta.get("depth_axis"),
             overlap=float(meta.get("overlap", 0.5)), preprocessing=meta.get("preprocessing"),

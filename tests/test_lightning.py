@@ -170,3 +170,14 @@ def test_foreach_only_where_every_parameter_is_on_the_cpu():
     assert foreach_kwargs([torch.zeros(2), torch.zeros(3)]) == {"foreach": True}
     assert foreach_kwargs([]) == {}
     assert foreach_kwargs([torch.zeros(2, device="meta")]) == {}
+
+
+def test_backbone_kwargs_are_recorded_complete():
+    """Every builder argument lands in the hyperparameters, so a checkpoint survives a changed default."""
+    model = VideoClassifier(backbone="oct_c2d_r50", num_classes=3,
+                            backbone_kwargs={"base_width": 4, "depths": (1, 1, 1, 1)})
+    recorded = model.hparams["backbone_kwargs"]
+    assert recorded["base_width"] == 4 and recorded["depths"] == [1, 1, 1, 1]
+    assert recorded["alpha"] == 0.5 and recorded["octave"] == "spatial" and "num_classes" not in recorded
+    with pytest.raises(ValueError, match="takes no argument"):
+        VideoClassifier(backbone="oct_c2d_r50", num_classes=3, backbone_kwargs={"widht": 4})

@@ -119,3 +119,18 @@ def test_channels_last_runs_the_same_network(alpha):
     with pytest.raises(TypeError, match="channels_last"):
         oct_unet3d(channels_last="yes")
 
+
+
+def test_builder_arguments_fill_in_every_default():
+    from oct3d.models import builder_arguments
+
+    assert builder_arguments("oct_unet3d", {"alpha": 0.25}, omit=("in_channels", "num_classes")) == {
+        "alpha": 0.25, "octave": "spatial", "base_width": 32, "depth": 4, "channels_last": None}
+    video = builder_arguments("oct_i3d_r50", {"base_width": 8}, omit=("num_classes",))
+    assert video["depths"] == [3, 4, 6, 3] and video["base_width"] == 8 and "num_classes" not in video
+    assert builder_arguments("oct_resnet50", {"channels_last": False}) == {
+        "alpha": 0.5, "num_classes": 1000, "channels_last": False}  # **kwargs builders keep the extras
+    with pytest.raises(ValueError, match=r"oct_unet3d takes no argument\(s\) \['width'\]"):
+        builder_arguments("oct_unet3d", {"width": 8})
+    with pytest.raises(ValueError, match="unknown model"):
+        builder_arguments("no_such_model")

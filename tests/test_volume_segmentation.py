@@ -470,3 +470,29 @@ def test_octavize_bad_settings_are_clear_errors():
     converted = VolumeSegmenter(backbone=spec, num_classes=3, octavize=0.5, preprocessing={"patch_size": [8, 8, 8]})
     with pytest.raises(ValueError, match="already has octave layers"):
         VolumeSegmenter(backbone=converted.model, num_classes=3, octavize=0.5)
+
+
+def test_checkpoints_record_every_builder_argument_and_format_1_still_loads(tmp_path):
+    """backbone_kwargs are stored complete, so a later change of a builder default cannot change the
+    rebuilt network; a format-1 checkpoint (arguments as given, oct_unet3d's old base_width 16) still loads."""
+    model = VolumeSegmenter(num_classes=3, backbone_kwargs={"alpha": 0.5, "base_width": 16, "depth": 2},
+                            preprocessing={"patch_size": [8, 8, 8]})
+    assert model.hparams.backbone_kwargs == {"alpha": 0.5, "octave": "spatial", "base_width": 16, "depth": 2,
+                                             "channels_last": None}
+    checkpoint = {"state_dict": model.state_dict()}
+    model.on_save_checkpoint(checkpoint)
+    assert checkpoint["oct3d"]["backbone_kwargs"] == model.hparams.backbone_kwargs
+    assert checkpoint["oct3d"]["format_version"] == 2
+    checkpoint["oct3d"].update(format_version=1, backbone_kwargs={"alpha": 0.5, "depth": 2})
+    path = tmp_path / "format1.ckpt"
+    torch.save(checkpoint, path)
+    segmenter = load_segmenter(path, device="cpu")
+    assert segmenter.module.model.encoder[0][0][0].h2h.in_channels == 1
+    assert segmenter.module.model.encoder[0][0][0].out_channels == 16
+    x = torch.randn(1, 1, 8, 8, 8)
+    assert torch.allclose(segmenter.module(x), model.eval()(x), atol=1e-5)
+    # The same meta at format 2 means what it says: the default width, whose weights do not fit.
+    checkpoint["oct3d"]["format_version"] = 2
+    torch.save(checkpoint, path)
+    with pytest.raises(CheckpointError):
+        load_segmenter(path, device="cpu")

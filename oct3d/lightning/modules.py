@@ -20,7 +20,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
-from oct3d.models import get_model
+from oct3d.models import builder_arguments, get_model
 from oct3d.nn.conv import check_positive_int
 
 __all__ = [
@@ -37,8 +37,10 @@ __all__ = [
 
 #: Key of the checkpoint entry holding everything inference needs; its presence marks "our" checkpoint.
 CHECKPOINT_KEY = "oct3d"
-#: Bumped when the layout of ``checkpoint[CHECKPOINT_KEY]`` changes incompatibly.
-CHECKPOINT_FORMAT_VERSION = 1
+#: Bumped when the layout of ``checkpoint[CHECKPOINT_KEY]`` changes. 2: ``backbone_kwargs`` of a registry
+#: name hold every builder argument, defaults included (version 1 held only those given, and
+#: ``oct_unet3d``'s default ``base_width`` was then 16).
+CHECKPOINT_FORMAT_VERSION = 2
 
 # ImageNet statistics: what the data modules normalise with unless they say otherwise.
 _IMAGENET_MEAN = [0.485, 0.456, 0.406]
@@ -155,9 +157,13 @@ class OctaveClassifier(pl.LightningModule):
         backbone_kwargs = dict(backbone_kwargs or {})
         if "num_classes" in backbone_kwargs:
             raise ValueError("pass num_classes as the module's num_classes, not inside backbone_kwargs")
+        # Every builder argument, defaults included, so the checkpoint rebuilds this network even if a
+        # default changes later (and a misspelt key is a clear error here).
+        backbone_arguments = builder_arguments(backbone, backbone_kwargs, omit=("num_classes",))
         # Kept as plain types (str, int, float, list, dict) so the checkpoint loads with weights_only=True.
         self.save_hyperparameters()
         self.model: nn.Module = get_model(backbone, num_classes=num_classes, **backbone_kwargs)
+        self.hparams["backbone_kwargs"] = backbone_arguments
         self.class_names: list[str] | None = list(class_names) if class_names is not None else None
         self.preprocessing: dict[str, Any] = dict(preprocessing or {})
         self.criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)

@@ -29,7 +29,7 @@ from oct3d.lightning.modules import (
     foreach_kwargs,
     warmup_cosine_schedule,
 )
-from oct3d.models import get_model
+from oct3d.models import builder_arguments, get_model
 from oct3d.nn.conv import check_positive_int
 
 __all__ = ["OCTAVIZE_KEYS", "VolumeSegmenter", "build_backbone", "class_path_of", "is_octave_network",
@@ -63,6 +63,7 @@ def build_backbone(spec: str | dict[str, Any], in_channels: int, num_classes: in
         for key in ("in_channels", "num_classes"):
             if key in kwargs:
                 raise ValueError(f"pass {key} as the module's {key}, not inside backbone_kwargs")
+        builder_arguments(spec, kwargs)  # a misspelt key: a clear error naming the builder's arguments
         return get_model(spec, in_channels=in_channels, num_classes=num_classes, **kwargs)
     if not isinstance(spec, dict) or not isinstance(spec.get("class_path"), str):
         raise ValueError(f"backbone must be a registry name, an nn.Module or {{'class_path', 'init_args'}}, "
@@ -241,6 +242,12 @@ class VolumeSegmenter(pl.LightningModule):
         self.model = backbone if isinstance(backbone, nn.Module) else build_backbone(
             backbone, in_channels, num_classes, backbone_kwargs
         )
+        if isinstance(backbone, str):
+            # Every builder argument, defaults included: the checkpoint rebuilds this network even if a
+            # default changes later.
+            self.hparams["backbone_kwargs"] = builder_arguments(
+                backbone, backbone_kwargs, omit=("in_channels", "num_classes")
+            )
         spec = self.hparams.get("backbone", backbone)
         if isinstance(spec, nn.Module):
             spec = {"class_path": class_path_of(spec), "init_args": None}

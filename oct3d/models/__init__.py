@@ -4,7 +4,7 @@ Every builder is also registered by name: ``get_model("oct_i3d_r50", alpha=0.5)`
 """
 
 from oct3d.models.blocks import OctBasicBlock, OctBottleneck, OctSqueezeExcite, make_stage
-from oct3d.models.registry import get_model, list_models, model_task, register_model
+from oct3d.models.registry import builder_arguments, get_model, list_models, model_task, register_model
 from oct3d.models.transfer import VanillaMismatchError, load_vanilla, partition_conv_weight
 
 __all__ = [
@@ -15,6 +15,7 @@ __all__ = [
     "load_vanilla",
     "partition_conv_weight",
     "VanillaMismatchError",
+    "builder_arguments",
     "get_model",
     "list_models",
     "model_task",

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import TypeVar
+import inspect
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, TypeVar
 
 from torch import nn
 
-__all__ = ["register_model", "get_model", "list_models", "model_task"]
+__all__ = ["builder_arguments", "register_model", "get_model", "list_models", "model_task"]
 
 Builder = TypeVar("Builder", bound=Callable[..., nn.Module])
 
@@ -50,3 +51,31 @@ def get_builder(name: str) -> Callable[..., nn.Module]:
 def get_model(name: str, **kwargs) -> nn.Module:
     """Build the registered model ``name`` with ``kwargs`` (e.g. ``alpha=0.5, num_classes=400``)."""
     return get_builder(name)(**kwargs)
+
+
+def builder_arguments(
+    name: str, kwargs: Mapping[str, Any] | None = None, omit: Sequence[str] = (),
+) -> dict[str, Any]:
+    """Every keyword argument of the builder ``name``: ``kwargs`` over the builder's defaults.
+
+    A checkpoint that records this dict rebuilds the same network even when a builder's default
+    changes later (``oct_unet3d``'s ``base_width`` went from 16 to 32). Arguments named in
+    ``omit`` (those the caller passes itself, such as ``num_classes``) are left out; tuples
+    become lists, so the dict stays plain YAML and ``weights_only`` checkpoint data. A builder
+    that takes ``**kwargs`` keeps the extra keys as given.
+
+    Raises:
+        ValueError: an unknown model, or a key the builder does not take.
+    """
+    builder = get_builder(name)
+    kwargs = dict(kwargs or {})
+    parameters = inspect.signature(builder).parameters
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
+    named = [k for k, p in parameters.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    unknown = sorted(set(kwargs) - set(named))
+    if unknown and not takes_any:
+        raise ValueError(f"{name} takes no argument(s) {unknown}; its arguments are {named}")
+    resolved = {k: kwargs.get(k, parameters[k].default) for k in named if k not in omit}
+    resolved = {k: v for k, v in resolved.items() if v is not inspect.Parameter.empty}
+    resolved.update({k: kwargs[k] for k in unknown if k not in omit})
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in resolved.items()}
