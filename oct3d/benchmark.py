@@ -516,41 +516,60 @@ def cpu_name() -> str:
     return platform.processor() or "unknown CPU"
 
 
-def results_to_json(results: Sequence[BenchResult], setting: str) -> list[dict]:
-    """``results`` as JSON-ready dicts: every field, the ratios, the setting and the machine."""
+def results_to_json(
+    results: Sequence[BenchResult], setting: str, model_kwargs: dict | None = None,
+) -> list[dict]:
+    """``results`` as JSON-ready dicts: every field, the ratios, the setting, the machine, and the octave
+    model's complete builder arguments (``model_kwargs`` over the builder's defaults, so a later change
+    of a default cannot make two files with the same setting mean different networks)."""
     from dataclasses import asdict
 
+    from oct3d.models import builder_arguments
     from oct3d.nn import kernels
 
     rows = []
     for r in results:
         row = asdict(r)
+        given = {**(model_kwargs or {}), "alpha": r.alpha, **({"octave": r.octave} if r.octave else {})}
         row.update(time_ratio=r.time_ratio, mac_ratio=r.mac_ratio, memory_ratio=r.memory_ratio,
                    throughput=r.throughput, setting=setting, cpu=cpu_name(), torch=torch.__version__,
-                   threads=torch.get_num_threads(), autotune=kernels.autotune)
+                   threads=torch.get_num_threads(), autotune=kernels.autotune,
+                   builder_arguments=builder_arguments(r.model, given))
         rows.append(row)
     return rows
 
 
 def json_table(paths: Sequence[str | Path]) -> str:
     """A markdown table of benchmark runs saved with ``--json``: one row per result, each with its
-    file name and its setting line (CPU model, threads, malloc, builder kwargs). A folder stands
-    for every ``*.json`` file in it, in name order."""
+    file and its setting line (CPU model, threads, malloc, builder kwargs). A folder stands for
+    every ``*.json`` file in it, in name order, each shown by its name; a file is shown as given.
+
+    Raises:
+        FileNotFoundError: a path that does not exist, or a folder without ``*.json`` files.
+        ValueError: a file that cannot be read as a ``--json`` file of this tool.
+    """
     import json
 
-    files: list[Path] = []
+    files: list[tuple[str, Path]] = []
     for path in map(Path, paths):
         if path.is_dir():
-            files.extend(sorted(path.glob("*.json")))
+            found = sorted(p for p in path.glob("*.json") if p.is_file())
+            if not found:
+                raise FileNotFoundError(f"no *.json benchmark files in folder {path}")
+            files.extend((p.name, p) for p in found)
         elif path.is_file():
-            files.append(path)
+            files.append((str(path), path))
         else:
             raise FileNotFoundError(f"no benchmark JSON file or folder at {path}")
+
+    def cell(value: object) -> str:
+        return str(value).replace("|", "\\|")
+
     lines = [
         "| file | model | mode | batch | input | octave ms | peer ms | time ratio | MAC ratio | setting |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for file in files:
+    for label, file in files:
         try:
             rows = json.loads(file.read_text())
             if isinstance(rows, dict):
@@ -559,10 +578,11 @@ def json_table(paths: Sequence[str | Path]) -> str:
                 model = " ".join(str(v) for v in (r["model"], r["alpha"], r.get("octave")) if v is not None)
                 shape = "x".join(str(n) for n in r["shape"][2:])
                 lines.append(
-                    f"| {file.name} | {model} | {r['mode']} | {r['batch']} | {shape} | {r['median_ms']:.1f} | "
-                    f"{r['peer_median_ms']:.1f} | **{r['time_ratio']:.2f}x** | {r['mac_ratio']:.2f} | {r['setting']} |"
+                    f"| {cell(label)} | {cell(model)} | {r['mode']} | {r['batch']} | {shape} | {r['median_ms']:.1f} | "
+                    f"{r['peer_median_ms']:.1f} | **{r['time_ratio']:.2f}x** | {r['mac_ratio']:.2f} | "
+                    f"{cell(r['setting'])} |"
                 )
-        except (ValueError, KeyError, TypeError) as exc:
+        except (OSError, ValueError, KeyError, TypeError) as exc:
             raise ValueError(f"{file} is not a benchmark --json file: {exc!r}") from exc
     return "\n".join(lines)
 
@@ -748,7 +768,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.output:
         Path(args.output).write_text(text + "\n")
     if args.json:
-        rows = results_to_json(results, _setting(args, args.device))
+        rows = results_to_json(results, _setting(args, args.device), model_kwargs)
         Path(args.json).write_text(json.dumps(rows, indent=1) + "\n")
     if args.plot and not args.scaling:
         plot_results(results, args.plot, f"{args.model}: {_setting(args, args.device)}")

@@ -154,6 +154,8 @@ def test_segmentation_trains_with_a_dense_target_and_json_output(tmp_path):
     assert [r["mode"] for r in rows] == ["train", "inference"]
     assert all(r["shape"] == [2, 1, 6, 8, 10] and math.isfinite(r["time_ratio"]) and r["cpu"] for r in rows)
     assert {"mac_ratio", "setting", "torch", "threads", "autotune"} <= set(rows[0])
+    assert rows[0]["builder_arguments"] == {"in_channels": 1, "num_classes": 2, "alpha": 0.5, "octave": "spatial",
+                                            "base_width": 4, "depth": 2, "channels_last": None}
 
     # --table renders saved runs (a folder of them) without timing anything.
     (tmp_path / "notes.txt").write_text("not a run")
@@ -172,6 +174,10 @@ def test_table_rejects_what_is_not_a_saved_run(tmp_path, capsys):
     assert "bad.json is not a benchmark --json file" in capsys.readouterr().out
     assert main(["--table", str(tmp_path / "missing")]) == 2
     assert "no benchmark JSON file or folder" in capsys.readouterr().out
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["--table", str(empty)]) == 2
+    assert "no *.json benchmark files in folder" in capsys.readouterr().out
 
 
 def test_bad_spatial_size_is_rejected():

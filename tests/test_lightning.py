@@ -179,5 +179,6 @@ def test_backbone_kwargs_are_recorded_complete():
     recorded = model.hparams["backbone_kwargs"]
     assert recorded["base_width"] == 4 and recorded["depths"] == [1, 1, 1, 1]
     assert recorded["alpha"] == 0.5 and recorded["octave"] == "spatial" and "num_classes" not in recorded
+    assert model.hparams_initial["backbone_kwargs"] == recorded  # what loggers write to hparams.yaml
     with pytest.raises(ValueError, match="takes no argument"):
         VideoClassifier(backbone="oct_c2d_r50", num_classes=3, backbone_kwargs={"widht": 4})

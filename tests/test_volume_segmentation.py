@@ -491,6 +491,14 @@ def test_checkpoints_record_every_builder_argument_and_format_1_still_loads(tmp_
     assert segmenter.module.model.encoder[0][0][0].out_channels == 16
     x = torch.randn(1, 1, 8, 8, 8)
     assert torch.allclose(segmenter.module(x), model.eval()(x), atol=1e-5)
+    # Lightning's own loading (load_from_checkpoint, --ckpt_path) names the fix instead of a size mismatch.
+    import lightning
+
+    lightning_checkpoint = {**checkpoint, "pytorch-lightning_version": lightning.__version__,
+                            "hyper_parameters": {**model.hparams, "backbone_kwargs": {"alpha": 0.5, "depth": 2}}}
+    torch.save(lightning_checkpoint, path)
+    with pytest.raises(ValueError, match="base_width: 16"):
+        VolumeSegmenter.load_from_checkpoint(path, weights_only=True)
     # The same meta at format 2 means what it says: the default width, whose weights do not fit.
     checkpoint["oct3d"]["format_version"] = 2
     torch.save(checkpoint, path)

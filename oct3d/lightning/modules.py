@@ -9,6 +9,7 @@ plain Python types, so ``torch.load(..., weights_only=True)`` can read it and no
 
 from __future__ import annotations
 
+import copy
 import math
 from collections import defaultdict
 from typing import Any, Literal
@@ -32,6 +33,7 @@ __all__ = [
     "WarmupCosine",
     "check_optimization",
     "foreach_kwargs",
+    "record_hparam",
     "warmup_cosine_schedule",
 ]
 
@@ -84,6 +86,15 @@ def check_optimization(optimizer: str, lr: float, warmup_epochs: float) -> None:
         raise ValueError(f"lr must be > 0, got {lr}")
     if warmup_epochs < 0:
         raise ValueError(f"warmup_epochs must be >= 0, got {warmup_epochs}")
+
+
+def record_hparam(module: pl.LightningModule, key: str, value: Any) -> None:
+    """Set hyperparameter ``key`` after ``save_hyperparameters``, in ``hparams`` (the checkpoint) and in
+    ``hparams_initial`` (what loggers write to ``hparams.yaml``) alike."""
+    module.hparams[key] = value
+    initial = getattr(module, "_hparams_initial", None)
+    if initial is not None:
+        initial[key] = copy.deepcopy(value)
 
 
 def foreach_kwargs(params: list[torch.Tensor]) -> dict[str, bool]:
@@ -157,13 +168,14 @@ class OctaveClassifier(pl.LightningModule):
         backbone_kwargs = dict(backbone_kwargs or {})
         if "num_classes" in backbone_kwargs:
             raise ValueError("pass num_classes as the module's num_classes, not inside backbone_kwargs")
-        # Every builder argument, defaults included, so the checkpoint rebuilds this network even if a
-        # default changes later (and a misspelt key is a clear error here).
-        backbone_arguments = builder_arguments(backbone, backbone_kwargs, omit=("num_classes",))
+        # Every builder argument, defaults included, so the checkpoint (and hparams.yaml) rebuilds this
+        # network even if a default changes later; a misspelt key is a clear error here.
+        backbone_kwargs = builder_arguments(backbone, backbone_kwargs, omit=("num_classes",))
         # Kept as plain types (str, int, float, list, dict) so the checkpoint loads with weights_only=True.
         self.save_hyperparameters()
+        # A subclass's own arguments win in save_hyperparameters, so the complete dict is set here.
+        record_hparam(self, "backbone_kwargs", backbone_kwargs)
         self.model: nn.Module = get_model(backbone, num_classes=num_classes, **backbone_kwargs)
-        self.hparams["backbone_kwargs"] = backbone_arguments
         self.class_names: list[str] | None = list(class_names) if class_names is not None else None
         self.preprocessing: dict[str, Any] = dict(preprocessing or {})
         self.criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)

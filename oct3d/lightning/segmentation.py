@@ -27,6 +27,7 @@ from oct3d.lightning.modules import (
     CHECKPOINT_KEY,
     check_optimization,
     foreach_kwargs,
+    record_hparam,
     warmup_cosine_schedule,
 )
 from oct3d.models import builder_arguments, get_model
@@ -236,18 +237,21 @@ class VolumeSegmenter(pl.LightningModule):
         # Under the CLI, hparams["backbone"] is the config's {"class_path", "init_args"} dict; a module
         # object passed in Python is replaced by its class path, so the checkpoint stays plain types.
         # (The CLI gives a class path as that dict, so only a module passed in Python is ignored here.)
-        self.save_hyperparameters(ignore=["backbone"] if isinstance(backbone, nn.Module) else None)
         if isinstance(backbone, dict) and backbone_kwargs:
             raise ValueError("backbone_kwargs apply to registry names; put a class path's arguments in init_args")
+        if isinstance(backbone, str):
+            for key in ("in_channels", "num_classes"):
+                if key in (backbone_kwargs or {}):
+                    raise ValueError(f"pass {key} as the module's {key}, not inside backbone_kwargs")
+            # Every builder argument, defaults included, so the checkpoint (and hparams.yaml) rebuilds this
+            # network even if a default changes later; a misspelt key is a clear error here.
+            backbone_kwargs = builder_arguments(backbone, backbone_kwargs, omit=("in_channels", "num_classes"))
+        self.save_hyperparameters(ignore=["backbone"] if isinstance(backbone, nn.Module) else None)
+        if isinstance(backbone, str):
+            record_hparam(self, "backbone_kwargs", backbone_kwargs)  # a subclass's own arguments win above
         self.model = backbone if isinstance(backbone, nn.Module) else build_backbone(
             backbone, in_channels, num_classes, backbone_kwargs
         )
-        if isinstance(backbone, str):
-            # Every builder argument, defaults included: the checkpoint rebuilds this network even if a
-            # default changes later.
-            self.hparams["backbone_kwargs"] = builder_arguments(
-                backbone, backbone_kwargs, omit=("in_channels", "num_classes")
-            )
         spec = self.hparams.get("backbone", backbone)
         if isinstance(spec, nn.Module):
             spec = {"class_path": class_path_of(spec), "init_args": None}
@@ -464,6 +468,15 @@ class VolumeSegmenter(pl.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Restore class names and preprocessing saved by :meth:`on_save_checkpoint`."""
         meta = checkpoint.get(CHECKPOINT_KEY) or {}
+        if (
+            int(meta.get("format_version", CHECKPOINT_FORMAT_VERSION)) < 2 and meta.get("backbone") == "oct_unet3d"
+            and "base_width" not in (meta.get("backbone_kwargs") or {})
+            and self.hparams.get("backbone_kwargs", {}).get("base_width") != 16
+        ):
+            raise ValueError(
+                "this checkpoint (format 1) was trained with oct_unet3d's old default base_width 16; build the "
+                "module with backbone_kwargs.base_width: 16 (tools/segment.py does this by itself)"
+            )
         saved, current = meta.get("octavize"), self._octavize if self._octavized else None
         if "octavize" in meta and saved != current:
             raise ValueError(f"the checkpoint's backbone was converted with octavize={saved}, this module with "
