@@ -128,8 +128,13 @@ def test_builder_arguments_fill_in_every_default():
         "alpha": 0.25, "octave": "spatial", "base_width": 32, "depth": 4, "channels_last": None}
     video = builder_arguments("oct_i3d_r50", {"base_width": 8}, omit=("num_classes",))
     assert video["depths"] == [3, 4, 6, 3] and video["base_width"] == 8 and "num_classes" not in video
-    assert builder_arguments("oct_resnet50", {"channels_last": False}) == {
-        "alpha": 0.5, "num_classes": 1000, "channels_last": False}  # **kwargs builders keep the extras
+    # Builders that pass **kwargs on to their class show (and record) the class's arguments too.
+    image = builder_arguments("oct_resnet50", {"channels_last": False})
+    assert image["channels_last"] is False and image["zero_init_residual"] is False and image["groups"] == 1
+    assert "groups" not in builder_arguments("oct_resnext50_32x4d")  # fixed by that builder
+    assert builder_arguments("oct_densenet121")["block_config"] == [6, 12, 24, 16]
+    with pytest.raises(ValueError, match=r"takes no argument\(s\) \['chanels_last'\]"):
+        builder_arguments("oct_resnet50", {"chanels_last": False})
     with pytest.raises(ValueError, match=r"oct_unet3d takes no argument\(s\) \['width'\]"):
         builder_arguments("oct_unet3d", {"width": 8})
     with pytest.raises(ValueError, match="unknown model"):

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from oct3d.models.blocks import init_like_vanilla
-from oct3d.models.registry import register_model
+from oct3d.models.registry import forwards_kwargs, register_model
 from oct3d.nn import Octave, OctaveInput, OctAvgPool, OctBatchNorm, OctConv, OctMaxPool, OctReLU, split_channels
 from oct3d.nn.conv import check_alpha, check_positive_int
 from oct3d.nn.octave import check_channels_last, in_model_layout
@@ -251,6 +251,7 @@ def _octave_order(pieces: Sequence[Piece]) -> Tensor | None:
 
 
 @register_model(task="image")
+@forwards_kwargs(OctDenseNet)
 def oct_densenet121(alpha: float = 0.5, num_classes: int = 1000, **kwargs) -> OctDenseNet:
     """Oct-DenseNet-121 (growth 32, blocks ``(6, 12, 24, 16)``); at ``alpha=0`` torchvision's ``densenet121``.
 

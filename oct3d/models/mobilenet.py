@@ -36,7 +36,7 @@ from collections.abc import Sequence
 from torch import Tensor, nn
 
 from oct3d.models.blocks import init_like_vanilla, resolve_pool_first
-from oct3d.models.registry import register_model
+from oct3d.models.registry import forwards_kwargs, register_model
 from oct3d.nn import OctaveInput, OctBatchNorm, OctConv, OctGlobalAvgPool, OctMap
 from oct3d.nn.conv import check_alpha, check_positive_int
 from oct3d.nn.octave import check_channels_last, in_model_layout
@@ -303,6 +303,7 @@ def _check_image(model: nn.Module, x: object) -> None:
 
 
 @register_model(task="image")
+@forwards_kwargs(OctMobileNetV1)
 def oct_mobilenet_v1(
     alpha: float = 0.5, num_classes: int = 1000, width_mult: float = 1.0, **kwargs
 ) -> OctMobileNetV1:
@@ -314,6 +315,7 @@ def oct_mobilenet_v1(
 
 
 @register_model(task="image")
+@forwards_kwargs(OctMobileNetV2)
 def oct_mobilenet_v2(
     alpha: float = 0.5, num_classes: int = 1000, width_mult: float = 1.0, **kwargs
 ) -> OctMobileNetV2:

@@ -8,7 +8,7 @@ from typing import Any, TypeVar
 
 from torch import nn
 
-__all__ = ["builder_arguments", "register_model", "get_model", "list_models", "model_task"]
+__all__ = ["builder_arguments", "forwards_kwargs", "register_model", "get_model", "list_models", "model_task"]
 
 Builder = TypeVar("Builder", bound=Callable[..., nn.Module])
 
@@ -25,6 +25,31 @@ def register_model(task: str) -> Callable[[Builder], Builder]:
     def wrap(fn: Builder) -> Builder:
         _MODELS[fn.__name__] = fn
         _TASKS[fn.__name__] = task
+        return fn
+
+    return wrap
+
+
+def forwards_kwargs(target: Callable[..., nn.Module], fixed: Sequence[str] = ()) -> Callable[[Builder], Builder]:
+    """Decorator for a builder that passes ``**kwargs`` on to ``target`` (a model class).
+
+    The builder's signature becomes its own arguments plus every argument of ``target`` that has a
+    default (keyword-only, less ``fixed``: those the builder sets itself), so ``help()``,
+    ``inspect.signature`` and :func:`builder_arguments` show and check every argument a caller
+    can give, and a checkpoint can record all of them.
+    """
+
+    def wrap(fn: Builder) -> Builder:
+        own = inspect.signature(fn)
+        params = [p for p in own.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
+        names = {p.name for p in params}
+        extra = [
+            p.replace(kind=inspect.Parameter.KEYWORD_ONLY)
+            for p in inspect.signature(target).parameters.values()
+            if p.default is not inspect.Parameter.empty and p.name not in names and p.name not in fixed
+            and p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+        ]
+        fn.__signature__ = own.replace(parameters=params + extra)
         return fn
 
     return wrap

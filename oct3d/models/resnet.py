@@ -44,7 +44,7 @@ from oct3d.models.blocks import (
     make_stage,
     resolve_pool_first,
 )
-from oct3d.models.registry import register_model
+from oct3d.models.registry import forwards_kwargs, register_model
 from oct3d.nn import OctGlobalAvgPool
 from oct3d.nn.conv import check_alpha, check_positive_int
 from oct3d.nn.octave import check_channels_last, in_model_layout
@@ -166,36 +166,42 @@ def _build(layers: Sequence[int], alpha: float, num_classes: int, **kwargs) -> O
 
 
 @register_model(task="image")
+@forwards_kwargs(OctResNet)
 def oct_resnet26(alpha: float = 0.5, num_classes: int = 1000, **kwargs) -> OctResNet:
     """Oct-ResNet-26: bottleneck blocks ``[2, 2, 2, 2]`` (paper Table 6). ``kwargs`` go to :class:`OctResNet`."""
     return _build((2, 2, 2, 2), alpha, num_classes, **kwargs)
 
 
 @register_model(task="image")
+@forwards_kwargs(OctResNet)
 def oct_resnet50(alpha: float = 0.5, num_classes: int = 1000, **kwargs) -> OctResNet:
     """Oct-ResNet-50 ``[3, 4, 6, 3]``; at ``alpha=0`` it is torchvision's ``resnet50``. See :class:`OctResNet`."""
     return _build((3, 4, 6, 3), alpha, num_classes, **kwargs)
 
 
 @register_model(task="image")
+@forwards_kwargs(OctResNet)
 def oct_resnet101(alpha: float = 0.5, num_classes: int = 1000, **kwargs) -> OctResNet:
     """Oct-ResNet-101 ``[3, 4, 23, 3]``; at ``alpha=0`` torchvision's ``resnet101``. See :class:`OctResNet`."""
     return _build((3, 4, 23, 3), alpha, num_classes, **kwargs)
 
 
 @register_model(task="image")
+@forwards_kwargs(OctResNet)
 def oct_resnet152(alpha: float = 0.5, num_classes: int = 1000, **kwargs) -> OctResNet:
     """Oct-ResNet-152 ``[3, 8, 36, 3]``; at ``alpha=0`` torchvision's ``resnet152``. See :class:`OctResNet`."""
     return _build((3, 8, 36, 3), alpha, num_classes, **kwargs)
 
 
 @register_model(task="image")
+@forwards_kwargs(OctResNet)
 def oct_resnet200(alpha: float = 0.5, num_classes: int = 1000, **kwargs) -> OctResNet:
     """Oct-ResNet-200 ``[3, 24, 36, 3]`` (paper Table 6). See :class:`OctResNet`."""
     return _build((3, 24, 36, 3), alpha, num_classes, **kwargs)
 
 
 @register_model(task="image")
+@forwards_kwargs(OctResNet, fixed=("groups", "width_per_group"))
 def oct_resnext50_32x4d(alpha: float = 0.5, num_classes: int = 1000, **kwargs) -> OctResNet:
     """Oct-ResNeXt-50 32x4d; at ``alpha=0`` torchvision's ``resnext50_32x4d``.
 
@@ -206,6 +212,7 @@ def oct_resnext50_32x4d(alpha: float = 0.5, num_classes: int = 1000, **kwargs) -
 
 
 @register_model(task="image")
+@forwards_kwargs(OctResNet, fixed=("groups", "width_per_group"))
 def oct_resnext101_32x4d(alpha: float = 0.5, num_classes: int = 1000, **kwargs) -> OctResNet:
     """Oct-ResNeXt-101 32x4d ``[3, 4, 23, 3]`` (torchvision has 32x8d and 64x4d only).
 
@@ -215,6 +222,7 @@ def oct_resnext101_32x4d(alpha: float = 0.5, num_classes: int = 1000, **kwargs) 
 
 
 @register_model(task="image")
+@forwards_kwargs(OctResNet, fixed=("se_reduction",))
 def oct_se_resnet50(alpha: float = 0.5, num_classes: int = 1000, **kwargs) -> OctResNet:
     """Oct-SE-ResNet-50: Oct-ResNet-50 with an octave squeeze-excitation (reduction 16) in every block.
 
