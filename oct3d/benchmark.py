@@ -19,7 +19,6 @@ import argparse
 import contextlib
 import functools
 import math
-import platform
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -32,9 +31,10 @@ from torch import Tensor, nn
 from oct3d.model_table import build_octave, input_size, peer_label, vanilla_peer
 from oct3d.models.registry import list_models, model_task
 from oct3d.profiling import count_macs
+from oct3d.system import steady_malloc
 
 __all__ = ["BenchResult", "benchmark_models", "cpu_name", "format_results", "main", "op_table", "plot_results",
-           "json_table", "results_to_json", "route_conv3d_like_octave", "route_convs_like_octave"]
+           "json_table", "results_to_json", "route_conv3d_like_octave", "route_convs_like_octave", "steady_malloc"]
 
 MODES = ("inference", "train")
 
@@ -636,31 +636,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if args.batch_size < 1:
         parser.error("--batch-size must be >= 1")
     return args
-
-
-def steady_malloc() -> bool:
-    """Keep glibc's malloc from returning large blocks to the OS between steps (Linux, glibc only).
-
-    By default glibc serves blocks above a threshold (128 KiB, adapting up to 32 MiB) with
-    fresh ``mmap`` pages and trims freed heap memory, so a step's large activations can be
-    page-faulted in again on every step. That costs whichever model allocates larger tensors
-    (the vanilla one) up to a quarter of a U-Net training step, and how much depends on the
-    allocator's history in the process (one memory-profiled step changes it). Raising the
-    mmap and trim thresholds gives every model the steady state that jemalloc or tcmalloc give,
-    so the ratios measure computation. Returns whether it applied.
-    """
-    import ctypes
-    import ctypes.util
-
-    if platform.system() != "Linux":
-        return False
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
-        return False
-    m_trim_threshold, m_mmap_threshold = -1, -3
-    return bool(mallopt(m_mmap_threshold, 512 << 20)) and bool(mallopt(m_trim_threshold, 1 << 30))
 
 
 def _setting(args: argparse.Namespace, dev: str) -> str:

@@ -517,6 +517,9 @@ def main(argv: list[str] | None = None) -> int:
     """Command-line entry point; returns 0 if every file succeeded, 1 if any failed, 2 on usage errors."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    from oct3d.system import steady_malloc_unless_disabled
+
+    steady_malloc_unless_disabled()  # large clips/volumes: no page faults every batch (OCT3D_STEADY_MALLOC=0: off)
     for name in ("topk", "batch_size", "workers"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")

@@ -247,6 +247,9 @@ def main(argv: list[str] | None = None) -> int:
     """Command-line entry point; returns 0 if every file succeeded, 1 if any failed, 2 on usage errors."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    from oct3d.system import steady_malloc_unless_disabled
+
+    steady_malloc_unless_disabled()  # large clips/volumes: no page faults every batch (OCT3D_STEADY_MALLOC=0: off)
     if args.overlap is not None and not 0.0 <= args.overlap < 1.0:
         parser.error(f"--overlap must be in [0, 1), got {args.overlap}")
     try:

@@ -247,3 +247,17 @@ def test_peer_routed_control_keeps_outputs_and_uses_packed_weights_in_eval(monke
         peer(x)
     assert "onednn_packed" not in used  # training mode: no cached weight copies
     kernels.clear_cache()
+
+
+def test_entry_points_apply_steady_malloc_unless_disabled(monkeypatch):
+    """oct3d's CLIs set glibc's thresholds at start-up; OCT3D_STEADY_MALLOC=0 leaves malloc alone."""
+    import oct3d.system as system
+
+    calls = []
+    monkeypatch.setattr(system, "steady_malloc", lambda: calls.append(1) or True)
+    for value in ("0", "off", "False"):
+        monkeypatch.setenv("OCT3D_STEADY_MALLOC", value)
+        assert system.steady_malloc_unless_disabled() is False
+    assert calls == []
+    monkeypatch.delenv("OCT3D_STEADY_MALLOC")
+    assert system.steady_malloc_unless_disabled() is True and calls == [1]

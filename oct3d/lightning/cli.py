@@ -65,6 +65,13 @@ class OctCLI(LightningCLI):
 
 
 def run_cli(args: list[str] | None = None) -> int:
-    """Run ``OctCLI`` on ``args`` (``sys.argv[1:]`` when None); returns 0 (errors exit through argparse)."""
+    """Run ``OctCLI`` on ``args`` (``sys.argv[1:]`` when None); returns 0 (errors exit through argparse).
+
+    Applies :func:`oct3d.system.steady_malloc` first (``OCT3D_STEADY_MALLOC=0`` turns it off): clips and
+    volumes are large tensors that default glibc malloc page-faults in again every step.
+    """
+    from oct3d.system import steady_malloc_unless_disabled
+
+    steady_malloc_unless_disabled()
     OctCLI(args=args)
     return 0
