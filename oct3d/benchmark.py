@@ -533,7 +533,7 @@ def results_to_json(
         given = {**(model_kwargs or {}), "alpha": r.alpha, **({"octave": r.octave} if r.octave else {})}
         row.update(time_ratio=r.time_ratio, mac_ratio=r.mac_ratio, memory_ratio=r.memory_ratio,
                    throughput=r.throughput, setting=setting, cpu=cpu_name(), torch=torch.__version__,
-                   threads=torch.get_num_threads(), autotune=kernels.autotune,
+                   threads=torch.get_num_threads(), autotune=kernels.tuning_enabled(),
                    builder_arguments=builder_arguments(r.model, given))
         rows.append(row)
     return rows
@@ -660,7 +660,7 @@ def _setting(args: argparse.Namespace, dev: str) -> str:
         from oct3d.nn import kernels
 
         parts.append(f"{torch.get_num_threads()} threads, {cpu_name()}")
-        parts.append("kernel autotuning " + ("on" if kernels.autotune else "off"))
+        parts.append("kernel autotuning " + ("on" if kernels.tuning_enabled() else "off"))
         parts.append("steady malloc" if args.malloc == "steady" else "default malloc")
     elif torch.cuda.is_available():
         parts.append(torch.cuda.get_device_name(torch.device(dev)))

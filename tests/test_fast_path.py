@@ -731,6 +731,27 @@ def test_memoised_choice_follows_autotune_and_clear_cache(monkeypatch):
     kernels.clear_cache()
 
 
+def test_deterministic_mode_turns_timing_off(monkeypatch):
+    """torch.use_deterministic_algorithms(True) (Lightning's deterministic=True) gets the rule, never timing."""
+    used = _count_kernels(monkeypatch)
+    monkeypatch.setattr(kernels, "autotune", True)
+    monkeypatch.setattr(kernels, "_time_options", lambda *a, **k: pytest.fail("timed under deterministic mode"))
+    conv = OctConv(3, 8, 8, (1, 3, 3), 0.5, 0.5)
+    x = _make_input(conv, 2, (4, 6, 6))
+    x = Octave(x.high.requires_grad_(), x.low.requires_grad_())
+    kernels.clear_cache()
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        assert not kernels.tuning_enabled()
+        conv(x)
+    finally:
+        torch.use_deterministic_algorithms(previous)
+        kernels.clear_cache()
+    assert set(used) == {"frames"}  # the rule under autograd for 1 x k x k kernels
+    assert kernels.tuning_enabled()
+
+
 @pytest.mark.parametrize(("shape", "factors"), [
     ((2, 8, 6, 10, 12), (1, 2, 2)), ((2, 8, 6, 10, 12), (2, 2, 2)), ((1, 5, 7, 4, 6), (1, 1, 2)),
     ((2, 3, 4, 6, 8), (2, 1, 1)), ((1, 4, 6, 8), (2, 2)), ((3, 6, 5, 4), (1, 2)),

@@ -453,7 +453,7 @@ class OctConv(nn.Module):
             memo_key = (
                 family, a.shape, a.stride(), b.shape, b.stride(), w_a.shape, w_b.shape, a.dtype, bias is None,
                 self.padding, self.dilation, torch.is_grad_enabled(), a.requires_grad, b.requires_grad,
-                w_a.requires_grad, w_b.requires_grad, bias is not None and bias.requires_grad, kernels.autotune,
+                w_a.requires_grad, w_b.requires_grad, bias is not None and bias.requires_grad, kernels.tuning_enabled(),
                 torch.get_num_threads(),
             )
             choice = kernels.memo(memo_key)

@@ -22,7 +22,8 @@ values:
   that copy costs as much as the convolution itself.
 
 With :data:`autotune` on (the default; ``OCT3D_AUTOTUNE=0`` in the environment or
-``oct3d.nn.kernels.autotune = False`` turns it off), the first call of each distinct setting
+``oct3d.nn.kernels.autotune = False`` turns it off, and so does PyTorch's deterministic mode,
+see :func:`tuning_enabled`), the first call of each distinct setting
 (shapes, strides, dtype, memory format, whether a backward pass follows, thread count) times
 the applicable kernels a few times each, interleaved, forward and (under autograd) backward,
 and caches the fastest for the process, as ``torch.backends.cudnn.benchmark`` does. The
@@ -71,6 +72,7 @@ __all__ = [
     "packed_weight",
     "rule_kernel",
     "run_conv",
+    "tuning_enabled",
 ]
 
 #: Every convolution kernel this module can route to.
@@ -111,6 +113,17 @@ _forced: dict[str, str] = {}
 
 
 # ----------------------------------------------------------------------------- public API
+def tuning_enabled() -> bool:
+    """Whether choices are timed: :data:`autotune` is on and PyTorch's deterministic mode is off.
+
+    ``torch.use_deterministic_algorithms(True)`` (which Lightning's ``Trainer(deterministic=True)``
+    sets) asks for bit-for-bit repeatable runs; timed choices can differ between processes, and
+    different kernels round differently, so there the deterministic rule decides, as
+    ``cudnn.benchmark`` must be off for determinism on GPUs.
+    """
+    return autotune and not torch.are_deterministic_algorithms_enabled()
+
+
 def conv_nd(
     x: Tensor, weight: Tensor, bias: Tensor | None, stride: Sequence[int], padding: Sequence[int],
     dilation: Sequence[int], groups: int, cache_weights: bool = True,
@@ -132,7 +145,7 @@ def conv_nd(
             x.shape, x.stride(), x.dtype, weight.shape, weight.stride(), weight.dtype,
             None if bias is None else bias.requires_grad, stride, padding,
             dilation, groups, plain, cache_weights, torch.is_grad_enabled(), x.requires_grad, weight.requires_grad,
-            autotune,
+            tuning_enabled(),
             torch.get_num_threads(),
         )
         hit = _resolved_convs.get(memo_key)
@@ -326,7 +339,7 @@ def _choose(
 ) -> tuple[str, bool]:
     """:func:`choose`, and whether the answer is final for this setting (tuned and cached, or
     autotuning off) rather than a fallback that a later call may still replace by tuning."""
-    if not autotune:
+    if not tuning_enabled():
         return fallback, True
     if traced_or_compiled():
         return fallback, False
