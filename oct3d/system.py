@@ -3,12 +3,14 @@
 3D activations (clips, volumes) are tens to hundreds of MiB each. glibc's malloc serves blocks
 above its mmap threshold (128 KiB, adapting up to 32 MiB) with fresh ``mmap`` pages and
 returns them to the OS when freed, so every step page-faults its large tensors in again: on
-the development VM a U-Net inference at 96x96x64 (base width 16) took 319 ms with default
-malloc and 176 ms with :func:`steady_malloc` (vanilla; octave 201 -> 153 ms). oct3d's own
+the development VM a U-Net inference at 96x96x64 (base width 16) took 282 ms with default
+malloc and 173 ms with :func:`steady_malloc` (vanilla; octave 190 -> 150 ms). oct3d's own
 command-line entry points (``lightning``/``oct3d fit``, ``oct3d infer``, ``oct3d segment``) apply
 it at start-up; ``OCT3D_STEADY_MALLOC=0`` turns that off. In your own scripts call
 :func:`steady_malloc` once, set ``MALLOC_MMAP_THRESHOLD_=536870912
-MALLOC_TRIM_THRESHOLD_=1073741824`` in the environment, or preload jemalloc or tcmalloc.
+MALLOC_TRIM_THRESHOLD_=1073741824`` in the environment, or preload jemalloc or tcmalloc. glibc
+before 2.35 caps the mmap threshold at 32 MiB, so larger tensors are still page-faulted in
+there; jemalloc or tcmalloc avoid that.
 """
 
 from __future__ import annotations
@@ -22,13 +24,16 @@ __all__ = ["steady_malloc", "steady_malloc_unless_disabled"]
 MMAP_THRESHOLD = 512 << 20
 #: Freed memory at the top of the heap is returned to the OS only beyond this (``M_TRIM_THRESHOLD``).
 TRIM_THRESHOLD = 1 << 30
+#: The largest mmap threshold glibc before 2.35 accepts on 64-bit systems.
+OLD_GLIBC_MAX_MMAP = 32 << 20
 
 
 def steady_malloc() -> bool:
     """Keep glibc's malloc from returning large blocks to the OS between steps (Linux, glibc only).
 
     Raises glibc's mmap and trim thresholds (:data:`MMAP_THRESHOLD`, :data:`TRIM_THRESHOLD`), the
-    steady state jemalloc or tcmalloc give: a process keeps the memory of its largest step for
+    steady state jemalloc or tcmalloc give (glibc before 2.35 accepts an mmap threshold of at most
+    32 MiB, which is then used): a process keeps the memory of its largest step for
     reuse instead of page-faulting it in again every step. The cost is that freed memory stays
     with the process (its resident size does not shrink after a peak). The benchmark tools use it
     so that ratios measure computation: otherwise the model with the larger tensors (vanilla) pays
@@ -46,7 +51,11 @@ def steady_malloc() -> bool:
     except (OSError, AttributeError):
         return False
     m_trim_threshold, m_mmap_threshold = -1, -3
-    return bool(mallopt(m_mmap_threshold, MMAP_THRESHOLD)) and bool(mallopt(m_trim_threshold, TRIM_THRESHOLD))
+    trimmed = bool(mallopt(m_trim_threshold, TRIM_THRESHOLD))
+    # glibc before 2.35 rejects an mmap threshold above 32 MiB (HEAP_MAX_SIZE / 2 on 64-bit); take its
+    # maximum there. Blocks above it are still page-faulted in every step: jemalloc or tcmalloc avoid that.
+    mapped = bool(mallopt(m_mmap_threshold, MMAP_THRESHOLD)) or bool(mallopt(m_mmap_threshold, OLD_GLIBC_MAX_MMAP))
+    return trimmed and mapped
 
 
 def steady_malloc_unless_disabled() -> bool:

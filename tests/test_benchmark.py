@@ -261,3 +261,23 @@ def test_entry_points_apply_steady_malloc_unless_disabled(monkeypatch):
     assert calls == []
     monkeypatch.delenv("OCT3D_STEADY_MALLOC")
     assert system.steady_malloc_unless_disabled() is True and calls == [1]
+
+
+def test_steady_malloc_falls_back_to_old_glibcs_largest_threshold(monkeypatch):
+    """glibc < 2.35 rejects an mmap threshold above 32 MiB: the trim threshold is still set, and 32 MiB is used."""
+    import ctypes
+    import platform
+
+    import oct3d.system as system
+
+    calls = []
+
+    class FakeLibc:
+        def mallopt(self, option, value):
+            calls.append((option, value))
+            return 0 if option == -3 and value > system.OLD_GLIBC_MAX_MMAP else 1
+
+    monkeypatch.setattr(platform, "system", lambda: "Linux")
+    monkeypatch.setattr(ctypes, "CDLL", lambda name: FakeLibc())
+    assert system.steady_malloc()
+    assert calls == [(-1, system.TRIM_THRESHOLD), (-3, system.MMAP_THRESHOLD), (-3, system.OLD_GLIBC_MAX_MMAP)]

@@ -504,3 +504,16 @@ def test_checkpoints_record_every_builder_argument_and_format_1_still_loads(tmp_
     torch.save(checkpoint, path)
     with pytest.raises(CheckpointError):
         load_segmenter(path, device="cpu")
+
+
+def test_format_1_check_leaves_module_backbones_alone(tmp_path):
+    """A format-1 oct_unet3d checkpoint resumed into a module backbone of the right width loads (no width check)."""
+    from oct3d.models import oct_unet3d
+
+    model = VolumeSegmenter(num_classes=3, backbone_kwargs={"alpha": 0.5, "base_width": 16, "depth": 2})
+    checkpoint = {"state_dict": model.state_dict()}
+    model.on_save_checkpoint(checkpoint)
+    checkpoint["oct3d"].update(format_version=1, backbone_kwargs={"alpha": 0.5, "depth": 2})
+    module = VolumeSegmenter(backbone=oct_unet3d(1, 3, alpha=0.5, base_width=16, depth=2), num_classes=3)
+    module.on_load_checkpoint(checkpoint)  # raised AttributeError before
+    module.load_state_dict(checkpoint["state_dict"])

@@ -471,7 +471,8 @@ class VolumeSegmenter(pl.LightningModule):
         if (
             int(meta.get("format_version", CHECKPOINT_FORMAT_VERSION)) < 2 and meta.get("backbone") == "oct_unet3d"
             and "base_width" not in (meta.get("backbone_kwargs") or {})
-            and self.hparams.get("backbone_kwargs", {}).get("base_width") != 16
+            and self.hparams.get("backbone") == "oct_unet3d"  # a module or class path: its own width, not checked
+            and (self.hparams.get("backbone_kwargs") or {}).get("base_width") != 16
         ):
             raise ValueError(
                 "this checkpoint (format 1) was trained with oct_unet3d's old default base_width 16; build the "
