@@ -34,7 +34,7 @@ from oct3d.models import builder_arguments, get_model
 from oct3d.nn.conv import check_positive_int
 
 __all__ = ["OCTAVIZE_KEYS", "VolumeSegmenter", "build_backbone", "class_path_of", "is_octave_network",
-           "resolve_octavize"]
+           "registry_kwargs", "resolve_octavize"]
 
 #: The keyword arguments of :func:`oct3d.octavize` that ``VolumeSegmenter(octavize={...})`` takes
 #: (plain types, so they go into checkpoints), plus ``example_size``: the spatial size ``(X, Y, Z)`` of
@@ -46,6 +46,21 @@ def class_path_of(module: nn.Module) -> str:
     """``"package.module.ClassName"`` of a module's class (what a config's ``class_path`` names)."""
     cls = type(module)
     return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def registry_kwargs(name: str, backbone_kwargs: dict[str, Any] | None) -> dict[str, Any]:
+    """Every builder argument of registry model ``name`` (``backbone_kwargs`` over its defaults), less
+    ``in_channels`` and ``num_classes``, which the module passes itself.
+
+    Raises:
+        ValueError: ``in_channels`` or ``num_classes`` inside ``backbone_kwargs``, or a key the builder
+            does not take (the error names the builder's arguments).
+    """
+    kwargs = dict(backbone_kwargs or {})
+    for key in ("in_channels", "num_classes"):
+        if key in kwargs:
+            raise ValueError(f"pass {key} as the module's {key}, not inside backbone_kwargs")
+    return builder_arguments(name, kwargs, omit=("in_channels", "num_classes"))
 
 
 def build_backbone(spec: str | dict[str, Any], in_channels: int, num_classes: int,
@@ -60,11 +75,7 @@ def build_backbone(spec: str | dict[str, Any], in_channels: int, num_classes: in
         ValueError: an unknown name, an unimportable class path, or a spec without ``init_args``.
     """
     if isinstance(spec, str):
-        kwargs = dict(backbone_kwargs or {})
-        for key in ("in_channels", "num_classes"):
-            if key in kwargs:
-                raise ValueError(f"pass {key} as the module's {key}, not inside backbone_kwargs")
-        builder_arguments(spec, kwargs)  # a misspelt key: a clear error naming the builder's arguments
+        kwargs = registry_kwargs(spec, backbone_kwargs)
         return get_model(spec, in_channels=in_channels, num_classes=num_classes, **kwargs)
     if not isinstance(spec, dict) or not isinstance(spec.get("class_path"), str):
         raise ValueError(f"backbone must be a registry name, an nn.Module or {{'class_path', 'init_args'}}, "
@@ -240,12 +251,9 @@ class VolumeSegmenter(pl.LightningModule):
         if isinstance(backbone, dict) and backbone_kwargs:
             raise ValueError("backbone_kwargs apply to registry names; put a class path's arguments in init_args")
         if isinstance(backbone, str):
-            for key in ("in_channels", "num_classes"):
-                if key in (backbone_kwargs or {}):
-                    raise ValueError(f"pass {key} as the module's {key}, not inside backbone_kwargs")
             # Every builder argument, defaults included, so the checkpoint (and hparams.yaml) rebuilds this
             # network even if a default changes later; a misspelt key is a clear error here.
-            backbone_kwargs = builder_arguments(backbone, backbone_kwargs, omit=("in_channels", "num_classes"))
+            backbone_kwargs = registry_kwargs(backbone, backbone_kwargs)
         self.save_hyperparameters(ignore=["backbone"] if isinstance(backbone, nn.Module) else None)
         if isinstance(backbone, str):
             record_hparam(self, "backbone_kwargs", backbone_kwargs)  # a subclass's own arguments win above
