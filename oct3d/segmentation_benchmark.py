@@ -154,7 +154,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.rounds < 1 or args.patch < 4 or args.batch_size < 1:
         parser.error("--rounds and --batch-size must be >= 1 and --patch >= 4")
-    from oct3d.benchmark import steady_malloc
+    from oct3d.system import steady_malloc
 
     malloc = "steady" if args.malloc == "steady" and steady_malloc() else "default"
     text = [f"Training step of oct_unet3d(base_width={args.base_width}, depth={args.depth}, octave='spatial'), "
