@@ -363,6 +363,76 @@ def test_pairwise_pool_is_skipped_where_it_would_be_wrong_or_slow():
         assert _pool_by_pairs_is_faster(torch.randn(1, 2, 8, 8, requires_grad=True), (2, 2))
 
 
+POOL_CASES = [
+    ((2, 3, 8, 6), (2, 2), None), ((1, 4, 8, 12), (4, 2), torch.channels_last), ((1, 5, 6, 9), (3, 3), None),
+    ((1, 8, 4, 6, 8), (1, 2, 2), torch.channels_last_3d), ((2, 8, 4, 6, 8), (2, 2, 2), torch.channels_last_3d),
+    ((1, 1, 4, 6, 8), (1, 2, 2), torch.channels_last_3d), ((2, 3, 4, 6, 8), (2, 2, 2), None),
+    ((1, 4, 5, 7, 8), (2, 2, 2), torch.channels_last_3d),  # odd sizes: partial border windows
+    ((2, 3, 12), (2,), None),
+]
+
+
+@pytest.mark.parametrize("kernel", kernels.POOL_KERNELS)
+@pytest.mark.parametrize(("shape", "factors", "layout"), POOL_CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_every_pool_kernel_equals_pytorch_pool_and_keeps_the_layout(monkeypatch, kernel, shape, factors, layout,
+                                                                    dtype):
+    """Each pooling kernel, forced, equals avg_poolNd (ceil mode, partial windows averaging what they cover)."""
+    import torch.nn.functional as F
+
+    from oct3d.nn.octave import avg_pool
+
+    used = []
+    real_run_pool = kernels.run_pool
+    monkeypatch.setattr(kernels, "run_pool", lambda k, *a: used.append(k) or real_run_pool(k, *a))
+    torch.manual_seed(0)
+    x = torch.randn(shape, dtype=dtype)
+    if layout is not None:
+        x = x.contiguous(memory_format=layout)
+    pool = (F.avg_pool1d, F.avg_pool2d, F.avg_pool3d)[len(factors) - 1]
+    expected = pool(x, factors, factors, 0, ceil_mode=True, count_include_pad=False)
+    with torch.no_grad(), kernels.force(pool=kernel):
+        out = avg_pool(x, factors)
+    torch.testing.assert_close(out, expected)
+    assert out.is_contiguous(memory_format=layout or torch.contiguous_format)
+    applicable = kernels.pool_kernels(x, factors)
+    assert used == [kernel if kernel in applicable else used[0]]
+    exact = all(n % f == 0 for n, f in zip(shape[2:], factors))
+    if kernel == "onednn_depthwise" and exact and len(factors) > 1 and dtype == torch.float32:
+        assert kernel in applicable, applicable  # where it applies, it is what ran
+
+
+def test_pool_choice_is_timed_once_cached_and_never_taken_under_autograd(monkeypatch):
+    """Without autograd the pool kernel is tuned once per setting; with autograd the differentiable pool runs."""
+    from oct3d.nn.octave import avg_pool
+
+    kernels.clear_cache()
+    monkeypatch.setattr(kernels, "autotune", True)
+    timed = []
+    real_time = kernels._time_options
+    monkeypatch.setattr(kernels, "_time_options", lambda options, *a: timed.append(sorted(options)) or
+                        real_time(options, *a))
+    x = torch.randn(1, 8, 4, 8, 8).contiguous(memory_format=torch.channels_last_3d)
+    with torch.no_grad():
+        for _ in range(3):
+            avg_pool(x, (1, 2, 2))
+    assert timed == [sorted(kernels.POOL_KERNELS)]
+    assert sum(kernels.cache_info()["pool"].values()) == 1
+    used = []
+    real_run_pool = kernels.run_pool
+    monkeypatch.setattr(kernels, "run_pool", lambda k, *a: used.append(k) or real_run_pool(k, *a))
+    x.requires_grad_(True)
+    avg_pool(x, (1, 2, 2)).sum().backward()
+    assert used == [] and torch.allclose(x.grad, torch.full_like(x, 0.25))
+    monkeypatch.setattr(kernels, "autotune", False)  # the rule: the pairwise adds on exact 3D windows
+    with torch.no_grad():
+        avg_pool(x.detach(), (1, 2, 2))
+    assert used == ["pairs"]
+    with pytest.raises(ValueError, match="pool must be one of"), kernels.force(pool="fast"):
+        pass
+    kernels.clear_cache()
+
+
 @pytest.mark.parametrize(("shape", "factors", "layout"), [
     ((2, 3, 8, 6), (2, 2), None), ((1, 4, 8, 12), (4, 2), torch.channels_last),
     ((2, 8, 4, 6, 8), (1, 2, 2), torch.channels_last_3d), ((1, 8, 4, 6, 8), (2, 2, 2), torch.channels_last_3d),
@@ -623,12 +693,14 @@ def test_compiled_layer_uses_plain_convolutions(monkeypatch):
     """Under torch.compile no kernel is timed and no direct oneDNN call is traced."""
     torch._dynamo.reset()
     kernels.clear_cache()
-    calls = _count_onednn_calls(monkeypatch)
     conv = OctConv(3, 8, 8, 3, 0.5, 0.5, octave="spatiotemporal")
     x = _make_input(conv, 1, (4, 8, 8))
+    with torch.no_grad(), kernels.force("default", pool="avg_pool"):
+        expected = conv.forward_reference(x)  # eager: kept away from oneDNN and the tuning cache
+    calls = _count_onednn_calls(monkeypatch)
     compiled = torch.compile(conv, fullgraph=True, backend="eager")
     with torch.no_grad():
-        _assert_same(compiled(x), conv.forward_reference(x))
+        _assert_same(compiled(x), expected)
     assert calls == [] and kernels.cache_info() == {}
 
 

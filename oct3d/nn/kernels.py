@@ -32,6 +32,17 @@ same mechanism chooses between equivalent formulations of a whole octave layer (
 and an add. Different kernels round differently, so with autotuning two processes may differ
 in the last bits; turn it off for bit-for-bit repeatable runs.
 
+Average pooling (the octave layers' ``pool``) is chosen the same way when no backward pass
+follows (:func:`avg_pool_nd`), among :data:`POOL_KERNELS`:
+
+- ``"avg_pool"``: ``F.avg_pool{1,2,3}d``;
+- ``"pairs"``: pairwise adds of the two halves of each pooled axis, then one scale
+  (vectorised elementwise kernels; PyTorch's pooling kernels run far below memory bandwidth
+  on channels-first maps and on channels_last_3d ones);
+- ``"onednn_depthwise"``: a depthwise oneDNN convolution with kernel = stride = window and
+  every weight ``1 / window size``: one pass over the map, vectorised over channels (about
+  twice as fast as the pairs on channels_last_3d maps on the development machine).
+
 With autotuning off, or wherever timing is not safe, a deterministic rule decides
 (:func:`rule_kernel`): frames under autograd for ``1 x k x k`` kernels, oneDNN for batch-1 3D
 non-pointwise kernels and batch-1 channels_last maps, else PyTorch's default.
@@ -45,6 +56,7 @@ of ordinary differentiable operators.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -54,13 +66,16 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils import _python_dispatch
 
+from oct3d.nn import octave as _octave
 from oct3d.nn.octave import CHANNELS_LAST_FORMATS as _CHANNELS_LAST
 from oct3d.nn.octave import is_channels_last as _is_channels_last
 from oct3d.nn.octave import traced_or_compiled
 
 __all__ = [
     "KERNELS",
+    "POOL_KERNELS",
     "autotune",
+    "avg_pool_nd",
     "cache_info",
     "choose",
     "clear_cache",
@@ -70,13 +85,18 @@ __all__ = [
     "forget_weights",
     "memo",
     "packed_weight",
+    "pool_kernels",
     "rule_kernel",
     "run_conv",
+    "run_pool",
     "tuning_enabled",
 ]
 
 #: Every convolution kernel this module can route to.
 KERNELS = ("default", "onednn", "onednn_channels_last", "frames", "onednn_packed")
+
+#: Every average-pooling kernel this module can route to (see :func:`avg_pool_nd`).
+POOL_KERNELS = ("avg_pool", "pairs", "onednn_depthwise")
 
 #: Time the applicable kernels on first use and keep the fastest (``OCT3D_AUTOTUNE=0`` turns it off).
 autotune: bool = os.environ.get("OCT3D_AUTOTUNE", "1").strip().lower() not in ("0", "false", "no", "off")
@@ -109,6 +129,10 @@ _cache: dict[tuple, str] = {}
 # which add up to several percent of a batch-1 forward pass); and memo()'s, for layer plans.
 _resolved_convs: dict[tuple, tuple[str, torch.memory_format]] = {}
 _resolved: dict[tuple, str] = {}
+# avg_pool_nd's memo, as _resolved_convs is conv_nd's.
+_resolved_pools: dict[tuple, str] = {}
+# (channels, window, dtype) -> the constant depthwise weight of the "onednn_depthwise" pool.
+_pool_weights: dict[tuple, Tensor] = {}
 _forced: dict[str, str] = {}
 
 
@@ -245,6 +269,95 @@ def rule_kernel(x: Tensor, weight: Tensor, kernels: Sequence[str]) -> str:
     return "default"
 
 
+def avg_pool_nd(x: Tensor, factors: tuple[int, ...]) -> Tensor:
+    """Average pooling of a CPU map with kernel = stride = ``factors`` (``ceil_mode``, a partial
+    border window averaging what it covers), through the kernel chosen for this setting; the
+    same values up to rounding, output in the input's memory format.
+
+    For calls that no backward pass follows (``oct3d.nn.octave.avg_pool`` routes them here).
+    With autotuning on, the first call of each setting (shape, strides, dtype, window, thread
+    count) times the applicable :data:`POOL_KERNELS`; otherwise, and where timing is not safe,
+    the rule decides: the pairwise adds for exact power-of-two windows except on channels_last
+    2D maps, else ``F.avg_poolNd`` (see ``oct3d.nn.octave._pool_by_pairs_is_faster``).
+    """
+    plain = _plain_eager()
+    memo_key = None
+    if not _forced and x.layout == torch.strided:
+        memo_key = (x.shape, x.stride(), x.dtype, factors, plain, tuning_enabled(), torch.get_num_threads())
+        hit = _resolved_pools.get(memo_key)
+        if hit is not None:
+            return run_pool(hit, x, factors)
+    kernels = pool_kernels(x, factors, plain)
+    rule = "pairs" if "pairs" in kernels and _octave._pool_by_pairs_is_faster(x, factors) else "avg_pool"
+    final = True
+    forced = _forced.get("pool")
+    if forced is not None:
+        kernel = forced if forced in kernels else rule
+    elif len(kernels) == 1:
+        kernel = kernels[0]
+    else:
+        kernel, final = _choose(
+            ("pool", *_signature(x), factors),
+            {k: (lambda t, k=k: run_pool(k, t, factors)) for k in kernels},
+            (x,),
+            rule,
+            plain=plain,
+        )
+    if memo_key is not None and final:
+        _resolved_pools[memo_key] = kernel
+    return run_pool(kernel, x, factors)
+
+
+def pool_kernels(x: Tensor, factors: tuple[int, ...], plain: bool | None = None) -> tuple[str, ...]:
+    """The kernels of :data:`POOL_KERNELS` that can pool this CPU map (``"avg_pool"`` first).
+
+    The pairwise adds and the depthwise convolution need exact windows (every size divisible
+    by its factor), the pairs power-of-two factors; the depthwise convolution needs plain eager
+    execution (``plain``, checked here by default), float32 and a 2D or 3D map.
+    """
+    exact = x.dim() == len(factors) + 2 and all(n % f == 0 for f, n in zip(factors, x.shape[2:]))
+    kernels = ["avg_pool"]
+    if exact and x.dtype in (torch.float32, torch.float64) and not any(f & (f - 1) for f in factors):
+        kernels.append("pairs")
+    if plain is None:
+        plain = _plain_eager()
+    if (
+        exact
+        and plain
+        and len(factors) in (2, 3)
+        and x.dtype == torch.float32
+        and not x.is_mkldnn
+        and x.numel() > 0
+        and _ONEDNN_AVAILABLE
+        and torch.backends.mkldnn.enabled
+    ):
+        kernels.append("onednn_depthwise")
+    return tuple(kernels)
+
+
+def run_pool(kernel: str, x: Tensor, factors: tuple[int, ...]) -> Tensor:
+    """Pool ``x`` with ``kernel`` (one of :data:`POOL_KERNELS`, applicable to it: see
+    :func:`pool_kernels`); the output has the input's memory format."""
+    if kernel == "avg_pool":
+        return _octave.pool_by_torch(x, factors)
+    if kernel == "pairs":
+        return _octave._sum_halves(x, factors)
+    if kernel == "onednn_depthwise":
+        channels = x.shape[1]
+        key = (channels, factors, x.dtype)
+        weight = _pool_weights.get(key)
+        if weight is None:
+            # A normal tensor even under inference_mode, so that it can serve every later call.
+            with torch.inference_mode(False):
+                weight = torch.full((channels, 1, *factors), 1.0 / math.prod(factors), dtype=x.dtype)
+            _pool_weights[key] = weight
+        zeros, ones = (0,) * len(factors), (1,) * len(factors)
+        y = torch.mkldnn_convolution(x, weight, None, zeros, factors, ones, channels)
+        layout = _CHANNELS_LAST[x.dim()] if _is_channels_last(x) else torch.contiguous_format
+        return y if y.is_contiguous(memory_format=layout) else y.contiguous(memory_format=layout)
+    raise ValueError(f"kernel must be one of {POOL_KERNELS}, got {kernel!r}")
+
+
 def run_conv(
     kernel: str, x: Tensor, weight: Tensor, bias: Tensor | None, stride: tuple[int, ...], padding: tuple[int, ...],
     dilation: tuple[int, ...], groups: int, layout: torch.memory_format | None = None,
@@ -360,18 +473,23 @@ def _choose(
 
 
 @contextlib.contextmanager
-def force(conv: str | None = None, **plans: str) -> Iterator[None]:
+def force(conv: str | None = None, pool: str | None = None, **plans: str) -> Iterator[None]:
     """Force kernel choices inside the block, bypassing timing and the cache (for tests and A/B runs).
 
     ``conv`` names a kernel of :data:`KERNELS`: every convolution that it can compute uses it,
-    the others take the rule's choice. ``plans`` force the option of a layer-level choice by
-    its family, e.g. ``force(low="split")`` (see ``OctConv._sum_of_convs``).
+    the others take the rule's choice; ``pool`` likewise names one of :data:`POOL_KERNELS` for
+    the pools without autograd. ``plans`` force the option of a layer-level choice by its
+    family, e.g. ``force(low="split")`` (see ``OctConv._sum_of_convs``).
     """
     if conv is not None and conv not in KERNELS:
         raise ValueError(f"conv must be one of {KERNELS}, got {conv!r}")
+    if pool is not None and pool not in POOL_KERNELS:
+        raise ValueError(f"pool must be one of {POOL_KERNELS}, got {pool!r}")
     saved = dict(_forced)
     if conv is not None:
         _forced["conv"] = conv
+    if pool is not None:
+        _forced["pool"] = pool
     _forced.update(plans)
     try:
         yield
@@ -412,6 +530,7 @@ def clear_cache() -> None:
     _cache.clear()
     _resolved.clear()
     _resolved_convs.clear()
+    _resolved_pools.clear()
     _packed.clear()
 
 

@@ -114,8 +114,19 @@ def avg_pool(x: Tensor, factors: Sequence[int]) -> Tensor:
     factors = tuple(min(f, int(n)) for f, n in zip(factors, x.shape[2:]))
     if all(f == 1 for f in factors):
         return x
+    if x.device.type == "cpu" and not (torch.is_grad_enabled() and x.requires_grad) and not traced_or_compiled():
+        # Without autograd the CPU kernel is chosen per shape, by timing (kernels imports this module).
+        from oct3d.nn.kernels import avg_pool_nd
+
+        return avg_pool_nd(x, factors)
     if _pool_by_pairs_is_faster(x, factors):
         return _pool_by_pairs(x, factors)
+    return pool_by_torch(x, factors)
+
+
+def pool_by_torch(x: Tensor, factors: tuple[int, ...]) -> Tensor:
+    """PyTorch's ``avg_pool{1,2,3}d`` with kernel = stride = ``factors`` (``ceil_mode``, partial
+    border windows averaging what they cover), output in the input's memory format."""
     dims = len(factors)
     pool = (F.avg_pool1d, F.avg_pool2d, F.avg_pool3d)[dims - 1]
     if dims == 3 and x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16):
