@@ -635,6 +635,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.batch_size < 1:
         parser.error("--batch-size must be >= 1")
+    if args.table:
+        # Rendering saved runs times nothing: a timing option beside it would be silently ignored.
+        ignored = [
+            action.option_strings[0] for action in parser._actions
+            if action.dest not in ("help", "table", "output") and action.option_strings
+            and getattr(args, action.dest) != action.default
+        ]
+        if ignored:
+            parser.error(f"--table renders saved --json runs and times nothing; it takes only --output, "
+                         f"not {', '.join(ignored)}")
     return args
 
 

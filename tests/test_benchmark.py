@@ -180,6 +180,12 @@ def test_table_rejects_what_is_not_a_saved_run(tmp_path, capsys):
     assert "no *.json benchmark files in folder" in capsys.readouterr().out
 
 
+def test_table_refuses_timing_options_it_would_ignore(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["--table", str(tmp_path), "--iters", "50", "--model", "oct_unet3d"])
+    assert "it takes only --output, not --model, --iters" in capsys.readouterr().err
+
+
 def test_bad_spatial_size_is_rejected():
     with pytest.raises(SystemExit):
         main(["--model", "oct_unet3d", "--spatial", "6x8xq"])
