@@ -15,6 +15,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from datamodules.volume import (
     VolumeDataset,
@@ -517,3 +518,40 @@ def test_format_1_check_leaves_module_backbones_alone(tmp_path):
     module = VolumeSegmenter(backbone=oct_unet3d(1, 3, alpha=0.5, base_width=16, depth=2), num_classes=3)
     module.on_load_checkpoint(checkpoint)  # raised AttributeError before
     module.load_state_dict(checkpoint["state_dict"])
+
+
+def test_config_without_checkpoint_section_keeps_the_best_dice(tiny_decathlon, tmp_path):
+    """The CLI's checkpoint default follows the model: val/dice for the segmenter (val/top1 does not exist here)."""
+    from oct3d.lightning.checkpoints import LatestCheckpoint
+    from oct3d.lightning.cli import OctCLI
+
+    settings = yaml.safe_load((CONFIGS / "oct_unet3d_demo.yaml").read_text())
+    settings.pop("checkpoint")
+    (tmp_path / "seg.yaml").write_text(yaml.safe_dump(settings))
+    run = OctCLI(args=["-c", str(tmp_path / "seg.yaml"), "--data.root", str(tiny_decathlon),
+                       "--trainer.logger", "false"], run=False)
+    callback = run.trainer.checkpoint_callback
+    assert isinstance(callback, LatestCheckpoint) and callback.monitor == "val/dice"
+    assert callback.filename == "best-epoch{epoch:03d}-dice={val/dice:.4f}"
+
+
+def test_an_epoch_without_a_usable_validation_volume_logs_nan_dice_and_goes_on(tmp_path):
+    """When every validation volume of an epoch is unreadable, val/dice is NaN (not missing) and the run goes on."""
+    import lightning.pytorch as pl
+
+    from oct3d.lightning.checkpoints import LatestCheckpoint
+
+    patch = {"image": torch.randn(1, 1, 8, 8, 8), "label": torch.randint(0, 2, (1, 1, 8, 8, 8)), "failed": [""]}
+    unusable = {"image": torch.zeros(1, 0), "label": torch.zeros(1, 0), "valid": torch.tensor([False]),
+                "failed": ["case07.nii.gz: unreadable"]}
+    model = VolumeSegmenter(backbone_kwargs={"base_width": 4, "depth": 2}, preprocessing={"patch_size": [8, 8, 8]})
+    callback = LatestCheckpoint(monitor="val/dice", mode="max", save_last=True, filename="best")
+    trainer = pl.Trainer(max_epochs=2, default_root_dir=tmp_path, callbacks=[callback], logger=False,
+                         enable_progress_bar=False, enable_model_summary=False, accelerator="cpu",
+                         num_sanity_val_steps=0)
+    loader = torch.utils.data.DataLoader
+    trainer.fit(model, train_dataloaders=loader([patch], batch_size=None),
+                val_dataloaders=loader([unusable], batch_size=None))
+    assert trainer.state.finished and trainer.global_step == 2
+    assert torch.isnan(trainer.callback_metrics["val/dice"])
+    assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 2

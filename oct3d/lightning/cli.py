@@ -8,13 +8,36 @@ modules' unreadable-file report, and overwrites the saved ``config.yaml`` on rer
 
 from __future__ import annotations
 
+import importlib
 from typing import Any
 
 from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, ProgressBar, RichProgressBar
+from lightning.pytorch.callbacks import LearningRateMonitor, ProgressBar, RichProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.utilities import rank_zero_info
+
+from oct3d.lightning.checkpoints import LatestCheckpoint, resolve_checkpoint_path
 
 __all__ = ["OctCLI", "run_cli"]
+
+_DEFAULT_MONITOR = "val/top1"
+
+
+def _checkpoint_filename(monitor: str) -> str:
+    """``best-epoch003-top1=0.4567.ckpt`` for ``val/top1``: the epoch and the monitored value."""
+    return f"best-epoch{{epoch:03d}}-{monitor.rsplit('/', 1)[-1]}={{{monitor}:.4f}}"
+
+
+def _class_of(model_config: Any) -> type | None:
+    """The class a config's ``model.class_path`` names, or None."""
+    class_path = model_config.get("class_path") if hasattr(model_config, "get") else None
+    if not isinstance(class_path, str) or "." not in class_path:
+        return None
+    module, _, name = class_path.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module), name, None)
+    except ImportError:
+        return None
 
 
 def _data_error_callbacks() -> list[Callback]:
@@ -41,17 +64,55 @@ class OctCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         """Link the class count from data to model, and expose the checkpoint callback as ``--checkpoint.*``."""
         parser.link_arguments("data.num_classes", "model.init_args.num_classes", apply_on="instantiate")
-        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(LatestCheckpoint, "checkpoint")
         parser.set_defaults(
             {
-                "checkpoint.monitor": "val/top1",
+                "checkpoint.monitor": _DEFAULT_MONITOR,
                 "checkpoint.mode": "max",
                 "checkpoint.save_top_k": 1,
                 "checkpoint.save_last": True,
-                "checkpoint.filename": "best-epoch{epoch:03d}-top1{val/top1:.4f}",
+                "checkpoint.filename": _checkpoint_filename(_DEFAULT_MONITOR),
                 "checkpoint.auto_insert_metric_name": False,
             }
         )
+
+    def before_instantiate_classes(self) -> None:
+        """Keep the best checkpoint by the model's own metric (``val/dice`` for the segmenter) when the
+        config leaves the monitor at its default, and name the file after the monitored metric."""
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        checkpoint = config.get("checkpoint")
+        if checkpoint is None:
+            return
+        monitor = checkpoint.get("monitor")
+        model_monitor = getattr(_class_of(config.get("model")), "checkpoint_monitor", None)
+        if monitor == _DEFAULT_MONITOR and model_monitor and model_monitor != monitor:
+            checkpoint.monitor = monitor = model_monitor
+        if monitor and checkpoint.get("filename") == _checkpoint_filename(_DEFAULT_MONITOR):
+            checkpoint.filename = _checkpoint_filename(monitor)
+
+    def _resolve_ckpt_path(self) -> None:
+        # "last"/"best" of an earlier run: every fit logs into a new version folder, where
+        # Lightning would look (and, finding nothing, start from scratch with a warning).
+        kwargs = self.config_init[self.subcommand]
+        if kwargs.get("ckpt_path") in ("last", "best"):
+            kwargs["ckpt_path"] = resolve_checkpoint_path(kwargs["ckpt_path"], self.trainer)
+            rank_zero_info(f"--ckpt_path resolved to {kwargs['ckpt_path']}")
+
+    def before_fit(self) -> None:
+        """Resolve ``--ckpt_path last`` to the newest ``last.ckpt`` of earlier runs."""
+        self._resolve_ckpt_path()
+
+    def before_validate(self) -> None:
+        """Resolve ``--ckpt_path last|best`` across earlier runs."""
+        self._resolve_ckpt_path()
+
+    def before_test(self) -> None:
+        """Resolve ``--ckpt_path last|best`` across earlier runs."""
+        self._resolve_ckpt_path()
+
+    def before_predict(self) -> None:
+        """Resolve ``--ckpt_path last|best`` across earlier runs."""
+        self._resolve_ckpt_path()
 
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Callback]) -> Trainer:
         extra: list[Callback] = [*_data_error_callbacks()]

@@ -136,6 +136,8 @@ class OctaveClassifier(pl.LightningModule):
 
     task: str = ""
     input_key: str = ""
+    #: The metric ``OctCLI`` keeps the best checkpoint by, unless the config names another.
+    checkpoint_monitor: str = "val/top1"
 
     def __init__(
         self,

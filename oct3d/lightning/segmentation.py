@@ -204,6 +204,9 @@ class VolumeSegmenter(pl.LightningModule):
             module gives the patch size. The complete settings are recorded in the checkpoint.
     """
 
+    #: The metric ``OctCLI`` keeps the best checkpoint by, unless the config names another.
+    checkpoint_monitor: str = "val/dice"
+
     task = "segmentation"
 
     def __init__(
@@ -393,8 +396,12 @@ class VolumeSegmenter(pl.LightningModule):
             finite = [v for v in values.values() if torch.isfinite(v)]
             mean = torch.stack(finite).mean() if finite else torch.tensor(float("nan"))
             values = {f"{stage}/dice": mean, **values}
-            for key, value in values.items():
-                self.log(key, value, prog_bar=key == f"{stage}/dice", sync_dist=False)
+        elif stage == "val":
+            # Every validation volume of the epoch was unreadable (reported by the data module): the
+            # checkpoint callback still finds its metric, as NaN, which never counts as an improvement.
+            values = {"val/dice": torch.tensor(float("nan"))}
+        for key, value in values.items():
+            self.log(key, value, prog_bar=key == f"{stage}/dice", sync_dist=False)
         return {k: float(v) for k, v in values.items()}
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:

@@ -1,0 +1,103 @@
+"""Checkpointing for ``OctCLI``: a ``last.ckpt`` that is always the latest state, and ``--ckpt_path
+last|best`` that find the previous run's checkpoints.
+
+Lightning 2.6's ``ModelCheckpoint(save_last=True)`` writes ``last.ckpt`` only in a validation where
+a top-k checkpoint was also saved, so after epochs that do not improve the monitored metric
+``last.ckpt`` is older than the run, and resuming from it repeats epochs. :class:`LatestCheckpoint`
+writes it after every validation (and at the end of training).
+
+Every ``lightning fit`` logs into a new ``version_N`` folder, where Lightning looks for ``last``
+and, in a new process, knows no ``best``: :func:`resolve_checkpoint_path` looks through the earlier
+version folders instead.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+__all__ = ["LatestCheckpoint", "resolve_checkpoint_path"]
+
+
+class LatestCheckpoint(ModelCheckpoint):
+    """``ModelCheckpoint`` whose ``last.ckpt`` (``save_last=True``) is rewritten after every validation
+    and at the end of training, whether or not a top-k checkpoint was saved there."""
+
+    @property
+    def state_key(self) -> str:
+        """``ModelCheckpoint``'s own key, so checkpoints written with either class resume with the other."""
+        return "ModelCheckpoint" + super().state_key[len(type(self).__qualname__):]
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Save the top-k checkpoint as ``ModelCheckpoint`` does, then ``last.ckpt`` if it was not saved."""
+        super().on_validation_end(trainer, pl_module)
+        if (
+            self.save_last is True
+            and not self._should_skip_saving_checkpoint(trainer)
+            and not self._should_save_on_train_epoch_end(trainer)
+        ):
+            self._save_last_if_stale(trainer)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Save ``last.ckpt`` at the final step (``max_steps`` can end a run between validations)."""
+        super().on_train_end(trainer, pl_module)
+        if self.save_last is True and not trainer.sanity_checking and trainer.fast_dev_run is False:
+            self._save_last_if_stale(trainer)
+
+    def _save_last_if_stale(self, trainer: pl.Trainer) -> None:
+        if self._last_global_step_saved != trainer.global_step or not self.last_model_path:
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+
+def resolve_checkpoint_path(ckpt_path: str | Path | None, trainer: pl.Trainer) -> str | Path | None:
+    """``ckpt_path`` with ``"last"`` and ``"best"`` resolved to a file of an earlier run.
+
+    ``"last"``: the newest ``last*.ckpt``; ``"best"``: when this process knows no best
+    checkpoint (a new process), the newest ``best*.ckpt``. Looked for in the checkpoint
+    callback's ``dirpath`` when it has one, else in the loggers' ``version_*/checkpoints``
+    folders (or ``default_root_dir/checkpoints`` without a logger). Any other value is returned
+    unchanged.
+
+    Raises:
+        FileNotFoundError: ``"last"``/``"best"`` was asked for and no such file exists (Lightning
+            would only warn, and ``fit`` would silently start from scratch).
+    """
+    if ckpt_path not in ("last", "best"):
+        return ckpt_path
+    callback = trainer.checkpoint_callback
+    if ckpt_path == "best" and getattr(callback, "best_model_path", ""):
+        return ckpt_path  # this process trained it: Lightning knows which
+    pattern = f"{ckpt_path}*.ckpt"
+    if isinstance(callback, ModelCheckpoint) and callback.dirpath is not None:
+        folders = [Path(callback.dirpath)]
+        found = list(folders[0].glob(pattern))
+    elif trainer.loggers:
+        folders = _version_roots(trainer)
+        found = [p for root in folders for p in root.glob(f"version_*/checkpoints/{pattern}")]
+    else:
+        folders = [Path(trainer.default_root_dir) / "checkpoints"]
+        found = list(folders[0].glob(pattern))
+    found = [p for p in found if p.is_file()]
+    if not found:
+        where = ", ".join(str(f) for f in folders)
+        raise FileNotFoundError(
+            f"--ckpt_path {ckpt_path}: no {pattern} under {where or 'the log folder'}; give the checkpoint's path"
+        )
+    return str(max(found, key=lambda p: (p.stat().st_mtime, _version_number(p))))
+
+
+def _version_roots(trainer: pl.Trainer) -> list[Path]:
+    roots = []
+    for logger in trainer.loggers:
+        save_dir, name = getattr(logger, "save_dir", None), getattr(logger, "name", None)
+        if save_dir:
+            roots.append(Path(save_dir) / name if name else Path(save_dir))
+    return list(dict.fromkeys(roots))
+
+
+def _version_number(path: Path) -> int:
+    match = re.search(r"version_(\d+)", str(path))
+    return int(match.group(1)) if match else -1

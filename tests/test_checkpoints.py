@@ -1,0 +1,84 @@
+"""OctCLI's checkpointing: ``last.ckpt`` is always the latest state; ``--ckpt_path last|best`` find earlier runs."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from torch import nn
+
+from oct3d.lightning.checkpoints import LatestCheckpoint, resolve_checkpoint_path
+
+
+class _ConstantMetric(pl.LightningModule):
+    """A tiny model whose validation metric never improves after the first epoch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = nn.Linear(2, 1)
+
+    def training_step(self, batch, batch_idx):
+        return self.layer(batch[0]).square().mean()
+
+    def validation_step(self, batch, batch_idx):
+        self.log("val/top1", 0.5)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    def train_dataloader(self):
+        return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(4, 2)), batch_size=2)
+
+    val_dataloader = train_dataloader
+
+
+def _fit(root: Path, callback: ModelCheckpoint, epochs: int = 3, **trainer_kwargs) -> pl.Trainer:
+    trainer = pl.Trainer(
+        max_epochs=epochs, default_root_dir=root, callbacks=[callback], enable_progress_bar=False,
+        enable_model_summary=False, logger=False, accelerator="cpu", **trainer_kwargs,
+    )
+    trainer.fit(_ConstantMetric())
+    return trainer
+
+
+def test_last_checkpoint_is_the_latest_state_when_the_metric_stops_improving(tmp_path):
+    """Lightning 2.6's ModelCheckpoint leaves last.ckpt at the last improvement (step 2 here); ours does not."""
+    _fit(tmp_path, LatestCheckpoint(monitor="val/top1", mode="max", save_top_k=1, save_last=True, filename="best"))
+    state = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
+    assert state["global_step"] == 6  # 3 epochs x 2 batches
+
+
+def test_last_checkpoint_is_written_when_max_steps_ends_between_validations(tmp_path):
+    callback = LatestCheckpoint(monitor="val/top1", mode="max", save_top_k=1, save_last=True, filename="best")
+    _fit(tmp_path, callback, epochs=5, max_steps=5, check_val_every_n_epoch=2)
+    assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 5
+
+
+def test_state_key_is_model_checkpoints_so_old_checkpoints_resume():
+    args = {"monitor": "val/top1", "mode": "max"}
+    assert LatestCheckpoint(**args).state_key == ModelCheckpoint(**args).state_key
+
+
+def test_last_and_best_resolve_across_version_folders(tmp_path):
+    from lightning.pytorch.loggers import CSVLogger
+
+    for version, mtime in ((0, 1000), (1, 2000)):
+        folder = tmp_path / "lightning_logs" / f"version_{version}" / "checkpoints"
+        folder.mkdir(parents=True)
+        for name in ("last.ckpt", f"best-epoch00{version}.ckpt"):
+            (folder / name).write_bytes(b"")
+            os.utime(folder / name, (mtime, mtime))
+    trainer = pl.Trainer(default_root_dir=tmp_path, logger=CSVLogger(tmp_path), callbacks=[LatestCheckpoint()])
+    newest = tmp_path / "lightning_logs" / "version_1" / "checkpoints"
+    assert resolve_checkpoint_path("last", trainer) == str(newest / "last.ckpt")
+    assert resolve_checkpoint_path("best", trainer) == str(newest / "best-epoch001.ckpt")
+    assert resolve_checkpoint_path("some/file.ckpt", trainer) == "some/file.ckpt"
+    assert resolve_checkpoint_path(None, trainer) is None
+    empty = pl.Trainer(default_root_dir=tmp_path / "new", logger=CSVLogger(tmp_path / "new"))
+    with pytest.raises(FileNotFoundError, match=r"--ckpt_path last: no last\*\.ckpt under .*checkpoint.s path"):
+        resolve_checkpoint_path("last", empty)
+
