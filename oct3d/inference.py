@@ -527,22 +527,30 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--window must be > 0 seconds, got {args.window}")
     if args.hop is not None and (args.window is None or args.hop <= 0):
         parser.error("--hop needs --window and must be > 0 seconds")
+    if args.output and not Path(args.output).resolve().parent.is_dir():
+        parser.error(f"--output {args.output}: folder {Path(args.output).resolve().parent} does not exist")
+    # A missing input is a data error like an unreadable one: reported in the output, the others go on.
+    missing = [p for p in args.paths if not Path(p).exists()]
     try:
         args.decoder = require_decoder(args.decoder)  # a decoder that cannot load here is a usage error
         predictor = load_predictor(args.checkpoint, args.device, args.trust_checkpoint, amp=not args.no_amp)
         extensions = VIDEO_EXTENSIONS if predictor.metadata.task == "video" else IMAGE_EXTENSIONS
-        files = find_inputs(args.paths, extensions)
+        files = find_inputs([p for p in args.paths if p not in missing], extensions)
     except (CheckpointError, FileNotFoundError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    if not files:
+    if not files and not missing:
         print(f"error: no {'/'.join(extensions)} files under {' '.join(args.paths)}", file=sys.stderr)
         return 2
     results: list[dict[str, Any]] = []
     handle = open(args.output, "w") if args.output else None  # noqa: SIM115 - closed below, written line by line
     try:
+        for path in missing:
+            results.append({"path": path, "error": "does not exist"})
+            if handle is not None:
+                handle.write(json.dumps(results[-1]) + "\n")
         for result in predict_files(predictor, files, args.topk, args.views, args.window, args.hop, args.batch_size,
-                                    args.decoder, args.workers, progress=sys.stderr.isatty()):
+                                    args.decoder, args.workers, progress=sys.stderr.isatty()) if files else ():
             results.append(result)
             if handle is not None:
                 handle.write(json.dumps(result) + "\n")

@@ -259,19 +259,27 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: `oct3d segment` needs MONAI and nibabel: pip install 'oct3d[medical]' ({error})",
               file=sys.stderr)
         return 2
+    if args.output and not Path(args.output).resolve().parent.is_dir():
+        parser.error(f"--output {args.output}: folder {Path(args.output).resolve().parent} does not exist")
+    # A missing input is a data error like an unreadable one: reported in the output, the others go on.
+    missing = [p for p in args.paths if not Path(p).exists()]
     try:
         segmenter = load_segmenter(args.checkpoint, args.device, args.trust_checkpoint, amp=not args.no_amp)
-        inputs = find_volumes(args.paths)
+        inputs = find_volumes([p for p in args.paths if p not in missing])
     except (CheckpointError, FileNotFoundError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    if not inputs:
+    if not inputs and not missing:
         print(f"error: no .nii/.nii.gz files under {' '.join(args.paths)}", file=sys.stderr)
         return 2
     failed = total = 0
     handle = open(args.output, "w") if args.output else sys.stdout  # noqa: SIM115 - closed below, written per line
     try:
-        for result in segment_files(segmenter, inputs, args.output_dir, args.overlap):
+        for result in [{"path": p, "error": "does not exist"} for p in missing]:
+            total += 1
+            failed += 1
+            handle.write(json.dumps(result) + "\n")
+        for result in segment_files(segmenter, inputs, args.output_dir, args.overlap) if inputs else ():
             total += 1
             failed += "error" in result
             handle.write(json.dumps(result) + "\n")

@@ -88,7 +88,8 @@ def test_fit_then_resume_continues_epoch_and_step(tiny_kinetics, tmp_path):
     assert state["hyper_parameters"]["num_classes"] == 3  # linked from data.num_classes
     assert _checkpoints(tmp_path, "best-epoch000-top1*.ckpt")
 
-    cli.main(["fit", *args, "--trainer.max_epochs", "2", "--ckpt_path", str(first)])
+    # "last": the newest last.ckpt of the earlier runs' version folders (this run logs into a new one).
+    cli.main(["fit", *args, "--trainer.max_epochs", "2", "--ckpt_path", "last"])
     resumed = _checkpoints(tmp_path, "last.ckpt")[-1]
     assert resumed != first
     state = torch.load(resumed, weights_only=True)

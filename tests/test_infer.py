@@ -81,6 +81,20 @@ def test_windows_give_segments_with_times(checkpoint, mixed_folder, tmp_path):
     assert all(len(s["topk"]) == 3 for s in result["segments"])
 
 
+def test_a_missing_input_is_reported_and_the_others_go_on(checkpoint, mixed_folder, tmp_path, capsys):
+    _, good = mixed_folder
+    output = tmp_path / "preds.jsonl"
+    missing = str(tmp_path / "missing.mp4")
+    assert main(["--checkpoint", str(checkpoint), "--output", str(output), missing, str(good[0])]) == 1
+    first, second = _lines(output)
+    assert first == {"path": missing, "error": "does not exist"} and "topk" in second
+    assert "1 of 2 files failed" in capsys.readouterr().err
+    assert main(["--checkpoint", str(checkpoint), "--output", str(output), missing]) == 1  # reported, not a crash
+    with pytest.raises(SystemExit):  # an output folder that does not exist is a usage error, before any work
+        main(["--checkpoint", str(checkpoint), "--output", str(tmp_path / "nowhere" / "p.jsonl"), str(good[0])])
+    assert "folder" in capsys.readouterr().err
+
+
 def test_table_without_output(checkpoint, mixed_folder, capsys):
     _, good = mixed_folder
     assert main(["--checkpoint", str(checkpoint), "--topk", "2", str(good[0])]) == 0

@@ -259,14 +259,15 @@ def test_segment_writes_label_maps_with_the_input_geometry(fitted, tiny_decathlo
     lines = tmp_path / "seg.jsonl"
     status = cli.main(["segment", "--checkpoint", str(checkpoint), "--output-dir", str(tmp_path / "seg"),
                        "--output", str(lines), str(tiny_decathlon / "imagesTs"),
-                       str(tiny_decathlon / "imagesTr" / "case01.nii.gz")])
-    assert status == 1  # one corrupt input
+                       str(tiny_decathlon / "imagesTr" / "case01.nii.gz"), str(tmp_path / "missing.nii.gz")])
+    assert status == 1  # one corrupt input, one missing
     results = [json.loads(line) for line in lines.read_text().splitlines()]
-    assert len(results) == 4
+    assert len(results) == 5
     errors = [r for r in results if "error" in r]
-    assert len(errors) == 1 and "corrupt.nii.gz: unreadable" in errors[0]["error"]
+    assert len(errors) == 2 and errors[0] == {"path": str(tmp_path / "missing.nii.gz"), "error": "does not exist"}
+    assert "corrupt.nii.gz: unreadable" in errors[1]["error"]
     assert not (tmp_path / "seg" / "corrupt.nii.gz").exists()
-    assert "1 of 4 files failed" in capsys.readouterr().err
+    assert "2 of 5 files failed" in capsys.readouterr().err
     for result in results:
         if "error" in result:
             continue
