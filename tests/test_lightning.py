@@ -182,3 +182,29 @@ def test_backbone_kwargs_are_recorded_complete():
     assert model.hparams_initial["backbone_kwargs"] == recorded  # what loggers write to hparams.yaml
     with pytest.raises(ValueError, match="takes no argument"):
         VideoClassifier(backbone="oct_c2d_r50", num_classes=3, backbone_kwargs={"widht": 4})
+
+
+def test_evaluation_leaves_out_the_substitutes_of_unreadable_videos():
+    """A replaced (unreadable) video is not scored in validation or test, and test counts it as failed."""
+    import lightning.pytorch as pl
+
+    from oct3d.lightning import VideoClassifier
+
+    torch.manual_seed(0)
+    model = VideoClassifier(backbone="oct_i3d_r50", num_classes=3,
+                            backbone_kwargs={"alpha": 0.5, "base_width": 8, "depths": [1, 1, 1, 1]})
+    clips = torch.randn(4, 3, 4, 32, 32)
+    # Videos 0 and 1, two views each; video 1's views are substitutes of an unreadable file.
+    batch = {"video": clips, "label": torch.tensor([0, 0, 2, 2]), "video_index": torch.tensor([0, 0, 1, 1]),
+             "failed": ["", "", "v1.mp4: unreadable", "v1.mp4: unreadable"]}
+    everything_failed = {**batch, "failed": ["v: unreadable"] * 4}
+    seen = []
+    model.model.register_forward_hook(lambda module, args, out: seen.append(args[0].shape[0]))
+    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
+    loader = torch.utils.data.DataLoader
+    (tested,) = trainer.test(model, loader([batch], batch_size=None), verbose=False)
+    assert tested["test/num_videos"] == 1 and tested["test/failed_videos"] == 1
+    assert seen == [2]  # only the two readable views were scored
+    (validated,) = trainer.validate(model, loader([batch, everything_failed], batch_size=None), verbose=False)
+    assert validated["val/failed_videos"] == 6 and "val/top1" in validated
+    assert seen == [2, 2]

@@ -223,16 +223,29 @@ class OctaveClassifier(pl.LightningModule):
         self._log_failed(batch, "train")
         return loss
 
+    def _readable(self, batch: Any) -> Tensor | None:
+        """Mask of the samples that are what they say (``None``: all of them). The data module replaces
+        an unreadable video by another one (``batch["failed"]`` names it), which keeps a batch whole for
+        training, but in evaluation the substitute would be scored under the failed video's place."""
+        failed = batch.get("failed") if isinstance(batch, dict) else None
+        if not isinstance(failed, (list, tuple)) or not any(failed):
+            return None
+        return torch.tensor([not f for f in failed], dtype=torch.bool)
+
     def validation_step(self, batch: Any, batch_idx: int) -> None:
-        """Loss and per-sample (per-clip) top-1/top-5."""
+        """Loss and per-sample (per-clip) top-1/top-5, over the samples that were readable."""
         x, y, _ = self._unpack(batch)
-        logits = self(x)
-        self.val_top1.update(logits, y)
-        self.val_top5.update(logits, y)
-        self.log("val/loss", F.cross_entropy(logits, y), sync_dist=True, batch_size=x.shape[0])
-        self.log("val/top1", self.val_top1, prog_bar=True, batch_size=x.shape[0])
-        self.log("val/top5", self.val_top5, batch_size=x.shape[0])
+        keep = self._readable(batch)
+        if keep is not None:
+            x, y = x[keep.to(x.device)], y[keep.to(y.device)]
         self._log_failed(batch, "val")
+        if x.shape[0]:
+            logits = self(x)
+            self.val_top1.update(logits, y)
+            self.val_top5.update(logits, y)
+            self.log("val/loss", F.cross_entropy(logits, y), sync_dist=True, batch_size=x.shape[0])
+        self.log("val/top1", self.val_top1, prog_bar=True, batch_size=max(x.shape[0], 1))
+        self.log("val/top5", self.val_top5, batch_size=max(x.shape[0], 1))
 
     def on_validation_epoch_end(self) -> None:
         """One plain log line per validation epoch, readable without a progress bar (logs, CI, the demo)."""
@@ -248,10 +261,25 @@ class OctaveClassifier(pl.LightningModule):
     def on_test_epoch_start(self) -> None:
         """Reset the per-video softmax accumulators."""
         self._test_views = {}
+        self._test_failed: set[int] = set()
 
     def test_step(self, batch: Any, batch_idx: int) -> None:
-        """Per-view top-1/top-5; with ``video_index`` in the batch, also accumulates softmax per video."""
+        """Per-view top-1/top-5; with ``video_index`` in the batch, also accumulates softmax per video.
+
+        Views of an unreadable video (replaced by the data module) are left out of both, and counted
+        in ``test/failed_videos``.
+        """
         x, y, video_index = self._unpack(batch)
+        keep = self._readable(batch)
+        if keep is not None:
+            if video_index is not None:
+                self._test_failed.update(video_index[~keep.to(video_index.device)].tolist())
+            else:
+                self._log_failed(batch, "test")
+            x, y = x[keep.to(x.device)], y[keep.to(y.device)]
+            video_index = None if video_index is None else video_index[keep.to(video_index.device)]
+            if not x.shape[0]:
+                return
         logits = self(x)
         self.test_top1.update(logits, y)
         self.test_top5.update(logits, y)
@@ -270,10 +298,18 @@ class OctaveClassifier(pl.LightningModule):
 
     def on_test_epoch_end(self) -> None:
         """Average the softmax over all views of each video, then log video-level top-1/top-5."""
-        if not self._test_views and not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        failed = getattr(self, "_test_failed", set())
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        if distributed:
+            failed_parts: list[set] = [None] * torch.distributed.get_world_size()  # type: ignore[list-item]
+            torch.distributed.all_gather_object(failed_parts, failed)
+            failed = set().union(*failed_parts)
+        if failed:
+            self.log("test/failed_videos", float(len(failed)), rank_zero_only=True, sync_dist=False)
+        if not self._test_views and not distributed:
             return
-        views = self._test_views
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
+        views = {idx: entry for idx, entry in self._test_views.items() if idx not in failed}
+        if distributed:
             # Views of one video may land on different ranks; the index space is global, so merge by index.
             gathered: list[dict] = [None] * torch.distributed.get_world_size()  # type: ignore[list-item]
             torch.distributed.all_gather_object(gathered, views)
