@@ -20,6 +20,7 @@ from oct3d.nn import (
     Octave,
     OctAvgPool,
     OctBatchNorm,
+    OctBatchNorm2d,
     OctConv,
     OctConv1d,
     OctConv2d,
@@ -30,6 +31,7 @@ from oct3d.nn import (
     OctMaxPool,
     OctReLU,
     from_octave,
+    map_octave,
     octave_add,
     to_octave,
 )
@@ -519,3 +521,44 @@ def test_path_changed_after_construction_takes_the_reference_formula():
         with torch.no_grad():
             expected = conv.forward_reference(x)
         torch.testing.assert_close(outs[1], expected if isinstance(expected, torch.Tensor) else expected.high)
+
+
+def test_plain_tensor_for_an_octave_layer_gets_the_to_octave_hint_whatever_its_channels():
+    conv = OctConv3d(64, 64, 3, 0.5, 0.5)
+    with pytest.raises(TypeError, match=r"needs an Octave\(high, low\) input.*to_octave"):
+        conv(torch.randn(1, 64, 3, 6, 6))  # all 64 channels, not the 32 high ones
+
+
+def test_high_and_low_of_other_dtypes_or_devices_are_named():
+    conv = OctConv2d(16, 16, 3)
+    with pytest.raises(ValueError, match=r"high torch\.float32 on cpu and low torch\.float64 on cpu"):
+        conv(Octave(torch.randn(1, 8, 8, 8), torch.randn(1, 8, 4, 4, dtype=torch.float64)))
+    with pytest.raises(ValueError, match=r"low torch\.float32 on meta"):
+        conv(Octave(torch.randn(1, 8, 8, 8), torch.randn(1, 8, 4, 4, device="meta")))
+
+
+def test_every_layer_takes_a_plain_high_low_pair():
+    high, low = torch.randn(2, 8, 8, 8), torch.randn(2, 8, 4, 4)
+    reference = Octave(high, low)
+    for layer in (OctBatchNorm2d(16).eval(), OctReLU(), OctMaxPool(2, 2, 2), OctAvgPool(2, 2, 2)):
+        for pair in ((high, low), [high, low]):
+            out, expected = layer(pair), layer(reference)
+            torch.testing.assert_close(out.high, expected.high)
+            torch.testing.assert_close(out.low, expected.low)
+    torch.testing.assert_close(OctGlobalAvgPool()((high, low)), OctGlobalAvgPool()(reference))
+    torch.testing.assert_close(octave_add((high, low), [high, low]).low, 2 * low)
+    torch.testing.assert_close(map_octave(torch.neg, (high, low)).high, -high)
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_jit_trace_passes_its_own_check(mode):
+    """torch.jit.trace re-traces to check the graph: the L->H add and the cat plan must not depend on grad mode."""
+    import warnings
+
+    conv = getattr(OctConv2d(16, 16, 3, bias=True), mode)()
+    x = Octave(torch.randn(2, 8, 8, 8), torch.randn(2, 8, 4, 4))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        traced = torch.jit.trace(conv, (x,))  # check_trace=True (the default) raised TracingCheckError
+    for got, expected in zip(traced(x), conv(x)):
+        torch.testing.assert_close(got, expected)

@@ -252,6 +252,12 @@ class OctConv(nn.Module):
                 f"{self._name()} expects a high tensor of shape (N, C, {self._axes_desc()}), "
                 f"got {_shape(high)}"
             )
+        if low is None and self.in_low:
+            raise TypeError(
+                f"{self._name()} has alpha_in={self.alpha_in} and needs an Octave(high, low) input "
+                f"with a low tensor; got a plain tensor of shape {tuple(high.shape)}. Use "
+                "oct3d.nn.to_octave(x, alpha) at the boundary, or alpha_in=0 for a first layer"
+            )
         if high.shape[1] != self.in_high:
             raise ValueError(
                 f"{self._name()} expects {self.in_high} high-frequency input channels "
@@ -264,14 +270,13 @@ class OctConv(nn.Module):
                     "low tensor; set alpha_in to match the previous layer's alpha_out"
                 )
             return high, None
-        if low is None:
-            raise TypeError(
-                f"{self._name()} has alpha_in={self.alpha_in} and needs an Octave(high, low) input "
-                "with a low tensor; got a plain tensor. Use oct3d.nn.to_octave(x, alpha) at the "
-                "boundary, or alpha_in=0 for a first layer"
-            )
         if not isinstance(low, Tensor) or low.dim() != self.dims + 2:
             raise ValueError(f"{self._name()} expects a low tensor with {self.dims + 2} dims, got {_shape(low)}")
+        if low.dtype != high.dtype or low.device != high.device:
+            raise ValueError(
+                f"{self._name()} expects the high and low tensors on one device with one dtype, got high "
+                f"{high.dtype} on {high.device} and low {low.dtype} on {low.device}"
+            )
         if low.shape[1] != self.in_low:
             raise ValueError(
                 f"{self._name()} expects {self.in_low} low-frequency input channels "
@@ -493,9 +498,9 @@ class OctConv(nn.Module):
         The cache is keyed on both weights' version counters (bumped by every in-place
         update: optimizer steps, ``load_state_dict``, ``fuse``), storage pointers, dtype and
         device, so it can never serve stale weights. With autograd on, or while tracing for
-        ``torch.compile`` (which folds the concatenation itself), it is rebuilt every call.
+        ``torch.compile`` (which folds the concatenation itself) or ``torch.jit.trace``, it is rebuilt every call.
         """
-        if torch.is_grad_enabled() or self.training or torch.compiler.is_compiling():
+        if torch.is_grad_enabled() or self.training or traced_or_compiled():
             return torch.cat([w_a, w_b], dim=1)
         key = (w_a._version, w_b._version, w_a.data_ptr(), w_b.data_ptr(), w_a.dtype, w_a.device)
         # Plain attribute, not a buffer: never in the state dict, rebuilt after a copy.
@@ -526,6 +531,9 @@ def _add_upsampled_(y: Tensor, small: Tensor, factors: tuple[int, ...]) -> Tenso
     channels_last too. Odd sizes materialise the cropped upsample.
     """
     size = y.shape[2:]
+    if traced_or_compiled():
+        # One graph whatever the grad mode: torch.jit.trace's check re-traces under other flags.
+        return y + upsample_to(small, factors, size)
     exact = all(n == f * m for n, f, m in zip(size, factors, small.shape[2:]))
     if torch.is_grad_enabled() and (y.requires_grad or small.requires_grad):
         if (exact and y.device.type == "cpu" and not traced_or_compiled() and kernels._plain_eager()

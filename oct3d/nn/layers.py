@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from oct3d.nn.conv import IntOrTuple, check_alpha, check_positive_int, to_tuple
 from oct3d.nn.norm import batch_norm
-from oct3d.nn.octave import Octave, OctaveInput, low_size, octave_factors, split_channels
+from oct3d.nn.octave import Octave, OctaveInput, low_size, octave_factors, pair_as_octave, split_channels
 
 __all__ = [
     "OctBatchNorm",
@@ -36,7 +36,8 @@ _BN = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
 
 
 def map_octave(fn: Callable[[Tensor], Tensor], x: OctaveInput) -> OctaveInput:
-    """Apply ``fn`` to each branch of ``x`` (a plain tensor is one branch)."""
+    """Apply ``fn`` to each branch of ``x`` (a plain tensor is one branch; a ``(high, low)`` pair is an Octave)."""
+    x = pair_as_octave(x)
     if isinstance(x, Octave):
         return Octave(fn(x.high), None if x.low is None else fn(x.low))
     if isinstance(x, Tensor):
@@ -46,6 +47,7 @@ def map_octave(fn: Callable[[Tensor], Tensor], x: OctaveInput) -> OctaveInput:
 
 def octave_add(a: OctaveInput, b: OctaveInput) -> OctaveInput:
     """Per-branch sum of two octave maps (``high + high``, ``low + low``), e.g. a residual."""
+    a, b = pair_as_octave(a), pair_as_octave(b)
     if isinstance(a, Octave) != isinstance(b, Octave):
         a_low = a.low if isinstance(a, Octave) else None
         b_low = b.low if isinstance(b, Octave) else None
@@ -89,6 +91,7 @@ class OctBatchNorm(nn.Module):
         return f"dims={self.dims}, num_features={self.num_features}, alpha={self.alpha}"
 
     def forward(self, x: OctaveInput) -> OctaveInput:
+        x = pair_as_octave(x)
         high = x.high if isinstance(x, Octave) else x
         low = x.low if isinstance(x, Octave) else None
         if not isinstance(high, Tensor):
@@ -145,6 +148,7 @@ class OctMap(nn.Module):
         self.module_l = None if share else copy.deepcopy(module)
 
     def forward(self, x: OctaveInput) -> OctaveInput:
+        x = pair_as_octave(x)
         if isinstance(x, Octave):
             low_fn = self.module if self.module_l is None else self.module_l
             return Octave(self.module(x.high), None if x.low is None else low_fn(x.low))
@@ -191,6 +195,7 @@ class _OctPool(nn.Module):
         raise NotImplementedError
 
     def forward(self, x: OctaveInput) -> OctaveInput:
+        x = pair_as_octave(x)
         if isinstance(x, Octave) and x.low is not None:
             # The high map pools in floor mode like the vanilla layer. On odd sizes floor mode can
             # drop the low map's last partial window (high 6 -> 3 but its low 3 -> 1, not 2), so the
@@ -238,6 +243,7 @@ class OctGlobalAvgPool(nn.Module):
         self.flatten = flatten
 
     def forward(self, x: OctaveInput) -> Tensor:
+        x = pair_as_octave(x)
         parts: Sequence[Tensor]
         if isinstance(x, Octave):
             parts = [x.high] if x.low is None else [x.high, x.low]

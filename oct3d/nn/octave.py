@@ -23,6 +23,7 @@ __all__ = [
     "OctaveInput",
     "OCTAVE_MODES",
     "low_channels",
+    "pair_as_octave",
     "split_channels",
     "octave_axes",
     "octave_factors",
@@ -57,6 +58,15 @@ class Octave(NamedTuple):
 
 
 OctaveInput = Tensor | Octave
+
+
+def pair_as_octave(x: object) -> object:
+    """``Octave(high, low)`` for a plain ``(high, low)`` tuple or list of two tensors (``low`` may be
+    None), as ``torch.jit.trace`` and user code pass them; anything else unchanged."""
+    if isinstance(x, (tuple, list)) and not isinstance(x, Octave) and len(x) == 2 and isinstance(x[0], Tensor) \
+            and (x[1] is None or isinstance(x[1], Tensor)):
+        return Octave(x[0], x[1])
+    return x
 
 
 def low_channels(channels: int, alpha: float) -> int:
