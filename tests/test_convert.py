@@ -547,3 +547,25 @@ class _MapOnly(nn.Module):
 
     def forward(self, x):
         return self.net(x).map
+
+
+def test_a_forward_that_branches_on_training_gets_a_clear_error():
+    """Deep supervision: more outputs in training than in eval; the error says why and what to do."""
+
+    class DeepSupervised(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1))
+            self.head, self.aux = nn.Conv2d(16, 2, 1), nn.Conv2d(16, 2, 1)
+
+        def forward(self, x):
+            features = self.body(x)
+            if self.training:
+                return torch.stack([self.head(features), self.aux(features)], 1)
+            return self.head(features)
+
+    model = DeepSupervised()
+    with pytest.raises(ConversionError, match=r"branches on self\.training.*model\.eval\(\)"):
+        octavize(model, 0.5, example_input=torch.randn(1, 3, 16, 16))
+    assert model.training  # the check ran on a copy
+    octavize(model.eval(), 0.5, example_input=torch.randn(1, 3, 16, 16))

@@ -108,7 +108,19 @@ def octavize(
 
     if validate:
         expected = _run(model, example_input)
-        _compare(traced_out, expected, atol, "the torch.fx trace of the model")
+        try:
+            _compare(traced_out, expected, atol, "the torch.fx trace of the model")
+        except ConversionError as error:
+            if model.training and _structure(_run(copy.deepcopy(model), example_input, training=True)) != \
+                    _structure(expected):
+                raise ConversionError(
+                    f"{error}. The model returns other outputs in training mode than in eval mode (deep "
+                    "supervision, auxiliary or VAE heads): its forward branches on self.training, and a torch.fx "
+                    "trace keeps only the branch of the mode it was traced in. Convert a copy in eval mode "
+                    "(model.eval()) for inference, or turn the training-only outputs off (e.g. MONAI's "
+                    "deep_supervision=False) to train the octave network"
+                ) from error
+            raise
         twin_plan = make_plan(gm, ctx, rules, 0.0, exclude, None)
         twin = rewrite(gm, ctx, twin_plan, class_name)
         _compare(_run(twin, example_input), expected, atol, "the converted network at alpha 0")
@@ -219,10 +231,10 @@ def _check_example(example_input: Any) -> None:
         )
 
 
-def _run(model: nn.Module, example_input: Tensor | Sequence[Tensor]) -> Any:
+def _run(model: nn.Module, example_input: Tensor | Sequence[Tensor], training: bool = False) -> Any:
     args = (example_input,) if isinstance(example_input, Tensor) else tuple(example_input)
     was_training = model.training
-    model.eval()
+    model.train(training)
     try:
         with torch.no_grad():
             return model(*args)
