@@ -193,7 +193,8 @@ def load_nifti(path: str | os.PathLike, channels: int | None = None) -> tuple[np
     else:
         raise VolumeReadError(path, f"expected a 3D or 4D volume, got shape {data.shape}")
     if channels is not None and data.shape[0] != channels:
-        raise VolumeReadError(path, f"has {data.shape[0]} channel(s) but dataset.json lists {channels} modalities")
+        raise VolumeReadError(path, f"has {data.shape[0]} channel(s), expected {channels}: one per modality of "
+                                    "the dataset (dataset.json) or of the checkpoint's training data")
     if not np.isfinite(data).all():
         raise VolumeReadError(path, "holds NaN or infinite values")
     return data, np.asarray(image.affine, dtype=np.float64)

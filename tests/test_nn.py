@@ -562,3 +562,28 @@ def test_jit_trace_passes_its_own_check(mode):
         traced = torch.jit.trace(conv, (x,))  # check_trace=True (the default) raised TracingCheckError
     for got, expected in zip(traced(x), conv(x)):
         torch.testing.assert_close(got, expected)
+
+
+def test_numpy_scalars_are_taken_like_nn_conv_and_bad_values_are_named():
+    import numpy as np
+
+    from oct3d.nn import split_channels
+    from oct3d.nn.kernels import force
+
+    conv = OctConv2d(np.int64(16), 16, np.int64(3), alpha_in=np.float32(0.5))
+    assert (conv.in_channels, conv.kernel_size, conv.alpha_in) == (16, (3, 3), 0.5)
+    assert type(conv.in_channels) is int
+    with pytest.raises(ValueError, match="alpha must be a float in"):
+        split_channels(16, 1.5)
+    with pytest.raises(ValueError, match="dims must be 1, 2 or 3, got True"):
+        OctConv(True, 16, 16, 3)
+    with pytest.raises(ValueError, match="at least 4 channels"):  # floor(0.3 * 4) = 1: four is the fewest
+        OctConv2d(3, 16, 3, alpha_in=0.3)
+    for bad in ({"stride": 0}, {"kernel_size": 0}, {"padding": -1}):
+        args = {"kernel_size": 2, "stride": 2, "padding": 0, **bad}
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            OctMaxPool(2, **args)
+    with pytest.raises(ValueError, match="force takes layer plans"), force(lwo="split"):
+        pass
+    with pytest.raises(ValueError, match="force takes layer plans"), force(low="bogus"):
+        pass

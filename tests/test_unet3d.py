@@ -139,3 +139,14 @@ def test_builder_arguments_fill_in_every_default():
         builder_arguments("oct_unet3d", {"width": 8})
     with pytest.raises(ValueError, match="unknown model"):
         builder_arguments("no_such_model")
+
+
+def test_too_narrow_or_too_deep_for_the_volume_are_named():
+    with pytest.raises(ValueError, match=r"base_width=1 leaves no low-frequency channels .* base_width >= 2"):
+        oct_unet3d(1, 3, base_width=1)
+    model = oct_unet3d(1, 3, base_width=2, depth=5)
+    with pytest.raises(ValueError, match=r"too small for depth=5 in training: .* maps are \(1, 1, 1\)"):
+        model(torch.randn(1, 1, 16, 16, 16))
+    model(torch.randn(2, 1, 16, 16, 16)).sum().backward()  # two volumes: two values per channel
+    oct_unet3d(1, 3, base_width=2, depth=4)(torch.randn(1, 1, 16, 16, 16)).sum().backward()
+    assert model.eval()(torch.randn(1, 1, 16, 16, 16)).shape == (1, 3, 16, 16, 16)  # eval mode has no such limit

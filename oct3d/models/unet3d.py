@@ -29,6 +29,8 @@ ran about 5x faster in channels_last_3d on the development machine, at alpha 0 a
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -45,8 +47,8 @@ from oct3d.nn import (
     map_octave,
     split_channels,
 )
-from oct3d.nn.conv import check_alpha
-from oct3d.nn.octave import check_channels_last, is_channels_last, to_channels_last
+from oct3d.nn.conv import check_alpha, minimum_channels
+from oct3d.nn.octave import check_channels_last, is_channels_last, octave_axes, to_channels_last
 
 __all__ = ["OctUNet3d", "oct_unet3d"]
 
@@ -141,6 +143,9 @@ class OctUNet3d(nn.Module):
         if octave not in OCTAVE_MODES:
             raise ValueError(f"octave must be one of {OCTAVE_MODES}, got {octave!r}")
         alpha = check_alpha(alpha)
+        if alpha > 0 and split_channels(base_width, alpha)[1] == 0:
+            raise ValueError(f"base_width={base_width} leaves no low-frequency channels at alpha={alpha}; "
+                             f"use base_width >= {minimum_channels(alpha)} or alpha=0")
         self.in_channels = in_channels
         self.alpha = alpha
         self.octave = octave
@@ -162,6 +167,8 @@ class OctUNet3d(nn.Module):
         if not isinstance(x, Tensor) or x.dim() != 5 or x.shape[1] != self.in_channels:
             shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
             raise ValueError(f"OctUNet3d expects a volume batch of shape (N, {self.in_channels}, D, H, W), got {shape}")
+        if self.training:
+            self._check_depth_fits(x)
         channels_last = x.device.type == "cpu" if self.channels_last is None else self.channels_last
         skips = []
         out: OctaveInput = to_channels_last(x) if channels_last else x
@@ -174,6 +181,22 @@ class OctUNet3d(nn.Module):
         if channels_last and x.is_contiguous():
             return logits.contiguous()  # the caller's layout back
         return logits
+
+
+    def _check_depth_fits(self, x: Tensor) -> None:
+        # BatchNorm in training needs more than one value per channel; the deepest level's low
+        # branch is the smallest map (each level ceil-halves every axis, the low branch its octave axes).
+        size = list(x.shape[2:])
+        for _ in range(len(self.encoder) - 1):
+            size = [-(-n // 2) for n in size]
+        if self.alpha > 0:
+            size = [-(-n // 2) if halved else n for n, halved in zip(size, octave_axes(3, self.octave))]
+        if x.shape[0] * math.prod(size) < 2:
+            raise ValueError(
+                f"a batch of {x.shape[0]} volume(s) of size {tuple(x.shape[2:])} is too small for depth="
+                f"{len(self.encoder)} in training: the deepest level's maps are {tuple(size)}, and BatchNorm needs "
+                "more than one value per channel; use larger patches, a larger batch or a smaller depth"
+            )
 
 
 @register_model(task="segmentation")

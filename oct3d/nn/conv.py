@@ -15,6 +15,7 @@ mode on CPU it takes the same kernel choice as the octave paths: equal up to rou
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
 from functools import partial
 
@@ -50,20 +51,20 @@ def to_tuple(value: IntOrTuple, dims: int, name: str) -> tuple[int, ...]:
     """Expand an int or a length-``dims`` sequence of ints to a tuple, or raise naming ``name``."""
     if isinstance(value, bool):
         raise TypeError(f"{name} must be an int or a tuple of {dims} ints, got {value!r}")
-    if isinstance(value, int):
-        return (value,) * dims
+    if isinstance(value, numbers.Integral):  # numpy integers too, as nn.ConvNd takes them
+        return (int(value),) * dims
     if isinstance(value, Sequence) and len(value) == dims and all(
-        isinstance(v, int) and not isinstance(v, bool) for v in value
+        isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in value
     ):
-        return tuple(value)
+        return tuple(int(v) for v in value)
     raise TypeError(f"{name} must be an int or a tuple of {dims} ints, got {value!r}")
 
 
 def check_positive_int(value: object, name: str) -> int:
     """Return ``value`` if it is an int >= 1 (bools excluded), else raise a ``ValueError`` naming ``name``."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return value
+    return int(value)
 
 
 def branch_channels(
@@ -79,14 +80,19 @@ def branch_channels(
         if alpha > 0 and low == 0:
             raise ValueError(
                 f"{name}={alpha} gives no low-frequency channels out of {total}; "
-                f"use {name}=0 or at least {int(1 / alpha) + 1} channels"
+                f"use {name}=0 or at least {minimum_channels(alpha)} channels"
             )
     return in_high, in_low, out_high, out_low
 
 
+def minimum_channels(alpha: float) -> int:
+    """The fewest channels that leave ``alpha > 0`` at least one low-frequency channel."""
+    return next(c for c in range(1, 10_000) if split_channels(c, alpha)[1] >= 1)
+
+
 def check_alpha(alpha: float, name: str = "alpha") -> float:
     """Return ``alpha`` as a float if it lies in [0, 1), else raise a ``ValueError`` naming ``name``."""
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
+    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real):
         raise TypeError(f"{name} must be a float in [0, 1), got {alpha!r}")
     if not 0.0 <= float(alpha) < 1.0:
         raise ValueError(f"{name} must be in [0, 1), got {alpha!r}")
@@ -150,8 +156,10 @@ class OctConv(nn.Module):
     ) -> None:
         super().__init__()
         self.axes = octave_axes(dims, octave)  # validates dims and octave
-        for name, value in (("in_channels", in_channels), ("out_channels", out_channels), ("groups", groups)):
+        in_channels, out_channels, groups = (
             check_positive_int(value, name)
+            for name, value in (("in_channels", in_channels), ("out_channels", out_channels), ("groups", groups))
+        )
         self.dims = dims
         self.octave = octave
         self.in_channels = in_channels

@@ -73,6 +73,7 @@ from oct3d.nn.octave import traced_or_compiled
 
 __all__ = [
     "KERNELS",
+    "LAYER_PLANS",
     "POOL_KERNELS",
     "autotune",
     "avg_pool_nd",
@@ -94,6 +95,9 @@ __all__ = [
 
 #: Every convolution kernel this module can route to.
 KERNELS = ("default", "onednn", "onednn_channels_last", "frames", "onednn_packed")
+
+#: The layer-level plans :func:`force` can set, per family (see ``OctConv._sum_of_convs``).
+LAYER_PLANS = {"low": ("cat", "split"), "high": ("cat", "split")}
 
 #: Every average-pooling kernel this module can route to (see :func:`avg_pool_nd`).
 POOL_KERNELS = ("avg_pool", "pairs", "onednn_depthwise")
@@ -485,6 +489,9 @@ def force(conv: str | None = None, pool: str | None = None, **plans: str) -> Ite
         raise ValueError(f"conv must be one of {KERNELS}, got {conv!r}")
     if pool is not None and pool not in POOL_KERNELS:
         raise ValueError(f"pool must be one of {POOL_KERNELS}, got {pool!r}")
+    for family, option in plans.items():
+        if family not in LAYER_PLANS or option not in LAYER_PLANS[family]:
+            raise ValueError(f"force takes layer plans {LAYER_PLANS}, got {family}={option!r}")
     saved = dict(_forced)
     if conv is not None:
         _forced["conv"] = conv

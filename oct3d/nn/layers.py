@@ -185,6 +185,10 @@ class _OctPool(nn.Module):
         self.kernel_size = to_tuple(kernel_size, dims, "kernel_size")
         self.stride = self.kernel_size if stride is None else to_tuple(stride, dims, "stride")
         self.padding = to_tuple(padding, dims, "padding")
+        for name, values, minimum in (("kernel_size", self.kernel_size, 1), ("stride", self.stride, 1),
+                                      ("padding", self.padding, 0)):
+            if any(v < minimum for v in values):
+                raise ValueError(f"{name} must be >= {minimum} on every axis, got {values}")
         if any(2 * p > k for p, k in zip(self.padding, self.kernel_size)):
             raise ValueError(f"padding must be at most half of kernel_size, got {padding!r} for {kernel_size!r}")
 

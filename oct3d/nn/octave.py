@@ -8,6 +8,7 @@ resolution) and ``low`` (``c_low = floor(alpha * c)`` channels at half resolutio
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -74,7 +75,9 @@ def low_channels(channels: int, alpha: float) -> int:
 
     ``floor(alpha * channels)``, with a small epsilon so that e.g. ``0.3 * 10`` gives 3.
     """
-    return math.floor(alpha * channels + 1e-6)
+    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not 0.0 <= float(alpha) < 1.0:
+        raise ValueError(f"alpha must be a float in [0, 1), got {alpha!r}")
+    return math.floor(float(alpha) * channels + 1e-6)
 
 
 def split_channels(channels: int, alpha: float) -> tuple[int, int]:
@@ -89,7 +92,7 @@ def octave_axes(dims: int, octave: str = "spatial") -> tuple[bool, ...]:
     1D and 2D maps halve every axis. A 3D map ``(T, H, W)`` halves ``H, W`` with
     ``octave="spatial"`` and ``T, H, W`` with ``octave="spatiotemporal"``.
     """
-    if dims not in (1, 2, 3):
+    if isinstance(dims, bool) or dims not in (1, 2, 3):
         raise ValueError(f"dims must be 1, 2 or 3, got {dims!r}")
     if octave not in OCTAVE_MODES:
         raise ValueError(f"octave must be one of {OCTAVE_MODES}, got {octave!r}")
