@@ -621,7 +621,8 @@ class _DecordReader(VideoReader):
             reason = f"decoding failed: {_short(error)}"
             if "size must exactly match" in str(error):
                 # decord sizes its output by the display rotation but does not rotate the pixels.
-                reason = f"decord cannot read this video (rotation metadata?), use decoder='pyav'; {reason}"
+                reason = ("decord cannot read this video (its frame buffer size does not match: rotation metadata, "
+                          f"or decord's bug with some frame sizes such as 48x48), use decoder='pyav'; {reason}")
             raise VideoDecodeError(self.path, reason) from error
         return torch.from_numpy(np.ascontiguousarray(frames))
 

@@ -310,6 +310,12 @@ def benchmark_models(
         contenders.append(("peer", None, None, lambda: build_octave(name, 0.0, **model_kwargs)))
     else:
         contenders.append(("peer", None, None, lambda: _adaptive_head(vanilla_peer(name)[1])))
+    if dims == 3 and None in octaves:
+        # Name the builder's default octave mode in the rows, not "-".
+        from oct3d.models import builder_arguments
+
+        default = builder_arguments(name, model_kwargs).get("octave")
+        octaves = [default if o is None else o for o in octaves]
     for octave in octaves:
         for alpha in alphas:
             contenders.append(

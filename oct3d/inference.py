@@ -175,7 +175,10 @@ def _load_checkpoint_dict(path: Path, trust: bool) -> dict[str, Any]:
             ) from error
     except Exception as error:  # zip/format errors: not a torch file at all
         raise CheckpointError(f"{path}: not a PyTorch checkpoint ({type(error).__name__}: {error})") from error
-    return torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as error:  # full unpickling of something that is not a checkpoint at all
+        raise CheckpointError(f"{path}: not a PyTorch checkpoint ({type(error).__name__}: {error})") from error
 
 
 def _sidecar(path: Path) -> Path:

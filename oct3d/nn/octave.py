@@ -390,10 +390,11 @@ def to_octave(x: Tensor, alpha: float, octave: str = "spatial") -> Octave:
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
     if x.dim() not in (3, 4, 5):
         raise ValueError(f"x must have shape (N, C, *spatial) with 1-3 spatial axes, got {tuple(x.shape)}")
-    if not 0.0 <= alpha < 1.0:
-        raise ValueError(f"alpha must be in [0, 1), got {alpha!r}")
-    c_high, c_low = split_channels(x.shape[1], alpha)
+    c_high, c_low = split_channels(x.shape[1], alpha)  # checks alpha
     if c_low == 0:
+        if alpha > 0:
+            raise ValueError(f"alpha={alpha} leaves no low-frequency channels out of {x.shape[1]}; "
+                             "use alpha=0 or a tensor with more channels")
         return Octave(x, None)
     factors = octave_factors(x.dim() - 2, octave)
     return Octave(x[:, :c_high], avg_pool(x[:, c_high:], factors))
@@ -411,5 +412,12 @@ def from_octave(x: Octave | Tensor, octave: str = "spatial") -> Tensor:
     if x.low is None:
         return x.high
     factors = octave_factors(x.high.dim() - 2, octave)
+    expected = low_size(x.high.shape[2:], factors)
+    if tuple(x.low.shape[2:]) != expected:
+        raise ValueError(
+            f"from_octave(octave={octave!r}) expects the low tensor of a high tensor shaped {tuple(x.high.shape)} "
+            f"to have spatial size {expected}, got {tuple(x.low.shape[2:])}"
+            + ("; a spatiotemporal pair needs octave='spatiotemporal'" if x.high.dim() == 5 else "")
+        )
     low = upsample_to(x.low, factors, x.high.shape[2:])
     return torch.cat([x.high, low], dim=1)
