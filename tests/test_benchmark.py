@@ -163,7 +163,7 @@ def test_segmentation_trains_with_a_dense_target_and_json_output(tmp_path):
     assert main(["--table", str(tmp_path), "--output", str(table_md)]) == 0
     lines = table_md.read_text().splitlines()
     assert len(lines) == 2 + len(rows)
-    assert lines[2].startswith("| unet.json | oct_unet3d 0.5 | train | 2 | 6x8x10 |")
+    assert lines[2].startswith("| unet.json | oct_unet3d 0.5 spatial | train | 2 | 6x8x10 |")
     assert f"**{rows[0]['time_ratio']:.2f}x**" in lines[2] and rows[0]["setting"] in lines[2]
 
 
