@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every CPU run behind the README's speed tables, one after another, as JSON files in one folder
 # (default docs/benchmarks/cpu_channels_last). Run it on an otherwise idle machine; it takes about
-# seven minutes on 2 cores. Usage: bash tools/benchmark_readme.sh [OUTPUT_DIR]
+# eight minutes on 2 cores. Usage: bash tools/benchmark_readme.sh [OUTPUT_DIR]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out="${1:-docs/benchmarks/cpu_channels_last}"
@@ -40,6 +40,7 @@ OCT3D_AUTOTUNE=0 bench "${r50_b4[@]}" --json "$out/r50_b4_inf_noat.json"
 OCT3D_AUTOTUNE=0 bench "${r50_b1[@]}" --json "$out/r50_b1_inf_noat.json"
 bench "${r50_b4[@]}" --peer-routed --channels-last --json "$out/r50_b4_inf_routed_cl.json"
 bench "${r50_b1[@]}" --peer-routed --channels-last --json "$out/r50_b1_inf_routed_cl.json"
+bench "${unet_inf[@]}" --fuse --json "$out/unet_inf_fuse.json"  # BatchNorm folded in both U-Nets
 # The table of every run in the folder, with each run's setting line (CPU model, threads, malloc).
 "$python" tools/benchmark.py --table "$out" --output "$out/runs.md" > /dev/null
 echo "wrote $out/*.json and $out/runs.md"
