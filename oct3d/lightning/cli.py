@@ -1,9 +1,11 @@
 """``OctCLI``: the ``LightningCLI`` behind ``lightning fit|validate|test|predict`` and ``oct3d fit|...``.
 
 On top of the stock CLI it links ``data.num_classes`` into ``model.init_args.num_classes`` (so any
-Kinetics-layout dataset works without editing a config), keeps the best checkpoint by ``val/top1``
-plus the last one (``--checkpoint.*`` configures it), adds a rich progress bar and the data
-modules' unreadable-file report, and overwrites the saved ``config.yaml`` on reruns.
+Kinetics-layout dataset works without editing a config), keeps the best checkpoint by the model's
+metric (``val/top1``, or ``val/dice`` for the segmenter) plus a ``last.ckpt`` rewritten after every
+validation (``--checkpoint.*`` configures it), resolves ``--ckpt_path last|best`` across earlier runs'
+version folders (:mod:`oct3d.lightning.checkpoints`), adds a rich progress bar and the data modules'
+unreadable-file report, and overwrites the saved ``config.yaml`` on reruns.
 """
 
 from __future__ import annotations
