@@ -46,6 +46,7 @@ __all__ = [
     "Predictor",
     "load_predictor",
     "find_inputs",
+    "split_inputs",
     "plan_segments",
     "predict_files",
     "main",
@@ -516,6 +517,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def split_inputs(parser: argparse.ArgumentParser, args: argparse.Namespace) -> tuple[list[str], list[str]]:
+    """``(existing, missing)`` input paths of a file-processing command; an ``--output`` file whose
+    folder does not exist is a usage error (``parser.error``), before any work.
+
+    A missing input is a data error like an unreadable file: the commands report it in their output
+    as ``{"path", "error": "does not exist"}`` and go on with the others.
+    """
+    output = getattr(args, "output", None)
+    if output and not Path(output).resolve().parent.is_dir():
+        parser.error(f"--output {output}: folder {Path(output).resolve().parent} does not exist")
+    missing = [p for p in args.paths if not Path(p).exists()]
+    return [p for p in args.paths if p not in missing], missing
+
+
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point; returns 0 if every file succeeded, 1 if any failed, 2 on usage errors."""
     parser = build_parser()
@@ -530,15 +545,12 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--window must be > 0 seconds, got {args.window}")
     if args.hop is not None and (args.window is None or args.hop <= 0):
         parser.error("--hop needs --window and must be > 0 seconds")
-    if args.output and not Path(args.output).resolve().parent.is_dir():
-        parser.error(f"--output {args.output}: folder {Path(args.output).resolve().parent} does not exist")
-    # A missing input is a data error like an unreadable one: reported in the output, the others go on.
-    missing = [p for p in args.paths if not Path(p).exists()]
+    present, missing = split_inputs(parser, args)
     try:
         args.decoder = require_decoder(args.decoder)  # a decoder that cannot load here is a usage error
         predictor = load_predictor(args.checkpoint, args.device, args.trust_checkpoint, amp=not args.no_amp)
         extensions = VIDEO_EXTENSIONS if predictor.metadata.task == "video" else IMAGE_EXTENSIONS
-        files = find_inputs([p for p in args.paths if p not in missing], extensions)
+        files = find_inputs(present, extensions)
     except (CheckpointError, FileNotFoundError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

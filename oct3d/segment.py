@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from oct3d.inference import CheckpointError, _load_checkpoint_dict, resolve_device
+from oct3d.inference import CheckpointError, _load_checkpoint_dict, resolve_device, split_inputs
 
 __all__ = ["Segmenter", "find_volumes", "load_segmenter", "segment_files", "main"]
 
@@ -259,13 +259,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: `oct3d segment` needs MONAI and nibabel: pip install 'oct3d[medical]' ({error})",
               file=sys.stderr)
         return 2
-    if args.output and not Path(args.output).resolve().parent.is_dir():
-        parser.error(f"--output {args.output}: folder {Path(args.output).resolve().parent} does not exist")
-    # A missing input is a data error like an unreadable one: reported in the output, the others go on.
-    missing = [p for p in args.paths if not Path(p).exists()]
+    present, missing = split_inputs(parser, args)
     try:
         segmenter = load_segmenter(args.checkpoint, args.device, args.trust_checkpoint, amp=not args.no_amp)
-        inputs = find_volumes([p for p in args.paths if p not in missing])
+        inputs = find_volumes(present)
     except (CheckpointError, FileNotFoundError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
