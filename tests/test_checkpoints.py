@@ -45,11 +45,29 @@ def _fit(root: Path, callback: ModelCheckpoint, epochs: int = 3, **trainer_kwarg
     return trainer
 
 
-def test_last_checkpoint_is_the_latest_state_when_the_metric_stops_improving(tmp_path):
+class _ReadLast(pl.Callback):
+    """Records the step of last.ckpt at the start of every epoch (what a killed run would resume from)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path, self.steps = path, []
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        if trainer.current_epoch:
+            self.steps.append(torch.load(self.path, weights_only=True)["global_step"])
+
+
+@pytest.mark.parametrize("val_check_interval", [1.0, 0.5])  # saving at the epoch's end / after each validation
+def test_last_checkpoint_is_the_latest_state_when_the_metric_stops_improving(tmp_path, val_check_interval):
     """Lightning 2.6's ModelCheckpoint leaves last.ckpt at the last improvement (step 2 here); ours does not."""
-    _fit(tmp_path, LatestCheckpoint(monitor="val/top1", mode="max", save_top_k=1, save_last=True, filename="best"))
-    state = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
-    assert state["global_step"] == 6  # 3 epochs x 2 batches
+    reader = _ReadLast(tmp_path / "checkpoints" / "last.ckpt")
+    callback = LatestCheckpoint(monitor="val/top1", mode="max", save_top_k=1, save_last=True, filename="best")
+    trainer = pl.Trainer(
+        max_epochs=4, default_root_dir=tmp_path, callbacks=[callback, reader], enable_progress_bar=False,
+        enable_model_summary=False, logger=False, accelerator="cpu", val_check_interval=val_check_interval,
+    )
+    trainer.fit(_ConstantMetric())
+    assert reader.steps == [2, 4, 6]  # during the run, after each epoch of 2 batches
+    assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 8
 
 
 def test_last_checkpoint_is_written_when_max_steps_ends_between_validations(tmp_path):
@@ -78,6 +96,11 @@ def test_last_and_best_resolve_across_version_folders(tmp_path):
     assert resolve_checkpoint_path("best", trainer) == str(newest / "best-epoch001.ckpt")
     assert resolve_checkpoint_path("some/file.ckpt", trainer) == "some/file.ckpt"
     assert resolve_checkpoint_path(None, trainer) is None
+    named = tmp_path / "lightning_logs" / "run7" / "checkpoints"  # a logger given a version string
+    named.mkdir(parents=True)
+    (named / "last.ckpt").write_bytes(b"")
+    os.utime(named / "last.ckpt", (3000, 3000))
+    assert resolve_checkpoint_path("last", trainer) == str(named / "last.ckpt")
     empty = pl.Trainer(default_root_dir=tmp_path / "new", logger=CSVLogger(tmp_path / "new"))
     with pytest.raises(FileNotFoundError, match=r"--ckpt_path last: no last\*\.ckpt under .*checkpoint.s path"):
         resolve_checkpoint_path("last", empty)

@@ -402,6 +402,19 @@ def test_every_pool_kernel_equals_pytorch_pool_and_keeps_the_layout(monkeypatch,
         assert kernel in applicable, applicable  # where it applies, it is what ran
 
 
+def test_a_tuned_pool_choice_is_not_reused_where_that_kernel_cannot_run():
+    """Tuned to oneDNN in plain eager mode, the same shape under forward AD must not call oneDNN."""
+    from oct3d.nn.octave import avg_pool
+
+    kernels.clear_cache()
+    x = torch.randn(1, 8, 4, 8, 8).contiguous(memory_format=torch.channels_last_3d)
+    kernels._cache[("pool", *kernels._signature(x), (1, 2, 2), False, (False,), torch.get_num_threads())] = (
+        "onednn_depthwise")  # as if timing had chosen it
+    _, tangent = torch.func.jvp(lambda t: avg_pool(t, (1, 2, 2)), (x,), (torch.ones_like(x),))
+    torch.testing.assert_close(tangent, torch.ones(1, 8, 4, 4, 4).contiguous(memory_format=torch.channels_last_3d))
+    kernels.clear_cache()
+
+
 def test_pool_choice_is_timed_once_cached_and_never_taken_under_autograd(monkeypatch):
     """Without autograd the pool kernel is tuned once per setting; with autograd the differentiable pool runs."""
     from oct3d.nn.octave import avg_pool

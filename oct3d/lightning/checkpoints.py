@@ -41,6 +41,17 @@ class LatestCheckpoint(ModelCheckpoint):
         ):
             self._save_last_if_stale(trainer)
 
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Where saving happens at the epoch's end (Lightning's default with one validation per
+        epoch), save the top-k checkpoint as ``ModelCheckpoint`` does, then ``last.ckpt`` if it was not saved."""
+        super().on_train_epoch_end(trainer, pl_module)
+        if (
+            self.save_last is True
+            and not self._should_skip_saving_checkpoint(trainer)
+            and self._should_save_on_train_epoch_end(trainer)
+        ):
+            self._save_last_if_stale(trainer)
+
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Save ``last.ckpt`` at the final step (``max_steps`` can end a run between validations)."""
         super().on_train_end(trainer, pl_module)
@@ -57,8 +68,9 @@ def resolve_checkpoint_path(ckpt_path: str | Path | None, trainer: pl.Trainer) -
 
     ``"last"``: the newest ``last*.ckpt``; ``"best"``: when this process knows no best
     checkpoint (a new process), the newest ``best*.ckpt``. Looked for in the checkpoint
-    callback's ``dirpath`` when it has one, else in the loggers' ``version_*/checkpoints``
-    folders (or ``default_root_dir/checkpoints`` without a logger). Any other value is returned
+    callback's ``dirpath`` when it has one, else in every version folder of the first logger
+    (``save_dir/name/*/checkpoints``, where Lightning writes them), or in
+    ``default_root_dir/checkpoints`` without a logger. Any other value is returned
     unchanged.
 
     Raises:
@@ -75,8 +87,13 @@ def resolve_checkpoint_path(ckpt_path: str | Path | None, trainer: pl.Trainer) -
         folders = [Path(callback.dirpath)]
         found = list(folders[0].glob(pattern))
     elif trainer.loggers:
-        folders = _version_roots(trainer)
-        found = [p for root in folders for p in root.glob(f"version_*/checkpoints/{pattern}")]
+        # Lightning writes checkpoints under the first logger: save_dir/name/<version>/checkpoints,
+        # the version a "version_N" or any string the logger was given.
+        logger = trainer.loggers[0]
+        save_dir = getattr(logger, "save_dir", None) or trainer.default_root_dir
+        name = getattr(logger, "name", None)
+        folders = [Path(save_dir) / name if name else Path(save_dir)]
+        found = list(folders[0].glob(f"*/checkpoints/{pattern}"))
     else:
         folders = [Path(trainer.default_root_dir) / "checkpoints"]
         found = list(folders[0].glob(pattern))
@@ -87,15 +104,6 @@ def resolve_checkpoint_path(ckpt_path: str | Path | None, trainer: pl.Trainer) -
             f"--ckpt_path {ckpt_path}: no {pattern} under {where or 'the log folder'}; give the checkpoint's path"
         )
     return str(max(found, key=lambda p: (p.stat().st_mtime, _version_number(p))))
-
-
-def _version_roots(trainer: pl.Trainer) -> list[Path]:
-    roots = []
-    for logger in trainer.loggers:
-        save_dir, name = getattr(logger, "save_dir", None), getattr(logger, "name", None)
-        if save_dir:
-            roots.append(Path(save_dir) / name if name else Path(save_dir))
-    return list(dict.fromkeys(roots))
 
 
 def _version_number(path: Path) -> int:

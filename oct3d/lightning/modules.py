@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
+from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from oct3d.models import builder_arguments, get_model
@@ -182,6 +183,9 @@ class OctaveClassifier(pl.LightningModule):
         self.preprocessing: dict[str, Any] = dict(preprocessing or {})
         self.criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
         top5 = min(5, num_classes)
+        # A metric object, not a per-step value, so that every rank logs the key even when all its
+        # samples of an epoch were unreadable (a key missing on one rank hangs the epoch-end sync).
+        self.val_loss = MeanMetric()
         self.val_top1 = MulticlassAccuracy(num_classes, top_k=1, average="micro")
         self.val_top5 = MulticlassAccuracy(num_classes, top_k=top5, average="micro")
         self.test_top1 = MulticlassAccuracy(num_classes, top_k=1, average="micro")
@@ -243,7 +247,8 @@ class OctaveClassifier(pl.LightningModule):
             logits = self(x)
             self.val_top1.update(logits, y)
             self.val_top5.update(logits, y)
-            self.log("val/loss", F.cross_entropy(logits, y), sync_dist=True, batch_size=x.shape[0])
+            self.val_loss.update(F.cross_entropy(logits, y), weight=x.shape[0])
+        self.log("val/loss", self.val_loss, batch_size=max(x.shape[0], 1))
         self.log("val/top1", self.val_top1, prog_bar=True, batch_size=max(x.shape[0], 1))
         self.log("val/top5", self.val_top5, batch_size=max(x.shape[0], 1))
 
@@ -278,13 +283,14 @@ class OctaveClassifier(pl.LightningModule):
                 self._log_failed(batch, "test")
             x, y = x[keep.to(x.device)], y[keep.to(y.device)]
             video_index = None if video_index is None else video_index[keep.to(video_index.device)]
-            if not x.shape[0]:
-                return
+        # Logged on every step, updated or not: every rank must log each synced key.
+        self.log("test/view_top1", self.test_top1, batch_size=max(x.shape[0], 1))
+        self.log("test/view_top5", self.test_top5, batch_size=max(x.shape[0], 1))
+        if not x.shape[0]:
+            return
         logits = self(x)
         self.test_top1.update(logits, y)
         self.test_top5.update(logits, y)
-        self.log("test/view_top1", self.test_top1, batch_size=x.shape[0])
-        self.log("test/view_top5", self.test_top5, batch_size=x.shape[0])
         if video_index is None:
             return
         probs = logits.float().softmax(1).detach().cpu()

@@ -398,7 +398,8 @@ class VolumeSegmenter(pl.LightningModule):
             values = {f"{stage}/dice": mean, **values}
         elif stage == "val":
             # Every validation volume of the epoch was unreadable (reported by the data module): the
-            # checkpoint callback still finds its metric, as NaN, which never counts as an improvement.
+            # checkpoint callback still finds its metric, as NaN, which it ranks below every real Dice
+            # (EarlyStopping's check_finite=True would stop on it).
             values = {"val/dice": torch.tensor(float("nan"))}
         for key, value in values.items():
             self.log(key, value, prog_bar=key == f"{stage}/dice", sync_dist=False)

@@ -87,7 +87,10 @@ def branch_channels(
 
 def minimum_channels(alpha: float) -> int:
     """The fewest channels that leave ``alpha > 0`` at least one low-frequency channel."""
-    return next(c for c in range(1, 10_000) if split_channels(c, alpha)[1] >= 1)
+    channels = max(1, math.floor((1 - 1e-6) / alpha))  # split_channels floors alpha * c + 1e-6
+    while split_channels(channels, alpha)[1] < 1:
+        channels += 1
+    return channels
 
 
 def check_alpha(alpha: float, name: str = "alpha") -> float:

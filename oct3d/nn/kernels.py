@@ -353,7 +353,8 @@ def run_pool(kernel: str, x: Tensor, factors: tuple[int, ...]) -> Tensor:
         if weight is None:
             # A normal tensor even under inference_mode, so that it can serve every later call.
             with torch.inference_mode(False):
-                weight = torch.full((channels, 1, *factors), 1.0 / math.prod(factors), dtype=x.dtype)
+                weight = torch.full((channels, 1, *factors), 1.0 / math.prod(factors), dtype=x.dtype,
+                                    device=x.device)
             _pool_weights[key] = weight
         zeros, ones = (0,) * len(factors), (1,) * len(factors)
         y = torch.mkldnn_convolution(x, weight, None, zeros, factors, ones, channels)
@@ -463,7 +464,9 @@ def _choose(
     grad = torch.is_grad_enabled() and any(a is not None and a.requires_grad for a in args)
     full_key = (*key, grad, tuple(a is not None and a.requires_grad for a in args), torch.get_num_threads())
     cached = _cache.get(full_key)
-    if cached is not None:
+    if cached is not None and cached in options:
+        # (An option tuned in plain eager mode may not be offered here: under forward AD, vmap or
+        # autocast the direct oneDNN calls are left out.)
         return cached, True
     if plain is None:
         plain = _plain_eager()

@@ -414,10 +414,12 @@ def from_octave(x: Octave | Tensor, octave: str = "spatial") -> Tensor:
     factors = octave_factors(x.high.dim() - 2, octave)
     expected = low_size(x.high.shape[2:], factors)
     if tuple(x.low.shape[2:]) != expected:
+        fits = [m for m in OCTAVE_MODES if x.high.dim() == 5 and m != octave
+                and low_size(x.high.shape[2:], octave_factors(3, m)) == tuple(x.low.shape[2:])]
         raise ValueError(
             f"from_octave(octave={octave!r}) expects the low tensor of a high tensor shaped {tuple(x.high.shape)} "
             f"to have spatial size {expected}, got {tuple(x.low.shape[2:])}"
-            + ("; a spatiotemporal pair needs octave='spatiotemporal'" if x.high.dim() == 5 else "")
+            + (f"; this pair fits octave={fits[0]!r}" if fits else "")
         )
     low = upsample_to(x.low, factors, x.high.shape[2:])
     return torch.cat([x.high, low], dim=1)
