@@ -569,3 +569,54 @@ def test_a_forward_that_branches_on_training_gets_a_clear_error():
         octavize(model, 0.5, example_input=torch.randn(1, 3, 16, 16))
     assert model.training  # the check ran on a copy
     octavize(model.eval(), 0.5, example_input=torch.randn(1, 3, 16, 16))
+
+
+class _TwoPathway(nn.Module):
+    """A model that takes one list of tensors and returns a list, like SlowFast's pathways."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.slow = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+                                  nn.Conv2d(16, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU())
+        self.fast = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.fuse = nn.Conv2d(24, 16, 3, padding=1)
+
+    def forward(self, x):
+        slow, fast = self.slow(x[0]), self.fast(x[1])
+        return [self.fuse(torch.cat([slow, fast], 1)), fast]
+
+
+def test_a_model_that_takes_a_list_converts_and_takes_the_same_list():
+    torch.manual_seed(0)
+    model = _TwoPathway().eval()
+    example = [torch.randn(1, 3, 16, 16), torch.randn(1, 3, 16, 16)]
+    converted = octavize(model, 0.5, example_input=(example,))
+    assert any(a_out > 0 for _, a_out, _ in converted.octave_plan.values())
+    inputs = [torch.randn(2, 3, 16, 16), torch.randn(2, 3, 16, 16)]
+    out = converted(list(inputs))
+    assert isinstance(out, list) and [o.shape for o in out] == [o.shape for o in model(list(inputs))]
+    at_zero = octavize(model, 0.0, example_input=(example,))
+    for got, expected in zip(at_zero(list(inputs)), model(list(inputs))):
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    converted.train()
+    sum(o.sum() for o in converted(list(inputs))).backward()
+    with pytest.raises(ConversionError, match=r"pass example_input=\(\[\.\.\.\],\)"):
+        octavize(model, 0.5, example_input=example)  # the list taken as two positional arguments
+    with pytest.raises(TypeError, match="each a tensor or a list of tensors"):
+        octavize(model, 0.5, example_input=([example[0], "x"],))
+
+
+def test_pytorchvideo_slowfast_converts():
+    """SlowFast's blocks take [slow, fast] and write their outputs into that list; the pooling head is excluded."""
+    from pytorchvideo.models.slowfast import create_slowfast
+
+    torch.manual_seed(0)
+    model = create_slowfast(model_num_class=5, head_pool_kernel_sizes=((2, 1, 1), (8, 1, 1))).eval()
+    example = [torch.randn(1, 3, 2, 32, 32), torch.randn(1, 3, 8, 32, 32)]
+    kept = list(example)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        converted = octavize(model, 0.5, example_input=(example,), octave="spatial", exclude=("blocks.5",))
+    assert example == kept  # the conversion's own runs did not write into the caller's list
+    assert any(a_out > 0 for _, a_out, _ in converted.octave_plan.values())
+    assert converted(list(example)).shape == model(list(example)).shape == (1, 5)

@@ -47,7 +47,9 @@ def octavize(
         model: the vanilla network (left untouched; the result holds copies of its weights).
         alpha: the ratio of low-frequency channels, in [0, 1), or a callable ``(name, module) -> float``
             giving each convolution's output ratio (0 keeps it vanilla).
-        example_input: an input the model accepts (a tensor or a tuple of positional tensors), used to
+        example_input: an input the model accepts: a tensor, or a tuple of its positional arguments,
+            each a tensor or a list of tensors (``([slow, fast],)`` for SlowFast, whose converted
+            network then takes the same list), used to
             record shapes and to check the conversion. Its size does not change the placement unless
             some map shrinks to one pixel; a small input converts the same network as a large one.
         octave: for 3D maps, ``"spatial"`` (halve H, W: video, anisotropic volumes) or
@@ -100,8 +102,16 @@ def octavize(
     rules = list(RULES if rules is None else rules)
 
     source = copy.deepcopy(model)
-    gm = trace(source, rules, exclude, example_input)
-    traced_out = record_shapes(gm, example_input)
+    try:
+        gm = trace(source, rules, exclude, example_input)
+        traced_out = record_shapes(gm, example_input)
+    except ConversionError as error:
+        if isinstance(example_input, list):
+            raise ConversionError(
+                f"{error}. A list example_input is taken as the model's positional arguments; if the model takes "
+                "one list of tensors (SlowFast's [slow, fast]), pass example_input=([...],)"
+            ) from error
+        raise
     ctx = Context(gm, octave)
     plan = make_plan(gm, ctx, rules, alpha, exclude, pool_first, vanilla_coarsest)
     class_name = f"Octave{type(model).__name__}"
@@ -224,15 +234,29 @@ def describe_plan(model: fx.GraphModule) -> str:
 
 def _check_example(example_input: Any) -> None:
     items = (example_input,) if isinstance(example_input, Tensor) else example_input
-    if not isinstance(items, (tuple, list)) or not items or not all(isinstance(t, Tensor) for t in items):
+
+    def tensors(value: Any) -> bool:
+        return isinstance(value, (tuple, list)) and len(value) > 0 and all(isinstance(t, Tensor) for t in value)
+
+    if not isinstance(items, (tuple, list)) or not items or not all(
+        isinstance(t, Tensor) or tensors(t) for t in items
+    ):
         raise TypeError(
-            "example_input must be a tensor the model accepts (or a tuple of positional tensors), "
-            f"got {type(example_input).__name__}"
+            "example_input must be a tensor the model accepts, or a tuple of its positional arguments, each a "
+            f"tensor or a list of tensors (e.g. ([slow, fast],) for SlowFast); got {_describe(example_input)}"
         )
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, (tuple, list)):
+        return f"{type(value).__name__} of ({', '.join(type(v).__name__ for v in value)})"
+    return type(value).__name__
 
 
 def _run(model: nn.Module, example_input: Tensor | Sequence[Tensor], training: bool = False) -> Any:
     args = (example_input,) if isinstance(example_input, Tensor) else tuple(example_input)
+    # A fresh list per run: pytorchvideo's multi-pathway blocks write their outputs into the input list.
+    args = tuple(list(a) if isinstance(a, list) else a for a in args)
     was_training = model.training
     model.train(training)
     try:

@@ -152,6 +152,8 @@ def rewrite(gm: fx.GraphModule, ctx: Context, plan: Plan, class_name: str) -> fx
                     em.set_module(node.target, module)
             em.env[node] = em.graph.node_copy(node, em.plain)
     root = _root_with(gm, em.replaced)
+    # The input/output handling of the traced graph (list arguments flattened into placeholders) carries over.
+    em.graph._codegen = copy.deepcopy(gm.graph._codegen)
     result = fx.GraphModule(root, em.graph, class_name=class_name)
     result.graph.lint()
     return result

@@ -15,12 +15,14 @@ torch.Tensor)`` (MONAI's optional inputs) is answered True for traced tensors.
 from __future__ import annotations
 
 import contextlib
+import inspect
 from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, fx, nn
 from torch.fx import _symbolic_trace
+from torch.utils import _pytree as pytree
 
 from oct3d.convert.core import ConversionError
 from oct3d.convert.rules import Rule
@@ -177,10 +179,11 @@ def trace(
     if unknown:
         raise ValueError(f"exclude names modules the model does not have: {unknown}; see model.named_modules()")
     example = (example_input,) if isinstance(example_input, Tensor) else tuple(example_input)
-    tracer = _Tracer(rules, tuple(exclude), example)
+    concrete_args = _structured_args(model, example)
+    tracer = _Tracer(rules, tuple(exclude), tuple(pytree.tree_leaves(example)))
     try:
         with _specialising():
-            graph = tracer.trace(model)
+            graph = tracer.trace(model, concrete_args=concrete_args)
     except Exception as error:
         where = getattr(error, "_oct3d_module", None)
         if where is None:
@@ -199,11 +202,38 @@ def trace(
     return fx.GraphModule(tracer.root, graph, class_name=type(model).__name__)
 
 
+def _structured_args(model: nn.Module, example: tuple[Any, ...]) -> dict[str, Any] | None:
+    """fx ``concrete_args`` for positional arguments that are lists or tuples of tensors (SlowFast's
+    ``[slow, fast]``): one placeholder per tensor, and the traced module takes the same structure."""
+    if all(isinstance(a, Tensor) for a in example):
+        return None
+    names = list(inspect.signature(model.forward).parameters)
+    if len(names) < len(example):
+        raise ValueError(f"example_input has {len(example)} positional arguments, {type(model).__name__}.forward "
+                         f"takes {len(names)}")
+    return {name: (pytree.tree_map(lambda _: fx.PH, arg) if not isinstance(arg, Tensor) else fx.PH)
+            for name, arg in zip(names, example)}
+
+
 class _ShapeRecorder(fx.Interpreter):
+    def fetch_args_kwargs_from_env(self, n: fx.Node) -> tuple[tuple, dict]:
+        # fx hands list arguments over as its immutable_list; the generated code of the same graph
+        # builds ordinary lists, which modules may mutate (pytorchvideo's PoolConcatPathway does).
+        args, kwargs = super().fetch_args_kwargs_from_env(n)
+        return _mutable(args), {k: _mutable(v) for k, v in kwargs.items()}
+
     def run_node(self, n: fx.Node) -> Any:
         value = super().run_node(n)
         n.meta["oct3d_shape"] = tuple(value.shape) if isinstance(value, Tensor) and value.dim() > 0 else None
         return value
+
+
+def _mutable(value: Any) -> Any:
+    if isinstance(value, fx.immutable_collections.immutable_list):
+        return [_mutable(v) for v in value]
+    if isinstance(value, tuple) and not hasattr(value, "_fields"):
+        return tuple(_mutable(v) for v in value)
+    return value
 
 
 def record_shapes(gm: fx.GraphModule, example_input: Tensor | Sequence[Tensor]) -> Any:
@@ -216,7 +246,10 @@ def record_shapes(gm: fx.GraphModule, example_input: Tensor | Sequence[Tensor]) 
     gm.eval()
     try:
         with torch.no_grad():
-            return _ShapeRecorder(gm).run(*args)
+            # One placeholder per tensor (list arguments are flattened); the output comes back structured.
+            flat = _ShapeRecorder(gm).run(*pytree.tree_leaves(args))
+            codegen = gm.graph._codegen
+            return codegen.process_outputs(flat) if hasattr(codegen, "pytree_info") else flat
     except Exception as error:
         raise ConversionError(
             f"running the traced model on example_input failed ({type(error).__name__}: {error}). Check that the "
