@@ -479,8 +479,17 @@ def _print_table(results: list[dict[str, Any]], topk: int) -> None:
     table.add_column("score", justify="right")
     if topk > 1:
         table.add_column("top-2" if topk == 2 else f"top-2..{topk}")
-    for result in results:
-        name = Path(result["path"]).name
+    # File names alone, unless two files share one: then their paths below the common folder.
+    paths = [Path(r["path"]) for r in results]
+    names = [p.name for p in paths]
+    if len(set(names)) < len(names):
+        try:
+            common = Path(os.path.commonpath([str(p.parent) for p in paths]))
+        except ValueError:  # absolute and relative paths mixed
+            common = None
+        names = [str(p.relative_to(common)) if common is not None and p.is_relative_to(common) else str(p)
+                 for p in paths]
+    for result, name in zip(results, names):
         if "error" in result:
             table.add_row(name, "", "[red]error[/red]", "", *([result["error"]] if topk > 1 else []))
             continue

@@ -163,3 +163,15 @@ def test_folder_scan_accepts_every_video_extension(checkpoint, tiny_kinetics, tm
     assert main(["--checkpoint", str(checkpoint), "--output", str(output), "--device", "cpu", str(folder)]) == 0
     results = _lines(output)
     assert len(results) == 7 and all(len(r["topk"]) == 3 for r in results)
+
+
+def test_table_tells_files_of_one_name_apart(capsys):
+    from oct3d.inference import _print_table
+
+    _print_table([{"path": "/data/a/clip.mp4", "error": "x"}, {"path": "/data/b/clip.mp4", "error": "x"},
+                  {"path": "rel/clip.mp4", "error": "x"}], 1)
+    out = capsys.readouterr().out
+    assert "/data/a/clip.mp4" in out and "rel/clip.mp4" in out  # mixed absolute and relative: full paths
+    _print_table([{"path": "/data/a/clip.mp4", "error": "x"}, {"path": "/data/b/clip.mp4", "error": "x"}], 1)
+    out = capsys.readouterr().out
+    assert "a/clip.mp4" in out and "b/clip.mp4" in out and "/data/" not in out

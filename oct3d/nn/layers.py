@@ -66,7 +66,8 @@ class OctBatchNorm(nn.Module):
     """BatchNorm with separate statistics for the high (``bn_h``) and low (``bn_l``) branch.
 
     ``num_features`` is the total channel count; ``alpha`` splits it as in :class:`OctConv`.
-    At ``alpha == 0`` there is no ``bn_l`` and the module is one ``BatchNormNd``.
+    At ``alpha == 0`` there is no ``bn_l`` and the module is one ``BatchNormNd``. ``eps``,
+    ``momentum``, ``affine`` and ``track_running_stats`` are ``nn.BatchNormNd``'s, for both branches.
     """
 
     def __init__(
@@ -114,22 +115,31 @@ class OctBatchNorm(nn.Module):
 class OctBatchNorm1d(OctBatchNorm):
     """:class:`OctBatchNorm` for 1D maps."""
 
-    def __init__(self, num_features: int, alpha: float = 0.5, **kwargs) -> None:
-        super().__init__(1, num_features, alpha, **kwargs)
+    def __init__(
+        self, num_features: int, alpha: float = 0.5, eps: float = 1e-5, momentum: float | None = 0.1,
+        affine: bool = True, track_running_stats: bool = True,
+    ) -> None:
+        super().__init__(1, num_features, alpha, eps, momentum, affine, track_running_stats)
 
 
 class OctBatchNorm2d(OctBatchNorm):
     """:class:`OctBatchNorm` for 2D maps."""
 
-    def __init__(self, num_features: int, alpha: float = 0.5, **kwargs) -> None:
-        super().__init__(2, num_features, alpha, **kwargs)
+    def __init__(
+        self, num_features: int, alpha: float = 0.5, eps: float = 1e-5, momentum: float | None = 0.1,
+        affine: bool = True, track_running_stats: bool = True,
+    ) -> None:
+        super().__init__(2, num_features, alpha, eps, momentum, affine, track_running_stats)
 
 
 class OctBatchNorm3d(OctBatchNorm):
     """:class:`OctBatchNorm` for 3D maps."""
 
-    def __init__(self, num_features: int, alpha: float = 0.5, **kwargs) -> None:
-        super().__init__(3, num_features, alpha, **kwargs)
+    def __init__(
+        self, num_features: int, alpha: float = 0.5, eps: float = 1e-5, momentum: float | None = 0.1,
+        affine: bool = True, track_running_stats: bool = True,
+    ) -> None:
+        super().__init__(3, num_features, alpha, eps, momentum, affine, track_running_stats)
 
 
 class OctMap(nn.Module):
