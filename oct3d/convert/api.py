@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import io
+import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -259,9 +262,14 @@ def _run(model: nn.Module, example_input: Tensor | Sequence[Tensor], training: b
     args = tuple(list(a) if isinstance(a, list) else a for a in args)
     was_training = model.training
     model.train(training)
+    # A GraphModule that raises prints its generated code's traceback to stderr before the error
+    # propagates; the caller turns the error into a ConversionError, so only a success's output is kept.
+    captured = io.StringIO()
     try:
-        with torch.no_grad():
-            return model(*args)
+        with torch.no_grad(), contextlib.redirect_stderr(captured):
+            out = model(*args)
+        sys.stderr.write(captured.getvalue())
+        return out
     finally:
         model.train(was_training)
 
