@@ -622,3 +622,10 @@ def test_pytorchvideo_slowfast_converts():
     assert example == kept  # the conversion's own runs did not write into the caller's list
     assert any(a_out > 0 for _, a_out, _ in converted.octave_plan.values())
     assert converted(list(example)).shape == model(list(example)).shape == (1, 5)
+
+
+def test_an_untraceable_module_deep_inside_a_block_also_names_the_block_and_the_top_module():
+    deep = nn.Sequential(nn.Sequential(_Untraceable()))
+    model = _net(deep)
+    with pytest.raises(ConversionError, match=r"exclude=\('6\.0\.0',\) \(or a module around it: '6\.0' or '6'\)"):
+        octavize(model, 0.5, example_input=torch.randn(1, 3, 32, 32))

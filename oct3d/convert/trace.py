@@ -193,10 +193,15 @@ def trace(
                 "flow on tensor values), or convert a traceable submodule and keep the rest around it"
             ) from error
         name, kind = where
+        # Deep inside a block (a transformer's attention), the siblings often fail the same way one
+        # after the other: name the enclosing block and the top-level module too.
+        parts = name.split(".")
+        around = dict.fromkeys([".".join(parts[:-1]), parts[0]]) if len(parts) >= 3 else {}
+        also = f" (or a module around it: {' or '.join(map(repr, around))})" if around else ""
         raise ConversionError(
             f"octavize could not trace module {name!r} ({kind}) of {type(model).__name__} with torch.fx "
-            f"({type(error).__name__}: {error}). Pass exclude=({name!r},) to keep it as one opaque module (it "
-            "stays vanilla and the octave closes around it), or make its forward traceable, e.g. by moving "
+            f"({type(error).__name__}: {error}). Pass exclude=({name!r},){also} to keep it as one opaque module "
+            "(it stays vanilla and the octave closes around it), or make its forward traceable, e.g. by moving "
             "data-dependent control flow into a function marked with torch.fx.wrap"
         ) from error
     return fx.GraphModule(tracer.root, graph, class_name=type(model).__name__)
