@@ -386,8 +386,13 @@ class VolumeSegmenter(pl.LightningModule):
     def _log_dice(self, metrics: nn.ModuleList, stage: str) -> dict[str, float]:
         names = self.class_names or [str(i) for i in range(self.hparams.num_classes)]
         values = {}
+        updated = torch.tensor([metric.update_called for metric in metrics], dtype=torch.int32, device=self.device)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            # compute() is a collective: every rank must call it for a class updated on any rank (a rank
+            # whose volumes were all unreadable holds the metric's empty state, which reduces as nothing).
+            torch.distributed.all_reduce(updated, op=torch.distributed.ReduceOp.MAX)
         for c, metric in enumerate(metrics):
-            if not metric.update_called:
+            if not updated[c]:
                 continue
             # MeanMetric.compute() already reduces across ranks.
             values[f"{stage}/dice_{_metric_name(names[c + 1])}"] = metric.compute()
