@@ -351,9 +351,9 @@ class VolumeSegmenter(pl.LightningModule):
         # DataErrorReport callback; a running count in the logs makes them visible on dashboards too.
         failed = batch.get("failed") if isinstance(batch, dict) else None
         count = sum(1 for f in failed if f) if isinstance(failed, (list, tuple)) else 0
-        if count:
-            self.log(f"{stage}/failed_volumes", float(count), reduce_fx="sum", on_step=False, on_epoch=True,
-                     sync_dist=True, batch_size=1)
+        # Logged on every step, zeros included: a synced key that only some ranks log hangs the epoch's end.
+        self.log(f"{stage}/failed_volumes", float(count), reduce_fx="sum", on_step=False, on_epoch=True,
+                 sync_dist=True, batch_size=1)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         """Dice + cross-entropy on a batch of patches."""
