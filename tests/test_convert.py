@@ -629,3 +629,59 @@ def test_an_untraceable_module_deep_inside_a_block_also_names_the_block_and_the_
     model = _net(deep)
     with pytest.raises(ConversionError, match=r"exclude=\('6\.0\.0',\) \(or a module around it: '6\.0' or '6'\)"):
         octavize(model, 0.5, example_input=torch.randn(1, 3, 32, 32))
+
+
+class _DictOfPathways(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1))
+        self.b = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1))
+
+    def forward(self, x):
+        return {"a": self.a(x[0]), "nested": ([self.b(x[1])], None)}
+
+
+def test_list_input_networks_keep_any_output_structure_and_pickle(tmp_path):
+    import io
+
+    torch.manual_seed(0)
+    model = _DictOfPathways().eval()
+    example = [torch.randn(1, 3, 16, 16), torch.randn(1, 3, 16, 16)]
+    converted = octavize(model, 0.5, example_input=(example,))
+    out = converted(list(example))
+    assert set(out) == {"a", "nested"} and out["nested"][1] is None and out["nested"][0][0].shape == (1, 16, 16, 16)
+    buffer = io.BytesIO()
+    torch.save(converted, buffer)  # unpickling re-traces the generated code
+    buffer.seek(0)
+    again = torch.load(buffer, weights_only=False)
+    torch.testing.assert_close(again(list(example))["a"], out["a"])
+    for wrong in ([*example, example[0]], example[:1]):  # fx would read the first two and ignore the rest
+        with pytest.raises(ValueError, match="converted for inputs of 2 tensors"):
+            converted(list(wrong))
+    with pytest.raises(ValueError, match="converted for inputs of 2 tensors"):
+        copy.deepcopy(converted)([*example, example[0]])
+
+
+def test_a_module_that_writes_into_its_list_input_survives_specialised_control_flow():
+    class WritesIntoInput(nn.Module):
+        def forward(self, x):
+            x[0] = x[0] * 2
+            return torch.cat(x, 1)
+
+    class Model(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.c1 = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1))
+            self.c2 = nn.Conv2d(3, 8, 3, padding=1)
+            self.mix = WritesIntoInput()
+            self.out = nn.Conv2d(16, 4, 3, padding=1)
+
+        def forward(self, x):
+            y = self.mix([self.c1(x[0]), self.c2(x[1])])
+            if y.shape[-1] % 2:  # evaluated on the example while tracing
+                y = y[..., :-1]
+            return self.out(y)
+
+    example = [torch.randn(1, 3, 16, 16), torch.randn(1, 3, 16, 16)]
+    converted = octavize(Model().eval(), 0.5, example_input=(example,), exclude=("mix",))
+    assert converted(list(example)).shape == (1, 4, 16, 16)

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import io
-import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -194,6 +191,9 @@ def restore_caller_layout(outputs: Any, like: Any) -> Any:
     as ``flatten(2)`` of a channels_last map), so a caller's ``.view()`` works as on the original.
     """
     if isinstance(like, fx.Proxy):  # a GraphModule's unpickling re-traces its code: keep the node
+        if isinstance(outputs, (list, tuple)) and not hasattr(outputs, "_fields"):
+            # One node per output: a list-input network's output handling unpacks the structure.
+            return type(outputs)(restore_caller_layout(value, like) for value in outputs)
         return like.tracer.create_proxy("call_function", restore_caller_layout, (outputs, like), {})
     if not isinstance(like, Tensor) or is_channels_last(like):
         return outputs
@@ -262,14 +262,11 @@ def _run(model: nn.Module, example_input: Tensor | Sequence[Tensor], training: b
     args = tuple(list(a) if isinstance(a, list) else a for a in args)
     was_training = model.training
     model.train(training)
-    # A GraphModule that raises prints its generated code's traceback to stderr before the error
-    # propagates; the caller turns the error into a ConversionError, so only a success's output is kept.
-    captured = io.StringIO()
     try:
-        with torch.no_grad(), contextlib.redirect_stderr(captured):
-            out = model(*args)
-        sys.stderr.write(captured.getvalue())
-        return out
+        with torch.no_grad():
+            # nn.Module.__call__, not the GraphModule's own wrapper: that one prints the generated code's
+            # traceback to stderr on an error, which the caller turns into a ConversionError anyway.
+            return nn.Module.__call__(model, *args)
     finally:
         model.train(was_training)
 

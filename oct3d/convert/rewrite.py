@@ -19,6 +19,7 @@ from torch import fx, nn
 from oct3d.convert.core import Context, Split
 from oct3d.convert.layers import octave_split
 from oct3d.convert.plan import Plan
+from oct3d.convert.trace import checked_codegen
 from oct3d.nn.octave import Octave
 
 __all__ = ["Emitter", "rewrite"]
@@ -153,7 +154,7 @@ def rewrite(gm: fx.GraphModule, ctx: Context, plan: Plan, class_name: str) -> fx
             em.env[node] = em.graph.node_copy(node, em.plain)
     root = _root_with(gm, em.replaced)
     # The input/output handling of the traced graph (list arguments flattened into placeholders) carries over.
-    em.graph._codegen = copy.deepcopy(gm.graph._codegen)
+    em.graph._codegen = checked_codegen(gm.graph._codegen)
     result = fx.GraphModule(root, em.graph, class_name=class_name)
     result.graph.lint()
     return result

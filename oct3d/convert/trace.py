@@ -15,6 +15,7 @@ torch.Tensor)`` (MONAI's optional inputs) is answered True for traced tensors.
 from __future__ import annotations
 
 import contextlib
+import copy
 import inspect
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -27,7 +28,7 @@ from torch.utils import _pytree as pytree
 from oct3d.convert.core import ConversionError
 from oct3d.convert.rules import Rule
 
-__all__ = ["record_shapes", "specialised", "trace"]
+__all__ = ["check_inputs", "checked_codegen", "record_shapes", "specialised", "trace"]
 
 
 def specialised(value: Any, expected: Any, message: str) -> Any:
@@ -64,8 +65,8 @@ class _Tracer(fx.Tracer):
                 pending.extend(missing)
                 continue
             pending.pop()
-            args = fx.node.map_arg(current.args, self.values.__getitem__)
-            kwargs = fx.node.map_arg(current.kwargs, self.values.__getitem__)
+            args = _mutable(fx.node.map_arg(current.args, self.values.__getitem__))
+            kwargs = {k: _mutable(v) for k, v in fx.node.map_arg(current.kwargs, self.values.__getitem__).items()}
             if current.op == "placeholder":
                 index = [n for n in current.graph.nodes if n.op == "placeholder"].index(current)
                 value = self.example[index] if index < len(self.example) else (args[0] if args else None)
@@ -220,6 +221,42 @@ def _structured_args(model: nn.Module, example: tuple[Any, ...]) -> dict[str, An
             for name, arg in zip(names, example)}
 
 
+def check_inputs(values: list[Any], spec: pytree.TreeSpec) -> None:
+    """Guard of a list-input network: fx's generated code reads exactly as many tensors as the example
+    had (it would silently ignore extra ones), so a call with another count is an error."""
+    if any(isinstance(v, fx.Proxy) for v in values):
+        return  # re-traced on unpickling
+    got, expected = len(pytree.tree_leaves(values)), spec.num_leaves
+    if got != expected:
+        raise ValueError(f"this network was converted for inputs of {expected - 1} tensors in its example's "
+                         f"structure, got {got - 1}; convert it with an example of the structure it is called with")
+
+
+try:
+    from torch.fx.graph import _PyTreeCodeGen
+except ImportError:  # a torch without it has no list-input tracing either
+    _PyTreeCodeGen = None
+
+
+def checked_codegen(codegen: Any) -> Any:
+    """A copy of ``codegen``; for fx's pytree input handling (list arguments), one that also calls
+    :func:`check_inputs` at the top of the generated forward."""
+    if _PyTreeCodeGen is None or type(codegen) is not _PyTreeCodeGen:
+        return copy.deepcopy(codegen)
+    return _CheckedPyTreeCodeGen(copy.deepcopy(codegen.pytree_info))
+
+
+if _PyTreeCodeGen is not None:
+
+    class _CheckedPyTreeCodeGen(_PyTreeCodeGen):
+        def gen_var_bindings(self, fn_args: list[str], free_vars: list[str], expanded_def: bool) -> str:
+            check = f"\n    oct3d_check_inputs([{', '.join(fn_args)}], self._in_spec)"
+            return check + super().gen_var_bindings(fn_args, free_vars, expanded_def)
+
+        def additional_globals(self) -> list[tuple[str, Any]]:
+            return [*super().additional_globals(), ("oct3d_check_inputs", check_inputs)]
+
+
 class _ShapeRecorder(fx.Interpreter):
     def fetch_args_kwargs_from_env(self, n: fx.Node) -> tuple[tuple, dict]:
         # fx hands list arguments over as its immutable_list; the generated code of the same graph
@@ -251,10 +288,8 @@ def record_shapes(gm: fx.GraphModule, example_input: Tensor | Sequence[Tensor]) 
     gm.eval()
     try:
         with torch.no_grad():
-            # One placeholder per tensor (list arguments are flattened); the output comes back structured.
-            flat = _ShapeRecorder(gm).run(*pytree.tree_leaves(args))
-            codegen = gm.graph._codegen
-            return codegen.process_outputs(flat) if hasattr(codegen, "pytree_info") else flat
+            # One placeholder per tensor (list arguments are flattened); run() rebuilds the output's structure.
+            return _ShapeRecorder(gm).run(*pytree.tree_leaves(args))
     except Exception as error:
         raise ConversionError(
             f"running the traced model on example_input failed ({type(error).__name__}: {error}). Check that the "

@@ -276,11 +276,11 @@ class OctaveClassifier(pl.LightningModule):
         """
         x, y, video_index = self._unpack(batch)
         keep = self._readable(batch)
+        if video_index is None:
+            self._log_failed(batch, "test")  # every step: a synced key (see _log_failed)
         if keep is not None:
             if video_index is not None:
                 self._test_failed.update(video_index[~keep.to(video_index.device)].tolist())
-            else:
-                self._log_failed(batch, "test")
             x, y = x[keep.to(x.device)], y[keep.to(y.device)]
             video_index = None if video_index is None else video_index[keep.to(video_index.device)]
         # Logged on every step, updated or not: every rank must log each synced key.
