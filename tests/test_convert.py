@@ -685,3 +685,27 @@ def test_a_module_that_writes_into_its_list_input_survives_specialised_control_f
     example = [torch.randn(1, 3, 16, 16), torch.randn(1, 3, 16, 16)]
     converted = octavize(Model().eval(), 0.5, example_input=(example,), exclude=("mix",))
     assert converted(list(example)).shape == (1, 4, 16, 16)
+
+
+@pytest.mark.parametrize("case", ["resnet18", "tinyseg_odd", "segresnet", "basicunet"])
+def test_a_converted_network_survives_torch_save_and_load_of_the_whole_module(case):
+    """Unpickling a GraphModule re-traces its code on Proxies: every oct3d function in it must record itself."""
+    import io
+
+    torch.manual_seed(0)
+    if case == "resnet18":
+        model, x, kwargs = torchvision.models.resnet18(num_classes=4), torch.randn(1, 3, 64, 64), {}
+    elif case == "tinyseg_odd":
+        model, x, kwargs = TinySegNet(), torch.randn(1, 1, 5, 31, 33), {"octave": "spatial"}
+    else:
+        from monai.networks.nets import BasicUNet, SegResNet
+
+        model = SegResNet(3, 8, 1, 2) if case == "segresnet" else BasicUNet(3, 1, 2, features=(8, 8, 16, 32, 64, 8))
+        x, kwargs = torch.randn(1, 1, 32, 32, 32), {}
+    converted = octavize(model.eval(), 0.5, example_input=x, **kwargs).eval()
+    buffer = io.BytesIO()
+    torch.save(converted, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), converted(x))

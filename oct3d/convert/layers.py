@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from oct3d.convert.core import graph_leaf
 from oct3d.nn.octave import Octave, avg_pool, low_size
 
 __all__ = [
@@ -32,17 +33,20 @@ _MAX_POOL = {1: F.max_pool1d, 2: F.max_pool2d, 3: F.max_pool3d}
 _AVG_POOL = {1: F.avg_pool1d, 2: F.avg_pool2d, 3: F.avg_pool3d}
 
 
+@graph_leaf
 def octave_shape(high: Tensor, low: Tensor) -> torch.Size:
     """The shape of the vanilla map an octave pair stands for: ``high``'s, with both branches' channels."""
     return torch.Size((high.shape[0], high.shape[1] + low.shape[1], *high.shape[2:]))
 
 
+@graph_leaf
 def octave_size(high: Tensor, low: Tensor, dim: int | None = None) -> torch.Size | int:
     """``x.size(dim)`` of the vanilla map an octave pair stands for (see :func:`octave_shape`)."""
     shape = octave_shape(high, low)
     return shape if dim is None else shape[dim]
 
 
+@graph_leaf
 def octave_split(x: Tensor, low_channels: int, factors: Sequence[int]) -> Octave:
     """A plain map as an octave with its last ``low_channels`` channels pooled (``oct3d.nn.to_octave``).
 
@@ -64,6 +68,7 @@ def _crop_low(low: Tensor, high: Tensor, factors: Sequence[int], what: str) -> T
     return low
 
 
+@graph_leaf
 def pool_low(
     low: Tensor, high_out: Tensor, factors: Sequence[int], kind: str, kernel_size: Sequence[int],
     stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int] = (1,), count_include_pad: bool = True,
@@ -83,6 +88,7 @@ def pool_low(
     return _crop_low(pooled, high_out, factors, f"{kind} pooling")
 
 
+@graph_leaf
 def resize_low(
     low: Tensor, high_out: Tensor, factors: Sequence[int], mode: str = "nearest", align_corners: bool | None = None
 ) -> Tensor:
@@ -94,6 +100,7 @@ def resize_low(
     return F.interpolate(low, size=low_size(high_out.shape[2:], factors), mode=mode, align_corners=align_corners)
 
 
+@graph_leaf
 def pad_low(
     low: Tensor, high_out: Tensor, pad: Sequence[int], factors: Sequence[int], mode: str = "constant",
     value: float | None = None,

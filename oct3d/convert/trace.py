@@ -25,12 +25,19 @@ from torch import Tensor, fx, nn
 from torch.fx import _symbolic_trace
 from torch.utils import _pytree as pytree
 
-from oct3d.convert.core import ConversionError
+from oct3d.convert.core import ConversionError, graph_leaf
 from oct3d.convert.rules import Rule
 
-__all__ = ["check_inputs", "checked_codegen", "record_shapes", "specialised", "trace"]
+__all__ = ["check_inputs", "checked_codegen", "length_of", "record_shapes", "specialised", "trace"]
 
 
+@graph_leaf
+def length_of(value: Any) -> int:
+    """``len(value)``, as one graph node (the builtin cannot be re-traced on a Proxy)."""
+    return len(value)
+
+
+@graph_leaf
 def specialised(value: Any, expected: Any, message: str) -> Any:
     """Guard of a specialised Python branch: ``value`` must be what it was on the example input."""
     if value != expected:
@@ -112,7 +119,7 @@ class _Tracer(fx.Tracer):
 
     def length(self, obj: fx.Proxy) -> int:
         length = len(self._concrete(obj))
-        self._guard(self.create_proxy("call_function", len, (obj,), {}), length, f"the length of {obj.node.name}")
+        self._guard(self.create_proxy("call_function", length_of, (obj,), {}), length, f"the length of {obj.node.name}")
         return length
 
     def to_bool(self, obj: fx.Proxy) -> bool:
