@@ -73,7 +73,7 @@ class _Tracer(fx.Tracer):
                 continue
             pending.pop()
             args = _mutable(fx.node.map_arg(current.args, self.values.__getitem__))
-            kwargs = {k: _mutable(v) for k, v in fx.node.map_arg(current.kwargs, self.values.__getitem__).items()}
+            kwargs = _mutable(fx.node.map_arg(current.kwargs, self.values.__getitem__))
             if current.op == "placeholder":
                 index = [n for n in current.graph.nodes if n.op == "placeholder"].index(current)
                 value = self.example[index] if index < len(self.example) else (args[0] if args else None)
@@ -224,8 +224,7 @@ def _structured_args(model: nn.Module, example: tuple[Any, ...]) -> dict[str, An
     if len(names) < len(example):
         raise ValueError(f"example_input has {len(example)} positional arguments, {type(model).__name__}.forward "
                          f"takes {len(names)}")
-    return {name: (pytree.tree_map(lambda _: fx.PH, arg) if not isinstance(arg, Tensor) else fx.PH)
-            for name, arg in zip(names, example)}
+    return {name: pytree.tree_map(lambda _: fx.PH, arg) for name, arg in zip(names, example)}
 
 
 def check_inputs(values: list[Any], spec: pytree.TreeSpec) -> None:
@@ -269,7 +268,7 @@ class _ShapeRecorder(fx.Interpreter):
         # fx hands list arguments over as its immutable_list; the generated code of the same graph
         # builds ordinary lists, which modules may mutate (pytorchvideo's PoolConcatPathway does).
         args, kwargs = super().fetch_args_kwargs_from_env(n)
-        return _mutable(args), {k: _mutable(v) for k, v in kwargs.items()}
+        return _mutable(args), _mutable(kwargs)
 
     def run_node(self, n: fx.Node) -> Any:
         value = super().run_node(n)
@@ -280,6 +279,8 @@ class _ShapeRecorder(fx.Interpreter):
 def _mutable(value: Any) -> Any:
     if isinstance(value, fx.immutable_collections.immutable_list):
         return [_mutable(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _mutable(v) for k, v in value.items()}
     if isinstance(value, tuple) and not hasattr(value, "_fields"):
         return tuple(_mutable(v) for v in value)
     return value

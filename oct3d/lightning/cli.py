@@ -101,20 +101,10 @@ class OctCLI(LightningCLI):
             rank_zero_info(f"--ckpt_path resolved to {kwargs['ckpt_path']}")
 
     def before_fit(self) -> None:
-        """Resolve ``--ckpt_path last`` to the newest ``last.ckpt`` of earlier runs."""
+        """Resolve ``--ckpt_path last|best`` to the newest such checkpoint of earlier runs."""
         self._resolve_ckpt_path()
 
-    def before_validate(self) -> None:
-        """Resolve ``--ckpt_path last|best`` across earlier runs."""
-        self._resolve_ckpt_path()
-
-    def before_test(self) -> None:
-        """Resolve ``--ckpt_path last|best`` across earlier runs."""
-        self._resolve_ckpt_path()
-
-    def before_predict(self) -> None:
-        """Resolve ``--ckpt_path last|best`` across earlier runs."""
-        self._resolve_ckpt_path()
+    before_validate = before_test = before_predict = before_fit
 
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Callback]) -> Trainer:
         extra: list[Callback] = [*_data_error_callbacks()]

@@ -227,21 +227,22 @@ class OctaveClassifier(pl.LightningModule):
         self._log_failed(batch, "train")
         return loss
 
-    def _readable(self, batch: Any) -> Tensor | None:
-        """Mask of the samples that are what they say (``None``: all of them). The data module replaces
-        an unreadable video by another one (``batch["failed"]`` names it), which keeps a batch whole for
-        training, but in evaluation the substitute would be scored under the failed video's place."""
+    def _readable(self, batch: Any, like: Tensor) -> Tensor | None:
+        """Mask (on ``like``'s device) of the samples that are what they say (``None``: all of them). The
+        data module replaces an unreadable video by another one (``batch["failed"]`` names it), which keeps
+        a batch whole for training, but in evaluation the substitute would be scored in the failed video's
+        place."""
         failed = batch.get("failed") if isinstance(batch, dict) else None
         if not isinstance(failed, (list, tuple)) or not any(failed):
             return None
-        return torch.tensor([not f for f in failed], dtype=torch.bool)
+        return torch.tensor([not f for f in failed], dtype=torch.bool, device=like.device)
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         """Loss and per-sample (per-clip) top-1/top-5, over the samples that were readable."""
         x, y, _ = self._unpack(batch)
-        keep = self._readable(batch)
+        keep = self._readable(batch, x)
         if keep is not None:
-            x, y = x[keep.to(x.device)], y[keep.to(y.device)]
+            x, y = x[keep], y[keep]
         self._log_failed(batch, "val")
         if x.shape[0]:
             logits = self(x)
@@ -275,14 +276,14 @@ class OctaveClassifier(pl.LightningModule):
         in ``test/failed_videos``.
         """
         x, y, video_index = self._unpack(batch)
-        keep = self._readable(batch)
+        keep = self._readable(batch, x)
         if video_index is None:
             self._log_failed(batch, "test")  # every step: a synced key (see _log_failed)
         if keep is not None:
             if video_index is not None:
-                self._test_failed.update(video_index[~keep.to(video_index.device)].tolist())
-            x, y = x[keep.to(x.device)], y[keep.to(y.device)]
-            video_index = None if video_index is None else video_index[keep.to(video_index.device)]
+                self._test_failed.update(video_index[~keep].tolist())
+                video_index = video_index[keep]
+            x, y = x[keep], y[keep]
         # Logged on every step, updated or not: every rank must log each synced key.
         self.log("test/view_top1", self.test_top1, batch_size=max(x.shape[0], 1))
         self.log("test/view_top5", self.test_top5, batch_size=max(x.shape[0], 1))

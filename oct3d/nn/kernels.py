@@ -40,8 +40,9 @@ follows (:func:`avg_pool_nd`), among :data:`POOL_KERNELS`:
   (vectorised elementwise kernels; PyTorch's pooling kernels run far below memory bandwidth
   on channels-first maps and on channels_last_3d ones);
 - ``"onednn_depthwise"``: a depthwise oneDNN convolution with kernel = stride = window and
-  every weight ``1 / window size``: one pass over the map, vectorised over channels (about
-  twice as fast as the pairs on channels_last_3d maps on the development machine).
+  every weight ``1 / window size``: one pass over the map, vectorised over channels (in the
+  U-Net at 96x96x64 on the development machine it won the full-resolution pools and the pairs
+  the small ones; docs/speed.md).
 
 With autotuning off, or wherever timing is not safe, a deterministic rule decides
 (:func:`rule_kernel`): frames under autograd for ``1 x k x k`` kernels, oneDNN for batch-1 3D
