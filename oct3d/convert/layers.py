@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from oct3d.convert.core import graph_leaf
-from oct3d.nn.octave import Octave, avg_pool, low_size
+from oct3d.nn.octave import Octave, avg_pool, fx_leaf_forward, low_size
 
 __all__ = [
     "OctBranchNorm",
@@ -137,6 +137,7 @@ class OctBranchNorm(nn.Module):
         self.norm_h = norm_h
         self.norm_l = norm_l
 
+    @fx_leaf_forward
     def forward(self, x: Octave) -> Octave:
         if not isinstance(x, Octave) or x.low is None:
             raise TypeError(f"OctBranchNorm expects an Octave with a low tensor, got {type(x).__name__}")
@@ -160,6 +161,7 @@ class OctStochasticDepth(nn.Module):
     def extra_repr(self) -> str:
         return f"p={self.p}, mode={self.mode!r}"
 
+    @fx_leaf_forward
     def forward(self, high: Tensor, low: Tensor) -> tuple[Tensor, Tensor]:
         if not self.training or self.p == 0.0:
             return high, low

@@ -27,6 +27,7 @@ from oct3d.nn import (
     to_octave,
 )
 from oct3d.nn.conv import IntOrTuple, check_alpha, to_tuple
+from oct3d.nn.octave import fx_leaf_forward
 
 __all__ = [
     "OctBasicBlock",
@@ -127,6 +128,7 @@ class OctSqueezeExcite(nn.Module):
         self.fc_h = nn.Linear(hidden, self.high_channels)
         self.fc_l = nn.Linear(hidden, self.low_channels) if self.low_channels else None
 
+    @fx_leaf_forward
     def forward(self, x: OctaveInput) -> OctaveInput:
         high = x.high if isinstance(x, Octave) else x
         low = x.low if isinstance(x, Octave) else None
@@ -161,6 +163,7 @@ class OctaveResplit(nn.Module):
     def extra_repr(self) -> str:
         return f"alpha_in={self.alpha_in}, alpha_out={self.alpha_out}, octave={self.octave!r}"
 
+    @fx_leaf_forward
     def forward(self, x: OctaveInput) -> OctaveInput:
         full = from_octave(x, self.octave)
         return to_octave(full, self.alpha_out, self.octave) if self.alpha_out > 0 else full
@@ -226,6 +229,7 @@ class OctBottleneck(_OctResidual):
             dims, in_channels, out_channels, stride_t, alpha_in, alpha_out, octave, pool_first
         )
 
+    @fx_leaf_forward
     def forward(self, x: OctaveInput) -> OctaveInput:
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.relu(self.bn2(self.conv2(out)))
@@ -264,6 +268,7 @@ class OctBasicBlock(_OctResidual):
             dims, in_channels, out_channels, stride_t, alpha_in, alpha_out, octave, pool_first
         )
 
+    @fx_leaf_forward
     def forward(self, x: OctaveInput) -> OctaveInput:
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))

@@ -40,7 +40,7 @@ from oct3d.models.blocks import init_like_vanilla
 from oct3d.models.registry import forwards_kwargs, register_model
 from oct3d.nn import Octave, OctaveInput, OctAvgPool, OctBatchNorm, OctConv, OctMaxPool, OctReLU, split_channels
 from oct3d.nn.conv import check_alpha, check_positive_int
-from oct3d.nn.octave import check_channels_last, in_model_layout
+from oct3d.nn.octave import check_channels_last, fx_leaf_forward, in_model_layout
 
 __all__ = ["OctDenseLayer", "OctDenseBlock", "OctTransition", "OctDenseNet", "oct_densenet121"]
 
@@ -111,6 +111,7 @@ class OctDenseBlock(nn.ModuleDict):
             pieces.append(layer.output_piece)
         self.pieces = tuple(pieces)
 
+    @fx_leaf_forward
     def forward(self, x: OctaveInput) -> OctaveInput:
         """The block input concatenated with every layer's output, high with high and low with low."""
         high, low = _branches(x)
@@ -201,7 +202,7 @@ class OctDenseNet(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """Logits ``(N, num_classes)`` of an image batch ``(N, 3, H, W)``."""
-        if not isinstance(x, Tensor) or x.dim() != 4 or x.shape[1] != 3:
+        if not isinstance(x, torch.fx.Proxy) and (not isinstance(x, Tensor) or x.dim() != 4 or x.shape[1] != 3):
             shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
             raise ValueError(f"{type(self).__name__} expects an image batch of shape (N, 3, H, W), got {shape}")
         out = F.relu(self.features(in_model_layout(x, self.channels_last)))

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import torch
 from torch import Tensor, nn
 
 from oct3d.models.blocks import init_like_vanilla, resolve_pool_first
@@ -297,7 +298,7 @@ def _init_mobilenet(model: nn.Module) -> None:
 
 
 def _check_image(model: nn.Module, x: object) -> None:
-    if not isinstance(x, Tensor) or x.dim() != 4 or x.shape[1] != 3:
+    if not isinstance(x, torch.fx.Proxy) and (not isinstance(x, Tensor) or x.dim() != 4 or x.shape[1] != 3):
         shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
         raise ValueError(f"{type(model).__name__} expects an image batch of shape (N, 3, H, W), got {shape}")
 

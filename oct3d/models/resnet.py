@@ -36,6 +36,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import torch
 from torch import Tensor, nn
 
 from oct3d.models.blocks import (
@@ -153,7 +154,7 @@ class OctResNet(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """Logits ``(N, num_classes)`` of an image batch ``(N, 3, H, W)`` (any H, W >= 1)."""
-        if not isinstance(x, Tensor) or x.dim() != 4 or x.shape[1] != 3:
+        if not isinstance(x, torch.fx.Proxy) and (not isinstance(x, Tensor) or x.dim() != 4 or x.shape[1] != 3):
             shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
             raise ValueError(f"{type(self).__name__} expects an image batch of shape (N, 3, H, W), got {shape}")
         x = self.maxpool(self.relu(self.bn1(self.conv1(in_model_layout(x, self.channels_last)))))

@@ -48,7 +48,14 @@ from oct3d.nn import (
     split_channels,
 )
 from oct3d.nn.conv import check_alpha, minimum_channels
-from oct3d.nn.octave import check_channels_last, is_channels_last, octave_axes, to_channels_last
+from oct3d.nn.octave import (
+    check_channels_last,
+    fx_leaf_forward,
+    in_model_layout,
+    is_channels_last,
+    octave_axes,
+    to_channels_last,
+)
 
 __all__ = ["OctUNet3d", "oct_unet3d"]
 
@@ -61,6 +68,7 @@ class _ConvBNReLU(nn.Sequential):
     back there keeps every later layer on the fast layout.
     """
 
+    @fx_leaf_forward
     def forward(self, x: OctaveInput) -> OctaveInput:
         out = super().forward(x)
         if is_channels_last(_branches(x)[0]):
@@ -79,6 +87,14 @@ def _conv_bn_relu(
     )
 
 
+def _in_caller_layout(logits: Tensor, x: Tensor) -> Tensor:
+    # Logits computed channels_last go back channels-first for a channels-first caller; under fx
+    # symbolic tracing the call is recorded as one node.
+    if isinstance(x, torch.fx.Proxy):
+        return x.tracer.create_proxy("call_function", _in_caller_layout, (logits, x), {})
+    return logits.contiguous() if x.is_contiguous() else logits
+
+
 def _branches(x: OctaveInput) -> tuple[Tensor, Tensor | None]:
     return (x.high, x.low) if isinstance(x, Octave) else (x, None)
 
@@ -95,6 +111,7 @@ class _UpBlock(nn.Module):
         self.conv1 = _conv_bn_relu(2 * out_channels, out_channels, concat_alpha, alpha, octave)
         self.conv2 = _conv_bn_relu(out_channels, out_channels, alpha, alpha, octave)
 
+    @fx_leaf_forward
     def forward(self, x: OctaveInput, skip: OctaveInput) -> OctaveInput:
         high, low = _branches(x)
         skip_high, skip_low = _branches(skip)
@@ -164,23 +181,20 @@ class OctUNet3d(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """Per-voxel logits ``(N, num_classes, D, H, W)`` of a volume batch ``(N, in_channels, D, H, W)``."""
-        if not isinstance(x, Tensor) or x.dim() != 5 or x.shape[1] != self.in_channels:
+        traced = isinstance(x, torch.fx.Proxy)  # fx symbolic tracing: no checks on a Proxy
+        if not traced and (not isinstance(x, Tensor) or x.dim() != 5 or x.shape[1] != self.in_channels):
             shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
             raise ValueError(f"OctUNet3d expects a volume batch of shape (N, {self.in_channels}, D, H, W), got {shape}")
-        if self.training:
+        if self.training and not traced:
             self._check_depth_fits(x)
-        channels_last = x.device.type == "cpu" if self.channels_last is None else self.channels_last
         skips = []
-        out: OctaveInput = to_channels_last(x) if channels_last else x
+        out: OctaveInput = in_model_layout(x, self.channels_last)
         for level in self.encoder:
             out = level(out)
             skips.append(out)
         for i in reversed(range(len(self.decoder))):
             out = self.decoder[i](out, skips[i])
-        logits = self.head(out)
-        if channels_last and x.is_contiguous():
-            return logits.contiguous()  # the caller's layout back
-        return logits
+        return _in_caller_layout(self.head(out), x)
 
 
     def _check_depth_fits(self, x: Tensor) -> None:

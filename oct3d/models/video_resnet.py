@@ -20,6 +20,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping, Sequence
 
+import torch
 from torch import Tensor, nn
 
 from oct3d.models.blocks import (
@@ -224,7 +225,7 @@ class OctVideoResNet(nn.Module):
     def forward_features(self, x: Tensor) -> OctaveInput:
         """The feature map after ``layer4``, before the head (channels_last_3d when the model runs
         channels_last, as on CPU by default: use ``.reshape``, not ``.view``, to flatten it)."""
-        if not isinstance(x, Tensor) or x.dim() != 5:
+        if not isinstance(x, torch.fx.Proxy) and (not isinstance(x, Tensor) or x.dim() != 5):
             raise ValueError(f"expected a clip tensor of shape (N, C, T, H, W), got {getattr(x, 'shape', type(x))}")
         x = self.maxpool(self.relu(self.bn1(self.conv1(in_model_layout(x, self.channels_last)))))
         x = self.temporal_pool(self.layer1(x))

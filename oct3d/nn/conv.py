@@ -30,6 +30,7 @@ from oct3d.nn.octave import (
     OctaveInput,
     avg_pool,
     broadcast_upsampled_,
+    fx_leaf_forward,
     keep_channels_last,
     low_size,
     octave_axes,
@@ -309,6 +310,7 @@ class OctConv(nn.Module):
         return ", ".join(("T", "H", "W")[3 - self.dims:]) if self.dims > 1 else "L"
 
     # ------------------------------------------------------------------ forward
+    @fx_leaf_forward
     def forward(self, x: OctaveInput) -> OctaveInput:
         high, low = self._split_input(x)
         if self.is_vanilla:

@@ -15,7 +15,15 @@ from torch import Tensor, nn
 
 from oct3d.nn.conv import IntOrTuple, check_alpha, check_positive_int, to_tuple
 from oct3d.nn.norm import batch_norm
-from oct3d.nn.octave import Octave, OctaveInput, low_size, octave_factors, pair_as_octave, split_channels
+from oct3d.nn.octave import (
+    Octave,
+    OctaveInput,
+    fx_leaf_forward,
+    low_size,
+    octave_factors,
+    pair_as_octave,
+    split_channels,
+)
 
 __all__ = [
     "OctBatchNorm",
@@ -91,6 +99,7 @@ class OctBatchNorm(nn.Module):
     def extra_repr(self) -> str:
         return f"dims={self.dims}, num_features={self.num_features}, alpha={self.alpha}"
 
+    @fx_leaf_forward
     def forward(self, x: OctaveInput) -> OctaveInput:
         x = pair_as_octave(x)
         high = x.high if isinstance(x, Octave) else x
@@ -157,6 +166,7 @@ class OctMap(nn.Module):
         self.module = module
         self.module_l = None if share else copy.deepcopy(module)
 
+    @fx_leaf_forward
     def forward(self, x: OctaveInput) -> OctaveInput:
         x = pair_as_octave(x)
         if isinstance(x, Octave):
@@ -208,6 +218,7 @@ class _OctPool(nn.Module):
     def _pool(self, x: Tensor, ceil_mode: bool = False) -> Tensor:
         raise NotImplementedError
 
+    @fx_leaf_forward
     def forward(self, x: OctaveInput) -> OctaveInput:
         x = pair_as_octave(x)
         if isinstance(x, Octave) and x.low is not None:
@@ -256,6 +267,7 @@ class OctGlobalAvgPool(nn.Module):
         super().__init__()
         self.flatten = flatten
 
+    @fx_leaf_forward
     def forward(self, x: OctaveInput) -> Tensor:
         x = pair_as_octave(x)
         parts: Sequence[Tensor]

@@ -7,12 +7,14 @@ resolution) and ``low`` (``c_low = floor(alpha * c)`` channels at half resolutio
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
-from collections.abc import Sequence
-from typing import NamedTuple
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple, TypeVar
 
 import torch
+import torch.fx
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -40,6 +42,7 @@ __all__ = [
     "check_channels_last",
     "keep_channels_last",
     "CHANNELS_LAST_FORMATS",
+    "fx_leaf_forward",
 ]
 
 OCTAVE_MODES = ("spatial", "spatiotemporal")
@@ -151,6 +154,51 @@ def pool_by_torch(x: Tensor, factors: tuple[int, ...]) -> Tensor:
         # CPU avg_pool3d returns channels_last_3d input channels-first; the maps around it keep their layout.
         y = y.contiguous(memory_format=torch.channels_last_3d)
     return y
+
+
+_Forward = TypeVar("_Forward", bound=Callable[..., Any])
+# fx's "inside Tracer.trace" flag, a private query; without it every call is scanned for proxies.
+_fx_tracing: Callable[[], bool] = getattr(torch.fx._symbolic_trace, "_get_is_fx_tracing", lambda: True)
+
+
+def fx_leaf_forward(forward: _Forward) -> _Forward:
+    """Make a module's ``forward`` record the module as one ``call_module`` node under fx tracing.
+
+    fx's default tracer treats only ``torch.nn`` modules as leaves and runs every other module's
+    ``forward`` on ``Proxy`` values, on which an octave layer's input checks and branch logic
+    cannot run. A decorated module called on a ``Proxy`` (alone, or inside an ``Octave`` or a
+    tuple) by any tracer that did not already make it a leaf (``fx.symbolic_trace``,
+    torchvision's ``create_feature_extractor``, a user's ``fx.Tracer``) appends one
+    ``call_module`` node instead, so converted networks re-trace like any ``GraphModule``.
+    """
+
+    @functools.wraps(forward)
+    def traceable_forward(self: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+        if _fx_tracing():
+            proxy = _first_proxy((*args, *kwargs.values()))
+            if proxy is not None:
+                tracer = proxy.tracer
+                path = tracer.path_of_module(self)
+                if not path:
+                    raise TypeError(
+                        f"torch.fx cannot trace {type(self).__name__} on its own: it is recorded as one node "
+                        "inside the module that calls it; trace a module that contains it, e.g. nn.Sequential(layer)"
+                    )
+                return tracer.create_proxy("call_module", path, args, kwargs)
+        return forward(self, *args, **kwargs)
+
+    return traceable_forward  # type: ignore[return-value]
+
+
+def _first_proxy(values: tuple) -> torch.fx.Proxy | None:
+    for value in values:
+        if isinstance(value, torch.fx.Proxy):
+            return value
+        if isinstance(value, (tuple, list)):  # an Octave, a (high, low) pair, a pathway list
+            inner = _first_proxy(tuple(value))
+            if inner is not None:
+                return inner
+    return None
 
 
 def traced_or_compiled() -> bool:

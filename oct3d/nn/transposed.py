@@ -18,7 +18,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from oct3d.nn.conv import IntOrTuple, branch_channels, check_alpha, check_positive_int, to_tuple
-from oct3d.nn.octave import Octave, OctaveInput, avg_pool, low_size, octave_axes, upsample_to
+from oct3d.nn.octave import Octave, OctaveInput, avg_pool, fx_leaf_forward, low_size, octave_axes, upsample_to
 
 __all__ = ["OctConvTranspose", "transposed_low_size_ok"]
 
@@ -117,6 +117,7 @@ class OctConvTranspose(nn.Module):
             f"output_padding={self.output_padding}, octave={self.octave!r}"
         )
 
+    @fx_leaf_forward
     def forward(self, x: OctaveInput) -> OctaveInput:
         high = x.high if isinstance(x, Octave) else x
         low = x.low if isinstance(x, Octave) else None
