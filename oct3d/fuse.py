@@ -23,12 +23,13 @@ more than once per forward (shared weights) are not folded.
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from oct3d.nn import Octave, OctBatchNorm, OctConv
+from oct3d.profiling import ExampleInput, example_args
 
 __all__ = ["fuse", "find_conv_bn_pairs"]
 
@@ -38,16 +39,18 @@ _DEFAULT_SPATIAL = {1: (1024,), 2: (224, 224), 3: (8, 224, 224)}
 
 
 def fuse(
-    model: nn.Module, example_input: Tensor | Octave | Sequence[int] | None = None, inplace: bool = False
+    model: nn.Module, example_input: ExampleInput | None = None, inplace: bool = False
 ) -> nn.Module:
     """Fold every BatchNorm that directly follows a convolution into it, for inference.
 
     Args:
         model: any network built from ``nn.ConvNd``/``OctConv`` and ``nn.BatchNormNd``/
             ``OctBatchNorm`` (the oct3d models, torchvision and pytorchvideo models).
-        example_input: a tensor (or an ``Octave``) or an input shape, used only to find the conv -> BatchNorm
-            pairs on the ``meta`` device. By default ``(1, C, 224, 224)`` for a 2D network,
-            ``(1, C, 8, 224, 224)`` for a 3D one, with ``C`` the first convolution's input channels.
+        example_input: an input shape, a tensor (or an ``Octave``), or a tuple of the model's positional
+            arguments, each a tensor or a list of tensors (``([slow, fast],)`` for SlowFast), used only
+            to find the conv -> BatchNorm pairs on the ``meta`` device. By default ``(1, C, 224, 224)``
+            for a 2D network, ``(1, C, 8, 224, 224)`` for a 3D one, with ``C`` the first convolution's
+            input channels.
         inplace: fold into ``model`` itself instead of a copy.
 
     Returns:
@@ -73,7 +76,7 @@ def fuse(
 
 
 def find_conv_bn_pairs(
-    model: nn.Module, example_input: Tensor | Octave | Sequence[int] | None = None
+    model: nn.Module, example_input: ExampleInput | None = None
 ) -> list[tuple[str, str]]:
     """``(conv_name, bn_name)`` for every BatchNorm whose input is exactly a convolution's output.
 
@@ -82,7 +85,7 @@ def find_conv_bn_pairs(
     BatchNorm each called once, channel counts matching.
     """
     meta_model = copy.deepcopy(model).to("meta").eval()
-    x = _meta_input(meta_model, example_input)
+    args = _meta_args(meta_model, example_input)
     octave_parts = (OctConv, OctBatchNorm)
     inner = {id(child) for m in meta_model.modules() if isinstance(m, octave_parts) for child in m.children()}
     names = {id(m): name for name, m in meta_model.named_modules()}
@@ -114,10 +117,10 @@ def find_conv_bn_pairs(
             handles.append(module.register_forward_pre_hook(bn_pre_hook))
     try:
         with torch.no_grad():
-            meta_model(x)
+            meta_model(*args)
     except Exception as error:
         raise ValueError(
-            f"fuse could not run the model on an input of shape {_describe(x)} to find its conv -> BatchNorm "
+            f"fuse could not run the model on {_describe(args)} to find its conv -> BatchNorm "
             f"pairs ({type(error).__name__}: {error}); pass example_input=<input shape> that the model accepts"
         ) from error
     finally:
@@ -130,10 +133,15 @@ def find_conv_bn_pairs(
     ]
 
 
-def _describe(x: Tensor | Octave) -> str:
-    if isinstance(x, Octave):
-        return "Octave(" + ", ".join("None" if t is None else str(tuple(t.shape)) for t in x) + ")"
-    return str(tuple(x.shape))
+def _describe(args: tuple[Any, ...]) -> str:
+    def one(value: Any) -> str:
+        if isinstance(value, Octave):
+            return "Octave(" + ", ".join(one(t) for t in value) + ")"
+        if isinstance(value, (list, tuple)):
+            return "[" + ", ".join(one(t) for t in value) + "]"
+        return "None" if value is None else f"shape {tuple(value.shape)}"
+
+    return "an input of " + one(args[0]) if len(args) == 1 else "the arguments (" + ", ".join(map(one, args)) + ")"
 
 
 def _identity(value: object) -> tuple[int, ...]:
@@ -142,20 +150,27 @@ def _identity(value: object) -> tuple[int, ...]:
     return (id(value),)
 
 
-def _meta_input(model: nn.Module, example_input: Tensor | Octave | Sequence[int] | None) -> Tensor | Octave:
-    if isinstance(example_input, Tensor):
-        return torch.empty(example_input.shape, dtype=example_input.dtype, device="meta")
-    if isinstance(example_input, Octave):
-        return Octave(*(None if t is None else _meta_input(model, t) for t in example_input))
+def _meta_args(model: nn.Module, example_input: ExampleInput | None) -> tuple[Any, ...]:
     if example_input is not None:
-        return torch.empty(tuple(example_input), device="meta")
+        return tuple(_on_meta(value) for value in example_args(example_input, "meta"))
     for module in model.modules():
         if isinstance(module, _CONVS):
             dims = module.weight.dim() - 2
-            return torch.empty((1, module.in_channels, *_DEFAULT_SPATIAL[dims]), device="meta")
+            return (torch.empty((1, module.in_channels, *_DEFAULT_SPATIAL[dims]), device="meta"),)
         if isinstance(module, OctConv):
-            return torch.empty((1, module.in_channels, *_DEFAULT_SPATIAL[module.dims]), device="meta")
+            return (torch.empty((1, module.in_channels, *_DEFAULT_SPATIAL[module.dims]), device="meta"),)
     raise ValueError("model has no convolution to infer an input shape from; pass example_input")
+
+
+def _on_meta(value: Any) -> Any:
+    """``value`` (a tensor, an ``Octave``, a list of tensors) with every tensor an empty ``meta`` twin."""
+    if isinstance(value, Tensor):
+        return torch.empty(value.shape, dtype=value.dtype, device="meta")
+    if isinstance(value, Octave):
+        return Octave(*(None if t is None else _on_meta(t) for t in value))
+    if isinstance(value, (list, tuple)):
+        return type(value)(_on_meta(t) for t in value)
+    return value
 
 
 def _bn_parts(bn: nn.Module) -> list[nn.Module]:

@@ -7,8 +7,10 @@ are its total divided by two: the paper's "FLOPs" (ResNet-50 at 224x224: 4.1 G).
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -16,23 +18,78 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from oct3d.nn import Octave, OctConv
 
-__all__ = ["ModelCost", "count_macs", "count_params", "activation_memory", "measure"]
+__all__ = ["ExampleInput", "ModelCost", "count_macs", "count_params", "activation_memory", "example_args", "measure"]
+
+#: What the cost functions (and ``oct3d.fuse``) run a model on: an input shape, a tensor, an
+#: ``Octave``, or a tuple of the model's positional arguments, each a tensor or a list of tensors.
+ExampleInput = Sequence[int] | Tensor | Octave | Sequence[Tensor | Sequence[Tensor]]
 
 
-def _example(input_size: Sequence[int] | Tensor, device: torch.device | None = None) -> Tensor:
-    if isinstance(input_size, Tensor):
-        return input_size
-    return torch.zeros(tuple(input_size), device=device)
+def example_args(example: ExampleInput, device: torch.device | str | None = None) -> tuple[Any, ...]:
+    """The positional arguments of one forward pass described by ``example``.
+
+    An input shape (a sequence of ints) gives zeros of that shape on ``device``; a tensor or an
+    ``Octave`` is the one argument; a tuple (or list) of tensors and lists of tensors is the
+    arguments themselves, as ``oct3d.octavize`` takes them (SlowFast's one list argument:
+    ``([slow, fast],)``).
+    """
+    if isinstance(example, (Tensor, Octave)):
+        return (example,)
+    if isinstance(example, Sequence) and not isinstance(example, str) and len(example) > 0:
+        if all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in example):
+            if any(v < 0 for v in example):
+                raise ValueError(f"an input shape must have non-negative sizes, got {tuple(example)}")
+            return (torch.zeros(tuple(int(v) for v in example), device=device),)
+        if all(_is_tensor_argument(v) for v in example):
+            return tuple(example)
+    raise TypeError(
+        "the example input must be an input shape, a tensor, an Octave, or a tuple of the model's positional "
+        "arguments, each a tensor or a list of tensors (e.g. ([slow, fast],) for SlowFast); got "
+        f"{_describe_input(example)}"
+    )
 
 
-def count_macs(model: nn.Module, input_size: Sequence[int] | Tensor) -> int:
-    """Multiply-adds of one forward pass of ``model`` on an input of ``input_size`` (or a tensor)."""
-    x = _example(input_size, next(model.parameters()).device)
+def _is_tensor_argument(value: object) -> bool:
+    return isinstance(value, (Tensor, Octave)) or (
+        isinstance(value, (list, tuple)) and len(value) > 0 and all(isinstance(t, Tensor) for t in value)
+    )
+
+
+def _describe_input(value: object) -> str:
+    if isinstance(value, Tensor):
+        return f"tensor{tuple(value.shape)}"
+    if isinstance(value, (list, tuple)):
+        inner = ", ".join(_describe_input(v) for v in value)
+        return f"[{inner}]" if isinstance(value, list) else f"({inner})"
+    return repr(value) if isinstance(value, (int, float, str)) else type(value).__name__
+
+
+def _call(model: nn.Module, args: tuple[Any, ...], example: ExampleInput) -> Any:
+    try:
+        return model(*args)
+    except TypeError as error:
+        if isinstance(example, list) and len(args) > 1 and "positional argument" in str(error):
+            raise TypeError(
+                f"{error}. A list example input is taken as the model's positional arguments; if the model takes "
+                "one list of tensors (SlowFast's [slow, fast]), pass ([...],)"
+            ) from error
+        raise
+
+
+def _device_of(model: nn.Module) -> torch.device | None:
+    parameter = next(model.parameters(), None)
+    return None if parameter is None else parameter.device
+
+
+def count_macs(model: nn.Module, input_size: ExampleInput) -> int:
+    """Multiply-adds of one forward pass of ``model`` on an input of ``input_size``: an input shape,
+    a tensor, or a tuple of positional arguments (see :func:`example_args`)."""
+    args = example_args(input_size, _device_of(model))
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad(), FlopCounterMode(display=False) as counter:
-            model(x)
+            _call(model, args, input_size)
     finally:
         model.train(was_training)
     return counter.get_total_flops() // 2
@@ -43,8 +100,9 @@ def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def activation_memory(model: nn.Module, input_size: Sequence[int] | Tensor) -> int:
-    """Bytes of the feature maps produced by every convolution (octave or vanilla) in one forward.
+def activation_memory(model: nn.Module, input_size: ExampleInput) -> int:
+    """Bytes of the feature maps produced by every convolution (octave or vanilla) in one forward
+    on ``input_size`` (see :func:`example_args`).
 
     This is the quantity of the paper's Table 1 ("memory"): at alpha 0.5 an octave layer
     stores ``(1 - a) + a / 4 = 62.5 %`` of a vanilla layer's output in 2D.
@@ -62,12 +120,12 @@ def activation_memory(model: nn.Module, input_size: Sequence[int] | Tensor) -> i
     handles = [
         m.register_forward_hook(hook) for m in model.modules() if isinstance(m, convs) and id(m) not in paths
     ]
-    x = _example(input_size, next(model.parameters()).device)
+    args = example_args(input_size, _device_of(model))
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
-            model(x)
+            _call(model, args, input_size)
     finally:
         model.train(was_training)
         for h in handles:
@@ -92,7 +150,7 @@ class ModelCost:
         return self.params / 1e6
 
 
-def measure(model: nn.Module, input_size: Sequence[int], memory: bool = True) -> ModelCost:
+def measure(model: nn.Module, input_size: ExampleInput, memory: bool = True) -> ModelCost:
     """:class:`ModelCost` of ``model`` on an input of ``input_size`` (e.g. ``(1, 3, 224, 224)``)."""
     return ModelCost(
         macs=count_macs(model, input_size),

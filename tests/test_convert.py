@@ -17,12 +17,12 @@ import torchvision
 from layouts import map_layouts
 from torch import nn
 
-from oct3d import octavize
+from oct3d import fuse, octavize
 from oct3d.convert import ConversionError, describe_plan
 from oct3d.convert.examples import TinySegNet
 from oct3d.convert.layers import OctStochasticDepth
 from oct3d.nn import OctConv, kernels
-from oct3d.profiling import count_macs
+from oct3d.profiling import activation_memory, count_macs
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")  # pytorchvideo and MONAI emit deprecation warnings on import
@@ -608,6 +608,25 @@ def test_a_model_that_takes_a_list_converts_and_takes_the_same_list():
         octavize(model, 0.5, example_input=([example[0], "x"],))
 
 
+def test_costs_and_fusion_take_a_list_input_as_octavize_does():
+    torch.manual_seed(0)
+    model = _TwoPathway().eval()
+    example = [torch.randn(1, 3, 16, 16), torch.randn(1, 3, 16, 16)]
+    converted = octavize(model, 0.5, example_input=(example,)).eval()
+    assert count_macs(converted, (example,)) < count_macs(model, (example,))
+    assert activation_memory(converted, (example,)) < activation_memory(model, (example,))
+    fused = fuse(converted, example_input=(example,))
+    assert sum(isinstance(m, nn.Identity) for m in fused.modules()) == 3  # every BatchNorm folded
+    for got, expected in zip(fused(list(example)), converted(list(example))):
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    with pytest.raises(TypeError, match=r"taken as the model's positional arguments.*pass \(\[\.\.\.\],\)"):
+        count_macs(model, example)
+    with pytest.raises(TypeError, match=r"an input shape, a tensor, an Octave, or a tuple.*got \[1, 'a'\]"):
+        count_macs(model, [1, "a"])
+    with pytest.raises(ValueError, match="non-negative sizes"):
+        fuse(converted, example_input=(1, 3, -1, 4))
+
+
 def test_pytorchvideo_slowfast_converts():
     """SlowFast's blocks take [slow, fast] and write their outputs into that list; the pooling head is excluded."""
     from pytorchvideo.models.slowfast import create_slowfast
@@ -622,6 +641,7 @@ def test_pytorchvideo_slowfast_converts():
     assert example == kept  # the conversion's own runs did not write into the caller's list
     assert any(a_out > 0 for _, a_out, _ in converted.octave_plan.values())
     assert converted(list(example)).shape == model(list(example)).shape == (1, 5)
+    assert count_macs(converted, (list(example),)) < count_macs(model, (list(example),))
 
 
 def test_an_untraceable_module_deep_inside_a_block_also_names_the_block_and_the_top_module():
