@@ -165,10 +165,23 @@ class Predictor:
         return out.float().cpu()
 
 
+def _looks_like_torch_file(path: Path) -> bool:
+    """Whether ``path`` starts like a file ``torch.save`` writes: a zip archive, or (the legacy format) a pickle."""
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(4)
+    except OSError:
+        return True  # let torch.load report it
+    return head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"
+
+
 def _load_checkpoint_dict(path: Path, trust: bool) -> dict[str, Any]:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
+        if not _looks_like_torch_file(path):
+            # A refusal would tell the user to turn the safety off for a file that is no checkpoint at all.
+            raise CheckpointError(f"{path}: not a PyTorch checkpoint (neither a zip archive nor a pickle)") from error
         if not trust:
             raise CheckpointError(
                 f"{path}: holds objects that torch.load(weights_only=True) refuses ({str(error).splitlines()[0]}); "

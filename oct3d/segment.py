@@ -185,17 +185,30 @@ def load_segmenter(path: str | os.PathLike, device: str = "auto", trust_checkpoi
     return Segmenter(module, torch_device, amp)
 
 
-def find_volumes(paths: Iterable[str | os.PathLike]) -> list[tuple[Path, Path]]:
+def find_volumes(
+    paths: Iterable[str | os.PathLike], exclude: str | os.PathLike | None = None
+) -> list[tuple[Path, Path]]:
     """``(file, relative output name)`` for each input: files as given, folders searched for NIfTI files.
+
+    A folder search skips everything under ``exclude`` (the output folder: inside an input folder,
+    an earlier run's label maps would otherwise be segmented again).
 
     Raises:
         FileNotFoundError: a path does not exist.
     """
+    excluded = None if exclude is None else Path(exclude).resolve()
     found: list[tuple[Path, Path]] = []
     for entry in paths:
         path = Path(entry)
         if path.is_dir():
-            found.extend((p, p.relative_to(path)) for p in sorted(path.rglob("*")) if p.is_file() and _is_nifti(p))
+            root = path.resolve()
+            # Only a folder strictly inside this one is skipped: the output folder being the input
+            # folder itself is refused by the caller, and one above it holds no earlier output here.
+            skip = excluded if excluded is not None and excluded != root and excluded.is_relative_to(root) else None
+            found.extend(
+                (p, p.relative_to(path)) for p in sorted(path.rglob("*"))
+                if p.is_file() and _is_nifti(p) and not (skip is not None and p.resolve().is_relative_to(skip))
+            )
         elif path.exists():
             found.append((path, Path(path.name)))
         else:
@@ -215,6 +228,9 @@ def segment_files(segmenter: Segmenter, inputs: Sequence[tuple[Path, Path]], out
         if target in written:
             yield {"path": str(path), "error": f"{path}: another input already wrote {target}"}
             continue
+        if overwrites_input(target, inputs):
+            yield {"path": str(path), "error": f"{path}: its label map {target} would overwrite an input volume"}
+            continue
         try:
             result = segmenter.segment(path, target, overlap)
         except VolumeReadError as error:
@@ -225,6 +241,12 @@ def segment_files(segmenter: Segmenter, inputs: Sequence[tuple[Path, Path]], out
             continue
         written.add(target)
         yield result
+
+
+def overwrites_input(target: Path, inputs: Sequence[tuple[Path, Path]]) -> bool:
+    """Whether writing ``target`` would replace one of the ``inputs`` files."""
+    resolved = target.resolve()
+    return any(path.resolve() == resolved for path, _ in inputs)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -262,9 +284,14 @@ def main(argv: list[str] | None = None) -> int:
     present, missing = split_inputs(parser, args)
     try:
         segmenter = load_segmenter(args.checkpoint, args.device, args.trust_checkpoint, amp=not args.no_amp)
-        inputs = find_volumes(present)
+        inputs = find_volumes(present, exclude=args.output_dir)
     except (CheckpointError, FileNotFoundError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
+        return 2
+    clash = next((path for path, name in inputs if overwrites_input(Path(args.output_dir) / name, inputs)), None)
+    if clash is not None:
+        print(f"error: --output-dir {args.output_dir} would overwrite the input {clash} with its label map; "
+              "choose an output folder apart from the inputs", file=sys.stderr)
         return 2
     if not inputs and not missing:
         print(f"error: no .nii/.nii.gz files under {' '.join(args.paths)}", file=sys.stderr)

@@ -117,6 +117,11 @@ def test_foreign_checkpoint_is_a_clear_error(tmp_path, mixed_folder, capsys):
     garbage.write_text("hello")
     assert main(["--checkpoint", str(garbage), str(good[0])]) == 2
     assert "not a PyTorch checkpoint" in capsys.readouterr().err
+    gzipped = tmp_path / "volume.ckpt"  # a gzip (e.g. a .nii.gz renamed): not a refusal to trust
+    gzipped.write_bytes(b"\x1f\x8b\x08\x00" + bytes(60))
+    assert main(["--checkpoint", str(gzipped), str(good[0])]) == 2
+    err = capsys.readouterr().err
+    assert "not a PyTorch checkpoint" in err and "--trust-checkpoint" not in err
     with pytest.raises(SystemExit):
         main(["--checkpoint", str(foreign), "--views", "7", str(good[0])])
 

@@ -537,6 +537,16 @@ def test_high_and_low_of_other_dtypes_or_devices_are_named():
         conv(Octave(torch.randn(1, 8, 8, 8), torch.randn(1, 8, 4, 4, device="meta")))
 
 
+def test_an_input_of_another_dtype_than_the_weights_is_named_at_the_layer():
+    conv = OctConv3d(1, 16, 3, 0.0, 0.5)
+    for x in (torch.randn(1, 1, 4, 8, 8, dtype=torch.float64), torch.zeros(1, 1, 4, 8, 8, dtype=torch.long)):
+        with pytest.raises(TypeError, match=rf"OctConv3d has torch\.float32 weights on cpu and got a {x.dtype} input"):
+            conv(x)
+    assert conv.double()(torch.randn(1, 1, 4, 8, 8, dtype=torch.float64)).high.dtype == torch.float64
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast casts per path: not a mismatch
+        assert conv.float()(torch.randn(1, 1, 4, 8, 8).bfloat16()).high.dtype == torch.bfloat16
+
+
 def test_every_layer_takes_a_plain_high_low_pair():
     high, low = torch.randn(2, 8, 8, 8), torch.randn(2, 8, 4, 4)
     reference = Octave(high, low)

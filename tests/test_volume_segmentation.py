@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 from pathlib import Path
 
 import nibabel as nib
@@ -280,6 +281,24 @@ def test_segment_writes_label_maps_with_the_input_geometry(fitted, tiny_decathlo
         assert labels.dtype == np.uint8 and set(np.unique(labels)) <= {0, 1, 2}
         assert sum(result["voxels"].values()) == labels.size
     assert not list((tmp_path / "seg").glob(".partial-*"))
+
+
+def test_segment_never_overwrites_or_resegments_its_inputs(fitted, tiny_decathlon, tmp_path, capsys):
+    out, _ = fitted
+    checkpoint = str(sorted(out.rglob("best-*.ckpt"))[0])
+    scans = tmp_path / "scans"
+    shutil.copytree(tiny_decathlon / "imagesTs", scans)
+    before = {p: p.read_bytes() for p in scans.iterdir()}
+    assert cli.main(["segment", "--checkpoint", checkpoint, "--output-dir", str(scans), str(scans)]) == 2
+    assert "would overwrite the input" in capsys.readouterr().err
+    assert {p: p.read_bytes() for p in scans.iterdir()} == before
+    runs = []
+    for _ in range(2):  # the label maps of the first run sit inside the searched folder
+        lines = tmp_path / f"run{len(runs)}.jsonl"
+        cli.main(["segment", "--checkpoint", checkpoint, "--output-dir", str(scans / "seg"), "--output", str(lines),
+                  str(scans)])
+        runs.append(sorted(json.loads(line)["path"] for line in lines.read_text().splitlines()))
+    assert runs[0] == runs[1] and all("/seg/" not in path for path in runs[1])
 
 
 def test_any_module_backbone_trains_and_reloads(tiny_decathlon, tmp_path):

@@ -270,6 +270,13 @@ class OctConv(nn.Module):
                 f"with a low tensor; got a plain tensor of shape {tuple(high.shape)}. Use "
                 "oct3d.nn.to_octave(x, alpha) at the boundary, or alpha_in=0 for a first layer"
             )
+        weight = self.h2h.weight
+        if (high.dtype != weight.dtype or high.device != weight.device) and not _autocast(high.device.type):
+            # (Under autocast the paths cast their inputs themselves.)
+            raise TypeError(
+                f"{self._name()} has {weight.dtype} weights on {weight.device} and got a {high.dtype} input on "
+                f"{high.device}; convert the input (x.to(dtype=..., device=...)) or the model (model.to(...))"
+            )
         if high.shape[1] != self.in_high:
             raise ValueError(
                 f"{self._name()} expects {self.in_high} high-frequency input channels "
@@ -527,6 +534,13 @@ class OctConv(nn.Module):
                 cached = (key, torch.cat([w_a, w_b], dim=1))
             caches[family] = cached
         return cached[1]
+
+
+def _autocast(device_type: str) -> bool:
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except (TypeError, RuntimeError):  # torch < 2.4 takes no device type; unknown device types
+        return torch.is_autocast_enabled()
 
 
 def _global_module_hooks() -> bool:
