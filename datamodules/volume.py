@@ -205,10 +205,19 @@ def _load_case(case: DecathlonCase, channels: int, num_classes: int) -> dict[str
     image, affine = load_nifti(case.image, channels)
     out: dict[str, Any] = {"image": image, "affine": affine}
     if case.label is not None:
-        label, _ = load_nifti(case.label, 1)
+        label, label_affine = load_nifti(case.label, 1)
         if label.shape[1:] != image.shape[1:]:
             raise VolumeReadError(
                 case.label, f"label shape {label.shape[1:]} differs from image shape {image.shape[1:]}"
+            )
+        # The label is used in the image's grid; one placed elsewhere in space (another origin, spacing or
+        # orientation: a label of another scan, or a resampled copy) would train on misaligned voxels.
+        # The tolerance (a thousandth of a mm) absorbs float32 header rounding.
+        if not np.allclose(label_affine, affine, rtol=1e-5, atol=1e-3):
+            worst = float(np.abs(label_affine - affine).max())
+            raise VolumeReadError(
+                case.label, f"label geometry (affine) differs from its image's by up to {worst:.3g} mm: "
+                            "the label must be in the image's voxel grid"
             )
         values = np.unique(label)
         bad = values[(values < 0) | (values >= num_classes) | (values != np.round(values))]
@@ -320,6 +329,10 @@ class VolumeDataset(Dataset):
             raise ValueError("training cases need labels")
         self.labelled = labelled
         self._prepare = preprocess_transform(preprocessing, with_label=labelled)
+        # A test split may mix labelled and unlabelled cases: each labelled one is resampled with its label.
+        self._prepare_labelled = (
+            self._prepare if labelled else preprocess_transform(preprocessing, with_label=True)
+        )
         self._random = None
         if mode == "train":
             from monai.transforms import Compose, FgBgToIndicesd, RandCropByPosNegLabeld, SpatialPadd
@@ -361,8 +374,9 @@ class VolumeDataset(Dataset):
         if index in self.failures:
             raise VolumeReadError(*self.failures[index])
         try:
-            item = _load_case(self.cases[index], self.channels, self.num_classes)
-            return self._prepare(_meta_tensors(item))
+            case = self.cases[index]
+            item = _load_case(case, self.channels, self.num_classes)
+            return (self._prepare_labelled if case.label is not None else self._prepare)(_meta_tensors(item))
         except VolumeReadError as error:
             self.failures[index] = (error.path, error.reason)
             raise

@@ -19,6 +19,7 @@ import torch
 import yaml
 
 from datamodules.volume import (
+    DecathlonCase,
     VolumeDataset,
     VolumeReadError,
     VolumeSegmentationDataModule,
@@ -124,6 +125,31 @@ def test_bad_volumes_are_reported_by_name_and_never_fatal(tiny_decathlon):
     assert {item["case"] for item in items} == {"case00"}
     with pytest.raises(RuntimeError, match="no readable case"):
         VolumeDataset(bad, "train", 1, 3, prep, patch_size=(8, 8, 8), cache_rate=0.0)[0]
+
+
+def test_a_label_placed_elsewhere_in_space_is_reported(tmp_path):
+    root = make_tiny_decathlon(tmp_path / "shifted", cases=2, broken=False)
+    image, label = _case(np.random.default_rng(1), 1)
+    _save(image, root / "imagesTr" / "shifted.nii.gz")
+    moved = AFFINE.copy()
+    moved[0, 3] += 30.0  # same shape, another origin: the label of another scan
+    nib.save(nib.Nifti1Image(label, moved), str(root / "labelsTr" / "shifted.nii.gz"))
+    case = DecathlonCase(str(root / "imagesTr" / "shifted.nii.gz"), str(root / "labelsTr" / "shifted.nii.gz"))
+    item = VolumeDataset([case], "val", 1, 3, {"normalization": "zscore"}, cache_rate=0.0)[0]
+    assert not item["valid"] and "shifted.nii.gz: label geometry (affine) differs from its image's by up to 30" in \
+        item["failed"]
+
+
+def test_a_test_split_mixing_labelled_and_unlabelled_cases_resamples_each_label(tiny_decathlon):
+    info = read_decathlon(tiny_decathlon)
+    cases = [info.training[0], info.test[0], info.training[1]]  # labelled, unlabelled, labelled
+    prep = {"normalization": "zscore", "spacing": [1.5, 1.5, 2.0]}
+    data = VolumeDataset(cases, "test", 1, 3, prep, cache_rate=0.0)
+    items = [data[i] for i in range(3)]
+    assert all(item["valid"] for item in items)
+    for item in (items[0], items[2]):
+        assert item["label"].shape[1:] == item["image"].shape[1:] != SHAPE
+    assert items[1]["label"].numel() == 0
 
 
 def test_multichannel_4d_volumes_and_fg_sampling(tmp_path):
