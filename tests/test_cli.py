@@ -89,6 +89,8 @@ def test_fit_then_resume_continues_epoch_and_step(tiny_kinetics, tmp_path):
     assert _checkpoints(tmp_path, "best-epoch000-top1*.ckpt")
 
     # "last": the newest last.ckpt of the earlier runs' version folders (this run logs into a new one).
+    # The checkpoint holds the schedule's step, not its plan: the longer run plans its curve over 6 steps.
+    assert state["lr_schedulers"][0]["lr_lambdas"] == [{}]
     cli.main(["fit", *args, "--trainer.max_epochs", "2", "--ckpt_path", "last"])
     resumed = _checkpoints(tmp_path, "last.ckpt")[-1]
     assert resumed != first

@@ -115,8 +115,8 @@ def test_optimizer_and_schedule_follow_hyperparameters():
     assert group["momentum"] == 0.8 and group["weight_decay"] == 1e-3
     assert group["foreach"] is True  # CPU parameters: the multi-tensor implementation (foreach_kwargs)
     scheduler = trainer.lr_scheduler_configs[0].scheduler
-    assert scheduler.lr_lambdas[0].warmup_steps == 4
-    assert scheduler.lr_lambdas[0].total_steps == 8
+    assert scheduler.lr_lambdas[0].func.warmup_steps == 4
+    assert scheduler.lr_lambdas[0].func.total_steps == 8
     assert group["lr"] == pytest.approx(0.0, abs=1e-12)
 
 
@@ -208,3 +208,36 @@ def test_evaluation_leaves_out_the_substitutes_of_unreadable_videos():
     (validated,) = trainer.validate(model, loader([batch, everything_failed], batch_size=None), verbose=False)
     assert validated["val/failed_videos"] == 6 and "val/top1" in validated
     assert seen == [2, 2]
+
+
+def test_a_resumed_schedule_is_planned_over_the_new_run_length():
+    """Raising max_epochs on resume stretches the cosine instead of keeping the old run's final rate."""
+    from types import SimpleNamespace
+
+    from oct3d.lightning.modules import apply_scheduled_lr, warmup_cosine_schedule
+
+    def run(total: int, state: dict | None = None):
+        model = torch.nn.Linear(2, 2)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        trainer = SimpleNamespace(estimated_stepping_batches=total, num_training_batches=3, accumulate_grad_batches=1,
+                                  max_epochs=total // 3)
+        config = warmup_cosine_schedule(opt, trainer, warmup_epochs=0.0, start_factor=0.01, min_factor=0.0)
+        scheduler = config["scheduler"]
+        if state is not None:
+            opt.param_groups[0]["lr"] = 0.0  # what the optimizer state restores at the end of the old curve
+            scheduler.load_state_dict(state)
+            trainer.lr_scheduler_configs = [SimpleNamespace(scheduler=scheduler)]
+            apply_scheduled_lr(trainer)
+        return opt, scheduler
+
+    opt, scheduler = run(3)
+    for _ in range(3):
+        opt.step()
+        scheduler.step()
+    assert scheduler.get_last_lr()[0] == 0.0
+    opt, resumed = run(6, scheduler.state_dict())
+    expected = 0.1 * WarmupCosine(0, 6, 0.01, 0.0)(3)
+    assert resumed.last_epoch == 3 and opt.param_groups[0]["lr"] == pytest.approx(expected) and expected > 0.04
+    opt.step()
+    resumed.step()
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.1 * WarmupCosine(0, 6, 0.01, 0.0)(4))

@@ -10,6 +10,7 @@ plain Python types, so ``torch.load(..., weights_only=True)`` can read it and no
 from __future__ import annotations
 
 import copy
+import functools
 import math
 from collections import defaultdict
 from typing import Any, Literal
@@ -36,6 +37,7 @@ __all__ = [
     "foreach_kwargs",
     "record_hparam",
     "warmup_cosine_schedule",
+    "apply_scheduled_lr",
 ]
 
 #: Key of the checkpoint entry holding everything inference needs; its presence marks "our" checkpoint.
@@ -56,8 +58,10 @@ _KINETICS_STD = [0.225, 0.225, 0.225]
 class WarmupCosine:
     """LR multiplier per optimizer step: linear warm-up from ``start_factor`` to 1, then cosine to ``min_factor``.
 
-    A plain callable object (not a lambda) so that ``LambdaLR.state_dict`` stores its fields and a
-    resumed run continues the same curve.
+    :func:`warmup_cosine_schedule` hands it to ``LambdaLR`` behind a ``functools.partial``, so a
+    checkpoint stores the step count but not these fields: a resumed run plans the curve over its
+    own length (the same curve when nothing changed; stretched when, say, ``max_epochs`` was
+    raised, instead of staying at the old curve's final rate) and continues at the restored step.
     """
 
     def __init__(self, warmup_steps: int, total_steps: int, start_factor: float = 0.01, min_factor: float = 0.0):
@@ -126,7 +130,24 @@ def warmup_cosine_schedule(
         steps_per_epoch = max(total_steps / max_epochs, 1.0)
     warmup_steps = min(round(warmup_epochs * steps_per_epoch), total_steps)
     schedule = WarmupCosine(warmup_steps, total_steps, start_factor, min_factor)
-    return {"scheduler": torch.optim.lr_scheduler.LambdaLR(optimizer, schedule), "interval": "step", "frequency": 1}
+    # LambdaLR saves a callable object's fields and restores them over the new plan; a partial has none.
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, functools.partial(schedule))
+    return {"scheduler": scheduler, "interval": "step", "frequency": 1}
+
+
+def apply_scheduled_lr(trainer: pl.Trainer) -> None:
+    """Set each optimizer's learning rates to what its ``LambdaLR`` schedule says for the current step.
+
+    Called when training starts: a resumed run restores the optimizer's last learning rate, which
+    belongs to the old plan (0 at the end of a cosine), and the scheduler would only correct it
+    after the first step.
+    """
+    for config in trainer.lr_scheduler_configs:
+        scheduler = config.scheduler
+        if isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR) and scheduler.last_epoch > 0:
+            for group, base, factor in zip(scheduler.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+                group["lr"] = base * factor(scheduler.last_epoch)
+            scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]
 
 
 class OctaveClassifier(pl.LightningModule):
@@ -215,6 +236,10 @@ class OctaveClassifier(pl.LightningModule):
         # Logged on every step, zeros included: a synced key that only some ranks log hangs the epoch's end.
         self.log(f"{stage}/failed_videos", float(count), reduce_fx="sum", on_step=False, on_epoch=True,
                  sync_dist=True, batch_size=1)
+
+    def on_train_start(self) -> None:
+        """A resumed run starts at the learning rate its schedule gives the restored step."""
+        apply_scheduled_lr(self.trainer)
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         """Cross-entropy (with label smoothing) on one training batch."""

@@ -25,6 +25,7 @@ from torchmetrics import MeanMetric
 from oct3d.lightning.modules import (
     CHECKPOINT_FORMAT_VERSION,
     CHECKPOINT_KEY,
+    apply_scheduled_lr,
     check_optimization,
     foreach_kwargs,
     record_hparam,
@@ -354,6 +355,10 @@ class VolumeSegmenter(pl.LightningModule):
         # Logged on every step, zeros included: a synced key that only some ranks log hangs the epoch's end.
         self.log(f"{stage}/failed_volumes", float(count), reduce_fx="sum", on_step=False, on_epoch=True,
                  sync_dist=True, batch_size=1)
+
+    def on_train_start(self) -> None:
+        """A resumed run starts at the learning rate its schedule gives the restored step."""
+        apply_scheduled_lr(self.trainer)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         """Dice + cross-entropy on a batch of patches."""
