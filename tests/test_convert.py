@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import warnings
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -729,3 +730,59 @@ def test_a_converted_network_survives_torch_save_and_load_of_the_whole_module(ca
     loaded = torch.load(buffer, weights_only=False).eval()
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), converted(x))
+
+
+def _plain_net(norm: nn.Module | None = None, middle: nn.Module | None = None) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), middle or nn.Conv2d(16, 16, 3, padding=1),
+        norm or nn.BatchNorm2d(16), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 4, 1),
+    ).eval()
+
+
+def test_frozen_parameters_stay_frozen():
+    model = _plain_net()
+    model.requires_grad_(False)
+    model[3].bias.requires_grad_(True)  # e.g. fine-tuning only the norm shifts
+    converted = octavize(model, 0.5, example_input=torch.randn(1, 3, 16, 16))
+    assert {n for n, p in converted.named_parameters() if p.requires_grad} == {"3.bn_h.bias", "3.bn_l.bias"}
+
+
+@pytest.mark.parametrize(
+    "norm",
+    [nn.BatchNorm2d(16, bias=False), nn.GroupNorm(4, 16, bias=False), nn.InstanceNorm2d(16, affine=True, bias=False)],
+    ids=["batch", "group", "instance"],
+)
+def test_norms_without_a_shift_convert(norm):
+    model = _plain_net(norm)
+    x = torch.randn(1, 3, 16, 16)
+    torch.testing.assert_close(octavize(model, 0.0, example_input=x)(x), model(x), atol=1e-5, rtol=1e-5)
+    converted = octavize(model, 0.5, example_input=x)
+    assert sum(p.numel() for p in converted.parameters()) == sum(p.numel() for p in model.parameters())
+    assert converted(x).shape == model(x).shape
+
+
+def test_a_parametrized_or_hooked_convolution_stays_vanilla_and_the_plan_says_why():
+    from torch.nn.utils import parametrizations, parametrize
+
+    model = _plain_net(middle=parametrizations.weight_norm(nn.Conv2d(16, 16, 3, padding=1)))
+    model[5].register_forward_hook(lambda *args: None)
+    converted = octavize(model, 0.5, example_input=torch.randn(1, 3, 16, 16))
+    assert sum(p.numel() for p in converted.parameters()) == sum(p.numel() for p in model.parameters())
+    assert parametrize.is_parametrized(converted.get_submodule("2"))  # the weight-normed layer, kept as it is
+    plan = converted.octave_plan
+    assert plan["2"] == (0.0, 0.0, "stays vanilla: a parametrized weight (weight_norm, spectral_norm, ...), "
+                                   "which an octave layer would drop")
+    assert plan["5"][2].startswith("stays vanilla: forward hooks")
+
+
+def test_octavize_arguments_are_checked():
+    model, x = _plain_net(), torch.randn(1, 3, 16, 16)
+    with pytest.raises(ValueError, match="atol must be a non-negative number"):
+        octavize(model, 0.5, example_input=x, atol=-1)
+    with pytest.raises(ValueError, match="atol must be a non-negative number, got 'x'"):
+        octavize(model, 0.5, example_input=x, atol="x")
+    with pytest.raises(TypeError, match="validate must be a bool"):
+        octavize(model, 0.5, example_input=x, validate="no")
+    with pytest.raises(TypeError, match=r"rules must be oct3d\.convert\.rules\.Rule instances, got object"):
+        octavize(model, 0.5, example_input=x, rules=[object()])
+    assert octavize(model, np.float32(0.5), example_input=x)(x).shape == (1, 4, 16, 16)

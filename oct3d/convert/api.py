@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import numbers
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -91,8 +92,15 @@ def octavize(
     exclude = tuple(exclude)
     if not all(isinstance(e, str) for e in exclude):
         raise TypeError(f"exclude must be a sequence of module names, got {exclude!r}")
-    if not callable(alpha) and (isinstance(alpha, bool) or not isinstance(alpha, (int, float))):
+    if not callable(alpha) and (isinstance(alpha, bool) or not isinstance(alpha, numbers.Real)):
         raise TypeError(f"alpha must be a float in [0, 1) or a callable (name, module) -> float, got {alpha!r}")
+    if not callable(alpha):
+        alpha = float(alpha)  # numpy scalars too, as OctConv and the builders take them
+    for name, flag in (("validate", validate),):
+        if not isinstance(flag, bool):
+            raise TypeError(f"{name} must be a bool, got {flag!r}")
+    if isinstance(atol, bool) or not isinstance(atol, numbers.Real) or not atol >= 0:
+        raise ValueError(f"atol must be a non-negative number, got {atol!r}")
     if pool_first is not None and not isinstance(pool_first, bool):
         raise TypeError(f"pool_first must be None or a bool, got {pool_first!r}")
     if not isinstance(vanilla_coarsest, bool):
@@ -100,6 +108,9 @@ def octavize(
     check_channels_last(channels_last)
     _check_example(example_input)
     rules = list(RULES if rules is None else rules)
+    if not all(isinstance(rule, Rule) for rule in rules):
+        bad = next(rule for rule in rules if not isinstance(rule, Rule))
+        raise TypeError(f"rules must be oct3d.convert.rules.Rule instances, got {type(bad).__name__}")
 
     source = copy.deepcopy(model)
     try:
@@ -138,7 +149,7 @@ def octavize(
     result = rewrite(gm, ctx, plan, class_name)
     if channels_last is not False:
         _run_in_model_layout(result, channels_last)
-    result.octave_plan = _octave_plan(plan)
+    result.octave_plan = _octave_plan(plan, ctx)
     result.meta["octave_plan"] = result.octave_plan  # GraphModule.meta survives copy.deepcopy
     result.train(model.training)
     if validate:
@@ -210,8 +221,9 @@ def restore_caller_layout(outputs: Any, like: Any) -> Any:
     return outputs
 
 
-def _octave_plan(plan: Plan) -> dict[str, tuple[float, float, str]]:
-    """``name -> (alpha_in, alpha_out, note)`` of every convolution, depthwise ones included, in graph order."""
+def _octave_plan(plan: Plan, ctx: Context) -> dict[str, tuple[float, float, str]]:
+    """``name -> (alpha_in, alpha_out, note)`` of every convolution, depthwise ones included, in graph order;
+    one that no rule converts (an even kernel, a parametrized weight, a shared module) is ``(0, 0, why)``."""
     out: dict[str, tuple[float, float, str]] = {}
     for node, rule in plan.rules.items():
         if node in plan.convs:
@@ -220,6 +232,9 @@ def _octave_plan(plan: Plan) -> dict[str, tuple[float, float, str]]:
         elif isinstance(rule, DepthwiseConvRule) and plan.kinds[node] == "flow":
             alpha = plan.splits[node].alpha if node in plan.splits else 0.0
             out[node.target] = (alpha, alpha, "depthwise")
+        elif node.op == "call_module" and isinstance(ctx.module(node), nn.modules.conv._ConvNd) \
+                and node.target not in out:
+            out[node.target] = (0.0, 0.0, f"stays vanilla: {plan.reasons.get(node, 'no rule converts it')}")
     return out
 
 

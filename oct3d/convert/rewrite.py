@@ -178,5 +178,16 @@ def _root_with(gm: fx.GraphModule, replaced: Mapping[str, nn.Module]) -> nn.Modu
                 parent._modules[parts[depth - 1]] = child
                 copied[prefix] = child
             parent = copied[prefix]
+        _freeze_like(module, gm.get_submodule(target))
         parent._modules[parts[-1]] = module
     return root
+
+
+def _freeze_like(new: nn.Module, original: nn.Module) -> None:
+    """Give each parameter of a replacement the ``requires_grad`` of the original parameter it was cut
+    from (``h2l.weight`` and ``bn_l.bias`` from ``weight`` and ``bias``), so frozen layers stay frozen."""
+    sources = dict(original.named_parameters())
+    for name, parameter in new.named_parameters():
+        source = sources.get(name.rsplit(".", 1)[-1])
+        if source is not None:
+            parameter.requires_grad_(source.requires_grad)

@@ -33,6 +33,7 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
+from torch.nn.utils import parametrize
 
 from oct3d.convert.core import Context, IncompatibleSplitError, Split, tensor_inputs
 from oct3d.convert.layers import (
@@ -165,6 +166,10 @@ def conv_geometry_problem(module: nn.Module) -> str | None:
     """
     if not _stock_forward(module, _CONVS):
         return f"{type(module).__name__} overrides the convolution's forward"
+    if parametrize.is_parametrized(module):
+        return "a parametrized weight (weight_norm, spectral_norm, ...), which an octave layer would drop"
+    if module._forward_pre_hooks or module._forward_hooks:
+        return "forward hooks (old-style weight_norm or spectral_norm, pruning, ...), which an octave layer would drop"
     if module.padding_mode != "zeros":
         return f"padding_mode={module.padding_mode!r} (only 'zeros')"
     kernel, stride, dilation = _ints(module.kernel_size), _ints(module.stride), module.dilation
@@ -234,6 +239,12 @@ class ConvRule(Rule):
         order = None if split_in is None or split_in.is_natural else split_in.order
         conv.load_state_dict(partition_conv_weight(conv, module.weight, module.bias, in_order=order))
         return conv.to(module.weight.device, module.weight.dtype)
+
+
+def _bias_kwarg(norm: nn.Module) -> dict[str, bool]:
+    """``{"bias": False}`` for an affine norm built with ``bias=False`` (a scale, no shift), else nothing
+    (older torch versions take no ``bias`` argument)."""
+    return {"bias": False} if getattr(norm, "affine", False) and getattr(norm, "bias", None) is None else {}
 
 
 def _depthwise(module: nn.Module) -> bool:
@@ -388,7 +399,7 @@ class BatchNormRule(Rule):
         dims = len(em.ctx.shape(node)) - 2
         bn = OctBatchNorm(
             dims, module.num_features, split.alpha, eps=module.eps, momentum=module.momentum, affine=module.affine,
-            track_running_stats=module.track_running_stats,
+            track_running_stats=module.track_running_stats, **_bias_kwarg(module),
         )
         bn.load_state_dict(split_batchnorm(bn, module, None if split.is_natural else split.order))
         ref = module.weight if module.weight is not None else module.running_mean
@@ -445,13 +456,13 @@ class BranchNormRule(Rule):
         c_h, c_l = len(split.high), len(split.low)
         if isinstance(module, nn.GroupNorm):
             per_group = module.num_channels // module.num_groups
-            norm_h = nn.GroupNorm(c_h // per_group, c_h, module.eps, module.affine)
-            norm_l = nn.GroupNorm(c_l // per_group, c_l, module.eps, module.affine)
+            norm_h = nn.GroupNorm(c_h // per_group, c_h, module.eps, module.affine, **_bias_kwarg(module))
+            norm_l = nn.GroupNorm(c_l // per_group, c_l, module.eps, module.affine, **_bias_kwarg(module))
             keys, channels = ("weight", "bias"), module.num_channels
         else:
             kind = type(module)
             kwargs = dict(eps=module.eps, momentum=module.momentum, affine=module.affine,
-                          track_running_stats=module.track_running_stats)
+                          track_running_stats=module.track_running_stats, **_bias_kwarg(module))
             norm_h, norm_l = kind(c_h, **kwargs), kind(c_l, **kwargs)
             keys, channels = ("weight", "bias", "running_mean", "running_var"), module.num_features
         state = module.state_dict()

@@ -75,12 +75,14 @@ class OctBatchNorm(nn.Module):
 
     ``num_features`` is the total channel count; ``alpha`` splits it as in :class:`OctConv`.
     At ``alpha == 0`` there is no ``bn_l`` and the module is one ``BatchNormNd``. ``eps``,
-    ``momentum``, ``affine`` and ``track_running_stats`` are ``nn.BatchNormNd``'s, for both branches.
+    ``momentum``, ``affine``, ``track_running_stats`` and ``bias`` (a learnable shift with
+    ``affine``; ``bias=False`` needs a torch whose ``BatchNormNd`` takes it) are
+    ``nn.BatchNormNd``'s, for both branches.
     """
 
     def __init__(
         self, dims: int, num_features: int, alpha: float = 0.5, eps: float = 1e-5,
-        momentum: float | None = 0.1, affine: bool = True, track_running_stats: bool = True,
+        momentum: float | None = 0.1, affine: bool = True, track_running_stats: bool = True, *, bias: bool = True,
     ) -> None:
         super().__init__()
         if dims not in _BN:
@@ -92,7 +94,9 @@ class OctBatchNorm(nn.Module):
         self.high_channels, self.low_channels = split_channels(num_features, self.alpha)
         if self.alpha > 0 and self.low_channels == 0:
             raise ValueError(f"alpha={alpha} gives no low-frequency channels out of num_features={num_features}")
-        kwargs = dict(eps=eps, momentum=momentum, affine=affine, track_running_stats=track_running_stats)
+        kwargs: dict = dict(eps=eps, momentum=momentum, affine=affine, track_running_stats=track_running_stats)
+        if not bias:
+            kwargs["bias"] = False  # only passed when asked: older torch versions do not take the argument
         self.bn_h = _BN[dims](self.high_channels, **kwargs)
         self.bn_l = _BN[dims](self.low_channels, **kwargs) if self.low_channels else None
 
