@@ -329,10 +329,6 @@ class VolumeDataset(Dataset):
             raise ValueError("training cases need labels")
         self.labelled = labelled
         self._prepare = preprocess_transform(preprocessing, with_label=labelled)
-        # A test split may mix labelled and unlabelled cases: each labelled one is resampled with its label.
-        self._prepare_labelled = (
-            self._prepare if labelled else preprocess_transform(preprocessing, with_label=True)
-        )
         self._random = None
         if mode == "train":
             from monai.transforms import Compose, FgBgToIndicesd, RandCropByPosNegLabeld, SpatialPadd
@@ -348,6 +344,8 @@ class VolumeDataset(Dataset):
                 fg_indices_key="label_fg", bg_indices_key="label_bg", allow_smaller=False,
             )
             self._random = Compose([crop, random_transform]) if random_transform is not None else crop
+        # A test split may mix labelled and unlabelled cases: each labelled one is resampled with its label.
+        self._prepare_labelled = self._prepare if labelled else preprocess_transform(preprocessing, with_label=True)
         # Failures seen by this process (each DataLoader worker has its own copy; batches carry them out).
         self.failures: dict[int, tuple[str, str]] = {}
         self._cache: dict[int, dict[str, Any]] = {}
@@ -453,7 +451,8 @@ class VolumeSegmentationDataModule(SplitDataModule):
         batch_size: training patches per batch.
         samples_per_volume: patches drawn from each training case per epoch.
         fg_ratio: fraction of patches centred on a foreground voxel (the rest on background).
-        val_fraction: share of the training cases held out for validation (seeded by ``split_seed``).
+        val_fraction: share of the training cases held out for validation (seeded by ``split_seed``);
+            0 trains on every case and skips validation (the best checkpoint then needs a validated run).
         fold: instead of ``val_fraction``, validate on fold ``fold`` of ``num_folds`` (seeded as well).
         num_folds: folds of the cross-validation split.
         split_seed: seed of the validation split.
@@ -641,7 +640,10 @@ class VolumeSegmentationDataModule(SplitDataModule):
         if stage in ("fit", None) and "train" not in self.datasets:
             self.datasets["train"] = self.make_dataset("train")
         if stage in ("fit", "validate", None) and "val" not in self.datasets:
-            self.datasets["val"] = self.make_dataset("val")
+            if stage == "fit" and self.fold is None and self.val_fraction == 0:
+                self.datasets["val"] = None  # every case trains; validation is skipped
+            else:
+                self.datasets["val"] = self.make_dataset("val")
         if stage in ("test", "predict", None) and "test" not in self.datasets:
             self.datasets["test"] = self.make_dataset("test")
 
@@ -649,8 +651,11 @@ class VolumeSegmentationDataModule(SplitDataModule):
         """Shuffled training patches (``samples_per_volume`` per case per epoch)."""
         return self._loader("train", True, self.batch_size, drop_last=False)
 
-    def val_dataloader(self) -> DataLoader:
-        """Whole validation volumes, one per batch."""
+    def val_dataloader(self) -> DataLoader | list:
+        """Whole validation volumes, one per batch; none (Lightning then skips validation) when
+        ``val_fraction=0`` trains on every case."""
+        if self.datasets.get("val", ...) is None:
+            return []
         return self._loader("val", False, 1)
 
     def test_dataloader(self) -> DataLoader:

@@ -121,7 +121,8 @@ def find_conv_bn_pairs(
     except Exception as error:
         raise ValueError(
             f"fuse could not run the model on {_describe(args)} to find its conv -> BatchNorm "
-            f"pairs ({type(error).__name__}: {error}); pass example_input=<input shape> that the model accepts"
+            f"pairs ({type(error).__name__}: {error}); pass example_input: an input shape, a tensor, or a tuple of the "
+            "model's positional arguments that it accepts"
         ) from error
     finally:
         for handle in handles:

@@ -260,6 +260,16 @@ def fitted(tiny_decathlon, tmp_path_factory):
     return out, records
 
 
+def test_val_fraction_zero_trains_on_every_case_without_validation(tiny_decathlon, tmp_path):
+    args = [a if a != "0.34" else "0.0" for a in _fit_args(tiny_decathlon, tmp_path)]
+    args[args.index("--trainer.max_epochs") + 1] = "1"
+    cli.main(args)
+    (last,) = tmp_path.rglob("last.ckpt")
+    state = torch.load(last, weights_only=True)
+    assert state["epoch"] == 0 and state["global_step"] > 0
+    assert not list(tmp_path.rglob("best-*.ckpt"))  # nothing validated, so no best checkpoint
+
+
 def test_fit_reports_bad_volumes_and_writes_a_complete_checkpoint(fitted):
     out, records = fitted
     # The three bad training cases are reported by file name (whichever split the seed put them in).
