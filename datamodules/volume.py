@@ -230,6 +230,48 @@ def _load_case(case: DecathlonCase, channels: int, num_classes: int) -> dict[str
     return out
 
 
+#: The keys of a ``preprocessing`` dict (what a checkpoint stores and ``oct3d segment`` applies).
+PREPROCESSING_KEYS = ("patch_size", "normalization", "nonzero", "window", "spacing", "modalities")
+
+
+def check_preprocessing(preprocessing: dict[str, Any]) -> dict[str, Any]:
+    """Return ``preprocessing`` if every entry is valid (see :func:`preprocess_transform`), else raise a
+    ``ValueError`` naming the entry and what it must be."""
+    if not isinstance(preprocessing, dict):
+        raise ValueError(f"preprocessing must be a dict with keys from {PREPROCESSING_KEYS}, got {preprocessing!r}")
+    unknown = sorted(set(preprocessing) - set(PREPROCESSING_KEYS))
+    if unknown:
+        raise ValueError(f"preprocessing has unknown keys {unknown}; known: {PREPROCESSING_KEYS}")
+
+    def numbers_of(value: Any) -> bool:
+        return isinstance(value, (list, tuple)) and all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) for v in value
+        )
+
+    patch = preprocessing.get("patch_size")
+    if patch is not None and not (numbers_of(patch) and len(patch) == 3 and all(isinstance(v, int) and v >= 1
+                                                                                 for v in patch)):
+        raise ValueError(f"preprocessing['patch_size'] must be 3 positive ints (X, Y, Z), got {patch!r}")
+    mode = preprocessing.get("normalization", "zscore")
+    if mode not in NORMALIZATIONS:
+        raise ValueError(f"preprocessing['normalization'] must be one of {NORMALIZATIONS}, got {mode!r}")
+    if not isinstance(preprocessing.get("nonzero", True), bool):
+        raise ValueError(f"preprocessing['nonzero'] must be a bool, got {preprocessing['nonzero']!r}")
+    window = preprocessing.get("window")
+    if (mode == "window" or window is not None) and not (
+        numbers_of(window) and len(window) == 2 and window[0] < window[1]
+    ):
+        raise ValueError(f"preprocessing['window'] must be [low, high] with low < high, got {window!r}")
+    spacing = preprocessing.get("spacing")
+    if spacing is not None and not (numbers_of(spacing) and len(spacing) == 3 and all(v > 0 for v in spacing)):
+        raise ValueError(f"preprocessing['spacing'] must be 3 positive voxel sizes in mm or None, got {spacing!r}")
+    modalities = preprocessing.get("modalities")
+    if modalities is not None and not (isinstance(modalities, (list, tuple)) and all(isinstance(m, str)
+                                                                                     for m in modalities)):
+        raise ValueError(f"preprocessing['modalities'] must be a list of names, got {modalities!r}")
+    return preprocessing
+
+
 def preprocess_transform(preprocessing: dict[str, Any], with_label: bool) -> Any:
     """The deterministic MONAI transform (resampling, intensity normalisation) of ``preprocessing``.
 

@@ -191,7 +191,13 @@ def test_bad_arguments_name_the_argument(tiny_decathlon):
             VolumeSegmentationDataModule(str(tiny_decathlon), **kwargs)
     for kwargs, message in (({"num_classes": 1}, "num_classes"), ({"depth_axis": 3}, "depth_axis"),
                             ({"backbone": "no_such_model"}, "unknown model"),
-                            ({"backbone_kwargs": {"in_channels": 2}}, "in_channels")):
+                            ({"backbone_kwargs": {"in_channels": 2}}, "in_channels"),
+                            ({"preprocessing": {"patch_size": [16, 16]}}, r"preprocessing\['patch_size'\] must be 3"),
+                            ({"preprocessing": {"patch_size": [16, 16, 16.5]}}, "patch_size"),
+                            ({"preprocessing": {"normalization": "zsc"}}, r"preprocessing\['normalization'\]"),
+                            ({"preprocessing": {"spacing": [1, 1]}}, r"preprocessing\['spacing'\]"),
+                            ({"preprocessing": {"normalization": "window"}}, r"preprocessing\['window'\]"),
+                            ({"preprocessing": {"patch": [8, 8, 8]}}, r"unknown keys \['patch'\]")):
         with pytest.raises(ValueError, match=message):
             VolumeSegmenter(**kwargs)
     with pytest.raises(FileNotFoundError, match=r"dataset\.json"):

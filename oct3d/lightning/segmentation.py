@@ -279,7 +279,9 @@ class VolumeSegmenter(pl.LightningModule):
                 "octave layers; set its own ratio instead (backbone_kwargs.alpha for oct_unet3d) or drop octavize"
             )
         self.class_names: list[str] | None = list(class_names) if class_names is not None else None
-        self.preprocessing: dict[str, Any] = dict(preprocessing or {})
+        from datamodules.volume import check_preprocessing
+
+        self.preprocessing: dict[str, Any] = dict(check_preprocessing(dict(preprocessing or {})))
         self.criterion = DiceCELoss(to_onehot_y=True, softmax=True, lambda_dice=lambda_dice, lambda_ce=lambda_ce)
         # One running mean per foreground class and stage; NaN (class absent from a case) is skipped.
         self.val_dice = nn.ModuleList(MeanMetric(nan_strategy="ignore") for _ in range(num_classes - 1))
