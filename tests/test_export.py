@@ -91,3 +91,18 @@ def test_export_refuses_foreign_checkpoints(tmp_path, capsys):
     torch.save({"state_dict": {}}, foreign)
     assert export_main(["--checkpoint", str(foreign), "--format", "onnx", str(tmp_path / "x.onnx")]) == 2
     assert "not an oct3d checkpoint" in capsys.readouterr().err
+
+
+def test_torch_export_with_dynamic_image_sizes():
+    """Spatial sizes marked dynamic (multiples of the network's total stride) stay symbolic in the graph."""
+    from torch.export import Dim
+
+    from oct3d.models import oct_resnet26
+
+    torch.manual_seed(0)
+    model = oct_resnet26(num_classes=5).eval()
+    dynamic = {"x": {0: Dim("batch", min=1, max=8), 2: 32 * Dim("h", min=1, max=16), 3: 32 * Dim("w", min=1, max=16)}}
+    program = torch.export.export(model, (torch.randn(2, 3, 64, 64),), dynamic_shapes=dynamic)
+    for shape in ((1, 3, 64, 96), (3, 3, 128, 64)):
+        x = torch.randn(shape)
+        torch.testing.assert_close(program.module()(x), model(x), atol=1e-4, rtol=1e-4)

@@ -116,7 +116,12 @@ def octave_factors(dims: int, octave: str = "spatial") -> tuple[int, ...]:
 
 def low_size(high_size: Sequence[int], factors: Sequence[int]) -> tuple[int, ...]:
     """Size of the low branch for a high branch of ``high_size`` (ceil of half on octave axes)."""
-    return tuple(-(-int(n) // f) for n, f in zip(high_size, factors))
+    return tuple(-(-_size(n) // f) for n, f in zip(high_size, factors))
+
+
+def _size(n: object) -> object:
+    """An axis size as an int; a symbolic size (``torch.export`` with dynamic shapes) stays symbolic."""
+    return n if isinstance(n, torch.SymInt) else int(n)
 
 
 def avg_pool(x: Tensor, factors: Sequence[int]) -> Tensor:
@@ -127,7 +132,8 @@ def avg_pool(x: Tensor, factors: Sequence[int]) -> Tensor:
     """
     # torch rejects a window larger than the axis; a single partial window (the mean of the
     # whole axis) is the same as a window of the axis's own length.
-    factors = tuple(min(f, int(n)) for f, n in zip(factors, x.shape[2:]))
+    # A symbolic size (dynamic shapes under torch.export) is taken to hold at least one window.
+    factors = tuple(f if isinstance(n, torch.SymInt) else min(f, int(n)) for f, n in zip(factors, x.shape[2:]))
     if all(f == 1 for f in factors):
         return x
     if x.device.type == "cpu" and not (torch.is_grad_enabled() and x.requires_grad) and not traced_or_compiled():
@@ -421,8 +427,10 @@ def upsample_to(x: Tensor, factors: Sequence[int], size: Sequence[int]) -> Tenso
     factors = tuple(factors)
     if any(f != 1 for f in factors):
         x = F.interpolate(x, scale_factor=[float(f) for f in factors], mode="nearest")
-    if tuple(x.shape[2:]) != tuple(size):
-        index = (slice(None), slice(None)) + tuple(slice(0, int(n)) for n in size)
+    if traced_or_compiled() or tuple(x.shape[2:]) != tuple(size):
+        # In a graph the crop is always recorded (a no-op view on even sizes), so that a dynamic size
+        # needs no parity guard.
+        index = (slice(None), slice(None)) + tuple(slice(0, _size(n)) for n in size)
         x = x[index]
     return x
 
