@@ -427,9 +427,9 @@ def upsample_to(x: Tensor, factors: Sequence[int], size: Sequence[int]) -> Tenso
     factors = tuple(factors)
     if any(f != 1 for f in factors):
         x = F.interpolate(x, scale_factor=[float(f) for f in factors], mode="nearest")
-    if traced_or_compiled() or tuple(x.shape[2:]) != tuple(size):
-        # In a graph the crop is always recorded (a no-op view on even sizes), so that a dynamic size
-        # needs no parity guard.
+    if torch.compiler.is_compiling() or tuple(x.shape[2:]) != tuple(size):
+        # Under Dynamo and torch.export the crop is always recorded (a no-op view on even sizes), so that
+        # a dynamic size needs no parity guard. (torch.jit.trace would record the example's size instead.)
         index = (slice(None), slice(None)) + tuple(slice(0, _size(n)) for n in size)
         x = x[index]
     return x
