@@ -786,3 +786,28 @@ def test_octavize_arguments_are_checked():
     with pytest.raises(TypeError, match=r"rules must be oct3d\.convert\.rules\.Rule instances, got object"):
         octavize(model, 0.5, example_input=x, rules=[object()])
     assert octavize(model, np.float32(0.5), example_input=x)(x).shape == (1, 4, 16, 16)
+
+
+class _ShapeGuarded(nn.Module):
+    """A forward that branches on its input's size (a common 'if x.shape[-1] > n' guard)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 16, 3, padding=1)
+        self.b = nn.Conv2d(16, 16, 3, padding=1)
+        self.c = nn.Conv2d(16, 4, 1)
+
+    def forward(self, x):
+        y = self.b(torch.relu(self.a(x)))
+        if x.shape[-1] > 16:
+            y = y * 2
+        return self.c(torch.relu(y))
+
+
+def test_a_branch_in_the_top_level_forward_is_named_without_an_impossible_exclude():
+    net = octavize(_ShapeGuarded().eval(), 0.5, example_input=torch.randn(1, 3, 32, 32))
+    assert net(torch.randn(1, 3, 24, 24)).shape == (1, 4, 24, 24)
+    message = r"traced the model's forward for inputs where .* example_input like this one"
+    with pytest.raises(RuntimeError, match=message) as caught:
+        net(torch.randn(1, 3, 16, 16))
+    assert "exclude=" not in str(caught.value)

@@ -109,12 +109,19 @@ class _Tracer(fx.Tracer):
             self.root.train(was_training)
 
     def _guard(self, proxy: fx.Proxy, expected: Any, what: str) -> None:
-        where = self.stack[-1] if self.stack else "the model's forward"
-        message = (
-            f"octavize traced {where!r} for inputs where {what} was {expected!r} (as on example_input); this "
-            f"input takes another branch there. Convert with an example_input like this one, or pass "
-            f"exclude=({where!r},) to keep that module opaque"
-        )
+        if self.stack:
+            where = self.stack[-1]
+            message = (
+                f"octavize traced {where!r} for inputs where {what} was {expected!r} (as on example_input); this "
+                f"input takes another branch there. Convert with an example_input like this one, or pass "
+                f"exclude=({where!r},) to keep that module opaque"
+            )
+        else:  # the top-level forward itself: nothing around it to exclude
+            message = (
+                f"octavize traced the model's forward for inputs where {what} was {expected!r} (as on "
+                "example_input); this input takes another branch there. Convert with an example_input like this "
+                "one (the converted network serves inputs that take the same branches)"
+            )
         self.create_proxy("call_function", specialised, (proxy, expected, message), {})
 
     def length(self, obj: fx.Proxy) -> int:
