@@ -200,6 +200,17 @@ def load_nifti(path: str | os.PathLike, channels: int | None = None) -> tuple[np
     return data, np.asarray(image.affine, dtype=np.float64)
 
 
+def _records_geometry(path: str) -> bool:
+    """Whether a NIfTI header sets its sform or qform (codes 0 mean no recorded orientation or origin)."""
+    import nibabel as nib
+
+    header = nib.load(str(path)).header
+    try:
+        return bool(header["sform_code"]) or bool(header["qform_code"])
+    except (KeyError, ValueError):  # not a NIfTI header (e.g. Analyze): no geometry of its own
+        return False
+
+
 def _load_case(case: DecathlonCase, channels: int, num_classes: int) -> dict[str, Any]:
     """Image (and label) arrays of one case, checked; raises :class:`VolumeReadError` naming the bad file."""
     image, affine = load_nifti(case.image, channels)
@@ -212,11 +223,12 @@ def _load_case(case: DecathlonCase, channels: int, num_classes: int) -> dict[str
             )
         # The label is used in the image's grid; one placed elsewhere in space (another origin, spacing or
         # orientation: a label of another scan, or a resampled copy) would train on misaligned voxels.
-        # The tolerance (a thousandth of a mm) absorbs float32 header rounding.
-        if not np.allclose(label_affine, affine, rtol=1e-5, atol=1e-3):
+        # The tolerance absorbs float32 header rounding. A label whose header records no geometry at all
+        # (masks written from arrays) has only nibabel's default affine: nothing to compare.
+        if not np.allclose(label_affine, affine, rtol=1e-5, atol=1e-3) and _records_geometry(case.label):
             worst = float(np.abs(label_affine - affine).max())
             raise VolumeReadError(
-                case.label, f"label geometry (affine) differs from its image's by up to {worst:.3g} mm: "
+                case.label, f"label geometry (affine) differs from its image's (largest entry difference {worst:.3g}): "
                             "the label must be in the image's voxel grid"
             )
         values = np.unique(label)
@@ -667,6 +679,9 @@ class VolumeSegmentationDataModule(SplitDataModule):
         train, val = self.split_cases()
         cases = {"train": train, "val": val, "test": self.info.test}[split]
         if split == "val" and not cases:
+            if self.fold is None and self.val_fraction == 0:
+                raise ValueError(f"{self.root}: val_fraction=0 holds out no validation cases (every case trains); "
+                                 "validate with val_fraction > 0 or a fold")
             raise ValueError(f"{self.root}: no validation cases (val_fraction={self.val_fraction}, fold={self.fold})")
         if split == "test" and not cases:
             raise ValueError(f"{self.root}/dataset.json lists no test cases")
@@ -682,7 +697,7 @@ class VolumeSegmentationDataModule(SplitDataModule):
         if stage in ("fit", None) and "train" not in self.datasets:
             self.datasets["train"] = self.make_dataset("train")
         if stage in ("fit", "validate", None) and "val" not in self.datasets:
-            if stage == "fit" and self.fold is None and self.val_fraction == 0:
+            if stage in ("fit", None) and self.fold is None and self.val_fraction == 0:
                 self.datasets["val"] = None  # every case trains; validation is skipped
             else:
                 self.datasets["val"] = self.make_dataset("val")

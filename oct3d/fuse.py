@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from oct3d.nn import Octave, OctBatchNorm, OctConv
-from oct3d.profiling import ExampleInput, example_args
+from oct3d.profiling import ExampleInput, describe_input, example_args, floating_dtype, fresh_lists
 
 __all__ = ["fuse", "find_conv_bn_pairs"]
 
@@ -117,12 +117,12 @@ def find_conv_bn_pairs(
             handles.append(module.register_forward_pre_hook(bn_pre_hook))
     try:
         with torch.no_grad():
-            meta_model(*args)
+            meta_model(*fresh_lists(args))
     except Exception as error:
         raise ValueError(
-            f"fuse could not run the model on {_describe(args)} to find its conv -> BatchNorm "
-            f"pairs ({type(error).__name__}: {error}); pass example_input: an input shape, a tensor, or a tuple of the "
-            "model's positional arguments that it accepts"
+            f"fuse could not run the model on {describe_input(args)} to find its conv -> BatchNorm "
+            f"pairs ({type(error).__name__}: {error}); pass example_input: an input shape, a tensor, or a tuple of "
+            "the model's positional arguments that it accepts"
         ) from error
     finally:
         for handle in handles:
@@ -134,17 +134,6 @@ def find_conv_bn_pairs(
     ]
 
 
-def _describe(args: tuple[Any, ...]) -> str:
-    def one(value: Any) -> str:
-        if isinstance(value, Octave):
-            return "Octave(" + ", ".join(one(t) for t in value) + ")"
-        if isinstance(value, (list, tuple)):
-            return "[" + ", ".join(one(t) for t in value) + "]"
-        return "None" if value is None else f"shape {tuple(value.shape)}"
-
-    return "an input of " + one(args[0]) if len(args) == 1 else "the arguments (" + ", ".join(map(one, args)) + ")"
-
-
 def _identity(value: object) -> tuple[int, ...]:
     if isinstance(value, Octave):
         return (id(value.high), id(value.low))
@@ -152,25 +141,29 @@ def _identity(value: object) -> tuple[int, ...]:
 
 
 def _meta_args(model: nn.Module, example_input: ExampleInput | None) -> tuple[Any, ...]:
+    # The meta run compares no values, but layers check that inputs have their weights' dtype: floating
+    # examples take the model's (a float32 example for a bfloat16 model finds the same pairs).
+    dtype = floating_dtype(model) or torch.float32
     if example_input is not None:
-        return tuple(_on_meta(value) for value in example_args(example_input, "meta"))
+        return tuple(_on_meta(value, dtype) for value in example_args(example_input, "meta", dtype))
     for module in model.modules():
         if isinstance(module, _CONVS):
             dims = module.weight.dim() - 2
-            return (torch.empty((1, module.in_channels, *_DEFAULT_SPATIAL[dims]), device="meta"),)
+            return (torch.empty((1, module.in_channels, *_DEFAULT_SPATIAL[dims]), device="meta", dtype=dtype),)
         if isinstance(module, OctConv):
-            return (torch.empty((1, module.in_channels, *_DEFAULT_SPATIAL[module.dims]), device="meta"),)
+            return (torch.empty((1, module.in_channels, *_DEFAULT_SPATIAL[module.dims]), device="meta", dtype=dtype),)
     raise ValueError("model has no convolution to infer an input shape from; pass example_input")
 
 
-def _on_meta(value: Any) -> Any:
-    """``value`` (a tensor, an ``Octave``, a list of tensors) with every tensor an empty ``meta`` twin."""
+def _on_meta(value: Any, dtype: torch.dtype) -> Any:
+    """``value`` (a tensor, an ``Octave``, a list or tuple of tensors) with every tensor an empty ``meta``
+    twin, floating ones in ``dtype``."""
     if isinstance(value, Tensor):
-        return torch.empty(value.shape, dtype=value.dtype, device="meta")
-    if isinstance(value, Octave):
-        return Octave(*(None if t is None else _on_meta(t) for t in value))
+        return torch.empty(value.shape, dtype=dtype if value.is_floating_point() else value.dtype, device="meta")
+    if isinstance(value, tuple) and hasattr(value, "_fields"):  # Octave and other NamedTuples
+        return type(value)(*(None if t is None else _on_meta(t, dtype) for t in value))
     if isinstance(value, (list, tuple)):
-        return type(value)(_on_meta(t) for t in value)
+        return type(value)(_on_meta(t, dtype) for t in value)
     return value
 
 

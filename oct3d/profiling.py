@@ -18,17 +18,23 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from oct3d.nn import Octave, OctConv
 
-__all__ = ["ExampleInput", "ModelCost", "count_macs", "count_params", "activation_memory", "example_args", "measure"]
+__all__ = [
+    "ExampleInput", "ModelCost", "count_macs", "count_params", "activation_memory", "describe_input", "example_args",
+    "measure",
+]
 
 #: What the cost functions (and ``oct3d.fuse``) run a model on: an input shape, a tensor, an
 #: ``Octave``, or a tuple of the model's positional arguments, each a tensor or a list of tensors.
 ExampleInput = Sequence[int] | Tensor | Octave | Sequence[Tensor | Sequence[Tensor]]
 
 
-def example_args(example: ExampleInput, device: torch.device | str | None = None) -> tuple[Any, ...]:
+def example_args(
+    example: ExampleInput, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+) -> tuple[Any, ...]:
     """The positional arguments of one forward pass described by ``example``.
 
-    An input shape (a sequence of ints) gives zeros of that shape on ``device``; a tensor or an
+    An input shape (a sequence of ints) gives zeros of that shape on ``device`` with ``dtype`` (the
+    model's, so that a half-precision model gets a half-precision input); a tensor or an
     ``Octave`` is the one argument; a tuple (or list) of tensors and lists of tensors is the
     arguments themselves, as ``oct3d.octavize`` takes them (SlowFast's one list argument:
     ``([slow, fast],)``).
@@ -39,13 +45,13 @@ def example_args(example: ExampleInput, device: torch.device | str | None = None
         if all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in example):
             if any(v < 0 for v in example):
                 raise ValueError(f"an input shape must have non-negative sizes, got {tuple(example)}")
-            return (torch.zeros(tuple(int(v) for v in example), device=device),)
+            return (torch.zeros(tuple(int(v) for v in example), device=device, dtype=dtype),)
         if all(_is_tensor_argument(v) for v in example):
             return tuple(example)
     raise TypeError(
         "the example input must be an input shape, a tensor, an Octave, or a tuple of the model's positional "
         "arguments, each a tensor or a list of tensors (e.g. ([slow, fast],) for SlowFast); got "
-        f"{_describe_input(example)}"
+        f"{describe_input(example)}"
     )
 
 
@@ -55,18 +61,27 @@ def _is_tensor_argument(value: object) -> bool:
     )
 
 
-def _describe_input(value: object) -> str:
+def describe_input(value: object) -> str:
+    """A short description of an example input for error messages: shapes, not values."""
     if isinstance(value, Tensor):
         return f"tensor{tuple(value.shape)}"
+    if isinstance(value, Octave):
+        return "Octave(" + ", ".join(describe_input(v) for v in value) + ")"
     if isinstance(value, (list, tuple)):
-        inner = ", ".join(_describe_input(v) for v in value)
+        inner = ", ".join(describe_input(v) for v in value)
         return f"[{inner}]" if isinstance(value, list) else f"({inner})"
-    return repr(value) if isinstance(value, (int, float, str)) else type(value).__name__
+    return repr(value) if isinstance(value, (int, float, str)) or value is None else type(value).__name__
+
+
+def fresh_lists(args: tuple[Any, ...]) -> tuple[Any, ...]:
+    """``args`` with each list argument copied: multi-pathway models (pytorchvideo's SlowFast) write
+    their outputs into their input list, which would leave the caller's list changed after a run."""
+    return tuple(list(a) if isinstance(a, list) else a for a in args)
 
 
 def _call(model: nn.Module, args: tuple[Any, ...], example: ExampleInput) -> Any:
     try:
-        return model(*args)
+        return model(*fresh_lists(args))
     except TypeError as error:
         if isinstance(example, list) and len(args) > 1 and "positional argument" in str(error):
             raise TypeError(
@@ -81,10 +96,15 @@ def _device_of(model: nn.Module) -> torch.device | None:
     return None if parameter is None else parameter.device
 
 
+def floating_dtype(model: nn.Module) -> torch.dtype | None:
+    """The dtype of the model's first floating-point parameter (None without one)."""
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
+
+
 def count_macs(model: nn.Module, input_size: ExampleInput) -> int:
     """Multiply-adds of one forward pass of ``model`` on an input of ``input_size``: an input shape,
     a tensor, or a tuple of positional arguments (see :func:`example_args`)."""
-    args = example_args(input_size, _device_of(model))
+    args = example_args(input_size, _device_of(model), floating_dtype(model))
     was_training = model.training
     model.eval()
     try:
@@ -120,7 +140,7 @@ def activation_memory(model: nn.Module, input_size: ExampleInput) -> int:
     handles = [
         m.register_forward_hook(hook) for m in model.modules() if isinstance(m, convs) and id(m) not in paths
     ]
-    args = example_args(input_size, _device_of(model))
+    args = example_args(input_size, _device_of(model), floating_dtype(model))
     was_training = model.training
     model.eval()
     try:

@@ -223,12 +223,13 @@ def segment_files(segmenter: Segmenter, inputs: Sequence[tuple[Path, Path]], out
 
     output_dir = Path(output_dir)
     written: set[Path] = set()
+    input_files = {path.resolve() for path, _ in inputs}
     for path, name in inputs:
         target = output_dir / name
         if target in written:
             yield {"path": str(path), "error": f"{path}: another input already wrote {target}"}
             continue
-        if overwrites_input(target, inputs):
+        if target.resolve() in input_files:
             yield {"path": str(path), "error": f"{path}: its label map {target} would overwrite an input volume"}
             continue
         try:
@@ -241,12 +242,6 @@ def segment_files(segmenter: Segmenter, inputs: Sequence[tuple[Path, Path]], out
             continue
         written.add(target)
         yield result
-
-
-def overwrites_input(target: Path, inputs: Sequence[tuple[Path, Path]]) -> bool:
-    """Whether writing ``target`` would replace one of the ``inputs`` files."""
-    resolved = target.resolve()
-    return any(path.resolve() == resolved for path, _ in inputs)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -288,7 +283,8 @@ def main(argv: list[str] | None = None) -> int:
     except (CheckpointError, FileNotFoundError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    clash = next((path for path, name in inputs if overwrites_input(Path(args.output_dir) / name, inputs)), None)
+    input_files = {path.resolve() for path, _ in inputs}
+    clash = next((path for path, name in inputs if (Path(args.output_dir) / name).resolve() in input_files), None)
     if clash is not None:
         print(f"error: --output-dir {args.output_dir} would overwrite the input {clash} with its label map; "
               "choose an output folder apart from the inputs", file=sys.stderr)

@@ -23,7 +23,7 @@ from oct3d.convert import ConversionError, describe_plan
 from oct3d.convert.examples import TinySegNet
 from oct3d.convert.layers import OctStochasticDepth
 from oct3d.nn import OctConv, kernels
-from oct3d.profiling import activation_memory, count_macs
+from oct3d.profiling import activation_memory, count_macs, measure
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")  # pytorchvideo and MONAI emit deprecation warnings on import
@@ -643,6 +643,9 @@ def test_pytorchvideo_slowfast_converts():
     assert any(a_out > 0 for _, a_out, _ in converted.octave_plan.values())
     assert converted(list(example)).shape == model(list(example)).shape == (1, 5)
     assert count_macs(converted, (list(example),)) < count_macs(model, (list(example),))
+    shapes = [t.shape for t in example]
+    assert measure(model, (example,)).macs > 0  # SlowFast writes into its input list: the cost runs copy it
+    assert [t.shape for t in example] == shapes
 
 
 def test_an_untraceable_module_deep_inside_a_block_also_names_the_block_and_the_top_module():
@@ -773,13 +776,19 @@ def test_a_parametrized_or_hooked_convolution_stays_vanilla_and_the_plan_says_wh
     assert plan["2"] == (0.0, 0.0, "stays vanilla: a parametrized weight (weight_norm, spectral_norm, ...), "
                                    "which an octave layer would drop")
     assert plan["5"][2].startswith("stays vanilla: forward hooks")
+    model = _plain_net()
+    model[3].register_forward_hook(lambda *args: None)  # e.g. a user's feature hook on a norm
+    model[5].register_full_backward_hook(lambda *args: None)
+    converted = octavize(model, 0.5, example_input=torch.randn(1, 3, 16, 16))
+    assert type(converted.get_submodule("3")) is nn.BatchNorm2d and converted.get_submodule("3")._forward_hooks
+    assert converted.octave_plan["5"] == (0.0, 0.0, "stays vanilla: backward hooks, which an octave layer would drop")
 
 
 def test_octavize_arguments_are_checked():
     model, x = _plain_net(), torch.randn(1, 3, 16, 16)
     with pytest.raises(ValueError, match="atol must be a non-negative number"):
         octavize(model, 0.5, example_input=x, atol=-1)
-    with pytest.raises(ValueError, match="atol must be a non-negative number, got 'x'"):
+    with pytest.raises(TypeError, match="atol must be a non-negative number, got 'x'"):
         octavize(model, 0.5, example_input=x, atol="x")
     with pytest.raises(TypeError, match="validate must be a bool"):
         octavize(model, 0.5, example_input=x, validate="no")

@@ -153,3 +153,15 @@ def test_fuse_real_builders(name):
     assert _bn_count(fused) == 0
     with torch.no_grad():
         torch.testing.assert_close(fused(x), model(x), atol=1e-3, rtol=1e-3)
+
+
+def test_a_reduced_precision_model_fuses_and_is_costed():
+    """The meta run and the cost functions give inputs the model's dtype (octave layers check it)."""
+    from oct3d.profiling import count_macs
+
+    model = get_model("oct_resnet26", num_classes=5).eval().to(torch.bfloat16)
+    fused = oct3d.fuse(model, example_input=(1, 3, 64, 64))
+    assert sum(isinstance(m, nn.Identity) for m in fused.modules()) == len(find_conv_bn_pairs(model))
+    assert oct3d.fuse(model, example_input=torch.randn(1, 3, 64, 64)) is not None  # a float32 example too
+    assert count_macs(model, (1, 3, 64, 64)) == count_macs(model.float(), (1, 3, 64, 64))
+

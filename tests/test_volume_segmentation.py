@@ -136,8 +136,13 @@ def test_a_label_placed_elsewhere_in_space_is_reported(tmp_path):
     nib.save(nib.Nifti1Image(label, moved), str(root / "labelsTr" / "shifted.nii.gz"))
     case = DecathlonCase(str(root / "imagesTr" / "shifted.nii.gz"), str(root / "labelsTr" / "shifted.nii.gz"))
     item = VolumeDataset([case], "val", 1, 3, {"normalization": "zscore"}, cache_rate=0.0)[0]
-    assert not item["valid"] and "shifted.nii.gz: label geometry (affine) differs from its image's by up to 30" in \
-        item["failed"]
+    assert not item["valid"] and "shifted.nii.gz: label geometry (affine) differs from its image's (largest entry " \
+        "difference 30)" in item["failed"]
+    bare = nib.Nifti1Image(label, None)  # a mask written from an array: no geometry in its header
+    bare.header.set_sform(None, code=0)
+    bare.header.set_qform(None, code=0)
+    nib.save(bare, str(root / "labelsTr" / "shifted.nii.gz"))
+    assert VolumeDataset([case], "val", 1, 3, {"normalization": "zscore"}, cache_rate=0.0)[0]["valid"]
 
 
 def test_a_test_split_mixing_labelled_and_unlabelled_cases_resamples_each_label(tiny_decathlon):
@@ -267,6 +272,11 @@ def fitted(tiny_decathlon, tmp_path_factory):
 
 
 def test_val_fraction_zero_trains_on_every_case_without_validation(tiny_decathlon, tmp_path):
+    data = VolumeSegmentationDataModule(str(tiny_decathlon), patch_size=(8, 8, 8), val_fraction=0.0, num_workers=0)
+    data.setup()  # every stage: no validation split to build
+    assert data.val_dataloader() == []
+    with pytest.raises(ValueError, match="val_fraction=0 holds out no validation cases"):
+        VolumeSegmentationDataModule(str(tiny_decathlon), val_fraction=0.0).setup("validate")
     args = [a if a != "0.34" else "0.0" for a in _fit_args(tiny_decathlon, tmp_path)]
     args[args.index("--trainer.max_epochs") + 1] = "1"
     cli.main(args)

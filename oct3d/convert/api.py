@@ -96,10 +96,11 @@ def octavize(
         raise TypeError(f"alpha must be a float in [0, 1) or a callable (name, module) -> float, got {alpha!r}")
     if not callable(alpha):
         alpha = float(alpha)  # numpy scalars too, as OctConv and the builders take them
-    for name, flag in (("validate", validate),):
-        if not isinstance(flag, bool):
-            raise TypeError(f"{name} must be a bool, got {flag!r}")
-    if isinstance(atol, bool) or not isinstance(atol, numbers.Real) or not atol >= 0:
+    if not isinstance(validate, bool):
+        raise TypeError(f"validate must be a bool, got {validate!r}")
+    if isinstance(atol, bool) or not isinstance(atol, numbers.Real):
+        raise TypeError(f"atol must be a non-negative number, got {atol!r}")
+    if not atol >= 0:
         raise ValueError(f"atol must be a non-negative number, got {atol!r}")
     if pool_first is not None and not isinstance(pool_first, bool):
         raise TypeError(f"pool_first must be None or a bool, got {pool_first!r}")

@@ -158,6 +158,19 @@ def _tuple(value: object, dims: int) -> tuple[int, ...]:
     return value * dims if len(value) == 1 else value
 
 
+def _replacement_would_drop(module: nn.Module) -> str | None:
+    """Why a module cannot be replaced by a new octave module without losing something attached to it,
+    or None: a parametrization (weight_norm, spectral_norm) or hooks (pruning, old-style weight_norm,
+    a user's feature or gradient hooks) live on the module object, not in its state dict."""
+    if parametrize.is_parametrized(module):
+        return "a parametrized weight (weight_norm, spectral_norm, ...), which an octave layer would drop"
+    if module._forward_pre_hooks or module._forward_hooks:
+        return "forward hooks (old-style weight_norm or spectral_norm, pruning, ...), which an octave layer would drop"
+    if module._backward_hooks or module._backward_pre_hooks:
+        return "backward hooks, which an octave layer would drop"
+    return None
+
+
 def conv_geometry_problem(module: nn.Module) -> str | None:
     """None when a vanilla ``ConvNd`` maps onto :class:`~oct3d.nn.OctConv` exactly, else why not.
 
@@ -166,10 +179,9 @@ def conv_geometry_problem(module: nn.Module) -> str | None:
     """
     if not _stock_forward(module, _CONVS):
         return f"{type(module).__name__} overrides the convolution's forward"
-    if parametrize.is_parametrized(module):
-        return "a parametrized weight (weight_norm, spectral_norm, ...), which an octave layer would drop"
-    if module._forward_pre_hooks or module._forward_hooks:
-        return "forward hooks (old-style weight_norm or spectral_norm, pruning, ...), which an octave layer would drop"
+    kept = _replacement_would_drop(module)
+    if kept:
+        return kept
     if module.padding_mode != "zeros":
         return f"padding_mode={module.padding_mode!r} (only 'zeros')"
     kernel, stride, dilation = _ints(module.kernel_size), _ints(module.stride), module.dilation
@@ -385,6 +397,9 @@ class BatchNormRule(Rule):
         module = ctx.module(node)
         if not _stock_forward(module, _BNS):
             return f"{type(module).__name__} overrides BatchNorm's forward"
+        kept = _replacement_would_drop(module)
+        if kept:
+            return kept
         shape = ctx.shape(node)
         if shape is None or len(shape) < 3:
             return "BatchNorm over a map without spatial axes"
@@ -427,6 +442,9 @@ class BranchNormRule(Rule):
         module = ctx.module(node)
         if not _stock_forward(module, (*_INSTANCE_NORMS, nn.GroupNorm)):
             return f"{type(module).__name__} overrides the norm's forward"
+        kept = _replacement_would_drop(module)
+        if kept:
+            return kept
         shape = ctx.shape(node)
         if shape is None or len(shape) < 3:
             return "norm over a map without spatial axes"

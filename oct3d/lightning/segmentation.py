@@ -279,7 +279,7 @@ class VolumeSegmenter(pl.LightningModule):
                 "octave layers; set its own ratio instead (backbone_kwargs.alpha for oct_unet3d) or drop octavize"
             )
         self.class_names: list[str] | None = list(class_names) if class_names is not None else None
-        from datamodules.volume import check_preprocessing
+        from datamodules.volume import check_preprocessing  # deferred: importing datamodules loads the video decoders
 
         self.preprocessing: dict[str, Any] = dict(check_preprocessing(dict(preprocessing or {})))
         self.criterion = DiceCELoss(to_onehot_y=True, softmax=True, lambda_dice=lambda_dice, lambda_ce=lambda_ce)

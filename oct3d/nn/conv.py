@@ -270,8 +270,10 @@ class OctConv(nn.Module):
                 f"with a low tensor; got a plain tensor of shape {tuple(high.shape)}. Use "
                 "oct3d.nn.to_octave(x, alpha) at the boundary, or alpha_in=0 for a first layer"
             )
-        weight = self.h2h.weight
-        if (high.dtype != weight.dtype or high.device != weight.device) and not _autocast(high.device.type):
+        # The raw parameter: a parametrized path (weight_norm) would recompute its weight for this check.
+        weight = self.h2h._parameters.get("weight")
+        if weight is not None and (high.dtype != weight.dtype or high.device != weight.device) \
+                and not torch.is_autocast_enabled(high.device.type):
             # (Under autocast the paths cast their inputs themselves.)
             raise TypeError(
                 f"{self._name()} has {weight.dtype} weights on {weight.device} and got a {high.dtype} input on "
@@ -536,13 +538,6 @@ class OctConv(nn.Module):
                 cached = (key, torch.cat([w_a, w_b], dim=1))
             caches[family] = cached
         return cached[1]
-
-
-def _autocast(device_type: str) -> bool:
-    try:
-        return torch.is_autocast_enabled(device_type)
-    except (TypeError, RuntimeError):  # torch < 2.4 takes no device type; unknown device types
-        return torch.is_autocast_enabled()
 
 
 def _global_module_hooks() -> bool:

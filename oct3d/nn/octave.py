@@ -119,7 +119,7 @@ def low_size(high_size: Sequence[int], factors: Sequence[int]) -> tuple[int, ...
     return tuple(-(-_size(n) // f) for n, f in zip(high_size, factors))
 
 
-def _size(n: object) -> object:
+def _size(n: int | torch.SymInt) -> int | torch.SymInt:
     """An axis size as an int; a symbolic size (``torch.export`` with dynamic shapes) stays symbolic."""
     return n if isinstance(n, torch.SymInt) else int(n)
 
