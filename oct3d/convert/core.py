@@ -2,35 +2,16 @@
 
 from __future__ import annotations
 
-import functools
 from collections import Counter
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Any, TypeVar
 
 import torch
 from torch import fx, nn
 
-from oct3d.nn.octave import octave_axes
+from oct3d.nn.octave import graph_leaf, octave_axes
 
 __all__ = ["ConversionError", "Context", "IncompatibleSplitError", "Split", "graph_leaf", "tensor_inputs"]
-
-_F = TypeVar("_F", bound=Callable[..., Any])
-
-
-def graph_leaf(fn: _F) -> _F:
-    """Mark a function that converted graphs call as one node: called on an fx ``Proxy`` (a
-    GraphModule's unpickling re-traces its generated code, and so does a user's ``fx.symbolic_trace``),
-    it records the call instead of running its body, which would iterate shapes or branch on them."""
-
-    @functools.wraps(fn)
-    def leaf(*args: Any, **kwargs: Any) -> Any:
-        if args and isinstance(args[0], fx.Proxy):
-            return args[0].tracer.create_proxy("call_function", leaf, args, kwargs)
-        return fn(*args, **kwargs)
-
-    return leaf  # type: ignore[return-value]
 
 
 class ConversionError(RuntimeError):

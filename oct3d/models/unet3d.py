@@ -51,6 +51,7 @@ from oct3d.nn.conv import check_alpha, minimum_channels
 from oct3d.nn.octave import (
     check_channels_last,
     fx_leaf_forward,
+    graph_leaf,
     in_model_layout,
     is_channels_last,
     octave_axes,
@@ -87,11 +88,9 @@ def _conv_bn_relu(
     )
 
 
+@graph_leaf
 def _in_caller_layout(logits: Tensor, x: Tensor) -> Tensor:
-    # Logits computed channels_last go back channels-first for a channels-first caller; under fx
-    # symbolic tracing the call is recorded as one node.
-    if isinstance(x, torch.fx.Proxy):
-        return x.tracer.create_proxy("call_function", _in_caller_layout, (logits, x), {})
+    # Logits computed channels_last go back channels-first for a channels-first caller.
     return logits.contiguous() if x.is_contiguous() else logits
 
 

@@ -43,6 +43,7 @@ __all__ = [
     "keep_channels_last",
     "CHANNELS_LAST_FORMATS",
     "fx_leaf_forward",
+    "graph_leaf",
 ]
 
 OCTAVE_MODES = ("spatial", "spatiotemporal")
@@ -162,7 +163,23 @@ def pool_by_torch(x: Tensor, factors: tuple[int, ...]) -> Tensor:
     return y
 
 
+_F = TypeVar("_F", bound=Callable[..., Any])
 _Forward = TypeVar("_Forward", bound=Callable[..., Any])
+
+
+def graph_leaf(fn: _F) -> _F:
+    """Mark a function that graphs call as one node: called on an fx ``Proxy`` (a GraphModule's
+    unpickling re-traces its generated code, and so does a user's ``fx.symbolic_trace``), it records
+    the call instead of running its body, which would iterate shapes or branch on them.
+    :func:`fx_leaf_forward` does the same for a module's ``forward``."""
+
+    @functools.wraps(fn)
+    def leaf(*args: Any, **kwargs: Any) -> Any:
+        if args and isinstance(args[0], torch.fx.Proxy):
+            return args[0].tracer.create_proxy("call_function", leaf, args, kwargs)
+        return fn(*args, **kwargs)
+
+    return leaf  # type: ignore[return-value]
 # fx's "inside Tracer.trace" flag, a private query; without it every call is scanned for proxies.
 _fx_tracing: Callable[[], bool] = getattr(torch.fx._symbolic_trace, "_get_is_fx_tracing", lambda: True)
 
@@ -353,6 +370,7 @@ def to_channels_last(t: Tensor) -> Tensor:
     return t.contiguous(memory_format=layout)
 
 
+@graph_leaf
 def in_model_layout(x: object, channels_last: bool | None) -> object:
     """``x`` in the memory format a network with this ``channels_last`` setting runs in.
 
@@ -364,8 +382,6 @@ def in_model_layout(x: object, channels_last: bool | None) -> object:
     convolutions, norms and pools after it keep that layout, so a network converts once, at
     its input.
     """
-    if isinstance(x, torch.fx.Proxy):  # symbolic tracing (torch.fx, a GraphModule's unpickling): record the call
-        return x.tracer.create_proxy("call_function", in_model_layout, (x, channels_last), {})
     if not isinstance(x, Tensor) or x.dim() not in CHANNELS_LAST_FORMATS:
         return x
     if channels_last is None:
