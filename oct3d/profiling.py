@@ -46,7 +46,7 @@ def example_args(
             if any(v < 0 for v in example):
                 raise ValueError(f"an input shape must have non-negative sizes, got {tuple(example)}")
             return (torch.zeros(tuple(int(v) for v in example), device=device, dtype=dtype),)
-        if all(_is_tensor_argument(v) for v in example):
+        if all(is_tensor_argument(v) for v in example):
             return tuple(example)
     raise TypeError(
         "the example input must be an input shape, a tensor, an Octave, or a tuple of the model's positional "
@@ -55,7 +55,9 @@ def example_args(
     )
 
 
-def _is_tensor_argument(value: object) -> bool:
+def is_tensor_argument(value: object) -> bool:
+    """Whether ``value`` can be one positional argument of an example: a tensor, an ``Octave``, or a
+    non-empty list or tuple of tensors."""
     return isinstance(value, (Tensor, Octave)) or (
         isinstance(value, (list, tuple)) and len(value) > 0 and all(isinstance(t, Tensor) for t in value)
     )

@@ -16,6 +16,7 @@ from oct3d.convert.rewrite import rewrite
 from oct3d.convert.rules import RULES, DepthwiseConvRule, Rule
 from oct3d.convert.trace import record_shapes, trace
 from oct3d.nn.octave import OCTAVE_MODES, check_channels_last, in_model_layout, is_channels_last, keep_channels_last
+from oct3d.profiling import describe_input, fresh_lists, is_tensor_argument
 
 __all__ = ["octavize", "describe_plan"]
 
@@ -253,29 +254,15 @@ def describe_plan(model: fx.GraphModule) -> str:
 
 def _check_example(example_input: Any) -> None:
     items = (example_input,) if isinstance(example_input, Tensor) else example_input
-
-    def tensors(value: Any) -> bool:
-        return isinstance(value, (tuple, list)) and len(value) > 0 and all(isinstance(t, Tensor) for t in value)
-
-    if not isinstance(items, (tuple, list)) or not items or not all(
-        isinstance(t, Tensor) or tensors(t) for t in items
-    ):
+    if not isinstance(items, (tuple, list)) or not items or not all(is_tensor_argument(t) for t in items):
         raise TypeError(
             "example_input must be a tensor the model accepts, or a tuple of its positional arguments, each a "
-            f"tensor or a list of tensors (e.g. ([slow, fast],) for SlowFast); got {_describe(example_input)}"
+            f"tensor or a list of tensors (e.g. ([slow, fast],) for SlowFast); got {describe_input(example_input)}"
         )
 
 
-def _describe(value: Any) -> str:
-    if isinstance(value, (tuple, list)):
-        return f"{type(value).__name__} of ({', '.join(type(v).__name__ for v in value)})"
-    return type(value).__name__
-
-
 def _run(model: nn.Module, example_input: Tensor | Sequence[Tensor], training: bool = False) -> Any:
-    args = (example_input,) if isinstance(example_input, Tensor) else tuple(example_input)
-    # A fresh list per run: pytorchvideo's multi-pathway blocks write their outputs into the input list.
-    args = tuple(list(a) if isinstance(a, list) else a for a in args)
+    args = fresh_lists((example_input,) if isinstance(example_input, Tensor) else tuple(example_input))
     was_training = model.training
     model.train(training)
     try:
