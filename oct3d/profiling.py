@@ -20,7 +20,7 @@ from oct3d.nn import Octave, OctConv
 
 __all__ = [
     "ExampleInput", "ModelCost", "count_macs", "count_params", "activation_memory", "describe_input", "example_args",
-    "measure",
+    "floating_dtype", "fresh_lists", "is_tensor_argument", "measure",
 ]
 
 #: What the cost functions (and ``oct3d.fuse``) run a model on: an input shape, a tensor, an
