@@ -684,6 +684,15 @@ def test_list_input_networks_keep_any_output_structure_and_pickle(tmp_path):
             converted(list(wrong))
     with pytest.raises(ValueError, match="converted for inputs of 2 tensors"):
         copy.deepcopy(converted)([*example, example[0]])
+    assert again.octave_plan == converted.octave_plan
+    buffer = io.BytesIO()
+    torch.save(again, buffer)
+    buffer.seek(0)
+    twice = torch.load(buffer, weights_only=False)
+    for loaded in (again, copy.deepcopy(again), twice):  # the guard survives pickles and copies of them
+        with pytest.raises(ValueError, match=r"converted for inputs of 2 tensors in its example.s structure, got 3"):
+            loaded([*example, example[0]])
+        torch.testing.assert_close(loaded(list(example))["a"], out["a"])
 
 
 def test_a_module_that_writes_into_its_list_input_survives_specialised_control_flow():

@@ -236,13 +236,29 @@ def _structured_args(model: nn.Module, example: tuple[Any, ...]) -> dict[str, An
 
 def check_inputs(values: list[Any], spec: pytree.TreeSpec) -> None:
     """Guard of a list-input network: fx's generated code reads exactly as many tensors as the example
-    had (it would silently ignore extra ones), so a call with another count is an error."""
-    if any(isinstance(v, fx.Proxy) for v in values):
-        return  # re-traced on unpickling
-    got, expected = len(pytree.tree_leaves(values)), spec.num_leaves
-    if got != expected:
-        raise ValueError(f"this network was converted for inputs of {expected - 1} tensors in its example's "
-                         f"structure, got {got - 1}; convert it with an example of the structure it is called with")
+    had (it would silently ignore extra ones), so a call with another count is an error.
+
+    ``values`` is the generated forward's ``[self, *arguments]``, flattened against ``spec`` right after.
+    """
+    check_input_count(list(values[1:]), spec.num_leaves - 1)
+
+
+def check_input_count(arguments: list[Any], expected: int) -> None:
+    """Raise unless the positional ``arguments`` of a list-input network hold ``expected`` tensors.
+
+    Unpickling re-traces the generated code into a graph without :func:`checked_codegen`'s guard;
+    called on fx proxies there, this records itself as a node of that graph, so a loaded network
+    and its copies keep the check.
+    """
+    leaves = pytree.tree_leaves(arguments)
+    proxy = next((leaf for leaf in leaves if isinstance(leaf, fx.Proxy)), None)
+    if proxy is not None:
+        proxy.tracer.create_proxy("call_function", check_input_count, (arguments, expected), {})
+        return
+    if len(leaves) != expected:
+        raise ValueError(f"this network was converted for inputs of {expected} tensors in its example's "
+                         f"structure, got {len(leaves)}; convert it with an example of the structure it is "
+                         "called with")
 
 
 try:
