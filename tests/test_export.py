@@ -106,3 +106,19 @@ def test_torch_export_with_dynamic_image_sizes():
     for shape in ((1, 3, 64, 96), (3, 3, 128, 64)):
         x = torch.randn(shape)
         torch.testing.assert_close(program.module()(x), model(x), atol=1e-4, rtol=1e-4)
+
+
+def test_torch_export_of_the_3d_unet_with_dynamic_volume_sizes():
+    """D, H and W of a volume marked dynamic stay symbolic through the octave branches, the strided
+    levels and the decoder's resize to the skip size."""
+    from torch.export import Dim
+
+    from oct3d.models import oct_unet3d
+
+    torch.manual_seed(0)
+    model = oct_unet3d(alpha=0.5, base_width=8, depth=3).eval()
+    dynamic = {"x": {2: 8 * Dim("d", min=1, max=8), 3: 8 * Dim("h", min=1, max=8), 4: 8 * Dim("w", min=1, max=8)}}
+    program = torch.export.export(model, (torch.randn(1, 1, 16, 16, 16),), dynamic_shapes=dynamic)
+    for shape in ((1, 1, 24, 16, 32), (1, 1, 8, 40, 16)):
+        x = torch.randn(shape)
+        torch.testing.assert_close(program.module()(x), model(x), atol=1e-4, rtol=1e-4)
