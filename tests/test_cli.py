@@ -145,3 +145,28 @@ def test_fit_over_broken_videos_finishes_and_reports_them(broken_kinetics, tmp_p
         ("train", "notvideo003_000000_000002.mp4"),
         ("validation", "truncval004_000000_000002.mp4"),
     }
+
+
+def test_a_refused_setting_is_one_error_line_and_exit_2(tiny_kinetics, tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("OCT3D_TRACEBACK", raising=False)
+    missing = tmp_path / "no_such_dataset"
+    assert cli.lightning_main(["fit", *_tiny_video_args(missing, tmp_path / "logs")]) == 2
+    err = capsys.readouterr().err
+    assert f"error: no annotations under {missing}" in err and "Traceback" not in err
+    # Raised during the run, by the checkpoint resolver: also one line.
+    assert cli.main(["validate", *_tiny_video_args(tiny_kinetics, tmp_path / "empty"), "--ckpt_path", "last"]) == 2
+    assert "error: --ckpt_path last: no last*.ckpt under" in capsys.readouterr().err
+    monkeypatch.setenv("OCT3D_TRACEBACK", "1")
+    with pytest.raises(FileNotFoundError, match="no annotations under"):
+        cli.lightning_main(["fit", *_tiny_video_args(missing, tmp_path / "logs")])
+
+
+def test_errors_outside_oct3d_checks_keep_their_traceback(tmp_path, monkeypatch):
+    from oct3d.lightning import cli as lightning_cli
+
+    def fails(*args, **kwargs):
+        raise ValueError("from elsewhere")
+
+    monkeypatch.setattr(lightning_cli, "OctCLI", fails)
+    with pytest.raises(ValueError, match="from elsewhere"):
+        lightning_cli.run_cli(["fit"])

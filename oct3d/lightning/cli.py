@@ -11,6 +11,10 @@ unreadable-file report, and overwrites the saved ``config.yaml`` on reruns.
 from __future__ import annotations
 
 import importlib
+import importlib.util
+import os
+import sys
+from pathlib import Path
 from typing import Any
 
 from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer
@@ -118,7 +122,13 @@ class OctCLI(LightningCLI):
 
 
 def run_cli(args: list[str] | None = None) -> int:
-    """Run ``OctCLI`` on ``args`` (``sys.argv[1:]`` when None); returns 0 (errors exit through argparse).
+    """Run ``OctCLI`` on ``args`` (``sys.argv[1:]`` when None); returns 0, or 2 for a refused setting.
+
+    Option errors exit through argparse. A setting that oct3d's own checks refuse (a dataset folder
+    without the expected layout, a malformed annotation file, ``--ckpt_path last`` with no earlier
+    run, an argument out of range) prints as one ``error:`` line instead of a traceback through
+    jsonargparse and Lightning; ``OCT3D_TRACEBACK=1`` keeps the traceback. Any other exception
+    propagates unchanged.
 
     Applies :func:`oct3d.system.steady_malloc` first (``OCT3D_STEADY_MALLOC=0`` turns it off): clips and
     volumes are large tensors that default glibc malloc page-faults in again every step.
@@ -126,5 +136,30 @@ def run_cli(args: list[str] | None = None) -> int:
     from oct3d.system import steady_malloc_unless_disabled
 
     steady_malloc_unless_disabled()
-    OctCLI(args=args)
+    try:
+        OctCLI(args=args)
+    except (ValueError, FileNotFoundError, NotADirectoryError) as error:
+        if not _refused_by_own_check(error) or os.environ.get("OCT3D_TRACEBACK", "").strip() not in ("", "0"):
+            raise
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     return 0
+
+
+def _package_dir(name: str) -> str | None:
+    spec = importlib.util.find_spec(name)
+    return None if spec is None or spec.origin is None else str(Path(spec.origin).resolve().parent) + os.sep
+
+
+_OWN_PACKAGES = tuple(folder for folder in map(_package_dir, ("oct3d", "datamodules")) if folder)
+
+
+def _refused_by_own_check(error: BaseException) -> bool:
+    """Whether ``error`` was raised by a ``raise`` statement of oct3d or its data modules: one of their
+    argument and layout checks, whose message says what was expected."""
+    tb = error.__traceback__
+    if tb is None:
+        return False
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    return str(Path(tb.tb_frame.f_code.co_filename).resolve()).startswith(_OWN_PACKAGES)
