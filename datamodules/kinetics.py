@@ -24,7 +24,7 @@ from __future__ import annotations
 import csv
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -277,7 +277,8 @@ class VideoClipDataset(Dataset):
         num_crops: spatial views per clip (test mode).
         decoder: ``"pyav"``, ``"decord"``, ``"torchcodec"`` or ``"auto"`` (see :mod:`datamodules.decoders`).
         max_retries: how many other videos to try before giving up on an item.
-        seed: varies the (deterministic) choice of replacement videos.
+        seed: varies the deterministic choice of replacement videos in validation and test (training draws
+            them from torch's generator, so they change between epochs).
         clips_per_video: training clips drawn from one decode of a video (train mode).
         decoder_threads: decoding threads per reader.
         decode_time_resize: resize clips while decoding (PyAV: libswscale) instead of in the transform.
@@ -350,12 +351,12 @@ class VideoClipDataset(Dataset):
             return slack // 2
         return round(clip_index * slack / (self.num_clips - 1))
 
-    def _plan(self, num_video_frames: int, height: int, width: int, clip_index: int) -> tuple[list, list]:
+    def _plan(self, num_video_frames: int, height: int, width: int) -> tuple[list, list]:
         """Frame indices and (train mode) augmentation choices of the clips to draw from one video."""
         clips, choices = [], []
         sample = getattr(self.transform, "sample", None) if self.mode == "train" else None
         for _ in range(self.clips_per_video):
-            start = self._start_frame(num_video_frames, clip_index)
+            start = self._start_frame(num_video_frames, 0)
             clips.append(clip_indices(num_video_frames, start, self.num_frames, self.sampling_rate))
             choices.append(sample(height, width) if sample is not None else None)
         return clips, choices
@@ -368,7 +369,8 @@ class VideoClipDataset(Dataset):
         resized_size = getattr(self.transform, "resized_size", None)
         return [resized_size(height, width)] * len(choices) if resized_size is not None else None
 
-    def _load(self, video_index: int, clip_index: int, crop_index: int) -> torch.Tensor:
+    def _load_clips(self, video_index: int) -> torch.Tensor:
+        """Train and val mode: ``clips_per_video`` clips of one video (one, unstacked, by default)."""
         path = self.samples[video_index].path
         if path in self.failures:
             raise VideoDecodeError(path, self.failures[path])
@@ -376,15 +378,13 @@ class VideoClipDataset(Dataset):
         try:
             with open_video(path, self.decoder, self.decoder_threads, self.decode_time_resize) as reader:
                 info = reader.info
-                clips, choices = self._plan(info.num_frames, info.height, info.width, clip_index)
+                clips, choices = self._plan(info.num_frames, info.height, info.width)
                 decoded = reader.get_clips(clips, self._sizes(choices, info.height, info.width))
         except VideoDecodeError as error:
             self.failures[path] = error.reason
             raise
         transforming = time.perf_counter()
-        if self.mode == "test":
-            videos = [self.transform(frames, crop_index) for frames in decoded]
-        elif choices[0] is not None and self.clips_per_video > 1:
+        if choices[0] is not None and self.clips_per_video > 1:
             # The clips are written straight into the item's tensor (no stack copy).
             size = self.transform.crop_size
             stacked = torch.empty((len(decoded), 3, self.transform.num_frames, size, size), dtype=torch.float32)
@@ -402,29 +402,105 @@ class VideoClipDataset(Dataset):
             return videos[0]
         return stacked if choices[0] is not None else torch.stack(videos)
 
+    def _load_views(self, video_index: int, views: list[tuple[int, int]]) -> list[torch.Tensor]:
+        """Test mode: the ``(clip_index, crop_index)`` views of one video from one decode, each clip
+        decoded once and resized once for all of its crops."""
+        path = self.samples[video_index].path
+        if path in self.failures:
+            raise VideoDecodeError(path, self.failures[path])
+        started = time.perf_counter()
+        clip_ids = sorted({clip for clip, _ in views})
+        try:
+            with open_video(path, self.decoder, self.decoder_threads, self.decode_time_resize) as reader:
+                info = reader.info
+                clips = [
+                    clip_indices(info.num_frames, self._start_frame(info.num_frames, clip), self.num_frames,
+                                 self.sampling_rate)
+                    for clip in clip_ids
+                ]
+                decoded = reader.get_clips(clips, self._sizes([None] * len(clips), info.height, info.width))
+        except VideoDecodeError as error:
+            self.failures[path] = error.reason
+            raise
+        transforming = time.perf_counter()
+        crops = getattr(self.transform, "crops", None)
+        by_view: dict[tuple[int, int], torch.Tensor] = {}
+        for clip, frames in zip(clip_ids, decoded):
+            wanted = sorted({crop for c, crop in views if c == clip})
+            made = crops(frames, wanted) if crops is not None else [self.transform(frames, k) for k in wanted]
+            by_view.update(((clip, crop), video) for crop, video in zip(wanted, made))
+        done = time.perf_counter()
+        self.timing["decode_s"] += transforming - started
+        self.timing["transform_s"] += done - transforming
+        self.timing["clips"] += len(by_view)
+        self.timing["videos"] += 1
+        return [by_view[view] for view in views]
+
     def __getitem__(self, index: int) -> dict:
+        return self._items([self._checked_index(index)])[0]
+
+    def __getitems__(self, indices: list[int]) -> list[dict]:
+        """The items of one batch (the DataLoader's batched fetch). In test mode the views of one video
+        in the batch come from one decode of it, instead of one decode per view."""
+        return self._items([self._checked_index(index) for index in indices])
+
+    def _checked_index(self, index: int) -> int:
         if not 0 <= index < len(self):
             raise IndexError(f"index {index} out of range for a dataset of {len(self)} items")
-        video_index, view = divmod(index, self.views_per_video)
-        clip_index, crop_index = divmod(view, self.num_crops)
+        return int(index)
+
+    def _items(self, indices: list[int]) -> list[dict]:
+        if self.mode == "test":  # the views of each video, grouped
+            groups: dict[int, list[tuple[int, int, int]]] = {}
+            for position, index in enumerate(indices):
+                video_index, view = divmod(index, self.views_per_video)
+                groups.setdefault(video_index, []).append((position, *divmod(view, self.num_crops)))
+            grouped = list(groups.items())
+        else:  # every index its own draw: a sampler repeating an index still gets independent clips
+            grouped = [(index, [(position, 0, 0)]) for position, index in enumerate(indices)]
+        items: list[dict] = [{} for _ in indices]
+        for video_index, entries in grouped:
+            views = [(clip, crop) for _, clip, crop in entries]
+            videos, label, failed = self._load_or_replace(video_index, views, indices[entries[0][0]])
+            for (position, _, _), video in zip(entries, videos):
+                # A replacement keeps the requested video_index so multi-view aggregation stays aligned.
+                items[position] = {"video": video, "label": label, "video_index": video_index, "failed": failed}
+        return items
+
+    def _load_or_replace(
+        self, video_index: int, views: list[tuple[int, int]], index: int,
+    ) -> tuple[list[torch.Tensor], int, str]:
+        """The views of ``video_index``, or of the first readable replacement: (videos, label, failure)."""
         try:
-            video = self._load(video_index, clip_index, crop_index)
-            return {"video": video, "label": self.samples[video_index].label, "video_index": video_index, "failed": ""}
+            return self._load_many(video_index, views), self.samples[video_index].label, ""
         except VideoDecodeError as error:
             failed = str(error)
-        for replacement in replacement_indices(video_index, len(self.samples), self.seed, self.max_retries):
+        for replacement in self._replacements(video_index):
             try:
-                video = self._load(replacement, clip_index, crop_index)
+                videos = self._load_many(replacement, views)
             except VideoDecodeError:
                 continue
-            # The replacement keeps the requested video_index so multi-view aggregation stays aligned.
-            label = self.samples[replacement].label
-            return {"video": video, "label": label, "video_index": video_index, "failed": failed}
+            return videos, self.samples[replacement].label, failed
         tried = 1 + min(len(self.samples) - 1, self.max_retries)
         scope = "no readable video in this split" if tried == len(self.samples) else "none of them readable"
         raise RuntimeError(
             f"tried {tried} of {len(self.samples)} videos for item {index}, {scope}; first failure: {failed}"
         )
+
+    def _load_many(self, video_index: int, views: list[tuple[int, int]]) -> list[torch.Tensor]:
+        if self.mode == "test":
+            return self._load_views(video_index, views)
+        return [self._load_clips(video_index) for _ in views]
+
+    def _replacements(self, video_index: int) -> Iterator[int]:
+        """Videos to try in place of an unreadable one. In training the order is drawn from torch's
+        generator (seeded per epoch and worker by Lightning), so an unreadable video gets other
+        stand-ins in other epochs rather than giving one video extra weight every epoch; validation
+        and test keep the fixed ``seed``, so their scores do not move between runs."""
+        seed = self.seed
+        if self.mode == "train":
+            seed = int(torch.randint(0, 2**31 - 1, ()).item())
+        return replacement_indices(video_index, len(self.samples), seed, self.max_retries)
 
 
 def collate_multi_clip(items: list[dict[str, Any]]) -> dict[str, Any]:

@@ -268,17 +268,22 @@ class VideoEvalTransform:
             frames: decoded frames.
             crop_index: which of the ``num_crops`` views, in [0, num_crops); None means the center view.
         """
+        return self.crops(frames, [self.num_crops // 2 if crop_index is None else crop_index])[0]
+
+    def crops(self, frames: torch.Tensor, crop_indices: Sequence[int]) -> list[torch.Tensor]:
+        """``[self(frames, i) for i in crop_indices]`` with one resize of the frames for all of them."""
         _check_frames(frames)
-        if crop_index is None:
-            crop_index = self.num_crops // 2
-        if not 0 <= crop_index < self.num_crops:
-            raise ValueError(f"crop_index must be in [0, {self.num_crops}), got {crop_index}")
+        for crop_index in crop_indices:
+            if not 0 <= crop_index < self.num_crops:
+                raise ValueError(f"crop_index must be in [0, {self.num_crops}), got {crop_index}")
         video = _frames_tchw(frames, self.num_frames)
         video = _resize(video, self.resized_size(frames.shape[1], frames.shape[2]))
         height, width = video.shape[-2:]
-        top, left = spatial_crop_boxes(height, width, self.crop_size, self.num_crops)[crop_index]
-        video = F.crop(video, top, left, self.crop_size, self.crop_size)
-        return _to_normalized_cthw(video, self.mean, self.std)
+        boxes = spatial_crop_boxes(height, width, self.crop_size, self.num_crops)
+        return [
+            _to_normalized_cthw(F.crop(video, *boxes[i], self.crop_size, self.crop_size), self.mean, self.std)
+            for i in crop_indices
+        ]
 
     def resized_size(self, height: int, width: int) -> tuple[int, int]:
         """(height, width) that ``height x width`` frames are resized to before cropping."""

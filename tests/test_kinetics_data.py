@@ -74,6 +74,57 @@ def test_test_views_are_videos_times_clips_times_crops(tiny_kinetics):
     assert len({tuple(v.flatten()[:64].tolist()) for v in views}) == 6
 
 
+def test_a_test_batch_decodes_each_video_once_for_all_its_views(tiny_kinetics, monkeypatch):
+    import datamodules.kinetics as kinetics
+
+    datamodule = _datamodule(tiny_kinetics, batch_size=8)  # 6 views per video: batches straddle videos
+    datamodule.setup("test")
+    dataset = datamodule.datasets["test"]
+    one_by_one = [dataset[i]["video"] for i in range(len(dataset))]
+    opened = []
+    real_open = kinetics.open_video
+    monkeypatch.setattr(kinetics, "open_video", lambda path, *a: opened.append(path) or real_open(path, *a))
+    batches = list(datamodule.test_dataloader())
+    assert [b["video"].shape[0] for b in batches] == [8, 8, 2]
+    assert len(opened) == 5  # videos 0, 1 | 1, 2 | 2: one open per video per batch, not 18 (one per view)
+    torch.testing.assert_close(torch.cat([b["video"] for b in batches]), torch.stack(one_by_one), rtol=0, atol=0)
+    assert torch.cat([b["video_index"] for b in batches]).tolist() == [v for v in range(3) for _ in range(6)]
+    # The one-resize path of the transform equals one call per crop.
+    frames = torch.randint(0, 255, (8, 40, 56, 3), dtype=torch.uint8)
+    transform = VideoEvalTransform(4, 24, 28, num_crops=3)
+    for got, crop in zip(transform.crops(frames, [2, 0]), (2, 0)):
+        assert torch.equal(got, transform(frames, crop))
+
+
+def test_unreadable_test_videos_are_replaced_per_video_in_a_batch(broken_kinetics):
+    samples = read_kinetics_annotations(broken_kinetics, "train")  # the split with unreadable videos
+    transform = VideoEvalTransform(4, 24, 28, num_crops=3)
+    dataset = VideoClipDataset(samples, "test", transform, 4, 2, num_clips=2, num_crops=3)
+    broken = [i for i, s in enumerate(samples) if any(tag in s.path for tag in BROKEN_TRAIN)]
+    assert len(broken) == 3
+    items = dataset.__getitems__(list(range(len(dataset))))
+    for video_index in broken:
+        views = [item for item in items if item["video_index"] == video_index]
+        assert len(views) == 6 and all(item["failed"] for item in views)
+        assert len({item["label"] for item in views}) == 1  # one stand-in video for all views
+        for item, again in zip(views, dataset.__getitems__([video_index * 6 + k for k in range(6)])):
+            assert torch.equal(item["video"], again["video"])  # test replacements are fixed
+
+
+def test_training_replacements_change_between_epochs(broken_kinetics):
+    datamodule = _datamodule(broken_kinetics)
+    datamodule.setup("fit")
+    dataset = datamodule.datasets["train"]
+    broken_index = next(i for i, s in enumerate(dataset.samples) if "trunc" in s.path)
+
+    def stand_ins(seed: int) -> list[int]:
+        torch.manual_seed(seed)  # Lightning seeds torch per epoch and worker
+        return list(dataset._replacements(broken_index))[:3]
+
+    assert stand_ins(0) == stand_ins(0)
+    assert len({tuple(stand_ins(seed)) for seed in range(6)}) > 1
+
+
 def test_short_video_gives_full_clip(tiny_kinetics):
     # 16-frame videos, 8 x 4 = 32-frame clips: frames are spread over the video instead of failing.
     datamodule = _datamodule(tiny_kinetics, num_frames=8, sampling_rate=4, batch_size=6)
