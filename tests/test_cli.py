@@ -170,3 +170,18 @@ def test_errors_outside_oct3d_checks_keep_their_traceback(tmp_path, monkeypatch)
     monkeypatch.setattr(lightning_cli, "OctCLI", fails)
     with pytest.raises(ValueError, match="from elsewhere"):
         lightning_cli.run_cli(["fit"])
+
+
+def test_the_learning_rate_is_logged_whenever_a_logger_is(tiny_kinetics, tmp_path):
+    from lightning.pytorch.callbacks import LearningRateMonitor
+
+    from oct3d.lightning.cli import OctCLI
+
+    args = _tiny_video_args(tiny_kinetics, tmp_path)
+
+    def monitors(*extra: str) -> int:
+        trainer = OctCLI(args=[*args, *extra], run=False).trainer
+        return sum(isinstance(callback, LearningRateMonitor) for callback in trainer.callbacks)
+
+    assert monitors() == 1  # the configs leave `logger: null`: Lightning's default TensorBoard logger
+    assert monitors("--trainer.logger", "false") == 0

@@ -115,7 +115,9 @@ class OctCLI(LightningCLI):
         given = [c for c in (config.get("callbacks") or []) + callbacks if isinstance(c, Callback)]
         if config.get("enable_progress_bar", True) is not False and not any(isinstance(c, ProgressBar) for c in given):
             extra.append(RichProgressBar())
-        has_logger = config.get("logger", True) not in (False, None)
+        # ``logger: null`` (LightningCLI's default) is the Trainer's default TensorBoard logger.
+        logger = config.get("logger")
+        has_logger = logger is not False and not (isinstance(logger, (list, tuple)) and not logger)
         if has_logger and not any(isinstance(c, LearningRateMonitor) for c in given):
             extra.append(LearningRateMonitor(logging_interval="step"))
         return super()._instantiate_trainer(config, callbacks + extra)
