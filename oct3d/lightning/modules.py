@@ -232,7 +232,14 @@ class OctaveClassifier(pl.LightningModule):
         # Unreadable files are replaced by the data module and reported once per epoch by its
         # DataErrorReport callback; a running count in the logs makes them visible on dashboards too.
         failed = batch.get("failed") if isinstance(batch, dict) else None
-        count = sum(1 for f in failed if f) if isinstance(failed, (list, tuple)) else 0
+        count = 0
+        if isinstance(failed, (list, tuple)):
+            # Videos, not samples: the clips (clips_per_video) and views of one video share its index.
+            index = batch.get("video_index")
+            if isinstance(index, Tensor) and index.numel() == len(failed):
+                count = len({i for i, f in zip(index.tolist(), failed) if f})
+            else:
+                count = sum(1 for f in failed if f)
         # Logged on every step, zeros included: a synced key that only some ranks log hangs the epoch's end.
         self.log(f"{stage}/failed_videos", float(count), reduce_fx="sum", on_step=False, on_epoch=True,
                  sync_dist=True, batch_size=1)
