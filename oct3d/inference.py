@@ -7,7 +7,8 @@ input file::
     {"path": "b.mp4", "error": "b.mp4: truncated: ..."}
 
 With ``--window SEC --hop SEC`` a line also holds ``"segments": [{"start", "end", "topk"}, ...]``
-(its ``topk`` is the average over the segments). Without ``--output`` a table goes to stdout.
+(its ``topk`` is the average over the segments). Without ``--output`` a table goes to stdout;
+``--output -`` writes the JSON lines to stdout instead.
 The exit status is 0 when every file succeeded, 1 when any failed (all others are still written),
 2 for usage errors (bad checkpoint, no input files).
 
@@ -322,7 +323,7 @@ def plan_segments(num_frames: int, fps: float, clip_frames: int, sampling_rate: 
 
 @dataclass
 class _Work:
-    """The preprocessed views of one file, waiting for the model."""
+    """The preprocessed views of one file, or of a part of a long video's segments, waiting for the model."""
 
     index: int
     path: Path
@@ -330,12 +331,12 @@ class _Work:
     segments: list[Segment] = field(default_factory=list)
     views_per_segment: int = 1
     error: str | None = None
+    part: int = 0  # windowed videos come in parts of a few segments each (bounded memory)
+    parts: int = 1
 
 
-def _load_video_views(path: Path, meta: ModelMetadata, views: int, window: float | None, hop: float | None,
-                      decoder: str) -> tuple[Tensor, list[Segment], int]:
+def _video_transform(meta: ModelMetadata, views: int) -> tuple[Any, int, int, int, int]:
     from datamodules.transforms import VideoEvalTransform
-    from datamodules.video import clip_indices, open_video
 
     prep = meta.preprocessing
     num_frames = int(prep.get("num_frames", 8))
@@ -344,17 +345,36 @@ def _load_video_views(path: Path, meta: ModelMetadata, views: int, window: float
     temporal, crops = VIEW_LAYOUTS[views]
     kwargs = {k: prep[k] for k in ("mean", "std") if k in prep}
     transform = VideoEvalTransform(num_frames, crop, max(int(prep.get("short_side", crop)), crop), crops, **kwargs)
+    return transform, num_frames, rate, temporal, crops
+
+
+def _plan_video(path: Path, meta: ModelMetadata, views: int, window: float | None, hop: float | None,
+                decoder: str) -> list[Segment]:
+    """The segments of a video (read from its header)."""
+    from datamodules.video import open_video
+
+    _, num_frames, rate, temporal, _ = _video_transform(meta, views)
+    with open_video(path, decoder) as reader:
+        info = reader.info
+        return plan_segments(info.num_frames, info.fps, num_frames, rate, temporal, window, hop)
+
+
+def _load_video_views(path: Path, meta: ModelMetadata, views: int, window: float | None, hop: float | None,
+                      decoder: str, segments: list[Segment] | None = None) -> tuple[Tensor, list[Segment], int]:
+    """The views of ``segments`` of a video (default: all of them, planned from ``window`` and ``hop``)."""
+    from datamodules.video import clip_indices, open_video
+
+    transform, num_frames, rate, temporal, crops = _video_transform(meta, views)
     clips: list[Tensor] = []
     with open_video(path, decoder) as reader:
         info = reader.info
-        segments = plan_segments(info.num_frames, info.fps, num_frames, rate, temporal, window, hop)
+        if segments is None:
+            segments = plan_segments(info.num_frames, info.fps, num_frames, rate, temporal, window, hop)
         for segment in segments:
-            # One decode per segment keeps memory bounded on long videos.
             indices = [clip_indices(info.num_frames, s, num_frames, rate) for s in segment.clip_starts]
             frames = reader.get_frames([i for clip in indices for i in clip])
             for c in range(len(indices)):
-                clip = frames[c * num_frames:(c + 1) * num_frames]
-                clips.extend(transform(clip, crop_index) for crop_index in range(crops))
+                clips.extend(transform.crops(frames[c * num_frames:(c + 1) * num_frames], list(range(crops))))
     return torch.stack(clips), segments, temporal * crops
 
 
@@ -372,19 +392,43 @@ def _load_image_view(path: Path, meta: ModelMetadata) -> Tensor:
 
 
 def _prepare(index: int, path: Path, meta: ModelMetadata, views: int, window: float | None, hop: float | None,
-             decoder: str) -> _Work:
-    work = _Work(index, path)
+             decoder: str, segments: list[Segment] | None = None, part: int = 0, parts: int = 1) -> _Work:
+    work = _Work(index, path, part=part, parts=parts)
     try:
         if meta.task == "video":
             work.views, work.segments, work.views_per_segment = _load_video_views(
-                path, meta, views, window, hop, decoder)
+                path, meta, views, window, hop, decoder, segments)
         else:
             work.views = _load_image_view(path, meta)
             work.segments = [Segment(0.0, 0.0, (0,))]
     except Exception as error:  # any unreadable input becomes an error line; the run goes on
-        message = str(error) or type(error).__name__
-        work.error = message if str(path) in message else f"{path}: {message}"
+        work.error = _error_line(path, error)
     return work
+
+
+def _error_line(path: Path, error: BaseException) -> str:
+    message = str(error) or type(error).__name__
+    return message if str(path) in message else f"{path}: {message}"
+
+
+def _tasks(files: Sequence[Path], meta: ModelMetadata, views: int, window: float | None, hop: float | None,
+           decoder: str, batch_size: int) -> Iterator[tuple]:
+    """``_prepare``'s arguments per file; a windowed video is split into parts of about ``batch_size`` views,
+    so that a long video never holds all of its views in memory (its header is read here to plan them)."""
+    per_segment = math.prod(VIEW_LAYOUTS[views])
+    for index, path in enumerate(files):
+        if window is None or meta.task != "video":
+            yield index, path, meta, views, window, hop, decoder
+            continue
+        try:
+            segments = _plan_video(path, meta, views, window, hop, decoder)
+        except Exception:  # an unreadable header: the error line comes out of _prepare, in file order
+            yield index, path, meta, views, window, hop, decoder
+            continue
+        step = max(1, batch_size // per_segment)
+        chunks = [segments[i:i + step] for i in range(0, len(segments), step)]
+        for part, chunk in enumerate(chunks):
+            yield index, path, meta, views, window, hop, decoder, chunk, part, len(chunks)
 
 
 def _topk(meta: ModelMetadata, probs: Tensor, k: int) -> list[dict[str, Any]]:
@@ -422,36 +466,57 @@ def predict_files(predictor: Predictor, files: Sequence[Path], topk: int = 5, vi
         raise ValueError("hop needs a window and must be > 0 seconds")
     meta = predictor.metadata
     pending: list[_Work] = []  # decoded, in file order, awaiting (part of) a forward pass
-    outputs: dict[int, list[Tensor]] = {}
+    outputs: dict[int, list[Tensor]] = {}  # id(work) -> softmax rows so far
+    done_parts: list[_Work] = []  # finished parts of the file being assembled (windowed videos)
+    done_probs: list[Tensor] = []
     bar = _Progress(len(files), progress)
+
+    def finished(work: _Work) -> bool:
+        return work.error is not None or len(outputs.get(id(work), [])) == len(work.views)
 
     def flush(force: bool) -> Iterator[dict[str, Any]]:
         # Run the model whenever a full batch is queued (or at the end), then emit finished files in order.
         queued = [(w, i) for w in pending if w.views is not None for i in range(len(w.views))
-                  if len(outputs.get(w.index, [])) <= i]
+                  if len(outputs.get(id(w), [])) <= i]
         while queued and (force or len(queued) >= batch_size):
             chunk, queued = queued[:batch_size], queued[batch_size:]
             logits = predictor(torch.stack([w.views[i] for w, i in chunk]))
             for (w, _), row in zip(chunk, logits.float().softmax(-1)):
-                outputs.setdefault(w.index, []).append(row)
-        while pending and (pending[0].error or len(outputs.get(pending[0].index, [])) == len(pending[0].views)):
+                outputs.setdefault(id(w), []).append(row)
+        while pending and finished(pending[0]):
             work = pending.pop(0)
-            if work.error:
-                yield {"path": str(work.path), "error": work.error}
+            rows = outputs.pop(id(work), [])
+            work.views = None  # the inputs are no longer needed; only the probabilities are kept
+            done_parts.append(work)
+            done_probs.extend(rows)
+            if work.part < work.parts - 1:
+                continue
+            failed = next((w.error for w in done_parts if w.error), None)
+            if failed is not None:
+                yield {"path": str(work.path), "error": failed}
             else:
-                yield _result(work, torch.stack(outputs.pop(work.index)), meta, topk, window is not None)
+                whole = _Work(work.index, work.path, segments=[s for w in done_parts for s in w.segments],
+                              views_per_segment=work.views_per_segment)
+                yield _result(whole, torch.stack(done_probs), meta, topk, window is not None)
+            done_parts.clear()
+            done_probs.clear()
             bar.advance()
 
+    tasks = _tasks(files, meta, views, window, hop, decoder, batch_size)
     with ThreadPoolExecutor(max_workers=max(workers, 1)) as pool, bar:
         futures: list[Future] = []
-        next_file = 0
-        while next_file < len(files) or futures:
-            # Keep a bounded number of files decoding ahead of the model.
-            while next_file < len(files) and len(futures) < 2 * max(workers, 1):
-                futures.append(pool.submit(_prepare, next_file, files[next_file], meta, views, window, hop, decoder))
-                next_file += 1
-            pending.append(futures.pop(0).result())
-            yield from flush(force=False)
+        exhausted = False
+        while not exhausted or futures:
+            # Keep a bounded number of files (or parts of long videos) decoding ahead of the model.
+            while not exhausted and len(futures) < 2 * max(workers, 1):
+                task = next(tasks, None)
+                if task is None:
+                    exhausted = True
+                else:
+                    futures.append(pool.submit(_prepare, *task))
+            if futures:
+                pending.append(futures.pop(0).result())
+                yield from flush(force=False)
         yield from flush(force=True)
 
 
@@ -490,8 +555,10 @@ def _print_table(results: list[dict[str, Any]], topk: int) -> None:
     table.add_column("span (s)")
     table.add_column("top-1")
     table.add_column("score", justify="right")
-    if topk > 1:
-        table.add_column("top-2" if topk == 2 else f"top-2..{topk}")
+    # The last column lists the runners-up, and says why a file failed (also at --topk 1).
+    last_column = topk > 1 or any("error" in r for r in results)
+    if last_column:
+        table.add_column("error" if topk == 1 else "top-2" if topk == 2 else f"top-2..{topk}")
     # File names alone, unless two files share one: then their paths below the common folder.
     paths = [Path(r["path"]) for r in results]
     names = [p.name for p in paths]
@@ -504,14 +571,14 @@ def _print_table(results: list[dict[str, Any]], topk: int) -> None:
                  for p in paths]
     for result, name in zip(results, names):
         if "error" in result:
-            table.add_row(name, "", "[red]error[/red]", "", *([result["error"]] if topk > 1 else []))
+            table.add_row(name, "", "[red]error[/red]", "", result["error"])
             continue
         segments = result.get("segments", [])
         rows = [("all", result["topk"])] + [(f"{s['start']:g}-{s['end']:g}", s["topk"]) for s in segments]
         for span, predictions in rows:
             best = predictions[0]
             rest = ", ".join(f"{p['label']} {p['score']:.3f}" for p in predictions[1:])
-            table.add_row(name, span, best["label"], f"{best['score']:.3f}", *([rest] if topk > 1 else []))
+            table.add_row(name, span, best["label"], f"{best['score']:.3f}", *([rest] if last_column else []))
     Console(width=max(Console().width, 120)).print(table)
 
 
@@ -522,7 +589,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("paths", nargs="+", metavar="PATH", help="video files, or folders searched recursively")
     parser.add_argument("--checkpoint", required=True, help="Lightning .ckpt from `lightning fit`, or an export")
-    parser.add_argument("--output", help="write JSON lines here instead of printing a table")
+    parser.add_argument("--output", help="write JSON lines to this file ('-': to stdout) instead of printing a table")
     parser.add_argument("--topk", type=int, default=5, help="predictions per file (default 5)")
     parser.add_argument("--views", type=int, default=1, choices=sorted(VIEW_LAYOUTS),
                         help="views per video (segment): 1 center clip, 30 = 10 clips x 3 crops")
@@ -547,7 +614,7 @@ def split_inputs(parser: argparse.ArgumentParser, args: argparse.Namespace) -> t
     as ``{"path", "error": "does not exist"}`` and go on with the others.
     """
     output = getattr(args, "output", None)
-    if output and not Path(output).resolve().parent.is_dir():
+    if output and output != "-" and not Path(output).resolve().parent.is_dir():
         parser.error(f"--output {output}: folder {Path(output).resolve().parent} does not exist")
     missing = [p for p in args.paths if not Path(p).exists()]
     return [p for p in args.paths if p not in missing], missing
@@ -580,7 +647,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: no {'/'.join(extensions)} files under {' '.join(args.paths)}", file=sys.stderr)
         return 2
     results: list[dict[str, Any]] = []
-    handle = open(args.output, "w") if args.output else None  # noqa: SIM115 - closed below, written line by line
+    if args.output == "-":
+        handle = sys.stdout
+    else:
+        handle = open(args.output, "w") if args.output else None  # noqa: SIM115 - closed below, written line by line
     try:
         for path in missing:
             results.append({"path": path, "error": "does not exist"})
@@ -593,7 +663,7 @@ def main(argv: list[str] | None = None) -> int:
                 handle.write(json.dumps(result) + "\n")
                 handle.flush()
     finally:
-        if handle is not None:
+        if handle is not None and handle is not sys.stdout:
             handle.close()
     if handle is None:
         _print_table(results, args.topk)

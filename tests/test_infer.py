@@ -81,6 +81,29 @@ def test_windows_give_segments_with_times(checkpoint, mixed_folder, tmp_path):
     assert all(len(s["topk"]) == 3 for s in result["segments"])
 
 
+def test_windows_of_a_long_video_stream_through_the_model_in_bounded_parts(checkpoint, mixed_folder, tmp_path,
+                                                                           monkeypatch):
+    import oct3d.inference as inference
+
+    _, good = mixed_folder
+    unreadable = tmp_path / "z_text.mp4"
+    unreadable.write_text("not a video\n" * 10)
+    files = [good[0], unreadable, good[1]]
+    predictor = load_predictor(checkpoint, "cpu")
+    whole = list(inference.predict_files(predictor, files, 3, 1, 0.25, 0.125, batch_size=64))
+    loaded = []
+    real = inference._load_video_views
+    monkeypatch.setattr(inference, "_load_video_views", lambda *a: loaded.append(len(a[-1] or [])) or real(*a))
+    parts = list(inference.predict_files(predictor, files, 3, 1, 0.25, 0.125, batch_size=3))
+    assert len(whole[0]["segments"]) == 15 and max(loaded) <= 3  # parts of at most a batch of views
+    assert [r["path"] for r in parts] == [str(f) for f in files] and "error" in parts[1]
+    for a, b in zip(whole, parts):
+        assert a.keys() == b.keys()
+        if "segments" in a:
+            assert [s["start"] for s in a["segments"]] == [s["start"] for s in b["segments"]]
+            assert [p["score"] for p in a["topk"]] == pytest.approx([p["score"] for p in b["topk"]], abs=1e-5)
+
+
 def test_a_missing_input_is_reported_and_the_others_go_on(checkpoint, mixed_folder, tmp_path, capsys):
     _, good = mixed_folder
     output = tmp_path / "preds.jsonl"
@@ -100,6 +123,16 @@ def test_table_without_output(checkpoint, mixed_folder, capsys):
     assert main(["--checkpoint", str(checkpoint), "--topk", "2", str(good[0])]) == 0
     out = capsys.readouterr().out
     assert "oct3d predictions" in out and good[0].name[:10] in out
+
+
+def test_json_lines_to_stdout_and_failure_reasons_in_the_table_at_top1(checkpoint, mixed_folder, capsys):
+    folder, _ = mixed_folder
+    text = folder / "d_text.mp4"
+    assert main(["--checkpoint", str(checkpoint), "--output", "-", str(text), str(folder / "a_good.mp4")]) == 1
+    first, second = (json.loads(line) for line in capsys.readouterr().out.splitlines())
+    assert first["path"] == str(text) and "error" in first and "topk" in second
+    assert main(["--checkpoint", str(checkpoint), "--topk", "1", str(text)]) == 1
+    assert "not a video" in capsys.readouterr().out  # the reason, not just "error"
 
 
 def test_foreign_checkpoint_is_a_clear_error(tmp_path, mixed_folder, capsys):
