@@ -597,3 +597,28 @@ def test_numpy_scalars_are_taken_like_nn_conv_and_bad_values_are_named():
         pass
     with pytest.raises(ValueError, match="force takes layer plans"), force(low="bogus"):
         pass
+
+
+def test_pools_check_their_inputs_and_keep_the_memory_format():
+    from oct3d.nn import OctAvgPool, OctAvgPool3d, OctMaxPool, OctMaxPool2d
+
+    with pytest.raises(ValueError, match=r"OctMaxPool\(dims=3\) expects input maps of shape \(N, C, T, H, W\)"):
+        OctMaxPool(3, 2, 1)(torch.randn(2, 4, 16, 16))  # reads like nn.MaxPool2d(3, 2, 1); it is not
+    with pytest.raises(ValueError, match="expects low maps of shape"):
+        OctMaxPool(2, 2)(Octave(torch.randn(1, 4, 16, 16), torch.randn(1, 4, 8)))
+    with pytest.raises(ValueError, match=r"low map of a high map shaped \(1, 4, 16, 16\) to be shaped \(1, 4, 8, 8\)"):
+        OctMaxPool(2, 2)(Octave(torch.randn(1, 4, 16, 16), torch.randn(1, 4, 16, 16)))  # was pooled and cropped
+    with pytest.raises(ValueError, match="dims must be 1, 2 or 3"):
+        OctMaxPool(4, 2)
+    x = Octave(torch.randn(1, 4, 15, 13), torch.randn(1, 4, 8, 7))
+    for fixed, generic in ((OctMaxPool2d(3, 2, 1), OctMaxPool(2, 3, 2, 1)), (OctAvgPool3d(2), OctAvgPool(3, 2))):
+        sample = x if fixed.dims == 2 else Octave(torch.randn(1, 4, 6, 15, 13), torch.randn(1, 4, 6, 8, 7))
+        for got, want in zip(fixed(sample), generic(sample)):
+            assert torch.equal(got, want)
+    layout = torch.channels_last_3d
+    volume = Octave(torch.randn(1, 8, 6, 15, 13).contiguous(memory_format=layout),
+                    torch.randn(1, 8, 6, 8, 7).contiguous(memory_format=layout))
+    for pool in (OctAvgPool3d(2), OctAvgPool3d(3, 2, 1), OctMaxPool(3, 3, 2, 1)):
+        out = pool(volume)
+        assert all(t.is_contiguous(memory_format=layout) for t in out), pool  # avg_pool3d returned channels-first
+        assert tuple(out.low.shape[2:]) == (out.high.shape[2], *(-(-n // 2) for n in out.high.shape[3:]))

@@ -16,9 +16,11 @@ from torch import Tensor, nn
 from oct3d.nn.conv import IntOrTuple, check_alpha, check_positive_int, to_tuple
 from oct3d.nn.norm import batch_norm
 from oct3d.nn.octave import (
+    CHANNELS_LAST_FORMATS,
     Octave,
     OctaveInput,
     fx_leaf_forward,
+    is_channels_last,
     low_size,
     octave_factors,
     pair_as_octave,
@@ -34,7 +36,13 @@ __all__ = [
     "OctReLU",
     "OctDropout",
     "OctMaxPool",
+    "OctMaxPool1d",
+    "OctMaxPool2d",
+    "OctMaxPool3d",
     "OctAvgPool",
+    "OctAvgPool1d",
+    "OctAvgPool2d",
+    "OctAvgPool3d",
     "OctGlobalAvgPool",
     "octave_add",
     "map_octave",
@@ -196,13 +204,15 @@ class OctDropout(OctMap):
 
 
 class _OctPool(nn.Module):
-    _fns: dict[int, Callable] = {}
+    """Pooling of both branches with one kernel, stride and padding (see :class:`OctMaxPool`)."""
 
     def __init__(
         self, dims: int, kernel_size: IntOrTuple, stride: IntOrTuple | None = None, padding: IntOrTuple = 0,
         octave: str = "spatial",
     ) -> None:
         super().__init__()
+        if dims not in (1, 2, 3):
+            raise ValueError(f"dims must be 1, 2 or 3 (the spatial axes of the maps), got {dims!r}")
         self.factors = octave_factors(dims, octave)
         self.dims = dims
         self.octave = octave
@@ -222,30 +232,72 @@ class _OctPool(nn.Module):
     def _pool(self, x: Tensor, ceil_mode: bool = False) -> Tensor:
         raise NotImplementedError
 
+    def _check(self, name: str, t: object) -> Tensor:
+        if not isinstance(t, Tensor) or t.dim() != self.dims + 2:
+            axes = ", ".join(("T", "H", "W")[3 - self.dims:]) if self.dims > 1 else "L"
+            shape = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
+            raise ValueError(f"{type(self).__name__}(dims={self.dims}) expects {name} maps of shape (N, C, {axes}), "
+                             f"got {shape}")
+        return t
+
     @fx_leaf_forward
     def forward(self, x: OctaveInput) -> OctaveInput:
+        """Pool the high branch like the vanilla layer, and the low branch so that it stays the
+        high branch's octave (``ceil(n / 2)`` on the octave axes)."""
         x = pair_as_octave(x)
-        if isinstance(x, Octave) and x.low is not None:
-            # The high map pools in floor mode like the vanilla layer. On odd sizes floor mode can
-            # drop the low map's last partial window (high 6 -> 3 but its low 3 -> 1, not 2), so the
-            # low map pools in ceil mode and keeps the windows that belong to the kept high ones.
-            high, low = self._pool(x.high), self._pool(x.low, ceil_mode=True)
-            expected = low_size(high.shape[2:], self.factors)
-            if all(m >= n for m, n in zip(low.shape[2:], expected)):
-                low = low[(slice(None), slice(None), *(slice(0, n) for n in expected))]
-            if tuple(low.shape[2:]) != expected:
-                raise ValueError(
-                    f"{type(self).__name__}(kernel_size={self.kernel_size}, stride={self.stride}, "
-                    f"padding={self.padding}) pools the high map to {tuple(high.shape[2:])} but the low map to "
-                    f"{tuple(low.shape[2:])}, not the expected {expected}; choose a kernel/padding whose output "
-                    "is ceil(n / stride), e.g. kernel 3, padding 1"
-                )
-            return Octave(high, low)
-        return map_octave(self._pool, x)
+        if not isinstance(x, Octave) or x.low is None:
+            high = self._check("input", x.high if isinstance(x, Octave) else x)
+            return _same_layout(self._pool(high), high) if not isinstance(x, Octave) else \
+                Octave(_same_layout(self._pool(high), high), None)
+        high, low = self._check("high", x.high), self._check("low", x.low)
+        expected = low_size(high.shape[2:], self.factors)
+        if tuple(low.shape[2:]) != expected or low.shape[0] != high.shape[0]:
+            raise ValueError(
+                f"{type(self).__name__} expects the low map of a high map shaped {tuple(high.shape)} to be shaped "
+                f"{(high.shape[0], low.shape[1], *expected)} (ceil of half on the octave axes, "
+                f"octave={self.octave!r}), got {tuple(low.shape)}"
+            )
+        # The high map pools in floor mode like the vanilla layer. On odd sizes floor mode can
+        # drop the low map's last partial window (high 6 -> 3 but its low 3 -> 1, not 2), so the
+        # low map pools in ceil mode and keeps the windows that belong to the kept high ones.
+        pooled_high, pooled_low = self._pool(high), self._pool(low, ceil_mode=True)
+        expected = low_size(pooled_high.shape[2:], self.factors)
+        if all(m >= n for m, n in zip(pooled_low.shape[2:], expected)):
+            pooled_low = pooled_low[(slice(None), slice(None), *(slice(0, n) for n in expected))]
+        if tuple(pooled_low.shape[2:]) != expected:
+            raise ValueError(
+                f"{type(self).__name__}(kernel_size={self.kernel_size}, stride={self.stride}, "
+                f"padding={self.padding}) pools the high map to {tuple(pooled_high.shape[2:])} but the low map to "
+                f"{tuple(pooled_low.shape[2:])}, not the expected {expected}; choose a kernel/padding whose output "
+                "is ceil(n / stride), e.g. kernel 3, padding 1"
+            )
+        return Octave(_same_layout(pooled_high, high), _same_layout(pooled_low, low))
+
+
+def _same_layout(y: Tensor, like: Tensor) -> Tensor:
+    # avg_pool3d returns a channels_last_3d map channels-first, and the low map's crop is a strided view:
+    # later layers should get the caller's channels_last layout, dense.
+    if like.dim() in (4, 5) and is_channels_last(like) and not is_channels_last(y):
+        return y.contiguous(memory_format=CHANNELS_LAST_FORMATS[like.dim()])
+    return y
+
+
+_POOL_ARGS = """
+    Args:
+        dims: spatial axes of the maps (1, 2 or 3); ``OctMaxPool{1,2,3}d`` fix it.
+        kernel_size: the window, an int or one per axis.
+        stride: the window's step (default: ``kernel_size``).
+        padding: implicit padding on each side, at most half the kernel.
+        octave: which axes the low branch halves (``"spatial"`` or ``"spatiotemporal"``, 3D only).
+
+    The high map pools exactly as the vanilla layer would; the low map pools with the same window in
+    ceil mode and keeps the windows that match the pooled high map, so it stays its octave
+    (``ceil(n / 2)`` of the high map on the octave axes). The output keeps the input's memory format.
+"""
 
 
 class OctMaxPool(_OctPool):
-    """Max pooling applied to both branches with the same kernel, stride and padding."""
+    __doc__ = "Max pooling applied to both branches with the same kernel, stride and padding.\n" + _POOL_ARGS
 
     def _pool(self, x: Tensor, ceil_mode: bool = False) -> Tensor:
         fn = (F.max_pool1d, F.max_pool2d, F.max_pool3d)[self.dims - 1]
@@ -253,11 +305,67 @@ class OctMaxPool(_OctPool):
 
 
 class OctAvgPool(_OctPool):
-    """Average pooling applied to both branches with the same kernel, stride and padding."""
+    __doc__ = "Average pooling applied to both branches with the same kernel, stride and padding.\n" + _POOL_ARGS
 
     def _pool(self, x: Tensor, ceil_mode: bool = False) -> Tensor:
         fn = (F.avg_pool1d, F.avg_pool2d, F.avg_pool3d)[self.dims - 1]
         return fn(x, self.kernel_size, self.stride, self.padding, ceil_mode=ceil_mode)
+
+
+class OctMaxPool1d(OctMaxPool):
+    """:class:`OctMaxPool` on 1D maps, argument for argument like ``nn.MaxPool1d``."""
+
+    def __init__(
+        self, kernel_size: IntOrTuple, stride: IntOrTuple | None = None, padding: IntOrTuple = 0,
+    ) -> None:
+        super().__init__(1, kernel_size, stride, padding, "spatial")
+
+
+class OctMaxPool2d(OctMaxPool):
+    """:class:`OctMaxPool` on 2D maps, argument for argument like ``nn.MaxPool2d``."""
+
+    def __init__(
+        self, kernel_size: IntOrTuple, stride: IntOrTuple | None = None, padding: IntOrTuple = 0,
+    ) -> None:
+        super().__init__(2, kernel_size, stride, padding, "spatial")
+
+
+class OctMaxPool3d(OctMaxPool):
+    """:class:`OctMaxPool` on 3D maps, argument for argument like ``nn.MaxPool3d`` (plus ``octave``)."""
+
+    def __init__(
+        self, kernel_size: IntOrTuple, stride: IntOrTuple | None = None, padding: IntOrTuple = 0,
+        octave: str = "spatial",
+    ) -> None:
+        super().__init__(3, kernel_size, stride, padding, octave)
+
+
+class OctAvgPool1d(OctAvgPool):
+    """:class:`OctAvgPool` on 1D maps, argument for argument like ``nn.AvgPool1d``."""
+
+    def __init__(
+        self, kernel_size: IntOrTuple, stride: IntOrTuple | None = None, padding: IntOrTuple = 0,
+    ) -> None:
+        super().__init__(1, kernel_size, stride, padding, "spatial")
+
+
+class OctAvgPool2d(OctAvgPool):
+    """:class:`OctAvgPool` on 2D maps, argument for argument like ``nn.AvgPool2d``."""
+
+    def __init__(
+        self, kernel_size: IntOrTuple, stride: IntOrTuple | None = None, padding: IntOrTuple = 0,
+    ) -> None:
+        super().__init__(2, kernel_size, stride, padding, "spatial")
+
+
+class OctAvgPool3d(OctAvgPool):
+    """:class:`OctAvgPool` on 3D maps, argument for argument like ``nn.AvgPool3d`` (plus ``octave``)."""
+
+    def __init__(
+        self, kernel_size: IntOrTuple, stride: IntOrTuple | None = None, padding: IntOrTuple = 0,
+        octave: str = "spatial",
+    ) -> None:
+        super().__init__(3, kernel_size, stride, padding, octave)
 
 
 class OctGlobalAvgPool(nn.Module):
