@@ -903,3 +903,21 @@ def test_cached_weights_are_dropped_when_the_mode_switches():
     assert "onednn_packed" not in kernels.conv_kernels(x.high, conv.h2h.weight, (1, 1), (1, 1), 1, plain=True,
                                                         cache_weights=False)
     kernels.clear_cache()
+
+
+@needs_onednn
+@pytest.mark.parametrize("plan", ["cat", "split"])
+def test_clear_cache_after_a_data_update_in_eval_mode_serves_the_new_weights(plan):
+    """docs/speed.md's recipe for a model kept in eval mode whose weights change through .data
+    (an EMA teacher): clear_cache() drops the packed and the concatenated weights."""
+    torch.manual_seed(0)
+    conv = OctConv(2, 16, 16, 3, 0.5, 0.5).eval()
+    x = _make_input(conv, 1, (16, 16))
+    with torch.inference_mode(), kernels.force(conv="onednn_packed", low=plan, high=plan):
+        for _ in range(3):
+            conv(x)
+        for p in conv.parameters():
+            p.data.mul_(0.5)  # no version bump
+        kernels.clear_cache()
+        _assert_same(conv(x), conv.forward_reference(x), atol=1e-5)
+    kernels.clear_cache()

@@ -413,7 +413,7 @@ class OctConv(nn.Module):
         every switch between training and evaluation starts afresh; a model kept in eval
         mode whose weights are changed through ``.data`` needs ``oct3d.nn.kernels.clear_cache()``.
         """
-        self.__dict__.pop("_cat_weight_cache", None)
+        kernels.forget_layer(self)
         kernels.forget_weights(self.parameters())
         return super().train(mode)
 
@@ -527,8 +527,8 @@ class OctConv(nn.Module):
         if torch.is_grad_enabled() or self.training or traced_or_compiled():
             return torch.cat([w_a, w_b], dim=1)
         key = (w_a._version, w_b._version, w_a.data_ptr(), w_b.data_ptr(), w_a.dtype, w_a.device)
-        # Plain attribute, not a buffer: never in the state dict, rebuilt after a copy.
-        caches = self.__dict__.setdefault("_cat_weight_cache", {})
+        # Kept beside the layer, not in it: never in the state dict or a copy, and clear_cache() drops it.
+        caches = kernels.layer_cache(self)
         cached = caches.get(family)
         if cached is None or cached[0] != key:
             # Built as a normal tensor even under inference_mode: an inference tensor has no

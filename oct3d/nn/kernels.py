@@ -60,6 +60,7 @@ import contextlib
 import math
 import os
 import time
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 
 import torch
@@ -127,6 +128,8 @@ PACKED_PER_WEIGHT = 4
 # weight -> {(input shape, stride, padding, dilation, groups): (version, data_ptr, packed)}; entries die with
 # the weight. Keyed by identity: a tensor's ``==`` is elementwise.
 _packed = torch.utils.weak.WeakIdKeyDictionary()
+# layer -> its cached weight copies (see layer_cache); entries die with the layer.
+_layer_caches: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 _cache: dict[tuple, str] = {}
 # conv_nd's memo: the kernel (and output layout) resolved for each exact call setting, so that a
@@ -535,9 +538,25 @@ def forget_weights(weights: Iterator[Tensor] | Sequence[Tensor]) -> None:
         _packed.pop(weight, None)
 
 
+def layer_cache(layer: torch.nn.Module) -> dict:
+    """The weight copies a layer keeps for inference (``OctConv``'s concatenated weights), dropped by
+    :func:`clear_cache` and :func:`forget_layer`; the entry dies with the layer."""
+    cache = _layer_caches.get(layer)
+    if cache is None:
+        cache = _layer_caches[layer] = {}
+    return cache
+
+
+def forget_layer(layer: torch.nn.Module) -> None:
+    """Drop ``layer``'s :func:`layer_cache` (``OctConv`` calls this when its mode switches)."""
+    _layer_caches.pop(layer, None)
+
+
 def clear_cache() -> None:
     """Forget every tuned choice (the next call of each setting times its options again) and drop
-    the packed weights."""
+    every cached weight copy: the packed weights and the layers' concatenated weights. Call it after
+    changing the weights of a model kept in eval mode through ``.data``, which bumps no version counter."""
+    _layer_caches.clear()
     _cache.clear()
     _resolved.clear()
     _resolved_convs.clear()
