@@ -574,6 +574,19 @@ def test_jit_trace_passes_its_own_check(mode):
         torch.testing.assert_close(got, expected)
 
 
+def test_a_traced_strided_layer_is_right_at_odd_sizes_too():
+    """The pooled-twice shortcut (exact for even sizes only) is a Python branch a trace would freeze."""
+    import warnings
+
+    conv = OctConv2d(8, 8, 3, 0.5, 0.5, stride=2).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        traced = torch.jit.trace(conv, ((torch.randn(1, 4, 16, 16), torch.randn(1, 4, 8, 8)),))
+    x = (torch.randn(1, 4, 15, 13), torch.randn(1, 4, 8, 7))
+    for got, expected in zip(traced(x), conv(x)):
+        torch.testing.assert_close(got, expected)
+
+
 def test_numpy_scalars_are_taken_like_nn_conv_and_bad_values_are_named():
     import numpy as np
 

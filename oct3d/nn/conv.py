@@ -510,7 +510,7 @@ class OctConv(nn.Module):
         average would be mis-weighted, so it takes the direct path.
         """
         twice = [s > 1 and p > 1 for s, p in zip(self.stride, self.factors)]
-        if any(twice) and not torch.compiler.is_compiling() and all(
+        if any(twice) and not traced_or_compiled() and all(
             n % 2 == 0 for n, t in zip(high.shape[2:], twice) if t
         ):
             return avg_pool(pooled_high, self.factors)
