@@ -635,3 +635,35 @@ def test_pools_check_their_inputs_and_keep_the_memory_format():
         out = pool(volume)
         assert all(t.is_contiguous(memory_format=layout) for t in out), pool  # avg_pool3d returned channels-first
         assert tuple(out.low.shape[2:]) == (out.high.shape[2], *(-(-n // 2) for n in out.high.shape[3:]))
+
+
+def test_torch_func_model_ensembling_and_vmap_over_cropped_maps():
+    """torch.func's stack_module_state recipe (batched weights, no autograd) and vmap over non-contiguous
+    maps: the CPU kernel routing stays out of functorch transforms."""
+    import copy
+
+    from torch.func import functional_call, stack_module_state, vmap
+
+    from oct3d.nn import OctGlobalAvgPool, OctMaxPool2d
+
+    torch.manual_seed(0)
+
+    def make() -> torch.nn.Module:
+        return torch.nn.Sequential(OctConv2d(3, 8, 3, 0.0, 0.5), OctMaxPool2d(3, 2, 1), OctConv2d(8, 8, 3, 0.5, 0.5),
+                                   OctGlobalAvgPool(), torch.nn.Linear(8, 2)).eval()
+
+    models = [make() for _ in range(3)]
+    params, buffers = stack_module_state(models)
+    base = copy.deepcopy(models[0]).to("meta")
+    x = torch.randn(4, 3, 15, 15)
+    with torch.no_grad():
+        out = vmap(lambda p, b: functional_call(base, (p, b), (x,)))(params, buffers)
+        for model, got in zip(models, out):
+            torch.testing.assert_close(got, model(x), atol=1e-5, rtol=1e-5)
+    conv = OctConv2d(8, 8, 3, 0.5, 0.5, stride=2).eval()
+    high, low = torch.randn(4, 1, 4, 9, 9)[..., :8, :8], torch.randn(4, 1, 4, 4, 4)  # per-sample crops
+    with torch.no_grad():
+        batched = vmap(lambda h, lo: tuple(conv(Octave(h, lo))))(high, low)
+        for i in range(4):
+            for got, want in zip(batched, conv(Octave(high[i], low[i]))):
+                torch.testing.assert_close(got[i], want, atol=1e-5, rtol=1e-5)

@@ -473,8 +473,8 @@ class OctConv(nn.Module):
         """
         args = (a, b, conv_a.weight, conv_b.weight, bias)
         choice = kernels.forced(family)
-        if choice is None and (a.device.type != "cpu" or traced_or_compiled()):
-            choice = "cat"  # graphs and GPUs keep the one larger convolution
+        if choice is None and (a.device.type != "cpu" or traced_or_compiled() or not kernels._plain_eager()):
+            choice = "cat"  # graphs, GPUs and torch.func transforms keep the one larger convolution
         elif choice is None:
             w_a, w_b = args[2], args[3]
             memo_key = (
@@ -524,8 +524,8 @@ class OctConv(nn.Module):
         device, so it can never serve stale weights. With autograd on, or while tracing for
         ``torch.compile`` (which folds the concatenation itself) or ``torch.jit.trace``, it is rebuilt every call.
         """
-        if torch.is_grad_enabled() or self.training or traced_or_compiled():
-            return torch.cat([w_a, w_b], dim=1)
+        if torch.is_grad_enabled() or self.training or traced_or_compiled() or not kernels._plain_eager():
+            return torch.cat([w_a, w_b], dim=1)  # (torch.func: batched weights have no storage to key on)
         key = (w_a._version, w_b._version, w_a.data_ptr(), w_b.data_ptr(), w_a.dtype, w_a.device)
         # Kept beside the layer, not in it: never in the state dict or a copy, and clear_cache() drops it.
         caches = kernels.layer_cache(self)

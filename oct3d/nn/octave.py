@@ -159,7 +159,7 @@ def pool_by_torch(x: Tensor, factors: tuple[int, ...]) -> Tensor:
         y = pool(x.float(), factors, factors, 0, ceil_mode=True, count_include_pad=False).to(x.dtype)
     else:
         y = pool(x, factors, factors, 0, ceil_mode=True, count_include_pad=False)
-    if dims == 3 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last_3d):
+    if dims == 3 and is_channels_last(x):
         # CPU avg_pool3d returns channels_last_3d input channels-first; the maps around it keep their layout.
         y = y.contiguous(memory_format=torch.channels_last_3d)
     return y
@@ -353,7 +353,10 @@ def is_channels_last(t: Tensor) -> bool:
         return False
     if t.is_contiguous():  # asked first: torch.func's vmap only answers this one
         return t.shape[1] == 1 and t.stride(1) == 1 and math.prod(t.shape[2:]) > 1
-    return t.is_contiguous(memory_format=layout)
+    try:
+        return t.is_contiguous(memory_format=layout)
+    except RuntimeError:  # a non-contiguous map under vmap: its layout cannot be queried, none is kept
+        return False
 
 
 def to_channels_last(t: Tensor) -> Tensor:
