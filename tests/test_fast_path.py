@@ -139,7 +139,8 @@ def test_weight_cache_follows_weight_updates(stride):
         _assert_same(conv(x), conv.forward_reference(x))
     with torch.inference_mode():
         _assert_same(conv(x), conv.forward_reference(x))
-    assert "_cat_weight_cache" not in "".join(conv.state_dict())
+    assert kernels.layer_cache(conv)  # the concatenated weights are cached, beside the module
+    assert {key.split(".")[0] for key in conv.state_dict()} == {"h2h", "h2l", "l2h", "l2l"}
 
 
 def test_training_step_after_cached_inference():
@@ -875,7 +876,7 @@ def test_packed_kernel_under_inference_mode():
             got = kernels.run_conv("onednn_packed", x.high, weight, None, (1, 1), (1, 1), (1, 1), 1)
         torch.testing.assert_close(got, torch.nn.functional.conv2d(x.high, weight, padding=1), atol=1e-4, rtol=1e-5)
     assert all(not w.is_inference() for w, _entries in kernels._packed.items())
-    for _key, cached in conv.__dict__["_cat_weight_cache"].values():
+    for _key, cached in kernels.layer_cache(conv).values():
         assert not cached.requires_grad and not cached.is_inference()
     import copy
 
