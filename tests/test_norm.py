@@ -77,3 +77,22 @@ def test_output_takes_an_in_place_relu():
     x = torch.randn(2, 8, 4, 4, 4).contiguous(memory_format=torch.channels_last_3d).requires_grad_()
     torch.relu_(norm.batch_norm(bn, x)).sum().backward()
     assert x.grad is not None
+
+
+@pytest.mark.parametrize("affine", [True, False])
+def test_double_backward_through_the_wide_path(affine):
+    """Gradient penalties (create_graph=True) differentiate the backward, as through nn.BatchNorm."""
+    torch.manual_seed(0)
+    bn = nn.BatchNorm2d(4, affine=affine).double()
+    x = torch.randn(2, 4, 6, 6, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    assert norm._rows_per_wide_row(bn, x) is not None
+    ref_bn = copy.deepcopy(bn)
+
+    def penalty(module, fn):
+        a = x.clone().requires_grad_()
+        (grad,) = torch.autograd.grad((fn(module, a) ** 3).sum(), a, create_graph=True)
+        return torch.autograd.grad(grad.square().sum(), [a, *module.parameters()])
+
+    for got, want in zip(penalty(bn, norm.batch_norm), penalty(ref_bn, lambda m, a: m(a))):
+        torch.testing.assert_close(got, want)
+    torch.autograd.gradgradcheck(lambda a: norm.batch_norm(bn, a), (x.clone().requires_grad_(),))

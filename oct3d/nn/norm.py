@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
-from torch.autograd.function import once_differentiable
 
 from oct3d.nn.kernels import _plain_eager
 from oct3d.nn.octave import CHANNELS_LAST_FORMATS, is_channels_last, traced_or_compiled
@@ -117,15 +116,26 @@ class _WideBatchNormFunction(torch.autograd.Function):
         var = _fold((centred * centred).sum(0), k, channels) / count
         invstd = torch.rsqrt(var + eps)
         centred.mul_((weight * invstd).repeat(k)).add_(bias.repeat(k))
-        ctx.save_for_backward(x, weight, mean, invstd)
+        ctx.save_for_backward(x, weight, bias, mean, invstd)
         ctx.k = k
+        ctx.eps = eps
         ctx.mark_non_differentiable(mean, var)
         return out, mean, var
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad: Tensor, _grad_mean: Tensor, _grad_var: Tensor):
-        x, weight, mean, invstd = ctx.saved_tensors
+        x, weight, bias, mean, invstd = ctx.saved_tensors
+        if torch.is_grad_enabled():
+            # A double backward (create_graph=True: gradient penalties): differentiate PyTorch's own
+            # formula, whose graph reaches x through the batch statistics too.
+            y = torch.nn.functional.batch_norm(x, None, None, weight, bias, True, 0.0, ctx.eps)
+            wanted = [t for t, needed in zip((x, weight, bias), ctx.needs_input_grad[:3]) if needed]
+            grads = iter(torch.autograd.grad(y, wanted, grad, create_graph=True))
+            return (*(next(grads) if needed else None for needed in ctx.needs_input_grad[:3]), None, None)
+        return _WideBatchNormFunction._first_backward(ctx, grad, x, weight, mean, invstd)
+
+    @staticmethod
+    def _first_backward(ctx, grad: Tensor, x: Tensor, weight: Tensor, mean: Tensor, invstd: Tensor):
         k, channels = ctx.k, x.shape[1]
         rows = _wide(x, k)
         if not is_channels_last(grad):
