@@ -38,6 +38,7 @@ from oct3d.nn.octave import (
     split_channels,
     to_octave,
 )
+from oct3d.nn.transposed import OctConvTranspose, OctConvTranspose1d, OctConvTranspose2d, OctConvTranspose3d
 
 __all__ = [
     "OCTAVE_MODES",
@@ -47,6 +48,10 @@ __all__ = [
     "OctConv1d",
     "OctConv2d",
     "OctConv3d",
+    "OctConvTranspose",
+    "OctConvTranspose1d",
+    "OctConvTranspose2d",
+    "OctConvTranspose3d",
     "OctBatchNorm",
     "OctBatchNorm1d",
     "OctBatchNorm2d",

@@ -18,9 +18,24 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from oct3d.nn.conv import IntOrTuple, branch_channels, check_alpha, check_positive_int, to_tuple
-from oct3d.nn.octave import Octave, OctaveInput, avg_pool, fx_leaf_forward, low_size, octave_axes, upsample_to
+from oct3d.nn.octave import (
+    Octave,
+    OctaveInput,
+    avg_pool,
+    fx_leaf_forward,
+    low_size,
+    octave_axes,
+    pair_as_octave,
+    upsample_to,
+)
 
-__all__ = ["OctConvTranspose", "transposed_low_size_ok"]
+__all__ = [
+    "OctConvTranspose",
+    "OctConvTranspose1d",
+    "OctConvTranspose2d",
+    "OctConvTranspose3d",
+    "transposed_low_size_ok",
+]
 
 _CONV_T = {1: nn.ConvTranspose1d, 2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}
 
@@ -75,6 +90,8 @@ class OctConvTranspose(nn.Module):
         bias: bool = False, octave: str = "spatial",
     ) -> None:
         super().__init__()
+        if dims not in (1, 2, 3):
+            raise ValueError(f"dims must be 1, 2 or 3 (the spatial axes of the maps), got {dims!r}")
         self.axes = octave_axes(dims, octave)
         check_positive_int(in_channels, "in_channels")
         check_positive_int(out_channels, "out_channels")
@@ -86,6 +103,13 @@ class OctConvTranspose(nn.Module):
         self.stride = to_tuple(stride, dims, "stride")
         self.padding = to_tuple(padding, dims, "padding")
         self.output_padding = to_tuple(output_padding, dims, "output_padding")
+        for name, values, minimum in (("kernel_size", self.kernel_size, 1), ("stride", self.stride, 1),
+                                      ("padding", self.padding, 0), ("output_padding", self.output_padding, 0)):
+            if any(v < minimum for v in values):
+                raise ValueError(f"{name} must be >= {minimum} on every axis, got {values}")
+        if any(op >= st for op, st in zip(self.output_padding, self.stride)):
+            raise ValueError(f"output_padding must be smaller than stride on every axis (as in nn.ConvTranspose), got "
+                             f"output_padding={self.output_padding} for stride={self.stride}")
         self.factors = tuple(2 if a else 1 for a in self.axes)
         self.in_high, self.in_low, self.out_high, self.out_low = branch_channels(
             in_channels, out_channels, self.alpha_in, self.alpha_out
@@ -119,15 +143,8 @@ class OctConvTranspose(nn.Module):
 
     @fx_leaf_forward
     def forward(self, x: OctaveInput) -> OctaveInput:
-        high = x.high if isinstance(x, Octave) else x
-        low = x.low if isinstance(x, Octave) else None
-        if not isinstance(high, Tensor):
-            raise TypeError(f"OctConvTranspose expects a torch.Tensor or an Octave, got {type(x).__name__}")
-        if (low is None) != (self.in_low == 0):
-            raise TypeError(
-                f"OctConvTranspose with alpha_in={self.alpha_in} expects "
-                + ("an Octave with a low tensor" if self.in_low else "a plain tensor (no low branch)")
-            )
+        """``Y_high`` (and ``Y_low`` as an :class:`~oct3d.nn.Octave`) of the module docstring's formula."""
+        high, low = self._split_input(x)
         y_high = self.h2h(high)
         if self.l2h is not None:
             y_high = y_high + upsample_to(self.l2h(low), self.factors, y_high.shape[2:])
@@ -139,3 +156,71 @@ class OctConvTranspose(nn.Module):
             y_low = y_low + self.l2l(low)
         crop = (slice(None), slice(None), *(slice(0, n) for n in size))
         return Octave(y_high, y_low[crop])
+
+    def _split_input(self, x: OctaveInput) -> tuple[Tensor, Tensor | None]:
+        name = f"OctConvTranspose{self.dims}d"
+        x = pair_as_octave(x)
+        high = x.high if isinstance(x, Octave) else x
+        low = x.low if isinstance(x, Octave) else None
+        if not isinstance(high, Tensor):
+            raise TypeError(f"{name} expects a torch.Tensor, an Octave or a (high, low) pair, got {type(x).__name__}")
+        if (low is None) != (self.in_low == 0):
+            raise TypeError(
+                f"{name} with alpha_in={self.alpha_in} expects "
+                + ("an Octave with a low tensor" if self.in_low else "a plain tensor (no low branch)")
+            )
+        axes = ", ".join(("T", "H", "W")[3 - self.dims:]) if self.dims > 1 else "L"
+        for branch, t, channels in (("high", high, self.in_high), ("low", low, self.in_low)):
+            if t is None:
+                continue
+            if t.dim() != self.dims + 2 or t.shape[1] != channels:
+                raise ValueError(f"{name} expects a {branch} tensor of shape (N, {channels}, {axes}) (in_channels="
+                                 f"{self.in_channels}, alpha_in={self.alpha_in}), got {tuple(t.shape)}")
+        weight = self.h2h.weight
+        if high.dtype != weight.dtype or high.device != weight.device:
+            raise TypeError(f"{name} has {weight.dtype} weights on {weight.device} and got a {high.dtype} input on "
+                            f"{high.device}; convert the input or the model (model.to(...))")
+        if low is not None:
+            expected = low_size(high.shape[2:], self.factors)
+            if tuple(low.shape[2:]) != expected or low.shape[0] != high.shape[0] or low.dtype != high.dtype:
+                raise ValueError(f"{name} expects the low tensor of a high tensor shaped {tuple(high.shape)} to be "
+                                 f"shaped {(high.shape[0], self.in_low, *expected)} with its dtype, got "
+                                 f"{tuple(low.shape)} {low.dtype}")
+        return high, low
+
+
+class OctConvTranspose1d(OctConvTranspose):
+    """:class:`OctConvTranspose` on 1D maps ``(N, C, L)``."""
+
+    def __init__(
+        self, in_channels: int, out_channels: int, kernel_size: IntOrTuple, alpha_in: float = 0.5,
+        alpha_out: float = 0.5, stride: IntOrTuple = 1, padding: IntOrTuple = 0, output_padding: IntOrTuple = 0,
+        bias: bool = False,
+    ) -> None:
+        super().__init__(1, in_channels, out_channels, kernel_size, alpha_in, alpha_out, stride, padding,
+                         output_padding, bias)
+
+
+class OctConvTranspose2d(OctConvTranspose):
+    """:class:`OctConvTranspose` on 2D maps ``(N, C, H, W)``."""
+
+    def __init__(
+        self, in_channels: int, out_channels: int, kernel_size: IntOrTuple, alpha_in: float = 0.5,
+        alpha_out: float = 0.5, stride: IntOrTuple = 1, padding: IntOrTuple = 0, output_padding: IntOrTuple = 0,
+        bias: bool = False,
+    ) -> None:
+        super().__init__(2, in_channels, out_channels, kernel_size, alpha_in, alpha_out, stride, padding,
+                         output_padding, bias)
+
+
+class OctConvTranspose3d(OctConvTranspose):
+    """:class:`OctConvTranspose` on 3D maps ``(N, C, T, H, W)``, the low branch at half H, W (``"spatial"``)
+    or half T, H, W (``"spatiotemporal"``)."""
+
+    def __init__(
+        self, in_channels: int, out_channels: int, kernel_size: IntOrTuple, alpha_in: float = 0.5,
+        alpha_out: float = 0.5, stride: IntOrTuple = 1, padding: IntOrTuple = 0, output_padding: IntOrTuple = 0,
+        bias: bool = False, octave: str = "spatial",
+    ) -> None:
+        super().__init__(3, in_channels, out_channels, kernel_size, alpha_in, alpha_out, stride, padding,
+                         output_padding, bias, octave)
