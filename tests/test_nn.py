@@ -667,3 +667,23 @@ def test_torch_func_model_ensembling_and_vmap_over_cropped_maps():
         for i in range(4):
             for got, want in zip(batched, conv(Octave(high[i], low[i]))):
                 torch.testing.assert_close(got[i], want, atol=1e-5, rtol=1e-5)
+
+
+def test_constructor_takes_nn_conv_style_padding_device_and_dtype_and_refuses_what_cannot_work():
+    from oct3d.nn import OctBatchNorm2d, OctGlobalAvgPool
+
+    conv = OctConv2d(8, 8, 3, padding=1, device="meta", dtype=torch.float64)  # as nn.Conv2d(..., padding=1) code
+    assert conv.h2h.weight.device.type == "meta" and conv.l2l.weight.dtype == torch.float64
+    assert OctConv3d(8, 8, 3, padding="same", dilation=2).padding == (2, 2, 2)
+    torch.nn.utils.skip_init(OctConv2d, 8, 8, 3)
+    for kwargs, error, match in (
+        ({"padding": 0}, ValueError, r"padding must be 'same' \(\(1, 1\)"),
+        ({"padding": "valid"}, ValueError, "stay aligned"),
+        ({"bias": "yes"}, TypeError, "bias must be a bool"),
+        ({"alpha_in": 0.9999999}, ValueError, "leaves no high-frequency channel out of 8"),
+    ):
+        with pytest.raises(error, match=match):
+            OctConv2d(8, 8, 3, **kwargs)
+    assert OctBatchNorm2d(8, 0.5, bias=False).bn_h.bias is None
+    with pytest.raises(TypeError, match="flatten must be a bool"):
+        OctGlobalAvgPool(flatten="no")

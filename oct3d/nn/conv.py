@@ -83,6 +83,8 @@ def branch_channels(
                 f"{name}={alpha} gives no low-frequency channels out of {total}; "
                 f"use {name}=0 or at least {minimum_channels(alpha)} channels"
             )
+        if low == total:
+            raise ValueError(f"{name}={alpha} leaves no high-frequency channel out of {total}; use a smaller {name}")
     return in_high, in_low, out_high, out_low
 
 
@@ -122,6 +124,9 @@ class OctConv(nn.Module):
         bias: add a learnable bias per output branch (on ``h2h`` and ``l2l``; on ``h2l``
             for a first layer, which has no ``l2l``).
         octave: 3D only: ``"spatial"`` halves H and W, ``"spatiotemporal"`` halves T, H, W.
+        padding: ``"same"`` (the default and the only geometry, ``dilation * (k - 1) // 2``; the
+            equal int or tuple is accepted too, as ``nn.ConvNd`` code passes it).
+        device, dtype: where and in which dtype the weights are made (as for ``nn.ConvNd``).
         pool_first: how a strided *vanilla* layer (``alpha_in == alpha_out == 0``) strides.
             ``False`` (default): a strided convolution, so the layer is ``nn.ConvNd`` (exactly,
             bit for bit, in training mode; in eval mode through the CPU kernel choice, equal up
@@ -157,9 +162,14 @@ class OctConv(nn.Module):
         octave: str = "spatial",
         *,
         pool_first: bool = False,
+        padding: IntOrTuple | str = "same",
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
         self.axes = octave_axes(dims, octave)  # validates dims and octave
+        if not isinstance(bias, bool):
+            raise TypeError(f"bias must be a bool, got {bias!r}")
         in_channels, out_channels, groups = (
             check_positive_int(value, name)
             for name, value in (("in_channels", in_channels), ("out_channels", out_channels), ("groups", groups))
@@ -180,6 +190,12 @@ class OctConv(nn.Module):
         if any(d < 1 for d in self.dilation):
             raise ValueError(f"dilation must be positive, got {dilation!r}")
         self.padding = tuple(d * (k - 1) // 2 for k, d in zip(self.kernel_size, self.dilation))
+        if padding != "same" and (isinstance(padding, str) or to_tuple(padding, dims, "padding") != self.padding):
+            raise ValueError(
+                f"padding must be 'same' ({self.padding} for kernel_size={self.kernel_size}, dilation="
+                f"{self.dilation}), got {padding!r}: an octave convolution pads 'same' so that its high and "
+                "low outputs stay aligned (the low branch is the high one's half)"
+            )
         self.groups = groups
         self.factors = tuple(2 if a else 1 for a in self.axes)
 
@@ -215,7 +231,7 @@ class OctConv(nn.Module):
         def conv(cin: int, cout: int, g: int, with_bias: bool) -> nn.Module:
             return _CONV[dims](
                 cin, cout, self.kernel_size, stride=conv_stride, padding=self.padding,
-                dilation=self.dilation, groups=g, bias=with_bias,
+                dilation=self.dilation, groups=g, bias=with_bias, device=device, dtype=dtype,
             )
 
         if self.depthwise:
@@ -606,11 +622,12 @@ class OctConv1d(OctConv):
     def __init__(
         self, in_channels: int, out_channels: int, kernel_size: IntOrTuple, alpha_in: float = 0.5,
         alpha_out: float = 0.5, stride: IntOrTuple = 1, dilation: IntOrTuple = 1, groups: int = 1,
-        bias: bool = False, *, pool_first: bool = False,
+        bias: bool = False, *, pool_first: bool = False, padding: IntOrTuple | str = "same",
+        device: torch.device | str | None = None, dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__(
             1, in_channels, out_channels, kernel_size, alpha_in, alpha_out, stride, dilation, groups, bias,
-            pool_first=pool_first,
+            pool_first=pool_first, padding=padding, device=device, dtype=dtype,
         )
 
 
@@ -620,11 +637,12 @@ class OctConv2d(OctConv):
     def __init__(
         self, in_channels: int, out_channels: int, kernel_size: IntOrTuple, alpha_in: float = 0.5,
         alpha_out: float = 0.5, stride: IntOrTuple = 1, dilation: IntOrTuple = 1, groups: int = 1,
-        bias: bool = False, *, pool_first: bool = False,
+        bias: bool = False, *, pool_first: bool = False, padding: IntOrTuple | str = "same",
+        device: torch.device | str | None = None, dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__(
             2, in_channels, out_channels, kernel_size, alpha_in, alpha_out, stride, dilation, groups, bias,
-            pool_first=pool_first,
+            pool_first=pool_first, padding=padding, device=device, dtype=dtype,
         )
 
 
@@ -639,8 +657,10 @@ class OctConv3d(OctConv):
         self, in_channels: int, out_channels: int, kernel_size: IntOrTuple, alpha_in: float = 0.5,
         alpha_out: float = 0.5, stride: IntOrTuple = 1, dilation: IntOrTuple = 1, groups: int = 1,
         bias: bool = False, octave: str = "spatial", *, pool_first: bool = False,
+        padding: IntOrTuple | str = "same", device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__(
             3, in_channels, out_channels, kernel_size, alpha_in, alpha_out, stride, dilation, groups, bias, octave,
-            pool_first=pool_first,
+            pool_first=pool_first, padding=padding, device=device, dtype=dtype,
         )

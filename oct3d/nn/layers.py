@@ -118,6 +118,10 @@ class OctBatchNorm(nn.Module):
         low = x.low if isinstance(x, Octave) else None
         if not isinstance(high, Tensor):
             raise TypeError(f"OctBatchNorm expects a torch.Tensor or an Octave, got {type(x).__name__}")
+        for branch, t in (("high", high), ("low", low)):
+            if t is not None and t.dim() != self.dims + 2 and not (self.dims == 1 and t.dim() == 2):
+                raise ValueError(f"OctBatchNorm{self.dims}d expects {self.dims + 2}D {branch} maps (N, C, ...), got "
+                                 f"shape {tuple(t.shape)}")
         if high.shape[1] != self.high_channels or (low is None) != (self.bn_l is None) or (
             low is not None and low.shape[1] != self.low_channels
         ):
@@ -138,9 +142,9 @@ class OctBatchNorm1d(OctBatchNorm):
 
     def __init__(
         self, num_features: int, alpha: float = 0.5, eps: float = 1e-5, momentum: float | None = 0.1,
-        affine: bool = True, track_running_stats: bool = True,
+        affine: bool = True, track_running_stats: bool = True, *, bias: bool = True,
     ) -> None:
-        super().__init__(1, num_features, alpha, eps, momentum, affine, track_running_stats)
+        super().__init__(1, num_features, alpha, eps, momentum, affine, track_running_stats, bias=bias)
 
 
 class OctBatchNorm2d(OctBatchNorm):
@@ -148,9 +152,9 @@ class OctBatchNorm2d(OctBatchNorm):
 
     def __init__(
         self, num_features: int, alpha: float = 0.5, eps: float = 1e-5, momentum: float | None = 0.1,
-        affine: bool = True, track_running_stats: bool = True,
+        affine: bool = True, track_running_stats: bool = True, *, bias: bool = True,
     ) -> None:
-        super().__init__(2, num_features, alpha, eps, momentum, affine, track_running_stats)
+        super().__init__(2, num_features, alpha, eps, momentum, affine, track_running_stats, bias=bias)
 
 
 class OctBatchNorm3d(OctBatchNorm):
@@ -158,9 +162,9 @@ class OctBatchNorm3d(OctBatchNorm):
 
     def __init__(
         self, num_features: int, alpha: float = 0.5, eps: float = 1e-5, momentum: float | None = 0.1,
-        affine: bool = True, track_running_stats: bool = True,
+        affine: bool = True, track_running_stats: bool = True, *, bias: bool = True,
     ) -> None:
-        super().__init__(3, num_features, alpha, eps, momentum, affine, track_running_stats)
+        super().__init__(3, num_features, alpha, eps, momentum, affine, track_running_stats, bias=bias)
 
 
 class OctMap(nn.Module):
@@ -377,6 +381,8 @@ class OctGlobalAvgPool(nn.Module):
 
     def __init__(self, flatten: bool = True) -> None:
         super().__init__()
+        if not isinstance(flatten, bool):
+            raise TypeError(f"flatten must be a bool, got {flatten!r}")
         self.flatten = flatten
 
     @fx_leaf_forward
