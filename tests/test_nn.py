@@ -687,3 +687,20 @@ def test_constructor_takes_nn_conv_style_padding_device_and_dtype_and_refuses_wh
     assert OctBatchNorm2d(8, 0.5, bias=False).bn_h.bias is None
     with pytest.raises(TypeError, match="flatten must be a bool"):
         OctGlobalAvgPool(flatten="no")
+
+
+@pytest.mark.parametrize(("alpha_in", "alpha_out", "groups"), [(0.5, 0.5, 1), (0.0, 0.5, 1), (0.25, 0.75, 2)])
+def test_paths_start_with_the_vanilla_layers_initialisation(alpha_in, alpha_out, groups):
+    """Every path is uniform with nn.ConvNd's bound for the whole layer, not for its own slice."""
+    torch.manual_seed(0)
+    conv = OctConv2d(64, 64, 3, alpha_in, alpha_out, groups=groups, bias=True)
+    bound = 1 / math.sqrt(64 // groups * 9)
+    for path in (conv.h2h, conv.h2l, conv.l2h, conv.l2l):
+        if path is not None:
+            assert 0.95 * bound < path.weight.abs().max() <= bound
+            assert path.bias is None or path.bias.abs().max() <= bound
+    x = torch.randn(32, 64, 12, 12)
+    vanilla = torch.nn.Conv2d(64, 64, 3, padding=1, groups=groups)
+    with torch.no_grad():
+        high = conv(Octave(x[:, :conv.in_high], x[:, conv.in_high:, ::2, ::2]) if conv.in_low else x).high
+        assert 0.8 < high.var() / vanilla(x).var() < 1.25

@@ -248,12 +248,31 @@ class OctConv(nn.Module):
                 conv(self.in_low, self.out_low, groups, bias) if self.in_low and self.out_low else None
             )
 
+        if not self.is_vanilla:  # (a vanilla layer's path already has nn.ConvNd's own initialisation)
+            self.reset_parameters()
+
         # Pooling factors of each path's input (docs/semantics.md section 2).
         self._pool_h2h = self.stride
         self._pool_h2l = tuple(s * p for s, p in zip(self.stride, self.factors))
         self._pool_l2l = self.stride
         self._pool_l2h = tuple(1 if a else s for s, a in zip(self.stride, self.axes))
         self._up_l2h = tuple(2 if (a and s == 1) else 1 for s, a in zip(self.stride, self.axes))
+
+    def reset_parameters(self) -> None:
+        """Initialise the paths as ``nn.ConvNd`` initialises the vanilla layer they are slices of.
+
+        ``nn.ConvNd``'s default (uniform, bound ``1 / sqrt(fan_in)``) on each path alone would use the
+        path's own fan-in, a fraction of the layer's, and start an alpha-.5 layer's output with up to
+        twice the vanilla variance; here every path takes the whole layer's fan-in, so the octave layer
+        starts with the vanilla layer's output statistics.
+        """
+        fan_in = self.in_channels // (self.in_channels if self.depthwise else self.groups) * math.prod(self.kernel_size)
+        bound = 1.0 / math.sqrt(fan_in)
+        for path in (self.h2h, self.h2l, self.l2h, self.l2l):
+            if path is not None:
+                nn.init.uniform_(path.weight, -bound, bound)
+                if path.bias is not None:
+                    nn.init.uniform_(path.bias, -bound, bound)
 
     def extra_repr(self) -> str:
         return (
