@@ -9,11 +9,13 @@ classifies videos with the exported model exactly as with the checkpoint. The ba
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import os
 import sys
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -70,6 +72,25 @@ def _without_in_place_ops(model: nn.Module) -> nn.Module:
     return model
 
 
+@contextlib.contextmanager
+def _native_stdout_silenced() -> Iterator[None]:
+    """Send what native code writes to file descriptor 1 to /dev/null for the duration."""
+    sys.stdout.flush()
+    try:
+        saved = os.dup(1)
+    except OSError:  # no file descriptor 1 (an embedded interpreter): nothing to silence
+        yield
+        return
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 1)
+            yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
 def _export_onnx(model: nn.Module, example: torch.Tensor, out: Path, opset: int, batch: Any,
                  tolerance: float = 1e-4) -> None:
     names = {"input_names": ["input"], "output_names": ["logits"], "opset_version": opset}
@@ -79,8 +100,9 @@ def _export_onnx(model: nn.Module, example: torch.Tensor, out: Path, opset: int,
             # The TorchScript-based exporter is several times faster than the dynamo one (3 s vs 24 s for a
             # small Oct-I3D) but deprecated; every export is checked against eager and redone with dynamo
             # if it differs.
-            torch.onnx.export(_without_in_place_ops(model), (example,), str(out), dynamo=False,
-                              dynamic_axes={"input": {0: "batch"}}, **names)
+            with _native_stdout_silenced():  # a failed attempt dumps its whole TorchScript graph from C++
+                torch.onnx.export(_without_in_place_ops(model), (example,), str(out), dynamo=False,
+                                  dynamic_axes={"input": {0: "batch"}}, **names)
             error = _onnx_max_error(model, example, out)
             if error is not None and error <= tolerance:
                 return

@@ -65,11 +65,13 @@ def test_torch_formats_match_eager(fmt, suffix, tmp_path):
         assert torch.allclose(loaded(x), model(x), atol=1e-5, rtol=0)
 
 
-def test_cli_export_then_infer_with_the_exported_file(tiny_kinetics, tiny_video_checkpoint, tmp_path):
-
+def test_cli_export_then_infer_with_the_exported_file(tiny_kinetics, tiny_video_checkpoint, tmp_path, capfd):
     checkpoint = tiny_video_checkpoint
     onnx_path = tmp_path / "tiny.onnx"
+    capfd.readouterr()
     assert export_main(["--checkpoint", str(checkpoint), "--format", "onnx", str(onnx_path)]) == 0
+    printed = capfd.readouterr().out  # native output too: the exporter's C++ graph dump
+    assert printed.strip() == f"wrote {onnx_path} and {onnx_path.name}.json"
     videos = sorted((tiny_kinetics / "test").rglob("*.mp4"))
     results = {}
     for model_file in (checkpoint, onnx_path):
