@@ -280,6 +280,11 @@ def _fill_tail(path: str, found: dict[int, object], wanted: list[int], decoded_u
     if not missing:
         return
     if not found:
+        first = min(wanted)
+        if first > 0:  # the seek landed past the end of the data: a cut file whose header keeps the length
+            raise VideoDecodeError(
+                path, f"truncated: header says {num_frames} frames, none decodes from frame {first} on"
+            )
         raise VideoDecodeError(path, "no frame could be decoded")
     decoded_until = max(decoded_until, max(found) + 1)
     tolerance = max(num_frames * _TRUNCATION_TOLERANCE, _TRUNCATION_TOLERANCE_FRAMES)

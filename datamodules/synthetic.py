@@ -263,7 +263,8 @@ def make_synthetic_kinetics(
     root = Path(out)
     if (root / "annotations").exists():
         if not overwrite:
-            raise FileExistsError(f"{root} already holds a dataset (annotations/ exists); pass overwrite=True")
+            raise FileExistsError(f"{root} already holds a dataset (annotations/ exists); pass overwrite=True "
+                                  "(--overwrite on the command line)")
         for split in (*SPLITS, "annotations"):
             shutil.rmtree(root / split, ignore_errors=True)
     started = time.perf_counter()

@@ -214,6 +214,10 @@ def load_predictor(path: str | os.PathLike, device: str = "auto", trust_checkpoi
         CheckpointError: the file is missing, not ours, or not loadable safely.
     """
     path = Path(path)
+    if path.is_dir():
+        found = sorted(path.rglob("*.ckpt"))
+        hint = f" (it holds {len(found)} .ckpt files, e.g. {found[0]})" if found else ""
+        raise CheckpointError(f"checkpoint {path} is a folder; give the checkpoint file{hint}")
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
     torch_device = resolve_device(device)

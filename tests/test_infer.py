@@ -213,3 +213,13 @@ def test_table_tells_files_of_one_name_apart(capsys):
     _print_table([{"path": "/data/a/clip.mp4", "error": "x"}, {"path": "/data/b/clip.mp4", "error": "x"}], 1)
     out = capsys.readouterr().out
     assert "a/clip.mp4" in out and "b/clip.mp4" in out and "/data/" not in out
+
+
+def test_a_checkpoint_folder_is_named_as_a_folder(checkpoint, mixed_folder, tmp_path, capsys):
+    _, good = mixed_folder
+    folder = tmp_path / "run"
+    (folder / "checkpoints").mkdir(parents=True)
+    shutil.copy(checkpoint, folder / "checkpoints" / "last.ckpt")
+    assert main(["--checkpoint", str(folder), str(good[0])]) == 2
+    err = capsys.readouterr().err
+    assert "is a folder" in err and "last.ckpt" in err

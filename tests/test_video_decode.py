@@ -236,3 +236,12 @@ def test_all_extensions_are_video_files():
     ]
     assert sorted(VIDEO_EXTENSIONS) == sorted(expected)
     assert all(is_video_file(f"clip{suffix.upper()}") for suffix in expected)
+
+
+def test_a_clip_wholly_past_a_cut_is_reported_as_truncated():
+    from datamodules.decoders import _fill_tail
+
+    with pytest.raises(VideoDecodeError, match="truncated: header says 32 frames, none decodes from frame 20 on"):
+        _fill_tail("cut.mkv", {}, [20, 22, 24], 0, 32)
+    with pytest.raises(VideoDecodeError, match="no frame could be decoded"):
+        _fill_tail("bad.mp4", {}, [0, 2], 0, 32)
