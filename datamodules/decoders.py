@@ -279,15 +279,15 @@ def _fill_tail(path: str, found: dict[int, object], wanted: list[int], decoded_u
     missing = [i for i in wanted if i not in found]
     if not missing:
         return
+    tolerance = max(num_frames * _TRUNCATION_TOLERANCE, _TRUNCATION_TOLERANCE_FRAMES)
     if not found:
         first = min(wanted)
-        if first > 0:  # the seek landed past the end of the data: a cut file whose header keeps the length
+        if 0 < first < num_frames - tolerance:  # the seek landed past the data of a cut file that keeps its header
             raise VideoDecodeError(
                 path, f"truncated: header says {num_frames} frames, none decodes from frame {first} on"
             )
         raise VideoDecodeError(path, "no frame could be decoded")
     decoded_until = max(decoded_until, max(found) + 1)
-    tolerance = max(num_frames * _TRUNCATION_TOLERANCE, _TRUNCATION_TOLERANCE_FRAMES)
     if decoded_until < num_frames - tolerance:
         raise VideoDecodeError(
             path, f"truncated: header says {num_frames} frames, stream ended after {decoded_until}"

@@ -423,7 +423,8 @@ class VideoClipDataset(Dataset):
             self.failures[path] = error.reason
             raise
         transforming = time.perf_counter()
-        crops = getattr(self.transform, "crops", None)
+        # One resize for all crops of a clip, unless a subclass changed what a crop is.
+        crops = self.transform.crops if type(self.transform).__call__ is VideoEvalTransform.__call__ else None
         by_view: dict[tuple[int, int], torch.Tensor] = {}
         for clip, frames in zip(clip_ids, decoded):
             wanted = sorted({crop for c, crop in views if c == clip})
@@ -543,7 +544,8 @@ class KineticsDataModule(SplitDataModule):
         mean: normalization mean.
         std: normalization standard deviation.
         max_retries: other videos tried when one is unreadable.
-        seed: varies the deterministic choice of replacement videos.
+        seed: varies the deterministic choice of replacement videos in validation and test (training draws
+            them from torch's generator, which Lightning seeds per epoch and worker).
         persistent_workers: keep workers alive between epochs.
         drop_last: drop the last incomplete training batch.
         flip_prob: probability of a horizontal flip in training (0 when classes depend on left/right,

@@ -75,7 +75,8 @@ def _without_in_place_ops(model: nn.Module) -> nn.Module:
 @contextlib.contextmanager
 def _native_stdout_silenced() -> Iterator[None]:
     """Send what native code writes to file descriptor 1 to /dev/null for the duration."""
-    sys.stdout.flush()
+    if sys.stdout is not None:
+        sys.stdout.flush()
     try:
         saved = os.dup(1)
     except OSError:  # no file descriptor 1 (an embedded interpreter): nothing to silence
@@ -86,7 +87,8 @@ def _native_stdout_silenced() -> Iterator[None]:
             os.dup2(devnull.fileno(), 1)
             yield
     finally:
-        sys.stdout.flush()
+        if sys.stdout is not None:
+            sys.stdout.flush()
         os.dup2(saved, 1)
         os.close(saved)
 

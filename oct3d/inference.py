@@ -215,7 +215,8 @@ def load_predictor(path: str | os.PathLike, device: str = "auto", trust_checkpoi
     """
     path = Path(path)
     if path.is_dir():
-        found = sorted(path.rglob("*.ckpt"))
+        # A few levels deep only (a run folder's checkpoints/), not a walk of a whole dataset tree.
+        found = sorted(p for depth in range(4) for p in path.glob("*/" * depth + "*.ckpt"))
         hint = f" (it holds {len(found)} .ckpt files, e.g. {found[0]})" if found else ""
         raise CheckpointError(f"checkpoint {path} is a folder; give the checkpoint file{hint}")
     if not path.is_file():

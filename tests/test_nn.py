@@ -623,6 +623,8 @@ def test_pools_check_their_inputs_and_keep_the_memory_format():
         OctMaxPool(2, 2)(Octave(torch.randn(1, 4, 16, 16), torch.randn(1, 4, 16, 16)))  # was pooled and cropped
     with pytest.raises(ValueError, match="dims must be 1, 2 or 3"):
         OctMaxPool(4, 2)
+    with pytest.raises(ValueError, match="expects input maps"):
+        OctMaxPool(2, 2)(torch.randn(3, 8, 8))  # unbatched: refused, it reads like a batched 1D map
     x = Octave(torch.randn(1, 4, 15, 13), torch.randn(1, 4, 8, 7))
     for fixed, generic in ((OctMaxPool2d(3, 2, 1), OctMaxPool(2, 3, 2, 1)), (OctAvgPool3d(2), OctAvgPool(3, 2))):
         sample = x if fixed.dims == 2 else Octave(torch.randn(1, 4, 6, 15, 13), torch.randn(1, 4, 6, 8, 7))
@@ -680,11 +682,13 @@ def test_constructor_takes_nn_conv_style_padding_device_and_dtype_and_refuses_wh
         ({"padding": 0}, ValueError, r"padding must be 'same' \(\(1, 1\)"),
         ({"padding": "valid"}, ValueError, "stay aligned"),
         ({"bias": "yes"}, TypeError, "bias must be a bool"),
+        ({"padding": "valid"}, ValueError, "stay aligned"),
         ({"alpha_in": 0.9999999}, ValueError, "leaves no high-frequency channel out of 8"),
     ):
         with pytest.raises(error, match=match):
             OctConv2d(8, 8, 3, **kwargs)
     assert OctBatchNorm2d(8, 0.5, bias=False).bn_h.bias is None
+    assert OctConv2d(8, 8, 1, padding="valid", bias=1).h2h.bias is not None  # as nn.Conv2d takes them
     with pytest.raises(TypeError, match="flatten must be a bool"):
         OctGlobalAvgPool(flatten="no")
 

@@ -109,3 +109,10 @@ def test_bad_arguments_and_inputs_are_named():
     ):
         with pytest.raises(error, match=match):
             layer(bad)
+
+
+def test_autocast_inputs_are_cast_by_the_paths():
+    layer = OctConvTranspose2d(8, 8, 2, stride=2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer((torch.randn(1, 4, 9, 9).bfloat16(), torch.randn(1, 4, 5, 5).bfloat16()))
+    assert out.high.dtype == torch.bfloat16 and out.high.shape == (1, 4, 18, 18)

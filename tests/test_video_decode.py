@@ -245,3 +245,5 @@ def test_a_clip_wholly_past_a_cut_is_reported_as_truncated():
         _fill_tail("cut.mkv", {}, [20, 22, 24], 0, 32)
     with pytest.raises(VideoDecodeError, match="no frame could be decoded"):
         _fill_tail("bad.mp4", {}, [0, 2], 0, 32)
+    with pytest.raises(VideoDecodeError, match="no frame could be decoded"):  # a header over-count of a few frames
+        _fill_tail("long.mp4", {}, [31], 0, 32)

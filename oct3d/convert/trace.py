@@ -261,6 +261,9 @@ def check_input_count(arguments: list[Any], expected: int) -> None:
                          "called with")
 
 
+# A guard whose result nothing uses: keep fx's dead-code elimination from dropping its node.
+fx.node.has_side_effect(check_input_count)
+
 try:
     from torch.fx.graph import _PyTreeCodeGen
 except ImportError:  # a torch without it has no list-input tracing either

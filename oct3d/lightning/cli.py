@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import linecache
 import os
 import sys
 from pathlib import Path
@@ -164,4 +165,8 @@ def _refused_by_own_check(error: BaseException) -> bool:
         return False
     while tb.tb_next is not None:
         tb = tb.tb_next
-    return str(Path(tb.tb_frame.f_code.co_filename).resolve()).startswith(_OWN_PACKAGES)
+    filename = tb.tb_frame.f_code.co_filename
+    if not str(Path(filename).resolve()).startswith(_OWN_PACKAGES):
+        return False
+    # The failing line itself is a raise: not a builtin failing inside oct3d code (an unpacking, an open()).
+    return linecache.getline(filename, tb.tb_lineno).lstrip().startswith("raise ")

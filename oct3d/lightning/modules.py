@@ -234,7 +234,8 @@ class OctaveClassifier(pl.LightningModule):
         failed = batch.get("failed") if isinstance(batch, dict) else None
         count = 0
         if isinstance(failed, (list, tuple)):
-            # Videos, not samples: the clips (clips_per_video) and views of one video share its index.
+            # Videos, not samples: a training item's clips (clips_per_video) share the video's index and
+            # batch (a validation video is one view; test counts its failed videos as a set, see test_step).
             index = batch.get("video_index")
             if isinstance(index, Tensor) and index.numel() == len(failed):
                 count = len({i for i, f in zip(index.tolist(), failed) if f})

@@ -168,8 +168,9 @@ class OctConv(nn.Module):
     ) -> None:
         super().__init__()
         self.axes = octave_axes(dims, octave)  # validates dims and octave
-        if not isinstance(bias, bool):
+        if bias not in (True, False):  # (1 and numpy bools pass, as nn.ConvNd takes them)
             raise TypeError(f"bias must be a bool, got {bias!r}")
+        bias = bool(bias)
         in_channels, out_channels, groups = (
             check_positive_int(value, name)
             for name, value in (("in_channels", in_channels), ("out_channels", out_channels), ("groups", groups))
@@ -190,7 +191,8 @@ class OctConv(nn.Module):
         if any(d < 1 for d in self.dilation):
             raise ValueError(f"dilation must be positive, got {dilation!r}")
         self.padding = tuple(d * (k - 1) // 2 for k, d in zip(self.kernel_size, self.dilation))
-        if padding != "same" and (isinstance(padding, str) or to_tuple(padding, dims, "padding") != self.padding):
+        same = padding == "same" or (padding == "valid" and not any(self.padding))
+        if not same and (isinstance(padding, str) or to_tuple(padding, dims, "padding") != self.padding):
             raise ValueError(
                 f"padding must be 'same' ({self.padding} for kernel_size={self.kernel_size}, dilation="
                 f"{self.dilation}), got {padding!r}: an octave convolution pads 'same' so that its high and "
@@ -248,15 +250,14 @@ class OctConv(nn.Module):
                 conv(self.in_low, self.out_low, groups, bias) if self.in_low and self.out_low else None
             )
 
-        if not self.is_vanilla:  # (a vanilla layer's path already has nn.ConvNd's own initialisation)
-            self.reset_parameters()
-
         # Pooling factors of each path's input (docs/semantics.md section 2).
         self._pool_h2h = self.stride
         self._pool_h2l = tuple(s * p for s, p in zip(self.stride, self.factors))
         self._pool_l2l = self.stride
         self._pool_l2h = tuple(1 if a else s for s, a in zip(self.stride, self.axes))
         self._up_l2h = tuple(2 if (a and s == 1) else 1 for s, a in zip(self.stride, self.axes))
+        if not self.is_vanilla:  # (a vanilla layer's path already has nn.ConvNd's own initialisation)
+            self.reset_parameters()
 
     def reset_parameters(self) -> None:
         """Initialise the paths as ``nn.ConvNd`` initialises the vanilla layer they are slices of.

@@ -237,6 +237,8 @@ class _OctPool(nn.Module):
         raise NotImplementedError
 
     def _check(self, name: str, t: object) -> Tensor:
+        # Batched maps only: an unbatched (C, ...) map has the rank of a batched map of one dimension less,
+        # so OctMaxPool(3, ...) called like nn.MaxPool2d(3, ...) would pool the wrong axes without a word.
         if not isinstance(t, Tensor) or t.dim() != self.dims + 2:
             axes = ", ".join(("T", "H", "W")[3 - self.dims:]) if self.dims > 1 else "L"
             shape = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
@@ -294,7 +296,9 @@ _POOL_ARGS = """
         padding: implicit padding on each side, at most half the kernel.
         octave: which axes the low branch halves (``"spatial"`` or ``"spatiotemporal"``, 3D only).
 
-    The high map pools exactly as the vanilla layer would; the low map pools with the same window in
+    Maps are batched, ``(N, C, *spatial)`` with ``dims`` spatial axes (an unbatched map is refused:
+    it could not be told apart from a batched map of one dimension less). The high map pools exactly
+    as the vanilla layer would; the low map pools with the same window in
     ceil mode and keeps the windows that match the pooled high map, so it stays its octave
     (``ceil(n / 2)`` of the high map on the octave axes). The output keeps the input's memory format.
 """
@@ -381,9 +385,9 @@ class OctGlobalAvgPool(nn.Module):
 
     def __init__(self, flatten: bool = True) -> None:
         super().__init__()
-        if not isinstance(flatten, bool):
+        if flatten not in (True, False):
             raise TypeError(f"flatten must be a bool, got {flatten!r}")
-        self.flatten = flatten
+        self.flatten = bool(flatten)
 
     @fx_leaf_forward
     def forward(self, x: OctaveInput) -> Tensor:

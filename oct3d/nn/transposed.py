@@ -15,6 +15,7 @@ high-resolution counterpart in 2D (FLOPs ``(1-a)^2 + a(1-a)/2 + a^2/4`` of the v
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
 from oct3d.nn.conv import IntOrTuple, branch_channels, check_alpha, check_positive_int, to_tuple
@@ -176,16 +177,16 @@ class OctConvTranspose(nn.Module):
             if t.dim() != self.dims + 2 or t.shape[1] != channels:
                 raise ValueError(f"{name} expects a {branch} tensor of shape (N, {channels}, {axes}) (in_channels="
                                  f"{self.in_channels}, alpha_in={self.alpha_in}), got {tuple(t.shape)}")
-        weight = self.h2h.weight
-        if high.dtype != weight.dtype or high.device != weight.device:
+        weight = self.h2h._parameters.get("weight")  # raw: a parametrized weight is not recomputed for this
+        if weight is not None and (high.dtype != weight.dtype or high.device != weight.device) \
+                and not torch.is_autocast_enabled(high.device.type):  # (under autocast the paths cast)
             raise TypeError(f"{name} has {weight.dtype} weights on {weight.device} and got a {high.dtype} input on "
                             f"{high.device}; convert the input or the model (model.to(...))")
         if low is not None:
             expected = low_size(high.shape[2:], self.factors)
-            if tuple(low.shape[2:]) != expected or low.shape[0] != high.shape[0] or low.dtype != high.dtype:
+            if tuple(low.shape[2:]) != expected or low.shape[0] != high.shape[0]:
                 raise ValueError(f"{name} expects the low tensor of a high tensor shaped {tuple(high.shape)} to be "
-                                 f"shaped {(high.shape[0], self.in_low, *expected)} with its dtype, got "
-                                 f"{tuple(low.shape)} {low.dtype}")
+                                 f"shaped {(high.shape[0], self.in_low, *expected)}, got {tuple(low.shape)}")
         return high, low
 
 
