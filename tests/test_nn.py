@@ -619,7 +619,7 @@ def test_pools_check_their_inputs_and_keep_the_memory_format():
         OctMaxPool(3, 2, 1)(torch.randn(2, 4, 16, 16))  # reads like nn.MaxPool2d(3, 2, 1); it is not
     with pytest.raises(ValueError, match="expects low maps of shape"):
         OctMaxPool(2, 2)(Octave(torch.randn(1, 4, 16, 16), torch.randn(1, 4, 8)))
-    with pytest.raises(ValueError, match=r"low map of a high map shaped \(1, 4, 16, 16\) to be shaped \(1, 4, 8, 8\)"):
+    with pytest.raises(ValueError, match=r"high tensor shaped \(1, 4, 16, 16\) to be shaped \(1, 4, 8, 8\)"):
         OctMaxPool(2, 2)(Octave(torch.randn(1, 4, 16, 16), torch.randn(1, 4, 16, 16)))  # was pooled and cropped
     with pytest.raises(ValueError, match="dims must be 1, 2 or 3"):
         OctMaxPool(4, 2)

@@ -29,10 +29,11 @@ from oct3d.nn.octave import (
     Octave,
     OctaveInput,
     avg_pool,
+    axes_names,
     broadcast_upsampled_,
+    check_low_size,
     fx_leaf_forward,
     keep_channels_last,
-    low_size,
     octave_axes,
     split_channels,
     traced_or_compiled,
@@ -339,20 +340,14 @@ class OctConv(nn.Module):
                 f"{self._name()} expects {self.in_low} low-frequency input channels "
                 f"(in_channels={self.in_channels}, alpha_in={self.alpha_in}), got {low.shape[1]}"
             )
-        expected = low_size(high.shape[2:], self.factors)
-        if tuple(low.shape[2:]) != expected or low.shape[0] != high.shape[0]:
-            raise ValueError(
-                f"{self._name()} expects the low tensor of a high tensor shaped {tuple(high.shape)} to be "
-                f"shaped {(high.shape[0], self.in_low, *expected)} (ceil of half on the octave axes, "
-                f"octave={self.octave!r}), got {tuple(low.shape)}"
-            )
+        check_low_size(self._name(), high, low, self.factors, self.octave)  # (the channels were checked above)
         return high, low
 
     def _name(self) -> str:
         return f"OctConv{self.dims}d"
 
     def _axes_desc(self) -> str:
-        return ", ".join(("T", "H", "W")[3 - self.dims:]) if self.dims > 1 else "L"
+        return axes_names(self.dims)
 
     # ------------------------------------------------------------------ forward
     @fx_leaf_forward

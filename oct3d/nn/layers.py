@@ -19,6 +19,8 @@ from oct3d.nn.octave import (
     CHANNELS_LAST_FORMATS,
     Octave,
     OctaveInput,
+    axes_names,
+    check_low_size,
     fx_leaf_forward,
     is_channels_last,
     low_size,
@@ -240,10 +242,9 @@ class _OctPool(nn.Module):
         # Batched maps only: an unbatched (C, ...) map has the rank of a batched map of one dimension less,
         # so OctMaxPool(3, ...) called like nn.MaxPool2d(3, ...) would pool the wrong axes without a word.
         if not isinstance(t, Tensor) or t.dim() != self.dims + 2:
-            axes = ", ".join(("T", "H", "W")[3 - self.dims:]) if self.dims > 1 else "L"
             shape = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
-            raise ValueError(f"{type(self).__name__}(dims={self.dims}) expects {name} maps of shape (N, C, {axes}), "
-                             f"got {shape}")
+            raise ValueError(f"{type(self).__name__}(dims={self.dims}) expects {name} maps of shape "
+                             f"(N, C, {axes_names(self.dims)}), got {shape}")
         return t
 
     @fx_leaf_forward
@@ -256,13 +257,7 @@ class _OctPool(nn.Module):
             return _same_layout(self._pool(high), high) if not isinstance(x, Octave) else \
                 Octave(_same_layout(self._pool(high), high), None)
         high, low = self._check("high", x.high), self._check("low", x.low)
-        expected = low_size(high.shape[2:], self.factors)
-        if tuple(low.shape[2:]) != expected or low.shape[0] != high.shape[0]:
-            raise ValueError(
-                f"{type(self).__name__} expects the low map of a high map shaped {tuple(high.shape)} to be shaped "
-                f"{(high.shape[0], low.shape[1], *expected)} (ceil of half on the octave axes, "
-                f"octave={self.octave!r}), got {tuple(low.shape)}"
-            )
+        check_low_size(type(self).__name__, high, low, self.factors, self.octave)
         # The high map pools in floor mode like the vanilla layer. On odd sizes floor mode can
         # drop the low map's last partial window (high 6 -> 3 but its low 3 -> 1, not 2), so the
         # low map pools in ceil mode and keeps the windows that belong to the kept high ones.

@@ -120,6 +120,23 @@ def low_size(high_size: Sequence[int], factors: Sequence[int]) -> tuple[int, ...
     return tuple(-(-_size(n) // f) for n, f in zip(high_size, factors))
 
 
+def axes_names(dims: int) -> str:
+    """The spatial axes of a ``dims``-D map as error messages name them: ``"L"``, ``"H, W"``, ``"T, H, W"``."""
+    return ", ".join(("T", "H", "W")[3 - dims:]) if dims > 1 else "L"
+
+
+def check_low_size(layer: str, high: Tensor, low: Tensor, factors: Sequence[int], octave: str) -> None:
+    """Raise a ``ValueError`` naming ``layer`` unless ``low`` is the octave of ``high`` (same batch, the
+    ceiling of half on the octave axes)."""
+    expected = low_size(high.shape[2:], factors)
+    if tuple(low.shape[2:]) != expected or low.shape[0] != high.shape[0]:
+        raise ValueError(
+            f"{layer} expects the low tensor of a high tensor shaped {tuple(high.shape)} to be shaped "
+            f"{(high.shape[0], low.shape[1], *expected)} (ceil of half on the octave axes, octave={octave!r}), "
+            f"got {tuple(low.shape)}"
+        )
+
+
 def _size(n: int | torch.SymInt) -> int | torch.SymInt:
     """An axis size as an int; a symbolic size (``torch.export`` with dynamic shapes) stays symbolic."""
     return n if isinstance(n, torch.SymInt) else int(n)

@@ -23,6 +23,8 @@ from oct3d.nn.octave import (
     Octave,
     OctaveInput,
     avg_pool,
+    axes_names,
+    check_low_size,
     fx_leaf_forward,
     low_size,
     octave_axes,
@@ -170,7 +172,7 @@ class OctConvTranspose(nn.Module):
                 f"{name} with alpha_in={self.alpha_in} expects "
                 + ("an Octave with a low tensor" if self.in_low else "a plain tensor (no low branch)")
             )
-        axes = ", ".join(("T", "H", "W")[3 - self.dims:]) if self.dims > 1 else "L"
+        axes = axes_names(self.dims)
         for branch, t, channels in (("high", high, self.in_high), ("low", low, self.in_low)):
             if t is None:
                 continue
@@ -183,10 +185,7 @@ class OctConvTranspose(nn.Module):
             raise TypeError(f"{name} has {weight.dtype} weights on {weight.device} and got a {high.dtype} input on "
                             f"{high.device}; convert the input or the model (model.to(...))")
         if low is not None:
-            expected = low_size(high.shape[2:], self.factors)
-            if tuple(low.shape[2:]) != expected or low.shape[0] != high.shape[0]:
-                raise ValueError(f"{name} expects the low tensor of a high tensor shaped {tuple(high.shape)} to be "
-                                 f"shaped {(high.shape[0], self.in_low, *expected)}, got {tuple(low.shape)}")
+            check_low_size(name, high, low, self.factors, self.octave)
         return high, low
 
 
