@@ -205,10 +205,19 @@ def test_evaluation_leaves_out_the_substitutes_of_unreadable_videos():
     (tested,) = trainer.test(model, loader([batch], batch_size=None), verbose=False)
     assert tested["test/num_videos"] == 1 and tested["test/failed_videos"] == 1
     assert seen == [2]  # only the two readable views were scored
+    # A video with one readable view and one stand-in counts as failed for the view metrics too.
+    partly = {**batch, "failed": ["", "", "", "v1.mp4: truncated"]}
+    (alone,) = trainer.test(model, loader([{**batch, "video": clips[:2], "label": batch["label"][:2],
+                                              "video_index": batch["video_index"][:2], "failed": ["", ""]}],
+                                            batch_size=None), verbose=False)
+    (mixed,) = trainer.test(model, loader([partly], batch_size=None), verbose=False)
+    assert mixed["test/num_videos"] == 1 and mixed["test/failed_videos"] == 1
+    assert mixed["test/view_top1"] == alone["test/view_top1"] and mixed["test/top1"] == alone["test/top1"]
+    seen.clear()
     (validated,) = trainer.validate(model, loader([batch, everything_failed], batch_size=None), verbose=False)
     # Videos, not views: video 1 in the first batch, videos 0 and 1 in the second.
     assert validated["val/failed_videos"] == 3 and "val/top1" in validated
-    assert seen == [2, 2]
+    assert seen == [2]  # the batch of stand-ins only was not scored
 
 
 def test_a_resumed_schedule_is_planned_over_the_new_run_length():

@@ -305,8 +305,8 @@ class OctaveClassifier(pl.LightningModule):
     def test_step(self, batch: Any, batch_idx: int) -> None:
         """Per-view top-1/top-5; with ``video_index`` in the batch, also accumulates softmax per video.
 
-        Views of an unreadable video (replaced by the data module) are left out of both, and counted
-        in ``test/failed_videos``.
+        A video any of whose views was unreadable (replaced by the data module) is left out of the
+        view and the video metrics alike, and counted in ``test/failed_videos``.
         """
         x, y, video_index = self._unpack(batch)
         keep = self._readable(batch, x)
@@ -317,24 +317,33 @@ class OctaveClassifier(pl.LightningModule):
                 self._test_failed.update(video_index[~keep].tolist())
                 video_index = video_index[keep]
             x, y = x[keep], y[keep]
-        # Logged on every step, updated or not: every rank must log each synced key.
-        self.log("test/view_top1", self.test_top1, batch_size=max(x.shape[0], 1))
-        self.log("test/view_top5", self.test_top5, batch_size=max(x.shape[0], 1))
+        if video_index is None:
+            # Logged on every step, updated or not: every rank must log each synced key.
+            self.log("test/view_top1", self.test_top1, batch_size=max(x.shape[0], 1))
+            self.log("test/view_top5", self.test_top5, batch_size=max(x.shape[0], 1))
         if not x.shape[0]:
             return
         logits = self(x)
-        self.test_top1.update(logits, y)
-        self.test_top5.update(logits, y)
         if video_index is None:
+            self.test_top1.update(logits, y)
+            self.test_top5.update(logits, y)
             return
+        # Per video: the softmax sum, the view count, the label and the views right at top-1 / top-5, so
+        # that the view metrics, like the video ones, leave out a video any of whose views was unreadable.
         probs = logits.float().softmax(1).detach().cpu()
+        labels = y.cpu()
+        k = min(5, probs.shape[1])
+        top1 = (probs.argmax(1) == labels).tolist()
+        top5 = (probs.topk(k, 1).indices == labels[:, None]).any(1).tolist()
         for i, idx in enumerate(video_index.tolist()):
             entry = self._test_views.get(idx)
             if entry is None:
-                self._test_views[idx] = [probs[i].clone(), 1, int(y[i])]
+                self._test_views[idx] = [probs[i].clone(), 1, int(labels[i]), int(top1[i]), int(top5[i])]
             else:
                 entry[0] += probs[i]
                 entry[1] += 1
+                entry[3] += int(top1[i])
+                entry[4] += int(top5[i])
 
     def on_test_epoch_end(self) -> None:
         """Average the softmax over all views of each video, then log video-level top-1/top-5."""
@@ -353,12 +362,14 @@ class OctaveClassifier(pl.LightningModule):
             # Views of one video may land on different ranks; the index space is global, so merge by index.
             gathered: list[dict] = [None] * torch.distributed.get_world_size()  # type: ignore[list-item]
             torch.distributed.all_gather_object(gathered, views)
-            merged: dict[int, list] = defaultdict(lambda: [0.0, 0, -1])
+            merged: dict[int, list] = defaultdict(lambda: [0.0, 0, -1, 0, 0])
             for part in gathered:
-                for idx, (prob_sum, count, label) in part.items():
+                for idx, (prob_sum, count, label, top1_hits, top5_hits) in part.items():
                     merged[idx][0] = merged[idx][0] + prob_sum
                     merged[idx][1] += count
                     merged[idx][2] = label
+                    merged[idx][3] += top1_hits
+                    merged[idx][4] += top5_hits
             views = dict(merged)
         if not views:
             return
@@ -373,6 +384,11 @@ class OctaveClassifier(pl.LightningModule):
         self.log("test/top1", top1, rank_zero_only=True, sync_dist=False)
         self.log("test/top5", top5, rank_zero_only=True, sync_dist=False)
         self.log("test/num_videos", float(len(indices)), rank_zero_only=True, sync_dist=False)
+        total_views = sum(views[i][1] for i in indices)
+        self.log("test/view_top1", sum(views[i][3] for i in indices) / total_views, rank_zero_only=True,
+                 sync_dist=False)
+        self.log("test/view_top5", sum(views[i][4] for i in indices) / total_views, rank_zero_only=True,
+                 sync_dist=False)
         self._test_views = {}
 
     def predict_step(self, batch: Any, batch_idx: int) -> dict[str, Tensor]:
