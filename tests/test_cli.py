@@ -78,7 +78,7 @@ def test_console_scripts_are_installed():
         assert "oct3d.cli" in Path(path).read_text() and entry in Path(path).read_text()
 
 
-def test_fit_then_resume_continues_epoch_and_step(tiny_kinetics, tmp_path):
+def test_fit_then_resume_continues_epoch_and_step(tiny_kinetics, tmp_path, caplog):
     args = _tiny_video_args(tiny_kinetics, tmp_path)
     cli.main(["fit", *args, "--trainer.max_epochs", "1"])
     (first,) = _checkpoints(tmp_path, "last.ckpt")
@@ -100,6 +100,9 @@ def test_fit_then_resume_continues_epoch_and_step(tiny_kinetics, tmp_path):
     # test: 3 test videos x 2 clips, aggregated per video; predict: softmax per view
     from oct3d.lightning.cli import OctCLI
 
+    with caplog.at_level("INFO"):
+        OctCLI(args=["validate", *args, "--ckpt_path", str(resumed), "--trainer.logger", "false"])
+    assert "epoch 1 step 6: val/top1=" in caplog.text  # the checkpoint's place, not the idle loop's 0 / 0
     tested = OctCLI(args=["test", *args, "--ckpt_path", str(resumed), "--trainer.logger", "false"])
     assert tested.trainer.callback_metrics["test/num_videos"] == 3
     predicted = OctCLI(args=["predict", *args, "--ckpt_path", str(resumed), "--trainer.logger", "false"])

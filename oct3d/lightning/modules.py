@@ -295,7 +295,10 @@ class OctaveClassifier(pl.LightningModule):
         train_loss = self.trainer.callback_metrics.get("train/loss")
         if train_loss is not None:
             shown += f" train/loss={float(train_loss):.4f}"
-        rank_zero_info(f"epoch {self.current_epoch} step {self.global_step}: {shown}")
+        epoch, step = self.current_epoch, self.global_step
+        if self.trainer.state.fn != "fit" and getattr(self, "_loaded_at", None) is not None:
+            epoch, step = self._loaded_at  # `validate --ckpt_path`: where the checkpoint was saved
+        rank_zero_info(f"epoch {epoch} step {step}: {shown}")
 
     def on_test_epoch_start(self) -> None:
         """Reset the per-video softmax accumulators."""
@@ -444,6 +447,8 @@ class OctaveClassifier(pl.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Restore class names and preprocessing saved by :meth:`on_save_checkpoint`."""
         meta = checkpoint.get(CHECKPOINT_KEY) or {}
+        # A validate/test run does not restore the loops: its log line names the checkpoint's epoch and step.
+        self._loaded_at = (checkpoint.get("epoch", 0), checkpoint.get("global_step", 0))
         if meta.get("class_names") is not None:
             self.class_names = list(meta["class_names"])
         if meta.get("preprocessing"):
