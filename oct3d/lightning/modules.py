@@ -38,6 +38,8 @@ __all__ = [
     "record_hparam",
     "warmup_cosine_schedule",
     "apply_scheduled_lr",
+    "remember_position",
+    "validation_position",
 ]
 
 #: Key of the checkpoint entry holding everything inference needs; its presence marks "our" checkpoint.
@@ -133,6 +135,20 @@ def warmup_cosine_schedule(
     # LambdaLR saves a callable object's fields and restores them over the new plan; a partial has none.
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, functools.partial(schedule))
     return {"scheduler": scheduler, "interval": "step", "frequency": 1}
+
+
+def remember_position(module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+    """Keep the epoch and step a loaded checkpoint was saved at (for :func:`validation_position`)."""
+    module._loaded_at = (int(checkpoint.get("epoch", 0)), int(checkpoint.get("global_step", 0)))
+
+
+def validation_position(module: pl.LightningModule) -> tuple[int, int]:
+    """The epoch and step a validation log line names: the loops' in ``fit``; in ``validate``/``test``,
+    which do not restore the loops, the loaded checkpoint's."""
+    loaded = getattr(module, "_loaded_at", None)
+    if module.trainer.state.fn != "fit" and loaded is not None:
+        return loaded
+    return module.current_epoch, module.global_step
 
 
 def apply_scheduled_lr(trainer: pl.Trainer) -> None:
@@ -295,9 +311,7 @@ class OctaveClassifier(pl.LightningModule):
         train_loss = self.trainer.callback_metrics.get("train/loss")
         if train_loss is not None:
             shown += f" train/loss={float(train_loss):.4f}"
-        epoch, step = self.current_epoch, self.global_step
-        if self.trainer.state.fn != "fit" and getattr(self, "_loaded_at", None) is not None:
-            epoch, step = self._loaded_at  # `validate --ckpt_path`: where the checkpoint was saved
+        epoch, step = validation_position(self)
         rank_zero_info(f"epoch {epoch} step {step}: {shown}")
 
     def on_test_epoch_start(self) -> None:
@@ -447,8 +461,7 @@ class OctaveClassifier(pl.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Restore class names and preprocessing saved by :meth:`on_save_checkpoint`."""
         meta = checkpoint.get(CHECKPOINT_KEY) or {}
-        # A validate/test run does not restore the loops: its log line names the checkpoint's epoch and step.
-        self._loaded_at = (checkpoint.get("epoch", 0), checkpoint.get("global_step", 0))
+        remember_position(self, checkpoint)
         if meta.get("class_names") is not None:
             self.class_names = list(meta["class_names"])
         if meta.get("preprocessing"):

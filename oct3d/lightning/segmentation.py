@@ -29,6 +29,8 @@ from oct3d.lightning.modules import (
     check_optimization,
     foreach_kwargs,
     record_hparam,
+    remember_position,
+    validation_position,
     warmup_cosine_schedule,
 )
 from oct3d.models import builder_arguments, get_model
@@ -429,7 +431,8 @@ class VolumeSegmenter(pl.LightningModule):
             train_loss = self.trainer.callback_metrics.get("train/loss")
             if train_loss is not None:
                 shown += f" train/loss={float(train_loss):.4f}"
-            rank_zero_info(f"epoch {self.current_epoch} step {self.global_step}: {shown}")
+            epoch, step = validation_position(self)
+            rank_zero_info(f"epoch {epoch} step {step}: {shown}")
 
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         """Per-class Dice on test volumes that have labels (dataset.json test entries with a ``label``)."""
@@ -496,6 +499,7 @@ class VolumeSegmenter(pl.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Restore class names and preprocessing saved by :meth:`on_save_checkpoint`."""
         meta = checkpoint.get(CHECKPOINT_KEY) or {}
+        remember_position(self, checkpoint)
         if (
             int(meta.get("format_version", CHECKPOINT_FORMAT_VERSION)) < 2 and meta.get("backbone") == "oct_unet3d"
             and "base_width" not in (meta.get("backbone_kwargs") or {})
