@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import warnings
 from pathlib import Path
 
 import nibabel as nib
@@ -279,8 +280,11 @@ def test_val_fraction_zero_trains_on_every_case_without_validation(tiny_decathlo
         VolumeSegmentationDataModule(str(tiny_decathlon), val_fraction=0.0).setup("validate")
     args = [a if a != "0.34" else "0.0" for a in _fit_args(tiny_decathlon, tmp_path)]
     args[args.index("--trainer.max_epochs") + 1] = "1"
-    cli.main(args)
-    (last,) = tmp_path.rglob("last.ckpt")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cli.main(args)
+    assert not [w for w in caught if "could not find the monitored key" in str(w.message)]  # nothing to rank by
+    (last,) = tmp_path.rglob("*.ckpt")  # last.ckpt only
     state = torch.load(last, weights_only=True)
     assert state["epoch"] == 0 and state["global_step"] > 0
     assert not list(tmp_path.rglob("best-*.ckpt"))  # nothing validated, so no best checkpoint

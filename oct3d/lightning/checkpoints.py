@@ -58,9 +58,22 @@ class LatestCheckpoint(ModelCheckpoint):
         if self.save_last is True and not trainer.sanity_checking and trainer.fast_dev_run is False:
             self._save_last_if_stale(trainer)
 
+    def _save_topk_checkpoint(self, trainer: pl.Trainer, monitor_candidates: dict) -> None:
+        # A run without validation (a data module holding out no cases) has no metric to rank by:
+        # keep last.ckpt only, without Lightning's warning that the metric was never logged.
+        if self.monitor is not None and self.monitor not in monitor_candidates and not _validates(trainer):
+            return
+        super()._save_topk_checkpoint(trainer, monitor_candidates)
+
     def _save_last_if_stale(self, trainer: pl.Trainer) -> None:
         if self._last_global_step_saved != trainer.global_step or not self.last_model_path:
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+
+def _validates(trainer: pl.Trainer) -> bool:
+    """Whether this run has validation batches (False for an empty validation set or ``limit_val_batches=0``)."""
+    batches = trainer.num_val_batches
+    return bool(batches) and sum(batches) > 0 and trainer.limit_val_batches != 0
 
 
 def resolve_checkpoint_path(ckpt_path: str | Path | None, trainer: pl.Trainer) -> str | Path | None:
