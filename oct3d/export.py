@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import importlib.util
 import json
 import os
 import sys
@@ -185,7 +186,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point; returns 0 on success, 2 when the checkpoint cannot be exported."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.format == "onnx":
+        missing = [name for name in ("onnx", "onnxscript") if importlib.util.find_spec(name) is None]
+        if missing:
+            print(f"error: --format onnx needs {' and '.join(missing)}: pip install 'oct3d[onnx]'", file=sys.stderr)
+            return 2
     if Path(args.out).suffix != SUFFIXES[args.format]:
         print(f"note: {args.format} files usually end in {SUFFIXES[args.format]}", file=sys.stderr)
     try:

@@ -262,7 +262,11 @@ def _load_export(path: Path, sidecar: Path, device: torch.device, amp: bool) -> 
     metadata = ModelMetadata.from_dict(info["oct3d"])
     fmt = info["format"]
     if fmt == "onnx":
-        import onnxruntime as ort
+        try:
+            import onnxruntime as ort
+        except ImportError as error:
+            raise CheckpointError(f"{path}: running an ONNX model needs onnxruntime: pip install 'oct3d[onnx]'") \
+                from error
 
         providers = ["CPUExecutionProvider"]
         if device.type == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():

@@ -124,3 +124,12 @@ def test_torch_export_of_the_3d_unet_with_dynamic_volume_sizes():
     for shape in ((1, 1, 24, 16, 32), (1, 1, 8, 40, 16)):
         x = torch.randn(shape)
         torch.testing.assert_close(program.module()(x), model(x), atol=1e-4, rtol=1e-4)
+
+
+def test_onnx_export_without_its_packages_is_a_usage_error(tmp_path, capsys, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "onnxscript" else real(name, *a))
+    assert export_main(["--checkpoint", str(tmp_path / "any.ckpt"), "--format", "onnx", str(tmp_path / "m.onnx")]) == 2
+    assert "needs onnxscript: pip install 'oct3d[onnx]'" in capsys.readouterr().err
