@@ -688,6 +688,8 @@ def test_constructor_takes_nn_conv_style_padding_device_and_dtype_and_refuses_wh
         with pytest.raises(error, match=match):
             OctConv2d(8, 8, 3, **kwargs)
     assert OctBatchNorm2d(8, 0.5, bias=False).bn_h.bias is None
+    shapes = OctConv2d(8, 8, 3, 0.0, 0.5)(torch.randn(1, 8, 16, 16, device="meta"))  # as nn.Conv2d: shapes only
+    assert shapes.high.device.type == "meta" and tuple(shapes.low.shape) == (1, 4, 8, 8)
     assert OctConv2d(8, 8, 1, padding="valid", bias=1).h2h.bias is not None  # as nn.Conv2d takes them
     with pytest.raises(TypeError, match="flatten must be a bool"):
         OctGlobalAvgPool(flatten="no")

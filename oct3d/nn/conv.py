@@ -310,7 +310,7 @@ class OctConv(nn.Module):
         # The raw parameter: a parametrized path (weight_norm) would recompute its weight for this check.
         weight = self.h2h._parameters.get("weight")
         if weight is not None and (high.dtype != weight.dtype or high.device != weight.device) \
-                and not torch.is_autocast_enabled(high.device.type):
+                and high.device.type != "meta" and not torch.is_autocast_enabled(high.device.type):
             # (Under autocast the paths cast their inputs themselves.)
             raise TypeError(
                 f"{self._name()} has {weight.dtype} weights on {weight.device} and got a {high.dtype} input on "

@@ -179,9 +179,10 @@ class OctConvTranspose(nn.Module):
             if t.dim() != self.dims + 2 or t.shape[1] != channels:
                 raise ValueError(f"{name} expects a {branch} tensor of shape (N, {channels}, {axes}) (in_channels="
                                  f"{self.in_channels}, alpha_in={self.alpha_in}), got {tuple(t.shape)}")
-        weight = self.h2h._parameters.get("weight")  # raw: a parametrized weight is not recomputed for this
+        # The raw weight (a parametrized one is not recomputed for this); under autocast the paths cast.
+        weight = self.h2h._parameters.get("weight")
         if weight is not None and (high.dtype != weight.dtype or high.device != weight.device) \
-                and not torch.is_autocast_enabled(high.device.type):  # (under autocast the paths cast)
+                and high.device.type != "meta" and not torch.is_autocast_enabled(high.device.type):
             raise TypeError(f"{name} has {weight.dtype} weights on {weight.device} and got a {high.dtype} input on "
                             f"{high.device}; convert the input or the model (model.to(...))")
         if low is not None:
