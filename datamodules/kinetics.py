@@ -369,20 +369,39 @@ class VideoClipDataset(Dataset):
         resized_size = getattr(self.transform, "resized_size", None)
         return [resized_size(height, width)] * len(choices) if resized_size is not None else None
 
-    def _load_clips(self, video_index: int) -> torch.Tensor:
-        """Train and val mode: ``clips_per_video`` clips of one video (one, unstacked, by default)."""
+    def _decode(
+        self, video_index: int, plan: Callable[[Any], tuple[list, list | None, Any]],
+    ) -> tuple[list, Any, float]:
+        """Decode the clips ``plan(info)`` returns (frame indices per clip, decode-time sizes or None, and
+        anything the caller needs back) from one open of a video; remembers an unreadable video.
+        Returns the decoded clips, that last item and the start time."""
         path = self.samples[video_index].path
         if path in self.failures:
             raise VideoDecodeError(path, self.failures[path])
         started = time.perf_counter()
         try:
             with open_video(path, self.decoder, self.decoder_threads, self.decode_time_resize) as reader:
-                info = reader.info
-                clips, choices = self._plan(info.num_frames, info.height, info.width)
-                decoded = reader.get_clips(clips, self._sizes(choices, info.height, info.width))
+                clips, sizes, planned = plan(reader.info)
+                return reader.get_clips(clips, sizes), planned, started
         except VideoDecodeError as error:
             self.failures[path] = error.reason
             raise
+
+    def _count(self, started: float, transforming: float, clips: int) -> None:
+        done = time.perf_counter()
+        self.timing["decode_s"] += transforming - started
+        self.timing["transform_s"] += done - transforming
+        self.timing["clips"] += clips
+        self.timing["videos"] += 1
+
+    def _load_clips(self, video_index: int) -> torch.Tensor:
+        """Train and val mode: ``clips_per_video`` clips of one video (one, unstacked, by default)."""
+
+        def plan(info: Any) -> tuple[list, list | None, list]:
+            clips, choices = self._plan(info.num_frames, info.height, info.width)
+            return clips, self._sizes(choices, info.height, info.width), choices
+
+        decoded, choices, started = self._decode(video_index, plan)
         transforming = time.perf_counter()
         if choices[0] is not None and self.clips_per_video > 1:
             # The clips are written straight into the item's tensor (no stack copy).
@@ -393,11 +412,7 @@ class VideoClipDataset(Dataset):
             videos = [self.transform.apply(frames, choice) for frames, choice in zip(decoded, choices)]
         else:
             videos = [self.transform(frames) for frames in decoded]
-        done = time.perf_counter()
-        self.timing["decode_s"] += transforming - started
-        self.timing["transform_s"] += done - transforming
-        self.timing["clips"] += len(videos)
-        self.timing["videos"] += 1
+        self._count(started, transforming, len(videos))
         if self.clips_per_video == 1:
             return videos[0]
         return stacked if choices[0] is not None else torch.stack(videos)
@@ -405,23 +420,17 @@ class VideoClipDataset(Dataset):
     def _load_views(self, video_index: int, views: list[tuple[int, int]]) -> list[torch.Tensor]:
         """Test mode: the ``(clip_index, crop_index)`` views of one video from one decode, each clip
         decoded once and resized once for all of its crops."""
-        path = self.samples[video_index].path
-        if path in self.failures:
-            raise VideoDecodeError(path, self.failures[path])
-        started = time.perf_counter()
         clip_ids = sorted({clip for clip, _ in views})
-        try:
-            with open_video(path, self.decoder, self.decoder_threads, self.decode_time_resize) as reader:
-                info = reader.info
-                clips = [
-                    clip_indices(info.num_frames, self._start_frame(info.num_frames, clip), self.num_frames,
-                                 self.sampling_rate)
-                    for clip in clip_ids
-                ]
-                decoded = reader.get_clips(clips, self._sizes([None] * len(clips), info.height, info.width))
-        except VideoDecodeError as error:
-            self.failures[path] = error.reason
-            raise
+
+        def plan(info: Any) -> tuple[list, list | None, None]:
+            clips = [
+                clip_indices(info.num_frames, self._start_frame(info.num_frames, clip), self.num_frames,
+                             self.sampling_rate)
+                for clip in clip_ids
+            ]
+            return clips, self._sizes([None] * len(clips), info.height, info.width), None
+
+        decoded, _, started = self._decode(video_index, plan)
         transforming = time.perf_counter()
         # One resize for all crops of a clip, unless a subclass changed what a crop is.
         crops = self.transform.crops if type(self.transform).__call__ is VideoEvalTransform.__call__ else None
@@ -430,11 +439,7 @@ class VideoClipDataset(Dataset):
             wanted = sorted({crop for c, crop in views if c == clip})
             made = crops(frames, wanted) if crops is not None else [self.transform(frames, k) for k in wanted]
             by_view.update(((clip, crop), video) for crop, video in zip(wanted, made))
-        done = time.perf_counter()
-        self.timing["decode_s"] += transforming - started
-        self.timing["transform_s"] += done - transforming
-        self.timing["clips"] += len(by_view)
-        self.timing["videos"] += 1
+        self._count(started, transforming, len(by_view))
         return [by_view[view] for view in views]
 
     def __getitem__(self, index: int) -> dict:

@@ -32,6 +32,7 @@ from oct3d.nn.octave import (
     axes_names,
     broadcast_upsampled_,
     check_low_size,
+    check_matches_weight,
     fx_leaf_forward,
     keep_channels_last,
     octave_axes,
@@ -60,6 +61,13 @@ def to_tuple(value: IntOrTuple, dims: int, name: str) -> tuple[int, ...]:
     ):
         return tuple(int(v) for v in value)
     raise TypeError(f"{name} must be an int or a tuple of {dims} ints, got {value!r}")
+
+
+def check_minimums(checks: Sequence[tuple[str, tuple[int, ...], int]]) -> None:
+    """Raise a ``ValueError`` for the first ``(name, per-axis values, minimum)`` with a value below its minimum."""
+    for name, values, minimum in checks:
+        if any(v < minimum for v in values):
+            raise ValueError(f"{name} must be >= {minimum} on every axis, got {values}")
 
 
 def check_positive_int(value: object, name: str) -> int:
@@ -307,15 +315,7 @@ class OctConv(nn.Module):
                 f"with a low tensor; got a plain tensor of shape {tuple(high.shape)}. Use "
                 "oct3d.nn.to_octave(x, alpha) at the boundary, or alpha_in=0 for a first layer"
             )
-        # The raw parameter: a parametrized path (weight_norm) would recompute its weight for this check.
-        weight = self.h2h._parameters.get("weight")
-        if weight is not None and (high.dtype != weight.dtype or high.device != weight.device) \
-                and high.device.type != "meta" and not torch.is_autocast_enabled(high.device.type):
-            # (Under autocast the paths cast their inputs themselves.)
-            raise TypeError(
-                f"{self._name()} has {weight.dtype} weights on {weight.device} and got a {high.dtype} input on "
-                f"{high.device}; convert the input (x.to(dtype=..., device=...)) or the model (model.to(...))"
-            )
+        check_matches_weight(self._name(), high, self.h2h)
         if high.shape[1] != self.in_high:
             raise ValueError(
                 f"{self._name()} expects {self.in_high} high-frequency input channels "

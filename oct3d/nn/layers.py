@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from oct3d.nn.conv import IntOrTuple, check_alpha, check_positive_int, to_tuple
+from oct3d.nn.conv import IntOrTuple, check_alpha, check_minimums, check_positive_int, to_tuple
 from oct3d.nn.norm import batch_norm
 from oct3d.nn.octave import (
     CHANNELS_LAST_FORMATS,
@@ -225,10 +225,7 @@ class _OctPool(nn.Module):
         self.kernel_size = to_tuple(kernel_size, dims, "kernel_size")
         self.stride = self.kernel_size if stride is None else to_tuple(stride, dims, "stride")
         self.padding = to_tuple(padding, dims, "padding")
-        for name, values, minimum in (("kernel_size", self.kernel_size, 1), ("stride", self.stride, 1),
-                                      ("padding", self.padding, 0)):
-            if any(v < minimum for v in values):
-                raise ValueError(f"{name} must be >= {minimum} on every axis, got {values}")
+        check_minimums((("kernel_size", self.kernel_size, 1), ("stride", self.stride, 1), ("padding", self.padding, 0)))
         if any(2 * p > k for p, k in zip(self.padding, self.kernel_size)):
             raise ValueError(f"padding must be at most half of kernel_size, got {padding!r} for {kernel_size!r}")
 
@@ -254,8 +251,8 @@ class _OctPool(nn.Module):
         x = pair_as_octave(x)
         if not isinstance(x, Octave) or x.low is None:
             high = self._check("input", x.high if isinstance(x, Octave) else x)
-            return _same_layout(self._pool(high), high) if not isinstance(x, Octave) else \
-                Octave(_same_layout(self._pool(high), high), None)
+            pooled = _same_layout(self._pool(high), high)
+            return Octave(pooled, None) if isinstance(x, Octave) else pooled
         high, low = self._check("high", x.high), self._check("low", x.low)
         check_low_size(type(self).__name__, high, low, self.factors, self.octave)
         # The high map pools in floor mode like the vanilla layer. On odd sizes floor mode can

@@ -137,6 +137,21 @@ def check_low_size(layer: str, high: Tensor, low: Tensor, factors: Sequence[int]
         )
 
 
+def check_matches_weight(layer: str, x: Tensor, path: torch.nn.Module) -> None:
+    """Raise a ``TypeError`` naming ``layer`` when ``x`` has another dtype or device than ``path``'s weight.
+
+    Reads the raw parameter (a parametrized weight such as ``weight_norm`` is not recomputed for the
+    check) and lets autocast (the paths cast their inputs) and meta inputs (shape inference) through.
+    """
+    weight = path._parameters.get("weight")
+    if weight is not None and (x.dtype != weight.dtype or x.device != weight.device) \
+            and x.device.type != "meta" and not torch.is_autocast_enabled(x.device.type):
+        raise TypeError(
+            f"{layer} has {weight.dtype} weights on {weight.device} and got a {x.dtype} input on "
+            f"{x.device}; convert the input (x.to(dtype=..., device=...)) or the model (model.to(...))"
+        )
+
+
 def _size(n: int | torch.SymInt) -> int | torch.SymInt:
     """An axis size as an int; a symbolic size (``torch.export`` with dynamic shapes) stays symbolic."""
     return n if isinstance(n, torch.SymInt) else int(n)

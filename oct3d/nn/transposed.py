@@ -15,16 +15,16 @@ high-resolution counterpart in 2D (FLOPs ``(1-a)^2 + a(1-a)/2 + a^2/4`` of the v
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor, nn
 
-from oct3d.nn.conv import IntOrTuple, branch_channels, check_alpha, check_positive_int, to_tuple
+from oct3d.nn.conv import IntOrTuple, branch_channels, check_alpha, check_minimums, check_positive_int, to_tuple
 from oct3d.nn.octave import (
     Octave,
     OctaveInput,
     avg_pool,
     axes_names,
     check_low_size,
+    check_matches_weight,
     fx_leaf_forward,
     low_size,
     octave_axes,
@@ -106,10 +106,8 @@ class OctConvTranspose(nn.Module):
         self.stride = to_tuple(stride, dims, "stride")
         self.padding = to_tuple(padding, dims, "padding")
         self.output_padding = to_tuple(output_padding, dims, "output_padding")
-        for name, values, minimum in (("kernel_size", self.kernel_size, 1), ("stride", self.stride, 1),
-                                      ("padding", self.padding, 0), ("output_padding", self.output_padding, 0)):
-            if any(v < minimum for v in values):
-                raise ValueError(f"{name} must be >= {minimum} on every axis, got {values}")
+        check_minimums((("kernel_size", self.kernel_size, 1), ("stride", self.stride, 1), ("padding", self.padding, 0),
+                        ("output_padding", self.output_padding, 0)))
         if any(op >= st for op, st in zip(self.output_padding, self.stride)):
             raise ValueError(f"output_padding must be smaller than stride on every axis (as in nn.ConvTranspose), got "
                              f"output_padding={self.output_padding} for stride={self.stride}")
@@ -179,12 +177,7 @@ class OctConvTranspose(nn.Module):
             if t.dim() != self.dims + 2 or t.shape[1] != channels:
                 raise ValueError(f"{name} expects a {branch} tensor of shape (N, {channels}, {axes}) (in_channels="
                                  f"{self.in_channels}, alpha_in={self.alpha_in}), got {tuple(t.shape)}")
-        # The raw weight (a parametrized one is not recomputed for this); under autocast the paths cast.
-        weight = self.h2h._parameters.get("weight")
-        if weight is not None and (high.dtype != weight.dtype or high.device != weight.device) \
-                and high.device.type != "meta" and not torch.is_autocast_enabled(high.device.type):
-            raise TypeError(f"{name} has {weight.dtype} weights on {weight.device} and got a {high.dtype} input on "
-                            f"{high.device}; convert the input or the model (model.to(...))")
+        check_matches_weight(name, high, self.h2h)
         if low is not None:
             check_low_size(name, high, low, self.factors, self.octave)
         return high, low
