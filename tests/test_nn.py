@@ -710,3 +710,12 @@ def test_paths_start_with_the_vanilla_layers_initialisation(alpha_in, alpha_out,
     with torch.no_grad():
         high = conv(Octave(x[:, :conv.in_high], x[:, conv.in_high:, ::2, ::2]) if conv.in_low else x).high
         assert 0.8 < high.var() / vanilla(x).var() < 1.25
+
+
+def test_octave_loads_with_weights_only(tmp_path):
+    """A saved Octave (a feature cache, an example input) loads under torch.load(weights_only=True)."""
+    saved = {"features": Octave(torch.randn(1, 4, 6, 6), torch.randn(1, 4, 3, 3)), "plain": Octave(torch.randn(2))}
+    torch.save(saved, tmp_path / "octave.pt")
+    loaded = torch.load(tmp_path / "octave.pt", weights_only=True)
+    assert isinstance(loaded["features"], Octave) and loaded["plain"].low is None
+    assert torch.equal(loaded["features"].low, saved["features"].low)

@@ -62,6 +62,10 @@ class Octave(NamedTuple):
     low: Tensor | None = None
 
 
+# An Octave saved with torch.save (a feature cache, a traced example input) loads under
+# torch.load(weights_only=True) like a plain tuple of tensors: it holds nothing but tensors.
+torch.serialization.add_safe_globals([Octave])
+
 OctaveInput = Tensor | Octave
 
 
