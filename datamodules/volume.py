@@ -179,7 +179,7 @@ def load_nifti(path: str | os.PathLike, channels: int | None = None) -> tuple[np
 
     path = str(path)
     if not os.path.isfile(path):
-        raise VolumeReadError(path, "file not found")
+        raise VolumeReadError(path, "a folder, not a file" if os.path.isdir(path) else "file not found")
     try:
         image = nib.load(path)
         data = np.asarray(image.dataobj, dtype=np.float32)
@@ -232,7 +232,16 @@ def _load_case(case: DecathlonCase, channels: int, num_classes: int) -> dict[str
                             "the label must be in the image's voxel grid"
             )
         values = np.unique(label)
-        bad = values[(values < 0) | (values >= num_classes) | (values != np.round(values))]
+        fractional = values[values != np.round(values)]
+        if fractional.size:
+            # Seven digits (float32's): ":g" would print 1.000001 as "1", which reads like a valid class.
+            shown = ", ".join(f"{v:.7g}" for v in fractional[:5])
+            raise VolumeReadError(
+                case.label, f"non-integer label values {shown}: a label map holds whole class numbers "
+                            f"0..{num_classes - 1} (a resampled or smoothed label? resample labels with nearest "
+                            "neighbour)"
+            )
+        bad = values[(values < 0) | (values >= num_classes)]
         if bad.size:
             shown = ", ".join(f"{v:g}" for v in bad[:5])
             raise VolumeReadError(
@@ -529,7 +538,7 @@ class VolumeSegmentationDataModule(SplitDataModule):
         seed: varies the deterministic choice of replacement cases.
     """
 
-    data_error_noun = ("volume", "volumes")
+    data_error_noun = ("unusable volume", "unusable volumes")
 
     def __init__(
         self,
@@ -560,9 +569,11 @@ class VolumeSegmentationDataModule(SplitDataModule):
         seed: int = 0,
     ) -> None:
         super().__init__()
+        if not isinstance(patch_size, (list, tuple)) or len(patch_size) != 3 or any(
+            not isinstance(s, int) or isinstance(s, bool) or s < 1 for s in patch_size
+        ):
+            raise ValueError(f"patch_size must be 3 positive ints (X, Y, Z), e.g. [96, 96, 96], got {patch_size!r}")
         patch_size = tuple(patch_size)
-        if len(patch_size) != 3 or any(not isinstance(s, int) or isinstance(s, bool) or s < 1 for s in patch_size):
-            raise ValueError(f"patch_size must be 3 positive ints (X, Y, Z), got {patch_size!r}")
         for name, value in (("batch_size", batch_size), ("samples_per_volume", samples_per_volume),
                             ("num_folds", num_folds)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -577,10 +588,23 @@ class VolumeSegmentationDataModule(SplitDataModule):
             raise ValueError(f"fold must be in [0, num_folds={num_folds}) or None, got {fold}")
         if normalization not in NORMALIZATIONS:
             raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got {normalization!r}")
-        if normalization == "window" and (window is None or len(window) != 2 or window[0] >= window[1]):
+        def numbers(value: Any, count: int) -> bool:
+            return isinstance(value, (list, tuple)) and len(value) == count and all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) for v in value
+            )
+
+        if normalization == "window" and not (numbers(window, 2) and window[0] < window[1]):
             raise ValueError(f"normalization='window' needs window=[low, high] with low < high, got {window!r}")
-        if spacing is not None and (len(spacing) != 3 or any(s <= 0 for s in spacing)):
-            raise ValueError(f"spacing must be 3 positive voxel sizes in mm or None, got {spacing!r}")
+        if window is not None and normalization != "window":
+            raise ValueError(f"window={window!r} applies only with normalization='window' (got normalization="
+                             f"{normalization!r}); drop window or set normalization: window")
+        if spacing is not None and not (numbers(spacing, 3) and all(s > 0 for s in spacing)):
+            raise ValueError(f"spacing must be 3 positive voxel sizes in mm (e.g. [1.5, 1.5, 2.0]) or None, "
+                             f"got {spacing!r}")
+        if not 0.0 <= scale_range < 1.0:
+            raise ValueError(f"scale_range must be in [0, 1) (zoom by 1 +- scale_range), got {scale_range}")
+        if rotate_degrees < 0:
+            raise ValueError(f"rotate_degrees must be >= 0, got {rotate_degrees}")
         if num_workers < 0:
             raise ValueError(f"num_workers must be >= 0, got {num_workers}")
         self.save_hyperparameters()

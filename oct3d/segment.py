@@ -38,7 +38,8 @@ NIFTI_SUFFIXES = (".nii", ".nii.gz")
 
 
 def _is_nifti(path: Path) -> bool:
-    return path.name.lower().endswith(NIFTI_SUFFIXES)
+    # Dot-files are skipped: macOS's AppleDouble "._case.nii.gz" companions ship in MSD tarballs.
+    return path.name.lower().endswith(NIFTI_SUFFIXES) and not path.name.startswith(".")
 
 
 class Segmenter:
@@ -97,8 +98,12 @@ class Segmenter:
         header.set_data_dtype(np.uint8)
         out_image = type(source)(labels, source.affine, header=header) if isinstance(source, nib.Nifti1Image) \
             else nib.Nifti1Image(labels, source.affine, header=header)
-        # Labels are stored as they are: no intensity scaling inherited from the input's header.
+        # Labels are stored as they are: no intensity scaling, display range or intent inherited from the
+        # input's header (a viewer honouring an inherited cal_max of 900 would show a 0..2 map as black).
         out_image.header.set_slope_inter(1.0, 0.0)
+        if isinstance(out_image, nib.Nifti1Image):  # (Nifti2Image subclasses it)
+            out_image.header["cal_min"], out_image.header["cal_max"] = 0, len(self.class_names) - 1
+            out_image.header.set_intent("label")
         output = Path(output)
         output.parent.mkdir(parents=True, exist_ok=True)
         # Written under a temporary name first, so a failure never leaves a partial label map behind.

@@ -208,6 +208,66 @@ def test_bad_arguments_name_the_argument(tiny_decathlon):
             VolumeSegmenter(**kwargs)
     with pytest.raises(FileNotFoundError, match=r"dataset\.json"):
         VolumeSegmentationDataModule(str(tiny_decathlon / "imagesTr")).num_classes
+    # Scalars where triples belong, a window that would be ignored, a zoom range past 1.
+    for kwargs, message in (({"patch_size": 32}, r"patch_size must be 3 positive ints .* got 32"),
+                            ({"spacing": 1.5}, r"spacing must be 3 positive voxel sizes .* got 1\.5"),
+                            ({"window": [-175, 250]}, r"window=\[-175, 250\] applies only with normalization='window'"),
+                            ({"scale_range": 2.0}, "scale_range must be in"),
+                            ({"rotate_degrees": -5.0}, "rotate_degrees")):
+        with pytest.raises(ValueError, match=message):
+            VolumeSegmentationDataModule(str(tiny_decathlon), **kwargs)
+
+
+def test_a_backbone_whose_channels_disagree_with_the_data_is_refused_at_construction():
+    spec = {"class_path": "monai.networks.nets.UNet", "init_args": TINY_UNET}
+    # The backbone names 3 classes (TINY_UNET's out_channels); the data has 2.
+    with pytest.raises(ValueError, match=r"init_args\.out_channels is 3 but the model has num_classes=2"):
+        VolumeSegmenter(backbone=spec, num_classes=2)
+    with pytest.raises(ValueError, match=r"set model\.init_args\.backbone\.init_args\.in_channels: 2"):
+        VolumeSegmenter(backbone=spec, num_classes=3, in_channels=2)
+    assert VolumeSegmenter(backbone=spec, num_classes=3).model is not None
+
+
+def test_failed_volumes_count_volumes_not_patches():
+    model = VolumeSegmenter(num_classes=3, backbone_kwargs={"alpha": 0.5, "base_width": 4, "depth": 2})
+    logged = []
+    model.log = lambda key, value, **kwargs: logged.append((key, value))
+    bad = "labelsTr/badlabel.nii.gz: label values 7 outside dataset.json's classes 0..2"
+    model.on_train_epoch_start()
+    # Two patches of one bad case in the first batch, a third in the next: one volume.
+    for failed in ([bad, "", bad], ["", bad], ["", ""]):
+        model._log_failed({"failed": failed}, "train")
+    assert sum(value for key, value in logged if key == "train/failed_volumes") == 1
+    model.on_train_epoch_start()  # a new epoch counts it again
+    model._log_failed({"failed": [bad]}, "train")
+    assert sum(value for key, value in logged if key == "train/failed_volumes") == 2
+
+
+def test_a_test_run_without_labels_says_why_there_is_no_dice():
+    model = VolumeSegmenter(num_classes=3, backbone_kwargs={"alpha": 0.5, "base_width": 4, "depth": 2})
+    model.on_test_epoch_start()
+    with pytest.warns(UserWarning, match="no test Dice.*oct3d segment"):
+        model.on_test_epoch_end()
+
+
+def test_find_volumes_skips_dot_files(tmp_path):
+    from oct3d.segment import find_volumes
+
+    for name in ("case.nii.gz", "._case.nii.gz", ".hidden.nii"):
+        (tmp_path / name).write_bytes(b"")
+    assert [str(relative) for _, relative in find_volumes([tmp_path])] == ["case.nii.gz"]
+
+
+def test_label_errors_say_what_is_wrong(tmp_path):
+    root = make_tiny_decathlon(tmp_path / "data", cases=2, broken=False)
+    info = read_decathlon(root)
+    label = np.asarray(nib.load(str(root / "labelsTr" / "case00.nii.gz")).dataobj).astype(np.float32)
+    _save(label + 1e-6 * (label > 0), root / "labelsTr" / "case00.nii.gz")  # a resampled-looking label
+    (root / "labelsTr" / "case01.nii.gz").unlink()
+    (root / "labelsTr" / "case01.nii.gz").mkdir()  # a folder where the file should be
+    val = VolumeDataset(info.training, "val", 1, 3, {"normalization": "zscore", "nonzero": True}, cache_rate=0.0)
+    assert "non-integer label values 1.000001" in val[0]["failed"]
+    assert "case01.nii.gz: a folder, not a file" in val[1]["failed"]
 
 
 def test_ct_window_and_channel_check(tiny_decathlon):
@@ -294,7 +354,7 @@ def test_fit_reports_bad_volumes_and_writes_a_complete_checkpoint(fitted):
     out, records = fitted
     # The three bad training cases are reported by file name (whichever split the seed put them in).
     reported = " ".join(records)
-    assert "unreadable volume" in reported
+    assert "unusable volume" in reported
     for name in ("truncated.nii.gz", "mismatch.nii.gz", "badlabel.nii.gz"):
         assert name in reported
     best = sorted(out.rglob("best-*.ckpt"))
@@ -333,6 +393,9 @@ def test_segment_writes_label_maps_with_the_input_geometry(fitted, tiny_decathlo
         assert written.shape == source.shape == SHAPE
         assert np.allclose(written.affine, source.affine) and written.get_data_dtype() == np.uint8
         assert written.header.get_zooms() == source.header.get_zooms()
+        # A label map's own display range and intent, not the image's.
+        assert written.header.get_intent()[0] == "label"
+        assert (float(written.header["cal_min"]), float(written.header["cal_max"])) == (0.0, 2.0)
         labels = np.asarray(written.dataobj)
         assert labels.dtype == np.uint8 and set(np.unique(labels)) <= {0, 1, 2}
         assert sum(result["voxels"].values()) == labels.size

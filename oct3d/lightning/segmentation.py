@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
@@ -103,7 +103,37 @@ def build_backbone(spec: str | dict[str, Any], in_channels: int, num_classes: in
         cls = getattr(importlib.import_module(module_name), class_name)
     except (ImportError, AttributeError, ValueError) as error:
         raise ValueError(f"backbone class_path {spec['class_path']!r} cannot be imported ({error})") from error
-    return cls(**dict(spec["init_args"]))
+    init_args = dict(spec["init_args"])
+    check_backbone_channels(init_args, in_channels, num_classes)
+    return cls(**init_args)
+
+
+#: Names networks give their channel arguments (MONAI, timm-style, segmentation_models_pytorch, plain U-Nets).
+BACKBONE_CHANNEL_ARGS = {
+    "in_channels": ("in_channels", "in_chans", "n_channels", "input_channels"),
+    "num_classes": ("out_channels", "num_classes", "n_classes", "classes", "out_chans"),
+}
+
+
+def check_backbone_channels(init_args: dict[str, Any], in_channels: int, num_classes: int) -> None:
+    """Refuse a class-path backbone whose own channel arguments disagree with the module's.
+
+    Otherwise a network with one class too many trains a phantom class for a whole epoch and then
+    fails in validation with an index error (or, without validation, writes labels nobody named).
+
+    Raises:
+        ValueError: naming the ``init_args`` key, its value and the value the data needs.
+    """
+    for setting, expected in (("in_channels", in_channels), ("num_classes", num_classes)):
+        for key in BACKBONE_CHANNEL_ARGS[setting]:
+            value = init_args.get(key)
+            if isinstance(value, int) and not isinstance(value, bool) and value != expected:
+                what = "image channels" if setting == "in_channels" else "classes (background included)"
+                raise ValueError(
+                    f"the backbone's init_args.{key} is {value} but the model has {setting}={expected} "
+                    f"({what}; with the data module, dataset.json's); set "
+                    f"model.init_args.backbone.init_args.{key}: {expected}"
+                )
 
 
 def resolve_octavize(spec: float | dict[str, Any] | None) -> dict[str, Any] | None:
@@ -202,7 +232,7 @@ class VolumeSegmenter(pl.LightningModule):
         octavize: convert a vanilla backbone into an octave network with :func:`oct3d.octavize` before
             training: a ratio of low-frequency channels (``0.5``) or a dict of :data:`OCTAVIZE_KEYS`
             (``{"alpha": 0.5, "octave": "spatial"}``). The example input is
-            ``zeros(1, in_channels, *patch_size)`` (axes ordered by ``depth_axis``), so without
+            ``randn(1, in_channels, *patch_size)`` (seeded; axes ordered by ``depth_axis``), so without
             ``preprocessing`` or ``example_size`` the conversion happens at fit start, when the data
             module gives the patch size. The complete settings are recorded in the checkpoint.
     """
@@ -275,6 +305,7 @@ class VolumeSegmenter(pl.LightningModule):
         self.hparams["backbone"] = spec
         self._octavize = octave_settings
         self._octavized = False
+        self._failures_seen: dict[str, set[str]] = {}
         if octave_settings is not None and is_octave_network(self.model):
             raise ValueError(
                 f"octavize converts a vanilla network, but the backbone {class_path_of(self.model)} already has "
@@ -301,8 +332,12 @@ class VolumeSegmenter(pl.LightningModule):
         # The network sees (D, H, W) = the depth axis first (see forward), so the example does too.
         spatial = [size[axis]] + [size[a] for a in range(3) if a != axis]
         reference = next(self.model.parameters(), None)
-        example = torch.zeros(1, self.hparams.in_channels, *spatial,
-                              device=reference.device if reference is not None else None)
+        # Random, not zeros: a network's output on zeros can be spatially constant (SegResNet's is),
+        # and then octavize's validation of the converted network would compare almost nothing.
+        generator = torch.Generator().manual_seed(0)
+        example = torch.randn(1, self.hparams.in_channels, *spatial, generator=generator).to(
+            reference.device if reference is not None else None
+        )
         try:
             self.model = octavize(
                 self.model, settings["alpha"], example_input=example, octave=settings["octave"],
@@ -355,7 +390,12 @@ class VolumeSegmenter(pl.LightningModule):
         # Bad volumes are replaced or skipped by the data module and reported once per epoch by its
         # DataErrorReport callback; a running count in the logs makes them visible on dashboards too.
         failed = batch.get("failed") if isinstance(batch, dict) else None
-        count = sum(1 for f in failed if f) if isinstance(failed, (list, tuple)) else 0
+        # Volumes, not patches: every training patch of a bad case carries the same failure, and the
+        # patches of one case spread over the epoch's batches, so a failure counts once per epoch.
+        seen = self._failures_seen.setdefault(stage, set())  # emptied when the stage's epoch starts
+        new = {f for f in failed if f} - seen if isinstance(failed, (list, tuple)) else set()
+        seen |= new
+        count = len(new)
         # Logged on every step, zeros included: a synced key that only some ranks log hangs the epoch's end.
         self.log(f"{stage}/failed_volumes", float(count), reduce_fx="sum", on_step=False, on_epoch=True,
                  sync_dist=True, batch_size=1)
@@ -363,6 +403,18 @@ class VolumeSegmenter(pl.LightningModule):
     def on_train_start(self) -> None:
         """A resumed run starts at the learning rate its schedule gives the restored step."""
         apply_scheduled_lr(self.trainer)
+
+    def on_train_epoch_start(self) -> None:
+        """Count this epoch's bad volumes afresh."""
+        self._failures_seen.pop("train", None)
+
+    def on_validation_epoch_start(self) -> None:
+        """Count this validation run's bad volumes afresh."""
+        self._failures_seen.pop("val", None)
+
+    def on_test_epoch_start(self) -> None:
+        """Count this test run's bad volumes afresh."""
+        self._failures_seen.pop("test", None)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         """Dice + cross-entropy on a batch of patches."""
@@ -439,8 +491,13 @@ class VolumeSegmenter(pl.LightningModule):
         self._evaluate(batch, self.test_dice, "test")
 
     def on_test_epoch_end(self) -> None:
-        """Log ``test/dice`` and ``test/dice_<class>``."""
-        self._log_dice(self.test_dice, "test")
+        """Log ``test/dice`` and ``test/dice_<class>``; warn when no test volume had a label to score."""
+        if not self._log_dice(self.test_dice, "test"):
+            rank_zero_warn(
+                "no test volume had a readable label, so there is no test Dice (dataset.json's test entries are "
+                "image paths; give them as {'image': ..., 'label': ...} to score them). To write label maps of "
+                "unlabelled volumes, run `oct3d segment --checkpoint CKPT --output-dir DIR VOLUMES`"
+            )
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         """Label maps ``(B, 1, X, Y, Z)`` (uint8) of whole volumes."""
