@@ -832,3 +832,69 @@ def test_a_branch_in_the_top_level_forward_is_named_without_an_impossible_exclud
     with pytest.raises(RuntimeError, match=message) as caught:
         net(torch.randn(1, 3, 16, 16))
     assert "exclude=" not in str(caught.value)
+
+
+class _ConcatNet(nn.Module):
+    """Dense-style concatenation (the octave order of the concat's channels is not the vanilla order),
+    GroupNorm after it and a transposed convolution: the modules load_vanilla must slice as octavize did."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.a = nn.Conv2d(8, 8, 3, padding=1)
+        self.norm = nn.GroupNorm(4, 8)
+        self.b = nn.Conv2d(8, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(16)
+        self.up = nn.ConvTranspose2d(16, 8, 2, stride=2)
+        self.head = nn.Conv2d(8, 2, 1)
+
+    def forward(self, x):
+        a = self.norm(self.a(self.stem(x))).relu()
+        y = torch.cat([a, self.b(a)], 1)
+        return self.head(self.up(self.bn(y).relu()))
+
+
+def test_load_vanilla_into_a_converted_network_slices_weights_as_the_conversion_did():
+    from oct3d.models import load_vanilla
+    from oct3d.models.transfer import CHANNEL_ORDER_ATTR
+
+    example = torch.randn(1, 3, 16, 16)
+    torch.manual_seed(0)
+    first, second = _ConcatNet().eval(), _ConcatNet().eval()
+    with torch.no_grad():
+        for module in second.modules():  # non-trivial statistics, so a mis-sliced BatchNorm shows
+            if isinstance(module, nn.BatchNorm2d):
+                module.running_mean.uniform_(-1, 1)
+                module.running_var.uniform_(0.5, 2)
+    convert = lambda model: octavize(model, 0.5, example_input=example, vanilla_coarsest=False).eval()
+    net = convert(first)
+    # The conversion permuted the concatenation's channels: the modules after it say how.
+    assert getattr(net.bn, CHANNEL_ORDER_ATTR, None) is not None and getattr(net.up, CHANNEL_ORDER_ATTR, None)
+    reference = convert(copy.deepcopy(second))
+    load_vanilla(net, second)
+    with torch.no_grad():
+        assert torch.allclose(net(example), reference(example), atol=1e-5)
+    # The order survives copies (it lives on the modules, not on the GraphModule).
+    copied = copy.deepcopy(net)
+    load_vanilla(copied, first)
+    with torch.no_grad():
+        fresh = convert(copy.deepcopy(first))
+        assert torch.allclose(copied(example), fresh(example), atol=1e-5)
+
+
+def test_load_vanilla_takes_wrapped_prefixed_and_counterless_state_dicts():
+    from oct3d.models import load_vanilla, oct_resnet26
+    from oct3d.models.transfer import VanillaMismatchError
+
+    vanilla = torchvision.models.resnet.ResNet(torchvision.models.resnet.Bottleneck, [2, 2, 2, 2], num_classes=10)
+    state = vanilla.state_dict()
+    reference = load_vanilla(oct_resnet26(alpha=0.5, num_classes=10), vanilla).state_dict()
+    for source in ({f"module.{k}": v for k, v in state.items()},           # DataParallel / DDP
+                   {"state_dict": {f"model.{k}": v for k, v in state.items()}},  # a Lightning checkpoint
+                   {k: v for k, v in state.items() if "num_batches_tracked" not in k}):  # an old checkpoint
+        loaded = load_vanilla(oct_resnet26(alpha=0.5, num_classes=10), source).state_dict()
+        assert all(torch.equal(loaded[k], reference[k]) for k in reference if "num_batches_tracked" not in k)
+    # A prefix that does not come off is named first, before the weights it leaves missing.
+    prefixed = {**{f"net.{k}": v for k, v in state.items()}, "x": state["fc.bias"]}
+    with pytest.raises(VanillaMismatchError, match=r"differ\.\n  - vanilla keys with no place .*net\.conv1"):
+        load_vanilla(oct_resnet26(alpha=0.5, num_classes=10), prefixed)

@@ -45,7 +45,13 @@ from oct3d.convert.layers import (
     pool_low,
     resize_low,
 )
-from oct3d.models.transfer import partition_conv_weight, slice_paths, split_batchnorm, split_channel_state
+from oct3d.models.transfer import (
+    CHANNEL_ORDER_ATTR,
+    partition_conv_weight,
+    partition_transposed_weight,
+    split_batchnorm,
+    split_branch_norm,
+)
 from oct3d.nn import OctBatchNorm, OctConv
 from oct3d.nn.transposed import OctConvTranspose, transposed_low_size_ok
 
@@ -250,7 +256,14 @@ class ConvRule(Rule):
         )
         order = None if split_in is None or split_in.is_natural else split_in.order
         conv.load_state_dict(partition_conv_weight(conv, module.weight, module.bias, in_order=order))
+        _keep_channel_order(conv, order)
         return conv.to(module.weight.device, module.weight.dtype)
+
+
+def _keep_channel_order(module: nn.Module, order: torch.Tensor | None) -> None:
+    """Record a permuted input order on the converted module, for ``load_vanilla`` to slice vanilla weights alike."""
+    if order is not None:
+        setattr(module, CHANNEL_ORDER_ATTR, [int(i) for i in order])
 
 
 def _bias_kwarg(norm: nn.Module) -> dict[str, bool]:
@@ -308,6 +321,7 @@ class DepthwiseConvRule(Rule):
         )
         order = None if split.is_natural else split.order
         conv.load_state_dict(partition_conv_weight(conv, module.weight, module.bias, in_order=order))
+        _keep_channel_order(conv, order)
         em.set_module(node.target, conv.to(module.weight.device, module.weight.dtype))
         return em.call_octave_module(node.target, node.args[0], node.name)
 
@@ -360,20 +374,9 @@ class ConvTransposeRule(Rule):
             stride=_ints(module.stride), padding=_ints(module.padding), output_padding=_ints(module.output_padding),
             bias=module.bias is not None, octave=ctx.octave_for(dims),
         )
-        dense = module.weight.detach().transpose(0, 1)  # (out, in, *kernel), the layout slice_paths expects
-        if split_in is not None and not split_in.is_natural:
-            dense = dense[:, split_in.order]
-        state = {
-            f"{path}.weight": w.transpose(0, 1).clone()
-            for path, w in slice_paths(dense, conv.out_high, conv.in_high).items()
-            if getattr(conv, path) is not None
-        }
-        if module.bias is not None:
-            bias = module.bias.detach()
-            state["h2h.bias"] = bias[: conv.out_high].clone()
-            if conv.out_low:
-                state[("l2l" if conv.l2l is not None else "h2l") + ".bias"] = bias[conv.out_high :].clone()
-        conv.load_state_dict(state)
+        order = None if split_in is None or split_in.is_natural else split_in.order
+        conv.load_state_dict(partition_transposed_weight(conv, module.weight, module.bias, in_order=order))
+        _keep_channel_order(conv, order)
         return conv.to(module.weight.device, module.weight.dtype)
 
 
@@ -416,7 +419,9 @@ class BatchNormRule(Rule):
             dims, module.num_features, split.alpha, eps=module.eps, momentum=module.momentum, affine=module.affine,
             track_running_stats=module.track_running_stats, **_bias_kwarg(module),
         )
-        bn.load_state_dict(split_batchnorm(bn, module, None if split.is_natural else split.order))
+        order = None if split.is_natural else split.order
+        bn.load_state_dict(split_batchnorm(bn, module, order))
+        _keep_channel_order(bn, order)
         ref = module.weight if module.weight is not None else module.running_mean
         em.set_module(node.target, bn if ref is None else bn.to(ref.device, ref.dtype))
         return em.call_octave_module(node.target, node.args[0], node.name)
@@ -476,28 +481,21 @@ class BranchNormRule(Rule):
             per_group = module.num_channels // module.num_groups
             norm_h = nn.GroupNorm(c_h // per_group, c_h, module.eps, module.affine, **_bias_kwarg(module))
             norm_l = nn.GroupNorm(c_l // per_group, c_l, module.eps, module.affine, **_bias_kwarg(module))
-            keys, channels = ("weight", "bias"), module.num_channels
         else:
             kind = type(module)
             kwargs = dict(eps=module.eps, momentum=module.momentum, affine=module.affine,
                           track_running_stats=module.track_running_stats, **_bias_kwarg(module))
             norm_h, norm_l = kind(c_h, **kwargs), kind(c_l, **kwargs)
-            keys, channels = ("weight", "bias", "running_mean", "running_var"), module.num_features
-        state = module.state_dict()
-        parts = split_channel_state(state, "", keys, channels, c_h, True, None if split.is_natural else split.order)
-        for prefix, norm in (("h.", norm_h), ("l.", norm_l)):
-            own = {k[2:]: v for k, v in parts.items() if k.startswith(prefix)}
-            if "num_batches_tracked" in state:
-                own["num_batches_tracked"] = state["num_batches_tracked"].clone()
-            norm.load_state_dict(own)
-        ref = next(iter(state.values()), None)
         branch = OctBranchNorm(norm_h, norm_l)
+        state = module.state_dict()
+        order = None if split.is_natural else split.order
+        branch.load_state_dict(split_branch_norm(branch, state, "", order))
+        _keep_channel_order(branch, order)
+        ref = next(iter(state.values()), None)
         em.set_module(node.target, branch if ref is None else branch.to(ref.device, ref.dtype))
-        high, low = em.pair(node.args[0])
-        return (
-            em.call_module(f"{node.target}.norm_h", (high,), name=f"{node.name}_h"),
-            em.call_module(f"{node.target}.norm_l", (low,), name=f"{node.name}_l"),
-        )
+        # One call of the OctBranchNorm (not one per branch norm), so the module itself, with its channel
+        # order for load_vanilla, stays in the converted network.
+        return em.call_octave_module(node.target, node.args[0], node.name)
 
 
 # --------------------------------------------------------------------------- elementwise, sums, concatenation

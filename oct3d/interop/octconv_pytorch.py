@@ -40,6 +40,7 @@ from torch import Tensor, nn
 
 from oct3d.models.mobilenet import OctMobileNetV1
 from oct3d.models.resnet import OctResNet
+from oct3d.models.transfer import WRAPPER_KEYS, plain_state_dict
 
 __all__ = [
     "ARCHITECTURES",
@@ -61,8 +62,6 @@ ARCHITECTURES: dict[str, tuple[int, int, int, int] | None] = {
 }
 
 _PATHS = "h2h|h2l|l2h|l2l"
-_WRAPPERS = ("state_dict", "model", "model_state", "model_state_dict")
-_PREFIXES = ("module.", "_orig_mod.")  # DataParallel / DistributedDataParallel, torch.compile
 
 
 class OctconvPytorchMismatchError(ValueError):
@@ -169,20 +168,12 @@ def read_octconv_pytorch(source: str | os.PathLike | Mapping[str, object]) -> di
             f"source must be a checkpoint path or a state dict (a mapping of names to tensors), "
             f"got {type(source).__name__}"
         )
-    state: Mapping[str, object] = source
-    for key in _WRAPPERS:
-        if isinstance(state.get(key), Mapping):
-            state = state[key]
-            break
+    state = plain_state_dict(source)
     if not state or not all(isinstance(k, str) and isinstance(v, Tensor) for k, v in state.items()):
         raise TypeError(
             "source holds no state dict: expected a mapping of parameter names to tensors, or one under "
-            f"one of the keys {list(_WRAPPERS)}; got keys {sorted(map(str, source))[:8]}"
+            f"one of the keys {list(WRAPPER_KEYS)}; got keys {sorted(map(str, source))[:8]}"
         )
-    state = dict(state)
-    for prefix in _PREFIXES:
-        if all(k.startswith(prefix) for k in state):
-            state = {k[len(prefix):]: v for k, v in state.items()}
     return state
 
 

@@ -17,13 +17,14 @@ into the octave model's names; :func:`load_vanilla` calls it when present.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
 
 from oct3d.nn import OctBatchNorm, OctConv
+from oct3d.nn.transposed import OctConvTranspose
 
 __all__ = [
     "InflationReport",
@@ -148,6 +149,55 @@ def split_channel_state(
     return {k: v.detach().clone() for k, v in out.items()}
 
 
+def partition_transposed_weight(
+    conv: OctConvTranspose, weight: Tensor, bias: Tensor | None = None, in_order: Tensor | None = None
+) -> dict[str, Tensor]:
+    """Split a vanilla ``ConvTransposeNd`` weight ``(in, out, *kernel)`` (and bias) into ``conv``'s paths.
+
+    The same partition as :func:`partition_conv_weight`, on the transposed layout; ``in_order`` likewise.
+    """
+    expected = (conv.in_channels, conv.out_channels, *conv.kernel_size)
+    if tuple(weight.shape) != expected:
+        raise VanillaMismatchError(f"expected a transposed weight of shape {expected}, got {tuple(weight.shape)}")
+    dense = weight.detach().transpose(0, 1)  # (out, in, *kernel), the layout slice_paths expects
+    if in_order is not None:
+        dense = dense[:, in_order]
+    out = {
+        f"{path}.weight": w.transpose(0, 1)
+        for path, w in slice_paths(dense, conv.out_high, conv.in_high).items()
+        if getattr(conv, path) is not None
+    }
+    if bias is not None:
+        if conv.h2h.bias is None:
+            raise VanillaMismatchError("the vanilla convolution has a bias but the octave one has none")
+        out["h2h.bias"] = bias[: conv.out_high]
+        if conv.out_low:
+            out[("l2l" if conv.l2l is not None else "h2l") + ".bias"] = bias[conv.out_high :]
+    return {k: v.detach().clone() for k, v in out.items()}
+
+
+def split_branch_norm(
+    branch: nn.Module, source: Mapping[str, Tensor], prefix: str = "", order: Tensor | None = None
+) -> dict[str, Tensor]:
+    """The state dict of a per-branch norm (``norm_h``, ``norm_l``: the converter's ``OctBranchNorm``) from
+    the vanilla ``GroupNorm``/``InstanceNorm`` state ``source[prefix + key]``; ``order`` as for
+    :func:`split_channel_state`."""
+    norm_h, norm_l = branch.norm_h, branch.norm_l
+    channels_of = lambda norm: norm.num_channels if isinstance(norm, nn.GroupNorm) else norm.num_features
+    keys = ("weight", "bias") if isinstance(norm_h, nn.GroupNorm) else _BN_KEYS
+    parts = split_channel_state(source, prefix, keys, channels_of(norm_h) + channels_of(norm_l), channels_of(norm_h),
+                                True, order)
+    out = {("norm_h." if k[0] == "h" else "norm_l.") + k[2:]: v for k, v in parts.items()}
+    counter = f"{prefix}num_batches_tracked"
+    for name, norm in (("norm_h", norm_h), ("norm_l", norm_l)):
+        if "num_batches_tracked" in norm.state_dict():
+            # (A vanilla state without the counter, as older checkpoints are, keeps the module's own.)
+            out[f"{name}.num_batches_tracked"] = (
+                source.get(counter, norm.num_batches_tracked)
+            ).detach().clone()
+    return out
+
+
 def _split_batchnorm(
     bn: OctBatchNorm, source: Mapping[str, Tensor], prefix: str, order: Tensor | None = None
 ) -> dict[str, Tensor]:
@@ -156,10 +206,12 @@ def _split_batchnorm(
     )
     out = {("bn_h." if k[0] == "h" else "bn_l.") + k[2:]: v for k, v in parts.items()}
     counter = f"{prefix}num_batches_tracked"
-    if counter in source:
-        out["bn_h.num_batches_tracked"] = source[counter].detach().clone()
-        if bn.bn_l is not None:
-            out["bn_l.num_batches_tracked"] = source[counter].detach().clone()
+    for name, branch in (("bn_h", bn.bn_h), ("bn_l", bn.bn_l)):
+        if branch is not None and branch.num_batches_tracked is not None:
+            # (A vanilla state without the counter, as older checkpoints are, keeps the module's own.)
+            out[f"{name}.num_batches_tracked"] = (
+                source.get(counter, branch.num_batches_tracked)
+            ).detach().clone()
     return out
 
 
@@ -172,17 +224,55 @@ def split_batchnorm(bn: OctBatchNorm, vanilla: nn.Module, order: Tensor | None =
     return _split_batchnorm(bn, vanilla.state_dict(), "", order)
 
 
-def _state_dict_of(vanilla: nn.Module | Mapping[str, Tensor]) -> dict[str, Tensor]:
+#: A converted module whose input channels are not "high first, in vanilla order" (after a channel
+#: concatenation of octave maps) holds, under this attribute, the vanilla input channels in its octave
+#: order (a list of ints), so that :func:`load_vanilla` slices a vanilla weight as the converter did.
+CHANNEL_ORDER_ATTR = "vanilla_channel_order"
+
+WRAPPER_KEYS = ("state_dict", "model_state_dict", "model_state", "model")
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DataParallel / DistributedDataParallel, torch.compile
+
+
+def plain_state_dict(source: Mapping[str, object]) -> dict[str, object]:
+    """The state dict inside a checkpoint-like mapping, with wrapper prefixes removed.
+
+    A training checkpoint that wraps the state dict under ``"state_dict"`` (Lightning), ``"model_state_dict"``,
+    ``"model_state"`` or ``"model"`` is unwrapped, and a ``module.`` (``DataParallel``/DDP) or
+    ``_orig_mod.`` (``torch.compile``) prefix on every key is removed.
+    """
+    state: Mapping[str, object] = source
+    for key in WRAPPER_KEYS:
+        if isinstance(state.get(key), Mapping):
+            state = state[key]
+            break
+    state = dict(state)
+    for prefix in WRAPPER_PREFIXES:
+        if state and all(isinstance(k, str) and k.startswith(prefix) for k in state):
+            state = {k[len(prefix):]: v for k, v in state.items()}
+    return state
+
+
+def _state_dict_of(
+    vanilla: nn.Module | Mapping[str, Tensor], expected: set[str],
+    translate: Callable[[dict[str, Tensor]], dict[str, Tensor]] | None,
+) -> dict[str, Tensor]:
+    def translated(state: dict[str, Tensor]) -> dict[str, Tensor]:
+        return translate(state) if translate is not None else state
+
     if isinstance(vanilla, nn.Module):
-        return dict(vanilla.state_dict())
-    if isinstance(vanilla, Mapping):
-        state = dict(vanilla)
-        for key in ("state_dict", "model_state", "model"):
-            if key in state and isinstance(state[key], Mapping) and not isinstance(state[key], Tensor):
-                state = dict(state[key])
-                break
-        return state
-    raise TypeError(f"vanilla must be an nn.Module or a state dict, got {type(vanilla).__name__}")
+        return translated(dict(vanilla.state_dict()))
+    if not isinstance(vanilla, Mapping):
+        raise TypeError(f"vanilla must be an nn.Module or a state dict, got {type(vanilla).__name__}")
+    state = plain_state_dict(vanilla)
+    result = translated(state)
+    # A LightningModule's state dict puts the network under its attribute name ("model.", "backbone."):
+    # when no key matches as given and every key shares one first component, drop it.
+    heads = {k.split(".", 1)[0] if isinstance(k, str) else None for k in state}
+    if len(heads) == 1 and not expected & set(result):
+        (head,) = heads
+        if head is not None and all(isinstance(k, str) and k.startswith(head + ".") for k in state):
+            result = translated({k[len(head) + 1:]: v for k, v in state.items()})
+    return result
 
 
 def load_vanilla(
@@ -193,9 +283,11 @@ def load_vanilla(
     """Fill ``oct_model`` from a vanilla model (or its state dict) of the matching architecture.
 
     Args:
-        oct_model: an oct3d model (any alpha).
+        oct_model: an oct3d model (any alpha), or a network :func:`oct3d.octavize` returned (its
+            concatenations' channel orders are kept on the converted modules, see :data:`CHANNEL_ORDER_ATTR`).
         vanilla: the vanilla peer, e.g. ``torchvision.models.resnet50()`` for
-            ``oct_resnet50``, or its ``state_dict()``.
+            ``oct_resnet50``, or its ``state_dict()`` (also wrapped in a training checkpoint, or with a
+            ``module.``/``_orig_mod.``/LightningModule attribute prefix: see :func:`plain_state_dict`).
         exclude: module-name prefixes of ``oct_model`` to leave untouched (and vanilla keys
             under the same names to ignore), e.g. ``("fc",)`` when the class count differs.
 
@@ -203,17 +295,19 @@ def load_vanilla(
         ``oct_model``, loaded in place.
 
     Raises:
-        VanillaMismatchError: listing the octave keys that found no vanilla weight, the
-            vanilla keys that found no place, and the shape mismatches.
+        VanillaMismatchError: listing the vanilla keys that found no place, the octave keys that
+            found no vanilla weight, and the shape mismatches.
     """
-    source = _state_dict_of(vanilla)
-    translate = getattr(oct_model, "translate_vanilla_state_dict", None)
-    if callable(translate):
-        source = translate(source)
+    from oct3d.convert.layers import OctBranchNorm  # (oct3d.convert imports this module)
+
     exclude = tuple(p.rstrip(".") + "." for p in exclude)
 
     def excluded(key: str) -> bool:
         return any(key.startswith(p) for p in exclude)
+
+    expected_keys = {k for k in oct_model.state_dict() if not excluded(k)}
+    translate = getattr(oct_model, "translate_vanilla_state_dict", None)
+    source = _state_dict_of(vanilla, expected_keys, translate if callable(translate) else None)
 
     target: dict[str, Tensor] = {}
     consumed: set[str] = set()
@@ -224,23 +318,27 @@ def load_vanilla(
         prefix = f"{name}." if name else ""
         if any(prefix.startswith(c) for c in covered) or excluded(prefix):
             continue
-        if isinstance(module, OctConv):
+        order = getattr(module, CHANNEL_ORDER_ATTR, None)
+        order = None if order is None else torch.as_tensor(order, dtype=torch.long)
+        if isinstance(module, (OctConv, OctConvTranspose)):
             covered.add(prefix)
             w_key, b_key = f"{prefix}weight", f"{prefix}bias"
             if w_key not in source:
                 problems.append(f"missing vanilla weight {w_key}")
                 continue
+            partition = partition_conv_weight if isinstance(module, OctConv) else partition_transposed_weight
             try:
-                parts = partition_conv_weight(module, source[w_key], source.get(b_key))
+                parts = partition(module, source[w_key], source.get(b_key), in_order=order)
             except VanillaMismatchError as err:
                 problems.append(f"{w_key}: {err}")
                 continue
             consumed.update(k for k in (w_key, b_key) if k in source)
             target.update({prefix + k: v for k, v in parts.items()})
-        elif isinstance(module, OctBatchNorm):
+        elif isinstance(module, (OctBatchNorm, OctBranchNorm)):
             covered.add(prefix)
+            split = _split_batchnorm if isinstance(module, OctBatchNorm) else split_branch_norm
             try:
-                parts = _split_batchnorm(module, source, prefix)
+                parts = split(module, source, prefix, order)
             except VanillaMismatchError as err:
                 problems.append(str(err))
                 continue
@@ -251,7 +349,10 @@ def load_vanilla(
             for key, value in local:
                 full = prefix + key
                 if full not in source:
-                    problems.append(f"missing vanilla weight {full}")
+                    if key == "num_batches_tracked":  # absent from older checkpoints; load_state_dict allows it
+                        target[full] = value.detach().clone()
+                    else:
+                        problems.append(f"missing vanilla weight {full}")
                 elif tuple(source[full].shape) != tuple(value.shape):
                     problems.append(f"{full}: expected shape {tuple(value.shape)}, got {tuple(source[full].shape)}")
                 else:
@@ -260,8 +361,8 @@ def load_vanilla(
 
     unused = sorted(k for k in source if k not in consumed and not excluded(k))
     if unused:
-        problems.append(f"vanilla keys with no place in the octave model: {_preview(unused)}")
-    expected_keys = {k for k in oct_model.state_dict() if not excluded(k)}
+        # First: a prefix or renaming shows here, and explains the missing weights listed after it.
+        problems.insert(0, f"vanilla keys with no place in the octave model: {_preview(unused)}")
     missing = sorted(expected_keys - set(target))
     if missing and not problems:
         problems.append(f"octave keys left unfilled: {_preview(missing)}")
