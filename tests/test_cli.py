@@ -159,6 +159,13 @@ def test_a_refused_setting_is_one_error_line_and_exit_2(tiny_kinetics, tmp_path,
     # Raised during the run, by the checkpoint resolver: also one line.
     assert cli.main(["validate", *_tiny_video_args(tiny_kinetics, tmp_path / "empty"), "--ckpt_path", "last"]) == 2
     assert "error: --ckpt_path last: no last*.ckpt under" in capsys.readouterr().err
+    # A class argument the module refuses reaches us wrapped by jsonargparse ("Does not validate against
+    # any of the Union subtypes"): the module's own message, still one line.
+    for override, message in ((["--model.lr", "-1"], "error: lr must be > 0, got -1.0"),
+                              (["--data.crop_size", "0"], "error: crop_size must be a positive int, got 0")):
+        assert cli.lightning_main(["fit", *_tiny_video_args(tiny_kinetics, tmp_path / "logs"), *override]) == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err and "Union subtypes" not in err
     monkeypatch.setenv("OCT3D_TRACEBACK", "1")
     with pytest.raises(FileNotFoundError, match="no annotations under"):
         cli.lightning_main(["fit", *_tiny_video_args(missing, tmp_path / "logs")])

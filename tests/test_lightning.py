@@ -251,3 +251,26 @@ def test_a_resumed_schedule_is_planned_over_the_new_run_length():
     opt.step()
     resumed.step()
     assert opt.param_groups[0]["lr"] == pytest.approx(0.1 * WarmupCosine(0, 6, 0.01, 0.0)(4))
+
+
+def test_a_resumed_run_follows_its_own_peak_learning_rate():
+    """--model.lr (or the linear scaling rule on another device count) on resume replaces the checkpoint's peak."""
+    from types import SimpleNamespace
+
+    from oct3d.lightning.modules import apply_scheduled_lr, warmup_cosine_schedule
+
+    model = torch.nn.Linear(2, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    trainer = SimpleNamespace(estimated_stepping_batches=6, num_training_batches=3, accumulate_grad_batches=1,
+                              max_epochs=2)
+    scheduler = warmup_cosine_schedule(opt, trainer, warmup_epochs=0.0, start_factor=0.01, min_factor=0.0)["scheduler"]
+    for _ in range(3):
+        opt.step()
+        scheduler.step()
+    trainer.lr_scheduler_configs = [SimpleNamespace(scheduler=scheduler)]
+    apply_scheduled_lr(trainer, peak_lr=0.4)  # the resumed run asks for four times the old peak
+    assert scheduler.base_lrs == [0.4] and opt.param_groups[0]["initial_lr"] == 0.4
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.4 * WarmupCosine(0, 6, 0.01, 0.0)(3))
+    opt.step()
+    scheduler.step()
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.4 * WarmupCosine(0, 6, 0.01, 0.0)(4))

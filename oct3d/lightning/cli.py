@@ -141,12 +141,27 @@ def run_cli(args: list[str] | None = None) -> int:
     steady_malloc_unless_disabled()
     try:
         OctCLI(args=args)
-    except (ValueError, FileNotFoundError, NotADirectoryError) as error:
-        if not _refused_by_own_check(error) or os.environ.get("OCT3D_TRACEBACK", "").strip() not in ("", "0"):
+    except (ValueError, TypeError, FileNotFoundError, NotADirectoryError) as error:
+        own = _own_refusal(error)
+        if own is None or os.environ.get("OCT3D_TRACEBACK", "").strip() not in ("", "0"):
             raise
-        print(f"error: {error}", file=sys.stderr)
+        print(f"error: {own}", file=sys.stderr)
         return 2
     return 0
+
+
+def _own_refusal(error: BaseException) -> BaseException | None:
+    """``error``, or the error it was raised from, when that is one of oct3d's own checks (see
+    :func:`_refused_by_own_check`); else None. jsonargparse re-raises a class's refused argument as
+    "Does not validate against any of the Union subtypes" from the original error."""
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, (ValueError, FileNotFoundError, NotADirectoryError)) and _refused_by_own_check(current):
+            return current
+        current = current.__cause__ or current.__context__
+    return None
 
 
 def _package_dir(name: str) -> str | None:

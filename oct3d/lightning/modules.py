@@ -151,19 +151,29 @@ def validation_position(module: pl.LightningModule) -> tuple[int, int]:
     return module.current_epoch, module.global_step
 
 
-def apply_scheduled_lr(trainer: pl.Trainer) -> None:
+def apply_scheduled_lr(trainer: pl.Trainer, peak_lr: float | None = None) -> None:
     """Set each optimizer's learning rates to what its ``LambdaLR`` schedule says for the current step.
 
     Called when training starts: a resumed run restores the optimizer's last learning rate, which
     belongs to the old plan (0 at the end of a cosine), and the scheduler would only correct it
-    after the first step.
+    after the first step. ``peak_lr`` (the module's peak for this run: its ``lr``, scaled for this run's
+    total batch) replaces the peak the checkpoint's scheduler restored, so a resumed run follows its own
+    configuration (``--model.lr``, a different device count under the linear scaling rule); a change is
+    logged.
     """
     for config in trainer.lr_scheduler_configs:
         scheduler = config.scheduler
-        if isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR) and scheduler.last_epoch > 0:
-            for group, base, factor in zip(scheduler.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
-                group["lr"] = base * factor(scheduler.last_epoch)
-            scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]
+        if not isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR) or scheduler.last_epoch <= 0:
+            continue
+        if peak_lr is not None and any(not math.isclose(base, peak_lr) for base in scheduler.base_lrs):
+            rank_zero_info(f"resumed with peak learning rate {peak_lr:g} (the checkpoint's schedule had "
+                           f"{', '.join(f'{b:g}' for b in scheduler.base_lrs)})")
+            scheduler.base_lrs = [float(peak_lr)] * len(scheduler.base_lrs)
+            for group in scheduler.optimizer.param_groups:
+                group["initial_lr"] = float(peak_lr)
+        for group, base, factor in zip(scheduler.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+            group["lr"] = base * factor(scheduler.last_epoch)
+        scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]
 
 
 class OctaveClassifier(pl.LightningModule):
@@ -263,7 +273,7 @@ class OctaveClassifier(pl.LightningModule):
 
     def on_train_start(self) -> None:
         """A resumed run starts at the learning rate its schedule gives the restored step."""
-        apply_scheduled_lr(self.trainer)
+        apply_scheduled_lr(self.trainer, self.effective_lr())
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         """Cross-entropy (with label smoothing) on one training batch."""

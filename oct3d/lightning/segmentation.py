@@ -402,7 +402,7 @@ class VolumeSegmenter(pl.LightningModule):
 
     def on_train_start(self) -> None:
         """A resumed run starts at the learning rate its schedule gives the restored step."""
-        apply_scheduled_lr(self.trainer)
+        apply_scheduled_lr(self.trainer, float(self.hparams.lr))
 
     def on_train_epoch_start(self) -> None:
         """Count this epoch's bad volumes afresh."""
