@@ -94,7 +94,7 @@ def find_annotation_format(root: str | os.PathLike) -> str:
 
 
 def _read_kinetics_rows(csv_path: Path, require_label: bool) -> list[dict[str, str]]:
-    with open(csv_path, newline="") as handle:
+    with open(csv_path, newline="", encoding="utf-8-sig") as handle:
         reader = csv.DictReader(handle)
         columns = [name.strip() for name in (reader.fieldnames or [])]
         required = _REQUIRED_COLUMNS if require_label else _REQUIRED_COLUMNS[1:]
@@ -200,7 +200,7 @@ def _list_file(root: Path, split: str) -> Path:
 
 def _read_list_rows(list_path: Path) -> list[tuple[str, int]]:
     rows = []
-    with open(list_path) as handle:
+    with open(list_path, encoding="utf-8-sig") as handle:
         for line_number, line in enumerate(handle, 1):
             line = line.strip()
             if not line or line.startswith("#"):
@@ -221,7 +221,7 @@ def _read_list_rows(list_path: Path) -> list[tuple[str, int]]:
 def _list_class_names(root: Path) -> list[str]:
     classes_file = root / "classes.txt"
     if classes_file.is_file():
-        names = [line.strip() for line in classes_file.read_text().splitlines() if line.strip()]
+        names = [line.strip() for line in classes_file.read_text(encoding="utf-8-sig").splitlines() if line.strip()]
         if names:
             return names
     rows = _read_list_rows(_list_file(root, "train"))

@@ -135,7 +135,7 @@ def read_decathlon(root: str | os.PathLike) -> DecathlonInfo:
             f"{json_path} not found: expected the Medical Segmentation Decathlon layout (root/dataset.json with "
             "'training', 'test', 'labels' and 'modality', and the folders imagesTr/, labelsTr/, imagesTs/)"
         )
-    with open(json_path) as handle:
+    with open(json_path, encoding="utf-8-sig") as handle:
         meta = json.load(handle)
     for field in ("labels", "modality", "training"):
         if field not in meta:

@@ -105,3 +105,22 @@ def test_last_and_best_resolve_across_version_folders(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"--ckpt_path last: no last\*\.ckpt under .*checkpoint.s path"):
         resolve_checkpoint_path("last", empty)
 
+
+
+def test_best_resolves_by_the_saved_score_not_the_newest_file(tmp_path):
+    """A resumed run's first checkpoint is the newest 'best' but may score worse than the earlier run's."""
+    from lightning.pytorch.loggers import CSVLogger
+
+    callback = ModelCheckpoint(monitor="val/top1", mode="max", filename="best-{epoch:03d}")
+    key = callback.state_key
+    for version, mtime, score in ((0, 1000, 0.625), (1, 2000, 0.0)):
+        folder = tmp_path / "lightning_logs" / f"version_{version}" / "checkpoints"
+        folder.mkdir(parents=True)
+        path = folder / f"best-epoch00{version + 3}.ckpt"
+        torch.save({"callbacks": {key: {"monitor": "val/top1", "current_score": torch.tensor(score)}}}, path)
+        os.utime(path, (mtime, mtime))
+    trainer = pl.Trainer(default_root_dir=tmp_path, logger=CSVLogger(tmp_path), callbacks=[callback])
+    best = tmp_path / "lightning_logs" / "version_0" / "checkpoints" / "best-epoch003.ckpt"
+    assert resolve_checkpoint_path("best", trainer) == str(best)
+    callback.mode = "min"  # a loss: the lower score wins
+    assert resolve_checkpoint_path("best", trainer).endswith("version_1/checkpoints/best-epoch004.ckpt")

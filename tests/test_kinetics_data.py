@@ -473,3 +473,12 @@ def test_other_containers_in_label_folders(tiny_kinetics, tmp_path, suffix):
     assert all(Path(s.path).suffix == suffix and Path(s.path).is_file() for s in samples)
     batch = next(iter(_datamodule(root, batch_size=6).train_dataloader()))
     assert batch["failed"] == [""] * 6
+
+
+def test_annotations_with_a_byte_order_mark_are_read(tmp_path):
+    """Spreadsheet exports start CSVs with a UTF-8 byte-order mark; the first column must still be 'label'."""
+    (tmp_path / "annotations").mkdir()
+    rows = "label,youtube_id,time_start,time_end,split\nwaving,abc,0,10,train\nclapping,def,5,15,train\n"
+    (tmp_path / "annotations" / "train.csv").write_text("\ufeff" + rows, encoding="utf-8")
+    samples = read_kinetics_annotations(tmp_path, "train")
+    assert sorted(s.label for s in samples) == [0, 1]

@@ -120,6 +120,21 @@ def test_optimizer_and_schedule_follow_hyperparameters():
     assert group["lr"] == pytest.approx(0.0, abs=1e-12)
 
 
+def test_a_checkpoint_whose_classes_differ_from_the_data_is_refused():
+    from types import SimpleNamespace
+
+    model = ImageClassifier(backbone="_test_mean_logits", num_classes=3)
+    checkpoint = {CHECKPOINT_KEY: {"class_names": ["a moving up", "b", "c"]}}
+    model._trainer = SimpleNamespace(datamodule=SimpleNamespace(class_names=["b", "c", "a moving up"]))
+    with pytest.raises(ValueError, match=r"classes differ .*label 0: checkpoint 'a moving up', data 'b'"):
+        model.on_load_checkpoint(checkpoint)
+    model._trainer = SimpleNamespace(datamodule=SimpleNamespace(class_names=["a moving up", "b", "c"]))
+    model.on_load_checkpoint(checkpoint)
+    assert model.class_names == ["a moving up", "b", "c"]
+    model._trainer = None  # load_from_checkpoint: no data to compare with
+    model.on_load_checkpoint(checkpoint)
+
+
 def test_checkpoint_holds_plain_metadata(tmp_path):
     model = ImageClassifier(backbone="_test_mean_logits", num_classes=3, class_names=["a", "b", "c"],
                             preprocessing={"crop_size": 32, "resize_size": 36, "mean": [0.5] * 3, "std": [0.2] * 3})

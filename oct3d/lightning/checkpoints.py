@@ -13,10 +13,12 @@ version folders instead.
 
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 
 import lightning.pytorch as pl
+import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 __all__ = ["LatestCheckpoint", "resolve_checkpoint_path"]
@@ -116,7 +118,34 @@ def resolve_checkpoint_path(ckpt_path: str | Path | None, trainer: pl.Trainer) -
         raise FileNotFoundError(
             f"--ckpt_path {ckpt_path}: no {pattern} under {where or 'the log folder'}; give the checkpoint's path"
         )
-    return str(max(found, key=lambda p: (p.stat().st_mtime, _version_number(p))))
+    newest = lambda p: (p.stat().st_mtime, _version_number(p))
+    if ckpt_path == "best" and len(found) > 1:
+        # By the score each file was saved with, not by age: a resumed run's checkpoint callback starts
+        # without the earlier run's best (Lightning does not reload it when the folder changed), so its
+        # first, possibly worse, checkpoint is also the newest "best".
+        monitor = callback.monitor if isinstance(callback, ModelCheckpoint) else None
+        scored = [(score, p) for p in found if (score := _saved_score(p, monitor)) is not None]
+        if scored:
+            sign = -1.0 if isinstance(callback, ModelCheckpoint) and callback.mode == "min" else 1.0
+            return str(max(scored, key=lambda sp: (sign * sp[0], newest(sp[1])))[1])
+    return str(max(found, key=newest))
+
+
+def _saved_score(path: Path, monitor: str | None) -> float | None:
+    """The monitored score a ModelCheckpoint saved ``path`` with (its ``current_score``), if recorded."""
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:
+        return None
+    for key, state in (checkpoint.get("callbacks") or {}).items():
+        if not str(key).startswith("ModelCheckpoint") or not isinstance(state, dict):
+            continue
+        if monitor is not None and state.get("monitor") != monitor:
+            continue
+        score = state.get("current_score")
+        if score is not None and math.isfinite(float(score)):
+            return float(score)
+    return None
 
 
 def _version_number(path: Path) -> int:

@@ -473,9 +473,31 @@ class OctaveClassifier(pl.LightningModule):
         meta = checkpoint.get(CHECKPOINT_KEY) or {}
         remember_position(self, checkpoint)
         if meta.get("class_names") is not None:
+            self._check_data_classes(list(meta["class_names"]))
             self.class_names = list(meta["class_names"])
         if meta.get("preprocessing"):
             self.preprocessing = dict(meta["preprocessing"])
+
+    def _check_data_classes(self, names: list[str]) -> None:
+        # Label i of the data must be class i of the checkpoint: the same count in another order (a renamed
+        # or added class folder changes the sorted order) would score every video against the wrong class.
+        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        try:
+            data_names = getattr(datamodule, "class_names", None)
+        except (OSError, ValueError):  # no annotations to name classes (e.g. predicting on unlabelled files)
+            data_names = None
+        if data_names is None or [str(n) for n in data_names] == [str(n) for n in names]:
+            return
+        differ = [i for i, (a, b) in enumerate(zip(names, data_names)) if str(a) != str(b)]
+        shown = "; ".join(f"label {i}: checkpoint {names[i]!r}, data {data_names[i]!r}" for i in differ[:3])
+        if len(names) != len(data_names):
+            shown = f"{len(names)} classes in the checkpoint, {len(data_names)} in the data" + (
+                f"; {shown}" if shown else "")
+        raise ValueError(
+            f"the checkpoint's classes differ from the data module's ({shown}): its predictions would be scored "
+            "against the wrong labels; use the class list the model was trained with (the same annotation class "
+            "names), or fine-tune from the weights instead of resuming with --ckpt_path"
+        )
 
     # ----------------------------------------------------------------------------- optimisation
     def effective_lr(self) -> float:
