@@ -646,6 +646,10 @@ def test_pytorchvideo_slowfast_converts():
     shapes = [t.shape for t in example]
     assert measure(model, (example,)).macs > 0  # SlowFast writes into its input list: the cost runs copy it
     assert [t.shape for t in example] == shapes
+    # torch.export runs the graph through fx's Interpreter, whose immutable lists the kept head would write into.
+    exported = torch.export.export(converted, (list(example),)).module()
+    with torch.no_grad():
+        assert torch.allclose(exported(list(example)), converted(list(example)), atol=1e-5)
 
 
 def test_an_untraceable_module_deep_inside_a_block_also_names_the_block_and_the_top_module():

@@ -19,7 +19,7 @@ from torch import fx, nn
 from oct3d.convert.core import Context, Split
 from oct3d.convert.layers import octave_split
 from oct3d.convert.plan import Plan
-from oct3d.convert.trace import checked_codegen
+from oct3d.convert.trace import checked_codegen, mutable_copy
 from oct3d.nn.octave import Octave
 
 __all__ = ["Emitter", "rewrite"]
@@ -151,13 +151,33 @@ def rewrite(gm: fx.GraphModule, ctx: Context, plan: Plan, class_name: str) -> fx
                 module = plan.rules[node].build(node, ctx, None, None, plan.pool_first and node not in plan.stems)
                 if module is not None:
                     em.set_module(node.target, module)
-            em.env[node] = em.graph.node_copy(node, em.plain)
+            copied = em.graph.node_copy(node, em.plain)
+            if node.op == "call_module":
+                # A kept module may write into a list it is given (pytorchvideo's SlowFast blocks do). fx's
+                # Interpreter, which torch.export runs the converted graph through, hands lists over as
+                # immutable: give such arguments a fresh copy, as the original model's own code would.
+                with em.graph.inserting_before(copied):
+                    copied.args = tuple(
+                        em.call_function(mutable_copy, (new,), name=f"{node.name}_arg{i}") if _may_be_list(old)
+                        else new
+                        for i, (old, new) in enumerate(zip(node.args, copied.args))
+                    )
+            em.env[node] = copied
     root = _root_with(gm, em.replaced)
     # The input/output handling of the traced graph (list arguments flattened into placeholders) carries over.
     em.graph._codegen = checked_codegen(gm.graph._codegen)
     result = fx.GraphModule(root, em.graph, class_name=class_name)
     result.graph.lint()
     return result
+
+
+def _may_be_list(arg: Any) -> bool:
+    """Whether a module argument may be a list at run time: a literal list, or a node whose example value
+    was not a tensor (the example run records tensor shapes only)."""
+    if isinstance(arg, (list, tuple)):
+        return any(isinstance(a, fx.Node) for a in arg)
+    return isinstance(arg, fx.Node) and arg.op != "placeholder" and "oct3d_shape" in arg.meta \
+        and arg.meta["oct3d_shape"] is None
 
 
 def _root_with(gm: fx.GraphModule, replaced: Mapping[str, nn.Module]) -> nn.Module:

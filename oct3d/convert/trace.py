@@ -312,6 +312,14 @@ def _mutable(value: Any) -> Any:
     return value
 
 
+@graph_leaf
+def mutable_copy(value: Any) -> Any:
+    """``value`` with fx's immutable lists in it rebuilt as plain lists (tensors shared): the argument of
+    a kept module that may write into it. Plain lists pass unchanged, so in eager runs a module's writes
+    stay visible wherever the original code would see them."""
+    return _mutable(value)
+
+
 def record_shapes(gm: fx.GraphModule, example_input: Tensor | Sequence[Tensor]) -> Any:
     """Run ``gm`` once on the example (eval mode, no autograd); store shapes in ``node.meta["oct3d_shape"]``.
 
