@@ -902,3 +902,37 @@ def test_load_vanilla_takes_wrapped_prefixed_and_counterless_state_dicts():
     prefixed = {**{f"net.{k}": v for k, v in state.items()}, "x": state["fc.bias"]}
     with pytest.raises(VanillaMismatchError, match=r"differ\.\n  - vanilla keys with no place .*net\.conv1"):
         load_vanilla(oct_resnet26(alpha=0.5, num_classes=10), prefixed)
+
+
+def test_frozen_batchnorm_backbones_convert_and_a_no_op_conversion_warns():
+    """torchvision's detection backbones use FrozenBatchNorm2d; a network where nothing converts says so."""
+    from torchvision.ops import FrozenBatchNorm2d
+
+    from oct3d.models import load_vanilla
+
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(norm_layer=FrozenBatchNorm2d, num_classes=4).eval()
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, FrozenBatchNorm2d):
+                module.running_mean.uniform_(-1, 1)
+                module.running_var.uniform_(0.5, 2)
+    example = torch.randn(1, 3, 64, 64)
+    net = octavize(model, 0.5, example_input=example)
+    assert sum(a_out > 0 for _, a_out, _ in net.octave_plan.values()) >= 10
+    with torch.no_grad():
+        assert torch.allclose(octavize(model, 0.0, example_input=example)(example), model(example), atol=1e-4)
+    load_vanilla(net, model.state_dict())  # the split frozen statistics load back too
+
+    class LayerNormed(nn.Module):  # LayerNorm over channels (ConvNeXt-style) closes every octave
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 8, 3, padding=1)
+            self.norm = nn.LayerNorm(8)
+            self.out = nn.Conv2d(8, 8, 3, padding=1)
+
+        def forward(self, x):
+            return self.out(self.norm(self.conv(x).permute(0, 2, 3, 1)).permute(0, 3, 1, 2))
+
+    with pytest.warns(UserWarning, match=r"converted none of LayerNormed's 2 convolution"):
+        octavize(LayerNormed(), 0.5, example_input=torch.randn(1, 3, 16, 16))

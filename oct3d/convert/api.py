@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import numbers
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -153,6 +154,13 @@ def octavize(
         _run_in_model_layout(result, channels_last)
     result.octave_plan = _octave_plan(plan, ctx)
     result.meta["octave_plan"] = result.octave_plan  # GraphModule.meta survives copy.deepcopy
+    if alpha > 0 and result.octave_plan and not any(a_out > 0 for _, a_out, _ in result.octave_plan.values()):
+        warnings.warn(
+            f"octavize converted none of {type(model).__name__}'s {len(result.octave_plan)} convolution(s) into "
+            "octave ones: every octave closed where it would open (describe_plan(net) says why for each; a "
+            "network built from ops without a rule, e.g. LayerNorm over channels or attention, stays vanilla)",
+            stacklevel=2,
+        )
     result.train(model.training)
     if validate:
         try:
@@ -244,7 +252,10 @@ def describe_plan(model: fx.GraphModule) -> str:
     """A table of the converted convolutions: name, ``alpha_in -> alpha_out`` and why a side is plain."""
     plan = getattr(model, "octave_plan", None) or getattr(model, "meta", {}).get("octave_plan")
     if plan is None:
-        raise TypeError("describe_plan needs a model returned by octavize")
+        raise TypeError(
+            "describe_plan needs a model returned by octavize (a copy.deepcopy of a network loaded with torch.load "
+            "keeps neither octave_plan nor meta: take the plan from the loaded network, see docs/convert.md)"
+        )
     width = max((len(n) for n in plan), default=4)
     lines = [f"{'conv':<{width}}  alpha_in  alpha_out  note"]
     for name, (a_in, a_out, note) in plan.items():

@@ -4,7 +4,8 @@ A converted graph holds each octave map as two tensors (``high``, ``low``) and c
 original operation on each. Where the low branch needs more than that (its size must stay the
 octave low size of the high branch after pooling or resizing; a norm needs its own channel
 slice), the graph calls the functions and modules below. They are ordinary traceable code, so
-converted networks compile, export and script like any other.
+converted networks compile (torch.compile), export (torch.export, ONNX) and trace (torch.jit.trace) like any
+other; torch.jit.script, deprecated, is not supported (the Octave NamedTuple's annotations defeat it).
 """
 
 from __future__ import annotations

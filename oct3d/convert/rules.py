@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 from torch.nn.utils import parametrize
+from torchvision.ops.misc import FrozenBatchNorm2d
 
 from oct3d.convert.core import Context, IncompatibleSplitError, Split, tensor_inputs
 from oct3d.convert.layers import (
@@ -79,6 +80,9 @@ _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _CONV_TS = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 _BNS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 _INSTANCE_NORMS = (nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)
+# torchvision's detection and segmentation backbones freeze their BatchNorm this way: fixed statistics,
+# split per branch like a norm's (traced through, its broadcast arithmetic would close every octave).
+_BRANCH_NORMS = (*_INSTANCE_NORMS, nn.GroupNorm, FrozenBatchNorm2d)
 
 
 class Rule:
@@ -428,7 +432,8 @@ class BatchNormRule(Rule):
 
 
 class BranchNormRule(Rule):
-    """``nn.InstanceNormNd`` and ``nn.GroupNorm`` -> :class:`~oct3d.convert.layers.OctBranchNorm`.
+    """``nn.InstanceNormNd``, ``nn.GroupNorm`` and torchvision's ``FrozenBatchNorm2d`` ->
+    :class:`~oct3d.convert.layers.OctBranchNorm`.
 
     GroupNorm flows only when every group lies wholly in one branch (the channels per group divide
     both branches, in order); else the octave closes before it.
@@ -438,14 +443,14 @@ class BranchNormRule(Rule):
     kind = "flow"
 
     def leaf(self, module: nn.Module) -> bool:
-        return isinstance(module, (*_INSTANCE_NORMS, nn.GroupNorm))
+        return isinstance(module, _BRANCH_NORMS)
 
     def matches(self, node: fx.Node, ctx: Context) -> bool:
-        return _is_module(node, ctx, (*_INSTANCE_NORMS, nn.GroupNorm))
+        return _is_module(node, ctx, _BRANCH_NORMS)
 
     def check(self, node: fx.Node, ctx: Context) -> str | None:
         module = ctx.module(node)
-        if not _stock_forward(module, (*_INSTANCE_NORMS, nn.GroupNorm)):
+        if not _stock_forward(module, _BRANCH_NORMS):
             return f"{type(module).__name__} overrides the norm's forward"
         kept = _replacement_would_drop(module)
         if kept:
@@ -481,6 +486,8 @@ class BranchNormRule(Rule):
             per_group = module.num_channels // module.num_groups
             norm_h = nn.GroupNorm(c_h // per_group, c_h, module.eps, module.affine, **_bias_kwarg(module))
             norm_l = nn.GroupNorm(c_l // per_group, c_l, module.eps, module.affine, **_bias_kwarg(module))
+        elif isinstance(module, FrozenBatchNorm2d):
+            norm_h, norm_l = FrozenBatchNorm2d(c_h, module.eps), FrozenBatchNorm2d(c_l, module.eps)
         else:
             kind = type(module)
             kwargs = dict(eps=module.eps, momentum=module.momentum, affine=module.affine,

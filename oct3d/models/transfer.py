@@ -183,7 +183,11 @@ def split_branch_norm(
     the vanilla ``GroupNorm``/``InstanceNorm`` state ``source[prefix + key]``; ``order`` as for
     :func:`split_channel_state`."""
     norm_h, norm_l = branch.norm_h, branch.norm_l
-    channels_of = lambda norm: norm.num_channels if isinstance(norm, nn.GroupNorm) else norm.num_features
+
+    def channels_of(norm: nn.Module) -> int:  # GroupNorm, InstanceNorm, torchvision's FrozenBatchNorm2d
+        count = getattr(norm, "num_channels", None) or getattr(norm, "num_features", None)
+        return int(count if count is not None else norm.weight.shape[0])
+
     keys = ("weight", "bias") if isinstance(norm_h, nn.GroupNorm) else _BN_KEYS
     parts = split_channel_state(source, prefix, keys, channels_of(norm_h) + channels_of(norm_l), channels_of(norm_h),
                                 True, order)
