@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import inspect
+import warnings
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -130,7 +131,18 @@ class _Tracer(fx.Tracer):
         return length
 
     def to_bool(self, obj: fx.Proxy) -> bool:
-        value = bool(self._concrete(obj))
+        concrete = self._concrete(obj)
+        value = bool(concrete)
+        if isinstance(concrete, Tensor):
+            # A test on tensor values (not shapes): no example input makes the trace hold for every input.
+            where = f"module {self.stack[-1]!r}" if self.stack else "the model's forward"
+            advice = f"exclude=({self.stack[-1]!r},) keeps that module's own code" if self.stack else \
+                "move the test into a module and exclude it"
+            warnings.warn(
+                f"{where} branches on a tensor's values ({obj.node.name}); the converted network follows the branch "
+                f"the example took and raises on inputs that would take the other one; {advice}",
+                stacklevel=2,
+            )
         self._guard(obj, value, f"the test {obj.node.name}")
         return value
 
