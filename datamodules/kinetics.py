@@ -257,7 +257,8 @@ class VideoClipDataset(Dataset):
         * ``"test"``: ``num_clips * num_crops`` items per video (uniformly spaced clips x spatial crops),
           ``transform(frames, crop_index)``.
 
-    Each item is a dict ``{"video": (C, T, H, W) float, "label": int, "video_index": int, "failed": str}``;
+    Each item is a dict ``{"video": (C, T, H, W) float, "label": int, "video_index": int, "failed": str}``
+    (in test mode also ``"view_index"``, the item's index);
     ``failed`` is ``""`` or ``"path: reason"`` of the unreadable video that this item replaced. With
     ``clips_per_video=K > 1`` (train mode) ``video`` is (K, C, T, H, W): K clips of one decode, each at its
     own random start and with its own augmentation; :func:`collate_multi_clip` flattens them into a batch.
@@ -471,6 +472,10 @@ class VideoClipDataset(Dataset):
             for (position, _, _), video in zip(entries, videos):
                 # A replacement keeps the requested video_index so multi-view aggregation stays aligned.
                 items[position] = {"video": video, "label": label, "video_index": video_index, "failed": failed}
+                if self.mode == "test":
+                    # Which of the video's views this is: under DDP the sampler pads with repeated items,
+                    # which the per-view test metrics count once.
+                    items[position]["view_index"] = indices[position]
         return items
 
     def _load_or_replace(

@@ -903,6 +903,8 @@ def test_load_vanilla_takes_wrapped_prefixed_and_counterless_state_dicts():
     prefixed = {**{f"net.{k}": v for k, v in state.items()}, "x": state["fc.bias"]}
     with pytest.raises(VanillaMismatchError, match=r"differ\.\n  - vanilla keys with no place .*net\.conv1"):
         load_vanilla(oct_resnet26(alpha=0.5, num_classes=10), prefixed)
+    with pytest.raises(VanillaMismatchError, match=r"fc\.weight: expected shape .* exclude=\('fc',\)"):
+        load_vanilla(oct_resnet26(alpha=0.5, num_classes=5), vanilla)
 
 
 def test_frozen_batchnorm_backbones_convert_and_a_no_op_conversion_warns():

@@ -93,6 +93,18 @@ def test_multi_view_test_aggregates_softmax_per_video():
     assert metrics["test/num_videos"] == 2
 
 
+def test_a_repeated_view_counts_once_in_the_view_metrics():
+    """DDP's sampler pads the test set with repeats of its first items; a view named twice counts once."""
+    samples = _views([[2.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 3.0, 0.0]], labels=[0, 0, 2], video_index=[0, 0, 1])
+    for view, sample in enumerate(samples):
+        sample["view_index"] = view
+    padded = [*samples, samples[0]]  # the first view again, as the padding of a 2-rank sampler would
+    model = VideoClassifier(backbone="_test_mean_logits", num_classes=3)
+    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
+    (metrics,) = trainer.test(model, DataLoader(padded, batch_size=2), verbose=False)
+    assert metrics["test/view_top1"] == pytest.approx(1 / 3)  # not 2 / 4
+
+
 def test_optimizer_and_schedule_follow_hyperparameters():
     model = VideoClassifier(backbone="_test_mean_logits", num_classes=3, optimizer="sgd", lr=0.4, momentum=0.8,
                             weight_decay=1e-3, warmup_epochs=1, lr_reference_batch_size=8)

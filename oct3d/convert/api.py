@@ -154,7 +154,8 @@ def octavize(
         _run_in_model_layout(result, channels_last)
     result.octave_plan = _octave_plan(plan, ctx)
     result.meta["octave_plan"] = result.octave_plan  # GraphModule.meta survives copy.deepcopy
-    if alpha > 0 and result.octave_plan and not any(a_out > 0 for _, a_out, _ in result.octave_plan.values()):
+    if (callable(alpha) or alpha > 0) and result.octave_plan and not any(
+            a_out > 0 for _, a_out, _ in result.octave_plan.values()):
         warnings.warn(
             f"octavize converted none of {type(model).__name__}'s {len(result.octave_plan)} convolution(s) into "
             "octave ones: every octave closed where it would open (describe_plan(net) says why for each; a "

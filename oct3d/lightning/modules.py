@@ -328,6 +328,9 @@ class OctaveClassifier(pl.LightningModule):
         """Reset the per-video softmax accumulators."""
         self._test_views = {}
         self._test_failed: set[int] = set()
+        # view_index -> (video_index, top-1 hit, top-5 hit): the per-view metrics count each view once, even
+        # when DDP's sampler hands a padded repeat of it to another rank.
+        self._test_view_hits: dict[int, tuple[int, int, int]] = {}
 
     def test_step(self, batch: Any, batch_idx: int) -> None:
         """Per-view top-1/top-5; with ``video_index`` in the batch, also accumulates softmax per video.
@@ -362,6 +365,12 @@ class OctaveClassifier(pl.LightningModule):
         k = min(5, probs.shape[1])
         top1 = (probs.argmax(1) == labels).tolist()
         top5 = (probs.topk(k, 1).indices == labels[:, None]).any(1).tolist()
+        view_index = batch.get("view_index") if isinstance(batch, dict) else None
+        if isinstance(view_index, Tensor) and keep is not None and view_index.numel() == keep.numel():
+            view_index = view_index[keep]
+        if isinstance(view_index, Tensor) and view_index.numel() == len(top1):
+            for view, idx, hit1, hit5 in zip(view_index.tolist(), video_index.tolist(), top1, top5):
+                self._test_view_hits[view] = (idx, int(hit1), int(hit5))
         for i, idx in enumerate(video_index.tolist()):
             entry = self._test_views.get(idx)
             if entry is None:
@@ -398,6 +407,11 @@ class OctaveClassifier(pl.LightningModule):
                     merged[idx][3] += top1_hits
                     merged[idx][4] += top5_hits
             views = dict(merged)
+        view_hits = getattr(self, "_test_view_hits", {})
+        if distributed:
+            gathered_hits: list[dict] = [None] * torch.distributed.get_world_size()  # type: ignore[list-item]
+            torch.distributed.all_gather_object(gathered_hits, view_hits)
+            view_hits = {view: hits for part in gathered_hits for view, hits in part.items()}  # repeats: once
         if not views:
             return
         indices = sorted(views)
@@ -411,11 +425,15 @@ class OctaveClassifier(pl.LightningModule):
         self.log("test/top1", top1, rank_zero_only=True, sync_dist=False)
         self.log("test/top5", top5, rank_zero_only=True, sync_dist=False)
         self.log("test/num_videos", float(len(indices)), rank_zero_only=True, sync_dist=False)
-        total_views = sum(views[i][1] for i in indices)
-        self.log("test/view_top1", sum(views[i][3] for i in indices) / total_views, rank_zero_only=True,
-                 sync_dist=False)
-        self.log("test/view_top5", sum(views[i][4] for i in indices) / total_views, rank_zero_only=True,
-                 sync_dist=False)
+        counted = [(hit1, hit5) for idx, hit1, hit5 in view_hits.values() if idx in views]
+        if counted:  # the batches named their views: each counted once
+            total_views = len(counted)
+            view_top1, view_top5 = sum(h[0] for h in counted), sum(h[1] for h in counted)
+        else:
+            total_views = sum(views[i][1] for i in indices)
+            view_top1, view_top5 = sum(views[i][3] for i in indices), sum(views[i][4] for i in indices)
+        self.log("test/view_top1", view_top1 / total_views, rank_zero_only=True, sync_dist=False)
+        self.log("test/view_top5", view_top5 / total_views, rank_zero_only=True, sync_dist=False)
         self._test_views = {}
 
     def predict_step(self, batch: Any, batch_idx: int) -> dict[str, Tensor]:

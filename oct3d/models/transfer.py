@@ -358,7 +358,12 @@ def load_vanilla(
                     else:
                         problems.append(f"missing vanilla weight {full}")
                 elif tuple(source[full].shape) != tuple(value.shape):
-                    problems.append(f"{full}: expected shape {tuple(value.shape)}, got {tuple(source[full].shape)}")
+                    hint = ""
+                    if isinstance(module, nn.Linear) and key in ("weight", "bias"):
+                        hint = f" (a classifier for another class count? exclude=({name!r},) keeps this one)"
+                    problems.append(
+                        f"{full}: expected shape {tuple(value.shape)}, got {tuple(source[full].shape)}{hint}"
+                    )
                 else:
                     target[full] = source[full].detach().clone()
                     consumed.add(full)
