@@ -147,6 +147,18 @@ def test_a_checkpoint_whose_classes_differ_from_the_data_is_refused():
     model.on_load_checkpoint(checkpoint)
 
 
+def test_a_checkpoint_of_another_network_names_the_settings_that_differ():
+    model = VideoClassifier(backbone="oct_r3d_18", num_classes=3, backbone_kwargs={"alpha": 0.5, "base_width": 8})
+    checkpoint = {"state_dict": model.state_dict(), CHECKPOINT_KEY: {
+        "backbone": "oct_r3d_18", "backbone_kwargs": dict(model.hparams.backbone_kwargs), "num_classes": 3}}
+    other = VideoClassifier(backbone="oct_r3d_18", num_classes=3, backbone_kwargs={"alpha": 0.5, "base_width": 16})
+    with pytest.raises(ValueError, match=r"another network .*base_width: checkpoint 8, config 16"):
+        other.on_load_checkpoint(checkpoint)
+    again = VideoClassifier(backbone="oct_r3d_18", num_classes=3, backbone_kwargs={"alpha": 0.5, "base_width": 8,
+                                                                                    "dropout": 0.3})
+    again.on_load_checkpoint(checkpoint)  # a setting without parameters (dropout) may change on resume
+
+
 def test_checkpoint_holds_plain_metadata(tmp_path):
     model = ImageClassifier(backbone="_test_mean_logits", num_classes=3, class_names=["a", "b", "c"],
                             preprocessing={"crop_size": 32, "resize_size": 36, "mean": [0.5] * 3, "std": [0.2] * 3})

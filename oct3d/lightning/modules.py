@@ -490,11 +490,37 @@ class OctaveClassifier(pl.LightningModule):
         """Restore class names and preprocessing saved by :meth:`on_save_checkpoint`."""
         meta = checkpoint.get(CHECKPOINT_KEY) or {}
         remember_position(self, checkpoint)
+        self._check_same_network(checkpoint, meta)
         if meta.get("class_names") is not None:
             self._check_data_classes(list(meta["class_names"]))
             self.class_names = list(meta["class_names"])
         if meta.get("preprocessing"):
             self.preprocessing = dict(meta["preprocessing"])
+
+    def _check_same_network(self, checkpoint: dict[str, Any], meta: dict[str, Any]) -> None:
+        # Resuming (or testing) with a config that builds another network would fail in load_state_dict with a
+        # list of missing keys; name the builder settings that differ instead.
+        state = checkpoint.get("state_dict")
+        if not isinstance(state, dict) or not getattr(self, "strict_loading", True):
+            return  # (strict_loading=False: the user asked for a partial load)
+        own = self.state_dict()
+        differ = sorted(set(own) ^ set(state)) + sorted(
+            k for k in set(own) & set(state) if tuple(own[k].shape) != tuple(state[k].shape)
+        )
+        if not differ:
+            return
+        saved = {"backbone": meta.get("backbone"), **(meta.get("backbone_kwargs") or {})}
+        current = {"backbone": self.hparams.backbone, **dict(self.hparams.backbone_kwargs or {})}
+        changed = [f"{k}: checkpoint {saved.get(k)!r}, config {current.get(k)!r}"
+                   for k in sorted(set(saved) | set(current)) if saved.get(k) != current.get(k)]
+        if meta.get("num_classes") is not None and int(meta["num_classes"]) != int(self.hparams.num_classes):
+            changed.append(f"num_classes: checkpoint {meta['num_classes']}, config {self.hparams.num_classes}")
+        raise ValueError(
+            "the checkpoint holds another network than this config builds ("
+            + ("; ".join(changed) if changed else f"{len(differ)} parameter(s) differ, e.g. {differ[0]}")
+            + "): give the model the checkpoint's settings to resume or test it, or start a new run from its "
+            "weights (oct3d.models.load_vanilla, or load_state_dict with strict=False)"
+        )
 
     def _check_data_classes(self, names: list[str]) -> None:
         # Label i of the data must be class i of the checkpoint: the same count in another order (a renamed
