@@ -320,6 +320,10 @@ def preprocess_transform(preprocessing: dict[str, Any], with_label: bool) -> Any
     return Compose(steps)
 
 
+#: What an evaluation item carries besides the image: the label and, with a target spacing, the two grids.
+_EVALUATION_KEYS = ("label", "affine_original", "affine_resampled")
+
+
 def _meta_tensors(item: dict[str, Any]) -> dict[str, Any]:
     from monai.data import MetaTensor
 
@@ -340,7 +344,10 @@ class VolumeDataset(Dataset):
 
     Items are dicts: ``image`` float ``(C, X, Y, Z)``, ``label`` uint8 ``(1, X, Y, Z)`` (an empty
     ``(1, 0, 0, 0)`` placeholder for unlabelled test cases), ``valid`` bool,
-    ``case`` (the case name) and ``failed`` (``""`` or ``"path: reason"``). A bad training case is
+    ``case`` (the case name) and ``failed`` (``""`` or ``"path: reason"``). With a target ``spacing``,
+    a validation or test item's label stays on the file's own grid and the item also holds
+    ``affine_original`` and ``affine_resampled`` (4x4 float64 voxel-to-world matrices of the label's and
+    the image's grids), so predictions are scored where the label was drawn. A bad training case is
     replaced by another case; a bad validation or test case gives an item with ``valid`` False and
     empty tensors, which the model skips.
 
@@ -409,6 +416,11 @@ class VolumeDataset(Dataset):
             self._random = Compose([crop, random_transform]) if random_transform is not None else crop
         # A test split may mix labelled and unlabelled cases: each labelled one is resampled with its label.
         self._prepare_labelled = self._prepare if labelled else preprocess_transform(preprocessing, with_label=True)
+        # Evaluation with a target spacing scores on each file's own grid, as `oct3d segment` writes its maps
+        # and nnU-Net reports: the image is resampled, the label kept, and both affines go with the item.
+        self._original_grid = mode != "train" and bool(preprocessing.get("spacing"))
+        if self._original_grid:
+            self._prepare_labelled = self._prepare = preprocess_transform(preprocessing, with_label=False)
         # Failures seen by this process (each DataLoader worker has its own copy; batches carry them out).
         self.failures: dict[int, tuple[str, str]] = {}
         self._cache: dict[int, dict[str, Any]] = {}
@@ -437,6 +449,13 @@ class VolumeDataset(Dataset):
         try:
             case = self.cases[index]
             item = _load_case(case, self.channels, self.num_classes)
+            if self._original_grid:
+                prepared = self._prepare({"image": _meta_tensors(item)["image"]})
+                if "label" in item:
+                    prepared["label"] = item["label"]
+                    prepared["affine_original"] = torch.as_tensor(np.asarray(item["affine"]), dtype=torch.float64)
+                    prepared["affine_resampled"] = torch.as_tensor(prepared["image"].affine, dtype=torch.float64)
+                return prepared
             return (self._prepare_labelled if case.label is not None else self._prepare)(_meta_tensors(item))
         except VolumeReadError as error:
             self.failures[index] = (error.path, error.reason)
@@ -449,7 +468,7 @@ class VolumeDataset(Dataset):
     def _sample(self, index: int) -> dict[str, Any]:
         item = self._prepared(index)
         if self._random is None:
-            return {"image": item["image"], **({"label": item["label"]} if "label" in item else {})}
+            return {"image": item["image"], **{k: item[k] for k in _EVALUATION_KEYS if k in item}}
         # A fresh MONAI random state per patch, drawn from torch's generator: DataLoader seeds that per
         # worker (and seed_everything seeds it in the main process), so workers do not repeat each other.
         self._random.set_random_state(seed=int(torch.randint(0, 2**31 - 1, ()).item()))
@@ -462,8 +481,12 @@ class VolumeDataset(Dataset):
             return t.to(dtype).contiguous()
 
         label = plain(sample["label"], torch.uint8) if "label" in sample else _EMPTY_LABEL.clone()
-        return {"image": plain(sample["image"], torch.float32), "label": label, "valid": True,
-                "case": self.cases[case_index].name, "failed": failed}
+        out = {"image": plain(sample["image"], torch.float32), "label": label, "valid": True,
+               "case": self.cases[case_index].name, "failed": failed}
+        for key in ("affine_original", "affine_resampled"):
+            if key in sample:
+                out[key] = sample[key]
+        return out
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         if not 0 <= index < len(self):

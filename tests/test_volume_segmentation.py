@@ -146,16 +146,17 @@ def test_a_label_placed_elsewhere_in_space_is_reported(tmp_path):
     assert VolumeDataset([case], "val", 1, 3, {"normalization": "zscore"}, cache_rate=0.0)[0]["valid"]
 
 
-def test_a_test_split_mixing_labelled_and_unlabelled_cases_resamples_each_label(tiny_decathlon):
+def test_a_test_split_mixing_labelled_and_unlabelled_cases_keeps_each_label_on_its_grid(tiny_decathlon):
     info = read_decathlon(tiny_decathlon)
     cases = [info.training[0], info.test[0], info.training[1]]  # labelled, unlabelled, labelled
     prep = {"normalization": "zscore", "spacing": [1.5, 1.5, 2.0]}
     data = VolumeDataset(cases, "test", 1, 3, prep, cache_rate=0.0)
     items = [data[i] for i in range(3)]
     assert all(item["valid"] for item in items)
-    for item in (items[0], items[2]):
-        assert item["label"].shape[1:] == item["image"].shape[1:] != SHAPE
-    assert items[1]["label"].numel() == 0
+    for item in (items[0], items[2]):  # the image resampled, the label on the file's grid, both grids given
+        assert item["label"].shape[1:] == SHAPE != item["image"].shape[1:]
+        assert item["affine_original"].shape == item["affine_resampled"].shape == (4, 4)
+    assert items[1]["label"].numel() == 0 and "affine_resampled" not in items[1]
 
 
 def test_multichannel_4d_volumes_and_fg_sampling(tmp_path):
@@ -694,3 +695,28 @@ def test_an_epoch_without_a_usable_validation_volume_logs_nan_dice_and_goes_on(t
     assert trainer.state.finished and trainer.global_step == 2
     assert torch.isnan(trainer.callback_metrics["val/dice"])
     assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 2
+
+
+def test_evaluation_with_a_target_spacing_scores_on_the_files_own_grid(tmp_path):
+    """The label stays on its grid; predictions go back there as MONAI's inverse (what `oct3d segment` writes) does."""
+    from monai.data import MetaTensor
+
+    from datamodules.volume import preprocess_transform
+    from oct3d.lightning.segmentation import resample_to_grid
+
+    root = make_tiny_decathlon(tmp_path / "data", cases=2, broken=False)
+    case = read_decathlon(root).training[0]
+    prep = {"normalization": "zscore", "nonzero": True, "spacing": [1.0, 1.7, 1.3]}
+    item = VolumeDataset([case], "val", 1, 3, prep, cache_rate=0.0)[0]
+    original = np.asarray(nib.load(str(case.label)).dataobj)
+    assert item["label"].shape == (1, *SHAPE) and np.array_equal(item["label"][0].numpy(), original)
+    assert item["image"].shape[1:] != SHAPE and torch.allclose(item["affine_original"], torch.as_tensor(AFFINE))
+    transform = preprocess_transform(prep, with_label=False)
+    data, affine = load_nifti(case.image, 1)
+    image = transform({"image": MetaTensor(torch.from_numpy(data), affine=torch.as_tensor(affine))})["image"]
+    assert torch.allclose(item["affine_resampled"], image.affine.double())
+    probs = torch.stack([image.as_tensor()[0], -image.as_tensor()[0]]).softmax(0)  # a smooth two-class map
+    by_monai = transform.inverse({"image": MetaTensor(probs, affine=image.affine,
+                                                      applied_operations=list(image.applied_operations))})["image"]
+    ours = resample_to_grid(probs[None], item["affine_resampled"], item["affine_original"], SHAPE)[0]
+    assert torch.allclose(ours, by_monai.as_tensor(), atol=1e-5)

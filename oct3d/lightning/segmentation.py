@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import importlib
 import re
+from collections.abc import Sequence
 from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
+import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
@@ -179,6 +181,20 @@ def resolve_octavize(spec: float | dict[str, Any] | None) -> dict[str, Any] | No
             raise ValueError(f"octavize example_size must be 3 positive ints (X, Y, Z), got {size!r}")
         out["example_size"] = [int(s) for s in size]
     return out
+
+
+def resample_to_grid(volume: Tensor, source_affine: Tensor, target_affine: Tensor, size: Sequence[int]) -> Tensor:
+    """``volume`` ``(1, C, X, Y, Z)`` on the grid of ``source_affine``, resampled trilinearly onto the grid of
+    ``target_affine`` with ``size`` voxels (both affines voxel-to-world 4x4); outside the source, the border value."""
+    # Each target voxel's index in the source grid: inv(source) @ target, applied to the target indices.
+    to_source = torch.linalg.inv(source_affine.double()) @ target_affine.double()
+    axes = [torch.arange(n, dtype=torch.float64) for n in size]
+    index = torch.stack(torch.meshgrid(*axes, indexing="ij"), -1)  # (X, Y, Z, 3)
+    source_index = index @ to_source[:3, :3].T + to_source[:3, 3]
+    extent = torch.tensor([max(n - 1, 1) for n in volume.shape[2:]], dtype=torch.float64)
+    # grid_sample's grid holds (W, H, D) = (Z, Y, X) coordinates in [-1, 1] (align_corners=True: the centres).
+    grid = (2 * source_index / extent - 1).flip(-1)[None].to(volume.dtype).to(volume.device)
+    return F.grid_sample(volume, grid, mode="bilinear", padding_mode="border", align_corners=True)
 
 
 def is_octave_network(module: nn.Module) -> bool:
@@ -436,7 +452,18 @@ class VolumeSegmenter(pl.LightningModule):
         from monai.metrics import compute_dice
 
         image, label = batch["image"][keep], label[keep].long()
-        prediction = self.sliding_window(image).argmax(1, keepdim=True)
+        logits = self.sliding_window(image)
+        if "affine_resampled" in batch:
+            # Resampled to a target spacing: back onto the label's own grid, probabilities first (as
+            # `oct3d segment` does), so the Dice is the one of the label maps users get.
+            probs = torch.cat([
+                resample_to_grid(logits[i : i + 1].float().softmax(1), batch["affine_resampled"][j],
+                                 batch["affine_original"][j], label.shape[2:])
+                for i, j in enumerate(keep)
+            ])
+            prediction = probs.argmax(1, keepdim=True)
+        else:
+            prediction = logits.argmax(1, keepdim=True)
         num_classes = self.hparams.num_classes
         one_hot = lambda t: torch.zeros((t.shape[0], num_classes, *t.shape[2:]), device=t.device).scatter_(1, t, 1.0)
         # Per case and foreground class; NaN where a class is absent from the ground truth.
