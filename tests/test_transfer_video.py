@@ -251,8 +251,12 @@ def test_inflate_leaves_classifier_with_other_class_count():
     ids=["video_deeper", "2d_deeper", "alpha_mismatch", "basic_vs_bottleneck", "width"],
 )
 def test_inflate_rejects_other_architectures(model_2d, video, match):
+    target = video()
+    before = {k: v.clone() for k, v in target.state_dict().items()}
     with pytest.raises(VanillaMismatchError, match=match):
-        inflate(video(), model_2d())
+        inflate(target, model_2d())
+    # The layers matched before the mismatch was found are put back: nothing changed.
+    assert all(torch.equal(v, before[k]) for k, v in target.state_dict().items())
 
 
 def test_inflate_argument_types():

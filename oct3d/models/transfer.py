@@ -566,7 +566,7 @@ def inflate(oct_video_model: nn.Module, model_2d: nn.Module) -> InflationReport:
 
     Raises:
         VanillaMismatchError: (a ``ValueError``) when the architectures differ, listing every
-            layer that does not correspond; the video model is then left partly filled.
+            layer that does not correspond; the video model is then left as it was.
         TypeError: when the arguments are not modules.
     """
     for arg, value in (("oct_video_model", oct_video_model), ("model_2d", model_2d)):
@@ -577,6 +577,8 @@ def inflate(oct_video_model: nn.Module, model_2d: nn.Module) -> InflationReport:
     problems: list[str] = []
     used: set[str] = set()
     covered: list[str] = []
+    # Layers are filled as they are matched; a mismatch found later puts every tensor back.
+    before = {k: v.detach().clone() for k, v in oct_video_model.state_dict().items()}
 
     for name, module in oct_video_model.named_modules():
         if any(name.startswith(c + ".") for c in covered):
@@ -614,6 +616,9 @@ def inflate(oct_video_model: nn.Module, model_2d: nn.Module) -> InflationReport:
         if has_weights and not any(name == u or name.startswith(u + ".") for u in used):
             problems.append(f"{name}: layer of the 2D model with no counterpart in the video model")
     if problems:
+        with torch.no_grad():
+            for key, value in oct_video_model.state_dict().items():
+                value.copy_(before[key])
         raise VanillaMismatchError(
             f"cannot inflate {type(model_2d).__name__} into {type(oct_video_model).__name__}: the architectures "
             "differ.\n  - " + "\n  - ".join(problems[:20])
