@@ -282,7 +282,7 @@ class OctaveClassifier(pl.LightningModule):
         loss = self.criterion(logits, y)
         acc = (logits.argmax(1) == y).float().mean()
         self.log("train/loss", loss, prog_bar=True, batch_size=x.shape[0])
-        self.log("train/top1", acc, prog_bar=False, on_step=False, on_epoch=True, batch_size=x.shape[0])
+        self.log("train/top1", acc, prog_bar=False, on_step=False, on_epoch=True, batch_size=x.shape[0], sync_dist=True)
         self._log_failed(batch, "train")
         return loss
 
@@ -421,9 +421,10 @@ class OctaveClassifier(pl.LightningModule):
         topk = probs.topk(k, dim=1).indices
         top1 = (topk[:, 0] == labels).float().mean()
         top5 = (topk == labels[:, None]).any(1).float().mean()
-        # Every rank holds the merged result, so no further reduction is needed.
-        self.log("test/top1", top1, rank_zero_only=True, sync_dist=False)
-        self.log("test/top5", top5, rank_zero_only=True, sync_dist=False)
+        # Every rank holds the merged result, so no further reduction is needed (logged as plain floats:
+        # Lightning asks for sync_dist on every epoch-level tensor under DDP).
+        self.log("test/top1", float(top1), rank_zero_only=True, sync_dist=False)
+        self.log("test/top5", float(top5), rank_zero_only=True, sync_dist=False)
         self.log("test/num_videos", float(len(indices)), rank_zero_only=True, sync_dist=False)
         counted = [(hit1, hit5) for idx, hit1, hit5 in view_hits.values() if idx in views]
         if counted:  # the batches named their views: each counted once

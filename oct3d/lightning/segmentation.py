@@ -495,7 +495,8 @@ class VolumeSegmenter(pl.LightningModule):
             # (EarlyStopping's check_finite=True would stop on it).
             values = {"val/dice": torch.tensor(float("nan"))}
         for key, value in values.items():
-            self.log(key, value, prog_bar=key == f"{stage}/dice", sync_dist=False)
+            # Already reduced over ranks (MeanMetric.compute); a plain float spares DDP's sync_dist warning.
+            self.log(key, float(value), prog_bar=key == f"{stage}/dice", sync_dist=False)
         return {k: float(v) for k, v in values.items()}
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
