@@ -77,7 +77,9 @@ class SplitDataModule(pl.LightningDataModule):
             # epoch as not completed, so trainer.current_epoch would be one behind).
             trainer = getattr(self, "trainer", None)
             epoch = trainer.fit_loop.epoch_progress.current.processed if trainer is not None else 0
-            seed = int(os.environ.get("PL_GLOBAL_SEED", getattr(self, "seed", 0)))
+            # The run's seed (seed_everything); without one, the process's own random seed, as unseeded
+            # PyTorch shuffling is random per run.
+            seed = int(os.environ.get("PL_GLOBAL_SEED", torch.initial_seed()))
             sampler = EpochShuffleSampler(len(self.datasets[split]), seed, epoch)
         return DataLoader(
             self.datasets[split],

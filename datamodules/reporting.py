@@ -29,8 +29,8 @@ def _split_failure(entry: str) -> tuple[str, str]:
 
 
 def format_failures(
-    failures: Iterable[str], what: str = "this epoch", limit: int = 10,
-    noun: tuple[str, str] = ("unreadable video", "unreadable videos"),
+    failures: Iterable[str], what: str = "this epoch", limit: int = 10, noun: tuple[str, str] = ("video", "videos"),
+    adjective: str = "unreadable",
 ) -> str:
     """One line: ``"3 unreadable videos this epoch: a.mp4 (truncated ...), b.mp4 (file not found), ..."``.
 
@@ -38,13 +38,14 @@ def format_failures(
         failures: ``"path: reason"`` strings (duplicates are counted once).
         what: words after the count.
         limit: at most this many videos are named; the rest are counted.
-        noun: singular and plural of what failed (volume data says ``("unusable volume", "unusable volumes")``:
-            a readable volume whose label holds a value outside the classes failed too).
+        noun: singular and plural of what failed (volume data says ``("volume", "volumes")``).
+        adjective: what the failed files were (volume data says ``"unusable"``: a readable volume whose
+            label holds a value outside the classes failed too).
     """
     unique = sorted(set(failures))
     named = ", ".join(f"{path} ({reason})" for path, reason in map(_split_failure, unique[:limit]))
     more = f", and {len(unique) - limit} more" if len(unique) > limit else ""
-    return f"{len(unique)} {noun[0] if len(unique) == 1 else noun[1]} {what}: {named}{more}"
+    return f"{len(unique)} {adjective} {noun[0] if len(unique) == 1 else noun[1]} {what}: {named}{more}"
 
 
 @dataclass
@@ -113,11 +114,12 @@ class DataErrorReport(pl.Callback):
         record = EpochFailures(stage, trainer.current_epoch, sorted(entries))
         self.history.append(record)
         if trainer.is_global_zero:
-            # A data module may name what its files are (volume data: "unusable volume(s)").
-            noun = getattr(getattr(trainer, "datamodule", None), "data_error_noun", None) or (
-                "unreadable video", "unreadable videos"
-            )
-            log.info(format_failures(entries, f"this epoch ({stage}, epoch {record.epoch})", self.limit, noun))
+            # A data module may name what its files are and how they failed (volume data: "unusable volumes").
+            datamodule = getattr(trainer, "datamodule", None)
+            noun = getattr(datamodule, "data_error_noun", None) or ("video", "videos")
+            adjective = getattr(datamodule, "data_error_adjective", None) or "unreadable"
+            log.info(format_failures(entries, f"this epoch ({stage}, epoch {record.epoch})", self.limit, noun,
+                                     adjective))
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Start a fresh training count."""

@@ -561,7 +561,8 @@ class VolumeSegmentationDataModule(SplitDataModule):
         seed: varies the deterministic choice of replacement cases.
     """
 
-    data_error_noun = ("unusable volume", "unusable volumes")
+    data_error_noun = ("volume", "volumes")
+    data_error_adjective = "unusable"  # (readable files whose labels hold values outside the classes fail too)
 
     def __init__(
         self,

@@ -111,16 +111,21 @@ def test_best_resolves_by_the_saved_score_not_the_newest_file(tmp_path):
     """A resumed run's first checkpoint is the newest 'best' but may score worse than the earlier run's."""
     from lightning.pytorch.loggers import CSVLogger
 
-    callback = ModelCheckpoint(monitor="val/top1", mode="max", filename="best-{epoch:03d}")
-    key = callback.state_key
+    top1 = ModelCheckpoint(monitor="val/top1", mode="max", filename="best-{epoch:03d}")
+    loss = ModelCheckpoint(monitor="val/loss", mode="min", filename="lowest-{epoch:03d}")  # another callback
     for version, mtime, score in ((0, 1000, 0.625), (1, 2000, 0.0)):
         folder = tmp_path / "lightning_logs" / f"version_{version}" / "checkpoints"
         folder.mkdir(parents=True)
         path = folder / f"best-epoch00{version + 3}.ckpt"
-        torch.save({"callbacks": {key: {"monitor": "val/top1", "current_score": torch.tensor(score)}}}, path)
+        states = {
+            # The loss callback's state comes first and lists other files: it must not rank this one.
+            loss.state_key: {"monitor": "val/loss", "best_k_models": {str(folder / "lowest.ckpt"): torch.tensor(0.1)},
+                             "current_score": torch.tensor(0.1)},
+            top1.state_key: {"monitor": "val/top1", "best_k_models": {str(path): torch.tensor(score)},
+                             "current_score": torch.tensor(score)},
+        }
+        torch.save({"callbacks": states}, path)
         os.utime(path, (mtime, mtime))
-    trainer = pl.Trainer(default_root_dir=tmp_path, logger=CSVLogger(tmp_path), callbacks=[callback])
+    trainer = pl.Trainer(default_root_dir=tmp_path, logger=CSVLogger(tmp_path), callbacks=[loss, top1])
     best = tmp_path / "lightning_logs" / "version_0" / "checkpoints" / "best-epoch003.ckpt"
     assert resolve_checkpoint_path("best", trainer) == str(best)
-    callback.mode = "min"  # a loss: the lower score wins
-    assert resolve_checkpoint_path("best", trainer).endswith("version_1/checkpoints/best-epoch004.ckpt")

@@ -906,6 +906,14 @@ def test_load_vanilla_takes_wrapped_prefixed_and_counterless_state_dicts():
     with pytest.raises(VanillaMismatchError, match=r"fc\.weight: expected shape .* exclude=\('fc',\)"):
         load_vanilla(oct_resnet26(alpha=0.5, num_classes=5), vanilla)
 
+    class Wrapper(nn.Module):  # a network whose own top module is called "module": its prefix stays
+        def __init__(self, inner: nn.Module) -> None:
+            super().__init__()
+            self.module = inner
+
+    wrapped = load_vanilla(Wrapper(oct_resnet26(alpha=0.5, num_classes=10)), Wrapper(vanilla).state_dict())
+    assert torch.equal(wrapped.module.fc.weight, vanilla.fc.weight)
+
 
 def test_frozen_batchnorm_backbones_convert_and_a_no_op_conversion_warns():
     """torchvision's detection backbones use FrozenBatchNorm2d; a network where nothing converts says so."""

@@ -103,6 +103,8 @@ def test_unreadable_test_videos_are_replaced_per_video_in_a_batch(broken_kinetic
     broken = [i for i, s in enumerate(samples) if any(tag in s.path for tag in BROKEN_TRAIN)]
     assert len(broken) == 3
     items = dataset.__getitems__(list(range(len(dataset))))
+    assert [item["view_index"] for item in items] == list(range(len(dataset)))  # which view each item is
+    assert dataset[7]["view_index"] == 7
     for video_index in broken:
         views = [item for item in items if item["video_index"] == video_index]
         assert len(views) == 6 and all(item["failed"] for item in views)

@@ -145,17 +145,28 @@ def test_a_checkpoint_whose_classes_differ_from_the_data_is_refused():
     assert model.class_names == ["a moving up", "b", "c"]
     model._trainer = None  # load_from_checkpoint: no data to compare with
     model.on_load_checkpoint(checkpoint)
+    # Names given in the config are what the run labels with (and what it saved): resuming it is fine.
+    named = ImageClassifier(backbone="_test_mean_logits", num_classes=3, class_names=["a moving up", "b", "c"])
+    named._trainer = SimpleNamespace(datamodule=SimpleNamespace(class_names=["n01", "n02", "n03"]))
+    named.on_load_checkpoint(checkpoint)
 
 
 def test_a_checkpoint_of_another_network_names_the_settings_that_differ():
+    from types import SimpleNamespace
+
     model = VideoClassifier(backbone="oct_r3d_18", num_classes=3, backbone_kwargs={"alpha": 0.5, "base_width": 8})
     checkpoint = {"state_dict": model.state_dict(), CHECKPOINT_KEY: {
         "backbone": "oct_r3d_18", "backbone_kwargs": dict(model.hparams.backbone_kwargs), "num_classes": 3}}
     other = VideoClassifier(backbone="oct_r3d_18", num_classes=3, backbone_kwargs={"alpha": 0.5, "base_width": 16})
+    other.on_load_checkpoint(checkpoint)  # no Trainer: load_from_checkpoint decides strictness itself
+    other._trainer = SimpleNamespace(datamodule=None)  # a Trainer's restore (resume, test --ckpt_path)
     with pytest.raises(ValueError, match=r"another network .*base_width: checkpoint 8, config 16"):
         other.on_load_checkpoint(checkpoint)
+    with pytest.raises(ValueError, match=r"another network .*\(\d+ parameter\(s\) differ"):
+        other.on_load_checkpoint({"state_dict": checkpoint["state_dict"]})  # no metadata: nothing to name
     again = VideoClassifier(backbone="oct_r3d_18", num_classes=3, backbone_kwargs={"alpha": 0.5, "base_width": 8,
                                                                                     "dropout": 0.3})
+    again._trainer = SimpleNamespace(datamodule=None)
     again.on_load_checkpoint(checkpoint)  # a setting without parameters (dropout) may change on resume
 
 

@@ -82,7 +82,8 @@ def resolve_checkpoint_path(ckpt_path: str | Path | None, trainer: pl.Trainer) -
     """``ckpt_path`` with ``"last"`` and ``"best"`` resolved to a file of an earlier run.
 
     ``"last"``: the newest ``last*.ckpt``; ``"best"``: when this process knows no best
-    checkpoint (a new process), the newest ``best*.ckpt``. Looked for in the checkpoint
+    checkpoint (a new process), the ``best*.ckpt`` with the best score its ModelCheckpoint saved it
+    with (the newest one where the files record no comparable score). Looked for in the checkpoint
     callback's ``dirpath`` when it has one, else in every version folder of the first logger
     (``save_dir/name/*/checkpoints``, where Lightning writes them), or in
     ``default_root_dir/checkpoints`` without a logger. Any other value is returned
@@ -123,28 +124,30 @@ def resolve_checkpoint_path(ckpt_path: str | Path | None, trainer: pl.Trainer) -
         # By the score each file was saved with, not by age: a resumed run's checkpoint callback starts
         # without the earlier run's best (Lightning does not reload it when the folder changed), so its
         # first, possibly worse, checkpoint is also the newest "best".
-        monitor = callback.monitor if isinstance(callback, ModelCheckpoint) else None
-        scored = [(score, p) for p in found if (score := _saved_score(p, monitor)) is not None]
-        if scored:
-            sign = -1.0 if isinstance(callback, ModelCheckpoint) and callback.mode == "min" else 1.0
-            return str(max(scored, key=lambda sp: (sign * sp[0], newest(sp[1])))[1])
+        scored = [(saved, p) for p in found if (saved := _saved_score(p)) is not None]
+        # Comparable only under one monitor and mode (several checkpoint callbacks may write best* files).
+        if scored and len({(monitor, mode) for (_, monitor, mode), _ in scored}) == 1:
+            sign = -1.0 if scored[0][0][2] == "min" else 1.0
+            return str(max(scored, key=lambda sp: (sign * sp[0][0], newest(sp[1])))[1])
     return str(max(found, key=newest))
 
 
-def _saved_score(path: Path, monitor: str | None) -> float | None:
-    """The monitored score a ModelCheckpoint saved ``path`` with (its ``current_score``), if recorded."""
+def _saved_score(path: Path) -> tuple[float, str, str] | None:
+    """``(score, monitor, mode)`` of ``path`` as recorded by the ModelCheckpoint that wrote it: the callback
+    state in the file whose top-k list holds the file's name (Lightning records a file there before saving
+    it). None when no state names it, or the file cannot be read (it is then ranked by age)."""
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception:
         return None
     for key, state in (checkpoint.get("callbacks") or {}).items():
-        if not str(key).startswith("ModelCheckpoint") or not isinstance(state, dict):
+        if not isinstance(state, dict):
             continue
-        if monitor is not None and state.get("monitor") != monitor:
-            continue
-        score = state.get("current_score")
+        scores = {Path(str(k)).name: v for k, v in (state.get("best_k_models") or {}).items()}
+        score = scores.get(path.name)
         if score is not None and math.isfinite(float(score)):
-            return float(score)
+            mode = re.search(r"'mode': '(min|max)'", str(key))  # the state key spells the callback's settings
+            return float(score), str(state.get("monitor")), mode.group(1) if mode else "max"
     return None
 
 

@@ -160,7 +160,7 @@ def _own_refusal(error: BaseException) -> BaseException | None:
         seen.add(id(current))
         if isinstance(current, (ValueError, FileNotFoundError, NotADirectoryError)) and _refused_by_own_check(current):
             return current
-        current = current.__cause__ or current.__context__
+        current = current.__cause__  # (not __context__: an error raised while handling another is its own)
     return None
 
 

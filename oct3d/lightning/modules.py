@@ -502,18 +502,24 @@ class OctaveClassifier(pl.LightningModule):
         # Resuming (or testing) with a config that builds another network would fail in load_state_dict with a
         # list of missing keys; name the builder settings that differ instead.
         state = checkpoint.get("state_dict")
-        if not isinstance(state, dict) or not getattr(self, "strict_loading", True):
-            return  # (strict_loading=False: the user asked for a partial load)
+        if not isinstance(state, dict) or self._trainer is None or not getattr(self, "strict_loading", True):
+            # Only a Trainer's restore (resume, validate/test --ckpt_path) loads strictly by strict_loading;
+            # load_from_checkpoint(strict=False) and strict_loading=False ask for partial loads.
+            return
         own = self.state_dict()
         differ = sorted(set(own) ^ set(state)) + sorted(
             k for k in set(own) & set(state) if tuple(own[k].shape) != tuple(state[k].shape)
         )
         if not differ:
             return
-        saved = {"backbone": meta.get("backbone"), **(meta.get("backbone_kwargs") or {})}
+        # Only what the checkpoint recorded can be compared (a checkpoint without oct3d's metadata names nothing).
+        saved = dict(meta.get("backbone_kwargs") or {})
+        if "backbone" in meta:
+            saved["backbone"] = meta["backbone"]
         current = {"backbone": self.hparams.backbone, **dict(self.hparams.backbone_kwargs or {})}
-        changed = [f"{k}: checkpoint {saved.get(k)!r}, config {current.get(k)!r}"
-                   for k in sorted(set(saved) | set(current)) if saved.get(k) != current.get(k)]
+        keys = sorted(set(saved) | ((set(current) - {"backbone"}) if "backbone_kwargs" in meta else set()))
+        changed = [f"{k}: checkpoint {saved.get(k, 'unset')!r}, config {current.get(k, 'unset')!r}"
+                   for k in keys if saved.get(k, "unset") != current.get(k, "unset")]
         if meta.get("num_classes") is not None and int(meta["num_classes"]) != int(self.hparams.num_classes):
             changed.append(f"num_classes: checkpoint {meta['num_classes']}, config {self.hparams.num_classes}")
         raise ValueError(
@@ -531,6 +537,10 @@ class OctaveClassifier(pl.LightningModule):
             data_names = getattr(datamodule, "class_names", None)
         except (OSError, ValueError):  # no annotations to name classes (e.g. predicting on unlabelled files)
             data_names = None
+        # The names this run labels its data with: the configured ones, else the data module's (setup()
+        # took those when the count matched).
+        if self.class_names is not None:
+            data_names = self.class_names
         if data_names is None or [str(n) for n in data_names] == [str(n) for n in names]:
             return
         differ = [i for i, (a, b) in enumerate(zip(names, data_names)) if str(a) != str(b)]

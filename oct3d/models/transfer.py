@@ -267,16 +267,29 @@ def _state_dict_of(
         return translated(dict(vanilla.state_dict()))
     if not isinstance(vanilla, Mapping):
         raise TypeError(f"vanilla must be an nn.Module or a state dict, got {type(vanilla).__name__}")
-    state = plain_state_dict(vanilla)
-    result = translated(state)
-    # A LightningModule's state dict puts the network under its attribute name ("model.", "backbone."):
-    # when no key matches as given and every key shares one first component, drop it.
-    heads = {k.split(".", 1)[0] if isinstance(k, str) else None for k in state}
-    if len(heads) == 1 and not expected & set(result):
-        (head,) = heads
-        if head is not None and all(isinstance(k, str) and k.startswith(head + ".") for k in state):
-            result = translated({k[len(head) + 1:]: v for k, v in state.items()})
-    return result
+    state = dict(vanilla)
+    for key in WRAPPER_KEYS:
+        if isinstance(state.get(key), Mapping):
+            state = dict(state[key])
+            break
+    # A key "fits" when its module is one of the octave model's modules (a vanilla conv's weight fits the
+    # OctConv of its name). Of the keys as given and the keys without a wrapper's prefix (DataParallel,
+    # torch.compile, a LightningModule's attribute), the reading that fits most wins; as given on a tie, so
+    # a model whose own top module is called "module" keeps its keys.
+    modules = {k.rsplit(".", i)[0] for k in expected for i in range(1, k.count(".") + 1)}
+
+    def fits(candidate: dict[str, Tensor]) -> int:
+        return sum(1 for k in candidate if isinstance(k, str) and (k in expected or k.rsplit(".", 1)[0] in modules))
+
+    heads = {k.split(".", 1)[0] + "." for k in state if isinstance(k, str) and "." in k}
+    best = translated(state)
+    best_fit = fits(best)
+    for prefix in sorted(set(WRAPPER_PREFIXES) | (heads if len(heads) == 1 else set())):
+        if state and all(isinstance(k, str) and k.startswith(prefix) for k in state):
+            candidate = translated({k[len(prefix):]: v for k, v in state.items()})
+            if fits(candidate) > best_fit:
+                best, best_fit = candidate, fits(candidate)
+    return best
 
 
 def load_vanilla(
