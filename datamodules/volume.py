@@ -252,7 +252,15 @@ def _load_case(case: DecathlonCase, channels: int, num_classes: int) -> dict[str
 
 
 #: The keys of a ``preprocessing`` dict (what a checkpoint stores and ``oct3d segment`` applies).
-PREPROCESSING_KEYS = ("patch_size", "normalization", "nonzero", "window", "spacing", "modalities")
+PREPROCESSING_KEYS = ("patch_size", "normalization", "nonzero", "window", "spacing", "modalities", "orientation")
+
+
+def is_orientation(value: object) -> bool:
+    """Whether ``value`` names a voxel orientation: three axis codes, one of L/R, A/P and S/I each (``"RAS"``)."""
+    if not isinstance(value, str) or len(value) != 3:
+        return False
+    return sorted(next((pair for pair in ("LR", "AP", "IS") if c in pair), "?") for c in value.upper()) == [
+        "AP", "IS", "LR"]
 
 
 def check_preprocessing(preprocessing: dict[str, Any]) -> dict[str, Any]:
@@ -286,6 +294,10 @@ def check_preprocessing(preprocessing: dict[str, Any]) -> dict[str, Any]:
     spacing = preprocessing.get("spacing")
     if spacing is not None and not (numbers_of(spacing) and len(spacing) == 3 and all(v > 0 for v in spacing)):
         raise ValueError(f"preprocessing['spacing'] must be 3 positive voxel sizes in mm or None, got {spacing!r}")
+    orientation = preprocessing.get("orientation")
+    if orientation is not None and not is_orientation(orientation):
+        raise ValueError(f"preprocessing['orientation'] must be three axis codes such as 'RAS' (one of L/R, A/P, "
+                         f"S/I each) or None, got {orientation!r}")
     modalities = preprocessing.get("modalities")
     if modalities is not None and not (isinstance(modalities, (list, tuple)) and all(isinstance(m, str)
                                                                                      for m in modalities)):
@@ -298,13 +310,19 @@ def preprocess_transform(preprocessing: dict[str, Any], with_label: bool) -> Any
 
     ``preprocessing`` holds ``normalization`` (``"zscore"``, ``"window"`` or ``"none"``), ``nonzero``
     (z-score over nonzero voxels only), ``window`` (``[low, high]`` mapped to [0, 1] and clipped) and
-    ``spacing`` (voxel size in mm to resample to, or None to keep the file's). It is what the data
+    ``spacing`` (voxel size in mm to resample to, or None to keep the file's) and ``orientation`` (axis
+    codes such as ``"RAS"`` to reorient every volume to first, or None to keep the file's). It is what the data
     module applies to every volume and what ``oct3d segment`` applies to new ones, read from the checkpoint.
     """
-    from monai.transforms import Compose, NormalizeIntensityd, ScaleIntensityRanged, Spacingd
+    from monai.transforms import Compose, NormalizeIntensityd, Orientationd, ScaleIntensityRanged, Spacingd
 
     keys = ["image", "label"] if with_label else ["image"]
     steps: list = []
+    orientation = preprocessing.get("orientation")
+    if orientation:
+        # Every array in one axis order and direction (a dataset mixing RAS and LAS files would otherwise
+        # train on mirrored anatomy); undone by the inverse with the resampling.
+        steps.append(Orientationd(keys, axcodes=str(orientation).upper(), labels=(("L", "R"), ("P", "A"), ("I", "S"))))
     spacing = preprocessing.get("spacing")
     if spacing:
         modes = ("bilinear", "nearest") if with_label else ("bilinear",)
@@ -418,7 +436,7 @@ class VolumeDataset(Dataset):
         self._prepare_labelled = self._prepare if labelled else preprocess_transform(preprocessing, with_label=True)
         # Evaluation with a target spacing scores on each file's own grid, as `oct3d segment` writes its maps
         # and nnU-Net reports: the image is resampled, the label kept, and both affines go with the item.
-        self._original_grid = mode != "train" and bool(preprocessing.get("spacing"))
+        self._original_grid = mode != "train" and bool(preprocessing.get("spacing") or preprocessing.get("orientation"))
         if self._original_grid:
             self._prepare_labelled = self._prepare = preprocess_transform(preprocessing, with_label=False)
         # Failures seen by this process (each DataLoader worker has its own copy; batches carry them out).
@@ -547,6 +565,8 @@ class VolumeSegmentationDataModule(SplitDataModule):
         nonzero: z-score over nonzero voxels only (skull-stripped MRI: the zero background stays 0).
         window: ``[low, high]`` intensity window for ``normalization="window"`` (e.g. ``[-175, 250]`` HU).
         spacing: resample every volume to this voxel size in mm ``(X, Y, Z)``; None keeps each file's spacing.
+        orientation: reorient every volume to these axis codes first (``"RAS"``: array axes run to the right,
+            anterior and superior, so ``depth_axis=2`` is the axial slice axis); None keeps each file's axes.
         augment: random flips, affine transforms and intensity scaling/shifting in training.
         flip_prob: probability of a flip along each axis.
         affine_prob: probability of a random rotation and scaling.
@@ -579,6 +599,7 @@ class VolumeSegmentationDataModule(SplitDataModule):
         nonzero: bool = True,
         window: tuple[float, float] | None = None,
         spacing: tuple[float, float, float] | None = None,
+        orientation: str | None = None,
         augment: bool = True,
         flip_prob: float = 0.5,
         affine_prob: float = 0.2,
@@ -625,6 +646,9 @@ class VolumeSegmentationDataModule(SplitDataModule):
         if spacing is not None and not (numbers(spacing, 3) and all(s > 0 for s in spacing)):
             raise ValueError(f"spacing must be 3 positive voxel sizes in mm (e.g. [1.5, 1.5, 2.0]) or None, "
                              f"got {spacing!r}")
+        if orientation is not None and not is_orientation(orientation):
+            raise ValueError(f"orientation must be three axis codes such as 'RAS' (one of L/R, A/P, S/I each) or "
+                             f"None, got {orientation!r}")
         if not 0.0 <= scale_range < 1.0:
             raise ValueError(f"scale_range must be in [0, 1) (zoom by 1 +- scale_range), got {scale_range}")
         if rotate_degrees < 0:
@@ -645,6 +669,7 @@ class VolumeSegmentationDataModule(SplitDataModule):
         self.nonzero = nonzero
         self.window = [float(v) for v in window] if window is not None else None
         self.spacing = [float(s) for s in spacing] if spacing is not None else None
+        self.orientation = orientation.upper() if orientation is not None else None
         self.augment = augment
         self.flip_prob = flip_prob
         self.affine_prob = affine_prob
@@ -690,6 +715,7 @@ class VolumeSegmentationDataModule(SplitDataModule):
             "nonzero": bool(self.nonzero),
             "window": list(self.window) if self.window is not None else None,
             "spacing": list(self.spacing) if self.spacing is not None else None,
+            "orientation": self.orientation,
             "patch_size": list(self.patch_size),
             "modalities": list(self.info.modalities),
         }

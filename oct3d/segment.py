@@ -80,8 +80,8 @@ class Segmenter:
         with autocast:
             logits = self.module.sliding_window(image.as_tensor()[None].to(self.device), overlap)
         probs = logits[0].float().softmax(0).cpu()
-        if self.preprocessing.get("spacing"):
-            # Back onto the input grid through MONAI's record of the resampling it did.
+        if self.preprocessing.get("spacing") or self.preprocessing.get("orientation"):
+            # Back onto the input grid through MONAI's record of the reorientation and resampling it did.
             resampled = MetaTensor(probs, affine=image.affine, applied_operations=list(image.applied_operations))
             probs = transform.inverse({"image": resampled})["image"].as_tensor()
         return probs, nib.load(str(path))

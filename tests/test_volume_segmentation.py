@@ -720,3 +720,28 @@ def test_evaluation_with_a_target_spacing_scores_on_the_files_own_grid(tmp_path)
                                                       applied_operations=list(image.applied_operations))})["image"]
     ours = resample_to_grid(probs[None], item["affine_resampled"], item["affine_original"], SHAPE)[0]
     assert torch.allclose(ours, by_monai.as_tensor(), atol=1e-5)
+
+
+def test_orientation_reorients_every_volume_and_scores_on_each_files_grid(tmp_path):
+    """A dataset mixing RAS and LAS files: with orientation='RAS' both arrays come out alike, and evaluation
+    maps predictions back onto each label's own (flipped) grid."""
+    from oct3d.lightning.segmentation import resample_to_grid
+
+    root = make_tiny_decathlon(tmp_path / "data", cases=2, broken=False)
+    case = read_decathlon(root).training[0]
+    image = np.asarray(nib.load(str(case.image)).dataobj)
+    label = np.asarray(nib.load(str(case.label)).dataobj)
+    flip = np.diag([-1.0, 1, 1, 1])
+    flip[0, 3] = SHAPE[0] - 1  # voxel x' = (n - 1) - x: the same anatomy stored left-right mirrored
+    for name, array in (("las_image.nii.gz", image[::-1]), ("las_label.nii.gz", label[::-1])):
+        nib.save(nib.Nifti1Image(np.ascontiguousarray(array), AFFINE @ flip), str(root / name))
+    mirrored = DecathlonCase(str(root / "las_image.nii.gz"), str(root / "las_label.nii.gz"))
+    prep = {"normalization": "zscore", "nonzero": True, "orientation": "RAS"}
+    plain, flipped = VolumeDataset([case, mirrored], "val", 1, 3, prep, cache_rate=0.0)
+    assert torch.allclose(plain["image"], flipped["image"], atol=1e-5)  # one orientation for both files
+    assert np.array_equal(flipped["label"][0].numpy(), label[::-1])  # the label stays as its file stores it
+    one_hot = torch.nn.functional.one_hot(plain["label"][0].long(), 3).permute(3, 0, 1, 2)[None].float()
+    back = resample_to_grid(one_hot, flipped["affine_resampled"], flipped["affine_original"], SHAPE)
+    assert np.array_equal(back.argmax(1)[0].numpy(), label[::-1])
+    with pytest.raises(ValueError, match="orientation must be three axis codes"):
+        VolumeSegmentationDataModule(str(root), orientation="RAA")
