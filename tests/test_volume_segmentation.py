@@ -745,3 +745,20 @@ def test_orientation_reorients_every_volume_and_scores_on_each_files_grid(tmp_pa
     assert np.array_equal(back.argmax(1)[0].numpy(), label[::-1])
     with pytest.raises(ValueError, match="orientation must be three axis codes"):
         VolumeSegmentationDataModule(str(root), orientation="RAA")
+
+
+def test_deep_supervision_heads_enter_the_training_loss():
+    """MONAI's DynUNet with deep_supervision returns (B, heads, C, X, Y, Z) in training: every head is scored."""
+    spec = {"class_path": "monai.networks.nets.DynUNet", "init_args": {
+        "spatial_dims": 3, "in_channels": 1, "out_channels": 3, "kernel_size": [3, 3, 3], "strides": [1, 2, 2],
+        "upsample_kernel_size": [2, 2], "filters": [4, 8, 16], "deep_supervision": True, "deep_supr_num": 1}}
+    torch.manual_seed(0)
+    model = VolumeSegmenter(backbone=spec, num_classes=3, depth_axis=2, preprocessing={"patch_size": [8, 8, 8]})
+    model.log = lambda *args, **kwargs: None
+    batch = {"image": torch.randn(2, 1, 8, 8, 8), "label": torch.randint(0, 3, (2, 1, 8, 8, 8)), "failed": ["", ""]}
+    assert model(batch["image"]).shape == (2, 2, 3, 8, 8, 8)  # depth_axis permutes around the head axis
+    loss = model.training_step(batch, 0)
+    loss.backward()
+    assert torch.isfinite(loss) and all(p.grad is not None for p in model.model.parameters() if p.requires_grad)
+    model.eval()
+    assert model(batch["image"]).shape == (2, 3, 8, 8, 8)  # evaluation sees the main head only

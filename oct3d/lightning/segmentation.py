@@ -382,7 +382,10 @@ class VolumeSegmenter(pl.LightningModule):
             return self.model(x)
         order = [0, 1, 2 + axis] + [2 + a for a in range(3) if a != axis]
         inverse = [order.index(i) for i in range(5)]
-        return self.model(x.permute(order)).permute(inverse)
+        out = self.model(x.permute(order))
+        if out.dim() == 6:  # deep supervision (B, heads, C, ...): the head axis stays in place
+            return out.permute([0, 1] + [i + 1 for i in inverse[1:]])
+        return out.permute(inverse)
 
     @property
     def patch_size(self) -> list[int]:
@@ -433,11 +436,19 @@ class VolumeSegmenter(pl.LightningModule):
         self._failures_seen.pop("test", None)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
-        """Dice + cross-entropy on a batch of patches."""
+        """Dice + cross-entropy on a batch of patches (over every head of a deep-supervision output)."""
         image, label = batch["image"], batch["label"]
         logits = self(image)
         # The loss runs in float32 whatever the autocast precision: softmax and Dice sums are precision-sensitive.
-        loss = self.criterion(logits.float(), label.long())
+        if logits.dim() == 6:
+            # Deep supervision (MONAI's DynUNet in training mode: (B, heads, C, X, Y, Z), every head at full size):
+            # the heads weighted 1, 1/2, 1/4, ... and normalised, as nnU-Net weights them.
+            weights = torch.tensor([0.5**i for i in range(logits.shape[1])])
+            weights = weights / weights.sum()
+            loss = sum(w * self.criterion(head.float(), label.long()) for w, head in zip(weights.tolist(),
+                                                                                           logits.unbind(1)))
+        else:
+            loss = self.criterion(logits.float(), label.long())
         self.log("train/loss", loss, prog_bar=True, batch_size=image.shape[0])
         self._log_failed(batch, "train")
         return loss
