@@ -255,6 +255,16 @@ def _load_case(case: DecathlonCase, channels: int, num_classes: int) -> dict[str
 PREPROCESSING_KEYS = ("patch_size", "normalization", "nonzero", "window", "spacing", "modalities", "orientation")
 
 
+def _numbers(value: Any, count: int) -> bool:
+    """Whether ``value`` is a list or tuple of ``count`` real numbers (bools excluded)."""
+    return isinstance(value, (list, tuple)) and len(value) == count and all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) for v in value
+    )
+
+
+_ORIENTATION_RULE = "three axis codes such as 'RAS' (one of L/R, A/P, S/I each) or None"
+
+
 def is_orientation(value: object) -> bool:
     """Whether ``value`` names a voxel orientation: three axis codes, one of L/R, A/P and S/I each (``"RAS"``)."""
     if not isinstance(value, str) or len(value) != 3:
@@ -272,13 +282,8 @@ def check_preprocessing(preprocessing: dict[str, Any]) -> dict[str, Any]:
     if unknown:
         raise ValueError(f"preprocessing has unknown keys {unknown}; known: {PREPROCESSING_KEYS}")
 
-    def numbers_of(value: Any) -> bool:
-        return isinstance(value, (list, tuple)) and all(
-            isinstance(v, (int, float)) and not isinstance(v, bool) for v in value
-        )
-
     patch = preprocessing.get("patch_size")
-    if patch is not None and not (numbers_of(patch) and len(patch) == 3 and all(isinstance(v, int) and v >= 1
+    if patch is not None and not (_numbers(patch, 3) and all(isinstance(v, int) and v >= 1
                                                                                  for v in patch)):
         raise ValueError(f"preprocessing['patch_size'] must be 3 positive ints (X, Y, Z), got {patch!r}")
     mode = preprocessing.get("normalization", "zscore")
@@ -288,16 +293,15 @@ def check_preprocessing(preprocessing: dict[str, Any]) -> dict[str, Any]:
         raise ValueError(f"preprocessing['nonzero'] must be a bool, got {preprocessing['nonzero']!r}")
     window = preprocessing.get("window")
     if (mode == "window" or window is not None) and not (
-        numbers_of(window) and len(window) == 2 and window[0] < window[1]
+        _numbers(window, 2) and window[0] < window[1]
     ):
         raise ValueError(f"preprocessing['window'] must be [low, high] with low < high, got {window!r}")
     spacing = preprocessing.get("spacing")
-    if spacing is not None and not (numbers_of(spacing) and len(spacing) == 3 and all(v > 0 for v in spacing)):
+    if spacing is not None and not (_numbers(spacing, 3) and all(v > 0 for v in spacing)):
         raise ValueError(f"preprocessing['spacing'] must be 3 positive voxel sizes in mm or None, got {spacing!r}")
     orientation = preprocessing.get("orientation")
     if orientation is not None and not is_orientation(orientation):
-        raise ValueError(f"preprocessing['orientation'] must be three axis codes such as 'RAS' (one of L/R, A/P, "
-                         f"S/I each) or None, got {orientation!r}")
+        raise ValueError(f"preprocessing['orientation'] must be {_ORIENTATION_RULE}, got {orientation!r}")
     modalities = preprocessing.get("modalities")
     if modalities is not None and not (isinstance(modalities, (list, tuple)) and all(isinstance(m, str)
                                                                                      for m in modalities)):
@@ -338,8 +342,10 @@ def preprocess_transform(preprocessing: dict[str, Any], with_label: bool) -> Any
     return Compose(steps)
 
 
-#: What an evaluation item carries besides the image: the label and, with a target spacing, the two grids.
-_EVALUATION_KEYS = ("label", "affine_original", "affine_resampled")
+#: The two grids an evaluation item carries when the image was reoriented or resampled.
+_GRID_KEYS = ("affine_original", "affine_resampled")
+#: What an evaluation item carries besides the image.
+_EVALUATION_KEYS = ("label", *_GRID_KEYS)
 
 
 def _meta_tensors(item: dict[str, Any]) -> dict[str, Any]:
@@ -416,7 +422,11 @@ class VolumeDataset(Dataset):
         if mode == "train" and not labelled:
             raise ValueError("training cases need labels")
         self.labelled = labelled
-        self._prepare = preprocess_transform(preprocessing, with_label=labelled)
+        # Evaluation of reoriented or resampled volumes scores on each file's own grid, as `oct3d segment`
+        # writes its maps and nnU-Net reports: the image is transformed, the label kept, and both affines go
+        # with the item.
+        self._original_grid = mode != "train" and bool(preprocessing.get("spacing") or preprocessing.get("orientation"))
+        self._prepare = preprocess_transform(preprocessing, with_label=labelled and not self._original_grid)
         self._random = None
         if mode == "train":
             from monai.transforms import Compose, FgBgToIndicesd, RandCropByPosNegLabeld, SpatialPadd
@@ -433,12 +443,8 @@ class VolumeDataset(Dataset):
             )
             self._random = Compose([crop, random_transform]) if random_transform is not None else crop
         # A test split may mix labelled and unlabelled cases: each labelled one is resampled with its label.
-        self._prepare_labelled = self._prepare if labelled else preprocess_transform(preprocessing, with_label=True)
-        # Evaluation with a target spacing scores on each file's own grid, as `oct3d segment` writes its maps
-        # and nnU-Net reports: the image is resampled, the label kept, and both affines go with the item.
-        self._original_grid = mode != "train" and bool(preprocessing.get("spacing") or preprocessing.get("orientation"))
-        if self._original_grid:
-            self._prepare_labelled = self._prepare = preprocess_transform(preprocessing, with_label=False)
+        self._prepare_labelled = self._prepare if labelled or self._original_grid else preprocess_transform(
+            preprocessing, with_label=True)
         # Failures seen by this process (each DataLoader worker has its own copy; batches carry them out).
         self.failures: dict[int, tuple[str, str]] = {}
         self._cache: dict[int, dict[str, Any]] = {}
@@ -501,7 +507,7 @@ class VolumeDataset(Dataset):
         label = plain(sample["label"], torch.uint8) if "label" in sample else _EMPTY_LABEL.clone()
         out = {"image": plain(sample["image"], torch.float32), "label": label, "valid": True,
                "case": self.cases[case_index].name, "failed": failed}
-        for key in ("affine_original", "affine_resampled"):
+        for key in _GRID_KEYS:
             if key in sample:
                 out[key] = sample[key]
         return out
@@ -633,22 +639,16 @@ class VolumeSegmentationDataModule(SplitDataModule):
             raise ValueError(f"fold must be in [0, num_folds={num_folds}) or None, got {fold}")
         if normalization not in NORMALIZATIONS:
             raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got {normalization!r}")
-        def numbers(value: Any, count: int) -> bool:
-            return isinstance(value, (list, tuple)) and len(value) == count and all(
-                isinstance(v, (int, float)) and not isinstance(v, bool) for v in value
-            )
-
-        if normalization == "window" and not (numbers(window, 2) and window[0] < window[1]):
+        if normalization == "window" and not (_numbers(window, 2) and window[0] < window[1]):
             raise ValueError(f"normalization='window' needs window=[low, high] with low < high, got {window!r}")
         if window is not None and normalization != "window":
             raise ValueError(f"window={window!r} applies only with normalization='window' (got normalization="
                              f"{normalization!r}); drop window or set normalization: window")
-        if spacing is not None and not (numbers(spacing, 3) and all(s > 0 for s in spacing)):
+        if spacing is not None and not (_numbers(spacing, 3) and all(s > 0 for s in spacing)):
             raise ValueError(f"spacing must be 3 positive voxel sizes in mm (e.g. [1.5, 1.5, 2.0]) or None, "
                              f"got {spacing!r}")
         if orientation is not None and not is_orientation(orientation):
-            raise ValueError(f"orientation must be three axis codes such as 'RAS' (one of L/R, A/P, S/I each) or "
-                             f"None, got {orientation!r}")
+            raise ValueError(f"orientation must be {_ORIENTATION_RULE}, got {orientation!r}")
         if not 0.0 <= scale_range < 1.0:
             raise ValueError(f"scale_range must be in [0, 1) (zoom by 1 +- scale_range), got {scale_range}")
         if rotate_degrees < 0:

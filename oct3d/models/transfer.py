@@ -237,6 +237,21 @@ WRAPPER_KEYS = ("state_dict", "model_state_dict", "model_state", "model")
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DataParallel / DistributedDataParallel, torch.compile
 
 
+def _unwrapped(source: Mapping[str, object]) -> dict[str, object]:
+    """The state dict a training checkpoint wraps under one of :data:`WRAPPER_KEYS`, or ``source`` itself."""
+    for key in WRAPPER_KEYS:
+        if isinstance(source.get(key), Mapping):
+            return dict(source[key])
+    return dict(source)
+
+
+def _without_prefix(state: dict[str, object], prefix: str) -> dict[str, object] | None:
+    """``state`` with ``prefix`` removed from every key, or None unless every key carries it."""
+    if state and all(isinstance(k, str) and k.startswith(prefix) for k in state):
+        return {k[len(prefix):]: v for k, v in state.items()}
+    return None
+
+
 def plain_state_dict(source: Mapping[str, object]) -> dict[str, object]:
     """The state dict inside a checkpoint-like mapping, with wrapper prefixes removed.
 
@@ -244,15 +259,9 @@ def plain_state_dict(source: Mapping[str, object]) -> dict[str, object]:
     ``"model_state"`` or ``"model"`` is unwrapped, and a ``module.`` (``DataParallel``/DDP) or
     ``_orig_mod.`` (``torch.compile``) prefix on every key is removed.
     """
-    state: Mapping[str, object] = source
-    for key in WRAPPER_KEYS:
-        if isinstance(state.get(key), Mapping):
-            state = state[key]
-            break
-    state = dict(state)
+    state = _unwrapped(source)
     for prefix in WRAPPER_PREFIXES:
-        if state and all(isinstance(k, str) and k.startswith(prefix) for k in state):
-            state = {k[len(prefix):]: v for k, v in state.items()}
+        state = _without_prefix(state, prefix) or state
     return state
 
 
@@ -267,11 +276,7 @@ def _state_dict_of(
         return translated(dict(vanilla.state_dict()))
     if not isinstance(vanilla, Mapping):
         raise TypeError(f"vanilla must be an nn.Module or a state dict, got {type(vanilla).__name__}")
-    state = dict(vanilla)
-    for key in WRAPPER_KEYS:
-        if isinstance(state.get(key), Mapping):
-            state = dict(state[key])
-            break
+    state = _unwrapped(vanilla)
     # A key "fits" when its module is one of the octave model's modules (a vanilla conv's weight fits the
     # OctConv of its name). Of the keys as given and the keys without a wrapper's prefix (DataParallel,
     # torch.compile, a LightningModule's attribute), the reading that fits most wins; as given on a tie, so
@@ -285,10 +290,9 @@ def _state_dict_of(
     best = translated(state)
     best_fit = fits(best)
     for prefix in sorted(set(WRAPPER_PREFIXES) | (heads if len(heads) == 1 else set())):
-        if state and all(isinstance(k, str) and k.startswith(prefix) for k in state):
-            candidate = translated({k[len(prefix):]: v for k, v in state.items()})
-            if fits(candidate) > best_fit:
-                best, best_fit = candidate, fits(candidate)
+        stripped = _without_prefix(state, prefix)
+        if stripped is not None and fits(candidate := translated(stripped)) > best_fit:
+            best, best_fit = candidate, fits(candidate)
     return best
 
 
