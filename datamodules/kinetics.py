@@ -36,7 +36,15 @@ from .base import SplitDataModule
 from .decoders import require_decoder
 from .reporting import replacement_indices
 from .transforms import KINETICS_MEAN, KINETICS_STD, VideoEvalTransform, VideoTrainTransform
-from .video import VIDEO_EXTENSIONS, VideoDecodeError, clip_indices, open_video
+from .video import (
+    VIDEO_EXTENSIONS,
+    VideoDecodeError,
+    check_target_fps,
+    clip_indices,
+    clip_span,
+    open_video,
+    source_step,
+)
 
 __all__ = [
     "KineticsDataModule",
@@ -273,7 +281,8 @@ class VideoClipDataset(Dataset):
         mode: ``"train"``, ``"val"`` or ``"test"``.
         transform: frames (T, H, W, 3) uint8 -> clip; in test mode it also takes a crop index.
         num_frames: frames per clip.
-        sampling_rate: distance between clip frames, in source frames.
+        sampling_rate: distance between clip frames, in source frames (in frames at ``target_fps`` when
+            that is set).
         num_clips: temporal views per video (test mode).
         num_crops: spatial views per clip (test mode).
         decoder: ``"pyav"``, ``"decord"``, ``"torchcodec"`` or ``"auto"`` (see :mod:`datamodules.decoders`).
@@ -283,6 +292,8 @@ class VideoClipDataset(Dataset):
         clips_per_video: training clips drawn from one decode of a video (train mode).
         decoder_threads: decoding threads per reader.
         decode_time_resize: resize clips while decoding (PyAV: libswscale) instead of in the transform.
+        target_fps: count ``sampling_rate`` in frames at this rate, so that clips span the same time in
+            videos of any frame rate (see :func:`~datamodules.video.source_step`); ``None``: in source frames.
 
     Attributes:
         timing: seconds spent decoding (open, decode, RGB conversion) and transforming, and the clips and
@@ -304,6 +315,7 @@ class VideoClipDataset(Dataset):
         clips_per_video: int = 1,
         decoder_threads: int = 1,
         decode_time_resize: bool = False,
+        target_fps: float | None = None,
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -336,6 +348,7 @@ class VideoClipDataset(Dataset):
         self.clips_per_video = clips_per_video if mode == "train" else 1
         self.decoder_threads = decoder_threads
         self.decode_time_resize = decode_time_resize
+        self.target_fps = check_target_fps(target_fps)
         self.timing: dict[str, float] = {"decode_s": 0.0, "transform_s": 0.0, "clips": 0, "videos": 0}
         # Failures seen by this process (each DataLoader worker has its own copy; batches carry them out).
         self.failures: dict[str, str] = {}
@@ -343,22 +356,26 @@ class VideoClipDataset(Dataset):
     def __len__(self) -> int:
         return len(self.samples) * self.views_per_video
 
-    def _start_frame(self, num_video_frames: int, clip_index: int) -> int:
-        span = (self.num_frames - 1) * self.sampling_rate + 1
-        slack = max(num_video_frames - span, 0)
+    def _step(self, fps: float) -> float:
+        """Distance between clip frames in this video's frames (``sampling_rate`` without ``target_fps``)."""
+        return source_step(self.sampling_rate, fps, self.target_fps)
+
+    def _start_frame(self, num_video_frames: int, clip_index: int, step: float) -> int:
+        slack = max(num_video_frames - clip_span(self.num_frames, step), 0)
         if self.mode == "train":
             return int(torch.randint(0, slack + 1, ()).item())
         if self.num_clips == 1:
             return slack // 2
         return round(clip_index * slack / (self.num_clips - 1))
 
-    def _plan(self, num_video_frames: int, height: int, width: int) -> tuple[list, list]:
+    def _plan(self, num_video_frames: int, height: int, width: int, fps: float) -> tuple[list, list]:
         """Frame indices and (train mode) augmentation choices of the clips to draw from one video."""
         clips, choices = [], []
         sample = getattr(self.transform, "sample", None) if self.mode == "train" else None
+        step = self._step(fps)
         for _ in range(self.clips_per_video):
-            start = self._start_frame(num_video_frames, 0)
-            clips.append(clip_indices(num_video_frames, start, self.num_frames, self.sampling_rate))
+            start = self._start_frame(num_video_frames, 0, step)
+            clips.append(clip_indices(num_video_frames, start, self.num_frames, step))
             choices.append(sample(height, width) if sample is not None else None)
         return clips, choices
 
@@ -399,7 +416,7 @@ class VideoClipDataset(Dataset):
         """Train and val mode: ``clips_per_video`` clips of one video (one, unstacked, by default)."""
 
         def plan(info: Any) -> tuple[list, list | None, list]:
-            clips, choices = self._plan(info.num_frames, info.height, info.width)
+            clips, choices = self._plan(info.num_frames, info.height, info.width, info.fps)
             return clips, self._sizes(choices, info.height, info.width), choices
 
         decoded, choices, started = self._decode(video_index, plan)
@@ -424,9 +441,9 @@ class VideoClipDataset(Dataset):
         clip_ids = sorted({clip for clip, _ in views})
 
         def plan(info: Any) -> tuple[list, list | None, None]:
+            step = self._step(info.fps)
             clips = [
-                clip_indices(info.num_frames, self._start_frame(info.num_frames, clip), self.num_frames,
-                             self.sampling_rate)
+                clip_indices(info.num_frames, self._start_frame(info.num_frames, clip, step), self.num_frames, step)
                 for clip in clip_ids
             ]
             return clips, self._sizes([None] * len(clips), info.height, info.width), None
@@ -539,7 +556,8 @@ class KineticsDataModule(SplitDataModule):
     Args:
         root: dataset root.
         num_frames: frames per clip.
-        sampling_rate: distance between clip frames, in source frames.
+        sampling_rate: distance between clip frames, in source frames, or with ``target_fps`` in frames at
+            that rate.
         crop_size: spatial size of the clips.
         min_short_side: short side of evaluation frames and lower bound of the training scale jitter.
         max_short_side: upper bound of the training scale jitter.
@@ -567,6 +585,11 @@ class KineticsDataModule(SplitDataModule):
             the workers, at least 1).
         decode_time_resize: scale while decoding (PyAV: libswscale in the RGB conversion) instead of in the
             transform; off by default because torch's resize measured faster (docs/video_data.md).
+        target_fps: the frame rate ``sampling_rate`` is counted at (PySlowFast's ``TARGET_FPS``; 30 for
+            Kinetics), so that a clip spans ``(num_frames - 1) * sampling_rate / target_fps`` seconds in
+            videos of any frame rate: a 60 fps video is sampled every 16 frames, a 25 fps one every
+            6.67. ``None`` (default): ``sampling_rate`` source frames whatever the video's rate.
+            Saved in checkpoints, so that ``oct3d infer`` samples clips the same way.
     """
 
     def __init__(
@@ -594,6 +617,7 @@ class KineticsDataModule(SplitDataModule):
         clips_per_video: int = 1,
         decoder_threads: int = 1,
         decode_time_resize: bool = False,
+        target_fps: float | None = None,
     ) -> None:
         super().__init__()
         if not 0.0 <= flip_prob <= 1.0:
@@ -648,6 +672,7 @@ class KineticsDataModule(SplitDataModule):
         self.clips_per_video = clips_per_video
         self.decoder_threads = decoder_threads
         self.decode_time_resize = decode_time_resize
+        self.target_fps = check_target_fps(target_fps)
         self._class_names: list[str] | None = None
 
     @property
@@ -736,6 +761,7 @@ class KineticsDataModule(SplitDataModule):
             clips_per_video=self.clips_per_video if mode == "train" else 1,
             decoder_threads=self.reader_threads(),
             decode_time_resize=self.decode_time_resize,
+            target_fps=self.target_fps,
         )
 
     def _test_split(self) -> str:

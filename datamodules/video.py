@@ -28,13 +28,16 @@ __all__ = [
     "VideoDecodeError",
     "VideoInfo",
     "VideoReader",
+    "check_target_fps",
     "clip_indices",
+    "clip_span",
     "find_videos",
     "is_video_file",
     "open_video",
     "probe",
     "read_clip",
     "read_video",
+    "source_step",
 ]
 
 #: Extensions of the common video containers (MP4/QuickTime, Matroska/WebM, AVI, MPEG program and
@@ -97,24 +100,58 @@ def read_video(path: str | os.PathLike, decoder: str = "pyav") -> Video:
         return Video(frames, reader.info.fps, reader.info.duration)
 
 
-def clip_indices(num_video_frames: int, start_frame: int, num_frames: int, sampling_rate: int) -> list[int]:
+def clip_indices(num_video_frames: int, start_frame: int, num_frames: int, sampling_rate: float) -> list[int]:
     """Frame indices of a clip: ``num_frames`` frames every ``sampling_rate`` source frames from ``start_frame``.
 
+    ``sampling_rate`` may be fractional (a clip rate set in frames of a ``target_fps``, see
+    :func:`source_step`); frame ``i`` is then the source frame nearest ``start_frame + i * sampling_rate``.
     When the clip would run past the end of a short video, the frames are spread uniformly over
     what is available from ``start_frame`` (so a short video gives a slower clip rather than frozen frames).
     """
     if num_frames < 1:
         raise ValueError(f"num_frames must be >= 1, got {num_frames}")
-    if sampling_rate < 1:
-        raise ValueError(f"sampling_rate must be >= 1, got {sampling_rate}")
+    if not math.isfinite(sampling_rate) or sampling_rate <= 0:
+        raise ValueError(f"sampling_rate must be a positive number, got {sampling_rate}")
     if num_video_frames < 1:
         raise ValueError(f"num_video_frames must be >= 1, got {num_video_frames}")
     start_frame = min(max(start_frame, 0), num_video_frames - 1)
-    span = (num_frames - 1) * sampling_rate
-    if start_frame + span <= num_video_frames - 1:
-        return [start_frame + i * sampling_rate for i in range(num_frames)]
+    # Half-up rounding (not Python's half-to-even) keeps a fractional rate's steps evenly spread.
+    indices = [start_frame + math.floor(i * sampling_rate + 0.5) for i in range(num_frames)]
+    if indices[-1] <= num_video_frames - 1:
+        return indices
     end = num_video_frames - 1
     return [round(x) for x in np.linspace(start_frame, end, num_frames)]
+
+
+def clip_span(num_frames: int, sampling_rate: float) -> int:
+    """Source frames a clip of ``num_frames`` frames every ``sampling_rate`` frames covers, ends included."""
+    return math.floor((num_frames - 1) * sampling_rate + 0.5) + 1
+
+
+def source_step(sampling_rate: int, fps: float, target_fps: float | None) -> float:
+    """Distance between clip frames in a video's own frames.
+
+    Without ``target_fps`` it is ``sampling_rate`` source frames, whatever the video's rate. With
+    ``target_fps`` (PySlowFast's ``TARGET_FPS``) ``sampling_rate`` counts frames of a video resampled to
+    ``target_fps``, so every clip spans the same time: ``sampling_rate * fps / target_fps`` source frames
+    (8 at 30 fps for ``sampling_rate=8, target_fps=30``; about 6.67 at 25 fps and 16 at 60 fps).
+    """
+    if target_fps is None:
+        return sampling_rate
+    if not fps > 0:
+        raise ValueError(f"fps must be positive to resample a clip to target_fps={target_fps}, got {fps}")
+    return sampling_rate * fps / target_fps
+
+
+def check_target_fps(target_fps: float | None) -> float | None:
+    """``target_fps`` as a float, ``None`` kept; raise a ``ValueError`` naming it unless it is a positive number."""
+    if target_fps is None:
+        return None
+    if isinstance(target_fps, bool) or not isinstance(target_fps, (int, float)) or not (
+        math.isfinite(target_fps) and target_fps > 0
+    ):
+        raise ValueError(f"target_fps must be a positive number of frames per second or None, got {target_fps!r}")
+    return float(target_fps)
 
 
 def read_clip(
@@ -123,6 +160,7 @@ def read_clip(
     num_frames: int,
     sampling_rate: int = 1,
     decoder: str = "pyav",
+    target_fps: float | None = None,
 ) -> torch.Tensor:
     """Decode one clip, seeking to it rather than decoding the whole file.
 
@@ -130,8 +168,10 @@ def read_clip(
         path: video file.
         start_sec: time of the clip's first frame, in seconds.
         num_frames: number of frames returned.
-        sampling_rate: distance between returned frames, in source frames.
+        sampling_rate: distance between returned frames, in source frames (in frames at ``target_fps``
+            when that is given, see :func:`source_step`).
         decoder: a backend name of :data:`DECODERS` or ``"auto"``.
+        target_fps: the frame rate ``sampling_rate`` is counted at; ``None``: the video's own.
 
     Returns:
         uint8 tensor (num_frames, H, W, 3). A clip reaching past the end of the video is spread over
@@ -139,9 +179,11 @@ def read_clip(
     """
     if not math.isfinite(start_sec) or start_sec < 0:
         raise ValueError(f"start_sec must be a finite number >= 0, got {start_sec}")
+    target_fps = check_target_fps(target_fps)
     with open_video(path, decoder) as reader:
         start_frame = round(start_sec * reader.info.fps)
-        indices = clip_indices(reader.info.num_frames, start_frame, num_frames, sampling_rate)
+        step = source_step(sampling_rate, reader.info.fps, target_fps)
+        indices = clip_indices(reader.info.num_frames, start_frame, num_frames, step)
         return reader.get_frames(indices)
 
 

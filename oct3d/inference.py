@@ -74,7 +74,7 @@ class ModelMetadata:
         backbone_kwargs: builder arguments other than ``num_classes``.
         num_classes: classifier outputs.
         class_names: labels in class-index order (``None``: labels are printed as indices).
-        preprocessing: ``num_frames``, ``sampling_rate``, ``crop_size``, ``short_side`` (video) or
+        preprocessing: ``num_frames``, ``sampling_rate``, ``target_fps``, ``crop_size``, ``short_side`` (video) or
             ``crop_size``, ``resize_size`` (image), and ``mean``, ``std``.
     """
 
@@ -300,17 +300,20 @@ class Segment:
     clip_starts: tuple[int, ...]
 
 
-def plan_segments(num_frames: int, fps: float, clip_frames: int, sampling_rate: int, temporal_views: int,
+def plan_segments(num_frames: int, fps: float, clip_frames: int, sampling_rate: float, temporal_views: int,
                   window: float | None = None, hop: float | None = None) -> list[Segment]:
     """Where to sample clips: one segment (the whole video) or sliding windows of ``window`` s every ``hop`` s.
 
-    In each segment, ``temporal_views`` clips of ``clip_frames`` frames every ``sampling_rate`` frames
+    In each segment, ``temporal_views`` clips of ``clip_frames`` frames every ``sampling_rate`` source
+    frames (fractional for a checkpoint with a ``target_fps``, see :func:`datamodules.video.source_step`)
     are spread uniformly (one clip: centered), as in the Kinetics test protocol.
     """
+    from datamodules.video import clip_span
+
     if num_frames < 1 or fps <= 0:
         raise ValueError(f"a video needs frames and a frame rate, got num_frames={num_frames}, fps={fps}")
     duration = num_frames / fps
-    span = (clip_frames - 1) * sampling_rate + 1
+    span = clip_span(clip_frames, sampling_rate)
     if window is None:
         bounds = [(0.0, duration)]
     else:
@@ -365,7 +368,15 @@ def _plan_video(path: Path, meta: ModelMetadata, views: int, window: float | Non
     _, num_frames, rate, temporal, _ = _video_transform(meta, views)
     with open_video(path, decoder) as reader:
         info = reader.info
-        return plan_segments(info.num_frames, info.fps, num_frames, rate, temporal, window, hop)
+        step = _source_step(meta, rate, info.fps)
+        return plan_segments(info.num_frames, info.fps, num_frames, step, temporal, window, hop)
+
+
+def _source_step(meta: ModelMetadata, rate: int, fps: float) -> float:
+    """The distance between clip frames in this video's frames, as the checkpoint's data module sampled them."""
+    from datamodules.video import check_target_fps, source_step
+
+    return source_step(rate, fps, check_target_fps(meta.preprocessing.get("target_fps")))
 
 
 def _load_video_views(path: Path, meta: ModelMetadata, views: int, window: float | None, hop: float | None,
@@ -377,10 +388,11 @@ def _load_video_views(path: Path, meta: ModelMetadata, views: int, window: float
     clips: list[Tensor] = []
     with open_video(path, decoder) as reader:
         info = reader.info
+        step = _source_step(meta, rate, info.fps)
         if segments is None:
-            segments = plan_segments(info.num_frames, info.fps, num_frames, rate, temporal, window, hop)
+            segments = plan_segments(info.num_frames, info.fps, num_frames, step, temporal, window, hop)
         for segment in segments:
-            indices = [clip_indices(info.num_frames, s, num_frames, rate) for s in segment.clip_starts]
+            indices = [clip_indices(info.num_frames, s, num_frames, step) for s in segment.clip_starts]
             frames = reader.get_frames([i for clip in indices for i in clip])
             for c in range(len(indices)):
                 clips.extend(transform.crops(frames[c * num_frames:(c + 1) * num_frames], list(range(crops))))

@@ -484,3 +484,55 @@ def test_annotations_with_a_byte_order_mark_are_read(tmp_path):
     (tmp_path / "annotations" / "train.csv").write_text("\ufeff" + rows, encoding="utf-8")
     samples = read_kinetics_annotations(tmp_path, "train")
     assert sorted(s.label for s in samples) == [0, 1]
+
+
+def test_target_fps_samples_the_same_time_span_at_every_frame_rate(tmp_path):
+    import numpy as np
+
+    from datamodules.synthetic import render_motion_video, write_mp4
+    from datamodules.video import read_video
+    from oct3d.inference import ModelMetadata, _load_video_views
+    from oct3d.lightning import VideoClassifier
+
+    frames = render_motion_video("moving up", np.random.default_rng(3), frames=24, size=32)
+    slow, fast = tmp_path / "slow.mp4", tmp_path / "fast.mp4"
+    write_mp4(slow, frames[::2], fps=6)  # the same two seconds at 6 and at 12 fps
+    write_mp4(fast, frames, fps=12)
+    samples = [VideoSample(str(slow), 0), VideoSample(str(fast), 1)]
+    source = {0: read_video(slow).frames, 1: read_video(fast).frames}
+
+    def decoded(dataset: VideoClipDataset, index: int) -> torch.Tensor:
+        return dataset[index]["video"]
+
+    # Validation: the centre clip of 3 frames every 2 frames at 6 fps, i.e. every 4 frames of the 12 fps video.
+    val = VideoClipDataset(samples, "val", lambda clip: clip, 3, 2, target_fps=6)
+    assert torch.equal(decoded(val, 0), source[0][[3, 5, 7]])
+    assert torch.equal(decoded(val, 1), source[1][[7, 11, 15]])
+    frame_based = VideoClipDataset(samples, "val", lambda clip: clip, 3, 2)  # the default: source frames
+    assert torch.equal(decoded(frame_based, 1), source[1][[9, 11, 13]])
+    # Training: random starts, and the fast video's frames are still 4 apart.
+    train = VideoClipDataset(samples, "train", lambda clip: clip, 3, 2, target_fps=6.0)
+    torch.manual_seed(0)
+    for _ in range(3):
+        clip = decoded(train, 1)
+        start = next(i for i in range(len(source[1])) if torch.equal(source[1][i], clip[0]))
+        assert torch.equal(clip, source[1][[start, start + 4, start + 8]])
+    # Test views: the clips spread over the video as in validation, in 12 fps frames.
+    test = VideoClipDataset(samples, "test", lambda clip, crop: clip, 3, 2, num_clips=2, target_fps=6)
+    assert torch.equal(test[2]["video"], source[1][[0, 4, 8]])
+    assert torch.equal(test[3]["video"], source[1][[15, 19, 23]])
+    with pytest.raises(ValueError, match="target_fps must be a positive number"):
+        VideoClipDataset(samples, "val", lambda clip: clip, 3, 2, target_fps=0)
+
+    # The data module passes it on, checkpoints keep it, and inference samples clips the same way.
+    datamodule = KineticsDataModule(str(tmp_path), num_frames=3, sampling_rate=2, crop_size=16, min_short_side=16,
+                                    max_short_side=16, target_fps=6)
+    assert datamodule.target_fps == 6.0
+    with pytest.raises(ValueError, match="target_fps"):
+        KineticsDataModule(str(tmp_path), target_fps=-1)
+    preprocessing = VideoClassifier(backbone="oct_i3d_r50")._preprocessing_from(datamodule)
+    assert preprocessing["target_fps"] == 6.0 and preprocessing["sampling_rate"] == 2
+    assert "target_fps" not in VideoClassifier()._preprocessing_from(_datamodule(tmp_path))
+    meta = ModelMetadata("video", "oct_i3d_r50", {}, 2, None, {**preprocessing, "short_side": 16})
+    views, (segment,), _ = _load_video_views(fast, meta, 1, None, None, "pyav")
+    assert segment.clip_starts == (7,) and views.shape == (1, 3, 3, 16, 16)

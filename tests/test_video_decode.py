@@ -247,3 +247,40 @@ def test_a_clip_wholly_past_a_cut_is_reported_as_truncated():
         _fill_tail("bad.mp4", {}, [0, 2], 0, 32)
     with pytest.raises(VideoDecodeError, match="no frame could be decoded"):  # a header over-count of a few frames
         _fill_tail("long.mp4", {}, [31], 0, 32)
+
+
+def test_clip_indices_fractional_rate_and_source_step():
+    from datamodules.video import check_target_fps, clip_span, source_step
+
+    # A rate counted at a target fps: 8 frames at 30 fps are 16 at 60 fps and 6.67 at 25 fps.
+    assert source_step(8, 30.0, 30.0) == 8 and source_step(8, 60.0, 30.0) == 16
+    assert source_step(8, 25.0, 30.0) == pytest.approx(20 / 3)
+    assert source_step(8, 60.0, None) == 8  # no target: source frames, whatever the video's rate
+    assert clip_indices(100, 0, 4, 20 / 3) == [0, 7, 13, 20]  # nearest frames, half up
+    assert clip_indices(100, 0, 5, 0.5) == [0, 1, 1, 2, 2]  # a slower video repeats frames
+    assert clip_indices(100, 10, 4, 8.0) == clip_indices(100, 10, 4, 8) == [10, 18, 26, 34]
+    assert clip_span(4, 20 / 3) == 21 and clip_span(4, 8) == 25
+    assert clip_indices(15, 0, 4, 20 / 3) == [0, 5, 9, 14]  # past the end: spread over what there is
+    with pytest.raises(ValueError, match="sampling_rate must be a positive number"):
+        clip_indices(10, 0, 4, float("nan"))
+    for bad in (0, -30, float("inf"), "30", True):
+        with pytest.raises(ValueError, match="target_fps must be a positive number"):
+            check_target_fps(bad)
+    assert check_target_fps(None) is None and check_target_fps(30) == 30.0
+
+
+def test_read_clip_with_target_fps_spans_the_same_time(tmp_path):
+    from datamodules.synthetic import write_mp4
+
+    frames = render_motion_video("moving up", np.random.default_rng(2), frames=24, size=32)
+    slow, fast = tmp_path / "slow.mp4", tmp_path / "fast.mp4"
+    write_mp4(slow, frames[::2], fps=6)  # the same motion at 6 and at 12 fps
+    write_mp4(fast, frames, fps=12)
+    # 3 frames every 2 frames at 6 fps: the 12 fps video is read every 4 frames, from the same time.
+    a = read_clip(slow, 0.5, 3, 2, target_fps=6)
+    b = read_clip(fast, 0.5, 3, 2, target_fps=6)
+    assert torch.equal(a, read_video(slow).frames[[3, 5, 7]])
+    assert torch.equal(b, read_video(fast).frames[[6, 10, 14]])
+    assert (a.float() - b.float()).abs().mean() < 8  # the same content (two lossy encodings of it)
+    # Without a target the 12 fps clip covers half the time.
+    assert torch.equal(read_clip(fast, 0.5, 3, 2), read_video(fast).frames[[6, 8, 10]])

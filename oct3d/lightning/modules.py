@@ -621,7 +621,8 @@ class VideoClassifier(OctaveClassifier):
         min_lr_factor: LR multiplier reached at the end of the cosine.
         label_smoothing: label smoothing of the training cross-entropy.
         preprocessing: inference preprocessing (``num_frames``, ``sampling_rate``, ``crop_size``,
-            ``short_side``, ``mean``, ``std``); taken from the data module at fit start when omitted.
+            ``short_side``, ``mean``, ``std``, and ``target_fps`` when the data module sets one); taken from
+            the data module at fit start when omitted.
     """
 
     task = "video"
@@ -665,6 +666,9 @@ class VideoClassifier(OctaveClassifier):
             short_side=int(getattr(datamodule, "eval_short_side", None) or getattr(datamodule, "min_short_side", None)
                            or crop),
         )
+        target_fps = getattr(datamodule, "target_fps", None)
+        if target_fps is not None:  # sampling_rate then counts frames at this rate (datamodules.video.source_step)
+            out["target_fps"] = float(target_fps)
         return out
 
 
