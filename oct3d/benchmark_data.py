@@ -44,7 +44,7 @@ import torch
 __all__ = ["LoaderResult", "benchmark_loaders", "format_table", "main", "make_kinetics_like", "measure_model"]
 
 _CLIP_KEYS = ("num_frames", "sampling_rate", "crop_size", "min_short_side", "max_short_side", "flip_prob",
-              "mean", "std", "decoder", "clips_per_video", "batch_size")
+              "mean", "std", "decoder", "clips_per_video", "batch_size", "target_fps")
 _DEFAULT_CLIP = dict(num_frames=8, sampling_rate=8, crop_size=224, min_short_side=256, max_short_side=320,
                      flip_prob=0.5, decoder="pyav", clips_per_video=2, batch_size=8)
 
@@ -151,25 +151,26 @@ _ONE_THREAD = _one_thread()
 class _PlainPyAV:
     """The baseline: decode from the start up to the clip, converting every (or every kept) frame, then transform."""
 
-    def __init__(self, samples: list, transform, num_frames: int, sampling_rate: int, convert_all: bool) -> None:
+    def __init__(self, samples: list, transform, num_frames: int, sampling_rate: int, convert_all: bool,
+                 target_fps: float | None = None) -> None:
         self.samples, self.transform, self.convert_all = samples, transform, convert_all
-        self.num_frames, self.sampling_rate = num_frames, sampling_rate
+        self.num_frames, self.sampling_rate, self.target_fps = num_frames, sampling_rate, target_fps
         self.timing = {"decode_s": 0.0, "transform_s": 0.0, "clips": 0}
         self.clips_per_video = 1
 
     def __getitem__(self, index: int) -> torch.Tensor:
         import av
 
-        from datamodules.video import clip_indices
+        from datamodules.video import clip_indices, clip_span, source_step
 
         started = time.perf_counter()
         with av.open(self.samples[index].path) as container:
             stream = container.streams.video[0]
             stream.codec_context.thread_count = 1
             total = stream.frames
-            span = (self.num_frames - 1) * self.sampling_rate + 1
-            start = int(torch.randint(0, max(total - span, 0) + 1, ()).item())
-            wanted = clip_indices(total, start, self.num_frames, self.sampling_rate)
+            step = source_step(self.sampling_rate, float(stream.average_rate or 0), self.target_fps)
+            start = int(torch.randint(0, max(total - clip_span(self.num_frames, step), 0) + 1, ()).item())
+            wanted = clip_indices(total, start, self.num_frames, step)
             kept = {}
             for position, frame in enumerate(container.decode(stream)):
                 if self.convert_all or position in wanted:
@@ -196,7 +197,8 @@ def _make_loader(spec: str, samples: list, clip: dict[str, Any]):
         mean=clip.get("mean", KINETICS_MEAN), std=clip.get("std", KINETICS_STD),
     )
     if spec in ("plain", "plain:kept"):
-        return _PlainPyAV(samples, transform, clip["num_frames"], clip["sampling_rate"], convert_all=spec == "plain")
+        return _PlainPyAV(samples, transform, clip["num_frames"], clip["sampling_rate"], convert_all=spec == "plain",
+                          target_fps=clip.get("target_fps"))
     decoder, _, rest = spec.partition(":")
     parts = rest.split(":")
     options = set(parts[1:])
@@ -206,7 +208,7 @@ def _make_loader(spec: str, samples: list, clip: dict[str, Any]):
     return VideoClipDataset(
         samples, "train", transform, clip["num_frames"], clip["sampling_rate"], decoder=decoder,
         clips_per_video=int(parts[0]), decode_time_resize="swscale" in options,
-        decoder_threads=threads[0] if threads else 1,
+        decoder_threads=threads[0] if threads else 1, target_fps=clip.get("target_fps"),
     )
 
 
@@ -385,7 +387,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         model_note = f"measured on {args.device}, batch {batch}"
     print(f"CPU: {cpu_model_name()}; one core per loader (torch threads 1, decoder threads 1); "
           f"{len(samples)} videos, {args.videos} reads per loader, {args.rounds} interleaved rounds")
-    print(f"clips: {clip['num_frames']} frames x stride {clip['sampling_rate']}, short side "
+    at_fps = f" at {clip['target_fps']:g} fps" if clip.get("target_fps") else ""
+    print(f"clips: {clip['num_frames']} frames x stride {clip['sampling_rate']}{at_fps}, short side "
           f"{clip['min_short_side']}-{clip['max_short_side']}, crop {clip['crop_size']}, flip {clip['flip_prob']}")
     print(format_table(results, model_rate))
     if model_rate:
