@@ -922,3 +922,45 @@ def test_clear_cache_after_a_data_update_in_eval_mode_serves_the_new_weights(pla
         kernels.clear_cache()
         _assert_same(conv(x), conv.forward_reference(x), atol=1e-5)
     kernels.clear_cache()
+
+
+@needs_onednn
+def test_cached_weights_are_never_served_to_other_tensors():
+    """torch.func.functional_call swaps in fresh weights each call; a fresh tensor may reuse a freed
+    one's memory at the same version (0), which a (version, pointer) key alone would take for it."""
+    torch.manual_seed(0)
+    conv = OctConv(2, 16, 16, 3, 0.5, 0.5, bias=True).eval()
+    x = _make_input(conv, 2, (8, 8))
+    shapes = {name: p.shape for name, p in conv.named_parameters()}
+    with torch.no_grad(), kernels.force(conv="onednn_packed", low="cat", high="cat"):
+        for i in range(12):
+            params = {name: torch.full(shape, (i + 1) / 100) for name, shape in shapes.items()}
+            out = torch.func.functional_call(conv, params, (x,))
+            conv.load_state_dict(params)
+            _assert_same(out, conv.forward_reference(x))
+            del params, out
+    kernels.clear_cache()
+
+
+@needs_onednn
+def test_inference_and_shared_weights_are_not_cached():
+    """Weights made under inference_mode have no version counter; weights in shared memory are
+    written by other processes (Hogwild) without bumping this one's: neither may be cached."""
+    torch.manual_seed(0)
+    with torch.inference_mode():
+        conv = OctConv(2, 16, 16, 3, 0.5, 0.5).eval()  # inference-tensor weights
+        x = _make_input(conv, 1, (8, 8))
+        assert conv.h2l.weight.is_inference()
+        for plan in ("cat", "split"):
+            with kernels.force(conv="onednn_packed", low=plan, high=plan):
+                _assert_same(conv(x), conv.forward_reference(x))
+    conv = OctConv(2, 16, 16, 3, 0.5, 0.5).eval().share_memory()
+    x = _make_input(conv, 1, (8, 8))
+    assert not kernels.cacheable(conv.h2l.weight)
+    with torch.no_grad(), kernels.force(conv="onednn_packed", low="cat", high="cat"):
+        conv(x)
+        for p in conv.parameters():
+            p.data.mul_(2.0)  # as another process would write it: no version bump here
+        _assert_same(conv(x), conv.forward_reference(x))
+    assert not kernels.layer_cache(conv)
+    kernels.clear_cache()

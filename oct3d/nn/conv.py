@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import weakref
 from collections.abc import Sequence
 from functools import partial
 
@@ -550,25 +551,30 @@ class OctConv(nn.Module):
     def _cat_weight(self, family: str, w_a: Tensor, w_b: Tensor) -> Tensor:
         """``cat([w_a, w_b], dim=1)``, cached per ``family`` while autograd is off in eval mode.
 
-        The cache is keyed on both weights' version counters (bumped by every in-place
-        update: optimizer steps, ``load_state_dict``, ``fuse``), storage pointers, dtype and
-        device, so it can never serve stale weights. With autograd on, or while tracing for
-        ``torch.compile`` (which folds the concatenation itself) or ``torch.jit.trace``, it is rebuilt every call.
+        The cache entry holds weak references to both weights and is used only for those very
+        tensors, at the version counters, storage pointers, dtype and device it was built from
+        (the counters are bumped by every in-place update: optimizer steps, ``load_state_dict``,
+        ``fuse``). A weight swapped in by ``torch.func.functional_call``, or a new tensor that
+        happens to reuse a freed one's memory, is therefore never served a stale copy. With
+        autograd on, while tracing for ``torch.compile`` (which folds the concatenation itself)
+        or ``torch.jit.trace``, and for weights without a trustworthy version counter (inference
+        tensors, shared memory: :func:`oct3d.nn.kernels.cacheable`), it is rebuilt every call.
         """
-        if torch.is_grad_enabled() or self.training or traced_or_compiled() or not kernels._plain_eager():
+        if (torch.is_grad_enabled() or self.training or traced_or_compiled() or not kernels._plain_eager()
+                or not kernels.cacheable(w_a) or not kernels.cacheable(w_b)):
             return torch.cat([w_a, w_b], dim=1)  # (torch.func: batched weights have no storage to key on)
         key = (w_a._version, w_b._version, w_a.data_ptr(), w_b.data_ptr(), w_a.dtype, w_a.device)
         # Kept beside the layer, not in it: never in the state dict or a copy, and clear_cache() drops it.
         caches = kernels.layer_cache(self)
         cached = caches.get(family)
-        if cached is None or cached[0] != key:
+        if cached is None or cached[0] != key or cached[1]() is not w_a or cached[2]() is not w_b:
             # Built as a normal tensor even under inference_mode: an inference tensor has no
             # version counter, which the packed-weight cache checks.
             # (inference_mode(False) turns grad mode back on, hence the no_grad inside it.)
             with torch.inference_mode(False), torch.no_grad():
-                cached = (key, torch.cat([w_a, w_b], dim=1))
+                cached = (key, weakref.ref(w_a), weakref.ref(w_b), torch.cat([w_a, w_b], dim=1))
             caches[family] = cached
-        return cached[1]
+        return cached[3]
 
 
 def _global_module_hooks() -> bool:

@@ -415,8 +415,8 @@ def packed_weight(
     (as much memory again as the weight) and dies with the weight. An inference tensor (made
     under ``torch.inference_mode``) has no version counter and is packed afresh on every call.
     """
-    if weight.is_inference():
-        # No version counter to check a cached copy against: pack for this call only.
+    if not cacheable(weight):
+        # No version counter to check a cached copy against, or one that misses writes: pack for this call only.
         with torch.no_grad():
             return _PACK_WEIGHT(weight, list(padding), list(stride), list(dilation), groups, list(input_shape))
     key = (tuple(input_shape), stride, padding, dilation, groups)
@@ -434,6 +434,16 @@ def packed_weight(
     while len(entries) > PACKED_PER_WEIGHT:
         entries.pop(next(iter(entries)))
     return packed
+
+
+def cacheable(weight: Tensor) -> bool:
+    """Whether a copy derived from ``weight`` may be cached and checked against its version counter.
+
+    Not for an inference tensor (it has no version counter) nor for a tensor in shared memory
+    (``share_memory_()``, Hogwild training, ``ddp_spawn``): another process writes it without
+    bumping this process's counter.
+    """
+    return not weight.is_inference() and not weight.is_shared()
 
 
 def choose(
