@@ -15,10 +15,14 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from torch import nn
 
 from oct3d.nn import (
     Octave,
     OctAvgPool,
+    OctAvgPool1d,
+    OctAvgPool2d,
+    OctAvgPool3d,
     OctBatchNorm,
     OctBatchNorm2d,
     OctConv,
@@ -29,12 +33,16 @@ from oct3d.nn import (
     OctGlobalAvgPool,
     OctMap,
     OctMaxPool,
+    OctMaxPool1d,
+    OctMaxPool2d,
+    OctMaxPool3d,
     OctReLU,
     from_octave,
     map_octave,
     octave_add,
     to_octave,
 )
+from oct3d.nn.octave import low_size
 
 torch.manual_seed(0)
 CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
@@ -613,7 +621,7 @@ def test_numpy_scalars_are_taken_like_nn_conv_and_bad_values_are_named():
 
 
 def test_pools_check_their_inputs_and_keep_the_memory_format():
-    from oct3d.nn import OctAvgPool, OctAvgPool3d, OctMaxPool, OctMaxPool2d
+    from oct3d.nn import OctAvgPool, OctMaxPool
 
     with pytest.raises(ValueError, match=r"OctMaxPool\(dims=3\) expects input maps of shape \(N, C, T, H, W\)"):
         OctMaxPool(3, 2, 1)(torch.randn(2, 4, 16, 16))  # reads like nn.MaxPool2d(3, 2, 1); it is not
@@ -719,3 +727,45 @@ def test_octave_loads_with_weights_only(tmp_path):
     loaded = torch.load(tmp_path / "octave.pt", weights_only=True)
     assert isinstance(loaded["features"], Octave) and loaded["plain"].low is None
     assert torch.equal(loaded["features"].low, saved["features"].low)
+
+
+@pytest.mark.parametrize(
+    ("octave_pool", "vanilla_pool"),
+    [
+        (lambda: OctMaxPool2d(3, 2, 1, 2, False, True), lambda: nn.MaxPool2d(3, 2, 1, 2, False, True)),
+        (lambda: OctMaxPool1d(3, 2, 1, ceil_mode=True), lambda: nn.MaxPool1d(3, 2, 1, ceil_mode=True)),
+        (lambda: OctAvgPool2d(3, 2, 1, True, False), lambda: nn.AvgPool2d(3, 2, 1, True, False)),
+        (lambda: OctAvgPool2d(2, divisor_override=3), lambda: nn.AvgPool2d(2, divisor_override=3)),
+        (lambda: OctAvgPool1d(3, 2, 1, False, False), lambda: nn.AvgPool1d(3, 2, 1, False, False)),
+        (lambda: OctMaxPool3d(3, 2, 1, 1, False, True, octave="spatiotemporal"),
+         lambda: nn.MaxPool3d(3, 2, 1, 1, False, True)),
+        (lambda: OctAvgPool3d(3, 2, 1, False, False, None, octave="spatial"),
+         lambda: nn.AvgPool3d(3, 2, 1, False, False)),
+    ],
+)
+def test_pools_take_the_vanilla_pools_arguments(octave_pool, vanilla_pool):
+    """Positional and keyword arguments as nn.MaxPoolNd / nn.AvgPoolNd; the high map (or a plain tensor)
+    pools exactly as the vanilla layer, and the low map stays its octave."""
+    pool, vanilla = octave_pool(), vanilla_pool()
+    dims = pool.dims
+    torch.manual_seed(0)
+    high = torch.randn(2, 4, *(7, 9, 11)[:dims])
+    torch.testing.assert_close(pool(high), vanilla(high), rtol=0, atol=0)
+    low = torch.randn(2, 4, *low_size(high.shape[2:], pool.factors))
+    out = pool(Octave(high, low))
+    torch.testing.assert_close(out.high, vanilla(high), rtol=0, atol=0)
+    assert tuple(out.low.shape[2:]) == low_size(out.high.shape[2:], pool.factors)
+    assert "dims=" in repr(pool) and f"octave={pool.octave!r}" in repr(pool)
+
+
+def test_pool_argument_errors():
+    with pytest.raises(ValueError, match="return_indices=True is not supported"):
+        OctMaxPool2d(3, 2, 1, 1, True)
+    with pytest.raises(TypeError, match="ceil_mode must be a bool"):
+        OctAvgPool2d(2, ceil_mode="yes")
+    with pytest.raises(ValueError, match="divisor_override must be a positive int"):
+        OctAvgPool3d(2, divisor_override=0)
+    with pytest.raises(ValueError, match="dilation must be >= 1"):
+        OctMaxPool2d(3, dilation=0)
+    with pytest.raises(TypeError):
+        OctMaxPool3d(3, 2, 1, "spatiotemporal")  # the 4th positional is dilation, as in nn.MaxPool3d

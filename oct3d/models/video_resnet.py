@@ -72,7 +72,7 @@ class OctTemporalMaxPool(OctMaxPool):
     def __init__(self, kernel_size: int = 2, octave: str = "spatial") -> None:
         check_positive_int(kernel_size, "kernel_size")
         k = (kernel_size, 1, 1)
-        super().__init__(3, k, k, 0, octave)
+        super().__init__(3, k, k, 0, octave=octave)
 
 
 class OctVideoResNet(nn.Module):

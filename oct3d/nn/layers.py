@@ -214,7 +214,7 @@ class _OctPool(nn.Module):
 
     def __init__(
         self, dims: int, kernel_size: IntOrTuple, stride: IntOrTuple | None = None, padding: IntOrTuple = 0,
-        octave: str = "spatial",
+        octave: str = "spatial", *, ceil_mode: bool = False,
     ) -> None:
         super().__init__()
         if dims not in (1, 2, 3):
@@ -228,9 +228,16 @@ class _OctPool(nn.Module):
         check_minimums((("kernel_size", self.kernel_size, 1), ("stride", self.stride, 1), ("padding", self.padding, 0)))
         if any(2 * p > k for p, k in zip(self.padding, self.kernel_size)):
             raise ValueError(f"padding must be at most half of kernel_size, got {padding!r} for {kernel_size!r}")
+        self.ceil_mode = _check_bool(ceil_mode, "ceil_mode")
 
     def extra_repr(self) -> str:
-        return f"dims={self.dims}, kernel_size={self.kernel_size}, stride={self.stride}, padding={self.padding}"
+        extra = "".join(f", {name}={value!r}" for name, value in self._options().items())
+        return (f"dims={self.dims}, kernel_size={self.kernel_size}, stride={self.stride}, padding={self.padding}, "
+                f"octave={self.octave!r}{extra}")
+
+    def _options(self) -> dict[str, object]:
+        """The non-default pooling options, for the repr."""
+        return {"ceil_mode": True} if self.ceil_mode else {}
 
     def _pool(self, x: Tensor, ceil_mode: bool = False) -> Tensor:
         raise NotImplementedError
@@ -251,14 +258,14 @@ class _OctPool(nn.Module):
         x = pair_as_octave(x)
         if not isinstance(x, Octave) or x.low is None:
             high = self._check("input", x.high if isinstance(x, Octave) else x)
-            pooled = _same_layout(self._pool(high), high)
+            pooled = _same_layout(self._pool(high, self.ceil_mode), high)
             return Octave(pooled, None) if isinstance(x, Octave) else pooled
         high, low = self._check("high", x.high), self._check("low", x.low)
         check_low_size(type(self).__name__, high, low, self.factors, self.octave)
-        # The high map pools in floor mode like the vanilla layer. On odd sizes floor mode can
-        # drop the low map's last partial window (high 6 -> 3 but its low 3 -> 1, not 2), so the
-        # low map pools in ceil mode and keeps the windows that belong to the kept high ones.
-        pooled_high, pooled_low = self._pool(high), self._pool(low, ceil_mode=True)
+        # The high map pools like the vanilla layer (floor mode unless ceil_mode). On odd sizes floor
+        # mode can drop the low map's last partial window (high 6 -> 3 but its low 3 -> 1, not 2), so
+        # the low map pools in ceil mode and keeps the windows that belong to the kept high ones.
+        pooled_high, pooled_low = self._pool(high, self.ceil_mode), self._pool(low, ceil_mode=True)
         expected = low_size(pooled_high.shape[2:], self.factors)
         if all(m >= n for m, n in zip(pooled_low.shape[2:], expected)):
             pooled_low = pooled_low[(slice(None), slice(None), *(slice(0, n) for n in expected))]
@@ -272,6 +279,12 @@ class _OctPool(nn.Module):
         return Octave(_same_layout(pooled_high, high), _same_layout(pooled_low, low))
 
 
+def _check_bool(value: object, name: str) -> bool:
+    if value not in (True, False):
+        raise TypeError(f"{name} must be a bool, got {value!r}")
+    return bool(value)
+
+
 def _same_layout(y: Tensor, like: Tensor) -> Tensor:
     # avg_pool3d returns a channels_last_3d map channels-first, and the low map's crop is a strided view:
     # later layers should get the caller's channels_last layout, dense.
@@ -282,12 +295,13 @@ def _same_layout(y: Tensor, like: Tensor) -> Tensor:
 
 _POOL_ARGS = """
     Args:
-        dims: spatial axes of the maps (1, 2 or 3); ``OctMaxPool{1,2,3}d`` fix it.
+        dims: spatial axes of the maps (1, 2 or 3); the 1d/2d/3d classes fix it.
         kernel_size: the window, an int or one per axis.
         stride: the window's step (default: ``kernel_size``).
         padding: implicit padding on each side, at most half the kernel.
         octave: which axes the low branch halves (``"spatial"`` or ``"spatiotemporal"``, 3D only).
-
+        ceil_mode: ceil instead of floor for the high map's output size, as in ``nn.MaxPoolNd``.
+    {extra}
     Maps are batched, ``(N, C, *spatial)`` with ``dims`` spatial axes (an unbatched map is refused:
     it could not be told apart from a batched map of one dimension less). The high map pools exactly
     as the vanilla layer would; the low map pools with the same window in
@@ -296,48 +310,106 @@ _POOL_ARGS = """
 """
 
 
+_MAX_POOL_ARGS = "    dilation: the window's dilation, as in ``nn.MaxPoolNd``.\n"
+_AVG_POOL_ARGS = (
+    "    count_include_pad: count the zero padding in the averages, as in ``nn.AvgPoolNd``.\n"
+    "        divisor_override: divide each window's sum by this instead (2D and 3D), as in ``nn.AvgPoolNd``.\n"
+)
+
+
 class OctMaxPool(_OctPool):
-    __doc__ = "Max pooling applied to both branches with the same kernel, stride and padding.\n" + _POOL_ARGS
+    __doc__ = ("Max pooling applied to both branches with the same kernel, stride and padding.\n"
+               + _POOL_ARGS.format(extra=_MAX_POOL_ARGS))
+
+    def __init__(
+        self, dims: int, kernel_size: IntOrTuple, stride: IntOrTuple | None = None, padding: IntOrTuple = 0,
+        octave: str = "spatial", *, dilation: IntOrTuple = 1, ceil_mode: bool = False,
+    ) -> None:
+        super().__init__(dims, kernel_size, stride, padding, octave, ceil_mode=ceil_mode)
+        self.dilation = to_tuple(dilation, dims, "dilation")
+        check_minimums((("dilation", self.dilation, 1),))
+
+    def _options(self) -> dict[str, object]:
+        return {**({"dilation": self.dilation} if any(d != 1 for d in self.dilation) else {}), **super()._options()}
 
     def _pool(self, x: Tensor, ceil_mode: bool = False) -> Tensor:
         fn = (F.max_pool1d, F.max_pool2d, F.max_pool3d)[self.dims - 1]
-        return fn(x, self.kernel_size, self.stride, self.padding, ceil_mode=ceil_mode)
+        return fn(x, self.kernel_size, self.stride, self.padding, self.dilation, ceil_mode=ceil_mode)
 
 
 class OctAvgPool(_OctPool):
-    __doc__ = "Average pooling applied to both branches with the same kernel, stride and padding.\n" + _POOL_ARGS
+    __doc__ = ("Average pooling applied to both branches with the same kernel, stride and padding.\n"
+               + _POOL_ARGS.format(extra=_AVG_POOL_ARGS))
+
+    def __init__(
+        self, dims: int, kernel_size: IntOrTuple, stride: IntOrTuple | None = None, padding: IntOrTuple = 0,
+        octave: str = "spatial", *, ceil_mode: bool = False, count_include_pad: bool = True,
+        divisor_override: int | None = None,
+    ) -> None:
+        super().__init__(dims, kernel_size, stride, padding, octave, ceil_mode=ceil_mode)
+        self.count_include_pad = _check_bool(count_include_pad, "count_include_pad")
+        if divisor_override is not None:
+            if dims == 1:
+                raise ValueError("divisor_override is not available for 1D average pooling (nor in nn.AvgPool1d)")
+            check_positive_int(divisor_override, "divisor_override")
+        self.divisor_override = divisor_override
+
+    def _options(self) -> dict[str, object]:
+        options = super()._options()
+        if not self.count_include_pad:
+            options["count_include_pad"] = False
+        if self.divisor_override is not None:
+            options["divisor_override"] = self.divisor_override
+        return options
 
     def _pool(self, x: Tensor, ceil_mode: bool = False) -> Tensor:
-        fn = (F.avg_pool1d, F.avg_pool2d, F.avg_pool3d)[self.dims - 1]
-        return fn(x, self.kernel_size, self.stride, self.padding, ceil_mode=ceil_mode)
+        if self.dims == 1:
+            return F.avg_pool1d(x, self.kernel_size, self.stride, self.padding, ceil_mode, self.count_include_pad)
+        fn = F.avg_pool2d if self.dims == 2 else F.avg_pool3d
+        return fn(x, self.kernel_size, self.stride, self.padding, ceil_mode, self.count_include_pad,
+                  self.divisor_override)
+
+
+def _no_indices(return_indices: bool) -> None:
+    if return_indices:
+        raise ValueError("return_indices=True is not supported: an octave pool returns an Octave of two maps")
 
 
 class OctMaxPool1d(OctMaxPool):
-    """:class:`OctMaxPool` on 1D maps, argument for argument like ``nn.MaxPool1d``."""
+    """:class:`OctMaxPool` on 1D maps, argument for argument like ``nn.MaxPool1d``
+    (``return_indices`` must be False)."""
 
     def __init__(
         self, kernel_size: IntOrTuple, stride: IntOrTuple | None = None, padding: IntOrTuple = 0,
+        dilation: IntOrTuple = 1, return_indices: bool = False, ceil_mode: bool = False,
     ) -> None:
-        super().__init__(1, kernel_size, stride, padding, "spatial")
+        _no_indices(return_indices)
+        super().__init__(1, kernel_size, stride, padding, "spatial", dilation=dilation, ceil_mode=ceil_mode)
 
 
 class OctMaxPool2d(OctMaxPool):
-    """:class:`OctMaxPool` on 2D maps, argument for argument like ``nn.MaxPool2d``."""
+    """:class:`OctMaxPool` on 2D maps, argument for argument like ``nn.MaxPool2d``
+    (``return_indices`` must be False)."""
 
     def __init__(
         self, kernel_size: IntOrTuple, stride: IntOrTuple | None = None, padding: IntOrTuple = 0,
+        dilation: IntOrTuple = 1, return_indices: bool = False, ceil_mode: bool = False,
     ) -> None:
-        super().__init__(2, kernel_size, stride, padding, "spatial")
+        _no_indices(return_indices)
+        super().__init__(2, kernel_size, stride, padding, "spatial", dilation=dilation, ceil_mode=ceil_mode)
 
 
 class OctMaxPool3d(OctMaxPool):
-    """:class:`OctMaxPool` on 3D maps, argument for argument like ``nn.MaxPool3d`` (plus ``octave``)."""
+    """:class:`OctMaxPool` on 3D maps, argument for argument like ``nn.MaxPool3d`` (``return_indices``
+    must be False), plus the keyword ``octave``."""
 
     def __init__(
         self, kernel_size: IntOrTuple, stride: IntOrTuple | None = None, padding: IntOrTuple = 0,
+        dilation: IntOrTuple = 1, return_indices: bool = False, ceil_mode: bool = False, *,
         octave: str = "spatial",
     ) -> None:
-        super().__init__(3, kernel_size, stride, padding, octave)
+        _no_indices(return_indices)
+        super().__init__(3, kernel_size, stride, padding, octave, dilation=dilation, ceil_mode=ceil_mode)
 
 
 class OctAvgPool1d(OctAvgPool):
@@ -345,8 +417,10 @@ class OctAvgPool1d(OctAvgPool):
 
     def __init__(
         self, kernel_size: IntOrTuple, stride: IntOrTuple | None = None, padding: IntOrTuple = 0,
+        ceil_mode: bool = False, count_include_pad: bool = True,
     ) -> None:
-        super().__init__(1, kernel_size, stride, padding, "spatial")
+        super().__init__(1, kernel_size, stride, padding, "spatial", ceil_mode=ceil_mode,
+                         count_include_pad=count_include_pad)
 
 
 class OctAvgPool2d(OctAvgPool):
@@ -354,18 +428,22 @@ class OctAvgPool2d(OctAvgPool):
 
     def __init__(
         self, kernel_size: IntOrTuple, stride: IntOrTuple | None = None, padding: IntOrTuple = 0,
+        ceil_mode: bool = False, count_include_pad: bool = True, divisor_override: int | None = None,
     ) -> None:
-        super().__init__(2, kernel_size, stride, padding, "spatial")
+        super().__init__(2, kernel_size, stride, padding, "spatial", ceil_mode=ceil_mode,
+                         count_include_pad=count_include_pad, divisor_override=divisor_override)
 
 
 class OctAvgPool3d(OctAvgPool):
-    """:class:`OctAvgPool` on 3D maps, argument for argument like ``nn.AvgPool3d`` (plus ``octave``)."""
+    """:class:`OctAvgPool` on 3D maps, argument for argument like ``nn.AvgPool3d``, plus the keyword ``octave``."""
 
     def __init__(
         self, kernel_size: IntOrTuple, stride: IntOrTuple | None = None, padding: IntOrTuple = 0,
+        ceil_mode: bool = False, count_include_pad: bool = True, divisor_override: int | None = None, *,
         octave: str = "spatial",
     ) -> None:
-        super().__init__(3, kernel_size, stride, padding, octave)
+        super().__init__(3, kernel_size, stride, padding, octave, ceil_mode=ceil_mode,
+                         count_include_pad=count_include_pad, divisor_override=divisor_override)
 
 
 class OctGlobalAvgPool(nn.Module):
