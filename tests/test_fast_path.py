@@ -876,7 +876,8 @@ def test_packed_kernel_under_inference_mode():
             got = kernels.run_conv("onednn_packed", x.high, weight, None, (1, 1), (1, 1), (1, 1), 1)
         torch.testing.assert_close(got, torch.nn.functional.conv2d(x.high, weight, padding=1), atol=1e-4, rtol=1e-5)
     assert all(not w.is_inference() for w, _entries in kernels._packed.items())
-    for _key, cached in kernels.layer_cache(conv).values():
+    for entry in kernels.layer_cache(conv).values():
+        cached = entry[-1]  # (key, weak references to the weights, the concatenated weight)
         assert not cached.requires_grad and not cached.is_inference()
     import copy
 

@@ -769,3 +769,45 @@ def test_pool_argument_errors():
         OctMaxPool2d(3, dilation=0)
     with pytest.raises(TypeError):
         OctMaxPool3d(3, 2, 1, "spatiotemporal")  # the 4th positional is dilation, as in nn.MaxPool3d
+
+
+def test_bad_octave_pairs_get_errors_that_name_the_layer():
+    from oct3d.nn import OctConvTranspose2d, split_channels
+
+    a = Octave(torch.randn(1, 4, 8, 8), torch.randn(1, 4, 4, 4))
+    with pytest.raises(ValueError, match="octave_add needs equal branch shapes"):
+        octave_add(a, Octave(torch.randn(1, 4, 8, 8), torch.randn(1, 4, 3, 3)))
+    with pytest.raises(TypeError, match=r"octave_add's a must be a torch\.Tensor"):
+        octave_add(None, None)
+    with pytest.raises(TypeError, match="only a has one"):
+        octave_add(a, torch.randn(1, 4, 8, 8))
+    torch.testing.assert_close(octave_add((a.high, a.low), a).low, 2 * a.low)
+    with pytest.raises(ValueError, match="batch size, dtype and device"):
+        from_octave(Octave(torch.randn(1, 4, 8, 8), torch.randn(2, 4, 4, 4)))
+    assert from_octave((a.high, a.low)).shape == (1, 8, 8, 8)  # a plain pair, as every layer takes
+    with pytest.raises(ValueError, match="one device with one dtype"):
+        OctConvTranspose2d(8, 8, 2, stride=2)(Octave(torch.randn(1, 4, 4, 4), torch.randn(1, 4, 2, 2).double()))
+    with pytest.raises(TypeError, match=r"got a plain tensor of shape \(1, 8, 4, 4\)"):
+        OctConvTranspose2d(8, 8, 2, stride=2)(torch.randn(1, 8, 4, 4))
+    with pytest.raises(ValueError, match="OctBatchNorm2d expects the low tensor"):
+        OctBatchNorm2d(8)(Octave(torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)))
+    bn3 = OctBatchNorm(3, 8)  # no octave setting: either 3D mode's low size
+    bn3(Octave(torch.randn(2, 4, 3, 8, 8), torch.randn(2, 4, 3, 4, 4)))
+    bn3(Octave(torch.randn(2, 4, 3, 8, 8), torch.randn(2, 4, 2, 4, 4)))
+    with pytest.raises(ValueError, match="takes no low branch"):
+        OctConv2d(3, 8, 3, 0.0, 0.5)(a)  # named for the cause, although the channels differ too
+    with pytest.raises(ValueError, match="channels must be an int >= 0"):
+        split_channels(-8, 0.5)
+    with pytest.raises(ValueError, match="at least one spatial axis"):
+        OctGlobalAvgPool()(torch.randn(2, 3))
+
+
+def test_transposed_low_output_is_dense_in_the_input_layout():
+    from oct3d.nn import OctConvTranspose3d
+
+    layer = OctConvTranspose3d(8, 8, 3, stride=2, padding=1, output_padding=1)
+    high = torch.randn(1, 4, 3, 5, 5).contiguous(memory_format=torch.channels_last_3d)
+    low = torch.randn(1, 4, 3, 3, 3).contiguous(memory_format=torch.channels_last_3d)
+    out = layer(Octave(high, low))
+    assert out.low.shape[2:] == (6, 5, 5)
+    assert out.low.is_contiguous(memory_format=torch.channels_last_3d)

@@ -316,6 +316,12 @@ class OctConv(nn.Module):
                 f"with a low tensor; got a plain tensor of shape {tuple(high.shape)}. Use "
                 "oct3d.nn.to_octave(x, alpha) at the boundary, or alpha_in=0 for a first layer"
             )
+        if self.in_low == 0 and low is not None:  # before the channel check: the cause, not its symptom
+            raise ValueError(
+                f"{self._name()} has alpha_in=0 and takes no low branch, but got an Octave with a "
+                f"low tensor of shape {tuple(low.shape) if isinstance(low, Tensor) else type(low).__name__}; "
+                "set alpha_in to match the previous layer's alpha_out"
+            )
         check_matches_weight(self._name(), high, self.h2h)
         if high.shape[1] != self.in_high:
             raise ValueError(
@@ -323,11 +329,6 @@ class OctConv(nn.Module):
                 f"(in_channels={self.in_channels}, alpha_in={self.alpha_in}), got {high.shape[1]}"
             )
         if self.in_low == 0:
-            if low is not None:
-                raise ValueError(
-                    f"{self._name()} has alpha_in=0 and takes no low branch, but got an Octave with a "
-                    "low tensor; set alpha_in to match the previous layer's alpha_out"
-                )
             return high, None
         if not isinstance(low, Tensor) or low.dim() != self.dims + 2:
             raise ValueError(f"{self._name()} expects a low tensor with {self.dims + 2} dims, got {_shape(low)}")

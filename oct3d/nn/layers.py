@@ -17,6 +17,7 @@ from oct3d.nn.conv import IntOrTuple, check_alpha, check_minimums, check_positiv
 from oct3d.nn.norm import batch_norm
 from oct3d.nn.octave import (
     CHANNELS_LAST_FORMATS,
+    OCTAVE_MODES,
     Octave,
     OctaveInput,
     axes_names,
@@ -64,8 +65,17 @@ def map_octave(fn: Callable[[Tensor], Tensor], x: OctaveInput) -> OctaveInput:
 
 
 def octave_add(a: OctaveInput, b: OctaveInput) -> OctaveInput:
-    """Per-branch sum of two octave maps (``high + high``, ``low + low``), e.g. a residual."""
+    """Per-branch sum of two octave maps (``high + high``, ``low + low``), e.g. a residual.
+
+    Both must have the same branches of the same shapes: a residual of two octave maps adds, it
+    does not broadcast.
+    """
     a, b = pair_as_octave(a), pair_as_octave(b)
+    for name, value in (("a", a), ("b", b)):
+        if not isinstance(value, (Tensor, Octave)):
+            raise TypeError(f"octave_add's {name} must be a torch.Tensor, an Octave or a (high, low) pair, "
+                            f"got {type(value).__name__}")
+    _check_same_branch_shapes(a, b)
     if isinstance(a, Octave) != isinstance(b, Octave):
         a_low = a.low if isinstance(a, Octave) else None
         b_low = b.low if isinstance(b, Octave) else None
@@ -78,6 +88,36 @@ def octave_add(a: OctaveInput, b: OctaveInput) -> OctaveInput:
     if (a.low is None) != (b.low is None):
         raise TypeError("octave_add needs both inputs to have a low branch, or neither")
     return Octave(a.high + b.high, None if a.low is None else a.low + b.low)
+
+
+def _check_octave_pair(layer: str, high: Tensor, low: Tensor) -> None:
+    """Raise unless ``low`` can be ``high``'s octave (same batch; the ceiling of half on the octave axes of
+    some octave mode: a layer without an ``octave`` setting accepts either 3D mode)."""
+    dims = high.dim() - 2
+    modes = OCTAVE_MODES if dims == 3 else ("spatial",)
+    sizes = [low_size(high.shape[2:], octave_factors(max(dims, 1), mode)) for mode in modes]
+    if low.shape[0] != high.shape[0] or tuple(low.shape[2:]) not in sizes:
+        raise ValueError(
+            f"{layer} expects the low tensor of a high tensor shaped {tuple(high.shape)} to have its batch size "
+            f"and spatial size {' or '.join(map(str, sizes))} (ceil of half on the octave axes), got {tuple(low.shape)}"
+        )
+
+
+def _check_same_branch_shapes(a: Tensor | Octave, b: Tensor | Octave) -> None:
+    def shapes(x: Tensor | Octave) -> tuple:
+        if isinstance(x, Tensor):
+            return (tuple(x.shape), None)
+        return (tuple(x.high.shape), None if x.low is None else tuple(x.low.shape))
+
+    (a_high, a_low), (b_high, b_low) = shapes(a), shapes(b)
+    if (a_low is None) != (b_low is None):
+        with_low = "a" if a_low is not None else "b"
+        raise TypeError(f"octave_add needs both inputs to have a low branch, or neither; only {with_low} has one "
+                        f"(a: {a_high} + low {a_low}, b: {b_high} + low {b_low})")
+    if a_high != b_high or a_low != b_low:
+        raise ValueError(
+            f"octave_add needs equal branch shapes, got high {a_high} and {b_high}, low {a_low} and {b_low}"
+        )
 
 
 class OctBatchNorm(nn.Module):
@@ -133,6 +173,8 @@ class OctBatchNorm(nn.Module):
                 f"OctBatchNorm(num_features={self.num_features}, alpha={self.alpha}) expects channels "
                 f"({want}), got ({got})"
             )
+        if low is not None:
+            _check_octave_pair(f"OctBatchNorm{self.dims}d", high, low)
         if self.bn_l is None:
             out = batch_norm(self.bn_h, high)
             return Octave(out, None) if isinstance(x, Octave) else out
@@ -469,5 +511,12 @@ class OctGlobalAvgPool(nn.Module):
             parts = [x]
         else:
             raise TypeError(f"OctGlobalAvgPool expects a torch.Tensor or an Octave, got {type(x).__name__}")
+        for branch, part in zip(("high", "low"), parts):
+            if part.dim() < 3:
+                raise ValueError(f"OctGlobalAvgPool expects {branch} maps (N, C, *spatial) with at least one "
+                                 f"spatial axis, got shape {tuple(part.shape)}")
+        if len(parts) == 2 and parts[0].shape[0] != parts[1].shape[0]:
+            raise ValueError(f"OctGlobalAvgPool expects the low map in the high map's batch size, got "
+                             f"{tuple(parts[0].shape)} and {tuple(parts[1].shape)}")
         pooled = [p.mean(dim=tuple(range(2, p.dim())), keepdim=not self.flatten) for p in parts]
         return pooled[0] if len(pooled) == 1 else torch.cat(pooled, dim=1)

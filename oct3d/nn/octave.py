@@ -85,6 +85,8 @@ def low_channels(channels: int, alpha: float) -> int:
     """
     if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not 0.0 <= float(alpha) < 1.0:
         raise ValueError(f"alpha must be a float in [0, 1), got {alpha!r}")
+    if isinstance(channels, bool) or not isinstance(channels, numbers.Integral) or channels < 0:
+        raise ValueError(f"channels must be an int >= 0, got {channels!r}")
     return math.floor(float(alpha) * channels + 1e-6)
 
 
@@ -514,16 +516,27 @@ def to_octave(x: Tensor, alpha: float, octave: str = "spatial") -> Octave:
 
 
 def from_octave(x: Octave | Tensor, octave: str = "spatial") -> Tensor:
-    """Merge an :class:`Octave` into one full-resolution tensor (low upsampled, then concatenated).
+    """Merge an :class:`Octave` (or a ``(high, low)`` pair) into one full-resolution tensor (low
+    upsampled, then concatenated).
 
     A plain tensor is returned unchanged.
     """
+    x = pair_as_octave(x)
     if isinstance(x, Tensor):
         return x
     if not isinstance(x, Octave):
-        raise TypeError(f"x must be an Octave or a torch.Tensor, got {type(x).__name__}")
+        raise TypeError(f"x must be an Octave, a (high, low) pair or a torch.Tensor, got {type(x).__name__}")
     if x.low is None:
         return x.high
+    if x.high.dim() not in (3, 4, 5) or x.low.dim() != x.high.dim():
+        raise ValueError(f"from_octave expects high and low maps (N, C, *spatial) with 1-3 spatial axes, got "
+                         f"{tuple(x.high.shape)} and {tuple(x.low.shape)}")
+    if x.low.shape[0] != x.high.shape[0] or x.low.dtype != x.high.dtype or x.low.device != x.high.device:
+        raise ValueError(
+            f"from_octave expects the low tensor in the high tensor's batch size, dtype and device "
+            f"({x.high.shape[0]}, {x.high.dtype}, {x.high.device}), got "
+            f"({x.low.shape[0]}, {x.low.dtype}, {x.low.device})"
+        )
     factors = octave_factors(x.high.dim() - 2, octave)
     expected = low_size(x.high.shape[2:], factors)
     if tuple(x.low.shape[2:]) != expected:

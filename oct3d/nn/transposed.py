@@ -15,10 +15,12 @@ high-resolution counterpart in 2D (FLOPs ``(1-a)^2 + a(1-a)/2 + a^2/4`` of the v
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
 from oct3d.nn.conv import IntOrTuple, branch_channels, check_alpha, check_minimums, check_positive_int, to_tuple
 from oct3d.nn.octave import (
+    CHANNELS_LAST_FORMATS,
     Octave,
     OctaveInput,
     avg_pool,
@@ -26,6 +28,7 @@ from oct3d.nn.octave import (
     check_low_size,
     check_matches_weight,
     fx_leaf_forward,
+    is_channels_last,
     low_size,
     octave_axes,
     pair_as_octave,
@@ -155,8 +158,12 @@ class OctConvTranspose(nn.Module):
         y_low = self.h2l(avg_pool(high, self.factors))
         if self.l2l is not None:
             y_low = y_low + self.l2l(low)
-        crop = (slice(None), slice(None), *(slice(0, n) for n in size))
-        return Octave(y_high, y_low[crop])
+        if tuple(y_low.shape[2:]) != size:
+            crop = (slice(None), slice(None), *(slice(0, n) for n in size))
+            # A crop is a strided view; later layers get a dense map in the input's layout.
+            layout = CHANNELS_LAST_FORMATS[high.dim()] if is_channels_last(high) else torch.contiguous_format
+            y_low = y_low[crop].contiguous(memory_format=layout)
+        return Octave(y_high, y_low)
 
     def _split_input(self, x: OctaveInput) -> tuple[Tensor, Tensor | None]:
         name = f"OctConvTranspose{self.dims}d"
@@ -165,10 +172,17 @@ class OctConvTranspose(nn.Module):
         low = x.low if isinstance(x, Octave) else None
         if not isinstance(high, Tensor):
             raise TypeError(f"{name} expects a torch.Tensor, an Octave or a (high, low) pair, got {type(x).__name__}")
-        if (low is None) != (self.in_low == 0):
+        if low is None and self.in_low:
             raise TypeError(
-                f"{name} with alpha_in={self.alpha_in} expects "
-                + ("an Octave with a low tensor" if self.in_low else "a plain tensor (no low branch)")
+                f"{name} has alpha_in={self.alpha_in} and needs an Octave(high, low) input with a low tensor; "
+                f"got a plain tensor of shape {tuple(high.shape)}. Use oct3d.nn.to_octave(x, alpha) at the "
+                "boundary, or alpha_in=0"
+            )
+        if low is not None and not self.in_low:
+            raise TypeError(
+                f"{name} has alpha_in=0 and takes no low branch, but got an Octave with a low tensor of shape "
+                f"{tuple(low.shape) if isinstance(low, Tensor) else type(low).__name__}; set alpha_in to match "
+                "the previous layer's alpha_out"
             )
         axes = axes_names(self.dims)
         for branch, t, channels in (("high", high, self.in_high), ("low", low, self.in_low)):
@@ -179,6 +193,11 @@ class OctConvTranspose(nn.Module):
                                  f"{self.in_channels}, alpha_in={self.alpha_in}), got {tuple(t.shape)}")
         check_matches_weight(name, high, self.h2h)
         if low is not None:
+            if low.dtype != high.dtype or low.device != high.device:
+                raise ValueError(
+                    f"{name} expects the high and low tensors on one device with one dtype, got high "
+                    f"{high.dtype} on {high.device} and low {low.dtype} on {low.device}"
+                )
             check_low_size(name, high, low, self.factors, self.octave)
         return high, low
 
