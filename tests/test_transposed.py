@@ -104,7 +104,7 @@ def test_bad_arguments_and_inputs_are_named():
         ((good[0], torch.randn(1, 4, 10, 10)), ValueError, r"to be shaped \(1, 4, 5, 5\)"),
         ((good[0].double(), good[1].double()), TypeError, "float32 weights"),
         ((torch.randn(1, 4, 3, 9, 9), torch.randn(1, 4, 3, 5, 5)), ValueError, "high tensor of shape"),
-        (good[0], TypeError, "expects an Octave with a low tensor"),
+        (good[0], TypeError, "needs an Octave\\(high, low\\) input with a low tensor"),
         ("x", TypeError, "expects a torch.Tensor"),
     ):
         with pytest.raises(error, match=match):

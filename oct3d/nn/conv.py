@@ -289,7 +289,10 @@ class OctConv(nn.Module):
         return (
             f"dims={self.dims}, {self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
             f"alpha_in={self.alpha_in}, alpha_out={self.alpha_out}, stride={self.stride}, "
-            f"octave={self.octave!r}, groups={self.groups}" + (", pool_first=True" if self.pool_first else "")
+            f"octave={self.octave!r}, groups={self.groups}"
+            + (f", dilation={self.dilation}" if any(d != 1 for d in self.dilation) else "")
+            + (", bias=True" if any(getattr(p, "bias", None) is not None for p in self._modules.values()) else "")
+            + (", pool_first=True" if self.pool_first else "")
         )
 
     # ------------------------------------------------------------------ input checks

@@ -127,12 +127,13 @@ class OctBatchNorm(nn.Module):
     At ``alpha == 0`` there is no ``bn_l`` and the module is one ``BatchNormNd``. ``eps``,
     ``momentum``, ``affine``, ``track_running_stats`` and ``bias`` (a learnable shift with
     ``affine``; ``bias=False`` needs a torch whose ``BatchNormNd`` takes it) are
-    ``nn.BatchNormNd``'s, for both branches.
+    ``nn.BatchNormNd``'s, for both branches, and so are ``device`` and ``dtype``.
     """
 
     def __init__(
         self, dims: int, num_features: int, alpha: float = 0.5, eps: float = 1e-5,
         momentum: float | None = 0.1, affine: bool = True, track_running_stats: bool = True, *, bias: bool = True,
+        device: torch.device | str | None = None, dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
         if dims not in _BN:
@@ -144,7 +145,8 @@ class OctBatchNorm(nn.Module):
         self.high_channels, self.low_channels = split_channels(num_features, self.alpha)
         if self.alpha > 0 and self.low_channels == 0:
             raise ValueError(f"alpha={alpha} gives no low-frequency channels out of num_features={num_features}")
-        kwargs: dict = dict(eps=eps, momentum=momentum, affine=affine, track_running_stats=track_running_stats)
+        kwargs: dict = dict(eps=eps, momentum=momentum, affine=affine, track_running_stats=track_running_stats,
+                            device=device, dtype=dtype)
         if not bias:
             kwargs["bias"] = False  # only passed when asked: older torch versions do not take the argument
         self.bn_h = _BN[dims](self.high_channels, **kwargs)
@@ -187,8 +189,10 @@ class OctBatchNorm1d(OctBatchNorm):
     def __init__(
         self, num_features: int, alpha: float = 0.5, eps: float = 1e-5, momentum: float | None = 0.1,
         affine: bool = True, track_running_stats: bool = True, *, bias: bool = True,
+        device: torch.device | str | None = None, dtype: torch.dtype | None = None,
     ) -> None:
-        super().__init__(1, num_features, alpha, eps, momentum, affine, track_running_stats, bias=bias)
+        super().__init__(1, num_features, alpha, eps, momentum, affine, track_running_stats, bias=bias,
+                         device=device, dtype=dtype)
 
 
 class OctBatchNorm2d(OctBatchNorm):
@@ -197,8 +201,10 @@ class OctBatchNorm2d(OctBatchNorm):
     def __init__(
         self, num_features: int, alpha: float = 0.5, eps: float = 1e-5, momentum: float | None = 0.1,
         affine: bool = True, track_running_stats: bool = True, *, bias: bool = True,
+        device: torch.device | str | None = None, dtype: torch.dtype | None = None,
     ) -> None:
-        super().__init__(2, num_features, alpha, eps, momentum, affine, track_running_stats, bias=bias)
+        super().__init__(2, num_features, alpha, eps, momentum, affine, track_running_stats, bias=bias,
+                         device=device, dtype=dtype)
 
 
 class OctBatchNorm3d(OctBatchNorm):
@@ -207,8 +213,10 @@ class OctBatchNorm3d(OctBatchNorm):
     def __init__(
         self, num_features: int, alpha: float = 0.5, eps: float = 1e-5, momentum: float | None = 0.1,
         affine: bool = True, track_running_stats: bool = True, *, bias: bool = True,
+        device: torch.device | str | None = None, dtype: torch.dtype | None = None,
     ) -> None:
-        super().__init__(3, num_features, alpha, eps, momentum, affine, track_running_stats, bias=bias)
+        super().__init__(3, num_features, alpha, eps, momentum, affine, track_running_stats, bias=bias,
+                         device=device, dtype=dtype)
 
 
 class OctMap(nn.Module):

@@ -84,6 +84,7 @@ class OctConvTranspose(nn.Module):
         alpha_in, alpha_out: fractions of low-frequency channels of the input and the output, in [0, 1).
         bias: a learnable bias per output branch (on ``h2h`` and ``l2l``, or ``h2l`` without ``l2l``).
         octave: 3D only, ``"spatial"`` (halve H, W) or ``"spatiotemporal"`` (halve T, H, W).
+        device, dtype: where and in which dtype the weights are made (as for ``nn.ConvTransposeNd``).
 
     Paths are ordinary ``ConvTransposeNd`` modules named ``h2h``, ``h2l``, ``l2h`` and ``l2l`` (absent
     paths are None). Input and output follow :class:`~oct3d.nn.OctConv`: a plain tensor at ratio 0,
@@ -93,9 +94,13 @@ class OctConvTranspose(nn.Module):
     def __init__(
         self, dims: int, in_channels: int, out_channels: int, kernel_size: IntOrTuple, alpha_in: float = 0.5,
         alpha_out: float = 0.5, stride: IntOrTuple = 1, padding: IntOrTuple = 0, output_padding: IntOrTuple = 0,
-        bias: bool = False, octave: str = "spatial",
+        bias: bool = False, octave: str = "spatial", *, device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
+        if bias not in (True, False):  # (numpy bools pass, as nn.ConvTransposeNd takes them)
+            raise TypeError(f"bias must be a bool, got {bias!r}")
+        bias = bool(bias)
         if dims not in (1, 2, 3):
             raise ValueError(f"dims must be 1, 2 or 3 (the spatial axes of the maps), got {dims!r}")
         self.axes = octave_axes(dims, octave)
@@ -129,7 +134,8 @@ class OctConvTranspose(nn.Module):
 
         def path(cin: int, cout: int, with_bias: bool) -> nn.Module:
             return _CONV_T[dims](
-                cin, cout, self.kernel_size, self.stride, self.padding, self.output_padding, bias=with_bias
+                cin, cout, self.kernel_size, self.stride, self.padding, self.output_padding, bias=with_bias,
+                device=device, dtype=dtype,
             )
 
         self.h2h = path(self.in_high, self.out_high, bias)
@@ -208,10 +214,10 @@ class OctConvTranspose1d(OctConvTranspose):
     def __init__(
         self, in_channels: int, out_channels: int, kernel_size: IntOrTuple, alpha_in: float = 0.5,
         alpha_out: float = 0.5, stride: IntOrTuple = 1, padding: IntOrTuple = 0, output_padding: IntOrTuple = 0,
-        bias: bool = False,
+        bias: bool = False, *, device: torch.device | str | None = None, dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__(1, in_channels, out_channels, kernel_size, alpha_in, alpha_out, stride, padding,
-                         output_padding, bias)
+                         output_padding, bias, device=device, dtype=dtype)
 
 
 class OctConvTranspose2d(OctConvTranspose):
@@ -220,10 +226,10 @@ class OctConvTranspose2d(OctConvTranspose):
     def __init__(
         self, in_channels: int, out_channels: int, kernel_size: IntOrTuple, alpha_in: float = 0.5,
         alpha_out: float = 0.5, stride: IntOrTuple = 1, padding: IntOrTuple = 0, output_padding: IntOrTuple = 0,
-        bias: bool = False,
+        bias: bool = False, *, device: torch.device | str | None = None, dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__(2, in_channels, out_channels, kernel_size, alpha_in, alpha_out, stride, padding,
-                         output_padding, bias)
+                         output_padding, bias, device=device, dtype=dtype)
 
 
 class OctConvTranspose3d(OctConvTranspose):
@@ -233,7 +239,8 @@ class OctConvTranspose3d(OctConvTranspose):
     def __init__(
         self, in_channels: int, out_channels: int, kernel_size: IntOrTuple, alpha_in: float = 0.5,
         alpha_out: float = 0.5, stride: IntOrTuple = 1, padding: IntOrTuple = 0, output_padding: IntOrTuple = 0,
-        bias: bool = False, octave: str = "spatial",
+        bias: bool = False, octave: str = "spatial", *, device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__(3, in_channels, out_channels, kernel_size, alpha_in, alpha_out, stride, padding,
-                         output_padding, bias, octave)
+                         output_padding, bias, octave, device=device, dtype=dtype)
