@@ -195,7 +195,8 @@ def is_video_file(path: str | os.PathLike) -> bool:
 def find_videos(paths: Iterable[str | os.PathLike], extensions: Iterable[str] = VIDEO_EXTENSIONS) -> list[Path]:
     """Files named in ``paths``, with folders searched recursively for ``extensions`` (case-insensitive).
 
-    Each folder's files come sorted; named files are kept whatever their extension.
+    Each folder's files come sorted, without hidden files and folders (names starting with ``.``, such as
+    macOS's ``._clip.mp4`` AppleDouble files); named files are kept whatever their extension or name.
 
     Raises:
         FileNotFoundError: a path does not exist.
@@ -205,7 +206,10 @@ def find_videos(paths: Iterable[str | os.PathLike], extensions: Iterable[str] = 
     for entry in paths:
         path = Path(entry)
         if path.is_dir():
-            found.extend(sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in suffixes))
+            found.extend(sorted(
+                p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in suffixes
+                and not any(part.startswith(".") for part in p.relative_to(path).parts)
+            ))
         elif path.exists():
             found.append(path)
         else:

@@ -22,6 +22,8 @@ TOOLS: dict[str, str] = {
     "bench-data": "oct3d.benchmark_data:main",
 }
 
+_TRAINING_COMMANDS = ("fit", "validate", "test", "predict")
+
 _USAGE = """usage: oct3d {fit,validate,test,predict} [LightningCLI options]        (training, see `oct3d fit --help`)
        oct3d {table,bench,infer,export,segment,bench-data} [options]   (tools, see `oct3d infer --help`)"""
 
@@ -54,6 +56,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: `oct3d {args[0]}` is not available in this installation ({error})", file=sys.stderr)
             return 2
         return int(tool(args[1:]) or 0)
+    if args and not args[0].startswith("-") and args[0] not in _TRAINING_COMMANDS:
+        print(_USAGE, file=sys.stderr)
+        print(f"oct3d: error: unknown command {args[0]!r}; choose one of "
+              f"{', '.join((*_TRAINING_COMMANDS, *TOOLS))}", file=sys.stderr)
+        return 2
     if args and args[0] in ("-h", "--help") and len(args) == 1:
         print(_USAGE)
         print("training options:")

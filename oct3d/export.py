@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from oct3d.inference import CheckpointError, ModelMetadata, load_predictor
+from oct3d.inference import CheckpointError, ModelMetadata, check_output_file, load_predictor
 
 __all__ = ["FORMATS", "export_model", "export_checkpoint", "main"]
 
@@ -94,6 +94,31 @@ def _native_stdout_silenced() -> Iterator[None]:
         os.close(saved)
 
 
+@contextlib.contextmanager
+def _channels_first(model: nn.Module) -> Iterator[None]:
+    """Run ``model``'s oct3d modules in the default memory format for the duration.
+
+    ONNX has no memory format: the TorchScript-based exporter cannot express the channels_last
+    conversion oct3d's models make on CPU, and the runtime picks its own layout anyway.
+    """
+    changed = [m for m in model.modules() if getattr(m, "channels_last", False) is not False]
+    saved = [m.channels_last for m in changed]
+    try:
+        for m in changed:
+            m.channels_last = False
+        yield
+    finally:
+        for m, value in zip(changed, saved):
+            m.channels_last = value
+
+
+def _onnx_opset(path: Path) -> int | None:
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    return next((entry.version for entry in model.opset_import if entry.domain in ("", "ai.onnx")), None)
+
+
 def _export_onnx(model: nn.Module, example: torch.Tensor, out: Path, opset: int, batch: Any,
                  tolerance: float = 1e-4) -> None:
     names = {"input_names": ["input"], "output_names": ["logits"], "opset_version": opset}
@@ -103,7 +128,7 @@ def _export_onnx(model: nn.Module, example: torch.Tensor, out: Path, opset: int,
             # The TorchScript-based exporter is several times faster than the dynamo one (3 s vs 24 s for a
             # small Oct-I3D) but deprecated; every export is checked against eager and redone with dynamo
             # if it differs.
-            with _native_stdout_silenced():  # a failed attempt dumps its whole TorchScript graph from C++
+            with _native_stdout_silenced(), _channels_first(model):  # (a failed attempt dumps its graph from C++)
                 torch.onnx.export(_without_in_place_ops(model), (example,), str(out), dynamo=False,
                                   dynamic_axes={"input": {0: "batch"}}, **names)
             error = _onnx_max_error(model, example, out)
@@ -117,6 +142,15 @@ def _export_onnx(model: nn.Module, example: torch.Tensor, out: Path, opset: int,
     error = _onnx_max_error(model, example, out)
     if error is not None and error > tolerance:
         raise RuntimeError(f"ONNX export of {out} differs from the eager model by {error:.3g} (> {tolerance})")
+    written = _onnx_opset(out)
+    if written != opset:
+        out.unlink(missing_ok=True)
+        raise ExportError(f"--opset {opset}: this model exports only through torch's dynamo exporter, which wrote "
+                          f"opset {written}; use --opset {written} or newer")
+
+
+class ExportError(ValueError):
+    """A model that cannot be exported as asked (e.g. an ONNX opset the exporter cannot write)."""
 
 
 def export_model(model: nn.Module, metadata: ModelMetadata, fmt: str, out: str | os.PathLike,
@@ -193,11 +227,13 @@ def main(argv: list[str] | None = None) -> int:
         if missing:
             print(f"error: --format onnx needs {' and '.join(missing)}: pip install 'oct3d[onnx]'", file=sys.stderr)
             return 2
+    check_output_file(parser, "OUT", args.out, [args.checkpoint])
+    check_output_file(parser, "OUT's sidecar", args.out + ".json", [args.checkpoint])
     if Path(args.out).suffix != SUFFIXES[args.format]:
         print(f"note: {args.format} files usually end in {SUFFIXES[args.format]}", file=sys.stderr)
     try:
         out = export_checkpoint(args.checkpoint, args.format, args.out, args.trust_checkpoint, args.opset)
-    except CheckpointError as error:
+    except (CheckpointError, ExportError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     print(f"wrote {out} and {out.name}.json")

@@ -200,6 +200,33 @@ def _sidecar(path: Path) -> Path:
     return path.with_name(path.name + ".json")
 
 
+def _is_torchscript(path: Path) -> bool:
+    """Whether a ``.pt`` file is a TorchScript archive (``tools/export.py --format torchscript``), not a checkpoint."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return any(name.endswith("/constants.pkl") or name == "constants.pkl" for name in archive.namelist())
+    except (OSError, zipfile.BadZipFile):
+        return False
+
+
+def check_checkpoint_file(path: str | os.PathLike) -> Path:
+    """``path`` as a ``Path`` if it is a file; else a ``CheckpointError`` that says what it is instead.
+
+    A folder (a run's log folder, say) gets a hint naming the ``.ckpt`` files a few levels below it.
+    """
+    path = Path(path)
+    if path.is_dir():
+        # A few levels deep only (a run folder's checkpoints/), not a walk of a whole dataset tree.
+        found = sorted(p for depth in range(4) for p in path.glob("*/" * depth + "*.ckpt"))
+        hint = f" (it holds {len(found)} .ckpt files, e.g. {found[0]})" if found else ""
+        raise CheckpointError(f"checkpoint {path} is a folder; give the checkpoint file{hint}")
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    return path
+
+
 def load_predictor(path: str | os.PathLike, device: str = "auto", trust_checkpoint: bool = False,
                    amp: bool = True) -> Predictor:
     """Load a Lightning checkpoint from ``lightning fit`` or a model from ``tools/export.py``.
@@ -213,19 +240,12 @@ def load_predictor(path: str | os.PathLike, device: str = "auto", trust_checkpoi
     Raises:
         CheckpointError: the file is missing, not ours, or not loadable safely.
     """
-    path = Path(path)
-    if path.is_dir():
-        # A few levels deep only (a run folder's checkpoints/), not a walk of a whole dataset tree.
-        found = sorted(p for depth in range(4) for p in path.glob("*/" * depth + "*.ckpt"))
-        hint = f" (it holds {len(found)} .ckpt files, e.g. {found[0]})" if found else ""
-        raise CheckpointError(f"checkpoint {path} is a folder; give the checkpoint file{hint}")
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist")
+    path = check_checkpoint_file(path)
     torch_device = resolve_device(device)
     sidecar = _sidecar(path)
     if path.suffix in EXPORT_FORMATS and sidecar.is_file():
         return _load_export(path, sidecar, torch_device, amp)
-    if path.suffix in EXPORT_FORMATS and path.suffix != ".pt":
+    if path.suffix in EXPORT_FORMATS and (path.suffix != ".pt" or _is_torchscript(path)):
         raise CheckpointError(f"{path}: exported model without its metadata sidecar {sidecar}")
     from oct3d.lightning.modules import CHECKPOINT_FORMAT_VERSION, CHECKPOINT_KEY
     from oct3d.models import get_model
@@ -285,10 +305,20 @@ def _load_export(path: Path, sidecar: Path, device: torch.device, amp: bool) -> 
 def find_inputs(paths: Iterable[str | os.PathLike], extensions: Sequence[str] = VIDEO_EXTENSIONS) -> list[Path]:
     """Files named in ``paths``, with folders searched recursively for files with ``extensions`` (sorted).
 
+    A folder's hidden files (``.name``, such as macOS's ``._name.mp4`` AppleDouble files) are skipped, and
+    a file reached twice (named twice, or named and inside a named folder) is kept once, first place.
+
     Raises:
         FileNotFoundError: a path does not exist.
     """
-    return find_videos(paths, extensions)
+    found: list[Path] = []
+    seen: set[Path] = set()
+    for path in find_videos(paths, extensions):
+        key = path.resolve()
+        if key not in seen:
+            seen.add(key)
+            found.append(path)
+    return found
 
 
 @dataclass(frozen=True)
@@ -628,17 +658,34 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def split_inputs(parser: argparse.ArgumentParser, args: argparse.Namespace) -> tuple[list[str], list[str]]:
-    """``(existing, missing)`` input paths of a file-processing command; an ``--output`` file whose
-    folder does not exist is a usage error (``parser.error``), before any work.
+    """``(existing, missing)`` input paths of a file-processing command. Usage errors
+    (``parser.error``, before any work): an ``--output`` file whose folder does not exist, that is a
+    folder, or that is one of the inputs or the checkpoint (it would be overwritten).
 
     A missing input is a data error like an unreadable file: the commands report it in their output
     as ``{"path", "error": "does not exist"}`` and go on with the others.
     """
     output = getattr(args, "output", None)
-    if output and output != "-" and not Path(output).resolve().parent.is_dir():
-        parser.error(f"--output {output}: folder {Path(output).resolve().parent} does not exist")
+    if output and output != "-":
+        check_output_file(parser, "--output", output, [*args.paths, getattr(args, "checkpoint", None)])
     missing = [p for p in args.paths if not Path(p).exists()]
     return [p for p in args.paths if p not in missing], missing
+
+
+def check_output_file(parser: argparse.ArgumentParser, option: str, output: str | os.PathLike,
+                      protected: Iterable[str | os.PathLike | None] = ()) -> None:
+    """``parser.error`` unless ``output`` can be written as a new or replaced file: its folder exists, it
+    is not a folder, and it is none of the ``protected`` files (a command's inputs and checkpoint)."""
+    path = Path(output)
+    if path.is_dir():
+        parser.error(f"{option} {output} is a folder; give a file name")
+    if not path.resolve().parent.is_dir():
+        parser.error(f"{option} {output}: folder {path.resolve().parent} does not exist")
+    if path.exists():
+        for other in protected:
+            if other is not None and Path(other).is_file() and os.path.samefile(path, other):
+                parser.error(f"{option} {output} is also an input of this command ({other}); it would be "
+                             "overwritten: choose another file")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -651,10 +698,11 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("topk", "batch_size", "workers"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if args.window is not None and args.window <= 0:
-        parser.error(f"--window must be > 0 seconds, got {args.window}")
-    if args.hop is not None and (args.window is None or args.hop <= 0):
-        parser.error("--hop needs --window and must be > 0 seconds")
+    if args.window is not None and not (math.isfinite(args.window) and args.window > 0):
+        parser.error(f"--window must be a finite number of seconds > 0 (omit it for one prediction per video), "
+                     f"got {args.window}")
+    if args.hop is not None and (args.window is None or not (math.isfinite(args.hop) and args.hop > 0)):
+        parser.error(f"--hop needs --window and must be a finite number of seconds > 0, got {args.hop}")
     present, missing = split_inputs(parser, args)
     try:
         args.decoder = require_decoder(args.decoder)  # a decoder that cannot load here is a usage error
@@ -664,6 +712,9 @@ def main(argv: list[str] | None = None) -> int:
     except (CheckpointError, FileNotFoundError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    for folder in present:
+        if Path(folder).is_dir() and not find_inputs([folder], extensions):
+            print(f"warning: folder {folder} holds no {'/'.join(extensions)} files", file=sys.stderr)
     if not files and not missing:
         print(f"error: no {'/'.join(extensions)} files under {' '.join(args.paths)}", file=sys.stderr)
         return 2

@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import astuple, dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -75,7 +77,6 @@ _PEERS: dict[str, tuple[str, Callable[[int], nn.Module]]] = {
     "oct_resnet101": ("torchvision resnet101", _torchvision("resnet101")),
     "oct_resnet152": ("torchvision resnet152", _torchvision("resnet152")),
     "oct_resnext50_32x4d": ("torchvision resnext50_32x4d", _torchvision("resnext50_32x4d")),
-    "oct_resnext101_32x4d": ("torchvision resnext101_32x4d", _torchvision("resnext101_32x4d")),
     "oct_mobilenet_v2": ("torchvision mobilenet_v2", _torchvision("mobilenet_v2")),
     "oct_densenet121": ("torchvision densenet121", _torchvision("densenet121")),
     "oct_i3d_r50": ("pytorchvideo i3d_r50", _pytorchvideo("i3d_r50")),
@@ -141,11 +142,17 @@ class CostRow:
     octave: str
     alpha: float | None  # None for the vanilla peer
     input_size: tuple[int, ...]
-    macs: int
-    params: int
-    activation_bytes: int
+    macs: int | None  # None (with params and activation_bytes): the model does not exist at this alpha
+    params: int | None
+    activation_bytes: int | None
     peer_macs: int
     peer_activation_bytes: int
+    note: str = ""  # why the model does not exist at this alpha
+
+    @property
+    def available(self) -> bool:
+        """Whether the model exists at this alpha (grouped layers need every branch divisible by the groups)."""
+        return self.macs is not None
 
     @property
     def gmacs(self) -> float:
@@ -180,8 +187,13 @@ def cost_rows(
         modes = ("spatial",) if model_task(name) == "image" else tuple(octaves)
         for octave in modes:
             for alpha in alphas:
-                with torch.device("meta"):
-                    model = build_octave(name, alpha, octave)
+                try:
+                    with torch.device("meta"):
+                        model = build_octave(name, alpha, octave)
+                except ValueError as error:  # e.g. ResNeXt's 32 groups cannot split alpha=.125's branches
+                    rows.append(CostRow(name, octave, float(alpha), size, None, None, None, peer_macs, peer_bytes,
+                                        note=str(error)))
+                    continue
                 macs, params, act = astuple(measure(model, size))
                 rows.append(CostRow(name, octave, float(alpha), size, macs, params, act, peer_macs, peer_bytes))
     return rows
@@ -193,10 +205,14 @@ def format_table(rows: Sequence[CostRow], markdown: bool = True) -> str:
               "memory vs vanilla"]
     body = []
     for r in rows:
+        alpha = "vanilla" if r.alpha is None else f"{r.alpha:g}"
+        first = [r.model, r.octave, alpha, "x".join(map(str, r.input_size[2:]))]
+        if not r.available:
+            body.append([*first, *(["n/a"] * 5)])
+            continue
         body.append([
-            r.model, r.octave, "vanilla" if r.alpha is None else f"{r.alpha:g}", "x".join(map(str, r.input_size[2:])),
-            f"{r.gmacs:.2f}", f"{r.mac_ratio:.2f}", f"{r.params / 1e6:.2f}", f"{r.activation_bytes / 2**20:.1f}",
-            f"{r.memory_ratio:.2f}",
+            *first, f"{r.gmacs:.2f}", f"{r.mac_ratio:.2f}", f"{r.params / 1e6:.2f}",
+            f"{r.activation_bytes / 2**20:.1f}", f"{r.memory_ratio:.2f}",
         ])
     if markdown:
         lines = ["| " + " | ".join(header) + " |", "|" + "|".join(" --- " for _ in header) + "|"]
@@ -216,7 +232,7 @@ def plot_costs(rows: Sequence[CostRow], path: str) -> None:
 
     series: dict[str, list[CostRow]] = {}
     for r in rows:
-        if r.alpha is not None:
+        if r.alpha is not None and r.available:
             key = r.model if len(r.input_size) == 4 else f"{r.model} ({r.octave})"
             series.setdefault(key, []).append(r)
     fig, axes = plt.subplots(1, 3, figsize=(16, 5))
@@ -241,7 +257,7 @@ def plot_costs(rows: Sequence[CostRow], path: str) -> None:
 
 def _models_for(task: str) -> list[str]:
     if task == "all":
-        return list_models("image") + list_models("video")
+        return list_models("image") + list_models("video") + list_models("segmentation")
     return list_models(task)
 
 
@@ -257,6 +273,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--output", help="also write the markdown table to this file")
     parser.add_argument("--plot", help="write a PNG of cost against alpha to this file")
     args = parser.parse_args(argv)
+    for option in ("output", "plot"):
+        value = getattr(args, option)
+        if value and (Path(value).is_dir() or not Path(value).resolve().parent.is_dir()):
+            parser.error(f"--{option} {value}: give a file in an existing folder")
     for alpha in args.alphas:
         if not 0.0 <= alpha < 1.0 or math.isnan(alpha):
             parser.error(f"--alphas must be in [0, 1), got {alpha}")
@@ -274,6 +294,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     names = args.models or _models_for(args.task)
     rows = cost_rows(names, args.alphas, args.octave)
     print(format_table(rows, markdown=args.markdown))
+    for note in dict.fromkeys(f"{r.model} at alpha {r.alpha:g}: {r.note}" for r in rows if not r.available):
+        print(f"n/a: {note}", file=sys.stderr)
     if args.output:
         with open(args.output, "w") as handle:
             handle.write(format_table(rows, markdown=True) + "\n")

@@ -30,7 +30,13 @@ from typing import Any
 
 import torch
 
-from oct3d.inference import CheckpointError, _load_checkpoint_dict, resolve_device, split_inputs
+from oct3d.inference import (
+    CheckpointError,
+    _load_checkpoint_dict,
+    check_checkpoint_file,
+    resolve_device,
+    split_inputs,
+)
 
 __all__ = ["Segmenter", "find_volumes", "load_segmenter", "segment_files", "main"]
 
@@ -145,9 +151,7 @@ def load_segmenter(path: str | os.PathLike, device: str = "auto", trust_checkpoi
     from oct3d.lightning.modules import CHECKPOINT_FORMAT_VERSION, CHECKPOINT_KEY
     from oct3d.lightning.segmentation import VolumeSegmenter
 
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist")
+    path = check_checkpoint_file(path)
     torch_device = resolve_device(device)
     checkpoint = _load_checkpoint_dict(path, trust_checkpoint)
     meta = checkpoint.get(CHECKPOINT_KEY) if isinstance(checkpoint, dict) else None
@@ -282,6 +286,8 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     present, missing = split_inputs(parser, args)
+    if Path(args.output_dir).exists() and not Path(args.output_dir).is_dir():
+        parser.error(f"--output-dir {args.output_dir} is a file; give a folder (it is created if absent)")
     try:
         segmenter = load_segmenter(args.checkpoint, args.device, args.trust_checkpoint, amp=not args.no_amp)
         inputs = find_volumes(present, exclude=args.output_dir)
@@ -298,7 +304,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: no .nii/.nii.gz files under {' '.join(args.paths)}", file=sys.stderr)
         return 2
     failed = total = 0
-    handle = open(args.output, "w") if args.output else sys.stdout  # noqa: SIM115 - closed below, written per line
+    to_file = args.output and args.output != "-"
+    handle = open(args.output, "w") if to_file else sys.stdout  # noqa: SIM115 - closed below, written per line
     try:
         for result in [{"path": p, "error": "does not exist"} for p in missing]:
             total += 1

@@ -195,3 +195,11 @@ def test_the_learning_rate_is_logged_whenever_a_logger_is(tiny_kinetics, tmp_pat
 
     assert monitors() == 1  # the configs leave `logger: null`: Lightning's default TensorBoard logger
     assert monitors("--trainer.logger", "false") == 0
+
+
+def test_an_unknown_oct3d_command_lists_every_command(capsys):
+    from oct3d.cli import main as oct3d_main
+
+    assert oct3d_main(["bogus"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown command 'bogus'" in err and "fit" in err and "infer" in err and "segment" in err

@@ -133,3 +133,18 @@ def test_onnx_export_without_its_packages_is_a_usage_error(tmp_path, capsys, mon
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "onnxscript" else real(name, *a))
     assert export_main(["--checkpoint", str(tmp_path / "any.ckpt"), "--format", "onnx", str(tmp_path / "m.onnx")]) == 2
     assert "needs onnxscript: pip install 'oct3d[onnx]'" in capsys.readouterr().err
+
+
+def test_onnx_export_writes_the_opset_asked_for_and_never_overwrites_its_checkpoint(tiny_video_checkpoint, tmp_path,
+                                                                                    capsys):
+    import onnx
+
+    out = tmp_path / "o13.onnx"
+    assert export_main(["--checkpoint", str(tiny_video_checkpoint), "--format", "onnx", "--opset", "13", str(out)]) == 0
+    assert [e.version for e in onnx.load(str(out)).opset_import if e.domain in ("", "ai.onnx")] == [13]
+    copy = tmp_path / "model.ckpt"
+    shutil.copy(tiny_video_checkpoint, copy)
+    with pytest.raises(SystemExit) as stop:
+        export_main(["--checkpoint", str(copy), "--format", "torchscript", str(copy)])
+    assert stop.value.code == 2 and "also an input" in capsys.readouterr().err
+    assert copy.read_bytes() == tiny_video_checkpoint.read_bytes()

@@ -223,3 +223,50 @@ def test_a_checkpoint_folder_is_named_as_a_folder(checkpoint, mixed_folder, tmp_
     assert main(["--checkpoint", str(folder), str(good[0])]) == 2
     err = capsys.readouterr().err
     assert "is a folder" in err and "last.ckpt" in err
+
+
+def test_outputs_that_would_overwrite_an_input_or_the_checkpoint_are_usage_errors(checkpoint, mixed_folder, tmp_path,
+                                                                                   capsys):
+    folder, _ = mixed_folder
+    video = folder / "a_good.mp4"
+    size = video.stat().st_size
+    copy = tmp_path / "model.ckpt"
+    shutil.copy(checkpoint, copy)
+    for output, why in ((video, "also an input"), (copy, "also an input"), (tmp_path, "is a folder")):
+        with pytest.raises(SystemExit) as stop:
+            main(["--checkpoint", str(copy), "--output", str(output), str(video)])
+        assert stop.value.code == 2 and why in capsys.readouterr().err
+    assert video.stat().st_size == size and copy.stat().st_size == checkpoint.stat().st_size
+    for window in ("nan", "inf", "-1"):
+        with pytest.raises(SystemExit):
+            main(["--checkpoint", str(copy), "--window", window, str(video)])
+        assert "--window must be a finite number" in capsys.readouterr().err
+
+
+def test_folder_scans_skip_hidden_files_keep_each_file_once_and_warn_of_empty_folders(checkpoint, mixed_folder,
+                                                                                      tmp_path, capsys):
+    folder, good = mixed_folder
+    (folder / "._a_good.mp4").write_bytes(b"\x00\x05\x16\x07" + bytes(60))  # a macOS AppleDouble file
+    (folder / ".cache").mkdir()
+    shutil.copy(good[0], folder / ".cache" / "hidden.mp4")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    files = find_inputs([folder, folder / "a_good.mp4"])
+    assert [p.name for p in files] == ["a_good.mp4", "c_truncated.mp4", "d_text.mp4", "b_good.mp4"]
+    assert find_inputs([folder / "._a_good.mp4"])[0].name == "._a_good.mp4"  # named explicitly: kept
+    output = tmp_path / "out.jsonl"
+    main(["--checkpoint", str(checkpoint), "--output", str(output), str(folder / "a_good.mp4"), str(empty)])
+    assert "folder " + str(empty) + " holds no" in capsys.readouterr().err
+    assert len(_lines(output)) == 1
+
+
+def test_a_torchscript_export_without_its_sidecar_is_named_as_such(checkpoint, tmp_path, mixed_folder, capsys):
+    from oct3d.export import main as export_main
+
+    exported = tmp_path / "model.pt"
+    assert export_main(["--checkpoint", str(checkpoint), "--format", "torchscript", str(exported)]) == 0
+    (tmp_path / "model.pt.json").unlink()
+    capsys.readouterr()
+    assert main(["--checkpoint", str(exported), str(mixed_folder[0] / "a_good.mp4")]) == 2
+    err = capsys.readouterr().err
+    assert "exported model without its metadata sidecar" in err and "weights_only" not in err

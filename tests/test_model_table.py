@@ -41,3 +41,17 @@ def test_plain_text_and_bad_arguments(capsys):
     with pytest.raises(SystemExit):
         model_table.main(["--models", "no_such_model"])
     assert "no_such_model" in capsys.readouterr().err
+
+
+def test_alphas_a_model_cannot_take_are_n_a_and_all_covers_every_task(capsys):
+    rows = model_table.cost_rows(["oct_resnext50_32x4d"], alphas=(0.125, 0.5))
+    unavailable = [r for r in rows if r.alpha == 0.125]
+    assert len(unavailable) == 1 and not unavailable[0].available and "groups=32" in unavailable[0].note
+    assert "| n/a |" in model_table.format_table(rows)
+    assert [r.available for r in rows if r.alpha == 0.5] == [True]
+    label, _ = model_table.vanilla_peer("oct_resnext101_32x4d")  # torchvision has no resnext101_32x4d
+    assert "alpha=0" in label
+    assert "oct_unet3d" in model_table._models_for("all")
+    with pytest.raises(SystemExit):
+        model_table.parse_args(["--plot", "/nonexistent/folder/cost.png"])
+    assert "--plot" in capsys.readouterr().err

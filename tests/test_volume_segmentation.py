@@ -419,6 +419,19 @@ def test_segment_never_overwrites_or_resegments_its_inputs(fitted, tiny_decathlo
                   str(scans)])
         runs.append(sorted(json.loads(line)["path"] for line in lines.read_text().splitlines()))
     assert runs[0] == runs[1] and all("/seg/" not in path for path in runs[1])
+    # The JSON lines file may not be an input either, nor --output-dir a file; a run folder as the
+    # checkpoint is named as a folder.
+    scan = sorted(scans.glob("*.nii.gz"))[0]
+    for args, why in (
+        (["--output-dir", str(tmp_path / "seg2"), "--output", str(scan), str(scan)], "also an input"),
+        (["--output-dir", str(scan), str(scan)], "is a file"),
+    ):
+        with pytest.raises(SystemExit):
+            cli.main(["segment", "--checkpoint", checkpoint, *args])
+        assert why in capsys.readouterr().err
+    assert cli.main(["segment", "--checkpoint", str(out), "--output-dir", str(tmp_path / "seg3"), str(scan)]) == 2
+    assert "is a folder" in capsys.readouterr().err
+    assert {p: p.read_bytes() for p in scans.iterdir() if p.is_file()} == before
 
 
 def test_any_module_backbone_trains_and_reloads(tiny_decathlon, tmp_path):
