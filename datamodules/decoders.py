@@ -22,7 +22,9 @@ Every failure to read a file (missing, truncated, corrupt, not a video) raises :
 
 from __future__ import annotations
 
+import bisect
 import functools
+import itertools
 import os
 import re
 import threading
@@ -298,6 +300,24 @@ def _fill_tail(path: str, found: dict[int, object], wanted: list[int], decoded_u
 
 
 # --------------------------------------------------------------------------------------------- PyAV
+def _index_timestamps(stream: object) -> list[int]:
+    """The timestamps of a stream's index entries (MP4/MOV: every frame's decode time; most other
+    formats: none or a few keyframes)."""
+    try:
+        return [entry.timestamp for entry in stream.index_entries]
+    except Exception:  # an older PyAV without index_entries: no cheap rate check
+        return []
+
+
+def _uniform(timestamps: list[int]) -> bool:
+    """Whether sorted ``timestamps`` are evenly spaced (a constant frame rate), within one tick of the
+    time base and 1% of the step (a millisecond time base rounds 30 fps to steps of 33 and 34)."""
+    steps = sorted(b - a for a, b in itertools.pairwise(sorted(timestamps)))
+    if not steps:
+        return True
+    typical = steps[len(steps) // 2]
+    return steps[0] >= typical - 1 - 0.01 * typical and steps[-1] <= typical + 1 + 0.01 * typical
+
 # PyAV reformatters (swscale contexts) by output size, per thread and process: they are not thread-safe,
 # and a context made before a fork would be used without its slice threads (a deadlock) in the child.
 _THREAD_STATE = threading.local()
@@ -318,6 +338,12 @@ class _PyAVReader(VideoReader):
     Packets are demuxed first (cheap) so that each wanted index maps to the frame that shows it; frames
     that show no wanted index are skipped when the codec can drop them (non-reference frames), and only
     frames that are kept are converted to RGB, at the size each clip asks for.
+
+    Frame ``i`` is the ``i``-th frame in presentation order, as for decord and torchcodec. A
+    constant-rate stream maps timestamps to indices on its frame-rate grid; a variable-rate one
+    (phone recordings, screen captures, a stream with a freeze), found from the container's index
+    (MP4/MOV) or from its packets (formats without a frame count), through a table of every frame's
+    timestamp, made by demuxing the file once (a few milliseconds; no decoding).
     """
 
     name = "pyav"
@@ -371,14 +397,37 @@ class _PyAVReader(VideoReader):
         if not stream.width or not stream.height:
             raise VideoDecodeError(self.path, "video stream has no frame size (undecodable codec parameters)")
         self._start_pts = stream.start_time or 0
-        if num_frames <= 0 and self._container.format.name.split(",")[0] in _ESTIMATED_DURATION_FORMATS:
-            # These headers carry no frame count and FFmpeg estimates their duration (from the bit rate or
-            # the last timestamps), which can be far off: count the packets instead (demuxing, no decoding).
-            num_frames = sum(1 for packet in self._container.demux(stream) if packet.size > 0)
-            self._rewind()
+        self._pts_table: list[int] | None = None  # every frame's pts in presentation order (variable rate)
+        self._pts_index: dict[int, int] = {}
+        entries = _index_timestamps(stream)
+        if num_frames > 1 and len(entries) == num_frames and not _uniform(entries):
+            # A variable-rate MP4/MOV: its index holds decode times, and the table needs display times.
+            pts = self._demux_timestamps()
             stream = self._stream
-            if num_frames > 0 and fps > 0:
-                duration = num_frames / fps
+            if pts is not None and not _uniform(pts):
+                self._use_pts_table(pts)
+                num_frames = len(pts)
+        elif num_frames <= 0:
+            # No frame count in the header: count the packets (demuxing, no decoding). FFmpeg only estimates
+            # some of these formats' durations (from the bit rate or the last timestamps), far off at times,
+            # and a variable-rate stream (Matroska/WebM) needs its timestamps anyway.
+            pts = self._demux_timestamps()
+            stream = self._stream
+            estimated = self._container.format.name.split(",")[0] in _ESTIMATED_DURATION_FORMATS
+            if pts and duration > 0 and not estimated and self._cut_short(pts, duration):
+                # A cut download: its header's frame count stands, so that reading the missing tail is
+                # reported as truncated, while the intact start still reads.
+                pts = None
+            if pts:
+                num_frames = len(pts)
+                if not _uniform(pts):
+                    self._use_pts_table(pts)
+                    if duration <= 0 and fps > 0:
+                        duration = num_frames / fps
+                elif estimated and fps > 0:
+                    duration = num_frames / fps
+                if self._pts_table is not None and duration > 0:
+                    fps = num_frames / duration  # the average rate of the frames there are
         if num_frames <= 0 and fps > 0:
             num_frames = round(duration * fps)
         if num_frames <= 0 or fps <= 0:
@@ -389,12 +438,50 @@ class _PyAVReader(VideoReader):
         self._frames_per_tick = float(stream.time_base) * fps
         self.info = VideoInfo(self.path, num_frames, fps, duration, stream.height, stream.width)
 
+    def _demux_timestamps(self) -> list[int] | None:
+        """The sorted pts of every packet (None when some packet has none), then back to the first packet."""
+        pts: list[int] = []
+        complete = True
+        for packet in self._container.demux(self._stream):
+            if packet.size > 0:
+                if packet.pts is None:
+                    complete = False
+                else:
+                    pts.append(packet.pts)
+        self._rewind()
+        if not complete:
+            return None
+        return sorted(pts)
+
+    def _cut_short(self, pts: list[int], duration: float) -> bool:
+        """Whether the packets end well before the header's duration (a cut download)."""
+        time_base = float(self._stream.time_base)
+        steps = sorted(b - a for a, b in itertools.pairwise(pts))
+        step = steps[len(steps) // 2] * time_base if steps else 0.0
+        covered = (pts[-1] - self._start_pts) * time_base + step
+        return covered + max(2 * step, 0.1) < duration
+
+    def _use_pts_table(self, pts: list[int]) -> None:
+        self._pts_table = pts
+        self._pts_index = {value: i for i, value in enumerate(pts)}
+
     def _index(self, pts: int) -> int:
+        if self._pts_table is not None:
+            index = self._pts_index.get(pts)
+            if index is None:  # a frame whose pts its packet did not have: the frame shown at that time
+                index = max(bisect.bisect_right(self._pts_table, pts) - 1, 0)
+            return index
         # Float arithmetic: Fraction time bases cost microseconds per call, and this runs per packet and frame.
         return round((pts - self._start_pts) * self._frames_per_tick)
 
     def _seek(self, first_index: int) -> None:
         stream = self._stream
+        if self._pts_table is not None:
+            target = self._pts_table[min(first_index, len(self._pts_table) - 1)]
+            self._container.seek(target, stream=stream, backward=True, any_frame=False)
+            stream.codec_context.flush_buffers()
+            self._fresh = False
+            return
         target = self._start_pts + int(first_index / self.info.fps / stream.time_base)
         self._container.seek(target, stream=stream, backward=True, any_frame=False)
         stream.codec_context.flush_buffers()

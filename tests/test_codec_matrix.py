@@ -293,3 +293,21 @@ def test_audio_only_file(tmp_path, decoder):
     assert caught.value.path == str(path)
     if decoder == "pyav":
         assert caught.value.reason == "no video stream"
+
+
+@pytest.mark.parametrize("suffix", [".mp4", ".mov", ".mkv"])
+def test_variable_frame_rate_frames_are_counted_in_display_order_in_every_container(tmp_path, suffix):
+    """A slow start then a burst (a phone recording, a stream with a freeze): frame i is the i-th frame
+    shown, in every container and for PyAV and decord alike, never 'truncated' nor repeated."""
+    times = [0.0, 1.0, 2.0, 3.0, 3.04, 3.08, 3.12, 3.16, 3.2, 3.24, 3.28, 3.32]
+    path = tmp_path / f"vfr{suffix}"
+    source = _source()
+    write_video(path, source, 25, "libx264", timestamps=times)
+    frames = _within(30, lambda: read_video(path, "pyav").frames)
+    assert len(frames) == FRAMES
+    assert all(_error(frames[i : i + 1], source[i : i + 1]) < MAX_ERROR for i in range(FRAMES))
+    with open_video(path, "pyav") as reader:
+        assert reader.info.num_frames == FRAMES
+        assert torch.equal(_within(30, reader.get_frames, [9, 2, 9]), frames[[9, 2, 9]])  # seeks by the table
+    if decoder_available("decord"):
+        assert torch.equal(_within(30, lambda: read_video(path, "decord").frames), frames)
