@@ -709,6 +709,12 @@ def main(argv: list[str] | None = None) -> int:
         predictor = load_predictor(args.checkpoint, args.device, args.trust_checkpoint, amp=not args.no_amp)
         extensions = VIDEO_EXTENSIONS if predictor.metadata.task == "video" else IMAGE_EXTENSIONS
         files = find_inputs(present, extensions)
+        # Which argument each file came from, so that missing paths are reported in argument order.
+        first_argument = {}
+        for position, path in enumerate(args.paths):
+            if path in present:
+                for file in find_inputs([path], extensions):
+                    first_argument.setdefault(file.resolve(), position)
     except (CheckpointError, FileNotFoundError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -723,17 +729,24 @@ def main(argv: list[str] | None = None) -> int:
         handle = sys.stdout
     else:
         handle = open(args.output, "w") if args.output else None  # noqa: SIM115 - closed below, written line by line
-    try:
-        for path in missing:
-            results.append({"path": path, "error": "does not exist"})
+    missing_at = [(position, path) for position, path in enumerate(args.paths) if path in missing]
+
+    def report_missing(before: int) -> None:
+        while missing_at and missing_at[0][0] < before:
+            results.append({"path": missing_at.pop(0)[1], "error": "does not exist"})
             if handle is not None:
                 handle.write(json.dumps(results[-1]) + "\n")
-        for result in predict_files(predictor, files, args.topk, args.views, args.window, args.hop, args.batch_size,
-                                    args.decoder, args.workers, progress=sys.stderr.isatty()) if files else ():
+
+    try:
+        for file, result in zip(files, predict_files(
+                predictor, files, args.topk, args.views, args.window, args.hop, args.batch_size, args.decoder,
+                args.workers, progress=sys.stderr.isatty()) if files else ()):
+            report_missing(first_argument.get(file.resolve(), 0))
             results.append(result)
             if handle is not None:
                 handle.write(json.dumps(result) + "\n")
                 handle.flush()
+        report_missing(len(args.paths))
     finally:
         if handle is not None and handle is not sys.stdout:
             handle.close()

@@ -112,6 +112,11 @@ def test_a_missing_input_is_reported_and_the_others_go_on(checkpoint, mixed_fold
     first, second = _lines(output)
     assert first == {"path": missing, "error": "does not exist"} and "topk" in second
     assert "1 of 2 files failed" in capsys.readouterr().err
+    # Results come in argument order, missing paths included.
+    other = str(tmp_path / "other.mp4")
+    assert main(["--checkpoint", str(checkpoint), "--output", str(output), str(good[0]), missing, str(good[1]),
+                 other]) == 1
+    assert [r["path"] for r in _lines(output)] == [str(good[0]), missing, str(good[1]), other]
     assert main(["--checkpoint", str(checkpoint), "--output", str(output), missing]) == 1  # reported, not a crash
     with pytest.raises(SystemExit):  # an output folder that does not exist is a usage error, before any work
         main(["--checkpoint", str(checkpoint), "--output", str(tmp_path / "nowhere" / "p.jsonl"), str(good[0])])
