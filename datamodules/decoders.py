@@ -402,32 +402,31 @@ class _PyAVReader(VideoReader):
         entries = _index_timestamps(stream)
         if num_frames > 1 and len(entries) == num_frames and not _uniform(entries):
             # A variable-rate MP4/MOV: its index holds decode times, and the table needs display times.
-            pts = self._demux_timestamps()
+            count, pts = self._demux_timestamps()
             stream = self._stream
-            if pts is not None and not _uniform(pts):
+            if pts and not _uniform(pts):
                 self._use_pts_table(pts)
                 num_frames = len(pts)
+                fps = self._table_rate(fps)
         elif num_frames <= 0:
             # No frame count in the header: count the packets (demuxing, no decoding). FFmpeg only estimates
             # some of these formats' durations (from the bit rate or the last timestamps), far off at times,
-            # and a variable-rate stream (Matroska/WebM) needs its timestamps anyway.
-            pts = self._demux_timestamps()
+            # and a variable-rate stream (Matroska/WebM, MPEG-TS) needs its timestamps anyway.
+            count, pts = self._demux_timestamps()
             stream = self._stream
             estimated = self._container.format.name.split(",")[0] in _ESTIMATED_DURATION_FORMATS
             if pts and duration > 0 and not estimated and self._cut_short(pts, duration):
-                # A cut download: its header's frame count stands, so that reading the missing tail is
-                # reported as truncated, while the intact start still reads.
-                pts = None
-            if pts:
-                num_frames = len(pts)
-                if not _uniform(pts):
+                # A cut download: its duration stands, so that reading the missing tail is reported as
+                # truncated, while the intact start still reads.
+                count, pts = 0, None
+            if count:
+                num_frames = count
+                if pts and not _uniform(pts):
                     self._use_pts_table(pts)
-                    if duration <= 0 and fps > 0:
-                        duration = num_frames / fps
+                    fps = self._table_rate(fps)
+                    duration = num_frames / fps
                 elif estimated and fps > 0:
                     duration = num_frames / fps
-                if self._pts_table is not None and duration > 0:
-                    fps = num_frames / duration  # the average rate of the frames there are
         if num_frames <= 0 and fps > 0:
             num_frames = round(duration * fps)
         if num_frames <= 0 or fps <= 0:
@@ -438,27 +437,51 @@ class _PyAVReader(VideoReader):
         self._frames_per_tick = float(stream.time_base) * fps
         self.info = VideoInfo(self.path, num_frames, fps, duration, stream.height, stream.width)
 
-    def _demux_timestamps(self) -> list[int] | None:
-        """The sorted pts of every packet (None when some packet has none), then back to the first packet."""
+    def _demux_timestamps(self) -> tuple[int, list[int] | None]:
+        """The number of frame packets and their sorted pts (None when some packet has none), then back to the
+        first packet. Packets the decoder discards (the head an MP4 edit list cuts) are left out."""
         pts: list[int] = []
+        count = 0
         complete = True
-        for packet in self._container.demux(self._stream):
-            if packet.size > 0:
-                if packet.pts is None:
-                    complete = False
-                else:
-                    pts.append(packet.pts)
+        video = self._stream
+        self._file_end = 0.0  # where the last packet of any stream ends, in seconds from 0 (see _cut_short)
+        # Every stream (FFmpeg reads their packets anyway): a cut download ends them all early, while a
+        # file whose audio outlasts its video does not.
+        for packet in self._container.demux():
+            if packet.size == 0:
+                continue
+            if packet.pts is not None and packet.time_base is not None:
+                end = float((packet.pts + (packet.duration or 0)) * packet.time_base)
+                self._file_end = max(self._file_end, end)
+            if packet.stream.index != video.index or getattr(packet, "is_discard", False):
+                continue
+            count += 1
+            if packet.pts is None:
+                complete = False
+            else:
+                pts.append(packet.pts)
         self._rewind()
-        if not complete:
-            return None
-        return sorted(pts)
+        return count, sorted(pts) if complete else None
+
+    def _table_rate(self, header_fps: float) -> float:
+        """The average rate of a variable-rate stream's frames, from their own timestamps (first to last,
+        plus one typical frame), not from a container duration that FFmpeg may only have estimated."""
+        pts = self._pts_table
+        time_base = float(self._stream.time_base)
+        steps = sorted(b - a for a, b in itertools.pairwise(pts))
+        span = (pts[-1] - pts[0] + (steps[len(steps) // 2] if steps else 0)) * time_base
+        return len(pts) / span if span > 0 else header_fps
 
     def _cut_short(self, pts: list[int], duration: float) -> bool:
-        """Whether the packets end well before the header's duration (a cut download)."""
+        """Whether the file's packets (of every stream) end well before the header's duration: a cut download.
+
+        Matroska's duration runs from time 0, other containers' from the stream's start, so the end is
+        taken from 0 (the later of the two), and a stream that starts late is not taken for a cut one.
+        """
         time_base = float(self._stream.time_base)
         steps = sorted(b - a for a, b in itertools.pairwise(pts))
         step = steps[len(steps) // 2] * time_base if steps else 0.0
-        covered = (pts[-1] - self._start_pts) * time_base + step
+        covered = max(max(pts[-1], pts[-1] - self._start_pts) * time_base + step, self._file_end)
         return covered + max(2 * step, 0.1) < duration
 
     def _use_pts_table(self, pts: list[int]) -> None:

@@ -311,3 +311,64 @@ def test_variable_frame_rate_frames_are_counted_in_display_order_in_every_contai
         assert torch.equal(_within(30, reader.get_frames, [9, 2, 9]), frames[[9, 2, 9]])  # seeks by the table
     if decoder_available("decord"):
         assert torch.equal(_within(30, lambda: read_video(path, "decord").frames), frames)
+
+
+@pytest.mark.parametrize("suffix", [".mkv", ".ts", ".webm"])
+def test_streams_that_start_late_are_read_whole_and_in_order(tmp_path, suffix):
+    """A Matroska/WebM duration runs from time 0: a stream starting at 0.5 s is not a cut download."""
+    times = [0.5 + t for t in (0.0, 0.04, 0.08, 0.5, 0.54, 0.58, 0.62, 1.0, 1.04, 1.08, 1.12, 1.16)]
+    path = tmp_path / f"late{suffix}"
+    source = _source()
+    write_video(path, source, 25, "libvpx-vp9" if suffix == ".webm" else "libx264", timestamps=times)
+    with open_video(path, "pyav") as reader:
+        assert reader.info.num_frames == FRAMES
+        frames = _within(30, reader.get_frames, list(range(FRAMES)))
+    assert all(_error(frames[i : i + 1], source[i : i + 1]) < MAX_ERROR for i in range(FRAMES))
+    with open_video(path, "pyav") as reader:  # a fresh reader seeks through the table
+        assert torch.equal(_within(30, reader.get_frames, [10, 4]), frames[[10, 4]])
+
+
+def test_audio_that_outlasts_the_video_is_no_cut(tmp_path):
+    """The container's duration follows its longest stream: frames are counted, not estimated from it."""
+    import av
+
+    path = tmp_path / "long_audio.mkv"
+    source = _source()
+    with av.open(str(path), "w") as container:
+        video = container.add_stream("libx264", rate=FPS)
+        video.width, video.height, video.pix_fmt = WIDTH, HEIGHT, "yuv420p"
+        audio = container.add_stream("aac", rate=16000)
+        for image in source:
+            for packet in video.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(image), format="rgb24")):
+                container.mux(packet)
+        for packet in video.encode():
+            container.mux(packet)
+        for start in range(0, 32000, 1024):  # 2 s of audio against 0.5 s of video
+            samples = np.sin(np.arange(start, start + 1024) / 10.0).astype(np.float32)[None]
+            frame = av.AudioFrame.from_ndarray(samples, format="fltp", layout="mono")
+            frame.sample_rate, frame.pts = 16000, start
+            for packet in audio.encode(frame):
+                container.mux(packet)
+        for packet in audio.encode():
+            container.mux(packet)
+    with open_video(path, "pyav") as reader:
+        assert reader.info.num_frames == FRAMES
+    assert len(_within(30, lambda: read_video(path, "pyav").frames)) == FRAMES
+
+
+def test_an_elementary_stream_without_timestamps_is_counted_by_its_packets(tmp_path):
+    import av
+
+    path = tmp_path / "raw.h264"
+    source = _source()
+    with av.open(str(path), "w", format="h264") as container:
+        stream = container.add_stream("libx264", rate=FPS)
+        stream.width, stream.height, stream.pix_fmt = WIDTH, HEIGHT, "yuv420p"
+        for image in source:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(image), format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    frames = _within(30, lambda: read_video(path, "pyav").frames)
+    assert len(frames) == FRAMES
+    assert all(_error(frames[i : i + 1], source[i : i + 1]) < MAX_ERROR for i in range(FRAMES))
