@@ -314,7 +314,7 @@ def find_inputs(paths: Iterable[str | os.PathLike], extensions: Sequence[str] = 
     found: list[Path] = []
     seen: set[Path] = set()
     for path in find_videos(paths, extensions):
-        key = path.resolve()
+        key = path.absolute()  # (not resolve(): distinct names linked to one blob, as in DVC or a hub cache, stay)
         if key not in seen:
             seen.add(key)
             found.append(path)
@@ -714,7 +714,7 @@ def main(argv: list[str] | None = None) -> int:
         for position, path in enumerate(args.paths):
             if path in present:
                 for file in find_inputs([path], extensions):
-                    first_argument.setdefault(file.resolve(), position)
+                    first_argument.setdefault(file.absolute(), position)
     except (CheckpointError, FileNotFoundError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -741,7 +741,7 @@ def main(argv: list[str] | None = None) -> int:
         for file, result in zip(files, predict_files(
                 predictor, files, args.topk, args.views, args.window, args.hop, args.batch_size, args.decoder,
                 args.workers, progress=sys.stderr.isatty()) if files else ()):
-            report_missing(first_argument.get(file.resolve(), 0))
+            report_missing(first_argument.get(file.absolute(), 0))
             results.append(result)
             if handle is not None:
                 handle.write(json.dumps(result) + "\n")

@@ -275,3 +275,17 @@ def test_a_torchscript_export_without_its_sidecar_is_named_as_such(checkpoint, t
     assert main(["--checkpoint", str(exported), str(mixed_folder[0] / "a_good.mp4")]) == 2
     err = capsys.readouterr().err
     assert "exported model without its metadata sidecar" in err and "weights_only" not in err
+
+
+def test_linked_files_of_other_names_are_each_kept(mixed_folder, tmp_path):
+    _, good = mixed_folder
+    store = tmp_path / "store"
+    store.mkdir()
+    blob = store / "blob"
+    shutil.copy(good[0], blob)
+    links = tmp_path / "links"
+    links.mkdir()
+    for name in ("a.mp4", "b.mp4"):
+        (links / name).symlink_to(blob)  # how DVC, git-annex and hub caches store files
+    assert [p.name for p in find_inputs([links])] == ["a.mp4", "b.mp4"]
+    assert [p.name for p in find_inputs([links, links / "a.mp4"])] == ["a.mp4", "b.mp4"]

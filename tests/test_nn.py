@@ -811,3 +811,29 @@ def test_transposed_low_output_is_dense_in_the_input_layout():
     out = layer(Octave(high, low))
     assert out.low.shape[2:] == (6, 5, 5)
     assert out.low.is_contiguous(memory_format=torch.channels_last_3d)
+
+
+def test_octave_add_traces_under_fx():
+    """Symbolic tracing passes Proxies, whose shapes the input checks cannot read."""
+
+    class Residual(nn.Module):
+        def forward(self, high, low):
+            return octave_add(Octave(high, low), Octave(high, low))
+
+    graph = torch.fx.symbolic_trace(Residual())
+    high, low = torch.randn(1, 2, 4, 4), torch.randn(1, 2, 2, 2)
+    out = graph(high, low)
+    torch.testing.assert_close(out.high, 2 * high)
+    torch.testing.assert_close(out.low, 2 * low)
+
+
+def test_pool_windows_larger_than_the_low_map_are_named():
+    with pytest.raises(ValueError, match=r"OctMaxPool2d\(.*dilation=\(2, 2\)\) cannot pool the high map"):
+        OctMaxPool2d(3, 1, 0, 2)(Octave(torch.randn(1, 2, 6, 6), torch.randn(1, 2, 3, 3)))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_weights_are_cacheable():
+    from oct3d.nn import kernels
+
+    assert kernels.cacheable(torch.randn(2, device="cuda"))  # Tensor.is_shared() is True for any CUDA tensor

@@ -443,7 +443,8 @@ def cacheable(weight: Tensor) -> bool:
     (``share_memory_()``, Hogwild training, ``ddp_spawn``): another process writes it without
     bumping this process's counter.
     """
-    return not weight.is_inference() and not weight.is_shared()
+    # (Tensor.is_shared() is True for every CUDA tensor: only CPU shared memory is written by other processes.)
+    return not weight.is_inference() and not (weight.device.type == "cpu" and weight.is_shared())
 
 
 def choose(

@@ -71,11 +71,14 @@ def octave_add(a: OctaveInput, b: OctaveInput) -> OctaveInput:
     does not broadcast.
     """
     a, b = pair_as_octave(a), pair_as_octave(b)
-    for name, value in (("a", a), ("b", b)):
-        if not isinstance(value, (Tensor, Octave)):
-            raise TypeError(f"octave_add's {name} must be a torch.Tensor, an Octave or a (high, low) pair, "
-                            f"got {type(value).__name__}")
-    _check_same_branch_shapes(a, b)
+    branches = [t for x in (a, b) for t in ((x.high, x.low) if isinstance(x, Octave) else (x,))]
+    traced = any(isinstance(t, torch.fx.Proxy) for t in branches)
+    if not traced:  # (torch.fx symbolic tracing passes Proxies, whose shapes are unknown)
+        for name, value in (("a", a), ("b", b)):
+            if not isinstance(value, (Tensor, Octave)):
+                raise TypeError(f"octave_add's {name} must be a torch.Tensor, an Octave or a (high, low) pair, "
+                                f"got {type(value).__name__}")
+        _check_same_branch_shapes(a, b)
     if isinstance(a, Octave) != isinstance(b, Octave):
         a_low = a.low if isinstance(a, Octave) else None
         b_low = b.low if isinstance(b, Octave) else None
@@ -315,16 +318,21 @@ class _OctPool(nn.Module):
         # The high map pools like the vanilla layer (floor mode unless ceil_mode). On odd sizes floor
         # mode can drop the low map's last partial window (high 6 -> 3 but its low 3 -> 1, not 2), so
         # the low map pools in ceil mode and keeps the windows that belong to the kept high ones.
-        pooled_high, pooled_low = self._pool(high, self.ceil_mode), self._pool(low, ceil_mode=True)
+        try:
+            pooled_high, pooled_low = self._pool(high, self.ceil_mode), self._pool(low, ceil_mode=True)
+        except RuntimeError as error:  # a window larger than a (low) map: name both maps and the layer
+            raise ValueError(
+                f"{type(self).__name__}({self.extra_repr()}) cannot pool the high map {tuple(high.shape)} and its "
+                f"low map {tuple(low.shape)}: {str(error).splitlines()[0]}"
+            ) from error
         expected = low_size(pooled_high.shape[2:], self.factors)
         if all(m >= n for m, n in zip(pooled_low.shape[2:], expected)):
             pooled_low = pooled_low[(slice(None), slice(None), *(slice(0, n) for n in expected))]
         if tuple(pooled_low.shape[2:]) != expected:
             raise ValueError(
-                f"{type(self).__name__}(kernel_size={self.kernel_size}, stride={self.stride}, "
-                f"padding={self.padding}) pools the high map to {tuple(pooled_high.shape[2:])} but the low map to "
-                f"{tuple(pooled_low.shape[2:])}, not the expected {expected}; choose a kernel/padding whose output "
-                "is ceil(n / stride), e.g. kernel 3, padding 1"
+                f"{type(self).__name__}({self.extra_repr()}) pools the high map to {tuple(pooled_high.shape[2:])} "
+                f"but the low map to {tuple(pooled_low.shape[2:])}, not the expected {expected}; choose a "
+                "kernel/padding (and dilation, ceil_mode) whose output is ceil(n / stride), e.g. kernel 3, padding 1"
             )
         return Octave(_same_layout(pooled_high, high), _same_layout(pooled_low, low))
 
@@ -350,7 +358,7 @@ _POOL_ARGS = """
         stride: the window's step (default: ``kernel_size``).
         padding: implicit padding on each side, at most half the kernel.
         octave: which axes the low branch halves (``"spatial"`` or ``"spatiotemporal"``, 3D only).
-        ceil_mode: ceil instead of floor for the high map's output size, as in ``nn.MaxPoolNd``.
+        ceil_mode: ceil instead of floor for the high map's output size, as in the vanilla pools.
     {extra}
     Maps are batched, ``(N, C, *spatial)`` with ``dims`` spatial axes (an unbatched map is refused:
     it could not be told apart from a batched map of one dimension less). The high map pools exactly

@@ -85,7 +85,9 @@ def low_channels(channels: int, alpha: float) -> int:
     """
     if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not 0.0 <= float(alpha) < 1.0:
         raise ValueError(f"alpha must be a float in [0, 1), got {alpha!r}")
-    if isinstance(channels, bool) or not isinstance(channels, numbers.Integral) or channels < 0:
+    if not isinstance(channels, torch.SymInt) and (
+        isinstance(channels, bool) or not isinstance(channels, numbers.Integral) or channels < 0
+    ):  # (a symbolic size under torch.export is checked by its own guards)
         raise ValueError(f"channels must be an int >= 0, got {channels!r}")
     return math.floor(float(alpha) * channels + 1e-6)
 
