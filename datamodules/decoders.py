@@ -309,10 +309,21 @@ def _index_timestamps(stream: object) -> list[int]:
         return []
 
 
+def _steps(timestamps: list[int]) -> list[int]:
+    """The sorted gaps between successive sorted ``timestamps``."""
+    return sorted(b - a for a, b in itertools.pairwise(sorted(timestamps)))
+
+
+def _median_step(timestamps: list[int]) -> int:
+    """The typical gap between successive ``timestamps`` (one frame), 0 for fewer than two."""
+    steps = _steps(timestamps)
+    return steps[len(steps) // 2] if steps else 0
+
+
 def _uniform(timestamps: list[int]) -> bool:
     """Whether sorted ``timestamps`` are evenly spaced (a constant frame rate), within one tick of the
     time base and 1% of the step (a millisecond time base rounds 30 fps to steps of 33 and 34)."""
-    steps = sorted(b - a for a, b in itertools.pairwise(sorted(timestamps)))
+    steps = _steps(timestamps)
     if not steps:
         return True
     typical = steps[len(steps) // 2]
@@ -467,9 +478,7 @@ class _PyAVReader(VideoReader):
         """The average rate of a variable-rate stream's frames, from their own timestamps (first to last,
         plus one typical frame), not from a container duration that FFmpeg may only have estimated."""
         pts = self._pts_table
-        time_base = float(self._stream.time_base)
-        steps = sorted(b - a for a, b in itertools.pairwise(pts))
-        span = (pts[-1] - pts[0] + (steps[len(steps) // 2] if steps else 0)) * time_base
+        span = (pts[-1] - pts[0] + _median_step(pts)) * float(self._stream.time_base)
         return len(pts) / span if span > 0 else header_fps
 
     def _cut_short(self, pts: list[int], duration: float) -> bool:
@@ -479,8 +488,7 @@ class _PyAVReader(VideoReader):
         taken from 0 (the later of the two), and a stream that starts late is not taken for a cut one.
         """
         time_base = float(self._stream.time_base)
-        steps = sorted(b - a for a, b in itertools.pairwise(pts))
-        step = steps[len(steps) // 2] * time_base if steps else 0.0
+        step = _median_step(pts) * time_base
         covered = max(max(pts[-1], pts[-1] - self._start_pts) * time_base + step, self._file_end)
         return covered + max(2 * step, 0.1) < duration
 

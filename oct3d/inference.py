@@ -311,14 +311,26 @@ def find_inputs(paths: Iterable[str | os.PathLike], extensions: Sequence[str] = 
     Raises:
         FileNotFoundError: a path does not exist.
     """
-    found: list[Path] = []
+    return [file for file, _ in inputs_by_argument(paths, extensions)[0]]
+
+
+def inputs_by_argument(paths: Iterable[str | os.PathLike], extensions: Sequence[str] = VIDEO_EXTENSIONS,
+                       ) -> tuple[list[tuple[Path, int]], list[int]]:
+    """:func:`find_inputs`'s files, each with the position in ``paths`` of the argument it was found under,
+    and the positions of the arguments under which nothing was found (empty folders)."""
+    found: list[tuple[Path, int]] = []
+    empty: list[int] = []
     seen: set[Path] = set()
-    for path in find_videos(paths, extensions):
-        key = path.absolute()  # (not resolve(): distinct names linked to one blob, as in DVC or a hub cache, stay)
-        if key not in seen:
-            seen.add(key)
-            found.append(path)
-    return found
+    for position, entry in enumerate(paths):
+        files = find_videos([entry], extensions)
+        if not files:
+            empty.append(position)
+        for path in files:
+            key = path.absolute()  # (not resolve(): distinct names linked to one blob, as in DVC or a hub cache, stay)
+            if key not in seen:
+                seen.add(key)
+                found.append((path, position))
+    return found, empty
 
 
 @dataclass(frozen=True)
@@ -708,19 +720,18 @@ def main(argv: list[str] | None = None) -> int:
         args.decoder = require_decoder(args.decoder)  # a decoder that cannot load here is a usage error
         predictor = load_predictor(args.checkpoint, args.device, args.trust_checkpoint, amp=not args.no_amp)
         extensions = VIDEO_EXTENSIONS if predictor.metadata.task == "video" else IMAGE_EXTENSIONS
-        files = find_inputs(present, extensions)
-        # Which argument each file came from, so that missing paths are reported in argument order.
-        first_argument = {}
-        for position, path in enumerate(args.paths):
-            if path in present:
-                for file in find_inputs([path], extensions):
-                    first_argument.setdefault(file.absolute(), position)
+        # The argument each file came from, so that missing paths are reported in argument order.
+        found, empty = inputs_by_argument(present, extensions)
     except (CheckpointError, FileNotFoundError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    for folder in present:
-        if Path(folder).is_dir() and not find_inputs([folder], extensions):
-            print(f"warning: folder {folder} holds no {'/'.join(extensions)} files", file=sys.stderr)
+    positions: dict[str, int] = {}
+    for i, path in enumerate(args.paths):
+        positions.setdefault(path, i)
+    origins = [positions[present[i]] for _, i in found]
+    files = [file for file, _ in found]
+    for folder in dict.fromkeys(present[i] for i in empty):
+        print(f"warning: folder {folder} holds no {'/'.join(extensions)} files", file=sys.stderr)
     if not files and not missing:
         print(f"error: no {'/'.join(extensions)} files under {' '.join(args.paths)}", file=sys.stderr)
         return 2
@@ -738,10 +749,10 @@ def main(argv: list[str] | None = None) -> int:
                 handle.write(json.dumps(results[-1]) + "\n")
 
     try:
-        for file, result in zip(files, predict_files(
+        for origin, result in zip(origins, predict_files(
                 predictor, files, args.topk, args.views, args.window, args.hop, args.batch_size, args.decoder,
                 args.workers, progress=sys.stderr.isatty()) if files else ()):
-            report_missing(first_argument.get(file.absolute(), 0))
+            report_missing(origin)
             results.append(result)
             if handle is not None:
                 handle.write(json.dumps(result) + "\n")

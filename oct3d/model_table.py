@@ -19,11 +19,11 @@ import math
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import astuple, dataclass
-from pathlib import Path
 
 import torch
 from torch import nn
 
+from oct3d.inference import check_output_file
 from oct3d.models import get_model, list_models, model_task
 from oct3d.profiling import measure
 
@@ -274,9 +274,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--plot", help="write a PNG of cost against alpha to this file")
     args = parser.parse_args(argv)
     for option in ("output", "plot"):
-        value = getattr(args, option)
-        if value and (Path(value).is_dir() or not Path(value).resolve().parent.is_dir()):
-            parser.error(f"--{option} {value}: give a file in an existing folder")
+        if getattr(args, option):
+            check_output_file(parser, f"--{option}", getattr(args, option))
     for alpha in args.alphas:
         if not 0.0 <= alpha < 1.0 or math.isnan(alpha):
             parser.error(f"--alphas must be in [0, 1), got {alpha}")

@@ -42,7 +42,9 @@ from oct3d.nn.octave import (
     upsample_to,
 )
 
-__all__ = ["OctConv", "OctConv1d", "OctConv2d", "OctConv3d", "check_alpha", "check_positive_int", "to_tuple"]
+__all__ = [
+    "OctConv", "OctConv1d", "OctConv2d", "OctConv3d", "check_alpha", "check_bool", "check_positive_int", "to_tuple",
+]
 
 IntOrTuple = int | Sequence[int]
 
@@ -76,6 +78,13 @@ def check_positive_int(value: object, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
     return int(value)
+
+
+def check_bool(value: object, name: str) -> bool:
+    """``value`` as a bool, or a ``TypeError`` naming ``name`` (1, 0 and numpy bools pass, as nn layers take them)."""
+    if value not in (True, False):
+        raise TypeError(f"{name} must be a bool, got {value!r}")
+    return bool(value)
 
 
 def branch_channels(
@@ -178,9 +187,7 @@ class OctConv(nn.Module):
     ) -> None:
         super().__init__()
         self.axes = octave_axes(dims, octave)  # validates dims and octave
-        if bias not in (True, False):  # (1 and numpy bools pass, as nn.ConvNd takes them)
-            raise TypeError(f"bias must be a bool, got {bias!r}")
-        bias = bool(bias)
+        bias = check_bool(bias, "bias")
         in_channels, out_channels, groups = (
             check_positive_int(value, name)
             for name, value in (("in_channels", in_channels), ("out_channels", out_channels), ("groups", groups))

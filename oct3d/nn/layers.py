@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from oct3d.nn.conv import IntOrTuple, check_alpha, check_minimums, check_positive_int, to_tuple
+from oct3d.nn.conv import IntOrTuple, check_alpha, check_bool, check_minimums, check_positive_int, to_tuple
 from oct3d.nn.norm import batch_norm
 from oct3d.nn.octave import (
     CHANNELS_LAST_FORMATS,
@@ -281,7 +281,7 @@ class _OctPool(nn.Module):
         check_minimums((("kernel_size", self.kernel_size, 1), ("stride", self.stride, 1), ("padding", self.padding, 0)))
         if any(2 * p > k for p, k in zip(self.padding, self.kernel_size)):
             raise ValueError(f"padding must be at most half of kernel_size, got {padding!r} for {kernel_size!r}")
-        self.ceil_mode = _check_bool(ceil_mode, "ceil_mode")
+        self.ceil_mode = check_bool(ceil_mode, "ceil_mode")
 
     def extra_repr(self) -> str:
         extra = "".join(f", {name}={value!r}" for name, value in self._options().items())
@@ -335,12 +335,6 @@ class _OctPool(nn.Module):
                 "kernel/padding (and dilation, ceil_mode) whose output is ceil(n / stride), e.g. kernel 3, padding 1"
             )
         return Octave(_same_layout(pooled_high, high), _same_layout(pooled_low, low))
-
-
-def _check_bool(value: object, name: str) -> bool:
-    if value not in (True, False):
-        raise TypeError(f"{name} must be a bool, got {value!r}")
-    return bool(value)
 
 
 def _same_layout(y: Tensor, like: Tensor) -> Tensor:
@@ -405,7 +399,7 @@ class OctAvgPool(_OctPool):
         divisor_override: int | None = None,
     ) -> None:
         super().__init__(dims, kernel_size, stride, padding, octave, ceil_mode=ceil_mode)
-        self.count_include_pad = _check_bool(count_include_pad, "count_include_pad")
+        self.count_include_pad = check_bool(count_include_pad, "count_include_pad")
         if divisor_override is not None:
             if dims == 1:
                 raise ValueError("divisor_override is not available for 1D average pooling (nor in nn.AvgPool1d)")
@@ -513,9 +507,7 @@ class OctGlobalAvgPool(nn.Module):
 
     def __init__(self, flatten: bool = True) -> None:
         super().__init__()
-        if flatten not in (True, False):
-            raise TypeError(f"flatten must be a bool, got {flatten!r}")
-        self.flatten = bool(flatten)
+        self.flatten = check_bool(flatten, "flatten")
 
     @fx_leaf_forward
     def forward(self, x: OctaveInput) -> Tensor:

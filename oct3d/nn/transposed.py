@@ -18,7 +18,15 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from oct3d.nn.conv import IntOrTuple, branch_channels, check_alpha, check_minimums, check_positive_int, to_tuple
+from oct3d.nn.conv import (
+    IntOrTuple,
+    branch_channels,
+    check_alpha,
+    check_bool,
+    check_minimums,
+    check_positive_int,
+    to_tuple,
+)
 from oct3d.nn.octave import (
     CHANNELS_LAST_FORMATS,
     Octave,
@@ -98,9 +106,7 @@ class OctConvTranspose(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        if bias not in (True, False):  # (numpy bools pass, as nn.ConvTransposeNd takes them)
-            raise TypeError(f"bias must be a bool, got {bias!r}")
-        bias = bool(bias)
+        bias = check_bool(bias, "bias")
         if dims not in (1, 2, 3):
             raise ValueError(f"dims must be 1, 2 or 3 (the spatial axes of the maps), got {dims!r}")
         self.axes = octave_axes(dims, octave)
