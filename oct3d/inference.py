@@ -496,7 +496,9 @@ def _tasks(files: Sequence[Path], meta: ModelMetadata, views: int, window: float
 
 def _topk(meta: ModelMetadata, probs: Tensor, k: int) -> list[dict[str, Any]]:
     scores, indices = probs.topk(min(k, probs.numel()))
-    return [{"label": meta.label(int(i)), "score": round(float(s), 6)} for s, i in zip(scores, indices)]
+    # A diverged model's NaN would be written as a bare NaN, which is not JSON: null instead.
+    return [{"label": meta.label(int(i)), "score": round(float(s), 6) if math.isfinite(float(s)) else None}
+            for s, i in zip(scores, indices)]
 
 
 def _result(work: _Work, probs: Tensor, meta: ModelMetadata, k: int, windowed: bool) -> dict[str, Any]:
@@ -640,9 +642,13 @@ def _print_table(results: list[dict[str, Any]], topk: int) -> None:
         rows = [("all", result["topk"])] + [(f"{s['start']:g}-{s['end']:g}", s["topk"]) for s in segments]
         for span, predictions in rows:
             best = predictions[0]
-            rest = ", ".join(f"{p['label']} {p['score']:.3f}" for p in predictions[1:])
-            table.add_row(name, span, best["label"], f"{best['score']:.3f}", *([rest] if last_column else []))
+            rest = ", ".join(f"{p['label']} {_score_text(p['score'])}" for p in predictions[1:])
+            table.add_row(name, span, best["label"], _score_text(best["score"]), *([rest] if last_column else []))
     Console(width=max(Console().width, 120)).print(table)
+
+
+def _score_text(score: float | None) -> str:
+    return "nan" if score is None else f"{score:.3f}"
 
 
 def build_parser() -> argparse.ArgumentParser:

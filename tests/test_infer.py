@@ -289,3 +289,14 @@ def test_linked_files_of_other_names_are_each_kept(mixed_folder, tmp_path):
         (links / name).symlink_to(blob)  # how DVC, git-annex and hub caches store files
     assert [p.name for p in find_inputs([links])] == ["a.mp4", "b.mp4"]
     assert [p.name for p in find_inputs([links, links / "a.mp4"])] == ["a.mp4", "b.mp4"]
+
+
+def test_a_diverged_model_writes_valid_json(capsys):
+    from oct3d.inference import ModelMetadata, _print_table, _topk
+
+    meta = ModelMetadata("video", "oct_i3d_r50", {}, 3, ["a", "b", "c"], {})
+    scores = _topk(meta, torch.tensor([float("nan"), 0.5, 0.2]), 2)
+    line = json.dumps({"path": "x.mp4", "topk": scores}, allow_nan=False)  # a NaN would make this raise
+    assert None in [p["score"] for p in json.loads(line)["topk"]]
+    _print_table([{"path": "x.mp4", "topk": scores}], 2)
+    assert "nan" in capsys.readouterr().out

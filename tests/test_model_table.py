@@ -55,3 +55,10 @@ def test_alphas_a_model_cannot_take_are_n_a_and_all_covers_every_task(capsys):
     with pytest.raises(SystemExit):
         model_table.parse_args(["--plot", "/nonexistent/folder/cost.png"])
     assert "--plot" in capsys.readouterr().err
+
+
+def test_list_models_names_the_tasks_for_an_unknown_one():
+    from oct3d.models import list_models
+
+    with pytest.raises(ValueError, match="unknown task '2d'; tasks: image, segmentation, video"):
+        list_models("2d")

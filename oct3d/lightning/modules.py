@@ -209,7 +209,10 @@ class OctaveClassifier(pl.LightningModule):
         super().__init__()
         check_positive_int(num_classes, "num_classes")
         if class_names is not None and len(class_names) != num_classes:
-            raise ValueError(f"class_names has {len(class_names)} entries but num_classes is {num_classes}")
+            raise ValueError(
+                f"class_names has {len(class_names)} entries but num_classes is {num_classes}; when resuming with "
+                "--ckpt_path, class_names come from the checkpoint, which was then trained on another class list"
+            )
         check_optimization(optimizer, lr, warmup_epochs)
         if not 0.0 <= label_smoothing < 1.0:
             raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")

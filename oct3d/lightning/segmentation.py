@@ -287,7 +287,10 @@ class VolumeSegmenter(pl.LightningModule):
         if num_classes < 2:
             raise ValueError(f"num_classes must be >= 2 (background and at least one class), got {num_classes}")
         if class_names is not None and len(class_names) != num_classes:
-            raise ValueError(f"class_names has {len(class_names)} entries but num_classes is {num_classes}")
+            raise ValueError(
+                f"class_names has {len(class_names)} entries but num_classes is {num_classes}; when resuming with "
+                "--ckpt_path, class_names come from the checkpoint, which was then trained on another class list"
+            )
         if depth_axis not in (None, 0, 1, 2):
             raise ValueError(f"depth_axis must be 0, 1, 2 or None, got {depth_axis!r}")
         check_optimization(optimizer, lr, warmup_epochs)

@@ -56,7 +56,10 @@ def forwards_kwargs(target: Callable[..., nn.Module], fixed: Sequence[str] = ())
 
 
 def list_models(task: str | None = None) -> list[str]:
-    """Names of the registered builders, optionally only those for ``task``."""
+    """Names of the registered builders, optionally only those for ``task`` (``"image"``, ``"video"`` or
+    ``"segmentation"``)."""
+    if task is not None and task not in set(_TASKS.values()):
+        raise ValueError(f"unknown task {task!r}; tasks: {', '.join(sorted(set(_TASKS.values())))}")
     return sorted(n for n in _MODELS if task is None or _TASKS[n] == task)
 
 
