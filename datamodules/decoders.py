@@ -413,7 +413,7 @@ class _PyAVReader(VideoReader):
         entries = _index_timestamps(stream)
         if num_frames > 1 and len(entries) == num_frames and not _uniform(entries):
             # A variable-rate MP4/MOV: its index holds decode times, and the table needs display times.
-            count, pts = self._demux_timestamps()
+            _, pts = self._demux_timestamps()
             stream = self._stream
             if pts and not _uniform(pts):
                 self._use_pts_table(pts)
@@ -509,11 +509,8 @@ class _PyAVReader(VideoReader):
         stream = self._stream
         if self._pts_table is not None:
             target = self._pts_table[min(first_index, len(self._pts_table) - 1)]
-            self._container.seek(target, stream=stream, backward=True, any_frame=False)
-            stream.codec_context.flush_buffers()
-            self._fresh = False
-            return
-        target = self._start_pts + int(first_index / self.info.fps / stream.time_base)
+        else:
+            target = self._start_pts + int(first_index / self.info.fps / stream.time_base)
         self._container.seek(target, stream=stream, backward=True, any_frame=False)
         stream.codec_context.flush_buffers()
         self._fresh = False

@@ -34,6 +34,7 @@ from oct3d.nn.octave import (
     broadcast_upsampled_,
     check_low_size,
     check_matches_weight,
+    check_same_dtype_device,
     fx_leaf_forward,
     keep_channels_last,
     octave_axes,
@@ -342,11 +343,7 @@ class OctConv(nn.Module):
             return high, None
         if not isinstance(low, Tensor) or low.dim() != self.dims + 2:
             raise ValueError(f"{self._name()} expects a low tensor with {self.dims + 2} dims, got {_shape(low)}")
-        if low.dtype != high.dtype or low.device != high.device:
-            raise ValueError(
-                f"{self._name()} expects the high and low tensors on one device with one dtype, got high "
-                f"{high.dtype} on {high.device} and low {low.dtype} on {low.device}"
-            )
+        check_same_dtype_device(self._name(), high, low)
         if low.shape[1] != self.in_low:
             raise ValueError(
                 f"{self._name()} expects {self.in_low} low-frequency input channels "

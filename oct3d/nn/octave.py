@@ -145,6 +145,15 @@ def check_low_size(layer: str, high: Tensor, low: Tensor, factors: Sequence[int]
         )
 
 
+def check_same_dtype_device(layer: str, high: Tensor, low: Tensor) -> None:
+    """Raise a ``ValueError`` naming ``layer`` unless ``high`` and ``low`` share one dtype and device."""
+    if low.dtype != high.dtype or low.device != high.device:
+        raise ValueError(
+            f"{layer} expects the high and low tensors on one device with one dtype, got high "
+            f"{high.dtype} on {high.device} and low {low.dtype} on {low.device}"
+        )
+
+
 def check_matches_weight(layer: str, x: Tensor, path: torch.nn.Module) -> None:
     """Raise a ``TypeError`` naming ``layer`` when ``x`` has another dtype or device than ``path``'s weight.
 

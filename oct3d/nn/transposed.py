@@ -35,6 +35,7 @@ from oct3d.nn.octave import (
     axes_names,
     check_low_size,
     check_matches_weight,
+    check_same_dtype_device,
     fx_leaf_forward,
     is_channels_last,
     low_size,
@@ -205,11 +206,7 @@ class OctConvTranspose(nn.Module):
                                  f"{self.in_channels}, alpha_in={self.alpha_in}), got {tuple(t.shape)}")
         check_matches_weight(name, high, self.h2h)
         if low is not None:
-            if low.dtype != high.dtype or low.device != high.device:
-                raise ValueError(
-                    f"{name} expects the high and low tensors on one device with one dtype, got high "
-                    f"{high.dtype} on {high.device} and low {low.dtype} on {low.device}"
-                )
+            check_same_dtype_device(name, high, low)
             check_low_size(name, high, low, self.factors, self.octave)
         return high, low
 
