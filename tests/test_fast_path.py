@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from oct3d.nn import Octave, OctConv, kernels
-from oct3d.nn.octave import low_size, octave_factors
+from oct3d.nn.octave import is_channels_last, low_size, octave_factors, to_channels_last
 
 
 def _make_input(conv: OctConv, batch: int, size: tuple[int, ...], dtype=torch.float32, memory_format=None):
@@ -367,7 +367,8 @@ def test_pairwise_pool_is_skipped_where_it_would_be_wrong_or_slow():
 POOL_CASES = [
     ((2, 3, 8, 6), (2, 2), None), ((1, 4, 8, 12), (4, 2), torch.channels_last), ((1, 5, 6, 9), (3, 3), None),
     ((1, 8, 4, 6, 8), (1, 2, 2), torch.channels_last_3d), ((2, 8, 4, 6, 8), (2, 2, 2), torch.channels_last_3d),
-    ((1, 1, 4, 6, 8), (1, 2, 2), torch.channels_last_3d), ((2, 3, 4, 6, 8), (2, 2, 2), None),
+    ((1, 1, 4, 6, 8), (1, 2, 2), torch.channels_last_3d), ((2, 1, 4, 6, 8), (2, 2, 2), torch.channels_last_3d),
+    ((1, 1, 8, 6), (2, 2), torch.channels_last), ((2, 3, 4, 6, 8), (2, 2, 2), None),
     ((1, 4, 5, 7, 8), (2, 2, 2), torch.channels_last_3d),  # odd sizes: partial border windows
     ((2, 3, 12), (2,), None),
 ]
@@ -389,13 +390,17 @@ def test_every_pool_kernel_equals_pytorch_pool_and_keeps_the_layout(monkeypatch,
     torch.manual_seed(0)
     x = torch.randn(shape, dtype=dtype)
     if layout is not None:
-        x = x.contiguous(memory_format=layout)
+        # A one-channel map is channels_last by its channel stride of 1 (what the models' inputs get).
+        x = to_channels_last(x) if shape[1] == 1 else x.contiguous(memory_format=layout)
     pool = (F.avg_pool1d, F.avg_pool2d, F.avg_pool3d)[len(factors) - 1]
     expected = pool(x, factors, factors, 0, ceil_mode=True, count_include_pad=False)
     with torch.no_grad(), kernels.force(pool=kernel):
         out = avg_pool(x, factors)
     torch.testing.assert_close(out, expected)
     assert out.is_contiguous(memory_format=layout or torch.contiguous_format)
+    assert is_channels_last(out) == (layout is not None)
+    if layout is not None and shape[1] == 1:
+        assert out.stride(1) == 1, out.stride()  # else the convolution after it returns channels-first
     applicable = kernels.pool_kernels(x, factors)
     assert used == [kernel if kernel in applicable else used[0]]
     exact = all(n % f == 0 for n, f in zip(shape[2:], factors))

@@ -208,9 +208,10 @@ def pool_by_torch(x: Tensor, factors: tuple[int, ...]) -> Tensor:
         y = pool(x.float(), factors, factors, 0, ceil_mode=True, count_include_pad=False).to(x.dtype)
     else:
         y = pool(x, factors, factors, 0, ceil_mode=True, count_include_pad=False)
-    if dims == 3 and is_channels_last(x):
-        # CPU avg_pool3d returns channels_last_3d input channels-first; the maps around it keep their layout.
-        y = y.contiguous(memory_format=torch.channels_last_3d)
+    if dims > 1 and is_channels_last(x) and not is_channels_last(y):
+        # CPU avg_pool3d returns channels_last_3d input channels-first, and a one-channel map comes
+        # back unmarked (channel stride not 1) from both poolings; the maps around it keep their layout.
+        y = to_channels_last(y)
     return y
 
 
@@ -470,6 +471,10 @@ def _sum_halves(x: Tensor, factors: tuple[int, ...]) -> Tensor:
     """Exact-window average pooling as a sum of halves, axis by axis (outermost first, so the
     later strided adds touch the already reduced map), then one scale. The output keeps the
     input's memory format (CPU ``avg_pool3d`` turns channels_last_3d into contiguous)."""
+    if x.dim() > 3 and x.shape[1] == 1 and is_channels_last(x):
+        # A one-channel map is channels_last by its channel stride alone, which the adds drop; mark
+        # the result too, or the convolution after it returns a channels-first map (one copy more).
+        return to_channels_last(_sum_halves(x.squeeze(1).unsqueeze(1), factors))
     # At batch 1 the adds run without the batch axis: with it they may give that size-1 axis a
     # stride between the others, and torch.cat and the convolutions then no longer see a
     # channels_last result as channels_last (and copy it).
