@@ -947,3 +947,38 @@ def test_frozen_batchnorm_backbones_convert_and_a_no_op_conversion_warns():
 
     with pytest.warns(UserWarning, match=r"converted none of LayerNormed's 2 convolution"):
         octavize(LayerNormed(), 0.5, example_input=torch.randn(1, 3, 16, 16))
+
+
+def test_train_eval_flags_of_the_model_and_its_submodules_are_kept():
+    """A frozen (eval-mode) BatchNorm inside a training model stays frozen in the original and the result."""
+    model = _plain_net().train()
+    model[3].eval()
+    converted = octavize(model, 0.5, example_input=torch.randn(1, 3, 16, 16))
+    assert model.training and not model[3].training and model[0].training  # the input model untouched
+    assert converted.training
+    assert [m.training for m in converted.get_submodule("3").modules()] == [False, False, False]
+    assert converted.get_submodule("0").training
+
+
+class _NormalisedInput(nn.Module):
+    """Input normalisation by a buffer before the first convolution (torchvision's transform_input)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.randn(1, 3, 1, 1))
+        self.c0, self.c1, self.c2 = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+
+    def forward(self, x):
+        first = torch.cat([x[:, :1] * 2.0, (x[:, 1:] - self.mean[:, 1:]) * 2.0], 1)
+        return self.c2(self.c1(self.c0(first).relu()).relu())
+
+
+def test_the_stem_is_the_first_convolution_after_any_input_preprocessing():
+    converted = octavize(_NormalisedInput().eval(), 0.5, example_input=torch.randn(1, 3, 16, 16))
+    assert converted.octave_plan["c0"] == (0.0, 0.0, "stem")
+    assert converted.octave_plan["c1"][1] == 0.5
+
+
+def test_an_input_the_model_rejects_is_blamed_not_the_module_with_control_flow():
+    with pytest.raises(ConversionError, match=r"the model itself fails on example_input .*expected input\[1, 4"):
+        octavize(_ShapeGuarded().eval(), 0.5, example_input=torch.randn(1, 4, 16, 16))

@@ -120,6 +120,14 @@ def octavize(
         gm = trace(source, rules, exclude, example_input)
         traced_out = record_shapes(gm, example_input)
     except ConversionError as error:
+        try:
+            _run(copy.deepcopy(model), example_input, training=model.training)
+        except Exception as model_error:
+            # The trace's failure blames whatever module it was in; the input is the cause here.
+            raise ConversionError(
+                f"the model itself fails on example_input ({type(model_error).__name__}: {model_error}); pass an "
+                "input the model accepts (its channels, and a size every downsampling and skip connection fits)"
+            ) from model_error
         if isinstance(example_input, list):
             raise ConversionError(
                 f"{error}. A list example_input is taken as the model's positional arguments; if the model takes "
@@ -162,7 +170,7 @@ def octavize(
             "network built from ops without a rule, e.g. LayerNorm over channels or attention, stays vanilla)",
             stacklevel=2,
         )
-    result.train(model.training)
+    _copy_training_flags(model, result)
     if validate:
         try:
             got = _run(result, example_input)
@@ -275,7 +283,8 @@ def _check_example(example_input: Any) -> None:
 
 def _run(model: nn.Module, example_input: Tensor | Sequence[Tensor], training: bool = False) -> Any:
     args = fresh_lists((example_input,) if isinstance(example_input, Tensor) else tuple(example_input))
-    was_training = model.training
+    # Each module's own flag, not just the top one: model.train(flag) would reset a frozen (eval) BatchNorm.
+    flags = [(module, module.training) for module in model.modules()]
     model.train(training)
     try:
         with torch.no_grad():
@@ -283,7 +292,26 @@ def _run(model: nn.Module, example_input: Tensor | Sequence[Tensor], training: b
             # traceback to stderr on an error, which the caller turns into a ConversionError anyway.
             return nn.Module.__call__(model, *args)
     finally:
-        model.train(was_training)
+        for module, flag in flags:
+            module.training = flag
+
+
+def _copy_training_flags(model: nn.Module, result: nn.Module) -> None:
+    """Give ``result`` the train/eval flag of ``model``, module by module where names match.
+
+    Parents come before their children in ``named_modules``, so a converted module (an
+    ``OctBatchNorm`` in place of a frozen ``BatchNorm2d``) passes its original's flag on to the
+    modules it is built of, and a submodule with a flag of its own keeps it.
+    """
+    result.train(model.training)
+    for name, module in model.named_modules():
+        if name:
+            try:
+                target = result.get_submodule(name)
+            except AttributeError:
+                continue  # folded into another module or traced through
+            if target.training != module.training:
+                target.train(module.training)
 
 
 def _tensors(value: Any) -> list[Tensor]:

@@ -209,13 +209,21 @@ def make_plan(
         return any(m.op == "placeholder" for m in members[root])
 
     conv_types = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
-    for node in nodes:
+    # A stem is a convolution on the path from the input with no convolution before it, whatever ops sit
+    # between (input normalisation by a buffer, channel slicing: ops without a rule break the regions).
+    after_conv: dict[fx.Node, bool] = {}
+    from_input: dict[fx.Node, bool] = {}
+    for node in nodes:  # fx graphs are in topological order
+        inputs = node.all_input_nodes
+        is_conv = node.op == "call_module" and isinstance(ctx.module(node), conv_types)
+        from_input[node] = node.op == "placeholder" or any(from_input[i] for i in inputs)
+        after_conv[node] = is_conv or any(after_conv[i] for i in inputs)
         if (
-            node.op == "call_module"
+            is_conv
             and plan.kinds[node] in ("conv", "flow")
-            and isinstance(ctx.module(node), conv_types)
             and isinstance(node.args[0], fx.Node)
-            and has_placeholder(regions.find(node.args[0]))
+            and (has_placeholder(regions.find(node.args[0]))
+                 or (from_input[node.args[0]] and not after_conv[node.args[0]]))
         ):
             plan.stems.add(node)
 
