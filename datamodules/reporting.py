@@ -53,7 +53,7 @@ class EpochFailures:
     """Unreadable videos met in one stage of one epoch.
 
     Attributes:
-        stage: ``"train"``, ``"validation"`` or ``"test"``.
+        stage: ``"train"``, ``"validation"``, ``"test"`` or ``"predict"``.
         epoch: the trainer's epoch.
         failures: unique ``"path: reason"`` strings, sorted.
     """
@@ -83,7 +83,7 @@ def _gather(entries: set[str], trainer: pl.Trainer) -> set[str]:
 class DataErrorReport(pl.Callback):
     """Print once per epoch how many videos could not be read, and which.
 
-    Reads ``batch["failed"]`` in the batch-end hooks of training, validation and testing and, at each
+    Reads ``batch["failed"]`` in the batch-end hooks of training, validation, testing and prediction and, at each
     epoch end where something failed, logs one line on the ``lightning.pytorch`` logger (rank zero), e.g.
     ``"2 unreadable videos this epoch (train, epoch 0): a.mp4 (truncated: ...), b.mp4 (file not found)"``.
     Every report is also kept in :attr:`history` as :class:`EpochFailures`.
@@ -101,7 +101,7 @@ class DataErrorReport(pl.Callback):
         self.limit = limit
         self.skip_sanity_check = skip_sanity_check
         self.history: list[EpochFailures] = []
-        self._current: dict[str, set[str]] = {"train": set(), "validation": set(), "test": set()}
+        self._current: dict[str, set[str]] = {"train": set(), "validation": set(), "test": set(), "predict": set()}
 
     def _collect(self, stage: str, batch: Any) -> None:
         self._current[stage].update(_failed_entries(batch))
@@ -176,6 +176,26 @@ class DataErrorReport(pl.Callback):
     def on_test_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Report the test run's failures."""
         self._report("test", trainer)
+
+    def on_predict_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Start a fresh prediction count."""
+        self._current["predict"] = set()
+
+    def on_predict_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        """Collect the failures of a prediction batch."""
+        self._collect("predict", batch)
+
+    def on_predict_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Report the prediction run's failures."""
+        self._report("predict", trainer)
 
 
 def replacement_indices(index: int, count: int, seed: int, limit: int | None = None) -> Iterator[int]:

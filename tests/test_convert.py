@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import warnings
+from collections import OrderedDict
 
 import numpy as np
 import pytest
@@ -966,7 +967,8 @@ class _NormalisedInput(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.register_buffer("mean", torch.randn(1, 3, 1, 1))
-        self.c0, self.c1, self.c2 = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+        self.c0 = nn.Conv2d(3, 8, 3, padding=1)
+        self.c1, self.c2 = nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
 
     def forward(self, x):
         first = torch.cat([x[:, :1] * 2.0, (x[:, 1:] - self.mean[:, 1:]) * 2.0], 1)
@@ -982,3 +984,55 @@ def test_the_stem_is_the_first_convolution_after_any_input_preprocessing():
 def test_an_input_the_model_rejects_is_blamed_not_the_module_with_control_flow():
     with pytest.raises(ConversionError, match=r"the model itself fails on example_input .*expected input\[1, 4"):
         octavize(_ShapeGuarded().eval(), 0.5, example_input=torch.randn(1, 4, 16, 16))
+
+
+def test_monai_unetr_converts_with_its_einops_layers_as_closing_ops():
+    """einops' Rearrange cannot be traced by torch.fx; the table keeps it whole, and UNETR's decoder converts."""
+    pytest.importorskip("einops")
+    from monai.networks.nets import UNETR
+
+    torch.manual_seed(0)
+    model = UNETR(1, 2, img_size=(16, 16, 16), feature_size=8, hidden_size=48, mlp_dim=96, num_heads=4).eval()
+    x = torch.randn(1, 1, 16, 16, 16)
+    net = octavize(model, 0.5, example_input=x)
+    assert sum(a_out > 0 for _, a_out, _ in net.octave_plan.values()) >= 10
+    assert net(x).shape == (1, 2, 16, 16, 16)
+    torch.testing.assert_close(octavize(model, 0.0, example_input=x)(x), model(x), atol=1e-4, rtol=1e-4)
+
+
+class _IntOfSize(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+
+    def forward(self, x):
+        n = int(x.shape[-1] // 2)
+        return self.b(torch.nn.functional.interpolate(self.a(x), size=(n, n)))
+
+
+class _BuildsInForward(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 3, padding=1)
+
+    def forward(self, x):
+        return nn.AvgPool2d(2)(self.a(x))
+
+
+def test_common_tracing_failures_say_what_they_mean():
+    with pytest.raises(ConversionError, match=r"turns a traced size into a Python number"):
+        octavize(_IntOfSize().eval(), 0.5, example_input=torch.randn(1, 3, 16, 16))
+    with pytest.raises(ConversionError, match=r"module 'block' .*builds another module inside its forward"):
+        octavize(nn.Sequential(OrderedDict(block=_BuildsInForward(), c=nn.Conv2d(8, 8, 3, padding=1))).eval(), 0.5,
+                 example_input=torch.randn(1, 3, 16, 16))
+
+
+def test_scalar_alpha_errors_name_the_argument_and_an_octave_model_is_recognised():
+    with pytest.raises(ValueError, match=r"^alpha must be in \[0, 1\)"):
+        octavize(_plain_net(), 1.0, example_input=torch.randn(1, 3, 16, 16))
+    net = octavize(_plain_net(), torch.tensor(0.5), example_input=torch.randn(1, 3, 16, 16))
+    assert any(a_out == 0.5 for _, a_out, _ in net.octave_plan.values())
+    from oct3d.models import oct_resnet26
+
+    with pytest.warns(UserWarning, match="already an octave network"):
+        octavize(oct_resnet26(num_classes=4).eval(), 0.5, example_input=torch.randn(1, 3, 64, 64))

@@ -268,6 +268,17 @@ def test_evaluation_leaves_out_the_substitutes_of_unreadable_videos():
     # Videos, not views: video 1 in the first batch, videos 0 and 1 in the second.
     assert validated["val/failed_videos"] == 3 and "val/top1" in validated
     assert seen == [2]  # the batch of stand-ins only was not scored
+    # Prediction returns every row, but a stand-in's scores are NaN and marked, never another video's.
+    from datamodules import DataErrorReport
+
+    report = DataErrorReport()
+    predictor = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+                           callbacks=[report])
+    (predicted,) = predictor.predict(model, loader([batch], batch_size=None))
+    assert predicted["failed"].tolist() == [False, False, True, True]
+    assert predicted["probs"][:2].isfinite().all() and predicted["probs"][2:].isnan().all()
+    assert predicted["label"].tolist() == [0, 0, -1, -1] and predicted["video_index"].tolist() == [0, 0, 1, 1]
+    assert [(r.stage, r.failures) for r in report.history] == [("predict", ["v1.mp4: unreadable"])]
 
 
 def test_a_resumed_schedule_is_planned_over_the_new_run_length():

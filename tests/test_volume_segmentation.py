@@ -775,3 +775,58 @@ def test_deep_supervision_heads_enter_the_training_loss():
     assert torch.isfinite(loss) and all(p.grad is not None for p in model.model.parameters() if p.requires_grad)
     model.eval()
     assert model(batch["image"]).shape == (2, 3, 8, 8, 8)  # evaluation sees the main head only
+
+
+def test_evaluating_with_other_data_settings_warns_and_records_what_the_data_applies(fitted, tiny_decathlon):
+    """The checkpoint says zscore; validating with normalization none warns, naming the setting, and keeps 'none'."""
+    from oct3d.lightning.segmentation import VolumeSegmenter
+
+    out, _ = fitted
+    best = sorted(out.rglob("best-*.ckpt"))[0]
+    args = _fit_args(tiny_decathlon, out)
+    del args[args.index("--trainer.max_epochs"):args.index("--trainer.max_epochs") + 2]
+    args[0] = "validate"
+    args += ["--data.normalization", "none", "--ckpt_path", str(best)]
+    seen = {}
+    real = VolumeSegmenter.on_load_checkpoint
+
+    def spy(self, checkpoint):
+        real(self, checkpoint)
+        seen["preprocessing"] = dict(self.preprocessing)
+
+    expected = r"differs from the checkpoint's \(normalization: checkpoint 'zscore', data 'none'\)"
+    with pytest.warns(UserWarning, match=expected), pytest.MonkeyPatch.context() as patch:
+        patch.setattr(VolumeSegmenter, "on_load_checkpoint", spy)
+        cli.main(args)
+    assert seen["preprocessing"]["normalization"] == "none"
+
+
+def test_a_class_count_or_class_list_that_differs_from_the_data_is_refused(tiny_decathlon):
+    from oct3d.lightning.modules import check_data_classes
+    from oct3d.lightning.segmentation import VolumeSegmenter
+
+    data = VolumeSegmentationDataModule(str(tiny_decathlon), patch_size=(8, 8, 8), num_workers=0)
+    model = VolumeSegmenter(num_classes=2, backbone_kwargs={"base_width": 4, "depth": 2})
+    with pytest.raises(ValueError, match=r"the data has 3 classes .* num_classes=2; set model.init_args.num_classes"):
+        model._take_data_settings(data)
+    renamed = VolumeSegmenter(num_classes=3, class_names=["background", "ball", "cube"],
+                              backbone_kwargs={"base_width": 4, "depth": 2})
+    with pytest.raises(ValueError, match=r"label 2: checkpoint 'box', data 'cube'"):
+        check_data_classes(renamed, ["background", "ball", "box"])
+
+
+def test_a_class_predicted_where_the_ground_truth_has_none_scores_zero_dice():
+    """Dice of a class missing from the ground truth: 0 when predicted (false positive), left out when not."""
+    from oct3d.lightning.segmentation import VolumeSegmenter
+
+    model = VolumeSegmenter(num_classes=3, backbone_kwargs={"base_width": 4, "depth": 2})
+    label = torch.zeros(2, 1, 4, 4, 4, dtype=torch.long)
+    label[:, :, :2] = 1  # class 1 in both cases, class 2 in neither
+    prediction = label.clone()
+    prediction[0, :, 3:] = 2  # case 0 predicts class 2 where there is none
+    logits = torch.nn.functional.one_hot(prediction[:, 0], 3).movedim(-1, 1).float()
+    model.sliding_window = lambda image: logits
+    model._log_failed = lambda batch, stage: None
+    model._evaluate({"image": torch.zeros(2, 1, 4, 4, 4), "label": label, "valid": [True, True]}, model.val_dice, "val")
+    assert model.val_dice[0].compute().item() == pytest.approx(1.0)
+    assert model.val_dice[1].compute().item() == pytest.approx(0.0)  # case 0 only: case 1 rightly predicted none

@@ -16,6 +16,7 @@ from oct3d.convert.plan import Plan, make_plan
 from oct3d.convert.rewrite import rewrite
 from oct3d.convert.rules import RULES, DepthwiseConvRule, Rule
 from oct3d.convert.trace import record_shapes, trace
+from oct3d.nn.conv import OctConv, check_alpha
 from oct3d.nn.octave import OCTAVE_MODES, check_channels_last, in_model_layout, is_channels_last, keep_channels_last
 from oct3d.profiling import describe_input, fresh_lists, is_tensor_argument
 
@@ -94,10 +95,12 @@ def octavize(
     exclude = tuple(exclude)
     if not all(isinstance(e, str) for e in exclude):
         raise TypeError(f"exclude must be a sequence of module names, got {exclude!r}")
+    if isinstance(alpha, Tensor) and alpha.numel() == 1 and alpha.is_floating_point():
+        alpha = alpha.item()  # a one-element float tensor, as numpy scalars are taken
     if not callable(alpha) and (isinstance(alpha, bool) or not isinstance(alpha, numbers.Real)):
         raise TypeError(f"alpha must be a float in [0, 1) or a callable (name, module) -> float, got {alpha!r}")
     if not callable(alpha):
-        alpha = float(alpha)  # numpy scalars too, as OctConv and the builders take them
+        alpha = check_alpha(float(alpha))  # numpy scalars too, as OctConv and the builders take them
     if not isinstance(validate, bool):
         raise TypeError(f"validate must be a bool, got {validate!r}")
     if isinstance(atol, bool) or not isinstance(atol, numbers.Real):
@@ -120,6 +123,11 @@ def octavize(
         gm = trace(source, rules, exclude, example_input)
         traced_out = record_shapes(gm, example_input)
     except ConversionError as error:
+        if isinstance(example_input, list):
+            raise ConversionError(
+                f"{error}. A list example_input is taken as the model's positional arguments; if the model takes "
+                "one list of tensors (SlowFast's [slow, fast]), pass example_input=([...],)"
+            ) from error
         try:
             _run(copy.deepcopy(model), example_input, training=model.training)
         except Exception as model_error:
@@ -128,11 +136,6 @@ def octavize(
                 f"the model itself fails on example_input ({type(model_error).__name__}: {model_error}); pass an "
                 "input the model accepts (its channels, and a size every downsampling and skip connection fits)"
             ) from model_error
-        if isinstance(example_input, list):
-            raise ConversionError(
-                f"{error}. A list example_input is taken as the model's positional arguments; if the model takes "
-                "one list of tensors (SlowFast's [slow, fast]), pass example_input=([...],)"
-            ) from error
         raise
     ctx = Context(gm, octave)
     plan = make_plan(gm, ctx, rules, alpha, exclude, pool_first, vanilla_coarsest)
@@ -164,7 +167,11 @@ def octavize(
     result.meta["octave_plan"] = result.octave_plan  # GraphModule.meta survives copy.deepcopy
     if (callable(alpha) or alpha > 0) and result.octave_plan and not any(
             a_out > 0 for _, a_out, _ in result.octave_plan.values()):
+        already = any(isinstance(m, OctConv) and (m.alpha_in > 0 or m.alpha_out > 0) for m in model.modules())
         warnings.warn(
+            f"octavize converted none of {type(model).__name__}'s {len(result.octave_plan)} convolution(s) into "
+            "octave ones: the model is already an octave network (its OctConv layers are kept as they are)"
+            if already else
             f"octavize converted none of {type(model).__name__}'s {len(result.octave_plan)} convolution(s) into "
             "octave ones: every octave closed where it would open (describe_plan(net) says why for each; a "
             "network built from ops without a rule, e.g. LayerNorm over channels or attention, stays vanilla)",

@@ -924,6 +924,17 @@ def _oct3d_modules() -> tuple[type, ...]:
     return (OctConv, OctBatchNorm, OctMap, OctMaxPool, OctAvgPool, OctGlobalAvgPool, OctConvTranspose, _Branch)
 
 
+def _einops_layers() -> tuple[type, ...]:
+    # einops' layers (MONAI's ViT, UNETR, SwinUNETR use Rearrange) parse their pattern on the first call,
+    # which a torch.fx Proxy cannot answer: traced as one op, they close the octave instead of failing.
+    try:
+        from einops.layers import torch as einops_torch
+    except ImportError:
+        return ()
+    names = ("Rearrange", "Reduce", "EinMix")
+    return tuple(getattr(einops_torch, name) for name in names if hasattr(einops_torch, name))
+
+
 _ADAPTIVE_POOLS = (
     nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d,
     nn.AdaptiveMaxPool3d,
@@ -952,5 +963,6 @@ RULES: list[Rule] = [
     CloseRule("mean/sum reduction", _targets(torch.mean, torch.sum, torch.amax, "mean", "sum", "amax", "max")),
     CloseRule("linear", _modules(nn.Linear, nn.Bilinear, nn.LayerNorm)),
     CloseRule("attention", _modules(nn.MultiheadAttention), leaf_types=(nn.MultiheadAttention,)),
+    CloseRule("einops layer", _modules(*_einops_layers()), leaf_types=_einops_layers()),
     CloseRule("oct3d octave module (already converted)", _modules(*_oct3d_modules()), leaf_types=_oct3d_modules()),
 ]

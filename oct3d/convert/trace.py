@@ -213,11 +213,12 @@ def trace(
             graph = tracer.trace(model, concrete_args=concrete_args)
     except Exception as error:
         where = getattr(error, "_oct3d_module", None)
+        cause = _likely_cause(error)
         if where is None:
             raise ConversionError(
                 f"octavize could not trace {type(model).__name__} with torch.fx ({type(error).__name__}: {error}). "
-                "The failing code is in the model's own forward; make the forward traceable (no Python control "
-                "flow on tensor values), or convert a traceable submodule and keep the rest around it"
+                f"The failing code is in the model's own forward{cause or ''}; make the forward traceable (no "
+                "Python control flow on tensor values), or convert a traceable submodule and keep the rest around it"
             ) from error
         name, kind = where
         # Deep inside a block (a transformer's attention), the siblings often fail the same way one
@@ -227,11 +228,25 @@ def trace(
         also = f" (or a module around it: {' or '.join(map(repr, around))})" if around else ""
         raise ConversionError(
             f"octavize could not trace module {name!r} ({kind}) of {type(model).__name__} with torch.fx "
-            f"({type(error).__name__}: {error}). Pass exclude=({name!r},){also} to keep it as one opaque module "
+            f"({type(error).__name__}: {error}){cause or ''}. Pass exclude=({name!r},){also} to keep it as one "
+            "opaque module "
             "(it stays vanilla and the octave closes around it), or make its forward traceable, e.g. by moving "
             "data-dependent control flow into a function marked with torch.fx.wrap"
         ) from error
     return fx.GraphModule(tracer.root, graph, class_name=type(model).__name__)
+
+
+def _likely_cause(error: Exception) -> str | None:
+    """What a few common tracing errors mean, for the message (``None`` where there is nothing to add)."""
+    text = str(error)
+    if isinstance(error, TypeError) and "Proxy" in text and any(f in text for f in ("int()", "float()", "index")):
+        return (": the code turns a traced size into a Python number (int(), float(), an index), which a torch.fx "
+                "trace cannot do; keep size arithmetic on x.shape values without int(), or compute it in a function "
+                "marked with torch.fx.wrap")
+    if isinstance(error, NameError) and "not installed as a submodule" in text:
+        return (": the module builds another module inside its forward (only modules assigned in __init__ can be "
+                "traced)")
+    return None
 
 
 def _structured_args(model: nn.Module, example: tuple[Any, ...]) -> dict[str, Any] | None:

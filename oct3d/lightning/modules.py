@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import functools
 import math
+import warnings
 from collections import defaultdict
 from typing import Any, Literal
 
@@ -140,6 +141,69 @@ def warmup_cosine_schedule(
 def remember_position(module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
     """Keep the epoch and step a loaded checkpoint was saved at (for :func:`validation_position`)."""
     module._loaded_at = (int(checkpoint.get("epoch", 0)), int(checkpoint.get("global_step", 0)))
+
+
+def _plain(value: Any) -> Any:
+    # Checkpoints and configs hold lists where code may hold tuples; compare them as the same.
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
+
+
+def restore_preprocessing(module: pl.LightningModule, saved: dict[str, Any] | None,
+                          current: dict[str, Any] | None) -> None:
+    """Set ``module.preprocessing`` from a checkpoint's ``saved`` settings on load.
+
+    ``current`` is what this run's data module applies (``None`` without one, e.g.
+    ``load_from_checkpoint``). Where the two differ (resuming or testing with changed data
+    settings), the data module's settings are what the model now sees, so they are the ones
+    recorded (and stored in this run's checkpoints, which inference follows), and a warning
+    names each setting that changed.
+    """
+    if not saved and not current:
+        return
+    if current and saved and _plain(dict(saved)) != _plain(dict(current)):
+        changed = sorted(k for k in set(saved) | set(current) if _plain(saved.get(k)) != _plain(current.get(k)))
+        shown = "; ".join(f"{k}: checkpoint {saved.get(k)!r}, data {current.get(k)!r}" for k in changed)
+        warnings.warn(
+            f"this run's data preprocessing differs from the checkpoint's ({shown}); the data module's is what the "
+            "model sees now and what this run's checkpoints record (oct3d infer/segment follow it). Pass the "
+            "checkpoint's settings to the data module to keep the model's training conditions",
+            stacklevel=2,
+        )
+    module.preprocessing = dict(current or saved)
+    module.hparams["preprocessing"] = dict(module.preprocessing)
+
+
+def check_data_classes(module: pl.LightningModule, names: list[str]) -> None:
+    """Refuse a checkpoint whose class list (``names``) is not the one this run labels its data with.
+
+    Label ``i`` of the data must be class ``i`` of the checkpoint: the same count in another order (a
+    renamed or added class folder changes the sorted order) would score every sample against the wrong
+    class. The run's names are the configured ones (``module.class_names``), else the data module's.
+    """
+    trainer = module._trainer
+    datamodule = getattr(trainer, "datamodule", None) if trainer is not None else None
+    try:
+        data_names = getattr(datamodule, "class_names", None)
+    except (OSError, ValueError):  # no annotations to name classes (e.g. predicting on unlabelled files)
+        data_names = None
+    if getattr(module, "class_names", None) is not None:
+        data_names = module.class_names
+    if data_names is None or [str(n) for n in data_names] == [str(n) for n in names]:
+        return
+    differ = [i for i, (a, b) in enumerate(zip(names, data_names)) if str(a) != str(b)]
+    shown = "; ".join(f"label {i}: checkpoint {names[i]!r}, data {data_names[i]!r}" for i in differ[:3])
+    if len(names) != len(data_names):
+        shown = f"{len(names)} classes in the checkpoint, {len(data_names)} in the data" + (
+            f"; {shown}" if shown else "")
+    raise ValueError(
+        f"the checkpoint's classes differ from the data module's ({shown}): its predictions would be scored "
+        "against the wrong labels; use the class list the model was trained with (the same class names in the "
+        "same order), or fine-tune from the weights instead of resuming with --ckpt_path"
+    )
 
 
 def validation_position(module: pl.LightningModule) -> tuple[int, int]:
@@ -441,13 +505,25 @@ class OctaveClassifier(pl.LightningModule):
         self._test_views = {}
 
     def predict_step(self, batch: Any, batch_idx: int) -> dict[str, Tensor]:
-        """Softmax probabilities (and ``video_index`` / ``label`` when the batch has them)."""
+        """Softmax probabilities (and ``video_index`` / ``label`` when the batch has them).
+
+        A video that could not be read was replaced by another one in the batch; its row of
+        ``probs`` is NaN and ``failed`` (a bool per sample, present when the batch says which
+        failed) is True, so no other video's scores are filed under its index.
+        """
         x, y, video_index = self._unpack(batch)
-        out = {"probs": self(x).float().softmax(1)}
+        probs = self(x).float().softmax(1)
+        out = {"probs": probs}
+        keep = self._readable(batch, probs)
+        if isinstance(batch, dict) and isinstance(batch.get("failed"), (list, tuple)):
+            out["failed"] = torch.zeros(probs.shape[0], dtype=torch.bool, device=probs.device) if keep is None \
+                else ~keep
+        if keep is not None:
+            probs[~keep] = float("nan")
         if video_index is not None:
             out["video_index"] = video_index
         if y is not None:
-            out["label"] = y
+            out["label"] = y if keep is None else torch.where(keep, y, torch.full_like(y, -1))
         return out
 
     # ----------------------------------------------------------------------------- metadata
@@ -496,10 +572,11 @@ class OctaveClassifier(pl.LightningModule):
         remember_position(self, checkpoint)
         self._check_same_network(checkpoint, meta)
         if meta.get("class_names") is not None:
-            self._check_data_classes(list(meta["class_names"]))
+            check_data_classes(self, list(meta["class_names"]))
             self.class_names = list(meta["class_names"])
-        if meta.get("preprocessing"):
-            self.preprocessing = dict(meta["preprocessing"])
+        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        restore_preprocessing(self, meta.get("preprocessing"),
+                              self._preprocessing_from(datamodule) if datamodule is not None else None)
 
     def _check_same_network(self, checkpoint: dict[str, Any], meta: dict[str, Any]) -> None:
         # Resuming (or testing) with a config that builds another network would fail in load_state_dict with a
@@ -530,31 +607,6 @@ class OctaveClassifier(pl.LightningModule):
             + ("; ".join(changed) if changed else f"{len(differ)} parameter(s) differ, e.g. {differ[0]}")
             + "): give the model the checkpoint's settings to resume or test it, or start a new run from its "
             "weights (oct3d.models.load_vanilla, or load_state_dict with strict=False)"
-        )
-
-    def _check_data_classes(self, names: list[str]) -> None:
-        # Label i of the data must be class i of the checkpoint: the same count in another order (a renamed
-        # or added class folder changes the sorted order) would score every video against the wrong class.
-        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
-        try:
-            data_names = getattr(datamodule, "class_names", None)
-        except (OSError, ValueError):  # no annotations to name classes (e.g. predicting on unlabelled files)
-            data_names = None
-        # The names this run labels its data with: the configured ones, else the data module's (setup()
-        # took those when the count matched).
-        if self.class_names is not None:
-            data_names = self.class_names
-        if data_names is None or [str(n) for n in data_names] == [str(n) for n in names]:
-            return
-        differ = [i for i, (a, b) in enumerate(zip(names, data_names)) if str(a) != str(b)]
-        shown = "; ".join(f"label {i}: checkpoint {names[i]!r}, data {data_names[i]!r}" for i in differ[:3])
-        if len(names) != len(data_names):
-            shown = f"{len(names)} classes in the checkpoint, {len(data_names)} in the data" + (
-                f"; {shown}" if shown else "")
-        raise ValueError(
-            f"the checkpoint's classes differ from the data module's ({shown}): its predictions would be scored "
-            "against the wrong labels; use the class list the model was trained with (the same annotation class "
-            "names), or fine-tune from the weights instead of resuming with --ckpt_path"
         )
 
     # ----------------------------------------------------------------------------- optimisation

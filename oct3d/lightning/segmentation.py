@@ -28,10 +28,12 @@ from oct3d.lightning.modules import (
     CHECKPOINT_FORMAT_VERSION,
     CHECKPOINT_KEY,
     apply_scheduled_lr,
+    check_data_classes,
     check_optimization,
     foreach_kwargs,
     record_hparam,
     remember_position,
+    restore_preprocessing,
     validation_position,
     warmup_cosine_schedule,
 )
@@ -134,7 +136,9 @@ def check_backbone_channels(init_args: dict[str, Any], in_channels: int, num_cla
                 raise ValueError(
                     f"the backbone's init_args.{key} is {value} but the model has {setting}={expected} "
                     f"({what}; with the data module, dataset.json's); set "
-                    f"model.init_args.backbone.init_args.{key}: {expected}"
+                    f"model.init_args.backbone.init_args.{key}: {expected} in the config (on the command line, "
+                    "give the whole backbone: --model.init_args.backbone '{\"class_path\": ..., \"init_args\": "
+                    f"{{..., \"{key}\": {expected}}}}}')"
                 )
 
 
@@ -480,8 +484,13 @@ class VolumeSegmenter(pl.LightningModule):
             prediction = logits.argmax(1, keepdim=True)
         num_classes = self.hparams.num_classes
         one_hot = lambda t: torch.zeros((t.shape[0], num_classes, *t.shape[2:]), device=t.device).scatter_(1, t, 1.0)
-        # Per case and foreground class; NaN where a class is absent from the ground truth.
-        dice = compute_dice(one_hot(prediction), one_hot(label), include_background=False)
+        predicted = one_hot(prediction)
+        # Per case and foreground class. A class absent from the ground truth scores 0 where it was
+        # predicted anyway (a false positive, as nnU-Net and BraTS count it) and NaN, left out of the
+        # class's mean, where it was rightly not predicted.
+        dice = compute_dice(predicted, one_hot(label), include_background=False)
+        false_positive = dice.isnan() & predicted[:, 1:].flatten(2).any(2)
+        dice = dice.masked_fill(false_positive, 0.0)
         for c, metric in enumerate(metrics):
             metric.update(dice[:, c])
 
@@ -567,11 +576,16 @@ class VolumeSegmenter(pl.LightningModule):
                 f"the data has {channels} image channel(s) (dataset.json modalities) but the model was built with "
                 f"in_channels={self.hparams.in_channels}; set model.init_args.in_channels: {channels}"
             )
-        if self.class_names is None:
-            names = getattr(datamodule, "class_names", None)
-            if names is not None and len(names) == self.hparams.num_classes:
-                self.class_names = [str(n) for n in names]
-                self.hparams["class_names"] = list(self.class_names)
+        names = getattr(datamodule, "class_names", None)
+        if names is not None and len(names) != self.hparams.num_classes:
+            raise ValueError(
+                f"the data has {len(names)} classes (dataset.json labels, background included: {list(names)}) but "
+                f"the model was built with num_classes={self.hparams.num_classes}; set model.init_args.num_classes: "
+                f"{len(names)}"
+            )
+        if self.class_names is None and names is not None:
+            self.class_names = [str(n) for n in names]
+            self.hparams["class_names"] = list(self.class_names)
         if not self.preprocessing and getattr(datamodule, "preprocessing", None):
             self.preprocessing = dict(datamodule.preprocessing)
             self.hparams["preprocessing"] = dict(self.preprocessing)
@@ -614,9 +628,11 @@ class VolumeSegmenter(pl.LightningModule):
             raise ValueError(f"the checkpoint's backbone was converted with octavize={saved}, this module with "
                              f"octavize={current}; build the module with the checkpoint's settings")
         if meta.get("class_names") is not None:
+            check_data_classes(self, list(meta["class_names"]))
             self.class_names = list(meta["class_names"])
-        if meta.get("preprocessing"):
-            self.preprocessing = dict(meta["preprocessing"])
+        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        current = getattr(datamodule, "preprocessing", None) if datamodule is not None else None
+        restore_preprocessing(self, meta.get("preprocessing"), dict(current) if current else None)
 
     # ----------------------------------------------------------------------------- optimisation
     def configure_optimizers(self) -> dict[str, Any]:
