@@ -157,6 +157,7 @@ class _PlainPyAV:
         self.num_frames, self.sampling_rate, self.target_fps = num_frames, sampling_rate, target_fps
         self.timing = {"decode_s": 0.0, "transform_s": 0.0, "clips": 0}
         self.clips_per_video = 1
+        self.frame_counts = [0] * len(samples)  # filled by usable_samples' probe where the header has none
 
     def __getitem__(self, index: int) -> torch.Tensor:
         import av
@@ -164,21 +165,31 @@ class _PlainPyAV:
         from datamodules.video import clip_indices, clip_span, source_step
 
         started = time.perf_counter()
-        with av.open(self.samples[index].path) as container:
+        sample = self.samples[index]
+        with av.open(sample.path) as container:
             stream = container.streams.video[0]
             stream.codec_context.thread_count = 1
-            total = stream.frames
+            # Matroska/WebM headers carry no frame count: take the one the data modules' reader found.
+            total = stream.frames or self.frame_counts[index]
             step = source_step(self.sampling_rate, float(stream.average_rate or 0), self.target_fps)
             start = int(torch.randint(0, max(total - clip_span(self.num_frames, step), 0) + 1, ()).item())
             wanted = clip_indices(total, start, self.num_frames, step)
             kept = {}
-            for position, frame in enumerate(container.decode(stream)):
-                if self.convert_all or position in wanted:
-                    image = frame.to_ndarray(format="rgb24", **_ONE_THREAD)
-                if position in wanted:
-                    kept[position] = image
-                if position >= wanted[-1]:
-                    break
+            image = None
+            try:
+                for position, frame in enumerate(container.decode(stream)):
+                    if self.convert_all or position in wanted:
+                        image = frame.to_ndarray(format="rgb24", **_ONE_THREAD)
+                    if position in wanted:
+                        kept[position] = image
+                    if position >= wanted[-1]:
+                        break
+            except av.error.FFmpegError:
+                if image is None:
+                    raise
+                # A truncated file: its last decodable frame stands in for the rest, as the readers do.
+        if image is None:
+            raise ValueError(f"{sample.path}: no frame decoded")
         frames = torch.from_numpy(np.stack([kept.get(i, image) for i in wanted]))
         transforming = time.perf_counter()
         clip = self.transform(frames)
@@ -212,6 +223,27 @@ def _make_loader(spec: str, samples: list, clip: dict[str, Any]):
     )
 
 
+def usable_samples(samples: list) -> tuple[list, list[int], list[str]]:
+    """The samples the data modules' PyAV reader can open (with their frame counts), and
+    ``"path: reason"`` for the others (missing, empty, not a video, no video stream)."""
+    from datamodules.decoders import VideoDecodeError, open_reader
+
+    kept, counts, skipped = [], [], []
+    for sample in samples:
+        try:
+            with open_reader(sample.path, "pyav") as reader:
+                frames = reader.info.num_frames
+        except VideoDecodeError as error:
+            skipped.append(str(error))  # names the file
+            continue
+        if frames < 1:
+            skipped.append(f"{sample.path}: no frames")
+            continue
+        kept.append(sample)
+        counts.append(frames)
+    return kept, counts, skipped
+
+
 def benchmark_loaders(samples: list, loaders: Sequence[str], clip: dict[str, Any], videos: int = 24,
                       rounds: int = 4, seed: int = 0) -> list[LoaderResult]:
     """Time each loader over the same ``videos`` videos, interleaved: every round, each loader reads a share.
@@ -220,7 +252,13 @@ def benchmark_loaders(samples: list, loaders: Sequence[str], clip: dict[str, Any
     """
     if not samples:
         raise ValueError("no videos to benchmark")
+    samples, counts, _ = usable_samples(samples)
+    if not samples:
+        raise ValueError("no readable videos to benchmark")
     built = {spec: _make_loader(spec, samples, clip) for spec in loaders}
+    for loader in built.values():
+        if isinstance(loader, _PlainPyAV):
+            loader.frame_counts = counts
     order = random.Random(seed).choices(range(len(samples)), k=videos)
     chunks = [order[i::rounds] for i in range(rounds)]
     seconds = dict.fromkeys(loaders, 0.0)
@@ -367,6 +405,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     samples = _find_samples(root, clip)
     if not samples:
         print(f"error: no videos under {root} (use --generate N to write Kinetics-like ones)", file=sys.stderr)
+        return 2
+    samples, _, skipped = usable_samples(samples)
+    if skipped:
+        shown = "; ".join(skipped[:5]) + (f"; and {len(skipped) - 5} more" if len(skipped) > 5 else "")
+        print(f"skipped {len(skipped)} unreadable video(s): {shown}", file=sys.stderr)
+    if not samples:
+        print(f"error: no readable videos under {root}", file=sys.stderr)
         return 2
     k = int(clip["clips_per_video"])
     decoder = "pyav" if clip["decoder"] == "auto" else clip["decoder"]

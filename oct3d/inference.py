@@ -243,7 +243,8 @@ def load_predictor(path: str | os.PathLike, device: str = "auto", trust_checkpoi
     path = check_checkpoint_file(path)
     torch_device = resolve_device(device)
     sidecar = _sidecar(path)
-    if path.suffix in EXPORT_FORMATS and sidecar.is_file():
+    if sidecar.is_file() and (path.suffix in EXPORT_FORMATS or _is_export_sidecar(sidecar)):
+        # The sidecar names the format, so an export saved under another suffix loads too.
         return _load_export(path, sidecar, torch_device, amp)
     if path.suffix in EXPORT_FORMATS and (path.suffix != ".pt" or _is_torchscript(path)):
         raise CheckpointError(f"{path}: exported model without its metadata sidecar {sidecar}")
@@ -272,6 +273,15 @@ def load_predictor(path: str | os.PathLike, device: str = "auto", trust_checkpoi
     model.load_state_dict(state)
     model.eval().to(torch_device)
     return Predictor(model, metadata, torch_device, "checkpoint", amp)
+
+
+def _is_export_sidecar(sidecar: Path) -> bool:
+    try:
+        with open(sidecar) as handle:
+            info = json.load(handle)
+    except (OSError, ValueError):
+        return False
+    return isinstance(info, dict) and "oct3d" in info and info.get("format") in set(EXPORT_FORMATS.values())
 
 
 def _load_export(path: Path, sidecar: Path, device: torch.device, amp: bool) -> Predictor:

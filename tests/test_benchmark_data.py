@@ -78,3 +78,25 @@ def test_bad_loader_spec_and_empty_folder(kinetics_like, tmp_path, capsys):
 
 def test_registered_as_oct3d_bench_data():
     assert cli.TOOLS["bench-data"] == "oct3d.benchmark_data:main"
+
+
+def test_webm_and_unreadable_files_neither_stop_nor_distort_the_benchmark(kinetics_like, tmp_path, capsys):
+    """A WebM has no frame count in its header (the plain loop took 0); unreadable files are skipped and named."""
+    import numpy as np
+
+    from datamodules.synthetic import write_video
+
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    write_video(folder / "clip.webm", np.random.default_rng(0).integers(0, 255, (20, 64, 80, 3), dtype=np.uint8), 25)
+    source = kinetics_like[1][0].read_bytes()
+    (folder / "truncated.mp4").write_bytes(source[: len(source) // 2])
+    (folder / "empty.mp4").write_bytes(b"")
+    config = tmp_path / "small.yaml"
+    config.write_text(SMALL_CONFIG)
+    output = tmp_path / "result.json"
+    assert main([str(folder), "--config", str(config), "--videos", "3", "--rounds", "1", "--loaders", "plain", "pyav:1",
+                 "--json", str(output)]) == 0
+    err = capsys.readouterr().err
+    assert "skipped 2 unreadable video(s): " in err and "empty.mp4" in err and "truncated.mp4" in err
+    assert {r["name"]: r["clips"] for r in json.loads(output.read_text())["results"]} == {"plain": 3, "pyav:1": 3}

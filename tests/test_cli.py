@@ -171,6 +171,15 @@ def test_a_refused_setting_is_one_error_line_and_exit_2(tiny_kinetics, tmp_path,
         cli.lightning_main(["fit", *_tiny_video_args(missing, tmp_path / "logs")])
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU config runs where there is a GPU")
+def test_the_gpu_config_on_a_machine_without_a_gpu_says_what_to_override(tiny_kinetics, capsys, monkeypatch):
+    monkeypatch.delenv("OCT3D_TRACEBACK", raising=False)
+    assert cli.lightning_main(["fit", "-c", str(CONFIGS / "oct_i3d.yaml"), "--data.root", str(tiny_kinetics)]) == 2
+    err = capsys.readouterr().err
+    assert "error: No supported gpu backend found!" in err and "--trainer.accelerator cpu" in err
+    assert "Traceback" not in err
+
+
 def test_errors_outside_oct3d_checks_keep_their_traceback(tmp_path, monkeypatch):
     from oct3d.lightning import cli as lightning_cli
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import warnings
 
 import pytest
 import torch
@@ -55,14 +56,21 @@ def test_onnx_matches_eager(name, kwargs, task, preprocessing, tmp_path):
     assert sidecar["input_shape"] == ["batch", *meta.input_shape()[1:]]
 
 
-@pytest.mark.parametrize(("fmt", "suffix"), [("torchscript", ".pt"), ("exported-program", ".pt2")])
+@pytest.mark.parametrize(("fmt", "suffix"), [("torchscript", ".pt"), ("exported-program", ".pt2"),
+                                           ("torchscript", ".torchscript")])
 def test_torch_formats_match_eager(fmt, suffix, tmp_path):
+    """Each torch format equals eager, and load_predictor takes it by its sidecar whatever its suffix."""
+    from oct3d.inference import load_predictor
+
     model, meta = _eager_and_meta("oct_i3d_r50", TINY_I3D, "video", {"num_frames": 4, "crop_size": 32})
-    out = export_model(model, meta, fmt, tmp_path / f"i3d{suffix}")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the note on an unusual suffix
+        out = export_model(model, meta, fmt, tmp_path / f"i3d{suffix}")
     loaded = torch.jit.load(str(out)) if fmt == "torchscript" else torch.export.load(str(out)).module()
     x = torch.randn(meta.input_shape(batch_size=3))
     with torch.no_grad():
         assert torch.allclose(loaded(x), model(x), atol=1e-5, rtol=0)
+    assert load_predictor(out, device="cpu").source == fmt
 
 
 def test_cli_export_then_infer_with_the_exported_file(tiny_kinetics, tiny_video_checkpoint, tmp_path, capfd):

@@ -335,3 +335,17 @@ def test_a_resumed_run_follows_its_own_peak_learning_rate():
     opt.step()
     scheduler.step()
     assert opt.param_groups[0]["lr"] == pytest.approx(0.4 * WarmupCosine(0, 6, 0.01, 0.0)(4))
+
+
+def test_testing_an_unlabelled_split_is_refused_not_scored_zero():
+    import lightning.pytorch as pl
+
+    from oct3d.lightning import VideoClassifier
+
+    model = VideoClassifier(backbone="oct_i3d_r50", num_classes=3,
+                            backbone_kwargs={"alpha": 0.5, "base_width": 8, "depths": [1, 1, 1, 1]})
+    batch = {"video": torch.randn(2, 3, 4, 32, 32), "label": torch.tensor([-1, -1]),
+             "video_index": torch.tensor([0, 1])}
+    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
+    with pytest.raises(ValueError, match="the test split has videos without labels"):
+        trainer.test(model, torch.utils.data.DataLoader([batch], batch_size=None), verbose=False)

@@ -136,11 +136,22 @@ def run_cli(args: list[str] | None = None) -> int:
     Applies :func:`oct3d.system.steady_malloc` first (``OCT3D_STEADY_MALLOC=0`` turns it off): clips and
     volumes are large tensors that default glibc malloc page-faults in again every step.
     """
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+
     from oct3d.system import steady_malloc_unless_disabled
 
     steady_malloc_unless_disabled()
     try:
         OctCLI(args=args)
+    except MisconfigurationException as error:
+        # The full-scale configs ask for GPUs; on a machine without one Lightning's message says only that.
+        if "gpu" not in str(error).lower() or os.environ.get("OCT3D_TRACEBACK", "").strip() not in ("", "0"):
+            raise
+        print(f"error: {error} The config asks for GPUs (trainer.accelerator: gpu). To run it on the CPU, add "
+              "--trainer.accelerator cpu --trainer.devices 1 --trainer.strategy auto --trainer.sync_batchnorm false "
+              "--trainer.precision 32-true --data.pin_memory false (or start from configs/oct_i3d_demo.yaml)",
+              file=sys.stderr)
+        return 2
     except (ValueError, TypeError, FileNotFoundError, NotADirectoryError) as error:
         own = _own_refusal(error)
         if own is None or os.environ.get("OCT3D_TRACEBACK", "").strip() not in ("", "0"):

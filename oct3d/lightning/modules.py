@@ -406,6 +406,13 @@ class OctaveClassifier(pl.LightningModule):
         view and the video metrics alike, and counted in ``test/failed_videos``.
         """
         x, y, video_index = self._unpack(batch)
+        if y is None or bool((y < 0).any()):
+            # An unlabelled test split (Kinetics-700-2020's test annotations carry no labels) would score 0.
+            raise ValueError(
+                "the test split has videos without labels (label -1: annotations without a label column), so there "
+                "is nothing to score; use lightning predict or oct3d infer for their predictions, or test on a "
+                "labelled split"
+            )
         keep = self._readable(batch, x)
         if video_index is None:
             self._log_failed(batch, "test")  # every step: a synced key (see _log_failed)
