@@ -97,7 +97,8 @@ def find_annotation_format(root: str | os.PathLike) -> str:
         return "list"
     raise FileNotFoundError(
         f"no annotations under {root}: expected the Kinetics layout (root/annotations/train.csv with columns "
-        f"label,youtube_id,time_start,time_end,split) or a path-label list (root/train.csv or root/train.txt)"
+        f"label,youtube_id,time_start,time_end,split) or a path-label list (root/train.csv or root/train.txt); "
+        f"`python tools/make_synthetic_kinetics.py {root}` writes a small synthetic set there"
     )
 
 

@@ -172,6 +172,8 @@ def make_mni_tissue(
     wm = np.asarray(nib.load(str(paths["wm"])).dataobj, dtype=np.float32)
     if not t1.shape == gm.shape == wm.shape or t1.ndim != 3:
         raise ValueError(f"template files differ in shape: {t1.shape}, {gm.shape}, {wm.shape}")
+    if any(c > n for c, n in zip(crop, t1.shape)):
+        raise ValueError(f"crop_size {crop} is larger than the template ({t1.shape} voxels at 1 mm)")
     # Probability maps are stored as 0..255 (uint8) in nilearn's copy, 0..1 elsewhere.
     scale = 255.0 if max(gm.max(), wm.max()) > 1.5 else 1.0
     gm, wm = gm / scale, wm / scale
@@ -196,6 +198,9 @@ def make_mni_tissue(
     root = Path(out)
     for folder in ("imagesTr", "labelsTr", "imagesTs", "labelsTs"):
         (root / folder).mkdir(parents=True, exist_ok=True)
+        # An earlier run's cases would stay beside this run's (and `oct3d segment imagesTs` would label them).
+        for stale in (root / folder).glob("mni_t[rs]_*.nii.gz"):
+            stale.unlink()
     counts = np.zeros(3, dtype=np.int64)
     entries: dict[str, list] = {"training": [], "test": []}
     jobs = [("training", i, train_y) for i in range(train_cases)] + [("test", i, test_y) for i in range(test_cases)]

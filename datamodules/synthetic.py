@@ -22,6 +22,7 @@ import csv
 import json
 import math
 import os
+import re
 import shutil
 import time
 from dataclasses import asdict, dataclass
@@ -337,8 +338,16 @@ def main(argv: list[str] | None = None) -> int:
             seed=args.seed,
             overwrite=args.overwrite,
         )
-    except (ValueError, FileExistsError) as error:
-        parser.error(str(error))
+    except (ValueError, FileExistsError, NotADirectoryError) as error:
+        message = str(error)
+        # make_synthetic_kinetics names its parameters; the user typed the flags.
+        for name, flag in (("num_classes", "--classes"), ("train_per_class", "--train-per-class"),
+                           ("val_per_class", "--val-per-class"), ("test_per_class", "--test-per-class"),
+                           ("frames", "--frames"), ("size", "--size"), ("fps", "--fps")):
+            message = re.sub(rf"\b{name}\b", flag, message)
+        if isinstance(error, NotADirectoryError):
+            message = f"OUT must be a folder (or a path to create), got a file: {args.out}"
+        parser.error(message)
     videos = ", ".join(f"{count} {split}" for split, count in summary.videos_per_split.items())
     print(
         f"wrote {summary.root}: {len(summary.class_names)} classes ({', '.join(summary.class_names)}), "

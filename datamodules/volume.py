@@ -167,10 +167,12 @@ def read_decathlon(root: str | os.PathLike) -> DecathlonInfo:
     )
 
 
-def load_nifti(path: str | os.PathLike, channels: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+def load_nifti(path: str | os.PathLike, channels: int | None = None,
+               what: str = "image") -> tuple[np.ndarray, np.ndarray]:
     """Read a NIfTI image as a float32 channel-first array ``(C, X, Y, Z)`` and its 4x4 affine.
 
     A 3D file is one channel; a 4D file's last axis holds the channels (the Decathlon convention).
+    ``what="label"`` words the channel-count error for a label map (one channel of class values).
 
     Raises:
         VolumeReadError: missing, unreadable or truncated file, not 3D/4D, or not ``channels`` channels.
@@ -192,6 +194,9 @@ def load_nifti(path: str | os.PathLike, channels: int | None = None) -> tuple[np
         data = np.ascontiguousarray(np.moveaxis(data, -1, 0))
     else:
         raise VolumeReadError(path, f"expected a 3D or 4D volume, got shape {data.shape}")
+    if channels is not None and data.shape[0] != channels and what == "label":
+        raise VolumeReadError(path, f"is a label map with {data.shape[0]} components; expected one channel of "
+                                    "class values (0 = background)")
     if channels is not None and data.shape[0] != channels:
         raise VolumeReadError(path, f"has {data.shape[0]} channel(s), expected {channels}: one per modality of "
                                     "the dataset (dataset.json) or of the checkpoint's training data")
@@ -216,7 +221,7 @@ def _load_case(case: DecathlonCase, channels: int, num_classes: int) -> dict[str
     image, affine = load_nifti(case.image, channels)
     out: dict[str, Any] = {"image": image, "affine": affine}
     if case.label is not None:
-        label, label_affine = load_nifti(case.label, 1)
+        label, label_affine = load_nifti(case.label, 1, what="label")
         if label.shape[1:] != image.shape[1:]:
             raise VolumeReadError(
                 case.label, f"label shape {label.shape[1:]} differs from image shape {image.shape[1:]}"

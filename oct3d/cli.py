@@ -55,7 +55,9 @@ def main(argv: list[str] | None = None) -> int:
                 raise
             print(f"error: `oct3d {args[0]}` is not available in this installation ({error})", file=sys.stderr)
             return 2
-        return int(tool(args[1:]) or 0)
+        from oct3d.system import run_tool
+
+        return run_tool(lambda: tool(args[1:]))
     if args and not args[0].startswith("-") and args[0] not in _TRAINING_COMMANDS:
         print(_USAGE, file=sys.stderr)
         print(f"oct3d: error: unknown command {args[0]!r}; choose one of "

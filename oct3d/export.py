@@ -227,6 +227,13 @@ def main(argv: list[str] | None = None) -> int:
         if missing:
             print(f"error: --format onnx needs {' and '.join(missing)}: pip install 'oct3d[onnx]'", file=sys.stderr)
             return 2
+    if args.format == "onnx":
+        from torch.onnx import _constants as onnx_constants
+
+        low, high = onnx_constants.ONNX_MIN_OPSET, onnx_constants.ONNX_MAX_OPSET
+        if not low <= args.opset <= high:
+            parser.error(f"--opset must be an ONNX opset from {low} to {high} (this torch's exporters), got "
+                         f"{args.opset}; 18 is the default")
     check_output_file(parser, "OUT", args.out, [args.checkpoint])
     check_output_file(parser, "OUT's sidecar", args.out + ".json", [args.checkpoint])
     if Path(args.out).suffix != SUFFIXES[args.format]:

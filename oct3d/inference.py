@@ -720,6 +720,10 @@ def main(argv: list[str] | None = None) -> int:
     """Command-line entry point; returns 0 if every file succeeded, 1 if any failed, 2 on usage errors."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    try:
+        resolve_device(args.device)
+    except ValueError as error:
+        parser.error(f"--device: {error}")
     from oct3d.system import steady_malloc_unless_disabled
 
     steady_malloc_unless_disabled()  # large clips/volumes: no page faults every batch (OCT3D_STEADY_MALLOC=0: off)

@@ -16,11 +16,14 @@ import statistics
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from oct3d.benchmark import _peak_memory, _timed
+from oct3d.inference import resolve_device
 from oct3d.models import oct_unet3d
+from oct3d.nn.conv import minimum_channels
 
 __all__ = ["StepCost", "measure_steps", "patch_sweep", "largest_patch", "main"]
 
@@ -152,8 +155,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--malloc", choices=["steady", "default"], default="steady",
                         help="as for tools/benchmark.py: steady raises glibc's mmap/trim thresholds")
     args = parser.parse_args(argv)
+    try:
+        resolve_device(args.device)
+    except ValueError as error:
+        parser.error(f"--device: {error}")
     if args.rounds < 1 or args.patch < 4 or args.batch_size < 1:
         parser.error("--rounds and --batch-size must be >= 1 and --patch >= 4")
+    bad_alphas = [a for a in args.alphas if not 0.0 <= a < 1.0]
+    if bad_alphas:
+        parser.error(f"--alphas must each be in [0, 1), got {bad_alphas}")
+    if args.depth < 2:
+        parser.error(f"--depth must be >= 2, got {args.depth}")
+    smallest = max((minimum_channels(a) for a in args.alphas if a > 0), default=1)
+    if args.base_width < smallest:
+        parser.error(f"--base-width must be >= {smallest} for --alphas {args.alphas} (each branch needs a channel), "
+                     f"got {args.base_width}")
+    if any(b <= 0 for b in args.budgets):
+        parser.error(f"--budgets must be positive MiB, got {args.budgets}")
+    if args.sweep and any(p < 4 for p in args.sweep):
+        parser.error(f"--sweep patches must be >= 4, got {args.sweep}")
+    if args.output and not Path(args.output).resolve().parent.is_dir():
+        parser.error(f"--output: folder {Path(args.output).resolve().parent} does not exist")
     from oct3d.system import steady_malloc
 
     malloc = "steady" if args.malloc == "steady" and steady_malloc() else "default"

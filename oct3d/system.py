@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import os
 import platform
+from collections.abc import Callable
 
-__all__ = ["steady_malloc", "steady_malloc_unless_disabled"]
+__all__ = ["run_tool", "steady_malloc", "steady_malloc_unless_disabled"]
 
 #: Blocks below this are served from the heap and kept for reuse (glibc's ``M_MMAP_THRESHOLD``).
 MMAP_THRESHOLD = 512 << 20
@@ -64,3 +65,20 @@ def steady_malloc_unless_disabled() -> bool:
     if os.environ.get("OCT3D_STEADY_MALLOC", "1").strip().lower() in ("0", "false", "no", "off"):
         return False
     return steady_malloc()
+
+
+def run_tool(main: Callable[[], int | None]) -> int:
+    """Run a command-line ``main`` and return its exit status; a reader that closes the output pipe
+    early (``oct3d segment ... | head -2``) ends the tool quietly with status 1 instead of a
+    ``BrokenPipeError`` traceback (the recipe of Python's ``signal`` documentation)."""
+    import sys
+
+    try:
+        status = main()
+        sys.stdout.flush()  # here, so that a closed pipe is met inside the try
+    except BrokenPipeError:
+        # Python flushes stdout again at exit; point it at /dev/null so that flush cannot fail too.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 1
+    return int(status or 0)

@@ -212,3 +212,15 @@ def test_an_unknown_oct3d_command_lists_every_command(capsys):
     assert oct3d_main(["bogus"]) == 2
     err = capsys.readouterr().err
     assert "unknown command 'bogus'" in err and "fit" in err and "infer" in err and "segment" in err
+
+
+def test_a_tool_whose_reader_closes_the_pipe_ends_without_a_traceback():
+    import subprocess
+
+    script = ("import sys\nfrom oct3d.system import run_tool\n"
+              "def main():\n    for i in range(200000):\n        print('line', i)\n    return 0\n"
+              "sys.exit(run_tool(main))\n")
+    done = subprocess.run(f"{sys.executable} -c \"{script}\" | head -1", shell=True, capture_output=True, text=True,
+                          cwd=REPO, timeout=120)
+    assert done.stdout == "line 0\n"
+    assert "Traceback" not in done.stderr and "BrokenPipeError" not in done.stderr

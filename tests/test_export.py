@@ -156,3 +156,7 @@ def test_onnx_export_writes_the_opset_asked_for_and_never_overwrites_its_checkpo
         export_main(["--checkpoint", str(copy), "--format", "torchscript", str(copy)])
     assert stop.value.code == 2 and "also an input" in capsys.readouterr().err
     assert copy.read_bytes() == tiny_video_checkpoint.read_bytes()
+    with pytest.raises(SystemExit) as stop:  # refused before any export is attempted
+        export_main(["--checkpoint", str(copy), "--format", "onnx", "--opset", "5", str(tmp_path / "o5.onnx")])
+    assert stop.value.code == 2 and "--opset must be an ONNX opset from 7 to" in capsys.readouterr().err
+    assert not (tmp_path / "o5.onnx").exists()

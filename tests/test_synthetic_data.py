@@ -140,6 +140,15 @@ def test_cli(tmp_path, capsys):
     assert "2 classes (moving left, moving right), 2 train, 2 val, 2 test videos" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         main([str(tmp_path / "f")])  # exists already
+    capsys.readouterr()
+    # Errors name the flags the user typed, and a file given as OUT is refused without a traceback.
+    (tmp_path / "file.mp4").write_bytes(b"")
+    for argv, message in (([str(tmp_path / "g"), "--classes", "20"], "--classes must be in [2, 8]"),
+                          ([str(tmp_path / "g"), "--train-per-class", "0"], "--train-per-class"),
+                          ([str(tmp_path / "file.mp4")], "OUT must be a folder")):
+        with pytest.raises(SystemExit) as stop:
+            main(argv)
+        assert stop.value.code == 2 and message in capsys.readouterr().err
 
 
 def test_tool_script_runs(monkeypatch, capsys):

@@ -269,6 +269,9 @@ def test_label_errors_say_what_is_wrong(tmp_path):
     val = VolumeDataset(info.training, "val", 1, 3, {"normalization": "zscore", "nonzero": True}, cache_rate=0.0)
     assert "non-integer label values 1.000001" in val[0]["failed"]
     assert "case01.nii.gz: a folder, not a file" in val[1]["failed"]
+    _save(np.stack([label, label], -1), root / "labelsTr" / "case00.nii.gz")  # a two-component label map
+    val = VolumeDataset(info.training, "val", 1, 3, {"normalization": "zscore", "nonzero": True}, cache_rate=0.0)
+    assert "is a label map with 2 components; expected one channel" in val[0]["failed"]
 
 
 def test_ct_window_and_channel_check(tiny_decathlon):
@@ -520,6 +523,13 @@ def test_mni_tissue_dataset_has_disjoint_regions(tmp_path):
     assert sum(summary.label_fractions) == pytest.approx(1.0) and min(summary.label_fractions) > 0
     with pytest.raises(FileNotFoundError, match="not found"):
         find_mni_template(tmp_path)
+    # A smaller rerun into the same folder leaves none of the earlier cases behind.
+    make_mni_tissue(tmp_path / "mni", train_cases=1, test_cases=1, crop_size=(16, 16, 16), gap=4,
+                    template_dir=template)
+    assert len(list((tmp_path / "mni" / "imagesTr").iterdir())) == 1
+    assert len(list((tmp_path / "mni" / "imagesTs").iterdir())) == 1
+    with pytest.raises(ValueError, match="larger than the template"):
+        make_mni_tissue(tmp_path / "big", crop_size=(300, 16, 16), template_dir=template)
 
 
 def test_segmentation_benchmark_tables():
@@ -830,3 +840,15 @@ def test_a_class_predicted_where_the_ground_truth_has_none_scores_zero_dice():
     model._evaluate({"image": torch.zeros(2, 1, 4, 4, 4), "label": label, "valid": [True, True]}, model.val_dice, "val")
     assert model.val_dice[0].compute().item() == pytest.approx(1.0)
     assert model.val_dice[1].compute().item() == pytest.approx(0.0)  # case 0 only: case 1 rightly predicted none
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--alphas", "1.5"], "--alphas must each be in [0, 1)"), (["--base-width", "1"], "--base-width must be >= 2"),
+    (["--budgets", "-5"], "--budgets must be positive"), (["--output", "/no/such/folder/x.md"], "--output: folder"),
+])
+def test_segmentation_benchmark_refuses_bad_arguments_before_running(argv, message, capsys):
+    from oct3d.segmentation_benchmark import main
+
+    with pytest.raises(SystemExit) as stop:
+        main(argv)
+    assert stop.value.code == 2 and message in capsys.readouterr().err

@@ -8,6 +8,7 @@ See ``oct3d.segmentation_benchmark``.
 import sys
 
 from oct3d.segmentation_benchmark import main
+from oct3d.system import run_tool
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_tool(main))

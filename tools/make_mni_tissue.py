@@ -25,11 +25,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="seed of crops and augmentation")
     parser.add_argument("--template-dir", help="folder with the three template files (default: nilearn's)")
     args = parser.parse_args(argv)
+    if min(args.crop) < 4:
+        parser.error(f"--crop must be 3 sizes >= 4, got {' '.join(map(str, args.crop))}")
+    if args.train < 1:
+        parser.error(f"--train must be >= 1, got {args.train}")
+    if args.test < 0:
+        parser.error(f"--test must be >= 0, got {args.test}")
     try:
         summary = make_mni_tissue(args.out, args.train, args.test, tuple(args.crop), seed=args.seed,
                                   template_dir=args.template_dir)
-    except FileNotFoundError as error:
-        print(f"error: {error}", file=sys.stderr)
+    except (FileNotFoundError, ValueError) as error:
+        print(f"error: {error}".replace("crop_size", "--crop"), file=sys.stderr)
         return 2
     fractions = ", ".join(f"{f:.1%}" for f in summary.label_fractions)
     print(f"wrote {summary.train_cases} training and {summary.test_cases} test cases of {summary.crop_size} to "

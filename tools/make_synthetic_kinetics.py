@@ -7,6 +7,7 @@ Usage: ``python tools/make_synthetic_kinetics.py OUT [--classes N] [--train-per-
 import sys
 
 from datamodules.synthetic import main
+from oct3d.system import run_tool
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_tool(main))

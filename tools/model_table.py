@@ -6,6 +6,7 @@ Usage: python tools/model_table.py [--task image|video|all] [--alphas ...] [--ma
 import sys
 
 from oct3d.model_table import main
+from oct3d.system import run_tool
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_tool(main))

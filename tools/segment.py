@@ -7,6 +7,7 @@
 import sys
 
 from oct3d.segment import main
+from oct3d.system import run_tool
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_tool(main))
