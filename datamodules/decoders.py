@@ -176,6 +176,12 @@ class VideoReader:
             out.append(_resize_thwc(frames[rows], size))
         return out
 
+    def frame_times(self) -> list[float] | None:
+        """Each frame's presentation time in seconds from the first frame, for a variable-rate stream
+        whose timestamps this reader has read; ``None`` where the frames are taken as evenly spaced at
+        ``info.fps`` (constant-rate streams, and backends that give no per-frame times)."""
+        return None
+
     def close(self) -> None:
         """Release the file."""
 
@@ -257,7 +263,15 @@ def _is_mpeg_ps(path: str) -> bool:
 
 
 def _open_failure(path: str, error: BaseException) -> str:
-    """Reason for a file that exists but cannot be opened: a damaged video, or not a video at all."""
+    """Reason for a file that exists but cannot be opened: a damaged video, a container with no
+    video stream (decord and torchcodec fail on an audio-only file with their own wording), or not
+    a video at all."""
+    try:
+        with av.open(path) as container:
+            if not container.streams.video:
+                return "no video stream"
+    except (av.error.FFmpegError, OSError, ValueError):
+        pass
     kind = "corrupt or truncated video" if _looks_like_video(path) else "not a video file"
     return f"{kind} (cannot open: {_short(error)})"
 
@@ -491,6 +505,13 @@ class _PyAVReader(VideoReader):
         step = _median_step(pts) * time_base
         covered = max(max(pts[-1], pts[-1] - self._start_pts) * time_base + step, self._file_end)
         return covered + max(2 * step, 0.1) < duration
+
+    def frame_times(self) -> list[float] | None:
+        """Each frame's time in seconds from the first, from the timestamp table of a variable-rate stream."""
+        if self._pts_table is None:
+            return None
+        time_base, first = float(self._stream.time_base), self._pts_table[0]
+        return [(pts - first) * time_base for pts in self._pts_table]
 
     def _use_pts_table(self, pts: list[int]) -> None:
         self._pts_table = pts

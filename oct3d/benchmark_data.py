@@ -371,7 +371,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--videos", type=int, default=24, help="video reads per loader (default 24)")
     parser.add_argument("--rounds", type=int, default=4, help="interleaving rounds (default 4)")
     parser.add_argument("--generate", type=int, default=0, metavar="N",
-                        help="first write N Kinetics-like videos into FOLDER (10 s, 30 fps, 340x256 / 640x360)")
+                        help="first write N Kinetics-like videos into FOLDER (10 s, 30 fps; alternately 340x256 and "
+                             "640x360, the first 340x256)")
     parser.add_argument("--model-clips-per-s", type=float, help="training clips/s of one GPU's step (given)")
     parser.add_argument("--measure-model", action="store_true",
                         help="measure the config's model training step on --device instead")

@@ -21,6 +21,8 @@ names and preprocessing; read with ``torch.load(weights_only=True)``) or a file 
 from __future__ import annotations
 
 import argparse
+import bisect
+import itertools
 import json
 import math
 import os
@@ -353,18 +355,26 @@ class Segment:
 
 
 def plan_segments(num_frames: int, fps: float, clip_frames: int, sampling_rate: float, temporal_views: int,
-                  window: float | None = None, hop: float | None = None) -> list[Segment]:
+                  window: float | None = None, hop: float | None = None,
+                  frame_times: Sequence[float] | None = None) -> list[Segment]:
     """Where to sample clips: one segment (the whole video) or sliding windows of ``window`` s every ``hop`` s.
 
     In each segment, ``temporal_views`` clips of ``clip_frames`` frames every ``sampling_rate`` source
     frames (fractional for a checkpoint with a ``target_fps``, see :func:`datamodules.video.source_step`)
-    are spread uniformly (one clip: centered), as in the Kinetics test protocol.
+    are spread uniformly (one clip: centered), as in the Kinetics test protocol. ``frame_times`` (each
+    frame's time in seconds, from a variable-rate stream's timestamps) puts the windows' bounds at
+    the frames shown then; without it frame ``i`` is taken to be at ``i / fps``.
     """
     from datamodules.video import clip_span
 
     if num_frames < 1 or fps <= 0:
         raise ValueError(f"a video needs frames and a frame rate, got num_frames={num_frames}, fps={fps}")
-    duration = num_frames / fps
+    times = list(frame_times) if frame_times is not None and len(frame_times) == num_frames else None
+    if times is not None:
+        steps = sorted(b - a for a, b in itertools.pairwise(times))
+        duration = times[-1] + (steps[len(steps) // 2] if steps else 1.0 / fps)
+    else:
+        duration = num_frames / fps
     span = clip_span(clip_frames, sampling_rate)
     if window is None:
         bounds = [(0.0, duration)]
@@ -374,8 +384,13 @@ def plan_segments(num_frames: int, fps: float, clip_frames: int, sampling_rate: 
         bounds = [(i * hop, min(i * hop + window, duration)) for i in range(count)]
     segments = []
     for start, end in bounds:
-        first = round(start * fps)
-        last = max(min(round(end * fps), num_frames) - 1, first)
+        if times is not None:
+            # The frames shown in [start, end): from the first at or after start to the last before end.
+            first = min(bisect.bisect_left(times, start - 1e-6), num_frames - 1)
+            last = max(min(bisect.bisect_left(times, end - 1e-6), num_frames) - 1, first)
+        else:
+            first = round(start * fps)
+            last = max(min(round(end * fps), num_frames) - 1, first)
         room = max(last - first + 1 - span, 0)
         if temporal_views == 1:
             starts = (first + room // 2,)
@@ -421,7 +436,8 @@ def _plan_video(path: Path, meta: ModelMetadata, views: int, window: float | Non
     with open_video(path, decoder) as reader:
         info = reader.info
         step = _source_step(meta, rate, info.fps)
-        return plan_segments(info.num_frames, info.fps, num_frames, step, temporal, window, hop)
+        return plan_segments(info.num_frames, info.fps, num_frames, step, temporal, window, hop,
+                             reader.frame_times() if window is not None else None)
 
 
 def _source_step(meta: ModelMetadata, rate: int, fps: float) -> float:
@@ -442,7 +458,8 @@ def _load_video_views(path: Path, meta: ModelMetadata, views: int, window: float
         info = reader.info
         step = _source_step(meta, rate, info.fps)
         if segments is None:
-            segments = plan_segments(info.num_frames, info.fps, num_frames, step, temporal, window, hop)
+            segments = plan_segments(info.num_frames, info.fps, num_frames, step, temporal, window, hop,
+                                     reader.frame_times() if window is not None else None)
         for segment in segments:
             indices = [clip_indices(info.num_frames, s, num_frames, step) for s in segment.clip_starts]
             frames = reader.get_frames([i for clip in indices for i in clip])

@@ -300,3 +300,24 @@ def test_a_diverged_model_writes_valid_json(capsys):
     assert None in [p["score"] for p in json.loads(line)["topk"]]
     _print_table([{"path": "x.mp4", "topk": scores}], 2)
     assert "nan" in capsys.readouterr().out
+
+
+def test_windows_of_a_variable_rate_video_follow_its_frames_timestamps(tmp_path):
+    """Ten frames 0.5 s apart, then thirty at 30 fps: the 5-6 s window holds the thirty, not frames 33-39."""
+    import numpy as np
+
+    from datamodules.synthetic import write_video
+    from datamodules.video import open_video
+
+    times = [i * 0.5 for i in range(10)] + [5.0 + i / 30 for i in range(30)]
+    path = tmp_path / "vfr.mp4"
+    write_video(path, np.random.default_rng(0).integers(0, 255, (40, 32, 32, 3), dtype=np.uint8), 30,
+                timestamps=times)
+    with open_video(path, "pyav") as reader:
+        frame_times = reader.frame_times()
+        info = reader.info
+    assert frame_times is not None and frame_times[10] == pytest.approx(5.0, abs=1e-3)
+    segments = plan_segments(info.num_frames, info.fps, 8, 1, 1, window=1, hop=1, frame_times=frame_times)
+    assert [s.clip_starts for s in segments[:6]] == [(0,), (2,), (4,), (6,), (8,), (21,)]
+    average = plan_segments(info.num_frames, info.fps, 8, 1, 1, window=1, hop=1)  # no timestamps: i / fps
+    assert average[1].clip_starts != segments[1].clip_starts
