@@ -776,14 +776,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.output == "-":
         handle = sys.stdout
     else:
-        handle = open(args.output, "w") if args.output else None  # noqa: SIM115 - closed below, written line by line
+        handle = open(args.output, "w", encoding="utf-8") if args.output else None  # noqa: SIM115 - closed below, written line by line
     missing_at = [(position, path) for position, path in enumerate(args.paths) if path in missing]
+    # Paths as written (non-ASCII names readable, grep-able), except into a terminal that cannot show them.
+    ascii_only = handle is sys.stdout and (getattr(sys.stdout, "encoding", None) or "").lower().replace("-", "") \
+        != "utf8"
 
     def report_missing(before: int) -> None:
         while missing_at and missing_at[0][0] < before:
             results.append({"path": missing_at.pop(0)[1], "error": "does not exist"})
             if handle is not None:
-                handle.write(json.dumps(results[-1]) + "\n")
+                handle.write(json.dumps(results[-1], ensure_ascii=ascii_only) + "\n")
 
     try:
         for origin, result in zip(origins, predict_files(
@@ -792,7 +795,7 @@ def main(argv: list[str] | None = None) -> int:
             report_missing(origin)
             results.append(result)
             if handle is not None:
-                handle.write(json.dumps(result) + "\n")
+                handle.write(json.dumps(result, ensure_ascii=ascii_only) + "\n")
                 handle.flush()
         report_missing(len(args.paths))
     finally:

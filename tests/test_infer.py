@@ -321,3 +321,13 @@ def test_windows_of_a_variable_rate_video_follow_its_frames_timestamps(tmp_path)
     assert [s.clip_starts for s in segments[:6]] == [(0,), (2,), (4,), (6,), (8,), (21,)]
     average = plan_segments(info.num_frames, info.fps, 8, 1, 1, window=1, hop=1)  # no timestamps: i / fps
     assert average[1].clip_starts != segments[1].clip_starts
+
+
+def test_non_ascii_paths_are_written_as_they_are(checkpoint, mixed_folder, tmp_path):
+    _, good = mixed_folder
+    named = tmp_path / "vidéo_日本.mp4"
+    shutil.copy(good[0], named)
+    output = tmp_path / "out.jsonl"
+    assert main(["--checkpoint", str(checkpoint), "--output", str(output), "--device", "cpu", str(named)]) == 0
+    text = output.read_text(encoding="utf-8")
+    assert "vidéo_日本.mp4" in text and json.loads(text)["path"] == str(named)
