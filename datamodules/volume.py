@@ -726,7 +726,16 @@ class VolumeSegmentationDataModule(SplitDataModule):
         }
 
     def split_cases(self) -> tuple[list[DecathlonCase], list[DecathlonCase]]:
-        """(training, validation) cases: the seeded split of ``dataset.json``'s training list."""
+        """(training, validation) cases: the seeded split of ``dataset.json``'s training list.
+
+        Raises:
+            ValueError: ``num_folds`` exceeds the training cases (a fold would hold none, or one whose
+                Dice says nothing).
+        """
+        cases = len(self.info.training)
+        if self.fold is not None and self.num_folds > cases:
+            raise ValueError(f"num_folds={self.num_folds} exceeds the {cases} training cases of dataset.json: some "
+                             f"folds would hold no case; use num_folds <= {cases}")
         return _split_cases(self.info.training, self.val_fraction, self.fold, self.num_folds, self.split_seed)
 
     def random_transform(self) -> Any:

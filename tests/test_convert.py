@@ -1036,3 +1036,12 @@ def test_scalar_alpha_errors_name_the_argument_and_an_octave_model_is_recognised
 
     with pytest.warns(UserWarning, match="already an octave network"):
         octavize(oct_resnet26(num_classes=4).eval(), 0.5, example_input=torch.randn(1, 3, 64, 64))
+
+
+def test_an_example_input_that_shrinks_maps_to_one_pixel_warns():
+    model = torchvision.models.resnet18(num_classes=4).eval()
+    with pytest.warns(UserWarning, match=r"example_input \(1, 3, 16, 16\) shrinks the output of \d+ convolution"):
+        octavize(model, 0.5, example_input=torch.randn(1, 3, 16, 16))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        octavize(model, 0.5, example_input=torch.randn(1, 3, 64, 64))

@@ -106,6 +106,8 @@ def test_reads_the_layout_and_splits_reproducibly(tiny_decathlon):
     assert other != val
     folds = [VolumeSegmentationDataModule(str(tiny_decathlon), fold=f, num_folds=3).split_cases()[1] for f in range(3)]
     assert sorted(c.image for fold in folds for c in fold) == sorted(c.image for c in info.training)
+    with pytest.raises(ValueError, match="num_folds=20 exceeds the 9 training cases"):
+        VolumeSegmentationDataModule(str(tiny_decathlon), fold=1, num_folds=20).split_cases()
 
 
 def test_bad_volumes_are_reported_by_name_and_never_fatal(tiny_decathlon):

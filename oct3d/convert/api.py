@@ -177,6 +177,16 @@ def octavize(
             "network built from ops without a rule, e.g. LayerNorm over channels or attention, stays vanilla)",
             stacklevel=2,
         )
+    tiny = [conv.name for node, conv in plan.convs.items() if _single_pixel(ctx, node)]
+    if tiny and (callable(alpha) or alpha > 0):
+        shape = tuple(example_input.shape) if isinstance(example_input, Tensor) else "the example input"
+        warnings.warn(
+            f"example_input {shape} shrinks the output of {len(tiny)} convolution(s) to a single pixel "
+            f"({', '.join(tiny[:4])}{', ...' if len(tiny) > 4 else ''}): a map of one pixel cannot be halved and "
+            "the resolution levels stop counting there, so the octave placement can differ from the one for an "
+            "input of the size the network will see; pass an example of that size",
+            stacklevel=2,
+        )
     _copy_training_flags(model, result)
     if validate:
         try:
@@ -193,6 +203,15 @@ def octavize(
                 f"the converted network returns {_structure(got)} on example_input, the original {_structure(expected)}"
             )
     return result
+
+
+def _single_pixel(ctx: Context, node: fx.Node) -> bool:
+    """Whether a convolution's output has an octave axis of size 1 (it cannot be halved; the
+    resolution levels stop counting there)."""
+    shape = ctx.shape(node)
+    if shape is None or len(shape) < 3:
+        return False
+    return any(n < 2 for n, on in zip(shape[2:], ctx.axes(len(shape) - 2)) if on)
 
 
 def _run_in_model_layout(gm: fx.GraphModule, channels_last: bool | None) -> None:
