@@ -59,6 +59,27 @@ __all__ = [
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 #: views -> (temporal clips, spatial crops): 30 is the Kinetics 10-clip x 3-crop test protocol.
 VIEW_LAYOUTS = {1: (1, 1), 3: (1, 3), 10: (10, 1), 30: (10, 3)}
+
+
+#: A view setting: a key of :data:`VIEW_LAYOUTS` or a ``(clips, crops)`` pair (see :func:`view_layout`).
+Views = int | tuple[int, int]
+
+
+def view_layout(views: Views) -> tuple[int, int]:
+    """``(temporal clips, spatial crops)`` of ``views``: a key of :data:`VIEW_LAYOUTS`, or a
+    ``(clips, crops)`` pair with ``clips >= 1`` and ``crops`` 1 (center) or 3 (left, center, right).
+
+    Raises:
+        ValueError: anything else.
+    """
+    if isinstance(views, tuple):
+        if (len(views) == 2 and all(isinstance(v, int) and not isinstance(v, bool) for v in views)
+                and views[0] >= 1 and views[1] in (1, 3)):
+            return views
+        raise ValueError(f"views as (clips, crops) needs clips >= 1 and crops 1 or 3, got {views}")
+    if views not in VIEW_LAYOUTS:
+        raise ValueError(f"views must be one of {sorted(VIEW_LAYOUTS)} or a (clips, crops) pair, got {views}")
+    return VIEW_LAYOUTS[views]
 EXPORT_FORMATS = {".onnx": "onnx", ".pt": "torchscript", ".ts": "torchscript", ".pt2": "exported-program"}
 
 
@@ -76,8 +97,8 @@ class ModelMetadata:
         backbone_kwargs: builder arguments other than ``num_classes``.
         num_classes: classifier outputs.
         class_names: labels in class-index order (``None``: labels are printed as indices).
-        preprocessing: ``num_frames``, ``sampling_rate``, ``target_fps``, ``crop_size``, ``short_side`` (video) or
-            ``crop_size``, ``resize_size`` (image), and ``mean``, ``std``.
+        preprocessing: ``num_frames``, ``sampling_rate``, ``target_fps``, ``crop_size``, ``short_side``,
+            ``test_clips``, ``test_crops`` (video) or ``crop_size``, ``resize_size`` (image), and ``mean``, ``std``.
     """
 
     task: str
@@ -414,20 +435,20 @@ class _Work:
     parts: int = 1
 
 
-def _video_transform(meta: ModelMetadata, views: int) -> tuple[Any, int, int, int, int]:
+def _video_transform(meta: ModelMetadata, views: Views) -> tuple[Any, int, int, int, int]:
     from datamodules.transforms import VideoEvalTransform
 
     prep = meta.preprocessing
     num_frames = int(prep.get("num_frames", 8))
     rate = int(prep.get("sampling_rate", 8))
     crop = int(prep.get("crop_size", 224))
-    temporal, crops = VIEW_LAYOUTS[views]
+    temporal, crops = view_layout(views)
     kwargs = {k: prep[k] for k in ("mean", "std") if k in prep}
     transform = VideoEvalTransform(num_frames, crop, max(int(prep.get("short_side", crop)), crop), crops, **kwargs)
     return transform, num_frames, rate, temporal, crops
 
 
-def _plan_video(path: Path, meta: ModelMetadata, views: int, window: float | None, hop: float | None,
+def _plan_video(path: Path, meta: ModelMetadata, views: Views, window: float | None, hop: float | None,
                 decoder: str) -> list[Segment]:
     """The segments of a video (read from its header)."""
     from datamodules.video import open_video
@@ -447,7 +468,7 @@ def _source_step(meta: ModelMetadata, rate: int, fps: float) -> float:
     return source_step(rate, fps, check_target_fps(meta.preprocessing.get("target_fps")))
 
 
-def _load_video_views(path: Path, meta: ModelMetadata, views: int, window: float | None, hop: float | None,
+def _load_video_views(path: Path, meta: ModelMetadata, views: Views, window: float | None, hop: float | None,
                       decoder: str, segments: list[Segment] | None = None) -> tuple[Tensor, list[Segment], int]:
     """The views of ``segments`` of a video (default: all of them, planned from ``window`` and ``hop``)."""
     from datamodules.video import clip_indices, open_video
@@ -481,7 +502,7 @@ def _load_image_view(path: Path, meta: ModelMetadata) -> Tensor:
     return F.normalize(image, prep.get("mean", [0.485, 0.456, 0.406]), prep.get("std", [0.229, 0.224, 0.225]))[None]
 
 
-def _prepare(index: int, path: Path, meta: ModelMetadata, views: int, window: float | None, hop: float | None,
+def _prepare(index: int, path: Path, meta: ModelMetadata, views: Views, window: float | None, hop: float | None,
              decoder: str, segments: list[Segment] | None = None, part: int = 0, parts: int = 1) -> _Work:
     work = _Work(index, path, part=part, parts=parts)
     try:
@@ -501,11 +522,11 @@ def _error_line(path: Path, error: BaseException) -> str:
     return message if str(path) in message else f"{path}: {message}"
 
 
-def _tasks(files: Sequence[Path], meta: ModelMetadata, views: int, window: float | None, hop: float | None,
+def _tasks(files: Sequence[Path], meta: ModelMetadata, views: Views, window: float | None, hop: float | None,
            decoder: str, batch_size: int) -> Iterator[tuple]:
     """``_prepare``'s arguments per file; a windowed video is split into parts of about ``batch_size`` views,
     so that a long video never holds all of its views in memory (its header is read here to plan them)."""
-    per_segment = math.prod(VIEW_LAYOUTS[views])
+    per_segment = math.prod(view_layout(views))
     for index, path in enumerate(files):
         if window is None or meta.task != "video":
             yield index, path, meta, views, window, hop, decoder
@@ -538,7 +559,7 @@ def _result(work: _Work, probs: Tensor, meta: ModelMetadata, k: int, windowed: b
     return result
 
 
-def predict_files(predictor: Predictor, files: Sequence[Path], topk: int = 5, views: int = 1,
+def predict_files(predictor: Predictor, files: Sequence[Path], topk: int = 5, views: Views = 1,
                   window: float | None = None, hop: float | None = None, batch_size: int = 8,
                   decoder: str = "pyav", workers: int = 2, progress: bool = False) -> Iterator[dict[str, Any]]:
     """Predict every file in order; yields one result dict per file (``topk`` or ``error``).
@@ -546,8 +567,7 @@ def predict_files(predictor: Predictor, files: Sequence[Path], topk: int = 5, vi
     Files are decoded by ``workers`` threads ahead of the model; the views of successive files are
     batched together up to ``batch_size`` inputs per forward pass.
     """
-    if views not in VIEW_LAYOUTS:
-        raise ValueError(f"views must be one of {sorted(VIEW_LAYOUTS)}, got {views}")
+    view_layout(views)  # checked before any file is read
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if topk < 1:
@@ -687,8 +707,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--checkpoint", required=True, help="Lightning .ckpt from `lightning fit`, or an export")
     parser.add_argument("--output", help="write JSON lines to this file ('-': to stdout) instead of printing a table")
     parser.add_argument("--topk", type=int, default=5, help="predictions per file (default 5)")
-    parser.add_argument("--views", type=int, default=1, choices=sorted(VIEW_LAYOUTS),
-                        help="views per video (segment): 1 center clip, 30 = 10 clips x 3 crops")
+    parser.add_argument("--views", type=int, choices=sorted(VIEW_LAYOUTS),
+                        help="views per video (segment): 1 center clip (default), 30 = 10 clips x 3 crops")
+    parser.add_argument("--clips", type=int, help="instead of --views: this many clips per video (segment)")
+    parser.add_argument("--crops", type=int, choices=(1, 3), help="with --clips: crops per clip (default 1)")
+    parser.add_argument("--test-views", action="store_true",
+                        help="instead of --views: the checkpoint's test protocol (its data module's test_clips x "
+                             "test_crops), which scores a video as `lightning test` did")
     parser.add_argument("--window", type=float, help="predict per segment of this many seconds")
     parser.add_argument("--hop", type=float, help="seconds between segment starts (default: --window)")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
@@ -752,10 +777,27 @@ def main(argv: list[str] | None = None) -> int:
                      f"got {args.window}")
     if args.hop is not None and (args.window is None or not (math.isfinite(args.hop) and args.hop > 0)):
         parser.error(f"--hop needs --window and must be a finite number of seconds > 0, got {args.hop}")
+    chosen = [name for name, given in (("--views", args.views is not None), ("--clips", args.clips is not None),
+                                        ("--test-views", args.test_views)) if given]
+    if len(chosen) > 1:
+        parser.error(f"{' and '.join(chosen)} choose the views in different ways: give one of them")
+    if args.crops is not None and args.clips is None:
+        parser.error("--crops goes with --clips (e.g. --clips 10 --crops 3); --views 3 is one clip x 3 crops")
+    if args.clips is not None and args.clips < 1:
+        parser.error(f"--clips must be >= 1, got {args.clips}")
+    views: Views = args.views or 1
+    if args.clips is not None:
+        views = (args.clips, args.crops or 1)
     present, missing = split_inputs(parser, args)
     try:
         args.decoder = require_decoder(args.decoder)  # a decoder that cannot load here is a usage error
         predictor = load_predictor(args.checkpoint, args.device, args.trust_checkpoint, amp=not args.no_amp)
+        if args.test_views:
+            prep = predictor.metadata.preprocessing
+            if "test_clips" not in prep or "test_crops" not in prep:
+                raise CheckpointError(f"--test-views: {args.checkpoint} records no test protocol (a checkpoint "
+                                      "written before oct3d stored it, or not a video model); pass --views or --clips")
+            views = (int(prep["test_clips"]), int(prep["test_crops"]))
         extensions = VIDEO_EXTENSIONS if predictor.metadata.task == "video" else IMAGE_EXTENSIONS
         # The argument each file came from, so that missing paths are reported in argument order.
         found, empty = inputs_by_argument(present, extensions)
@@ -790,7 +832,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         for origin, result in zip(origins, predict_files(
-                predictor, files, args.topk, args.views, args.window, args.hop, args.batch_size, args.decoder,
+                predictor, files, args.topk, views, args.window, args.hop, args.batch_size, args.decoder,
                 args.workers, progress=sys.stderr.isatty()) if files else ()):
             report_missing(origin)
             results.append(result)

@@ -331,3 +331,25 @@ def test_non_ascii_paths_are_written_as_they_are(checkpoint, mixed_folder, tmp_p
     assert main(["--checkpoint", str(checkpoint), "--output", str(output), "--device", "cpu", str(named)]) == 0
     text = output.read_text(encoding="utf-8")
     assert "vidéo_日本.mp4" in text and json.loads(text)["path"] == str(named)
+
+
+def test_any_clip_count_and_the_checkpoints_test_protocol(checkpoint, mixed_folder, tmp_path, capsys):
+    """--clips N --crops C takes any count; --test-views is the data module's test_clips x test_crops (10 x 3 here)."""
+    _, good = mixed_folder
+    meta = torch.load(checkpoint, weights_only=True)["oct3d"]["preprocessing"]
+    assert (meta["test_clips"], meta["test_crops"]) == (10, 3)
+    scores = {}
+    for name, argv in (("views30", ["--views", "30"]), ("test", ["--test-views"]), ("clips", ["--clips", "10",
+                                                                                               "--crops", "3"]),
+                       ("two", ["--clips", "2"])):
+        output = tmp_path / f"{name}.jsonl"
+        assert main(["--checkpoint", str(checkpoint), "--output", str(output), "--device", "cpu", *argv,
+                     str(good[0])]) == 0
+        scores[name] = _lines(output)[0]["topk"]
+    assert scores["views30"] == scores["test"] == scores["clips"]
+    assert scores["two"] != scores["views30"]
+    for argv, message in ((["--views", "3", "--clips", "2"], "--views and --clips choose the views"),
+                          (["--crops", "3"], "--crops goes with --clips"), (["--clips", "0"], "--clips must be >= 1")):
+        with pytest.raises(SystemExit) as stop:
+            main(["--checkpoint", str(checkpoint), *argv, str(good[0])])
+        assert stop.value.code == 2 and message in capsys.readouterr().err

@@ -152,6 +152,10 @@ def _plain(value: Any) -> Any:
     return value
 
 
+#: Preprocessing entries that describe evaluation only (the test views): a run may change them freely.
+EVALUATION_SETTINGS = frozenset({"test_clips", "test_crops"})
+
+
 def restore_preprocessing(module: pl.LightningModule, saved: dict[str, Any] | None,
                           current: dict[str, Any] | None) -> None:
     """Set ``module.preprocessing`` from a checkpoint's ``saved`` settings on load.
@@ -164,8 +168,9 @@ def restore_preprocessing(module: pl.LightningModule, saved: dict[str, Any] | No
     """
     if not saved and not current:
         return
-    if current and saved and _plain(dict(saved)) != _plain(dict(current)):
-        changed = sorted(k for k in set(saved) | set(current) if _plain(saved.get(k)) != _plain(current.get(k)))
+    changed = sorted(k for k in set(saved or {}) | set(current or {})
+                     if k not in EVALUATION_SETTINGS and _plain((saved or {}).get(k)) != _plain((current or {}).get(k)))
+    if current and saved and changed:
         shown = "; ".join(f"{k}: checkpoint {saved.get(k)!r}, data {current.get(k)!r}" for k in changed)
         warnings.warn(
             f"this run's data preprocessing differs from the checkpoint's ({shown}); the data module's is what the "
@@ -731,6 +736,11 @@ class VideoClassifier(OctaveClassifier):
         target_fps = getattr(datamodule, "target_fps", None)
         if target_fps is not None:  # sampling_rate then counts frames at this rate (datamodules.video.source_step)
             out["target_fps"] = float(target_fps)
+        # The test protocol, so that `oct3d infer --test-views` scores a video as `lightning test` did.
+        for key in ("test_clips", "test_crops"):
+            value = getattr(datamodule, key, None)
+            if isinstance(value, int) and not isinstance(value, bool):
+                out[key] = value
         return out
 
 
