@@ -19,6 +19,7 @@ paths are kept under ``DIR``.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import sys
@@ -67,8 +68,13 @@ class Segmenter:
         self.in_channels = int(module.hparams.in_channels)
 
     @torch.inference_mode()
-    def probabilities(self, path: str | os.PathLike, overlap: float | None = None) -> tuple[torch.Tensor, Any]:
+    def probabilities(self, path: str | os.PathLike, overlap: float | None = None, mirror: bool = False,
+                      sw_batch_size: int | None = None) -> tuple[torch.Tensor, Any]:
         """Class probabilities ``(num_classes, X, Y, Z)`` on the grid of the file at ``path``, and its nibabel image.
+
+        ``mirror`` averages the softmax over the volume and its mirror images along every subset of
+        the three axes (nnU-Net's test-time mirroring: 8 passes); ``sw_batch_size`` sets the sliding
+        windows per forward pass (default: the checkpoint's).
 
         Raises:
             datamodules.volume.VolumeReadError: the file cannot be read or has the wrong number of channels.
@@ -83,22 +89,35 @@ class Segmenter:
         item = transform({"image": MetaTensor(torch.from_numpy(data), affine=torch.as_tensor(affine))})
         image = item["image"]
         autocast = torch.autocast("cuda", dtype=torch.float16) if self.amp else nullcontext()
-        with autocast:
-            logits = self.module.sliding_window(image.as_tensor()[None].to(self.device), overlap)
-        probs = logits[0].float().softmax(0).cpu()
+        volume = image.as_tensor()[None].to(self.device)
+        flips = [axes for count in range(4) for axes in itertools.combinations((2, 3, 4), count)] if mirror else [()]
+        probs = None
+        for axes in flips:
+            with autocast:
+                logits = self.module.sliding_window(volume.flip(axes) if axes else volume, overlap, sw_batch_size)
+            part = logits.float().softmax(1)
+            part = part.flip(axes) if axes else part
+            probs = part if probs is None else probs.add_(part)
+        probs = (probs[0] / len(flips)).cpu()
         if self.preprocessing.get("spacing") or self.preprocessing.get("orientation"):
             # Back onto the input grid through MONAI's record of the reorientation and resampling it did.
             resampled = MetaTensor(probs, affine=image.affine, applied_operations=list(image.applied_operations))
             probs = transform.inverse({"image": resampled})["image"].as_tensor()
         return probs, nib.load(str(path))
 
-    def segment(self, path: str | os.PathLike, output: str | os.PathLike, overlap: float | None = None) -> dict:
-        """Write the uint8 label map of ``path`` to ``output`` (same shape, affine and header); a result dict."""
+    def segment(self, path: str | os.PathLike, output: str | os.PathLike, overlap: float | None = None,
+                mirror: bool = False, sw_batch_size: int | None = None, save_probabilities: bool = False) -> dict:
+        """Write the uint8 label map of ``path`` to ``output`` (same shape, affine and header); a result dict.
+
+        ``save_probabilities`` also writes the float32 class probabilities ``(X, Y, Z, num_classes)``
+        beside it, as ``<name>_probabilities.nii.gz`` (the 4D layout of a multi-channel NIfTI); see
+        :meth:`probabilities` for ``mirror`` and ``sw_batch_size``.
+        """
         import nibabel as nib
         import numpy as np
 
         start = time.perf_counter()
-        probs, source = self.probabilities(path, overlap)
+        probs, source = self.probabilities(path, overlap, mirror, sw_batch_size)
         labels = probs.argmax(0).numpy().astype(np.uint8)
         header = source.header.copy()
         header.set_data_dtype(np.uint8)
@@ -121,10 +140,22 @@ class Segmenter:
         finally:
             if partial.exists():
                 partial.unlink()
+        result: dict[str, Any] = {}
+        if save_probabilities:
+            stem = output.name[: -len(suffix)]
+            maps = output.with_name(f"{stem}_probabilities.nii.gz")
+            header = source.header.copy() if isinstance(source, nib.Nifti1Image) else None
+            probability_image = nib.Nifti1Image(np.moveaxis(probs.numpy(), 0, -1).astype(np.float32), source.affine,
+                                                header=header)
+            probability_image.header.set_data_dtype(np.float32)
+            probability_image.header.set_slope_inter(1.0, 0.0)
+            nib.save(probability_image, str(maps))
+            result["probabilities"] = str(maps)
         counts = np.bincount(labels.ravel(), minlength=len(self.class_names))
         return {
             "path": str(path),
             "output": str(output),
+            **result,
             "shape": list(labels.shape),
             "voxels": {name: int(counts[i]) for i, name in enumerate(self.class_names)},
             "seconds": round(time.perf_counter() - start, 3),
@@ -226,8 +257,12 @@ def find_volumes(
 
 
 def segment_files(segmenter: Segmenter, inputs: Sequence[tuple[Path, Path]], output_dir: str | os.PathLike,
-                  overlap: float | None = None) -> Iterator[dict[str, Any]]:
-    """Segment each input into ``output_dir / name``; yields one result (or ``{"path", "error"}``) per input."""
+                  overlap: float | None = None, mirror: bool = False, sw_batch_size: int | None = None,
+                  save_probabilities: bool = False) -> Iterator[dict[str, Any]]:
+    """Segment each input into ``output_dir / name``; yields one result (or ``{"path", "error"}``) per input.
+
+    ``mirror``, ``sw_batch_size`` and ``save_probabilities`` are :meth:`Segmenter.segment`'s.
+    """
     from datamodules.volume import VolumeReadError
 
     output_dir = Path(output_dir)
@@ -242,7 +277,7 @@ def segment_files(segmenter: Segmenter, inputs: Sequence[tuple[Path, Path]], out
             yield {"path": str(path), "error": f"{path}: its label map {target} would overwrite an input volume"}
             continue
         try:
-            result = segmenter.segment(path, target, overlap)
+            result = segmenter.segment(path, target, overlap, mirror, sw_batch_size, save_probabilities)
         except VolumeReadError as error:
             yield {"path": str(path), "error": str(error)}
             continue
@@ -262,6 +297,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output-dir", required=True, help="where the label maps go (same file names as the inputs)")
     parser.add_argument("--output", help="write the JSON lines here (default: stdout)")
     parser.add_argument("--overlap", type=float, help="sliding-window overlap in [0, 1) (default: the checkpoint's)")
+    parser.add_argument("--sw-batch-size", type=int,
+                        help="sliding windows per forward pass (default: the checkpoint's); more is faster on a GPU")
+    parser.add_argument("--mirror", action="store_true",
+                        help="test-time mirroring: average over the volume flipped along every subset of its axes "
+                             "(8 passes, as nnU-Net)")
+    parser.add_argument("--save-probabilities", action="store_true",
+                        help="also write <name>_probabilities.nii.gz: float32 class probabilities (X, Y, Z, classes)")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
     parser.add_argument("--no-amp", action="store_true", help="disable float16 autocast on CUDA")
     parser.add_argument("--trust-checkpoint", action="store_true",
@@ -282,6 +324,8 @@ def main(argv: list[str] | None = None) -> int:
     steady_malloc_unless_disabled()  # large clips/volumes: no page faults every batch (OCT3D_STEADY_MALLOC=0: off)
     if args.overlap is not None and not 0.0 <= args.overlap < 1.0:
         parser.error(f"--overlap must be in [0, 1), got {args.overlap}")
+    if args.sw_batch_size is not None and args.sw_batch_size < 1:
+        parser.error(f"--sw-batch-size must be >= 1, got {args.sw_batch_size}")
     try:
         import monai  # noqa: F401
         import nibabel  # noqa: F401
@@ -315,7 +359,8 @@ def main(argv: list[str] | None = None) -> int:
             total += 1
             failed += 1
             handle.write(json.dumps(result) + "\n")
-        for result in segment_files(segmenter, inputs, args.output_dir, args.overlap) if inputs else ():
+        for result in segment_files(segmenter, inputs, args.output_dir, args.overlap, args.mirror, args.sw_batch_size,
+                                    args.save_probabilities) if inputs else ():
             total += 1
             failed += "error" in result
             handle.write(json.dumps(result) + "\n")

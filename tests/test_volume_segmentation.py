@@ -408,6 +408,29 @@ def test_segment_writes_label_maps_with_the_input_geometry(fitted, tiny_decathlo
     assert not list((tmp_path / "seg").glob(".partial-*"))
 
 
+def test_segment_mirroring_batch_size_and_probability_maps(fitted, tiny_decathlon, tmp_path):
+    from oct3d.segment import load_segmenter
+
+    out, _ = fitted
+    checkpoint = sorted(out.rglob("best-*.ckpt"))[0]
+    volume = tiny_decathlon / "imagesTr" / "case01.nii.gz"
+    lines = tmp_path / "seg.jsonl"
+    assert cli.main(["segment", "--checkpoint", str(checkpoint), "--output-dir", str(tmp_path / "seg"), "--mirror",
+                     "--sw-batch-size", "3", "--save-probabilities", "--output", str(lines), str(volume)]) == 0
+    (result,) = [json.loads(line) for line in lines.read_text().splitlines()]
+    maps = nib.load(result["probabilities"])
+    assert maps.shape == (*SHAPE, 3) and maps.get_data_dtype() == np.float32
+    probs = np.asarray(maps.dataobj)
+    assert np.allclose(probs.sum(-1), 1.0, atol=1e-4)
+    assert (probs.argmax(-1) == np.asarray(nib.load(result["output"]).dataobj)).all()
+    # Mirroring averages the eight flipped passes: not the plain pass, and the same whatever the window batch.
+    segmenter = load_segmenter(checkpoint, "cpu")
+    plain, _ = segmenter.probabilities(volume)
+    mirrored, _ = segmenter.probabilities(volume, mirror=True, sw_batch_size=1)
+    assert torch.allclose(mirrored, torch.from_numpy(np.moveaxis(probs, -1, 0)), atol=1e-5)
+    assert not torch.allclose(plain, mirrored, atol=1e-6)
+
+
 def test_segment_never_overwrites_or_resegments_its_inputs(fitted, tiny_decathlon, tmp_path, capsys):
     out, _ = fitted
     checkpoint = str(sorted(out.rglob("best-*.ckpt"))[0])

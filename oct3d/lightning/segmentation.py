@@ -402,12 +402,13 @@ class VolumeSegmenter(pl.LightningModule):
             raise ValueError("no patch_size: pass preprocessing={'patch_size': [...]} or train with the data module")
         return [int(s) for s in patch]
 
-    def sliding_window(self, image: Tensor, overlap: float | None = None) -> Tensor:
-        """Logits of a whole volume ``(B, C, X, Y, Z)`` by Gaussian-blended sliding windows of ``patch_size``."""
+    def sliding_window(self, image: Tensor, overlap: float | None = None, sw_batch_size: int | None = None) -> Tensor:
+        """Logits of a whole volume ``(B, C, X, Y, Z)`` by Gaussian-blended sliding windows of ``patch_size``
+        (``sw_batch_size`` windows per forward pass; default the module's)."""
         from monai.inferers import sliding_window_inference
 
         return sliding_window_inference(
-            image, self.patch_size, self.hparams.sw_batch_size, self,
+            image, self.patch_size, sw_batch_size or self.hparams.sw_batch_size, self,
             overlap=self.hparams.overlap if overlap is None else overlap, mode="gaussian",
         )
 
