@@ -155,7 +155,7 @@ def test_segmentation_trains_with_a_dense_target_and_json_output(tmp_path):
     assert all(r["shape"] == [2, 1, 6, 8, 10] and math.isfinite(r["time_ratio"]) and r["cpu"] for r in rows)
     assert {"mac_ratio", "setting", "torch", "threads", "autotune"} <= set(rows[0])
     assert rows[0]["builder_arguments"] == {"in_channels": 1, "num_classes": 2, "alpha": 0.5, "octave": "spatial",
-                                            "base_width": 4, "depth": 2, "channels_last": None}
+                                            "base_width": 4, "depth": 2, "channels_last": None, "norm": "batch"}
 
     # --table renders saved runs (a folder of them) without timing anything.
     (tmp_path / "notes.txt").write_text("not a run")

@@ -125,7 +125,8 @@ def test_builder_arguments_fill_in_every_default():
     from oct3d.models import builder_arguments
 
     assert builder_arguments("oct_unet3d", {"alpha": 0.25}, omit=("in_channels", "num_classes")) == {
-        "alpha": 0.25, "octave": "spatial", "base_width": 32, "depth": 4, "channels_last": None}
+        "alpha": 0.25, "octave": "spatial", "base_width": 32, "depth": 4, "channels_last": None,
+        "norm": "batch"}
     video = builder_arguments("oct_i3d_r50", {"base_width": 8}, omit=("num_classes",))
     assert video["depths"] == [3, 4, 6, 3] and video["base_width"] == 8 and "num_classes" not in video
     # Builders that pass **kwargs on to their class show (and record) the class's arguments too.
@@ -150,3 +151,41 @@ def test_too_narrow_or_too_deep_for_the_volume_are_named():
     model(torch.randn(2, 1, 16, 16, 16)).sum().backward()  # two volumes: two values per channel
     oct_unet3d(1, 3, base_width=2, depth=4)(torch.randn(1, 1, 16, 16, 16)).sum().backward()
     assert model.eval()(torch.randn(1, 1, 16, 16, 16)).shape == (1, 3, 16, 16, 16)  # eval mode has no such limit
+
+
+def test_instance_norm_u_net_uses_per_sample_statistics_and_keeps_the_layout():
+    """norm="instance": each volume normalised alone (its output does not depend on the batch), any alpha."""
+    from oct3d.nn import OctBatchNorm, OctInstanceNorm
+
+    torch.manual_seed(0)
+    model = oct_unet3d(1, 3, alpha=0.5, base_width=8, depth=3, norm="instance")
+    assert not any(isinstance(m, OctBatchNorm) for m in model.modules())
+    assert sum(isinstance(m, OctInstanceNorm) for m in model.modules()) == 12
+    a, b = torch.randn(1, 1, 16, 12, 8), torch.randn(1, 1, 16, 12, 8)
+    together = model(torch.cat([a, b]))
+    torch.testing.assert_close(together[:1], model(a), atol=1e-5, rtol=1e-4)  # training mode, batch of one
+    together.square().mean().backward()
+    assert all(p.grad is not None for p in model.parameters())
+    seen = []
+    model.encoder[1].register_forward_hook(lambda module, args, out: seen.extend(map_layouts(out)))
+    model(a)
+    assert seen == ["channels_last", "channels_last"]  # InstanceNorm's output is put back into the layout
+    assert oct_unet3d(1, 3, alpha=0.0, base_width=8, depth=3, norm="instance")(a).shape == (1, 3, 16, 12, 8)
+    # Per-sample statistics need two voxels per sample at the deepest level, whatever the batch size.
+    with pytest.raises(ValueError, match=r"InstanceNorm needs more than one value per channel and sample"):
+        oct_unet3d(1, 3, base_width=2, depth=5, norm="instance")(torch.randn(2, 1, 16, 16, 16))
+    with pytest.raises(ValueError, match=r"norm must be one of \('batch', 'instance'\)"):
+        oct_unet3d(norm="group")
+
+
+def test_oct_instance_norm_normalises_each_branch_and_checks_its_input():
+    from oct3d.nn import OctInstanceNorm
+
+    norm = OctInstanceNorm(3, 8, alpha=0.5)
+    high, low = torch.randn(2, 4, 4, 6, 6), torch.randn(2, 4, 4, 3, 3)
+    out = norm(Octave(high, low))
+    torch.testing.assert_close(out.high, F.instance_norm(high, weight=norm.in_h.weight, bias=norm.in_h.bias))
+    torch.testing.assert_close(out.low, F.instance_norm(low, weight=norm.in_l.weight, bias=norm.in_l.bias))
+    with pytest.raises(ValueError, match=r"OctInstanceNorm\(num_features=8, alpha=0.5\) expects channels"):
+        norm(Octave(torch.randn(2, 5, 4, 6, 6), torch.randn(2, 3, 4, 3, 3)))
+    assert OctInstanceNorm(3, 8, alpha=0.0)(high.repeat(1, 2, 1, 1, 1)).shape == (2, 8, 4, 6, 6)

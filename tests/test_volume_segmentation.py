@@ -667,7 +667,7 @@ def test_checkpoints_record_every_builder_argument_and_format_1_still_loads(tmp_
     model = VolumeSegmenter(num_classes=3, backbone_kwargs={"alpha": 0.5, "base_width": 16, "depth": 2},
                             preprocessing={"patch_size": [8, 8, 8]})
     assert model.hparams.backbone_kwargs == {"alpha": 0.5, "octave": "spatial", "base_width": 16, "depth": 2,
-                                             "channels_last": None}
+                                             "channels_last": None, "norm": "batch"}
     checkpoint = {"state_dict": model.state_dict()}
     model.on_save_checkpoint(checkpoint)
     assert checkpoint["oct3d"]["backbone_kwargs"] == model.hparams.backbone_kwargs

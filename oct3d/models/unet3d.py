@@ -43,6 +43,7 @@ from oct3d.nn import (
     OctaveInput,
     OctBatchNorm,
     OctConv,
+    OctInstanceNorm,
     OctReLU,
     map_octave,
     split_channels,
@@ -77,13 +78,18 @@ class _ConvBNReLU(nn.Sequential):
         return out
 
 
+#: The per-branch normalisations the U-Net can use (``norm=``).
+NORMS = ("batch", "instance")
+
+
 def _conv_bn_relu(
     in_channels: int, out_channels: int, alpha_in: float, alpha_out: float, octave: str, stride: int = 1,
-    kernel_size: int = 3,
+    kernel_size: int = 3, norm: str = "batch",
 ) -> nn.Sequential:
+    norm_layer = OctBatchNorm if norm == "batch" else OctInstanceNorm
     return _ConvBNReLU(
         OctConv(3, in_channels, out_channels, kernel_size, alpha_in, alpha_out, stride, octave=octave),
-        OctBatchNorm(3, out_channels, alpha_out),
+        norm_layer(3, out_channels, alpha_out),
         OctReLU(inplace=True),
     )
 
@@ -101,14 +107,14 @@ def _branches(x: OctaveInput) -> tuple[Tensor, Tensor | None]:
 class _UpBlock(nn.Module):
     """Upsample each branch to the skip's sizes, 1x1x1 octave conv, concatenate per branch, two 3x3x3 convs."""
 
-    def __init__(self, in_channels: int, out_channels: int, alpha: float, octave: str) -> None:
+    def __init__(self, in_channels: int, out_channels: int, alpha: float, octave: str, norm: str = "batch") -> None:
         super().__init__()
-        self.reduce = _conv_bn_relu(in_channels, out_channels, alpha, alpha, octave, kernel_size=1)
+        self.reduce = _conv_bn_relu(in_channels, out_channels, alpha, alpha, octave, kernel_size=1, norm=norm)
         # The concatenation holds twice the low channels of one map; giving the next convolution
         # exactly that ratio keeps its channel split equal to the concatenated split for any alpha.
         concat_alpha = split_channels(out_channels, alpha)[1] / out_channels
-        self.conv1 = _conv_bn_relu(2 * out_channels, out_channels, concat_alpha, alpha, octave)
-        self.conv2 = _conv_bn_relu(out_channels, out_channels, alpha, alpha, octave)
+        self.conv1 = _conv_bn_relu(2 * out_channels, out_channels, concat_alpha, alpha, octave, norm=norm)
+        self.conv2 = _conv_bn_relu(out_channels, out_channels, alpha, alpha, octave, norm=norm)
 
     @fx_leaf_forward
     def forward(self, x: OctaveInput, skip: OctaveInput) -> OctaveInput:
@@ -138,6 +144,9 @@ class OctUNet3d(nn.Module):
         channels_last: run in the channels_last_3d memory format (the input marked so before
             the first convolution, logits returned channels-first for a channels-first input).
             ``None`` (default): on CPU inputs only.
+        norm: ``"batch"`` (default: :class:`~oct3d.nn.OctBatchNorm`) or ``"instance"``
+            (:class:`~oct3d.nn.OctInstanceNorm`, affine, as nnU-Net trains at batch size 2: each
+            sample's statistics, so the batch size does not matter).
 
     Modules: ``encoder[i]`` (level ``i``: an optional strided conv, then two 3x3x3 convs; level 0
     starts from the plain input with ``alpha_in = 0``), ``decoder[i]`` (from level ``i + 1`` up to
@@ -146,10 +155,13 @@ class OctUNet3d(nn.Module):
 
     def __init__(
         self, in_channels: int = 1, num_classes: int = 2, alpha: float = 0.5, octave: str = "spatial",
-        base_width: int = 32, depth: int = 4, channels_last: bool | None = None,
+        base_width: int = 32, depth: int = 4, channels_last: bool | None = None, norm: str = "batch",
     ) -> None:
         super().__init__()
         self.channels_last = check_channels_last(channels_last)
+        if norm not in NORMS:
+            raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
+        self.norm = norm
         for name, value, minimum in (
             ("in_channels", in_channels, 1), ("num_classes", num_classes, 1), ("base_width", base_width, 1),
             ("depth", depth, 2),
@@ -170,11 +182,12 @@ class OctUNet3d(nn.Module):
         self.encoder = nn.ModuleList()
         for i, width in enumerate(widths):
             if i == 0:
-                first = _conv_bn_relu(in_channels, width, 0.0, alpha, octave)
+                first = _conv_bn_relu(in_channels, width, 0.0, alpha, octave, norm=norm)
             else:
-                first = _conv_bn_relu(widths[i - 1], width, alpha, alpha, octave, stride=2)
-            self.encoder.append(nn.Sequential(first, _conv_bn_relu(width, width, alpha, alpha, octave)))
-        self.decoder = nn.ModuleList(_UpBlock(widths[i + 1], widths[i], alpha, octave) for i in range(depth - 1))
+                first = _conv_bn_relu(widths[i - 1], width, alpha, alpha, octave, stride=2, norm=norm)
+            self.encoder.append(nn.Sequential(first, _conv_bn_relu(width, width, alpha, alpha, octave, norm=norm)))
+        self.decoder = nn.ModuleList(_UpBlock(widths[i + 1], widths[i], alpha, octave, norm)
+                                     for i in range(depth - 1))
         self.head = OctConv(3, widths[0], num_classes, 1, alpha, 0.0, bias=True, octave=octave)
         init_like_vanilla(self, "fan_out")
 
@@ -204,11 +217,15 @@ class OctUNet3d(nn.Module):
             size = [-(-n // 2) for n in size]
         if self.alpha > 0:
             size = [-(-n // 2) if halved else n for n, halved in zip(size, octave_axes(3, self.octave))]
-        if x.shape[0] * math.prod(size) < 2:
+        # InstanceNorm's statistics are per sample, BatchNorm's over the batch.
+        values = math.prod(size) * (1 if self.norm == "instance" else x.shape[0])
+        if values < 2:
             raise ValueError(
                 f"a batch of {x.shape[0]} volume(s) of size {tuple(x.shape[2:])} is too small for depth="
-                f"{len(self.encoder)} in training: the deepest level's maps are {tuple(size)}, and BatchNorm needs "
-                "more than one value per channel; use larger patches, a larger batch or a smaller depth"
+                f"{len(self.encoder)} in training: the deepest level's maps are {tuple(size)}, and "
+                f"{'InstanceNorm' if self.norm == 'instance' else 'BatchNorm'} needs more than one value per channel"
+                f"{' and sample' if self.norm == 'instance' else ''}; use larger patches"
+                f"{'' if self.norm == 'instance' else ', a larger batch'} or a smaller depth"
             )
 
 
@@ -221,6 +238,7 @@ def oct_unet3d(
     base_width: int = 32,
     depth: int = 4,
     channels_last: bool | None = None,
+    norm: str = "batch",
 ) -> OctUNet3d:
     """Oct-UNet3d for volumetric segmentation; any volume size in, the same size out.
 
@@ -228,5 +246,5 @@ def oct_unet3d(
     convolution downsampling, trilinear upsampling + 1x1x1 convolution, concatenated skips).
     See :class:`OctUNet3d` for the arguments.
     """
-    return OctUNet3d(in_channels, num_classes, alpha, octave, base_width, depth, channels_last)
+    return OctUNet3d(in_channels, num_classes, alpha, octave, base_width, depth, channels_last, norm)
 

@@ -35,6 +35,7 @@ __all__ = [
     "OctBatchNorm1d",
     "OctBatchNorm2d",
     "OctBatchNorm3d",
+    "OctInstanceNorm",
     "OctMap",
     "OctReLU",
     "OctDropout",
@@ -160,30 +161,79 @@ class OctBatchNorm(nn.Module):
 
     @fx_leaf_forward
     def forward(self, x: OctaveInput) -> OctaveInput:
-        x = pair_as_octave(x)
-        high = x.high if isinstance(x, Octave) else x
-        low = x.low if isinstance(x, Octave) else None
-        if not isinstance(high, Tensor):
-            raise TypeError(f"OctBatchNorm expects a torch.Tensor or an Octave, got {type(x).__name__}")
-        for branch, t in (("high", high), ("low", low)):
-            if t is not None and t.dim() != self.dims + 2 and not (self.dims == 1 and t.dim() == 2):
-                raise ValueError(f"OctBatchNorm{self.dims}d expects {self.dims + 2}D {branch} maps (N, C, ...), got "
-                                 f"shape {tuple(t.shape)}")
-        if high.shape[1] != self.high_channels or (low is None) != (self.bn_l is None) or (
-            low is not None and low.shape[1] != self.low_channels
-        ):
-            got = f"high {high.shape[1]}" + ("" if low is None else f", low {low.shape[1]}")
-            want = f"high {self.high_channels}" + ("" if self.bn_l is None else f", low {self.low_channels}")
-            raise ValueError(
-                f"OctBatchNorm(num_features={self.num_features}, alpha={self.alpha}) expects channels "
-                f"({want}), got ({got})"
-            )
-        if low is not None:
-            _check_octave_pair(f"OctBatchNorm{self.dims}d", high, low)
+        x, high, low = _norm_input(self, "OctBatchNorm", x, self.bn_l is not None)
         if self.bn_l is None:
             out = batch_norm(self.bn_h, high)
             return Octave(out, None) if isinstance(x, Octave) else out
         return Octave(batch_norm(self.bn_h, high), batch_norm(self.bn_l, low))
+
+
+def _norm_input(norm: nn.Module, name: str, x: OctaveInput, has_low: bool) -> tuple[OctaveInput, Tensor, Tensor | None]:
+    """``(x, high, low)`` of a per-branch norm's input, checked against the norm's ``dims`` and channel split."""
+    x = pair_as_octave(x)
+    high = x.high if isinstance(x, Octave) else x
+    low = x.low if isinstance(x, Octave) else None
+    if not isinstance(high, Tensor):
+        raise TypeError(f"{name} expects a torch.Tensor or an Octave, got {type(x).__name__}")
+    for branch, t in (("high", high), ("low", low)):
+        if t is not None and t.dim() != norm.dims + 2 and not (norm.dims == 1 and t.dim() == 2):
+            raise ValueError(f"{name}{norm.dims}d expects {norm.dims + 2}D {branch} maps (N, C, ...), got "
+                             f"shape {tuple(t.shape)}")
+    if high.shape[1] != norm.high_channels or (low is None) == has_low or (
+        low is not None and low.shape[1] != norm.low_channels
+    ):
+        got = f"high {high.shape[1]}" + ("" if low is None else f", low {low.shape[1]}")
+        want = f"high {norm.high_channels}" + ("" if not has_low else f", low {norm.low_channels}")
+        raise ValueError(
+            f"{name}(num_features={norm.num_features}, alpha={norm.alpha}) expects channels ({want}), got ({got})"
+        )
+    if low is not None:
+        _check_octave_pair(f"{name}{norm.dims}d", high, low)
+    return x, high, low
+
+
+_IN = {1: nn.InstanceNorm1d, 2: nn.InstanceNorm2d, 3: nn.InstanceNorm3d}
+
+
+class OctInstanceNorm(nn.Module):
+    """InstanceNorm per branch: ``in_h`` normalises the high map, ``in_l`` the low map, each sample and
+    channel with its own statistics (the norm nnU-Net trains 3D networks with at batch size 2).
+
+    ``num_features`` and ``alpha`` split the channels as in :class:`OctBatchNorm`; ``eps``,
+    ``momentum``, ``affine`` (default True here, as nnU-Net uses it) and ``track_running_stats``
+    are ``nn.InstanceNormNd``'s, for both branches.
+    """
+
+    def __init__(
+        self, dims: int, num_features: int, alpha: float = 0.5, eps: float = 1e-5, momentum: float | None = 0.1,
+        affine: bool = True, track_running_stats: bool = False, *,
+        device: torch.device | str | None = None, dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        if dims not in _IN:
+            raise ValueError(f"dims must be 1, 2 or 3, got {dims!r}")
+        check_positive_int(num_features, "num_features")
+        self.dims = dims
+        self.num_features = num_features
+        self.alpha = check_alpha(alpha)
+        self.high_channels, self.low_channels = split_channels(num_features, self.alpha)
+        if self.alpha > 0 and self.low_channels == 0:
+            raise ValueError(f"alpha={alpha} gives no low-frequency channels out of num_features={num_features}")
+        kwargs: dict = dict(eps=eps, momentum=momentum, affine=affine, track_running_stats=track_running_stats,
+                            device=device, dtype=dtype)
+        self.in_h = _IN[dims](self.high_channels, **kwargs)
+        self.in_l = _IN[dims](self.low_channels, **kwargs) if self.low_channels else None
+
+    def extra_repr(self) -> str:
+        return f"dims={self.dims}, num_features={self.num_features}, alpha={self.alpha}"
+
+    @fx_leaf_forward
+    def forward(self, x: OctaveInput) -> OctaveInput:
+        x, high, low = _norm_input(self, "OctInstanceNorm", x, self.in_l is not None)
+        if self.in_l is None:
+            out = self.in_h(high)
+            return Octave(out, None) if isinstance(x, Octave) else out
+        return Octave(self.in_h(high), self.in_l(low))
 
 
 class OctBatchNorm1d(OctBatchNorm):
