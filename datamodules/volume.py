@@ -257,7 +257,8 @@ def _load_case(case: DecathlonCase, channels: int, num_classes: int) -> dict[str
 
 
 #: The keys of a ``preprocessing`` dict (what a checkpoint stores and ``oct3d segment`` applies).
-PREPROCESSING_KEYS = ("patch_size", "normalization", "nonzero", "window", "spacing", "modalities", "orientation")
+PREPROCESSING_KEYS = ("patch_size", "normalization", "nonzero", "window", "spacing", "modalities", "orientation",
+                      "crop_foreground")
 
 
 def _numbers(value: Any, count: int) -> bool:
@@ -307,6 +308,8 @@ def check_preprocessing(preprocessing: dict[str, Any]) -> dict[str, Any]:
     orientation = preprocessing.get("orientation")
     if orientation is not None and not is_orientation(orientation):
         raise ValueError(f"preprocessing['orientation'] must be {_ORIENTATION_RULE}, got {orientation!r}")
+    if not isinstance(preprocessing.get("crop_foreground", False), bool):
+        raise ValueError(f"preprocessing['crop_foreground'] must be a bool, got {preprocessing['crop_foreground']!r}")
     modalities = preprocessing.get("modalities")
     if modalities is not None and not (isinstance(modalities, (list, tuple)) and all(isinstance(m, str)
                                                                                      for m in modalities)):
@@ -314,19 +317,42 @@ def check_preprocessing(preprocessing: dict[str, Any]) -> dict[str, Any]:
     return preprocessing
 
 
+#: Where a foreground crop's box starts and ends in the file's voxels (items with ``crop_foreground``).
+CROP_KEYS = ("crop_start", "crop_end")
+
+
+def is_nonzero(x: Any) -> Any:
+    """The voxels ``crop_foreground`` keeps the bounding box of: nonzero in any channel (a skull-stripped
+    MRI's zero background is cut away; a CT, whose air is -1000 HU, keeps its whole field of view)."""
+    return x != 0
+
+
 def preprocess_transform(preprocessing: dict[str, Any], with_label: bool) -> Any:
     """The deterministic MONAI transform (resampling, intensity normalisation) of ``preprocessing``.
 
     ``preprocessing`` holds ``normalization`` (``"zscore"``, ``"window"`` or ``"none"``), ``nonzero``
     (z-score over nonzero voxels only), ``window`` (``[low, high]`` mapped to [0, 1] and clipped) and
-    ``spacing`` (voxel size in mm to resample to, or None to keep the file's) and ``orientation`` (axis
-    codes such as ``"RAS"`` to reorient every volume to first, or None to keep the file's). It is what the data
+    ``spacing`` (voxel size in mm to resample to, or None to keep the file's), ``orientation`` (axis
+    codes such as ``"RAS"`` to reorient every volume to first, or None to keep the file's) and
+    ``crop_foreground`` (first crop to the bounding box of the nonzero voxels). It is what the data
     module applies to every volume and what ``oct3d segment`` applies to new ones, read from the checkpoint.
     """
-    from monai.transforms import Compose, NormalizeIntensityd, Orientationd, ScaleIntensityRanged, Spacingd
+    from monai.transforms import (
+        Compose,
+        CropForegroundd,
+        NormalizeIntensityd,
+        Orientationd,
+        ScaleIntensityRanged,
+        Spacingd,
+    )
 
     keys = ["image", "label"] if with_label else ["image"]
     steps: list = []
+    if preprocessing.get("crop_foreground"):
+        # First, on the file's own voxel grid: the box of nonzero voxels (nnU-Net's crop to nonzero), whose
+        # corners the item keeps (CROP_KEYS) so that evaluation and `oct3d segment` put the result back.
+        steps.append(CropForegroundd(keys, source_key="image", select_fn=is_nonzero, allow_smaller=True,
+                                     start_coord_key=CROP_KEYS[0], end_coord_key=CROP_KEYS[1]))
     orientation = preprocessing.get("orientation")
     if orientation:
         # Every array in one axis order and direction (a dataset mixing RAS and LAS files would otherwise
@@ -348,7 +374,7 @@ def preprocess_transform(preprocessing: dict[str, Any], with_label: bool) -> Any
 
 
 #: The two grids an evaluation item carries when the image was reoriented or resampled.
-_GRID_KEYS = ("affine_original", "affine_resampled")
+_GRID_KEYS = ("affine_original", "affine_resampled", "crop_box")
 #: What an evaluation item carries besides the image.
 _EVALUATION_KEYS = ("label", *_GRID_KEYS)
 
@@ -430,7 +456,8 @@ class VolumeDataset(Dataset):
         # Evaluation of reoriented or resampled volumes scores on each file's own grid, as `oct3d segment`
         # writes its maps and nnU-Net reports: the image is transformed, the label kept, and both affines go
         # with the item.
-        self._original_grid = mode != "train" and bool(preprocessing.get("spacing") or preprocessing.get("orientation"))
+        self._original_grid = mode != "train" and bool(
+            preprocessing.get("spacing") or preprocessing.get("orientation") or preprocessing.get("crop_foreground"))
         self._prepare = preprocess_transform(preprocessing, with_label=labelled and not self._original_grid)
         self._random = None
         if mode == "train":
@@ -484,6 +511,11 @@ class VolumeDataset(Dataset):
                     prepared["label"] = item["label"]
                     prepared["affine_original"] = torch.as_tensor(np.asarray(item["affine"]), dtype=torch.float64)
                     prepared["affine_resampled"] = torch.as_tensor(prepared["image"].affine, dtype=torch.float64)
+                    if CROP_KEYS[0] in prepared:
+                        prepared["crop_box"] = torch.stack([torch.as_tensor(np.asarray(prepared.pop(key)),
+                                                                            dtype=torch.int64) for key in CROP_KEYS])
+                for key in CROP_KEYS:
+                    prepared.pop(key, None)
                 return prepared
             return (self._prepare_labelled if case.label is not None else self._prepare)(_meta_tensors(item))
         except VolumeReadError as error:
@@ -578,6 +610,10 @@ class VolumeSegmentationDataModule(SplitDataModule):
         spacing: resample every volume to this voxel size in mm ``(X, Y, Z)``; None keeps each file's spacing.
         orientation: reorient every volume to these axis codes first (``"RAS"``: array axes run to the right,
             anterior and superior, so ``depth_axis=2`` is the axial slice axis); None keeps each file's axes.
+        crop_foreground: crop every volume to the bounding box of its nonzero voxels first (nnU-Net's crop
+            to nonzero: the zero air around a skull-stripped brain is neither sampled as background patches
+            nor slid over in inference; the result is padded back with background). A CT keeps its field of
+            view (its air is not zero). Labels outside the box are cut away with it.
         augment: random flips, affine transforms and intensity scaling/shifting in training.
         flip_prob: probability of a flip along each axis.
         affine_prob: probability of a random rotation and scaling.
@@ -611,6 +647,7 @@ class VolumeSegmentationDataModule(SplitDataModule):
         window: tuple[float, float] | None = None,
         spacing: tuple[float, float, float] | None = None,
         orientation: str | None = None,
+        crop_foreground: bool = False,
         augment: bool = True,
         flip_prob: float = 0.5,
         affine_prob: float = 0.2,
@@ -675,6 +712,9 @@ class VolumeSegmentationDataModule(SplitDataModule):
         self.window = [float(v) for v in window] if window is not None else None
         self.spacing = [float(s) for s in spacing] if spacing is not None else None
         self.orientation = orientation.upper() if orientation is not None else None
+        if not isinstance(crop_foreground, bool):
+            raise TypeError(f"crop_foreground must be a bool, got {crop_foreground!r}")
+        self.crop_foreground = crop_foreground
         self.augment = augment
         self.flip_prob = flip_prob
         self.affine_prob = affine_prob
@@ -721,6 +761,8 @@ class VolumeSegmentationDataModule(SplitDataModule):
             "window": list(self.window) if self.window is not None else None,
             "spacing": list(self.spacing) if self.spacing is not None else None,
             "orientation": self.orientation,
+            # Only when on, so that checkpoints from before the option compare equal (restore_preprocessing).
+            **({"crop_foreground": True} if self.crop_foreground else {}),
             "patch_size": list(self.patch_size),
             "modalities": list(self.info.modalities),
         }

@@ -99,10 +99,14 @@ class Segmenter:
             part = part.flip(axes) if axes else part
             probs = part if probs is None else probs.add_(part)
         probs = (probs[0] / len(flips)).cpu()
-        if self.preprocessing.get("spacing") or self.preprocessing.get("orientation"):
-            # Back onto the input grid through MONAI's record of the reorientation and resampling it did.
+        prep = self.preprocessing
+        if prep.get("spacing") or prep.get("orientation") or prep.get("crop_foreground"):
+            # Back onto the input grid through MONAI's record of the crop, reorientation and resampling it did.
             resampled = MetaTensor(probs, affine=image.affine, applied_operations=list(image.applied_operations))
             probs = transform.inverse({"image": resampled})["image"].as_tensor()
+            if prep.get("crop_foreground"):
+                # The crop's inverse pads with zeros: outside the box every voxel is background.
+                probs[0] += probs.sum(0) == 0
         return probs, nib.load(str(path))
 
     def segment(self, path: str | os.PathLike, output: str | os.PathLike, overlap: float | None = None,

@@ -877,3 +877,52 @@ def test_segmentation_benchmark_refuses_bad_arguments_before_running(argv, messa
     with pytest.raises(SystemExit) as stop:
         main(argv)
     assert stop.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_foreground_crop_trains_scores_and_segments_on_the_files_own_grid(tmp_path):
+    """crop_foreground: volumes cut to their nonzero box (zero air around them); evaluation and `oct3d segment`
+    put the result back on the full grid, background outside the box."""
+    root = make_tiny_decathlon(tmp_path / "data", cases=4, broken=False)
+    for path in [*root.glob("imagesT*/*.nii.gz"), *root.glob("labelsTr/*.nii.gz")]:
+        volume = nib.load(str(path))
+        _save(np.pad(np.asarray(volume.dataobj), ((3, 2), (0, 4), (1, 1))), path)  # zero air around each
+    info = read_decathlon(root)
+    prep = {"normalization": "zscore", "nonzero": True, "crop_foreground": True}
+    item = VolumeDataset(info.training[:1], "val", 1, 3, prep, cache_rate=0.0)[0]
+    padded = (SHAPE[0] + 5, SHAPE[1] + 4, SHAPE[2] + 2)
+    assert tuple(item["image"].shape[1:]) == SHAPE and tuple(item["label"].shape[1:]) == padded
+    assert item["crop_box"].tolist() == [[3, 0, 1], [3 + SHAPE[0], SHAPE[1], 1 + SHAPE[2]]]
+    out = tmp_path / "fit"
+    args = _fit_args(root, out)
+    args[args.index("--data.val_fraction") + 1] = "0.25"
+    args[args.index("--data.spacing"):args.index("--data.spacing") + 2] = ["--data.crop_foreground", "true"]
+    cli.main(args)
+    checkpoint = sorted(out.rglob("best-*.ckpt"))[0]
+    state = torch.load(checkpoint, weights_only=True)
+    assert state["oct3d"]["preprocessing"]["crop_foreground"] is True
+    assert 0 <= float(state["callbacks"][next(k for k in state["callbacks"] if k.startswith("ModelCheckpoint"))][
+        "best_model_score"]) <= 1
+    lines = tmp_path / "seg.jsonl"
+    assert cli.main(["segment", "--checkpoint", str(checkpoint), "--output-dir", str(tmp_path / "seg"),
+                     "--save-probabilities", "--output", str(lines), str(root / "imagesTs")]) == 0
+    for result in map(json.loads, lines.read_text().splitlines()):
+        labels = np.asarray(nib.load(result["output"]).dataobj)
+        assert labels.shape == padded
+        assert not labels[:3].any() and not labels[:, -4:].any()  # outside the box: background
+        probs = np.asarray(nib.load(result["probabilities"]).dataobj)
+        assert np.allclose(probs.sum(-1), 1.0, atol=1e-4) and np.allclose(probs[:3, ..., 0], 1.0)
+
+
+def test_probabilities_of_a_cropped_box_go_back_to_their_place_with_background_around():
+    from oct3d.lightning.segmentation import to_original_grid
+
+    label = torch.zeros(20, 18, 16, dtype=torch.long)
+    label[6:10, 5:9, 4:8] = 1
+    box = torch.tensor([[4, 3, 2], [15, 12, 10]])
+    inside = label[4:15, 3:12, 2:10]
+    probs = torch.stack([(inside == 0).float(), (inside == 1).float()])[None]
+    shifted = torch.eye(4, dtype=torch.float64)
+    shifted[:3, 3] = torch.tensor([4.0, 3.0, 2.0])  # the cropped grid's affine: the box's corner
+    back = to_original_grid(probs, shifted, torch.eye(4, dtype=torch.float64), label.shape, box)
+    assert back.shape == (1, 2, 20, 18, 16) and torch.equal(back.argmax(1)[0], label)
+    assert torch.allclose(back.sum(1), torch.ones(1, 20, 18, 16))

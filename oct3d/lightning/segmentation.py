@@ -201,6 +201,27 @@ def resample_to_grid(volume: Tensor, source_affine: Tensor, target_affine: Tenso
     return F.grid_sample(volume, grid, mode="bilinear", padding_mode="border", align_corners=True)
 
 
+def to_original_grid(probs: Tensor, source_affine: Tensor, original_affine: Tensor, size: Sequence[int],
+                     crop_box: Tensor | None = None) -> Tensor:
+    """Class probabilities ``(1, C, ...)`` on the preprocessed grid (``source_affine``), put onto the file's
+    own grid (``original_affine``, ``size`` voxels).
+
+    ``crop_box`` (``(2, 3)``: start and end voxel of a foreground crop in the file's grid) limits the
+    resampling to the box; outside it every voxel is background (probability 1 for class 0).
+    """
+    if crop_box is None:
+        return resample_to_grid(probs, source_affine, original_affine, size)
+    start, end = (crop_box[0].tolist(), crop_box[1].tolist())
+    box_affine = original_affine.double().clone()
+    box_affine[:3, 3] = original_affine.double()[:3, :3] @ torch.tensor(start, dtype=torch.float64) \
+        + original_affine.double()[:3, 3]
+    inside = resample_to_grid(probs, source_affine, box_affine, [e - s for s, e in zip(start, end)])
+    out = torch.zeros((*probs.shape[:2], *size), dtype=probs.dtype, device=probs.device)
+    out[:, 0] = 1.0
+    out[(slice(None), slice(None), *(slice(s, e) for s, e in zip(start, end)))] = inside
+    return out
+
+
 def is_octave_network(module: nn.Module) -> bool:
     """Whether ``module`` already has octave layers (oct3d's builders, or a network ``octavize`` returned)."""
     from oct3d.nn import OctBatchNorm, OctConv
@@ -473,11 +494,13 @@ class VolumeSegmenter(pl.LightningModule):
         image, label = batch["image"][keep], label[keep].long()
         logits = self.sliding_window(image)
         if "affine_resampled" in batch:
-            # Resampled to a target spacing: back onto the label's own grid, probabilities first (as
+            # Reoriented, resampled or cropped: back onto the label's own grid, probabilities first (as
             # `oct3d segment` does), so the Dice is the one of the label maps users get.
+            boxes = batch.get("crop_box")
             probs = torch.cat([
-                resample_to_grid(logits[i : i + 1].float().softmax(1), batch["affine_resampled"][j],
-                                 batch["affine_original"][j], label.shape[2:])
+                to_original_grid(logits[i : i + 1].float().softmax(1), batch["affine_resampled"][j],
+                                 batch["affine_original"][j], label.shape[2:],
+                                 None if boxes is None else boxes[j])
                 for i, j in enumerate(keep)
             ])
             prediction = probs.argmax(1, keepdim=True)
