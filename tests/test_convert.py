@@ -1045,3 +1045,43 @@ def test_an_example_input_that_shrinks_maps_to_one_pixel_warns():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         octavize(model, 0.5, example_input=torch.randn(1, 3, 64, 64))
+
+
+class _CroppingUNet(nn.Module):
+    """A U-Net that crops its upsampled map to the skip's size (odd inputs), as many hand-written U-Nets do."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c0, self.c1 = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+        self.down, self.c2 = nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.Conv2d(16, 16, 3, padding=1)
+        self.up, self.c3, self.head = nn.Conv2d(16, 8, 1), nn.Conv2d(16, 8, 3, padding=1), nn.Conv2d(8, 2, 1)
+
+    def forward(self, x):
+        a = self.c1(self.c0(x).relu()).relu()
+        u = F.interpolate(self.up(self.c2(self.down(a).relu()).relu()), scale_factor=2.0)
+        h, w = a.shape[-2:]
+        return self.head(self.c3(torch.cat([u[..., :h, :w], a], 1)).relu())
+
+
+@pytest.mark.parametrize("size", [(33, 31), (32, 32)])
+def test_a_crop_of_spatial_axes_flows_through_both_branches(size):
+    model = _CroppingUNet().eval()
+    x = torch.randn(1, 3, *size)
+    net = octavize(model, 0.5, example_input=x, vanilla_coarsest=False)
+    assert net.octave_plan["up"] == (0.5, 0.5, "") and net.octave_plan["c3"] == (0.5, 0.5, "")
+    other = torch.randn(1, 3, size[0] + 2, size[1] + 1)
+    assert net(other).shape == model(other).shape
+    torch.testing.assert_close(octavize(model, 0.0, example_input=x, vanilla_coarsest=False)(x), model(x),
+                               atol=1e-5, rtol=1e-5)
+
+
+def test_crop_low_keeps_the_branches_aligned_and_only_spatial_slices_match():
+    from oct3d.convert.layers import crop_low, spatial_slices
+
+    high, low = torch.randn(1, 2, 9, 10), torch.randn(1, 2, 5, 5)
+    index = (Ellipsis, slice(1, 8), slice(2, None))
+    cropped = crop_low(low, high, high[index], index, (2, 2))
+    torch.testing.assert_close(cropped, low[:, :, 0:4, 1:5])  # starts halved, lengths the ceil of half
+    assert spatial_slices((slice(None), slice(0, 4)), 4) is None  # channels
+    assert spatial_slices((Ellipsis, slice(None, None, 2)), 4) is None  # a stride
+    assert spatial_slices((Ellipsis, 0), 4) is None  # an integer drops an axis

@@ -125,6 +125,41 @@ def pad_low(
     return F.pad(low, low_pad, mode)
 
 
+def spatial_slices(index: object, ndim: int) -> list[slice] | None:
+    """``index`` (of ``x[index]`` on an ``ndim``-D map) as one slice per axis, when it only slices spatial
+    axes with step 1 (batch and channel axes whole, no integers, ``None`` or tensors); else ``None``."""
+    items = list(index) if isinstance(index, tuple) else [index]
+    if sum(item is Ellipsis for item in items) > 1 or not all(isinstance(i, slice) or i is Ellipsis for i in items):
+        return None
+    if Ellipsis in items:
+        at = items.index(Ellipsis)
+        items = items[:at] + [slice(None)] * (ndim - len(items) + 1) + items[at + 1:]
+    items += [slice(None)] * (ndim - len(items))
+    if len(items) != ndim or any(i.step not in (None, 1) for i in items):
+        return None
+    if any(i.start is not None or i.stop is not None for i in items[:2]):
+        return None
+    return items
+
+
+@graph_leaf
+def crop_low(low: Tensor, high: Tensor, high_out: Tensor, index: object, factors: Sequence[int]) -> Tensor:
+    """The low branch of ``high[index]`` (a crop of spatial axes, see :func:`spatial_slices`) whose high
+    branch gave ``high_out``: the matching region, starting at half the high start on each octave axis
+    and as long as the octave low size of ``high_out``, so the branches stay aligned on odd sizes."""
+    slices = spatial_slices(index, high.dim())
+    if slices is None:
+        raise ValueError(f"crop_low takes slices of spatial axes with step 1, got {index!r}")
+    target = low_size(high_out.shape[2:], factors)
+    for axis, (item, factor) in enumerate(zip(slices[2:], factors)):
+        start = item.indices(high.shape[2 + axis])[0]
+        low_start = min(start // factor, low.shape[2 + axis])
+        length = min(target[axis], low.shape[2 + axis] - low_start)
+        if (low_start, length) != (0, low.shape[2 + axis]):
+            low = low.narrow(2 + axis, low_start, length)
+    return low
+
+
 class OctBranchNorm(nn.Module):
     """A normalisation per branch: ``norm_h`` on the high map, ``norm_l`` on the low map.
 

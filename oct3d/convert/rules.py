@@ -40,11 +40,13 @@ from oct3d.convert.core import Context, IncompatibleSplitError, Split, tensor_in
 from oct3d.convert.layers import (
     OctBranchNorm,
     OctStochasticDepth,
+    crop_low,
     octave_shape,
     octave_size,
     pad_low,
     pool_low,
     resize_low,
+    spatial_slices,
 )
 from oct3d.models.transfer import (
     CHANNEL_ORDER_ATTR,
@@ -853,6 +855,39 @@ class PadRule(Rule):
         return high_out, low_out
 
 
+class CropRule(Rule):
+    """``x[..., a:b, c:d]``: slices of spatial axes with step 1 (a U-Net cropping a skip to the upsampled map's
+    size): the high branch as the original, the low branch cut to the matching region and to the octave low
+    size of the result (:func:`~oct3d.convert.layers.crop_low`)."""
+
+    name = "crop"
+    kind = "flow"
+
+    def matches(self, node: fx.Node, ctx: Context) -> bool:
+        if node.op != "call_function" or node.target is not operator.getitem or len(node.args) != 2:
+            return False
+        shape = ctx.shape(node.args[0]) if isinstance(node.args[0], fx.Node) else None
+        index = node.args[1]
+        items = index if isinstance(index, tuple) else (index,)
+        return shape is not None and len(shape) >= 3 and all(isinstance(i, slice) or i is Ellipsis for i in items)
+
+    def check(self, node: fx.Node, ctx: Context) -> str | None:
+        if spatial_slices(node.args[1], len(ctx.shape(node.args[0]))) is None:
+            return "slicing that is not a crop of spatial axes with step 1"
+        return None
+
+    def data_inputs(self, node: fx.Node, ctx: Context) -> list[fx.Node]:
+        return [node.args[0]]
+
+    def emit(self, node: fx.Node, em) -> tuple[fx.Node, fx.Node]:
+        high, low = em.pair(node.args[0])
+        high_out = em.copy_with(node, {node.args[0]: high}, f"{node.name}_h")
+        factors = em.ctx.factors(len(em.ctx.shape(node)) - 2)
+        index = fx.node.map_arg(node.args[1], em.plain)  # slice bounds read from shapes are graph values too
+        low_out = em.call_function(crop_low, (low, high, high_out, index, factors), name=f"{node.name}_l")
+        return high_out, low_out
+
+
 # --------------------------------------------------------------------------- metadata and closing ops
 
 
@@ -954,6 +989,7 @@ RULES: list[Rule] = [
     PoolRule(),
     InterpolateRule(),
     PadRule(),
+    CropRule(),
     MetaRule(),
     CloseRule("flatten/reshape", _targets(torch.flatten, torch.reshape, "flatten", "view", "reshape", "permute",
                                           "transpose", "squeeze", "unsqueeze", torch.squeeze, torch.unsqueeze)),
