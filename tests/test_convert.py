@@ -979,6 +979,11 @@ def test_the_stem_is_the_first_convolution_after_any_input_preprocessing():
     converted = octavize(_NormalisedInput().eval(), 0.5, example_input=torch.randn(1, 3, 16, 16))
     assert converted.octave_plan["c0"] == (0.0, 0.0, "stem")
     assert converted.octave_plan["c1"][1] == 0.5
+    # A learned layer before a convolution (here an excluded block holding the real stem) ends the input path.
+    convs = {name: nn.Conv2d(8, 8, 3, padding=1) for name in ("c1", "c2", "c3")}
+    model = nn.Sequential(OrderedDict(block=nn.Sequential(nn.Conv2d(3, 8, 3, padding=1)), **convs)).eval()
+    converted = octavize(model, 0.5, example_input=torch.randn(1, 3, 16, 16), exclude=("block",))
+    assert converted.octave_plan["c1"][1] == 0.5
 
 
 def test_an_input_the_model_rejects_is_blamed_not_the_module_with_control_flow():

@@ -206,12 +206,15 @@ def octavize(
 
 
 def _single_pixel(ctx: Context, node: fx.Node) -> bool:
-    """Whether a convolution's output has an octave axis of size 1 (it cannot be halved; the
-    resolution levels stop counting there)."""
+    """Whether a convolution shrinks an octave axis to size 1 (it cannot be halved; the resolution
+    levels stop counting there). A map already pooled to one pixel (squeeze-and-excitation, a 1x1
+    head) is not counted: it has that size at any input size."""
     shape = ctx.shape(node)
-    if shape is None or len(shape) < 3:
+    source = ctx.shape(node.args[0]) if node.args and isinstance(node.args[0], fx.Node) else None
+    if shape is None or source is None or len(shape) < 3 or len(source) != len(shape):
         return False
-    return any(n < 2 for n, on in zip(shape[2:], ctx.axes(len(shape) - 2)) if on)
+    axes = ctx.axes(len(shape) - 2)
+    return any(n < 2 <= m for n, m, on in zip(shape[2:], source[2:], axes) if on)
 
 
 def _run_in_model_layout(gm: fx.GraphModule, channels_last: bool | None) -> None:

@@ -5,7 +5,7 @@ with the norm, activation and residual sum after it, the pieces of a concatenati
 region is produced by convolutions and read by convolutions (or by closing ops). A region
 carries octaves when
 
-1. every producer is a convolution that opens an octave: not the stem (a convolution reading the
+1. every producer is a convolution that opens an octave: not the stem (the first convolution on the path from the
    network input), not at the network's coarsest resolution, and with ``alpha(name, module) > 0``;
 2. every reader takes octaves (a convolution; no closing op, excluded module or graph output);
 3. at least one reading convolution is not one of the vanilla ones of (1), so no octave is
@@ -157,6 +157,18 @@ def _classify(node: fx.Node, rules: Sequence[Rule], ctx: Context, exclude: Seque
     return rule, ("close" if reason else rule.kind), reason
 
 
+_NORMS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
+
+
+def _learned(module: nn.Module) -> bool:
+    """Whether a module is a learned layer that ends the stem's input path: it has parameters (or holds
+    a convolution) and is not a normalisation."""
+    if isinstance(module, _NORMS):
+        return False
+    return any(True for _ in module.parameters()) or any(
+        isinstance(m, nn.modules.conv._ConvNd) for m in module.modules())
+
+
 def make_plan(
     gm: fx.GraphModule, ctx: Context, rules: Sequence[Rule], alpha: float | AlphaFn, exclude: Sequence[str],
     pool_first: bool | None, vanilla_coarsest: bool = True,
@@ -209,15 +221,18 @@ def make_plan(
         return any(m.op == "placeholder" for m in members[root])
 
     conv_types = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
-    # A stem is a convolution on the path from the input with no convolution before it, whatever ops sit
-    # between (input normalisation by a buffer, channel slicing: ops without a rule break the regions).
+    # A stem is a convolution on the path from the input with no learned layer before it, whatever
+    # parameter-free ops sit between (input normalisation by a buffer, channel slicing: ops without a rule
+    # break the regions). A module with weights (a convolution, a linear or attention layer, an excluded
+    # block) ends that path, except a norm layer (an input BatchNorm).
     after_conv: dict[fx.Node, bool] = {}
     from_input: dict[fx.Node, bool] = {}
     for node in nodes:  # fx graphs are in topological order
         inputs = node.all_input_nodes
         is_conv = node.op == "call_module" and isinstance(ctx.module(node), conv_types)
+        learned = node.op == "call_module" and _learned(ctx.module(node))
         from_input[node] = node.op == "placeholder" or any(from_input[i] for i in inputs)
-        after_conv[node] = is_conv or any(after_conv[i] for i in inputs)
+        after_conv[node] = learned or any(after_conv[i] for i in inputs)
         if (
             is_conv
             and plan.kinds[node] in ("conv", "flow")
