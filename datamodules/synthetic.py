@@ -344,7 +344,7 @@ def main(argv: list[str] | None = None) -> int:
         for name, flag in (("num_classes", "--classes"), ("train_per_class", "--train-per-class"),
                            ("val_per_class", "--val-per-class"), ("test_per_class", "--test-per-class"),
                            ("frames", "--frames"), ("size", "--size"), ("fps", "--fps")):
-            message = re.sub(rf"\b{name}\b", flag, message)
+            message = re.sub(rf"^{name}\b", flag, message, count=1)  # the leading name only, never a path
         if isinstance(error, NotADirectoryError):
             message = f"OUT must be a folder (or a path to create), got a file: {args.out}"
         parser.error(message)

@@ -157,7 +157,7 @@ class _PlainPyAV:
         self.num_frames, self.sampling_rate, self.target_fps = num_frames, sampling_rate, target_fps
         self.timing = {"decode_s": 0.0, "transform_s": 0.0, "clips": 0}
         self.clips_per_video = 1
-        self.frame_counts = [0] * len(samples)  # filled by usable_samples' probe where the header has none
+        self.frame_counts: dict[int, int] = {}  # from draw_readable's probe, for headers without a frame count
 
     def __getitem__(self, index: int) -> torch.Tensor:
         import av
@@ -170,7 +170,7 @@ class _PlainPyAV:
             stream = container.streams.video[0]
             stream.codec_context.thread_count = 1
             # Matroska/WebM headers carry no frame count: take the one the data modules' reader found.
-            total = stream.frames or self.frame_counts[index]
+            total = stream.frames or self.frame_counts.get(index, 0)
             step = source_step(self.sampling_rate, float(stream.average_rate or 0), self.target_fps)
             start = int(torch.randint(0, max(total - clip_span(self.num_frames, step), 0) + 1, ()).item())
             wanted = clip_indices(total, start, self.num_frames, step)
@@ -223,43 +223,57 @@ def _make_loader(spec: str, samples: list, clip: dict[str, Any]):
     )
 
 
-def usable_samples(samples: list) -> tuple[list, list[int], list[str]]:
-    """The samples the data modules' PyAV reader can open (with their frame counts), and
-    ``"path: reason"`` for the others (missing, empty, not a video, no video stream)."""
+def draw_readable(samples: list, videos: int, seed: int = 0) -> tuple[list[int], dict[int, int], list[str]]:
+    """``videos`` sample indices to read (with repeats when there are fewer readable videos), drawn from
+    the videos the data modules' PyAV reader can open; their frame counts; and ``"path: reason"`` for
+    each unreadable one met on the way (missing, empty, not a video, no video stream).
+
+    Only as many videos are opened as the draw needs, so a large dataset is not probed whole.
+    """
     from datamodules.decoders import VideoDecodeError, open_reader
 
-    kept, counts, skipped = [], [], []
-    for sample in samples:
+    rng = random.Random(seed)
+    candidates = list(range(len(samples)))
+    rng.shuffle(candidates)
+    counts: dict[int, int] = {}
+    skipped: list[str] = []
+    for index in candidates:
+        if len(counts) >= videos:
+            break
         try:
-            with open_reader(sample.path, "pyav") as reader:
+            with open_reader(samples[index].path, "pyav") as reader:
                 frames = reader.info.num_frames
         except VideoDecodeError as error:
             skipped.append(str(error))  # names the file
             continue
         if frames < 1:
-            skipped.append(f"{sample.path}: no frames")
+            skipped.append(f"{samples[index].path}: no frames")
             continue
-        kept.append(sample)
-        counts.append(frames)
-    return kept, counts, skipped
+        counts[index] = frames
+    readable = sorted(counts)
+    order = rng.choices(readable, k=videos) if readable else []
+    return order, counts, skipped
 
 
 def benchmark_loaders(samples: list, loaders: Sequence[str], clip: dict[str, Any], videos: int = 24,
-                      rounds: int = 4, seed: int = 0) -> list[LoaderResult]:
+                      rounds: int = 4, seed: int = 0, skipped: list[str] | None = None) -> list[LoaderResult]:
     """Time each loader over the same ``videos`` videos, interleaved: every round, each loader reads a share.
 
-    The loaders run in this process; call ``torch.set_num_threads(1)`` first to measure one worker.
+    The videos are drawn from the readable ones (:func:`draw_readable`); the unreadable ones met are
+    appended to ``skipped`` when given. The loaders run in this process; call
+    ``torch.set_num_threads(1)`` first to measure one worker.
     """
     if not samples:
         raise ValueError("no videos to benchmark")
-    samples, counts, _ = usable_samples(samples)
-    if not samples:
+    order, counts, unreadable = draw_readable(samples, videos, seed)
+    if skipped is not None:
+        skipped.extend(unreadable)
+    if not order:
         raise ValueError("no readable videos to benchmark")
     built = {spec: _make_loader(spec, samples, clip) for spec in loaders}
     for loader in built.values():
         if isinstance(loader, _PlainPyAV):
             loader.frame_counts = counts
-    order = random.Random(seed).choices(range(len(samples)), k=videos)
     chunks = [order[i::rounds] for i in range(rounds)]
     seconds = dict.fromkeys(loaders, 0.0)
     for loader in built.values():  # warm-up: codec libraries, allocator, caches
@@ -407,23 +421,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not samples:
         print(f"error: no videos under {root} (use --generate N to write Kinetics-like ones)", file=sys.stderr)
         return 2
-    samples, _, skipped = usable_samples(samples)
-    if skipped:
-        shown = "; ".join(skipped[:5]) + (f"; and {len(skipped) - 5} more" if len(skipped) > 5 else "")
-        print(f"skipped {len(skipped)} unreadable video(s): {shown}", file=sys.stderr)
-    if not samples:
-        print(f"error: no readable videos under {root}", file=sys.stderr)
-        return 2
     k = int(clip["clips_per_video"])
     decoder = "pyav" if clip["decoder"] == "auto" else clip["decoder"]
     others = [f"{d}:{k}" for d in ("decord", "torchcodec") if d in available_decoders()]
     loaders = args.loaders or list(dict.fromkeys(["plain", "plain:kept", "pyav:1", f"{decoder}:{k}", *others]))
     torch.set_num_threads(1)  # one core: what one DataLoader worker has
+    skipped: list[str] = []
     try:
-        results = benchmark_loaders(samples, loaders, clip, args.videos, args.rounds, args.seed)
+        results = benchmark_loaders(samples, loaders, clip, args.videos, args.rounds, args.seed, skipped)
     except ValueError as error:
-        print(f"error: {error}", file=sys.stderr)
+        print(f"error: {error} under {root}" if "readable" in str(error) else f"error: {error}", file=sys.stderr)
         return 2
+    finally:
+        if skipped:
+            shown = "; ".join(skipped[:5]) + (f"; and {len(skipped) - 5} more" if len(skipped) > 5 else "")
+            print(f"skipped {len(skipped)} unreadable video(s): {shown}", file=sys.stderr)
     model_rate = args.model_clips_per_s
     model_note = "given" if model_rate else None
     if args.measure_model:

@@ -22,9 +22,11 @@ from __future__ import annotations
 
 import argparse
 import bisect
+import codecs
 import itertools
 import json
 import math
+import numbers
 import os
 import pickle
 import sys
@@ -72,14 +74,16 @@ def view_layout(views: Views) -> tuple[int, int]:
     Raises:
         ValueError: anything else.
     """
-    if isinstance(views, tuple):
-        if (len(views) == 2 and all(isinstance(v, int) and not isinstance(v, bool) for v in views)
+    if isinstance(views, (tuple, list)):
+        if (len(views) == 2 and all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in views)
                 and views[0] >= 1 and views[1] in (1, 3)):
-            return views
+            return int(views[0]), int(views[1])
         raise ValueError(f"views as (clips, crops) needs clips >= 1 and crops 1 or 3, got {views}")
+    if not isinstance(views, numbers.Integral) or isinstance(views, bool):
+        raise ValueError(f"views must be one of {sorted(VIEW_LAYOUTS)} or a (clips, crops) pair, got {views!r}")
     if views not in VIEW_LAYOUTS:
         raise ValueError(f"views must be one of {sorted(VIEW_LAYOUTS)} or a (clips, crops) pair, got {views}")
-    return VIEW_LAYOUTS[views]
+    return VIEW_LAYOUTS[int(views)]
 EXPORT_FORMATS = {".onnx": "onnx", ".pt": "torchscript", ".ts": "torchscript", ".pt2": "exported-program"}
 
 
@@ -298,19 +302,23 @@ def load_predictor(path: str | os.PathLike, device: str = "auto", trust_checkpoi
     return Predictor(model, metadata, torch_device, "checkpoint", amp)
 
 
-def _is_export_sidecar(sidecar: Path) -> bool:
+def _read_sidecar(sidecar: Path) -> Any:
+    """The parsed JSON of an export's sidecar (``None`` when it cannot be read or parsed)."""
     try:
         with open(sidecar) as handle:
-            info = json.load(handle)
+            return json.load(handle)
     except (OSError, ValueError):
-        return False
+        return None
+
+
+def _is_export_sidecar(sidecar: Path) -> bool:
+    info = _read_sidecar(sidecar)
     return isinstance(info, dict) and "oct3d" in info and info.get("format") in set(EXPORT_FORMATS.values())
 
 
 def _load_export(path: Path, sidecar: Path, device: torch.device, amp: bool) -> Predictor:
-    with open(sidecar) as handle:
-        info = json.load(handle)
-    if "oct3d" not in info or "format" not in info:
+    info = _read_sidecar(sidecar)
+    if not isinstance(info, dict) or "oct3d" not in info or "format" not in info:
         raise CheckpointError(f"{sidecar} is not an oct3d export sidecar (needs 'format' and 'oct3d' entries)")
     metadata = ModelMetadata.from_dict(info["oct3d"])
     fmt = info["format"]
@@ -758,6 +766,26 @@ def check_output_file(parser: argparse.ArgumentParser, option: str, output: str 
                              "overwritten: choose another file")
 
 
+def _is_utf8(encoding: str | None) -> bool:
+    try:
+        return codecs.lookup(encoding or "ascii").name == "utf-8"
+    except LookupError:
+        return False
+
+
+def json_line(result: dict[str, Any], ascii_only: bool = False) -> str:
+    """One JSON line of a result: paths as written (non-ASCII names readable, grep-able), escaped where
+    asked (a terminal that is not UTF-8) or where a name is not valid UTF-8 (bytes that Python holds as
+    surrogates, which no UTF-8 file can store)."""
+    line = json.dumps(result, ensure_ascii=ascii_only)
+    if not ascii_only:
+        try:
+            line.encode("utf-8")
+        except UnicodeEncodeError:
+            line = json.dumps(result, ensure_ascii=True)
+    return line + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point; returns 0 if every file succeeded, 1 if any failed, 2 on usage errors."""
     parser = build_parser()
@@ -820,15 +848,13 @@ def main(argv: list[str] | None = None) -> int:
     else:
         handle = open(args.output, "w", encoding="utf-8") if args.output else None  # noqa: SIM115 - closed below, written line by line
     missing_at = [(position, path) for position, path in enumerate(args.paths) if path in missing]
-    # Paths as written (non-ASCII names readable, grep-able), except into a terminal that cannot show them.
-    ascii_only = handle is sys.stdout and (getattr(sys.stdout, "encoding", None) or "").lower().replace("-", "") \
-        != "utf8"
+    ascii_only = handle is sys.stdout and not _is_utf8(getattr(sys.stdout, "encoding", None))
 
     def report_missing(before: int) -> None:
         while missing_at and missing_at[0][0] < before:
             results.append({"path": missing_at.pop(0)[1], "error": "does not exist"})
             if handle is not None:
-                handle.write(json.dumps(results[-1], ensure_ascii=ascii_only) + "\n")
+                handle.write(json_line(results[-1], ascii_only))
 
     try:
         for origin, result in zip(origins, predict_files(
@@ -837,7 +863,7 @@ def main(argv: list[str] | None = None) -> int:
             report_missing(origin)
             results.append(result)
             if handle is not None:
-                handle.write(json.dumps(result, ensure_ascii=ascii_only) + "\n")
+                handle.write(json_line(result, ascii_only))
                 handle.flush()
         report_missing(len(args.paths))
     finally:

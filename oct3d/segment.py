@@ -134,26 +134,20 @@ class Segmenter:
             out_image.header["cal_min"], out_image.header["cal_max"] = 0, len(self.class_names) - 1
             out_image.header.set_intent("label")
         output = Path(output)
-        output.parent.mkdir(parents=True, exist_ok=True)
-        # Written under a temporary name first, so a failure never leaves a partial label map behind.
-        suffix = ".nii.gz" if output.name.lower().endswith(".nii.gz") else ".nii"
-        partial = output.with_name(f".partial-{os.getpid()}-{output.name[: -len(suffix)]}{suffix}")
-        try:
-            nib.save(out_image, str(partial))
-            os.replace(partial, output)
-        finally:
-            if partial.exists():
-                partial.unlink()
+        _save_atomically(out_image, output)
         result: dict[str, Any] = {}
         if save_probabilities:
-            stem = output.name[: -len(suffix)]
-            maps = output.with_name(f"{stem}_probabilities.nii.gz")
+            suffix = ".nii.gz" if output.name.lower().endswith(".nii.gz") else ".nii"
+            maps = output.with_name(f"{output.name[: -len(suffix)]}_probabilities.nii.gz")
             header = source.header.copy() if isinstance(source, nib.Nifti1Image) else None
             probability_image = nib.Nifti1Image(np.moveaxis(probs.numpy(), 0, -1).astype(np.float32), source.affine,
                                                 header=header)
             probability_image.header.set_data_dtype(np.float32)
+            # Probabilities as stored, displayed 0..1, no intensity scaling or intent inherited from the image.
             probability_image.header.set_slope_inter(1.0, 0.0)
-            nib.save(probability_image, str(maps))
+            probability_image.header["cal_min"], probability_image.header["cal_max"] = 0, 1
+            probability_image.header.set_intent("none")
+            _save_atomically(probability_image, maps)
             result["probabilities"] = str(maps)
         counts = np.bincount(labels.ravel(), minlength=len(self.class_names))
         return {
@@ -164,6 +158,21 @@ class Segmenter:
             "voxels": {name: int(counts[i]) for i, name in enumerate(self.class_names)},
             "seconds": round(time.perf_counter() - start, 3),
         }
+
+
+def _save_atomically(image: Any, output: Path) -> None:
+    """``nib.save`` under a temporary name, then renamed: a failure never leaves a partial file behind."""
+    import nibabel as nib
+
+    output.parent.mkdir(parents=True, exist_ok=True)
+    suffix = ".nii.gz" if output.name.lower().endswith(".nii.gz") else ".nii"
+    partial = output.with_name(f".partial-{os.getpid()}-{output.name[: -len(suffix)]}{suffix}")
+    try:
+        nib.save(image, str(partial))
+        os.replace(partial, output)
+    finally:
+        if partial.exists():
+            partial.unlink()
 
 
 def load_segmenter(path: str | os.PathLike, device: str = "auto", trust_checkpoint: bool = False,

@@ -77,8 +77,26 @@ def run_tool(main: Callable[[], int | None]) -> int:
         status = main()
         sys.stdout.flush()  # here, so that a closed pipe is met inside the try
     except BrokenPipeError:
+        if not _stdout_reader_gone():
+            raise  # another pipe (a worker's): a real error
         # Python flushes stdout again at exit; point it at /dev/null so that flush cannot fail too.
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         return 1
     return int(status or 0)
+
+
+def _stdout_reader_gone() -> bool:
+    """Whether standard output is a pipe whose reader has closed it (``poll`` reports an error on the
+    writing end); True where that cannot be asked (no ``poll``), the likelier case."""
+    import select
+    import sys
+
+    if not hasattr(select, "poll"):
+        return True
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(event & (select.POLLERR | select.POLLHUP) for _, event in poller.poll(0))
+    except (OSError, ValueError, AttributeError):  # no file descriptor (a captured or replaced stdout)
+        return True

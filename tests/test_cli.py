@@ -224,3 +224,11 @@ def test_a_tool_whose_reader_closes_the_pipe_ends_without_a_traceback():
                           cwd=REPO, timeout=120)
     assert done.stdout == "line 0\n"
     assert "Traceback" not in done.stderr and "BrokenPipeError" not in done.stderr
+    # A broken pipe that is not our output's (a worker's) is a real error and is raised.
+    from oct3d.system import run_tool
+
+    def worker_pipe_breaks():
+        raise BrokenPipeError("a worker's pipe")
+
+    with pytest.raises(BrokenPipeError, match="worker"):
+        run_tool(worker_pipe_breaks)

@@ -353,3 +353,17 @@ def test_any_clip_count_and_the_checkpoints_test_protocol(checkpoint, mixed_fold
         with pytest.raises(SystemExit) as stop:
             main(["--checkpoint", str(checkpoint), *argv, str(good[0])])
         assert stop.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_a_file_name_that_is_not_utf8_is_written_escaped_not_a_crash(checkpoint, mixed_folder, tmp_path):
+    import os
+
+    _, good = mixed_folder
+    folder = tmp_path / "bad"
+    folder.mkdir()
+    name = os.fsdecode(b"clip_\xff.mp4")  # a Latin-1 name on a UTF-8 file system: held as a surrogate
+    shutil.copy(good[0], folder / name)
+    output = tmp_path / "out.jsonl"
+    assert main(["--checkpoint", str(checkpoint), "--output", str(output), "--device", "cpu", str(folder)]) == 0
+    (line,) = output.read_text(encoding="utf-8").splitlines()
+    assert json.loads(line)["path"] == str(folder / name) and "\\udcff" in line

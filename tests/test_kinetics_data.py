@@ -221,6 +221,19 @@ def test_extra_columns_ignored_and_unlabelled_test_split(tiny_kinetics, tmp_path
     samples = _datamodule(root).samples("test")
     assert [s.label for s in samples] == [-1, -1, -1]
     assert all(Path(s.path).is_file() for s in samples)
+    # lightning test refuses it before any step (on every rank alike), instead of reporting accuracy 0.
+    import lightning.pytorch as pl
+
+    from oct3d.lightning import VideoClassifier
+
+    model = VideoClassifier(backbone="oct_i3d_r50", num_classes=3,
+                            backbone_kwargs={"alpha": 0.5, "base_width": 8, "depths": [1, 1, 1, 1]})
+    steps = []
+    model.model.register_forward_hook(lambda *args: steps.append(1))
+    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
+    with pytest.raises(ValueError, match="the test split has videos without labels"):
+        trainer.test(model, datamodule=_datamodule(root, num_workers=0), verbose=False)
+    assert not steps
 
 
 def test_bad_arguments(tiny_kinetics):

@@ -349,3 +349,27 @@ def test_testing_an_unlabelled_split_is_refused_not_scored_zero():
     trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
     with pytest.raises(ValueError, match="the test split has videos without labels"):
         trainer.test(model, torch.utils.data.DataLoader([batch], batch_size=None), verbose=False)
+
+
+def test_restored_preprocessing_is_what_the_data_module_applies_and_never_made_up_defaults():
+    import warnings
+
+    from oct3d.lightning import VideoClassifier
+    from oct3d.lightning.modules import restore_preprocessing
+
+    saved = {"num_frames": 16, "sampling_rate": 4, "crop_size": 112, "short_side": 128, "mean": [0.5] * 3,
+             "std": [0.5] * 3, "test_clips": 10, "test_crops": 3}
+    model = VideoClassifier(num_classes=3, preprocessing=dict(saved))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        restore_preprocessing(model, saved, None)  # no data module that says what it applies: nothing changes
+        restore_preprocessing(model, saved, {**saved, "test_clips": 2})  # evaluation settings may change freely
+    assert model.preprocessing["crop_size"] == 112
+    with pytest.warns(UserWarning, match=r"crop_size: checkpoint 112, now 96"):
+        restore_preprocessing(model, saved, {**saved, "crop_size": 96})
+    assert model.preprocessing["crop_size"] == 96 and model.hparams["preprocessing"]["crop_size"] == 96
+    fresh = VideoClassifier(num_classes=3)
+    restore_preprocessing(fresh, saved, None)
+    assert fresh.preprocessing == saved
+    # A data module without the attributes the classifier reads does not describe its preprocessing.
+    assert not all(hasattr(object(), a) for a in VideoClassifier.preprocessing_attributes)

@@ -420,6 +420,8 @@ def test_segment_mirroring_batch_size_and_probability_maps(fitted, tiny_decathlo
     (result,) = [json.loads(line) for line in lines.read_text().splitlines()]
     maps = nib.load(result["probabilities"])
     assert maps.shape == (*SHAPE, 3) and maps.get_data_dtype() == np.float32
+    assert maps.header.get_intent()[0] == "none" and float(maps.header["cal_max"]) == 1.0
+    assert not list((tmp_path / "seg").glob(".partial-*"))
     probs = np.asarray(maps.dataobj)
     assert np.allclose(probs.sum(-1), 1.0, atol=1e-4)
     assert (probs.argmax(-1) == np.asarray(nib.load(result["output"]).dataobj)).all()
@@ -829,7 +831,7 @@ def test_evaluating_with_other_data_settings_warns_and_records_what_the_data_app
         real(self, checkpoint)
         seen["preprocessing"] = dict(self.preprocessing)
 
-    expected = r"differs from the checkpoint's \(normalization: checkpoint 'zscore', data 'none'\)"
+    expected = r"differs from the checkpoint's \(normalization: checkpoint 'zscore', now 'none'\)"
     with pytest.warns(UserWarning, match=expected), pytest.MonkeyPatch.context() as patch:
         patch.setattr(VolumeSegmenter, "on_load_checkpoint", spy)
         cli.main(args)

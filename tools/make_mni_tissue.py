@@ -35,7 +35,9 @@ def main(argv: list[str] | None = None) -> int:
         summary = make_mni_tissue(args.out, args.train, args.test, tuple(args.crop), seed=args.seed,
                                   template_dir=args.template_dir)
     except (FileNotFoundError, ValueError) as error:
-        print(f"error: {error}".replace("crop_size", "--crop"), file=sys.stderr)
+        message = str(error)
+        print(f"error: {'--crop' + message[len('crop_size'):] if message.startswith('crop_size') else message}",
+              file=sys.stderr)
         return 2
     fractions = ", ".join(f"{f:.1%}" for f in summary.label_fractions)
     print(f"wrote {summary.train_cases} training and {summary.test_cases} test cases of {summary.crop_size} to "

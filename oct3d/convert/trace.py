@@ -239,7 +239,8 @@ def trace(
 def _likely_cause(error: Exception) -> str | None:
     """What a few common tracing errors mean, for the message (``None`` where there is nothing to add)."""
     text = str(error)
-    if isinstance(error, TypeError) and "Proxy" in text and any(f in text for f in ("int()", "float()", "index")):
+    if isinstance(error, TypeError) and "Proxy" in text and any(
+            f in text for f in ("int()", "float()", "index", "interpreted as an integer")):
         return (": the code turns a traced size into a Python number (int(), float(), an index), which a torch.fx "
                 "trace cannot do; keep size arithmetic on x.shape values without int(), or compute it in a function "
                 "marked with torch.fx.wrap")

@@ -145,7 +145,11 @@ def run_cli(args: list[str] | None = None) -> int:
         OctCLI(args=args)
     except MisconfigurationException as error:
         # The full-scale configs ask for GPUs; on a machine without one Lightning's message says only that.
-        if "gpu" not in str(error).lower() or os.environ.get("OCT3D_TRACEBACK", "").strip() not in ("", "0"):
+        import torch
+
+        # Only where there is no GPU at all: "you requested 8 GPUs but have 1" needs another answer.
+        if ("gpu" not in str(error).lower() or torch.cuda.is_available()
+                or os.environ.get("OCT3D_TRACEBACK", "").strip() not in ("", "0")):
             raise
         print(f"error: {error} The config asks for GPUs (trainer.accelerator: gpu). To run it on the CPU, add "
               "--trainer.accelerator cpu --trainer.devices 1 --trainer.strategy auto --trainer.sync_batchnorm false "

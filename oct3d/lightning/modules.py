@@ -12,14 +12,13 @@ from __future__ import annotations
 import copy
 import functools
 import math
-import warnings
 from collections import defaultdict
 from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
@@ -157,29 +156,36 @@ EVALUATION_SETTINGS = frozenset({"test_clips", "test_crops"})
 
 
 def restore_preprocessing(module: pl.LightningModule, saved: dict[str, Any] | None,
-                          current: dict[str, Any] | None) -> None:
-    """Set ``module.preprocessing`` from a checkpoint's ``saved`` settings on load.
+                          applied: dict[str, Any] | None) -> None:
+    """Set ``module.preprocessing`` on load from a checkpoint's ``saved`` settings.
 
-    ``current`` is what this run's data module applies (``None`` without one, e.g.
-    ``load_from_checkpoint``). Where the two differ (resuming or testing with changed data
-    settings), the data module's settings are what the model now sees, so they are the ones
-    recorded (and stored in this run's checkpoints, which inference follows), and a warning
-    names each setting that changed.
+    ``applied`` is what this run's data module does to its inputs (``None`` without a data module
+    that says: ``load_from_checkpoint``, a data module of the user's own). Its settings are what the
+    model sees in this run, so they win over the module's own (its configuration, or the
+    hyperparameters LightningCLI read from the checkpoint) and the checkpoint's, and are what this
+    run's checkpoints record, which inference follows. Where that differs from the checkpoint
+    (resuming or testing with changed data settings) a warning names each setting that changed.
     """
-    if not saved and not current:
-        return
-    changed = sorted(k for k in set(saved or {}) | set(current or {})
-                     if k not in EVALUATION_SETTINGS and _plain((saved or {}).get(k)) != _plain((current or {}).get(k)))
-    if current and saved and changed:
-        shown = "; ".join(f"{k}: checkpoint {saved.get(k)!r}, data {current.get(k)!r}" for k in changed)
-        warnings.warn(
-            f"this run's data preprocessing differs from the checkpoint's ({shown}); the data module's is what the "
-            "model sees now and what this run's checkpoints record (oct3d infer/segment follow it). Pass the "
-            "checkpoint's settings to the data module to keep the model's training conditions",
-            stacklevel=2,
+    merged = {**(saved or {}), **dict(getattr(module, "preprocessing", None) or {}), **(applied or {})}
+    changed = sorted(k for k in set(saved or {}) | set(merged)
+                     if k not in EVALUATION_SETTINGS and _plain((saved or {}).get(k)) != _plain(merged.get(k)))
+    if saved and changed:
+        shown = "; ".join(f"{k}: checkpoint {saved.get(k)!r}, now {merged.get(k)!r}" for k in changed)
+        rank_zero_warn(
+            f"this run's data preprocessing differs from the checkpoint's ({shown}); this run's is what the model "
+            "sees now and what its checkpoints record (oct3d infer/segment follow it). Pass the checkpoint's "
+            "settings to the data module to keep the model's training conditions",
         )
-    module.preprocessing = dict(current or saved)
-    module.hparams["preprocessing"] = dict(module.preprocessing)
+    if merged:
+        module.preprocessing = merged
+        module.hparams["preprocessing"] = dict(merged)
+
+
+_UNLABELLED_TEST = (
+    "the test split has videos without labels (label -1: annotations without a label column, as Kinetics-700-2020's "
+    "test set), so there is nothing to score; use lightning predict or oct3d infer for their predictions, or test "
+    "on a labelled split"
+)
 
 
 def check_data_classes(module: pl.LightningModule, names: list[str]) -> None:
@@ -404,6 +410,15 @@ class OctaveClassifier(pl.LightningModule):
         # when DDP's sampler hands a padded repeat of it to another rank.
         self._test_view_hits: dict[int, tuple[int, int, int]] = {}
 
+    def on_test_start(self) -> None:
+        """Refuse a test split without labels (every rank reads the same split, so every rank refuses)."""
+        datamodule = getattr(self.trainer, "datamodule", None)
+        datasets = getattr(datamodule, "datasets", None)
+        dataset = datasets.get("test") if isinstance(datasets, dict) else None
+        samples = getattr(dataset, "samples", None)
+        if samples and any(int(getattr(sample, "label", 0)) < 0 for sample in samples):
+            raise ValueError(_UNLABELLED_TEST)
+
     def test_step(self, batch: Any, batch_idx: int) -> None:
         """Per-view top-1/top-5; with ``video_index`` in the batch, also accumulates softmax per video.
 
@@ -411,13 +426,11 @@ class OctaveClassifier(pl.LightningModule):
         view and the video metrics alike, and counted in ``test/failed_videos``.
         """
         x, y, video_index = self._unpack(batch)
-        if y is None or bool((y < 0).any()):
-            # An unlabelled test split (Kinetics-700-2020's test annotations carry no labels) would score 0.
-            raise ValueError(
-                "the test split has videos without labels (label -1: annotations without a label column), so there "
-                "is nothing to score; use lightning predict or oct3d infer for their predictions, or test on a "
-                "labelled split"
-            )
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        if (y is None or bool((y < 0).any())) and not distributed:
+            # (Under DDP on_test_start has checked the data module's split on every rank alike; a raise on the
+            # one rank that meets the label here would leave the others waiting in a collective.)
+            raise ValueError(_UNLABELLED_TEST)
         keep = self._readable(batch, x)
         if video_index is None:
             self._log_failed(batch, "test")  # every step: a synced key (see _log_failed)
@@ -556,6 +569,10 @@ class OctaveClassifier(pl.LightningModule):
     default_mean: list[float] = _IMAGENET_MEAN
     default_std: list[float] = _IMAGENET_STD
 
+    #: Data module attributes that :meth:`_preprocessing_from` reads; a data module without them (one of the
+    #: user's own) does not describe its preprocessing, and its defaults are never taken for what it does.
+    preprocessing_attributes: tuple[str, ...] = ("mean", "std")
+
     def _preprocessing_from(self, datamodule: Any) -> dict[str, Any]:
         """What inference must do to a raw input to match the data module's evaluation transform."""
         mean = getattr(datamodule, "mean", None)
@@ -587,8 +604,9 @@ class OctaveClassifier(pl.LightningModule):
             check_data_classes(self, list(meta["class_names"]))
             self.class_names = list(meta["class_names"])
         datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
-        restore_preprocessing(self, meta.get("preprocessing"),
-                              self._preprocessing_from(datamodule) if datamodule is not None else None)
+        describes = datamodule is not None and all(hasattr(datamodule, a) for a in self.preprocessing_attributes)
+        restore_preprocessing(self, meta.get("preprocessing"), self._preprocessing_from(datamodule) if describes
+                              else None)
 
     def _check_same_network(self, checkpoint: dict[str, Any], meta: dict[str, Any]) -> None:
         # Resuming (or testing) with a config that builds another network would fail in load_state_dict with a
@@ -722,6 +740,8 @@ class VideoClassifier(OctaveClassifier):
             min_lr_factor, label_smoothing, preprocessing,
         )
 
+    preprocessing_attributes = ("num_frames", "sampling_rate", "crop_size")
+
     def _preprocessing_from(self, datamodule: Any) -> dict[str, Any]:
         out = super()._preprocessing_from(datamodule)
         crop = int(getattr(datamodule, "crop_size", 224))
@@ -779,6 +799,8 @@ class ImageClassifier(OctaveClassifier):
             nesterov, weight_decay, no_weight_decay_on_norm_and_bias, warmup_epochs, warmup_start_factor,
             min_lr_factor, label_smoothing, preprocessing,
         )
+
+    preprocessing_attributes = ("crop_size",)
 
     def _preprocessing_from(self, datamodule: Any) -> dict[str, Any]:
         out = super()._preprocessing_from(datamodule)

@@ -655,8 +655,8 @@ class VolumeSegmenter(pl.LightningModule):
             check_data_classes(self, list(meta["class_names"]))
             self.class_names = list(meta["class_names"])
         datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
-        current = getattr(datamodule, "preprocessing", None) if datamodule is not None else None
-        restore_preprocessing(self, meta.get("preprocessing"), dict(current) if current else None)
+        applied = getattr(datamodule, "preprocessing", None) if datamodule is not None else None
+        restore_preprocessing(self, meta.get("preprocessing"), dict(applied) if isinstance(applied, dict) else None)
 
     # ----------------------------------------------------------------------------- optimisation
     def configure_optimizers(self) -> dict[str, Any]:
