@@ -373,3 +373,42 @@ def test_restored_preprocessing_is_what_the_data_module_applies_and_never_made_u
     assert fresh.preprocessing == saved
     # A data module without the attributes the classifier reads does not describe its preprocessing.
     assert not all(hasattr(object(), a) for a in VideoClassifier.preprocessing_attributes)
+
+
+def test_fine_tuning_from_a_checkpoint_with_another_class_count(tiny_kinetics, tiny_video_checkpoint, tmp_path):
+    """init_weights: the backbone comes from the checkpoint, the classifier of the new class count is new;
+    the run's own checkpoint no longer needs the file."""
+    import lightning.pytorch as pl
+
+    from datamodules import KineticsDataModule
+    from oct3d.lightning import VideoClassifier
+    from oct3d.lightning.modules import load_initial_weights
+
+    kwargs = {"alpha": 0.5, "base_width": 8, "depths": [1, 1, 1, 1]}
+    source = torch.load(tiny_video_checkpoint, weights_only=True)["state_dict"]
+    model = VideoClassifier(backbone="oct_i3d_r50", num_classes=5, backbone_kwargs=kwargs,
+                            init_weights=str(tiny_video_checkpoint))
+    data = KineticsDataModule(str(tiny_kinetics), num_frames=4, sampling_rate=2, crop_size=32, min_short_side=32,
+                              max_short_side=36, batch_size=2, num_workers=0)
+    trainer = pl.Trainer(accelerator="cpu", max_steps=1, limit_train_batches=1, limit_val_batches=0, logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    loaded = []
+    real_load = VideoClassifier.setup
+
+    def spy(self, stage):
+        real_load(self, stage)
+        loaded.append({k: v.clone() for k, v in self.model.state_dict().items()})
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(VideoClassifier, "setup", spy)
+        trainer.fit(model, datamodule=data)
+    weights = loaded[0]
+    torch.testing.assert_close(weights["conv1.weight"], source["model.conv1.weight"])
+    assert weights["fc.weight"].shape[0] == 5
+    assert model.hparams["init_weights"] is None and model.hparams["init_weights_from"] == str(tiny_video_checkpoint)
+    with pytest.raises(ValueError, match="holds another network: weights have other shapes"):
+        load_initial_weights(VideoClassifier(backbone="oct_i3d_r50", num_classes=3,
+                                             backbone_kwargs={**kwargs, "base_width": 16}).model,
+                             tiny_video_checkpoint, 3)
+    with pytest.raises(FileNotFoundError, match=r"init_weights .*: no such file"):
+        load_initial_weights(model.model, tmp_path / "missing.ckpt", 5)

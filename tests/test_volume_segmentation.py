@@ -928,3 +928,18 @@ def test_probabilities_of_a_cropped_box_go_back_to_their_place_with_background_a
     back = to_original_grid(probs, shifted, torch.eye(4, dtype=torch.float64), label.shape, box)
     assert back.shape == (1, 2, 20, 18, 16) and torch.equal(back.argmax(1)[0], label)
     assert torch.allclose(back.sum(1), torch.ones(1, 20, 18, 16))
+
+
+def test_a_segmenter_fine_tunes_from_a_checkpoint_with_another_class_count(fitted):
+    from oct3d.lightning.modules import apply_init_weights
+    from oct3d.lightning.segmentation import VolumeSegmenter
+
+    out, _ = fitted
+    checkpoint = sorted(out.rglob("best-*.ckpt"))[0]
+    source = torch.load(checkpoint, weights_only=True)["state_dict"]
+    model = VolumeSegmenter(num_classes=5, backbone_kwargs={"alpha": 0.5, "octave": "spatial", "base_width": 4,
+                                                            "depth": 2}, init_weights=str(checkpoint))
+    apply_init_weights(model, model.model)
+    state = model.model.state_dict()
+    torch.testing.assert_close(state["encoder.0.0.0.h2h.weight"], source["model.encoder.0.0.0.h2h.weight"])
+    assert state["head.h2h.weight"].shape[0] == 5 and model.hparams["init_weights"] is None

@@ -12,7 +12,9 @@ from __future__ import annotations
 import copy
 import functools
 import math
+import os
 from collections import defaultdict
+from pathlib import Path
 from typing import Any, Literal
 
 import lightning.pytorch as pl
@@ -188,6 +190,79 @@ _UNLABELLED_TEST = (
 )
 
 
+def load_initial_weights(model: nn.Module, path: str | os.PathLike,
+                         num_classes: int | None = None) -> tuple[list[str], list[str]]:
+    """Copy the weights of a checkpoint into ``model`` where names and shapes match (fine-tuning).
+
+    ``path`` is a checkpoint of ``lightning fit`` (its ``state_dict``, ``model.`` prefixes removed) or a
+    saved state dict of the network itself (``module.``/``_orig_mod.`` prefixes of DDP and
+    ``torch.compile`` removed), read with ``torch.load(weights_only=True)``. A weight whose shape
+    differs (the classifier of another class count) keeps its new initialisation. Returns the
+    loaded names and the re-initialised ones.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: the file holds no state dict, or one of another network (weights missing or extra, or
+            of other shapes than a classifier for another class count).
+    """
+    file = Path(path)
+    if not file.is_file():
+        raise FileNotFoundError(f"init_weights {path}: no such file")
+    try:
+        data = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as error:  # pickle errors, a file that is not a checkpoint
+        raise ValueError(f"init_weights {path}: not a checkpoint or state dict loadable with weights_only "
+                         f"({type(error).__name__}: {str(error).splitlines()[0][:160]})") from None
+    state = data.get("state_dict", data) if isinstance(data, dict) else None
+    if not isinstance(state, dict) or not state or not all(isinstance(v, Tensor) for v in state.values()):
+        raise ValueError(f"init_weights {path}: holds no state dict of tensors")
+    if isinstance(data, dict) and "state_dict" in data:
+        state = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")} or state
+    for prefix in ("module.", "_orig_mod."):
+        if all(k.startswith(prefix) for k in state):
+            state = {k[len(prefix):]: v for k, v in state.items()}
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    extra = [k for k in state if k not in own]
+    if missing or extra:
+        raise ValueError(
+            f"init_weights {path} holds another network: {len(missing)} of this model's weights are not in it "
+            f"({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}) and {len(extra)} of its are not in "
+            f"this model ({', '.join(extra[:3])}{', ...' if len(extra) > 3 else ''}); build the backbone with the "
+            "checkpoint's settings (backbone, backbone_kwargs)"
+        )
+    reinitialised = [k for k in own if tuple(state[k].shape) != tuple(own[k].shape)]
+    # Only the classifier may differ, in its output count (num_classes): other shapes mean another network.
+    wrong = [k for k in reinitialised
+             if num_classes is None or not own[k].dim() or own[k].shape[0] != num_classes
+             or tuple(own[k].shape[1:]) != tuple(state[k].shape[1:])]
+    if wrong:
+        shown = ", ".join(f"{k} {tuple(state[k].shape)} -> {tuple(own[k].shape)}" for k in wrong[:3])
+        raise ValueError(
+            f"init_weights {path} holds another network: weights have other shapes ({shown}"
+            f"{', ...' if len(wrong) > 3 else ''}) than a classifier for another class count; build the backbone "
+            "with the checkpoint's settings (backbone, backbone_kwargs)"
+        )
+    loaded = [k for k in own if k not in reinitialised]
+    model.load_state_dict({k: state[k] for k in loaded}, strict=False)
+    return loaded, reinitialised
+
+
+def apply_init_weights(module: pl.LightningModule, network: nn.Module) -> None:
+    """Load ``module.hparams.init_weights`` into ``network`` once, at the start of a fit that does not
+    resume (``--ckpt_path`` restores everything anyway), and record it as done: the run's checkpoints
+    then hold ``init_weights: None`` (and ``init_weights_from``), so reloading them never needs the file."""
+    path = module.hparams.get("init_weights")
+    trainer = module._trainer
+    if not path or (trainer is not None and trainer.ckpt_path):
+        return
+    loaded, reinitialised = load_initial_weights(network, path, int(module.hparams.num_classes))
+    detail = f"; kept the new initialisation of {', '.join(reinitialised)} (other shapes)" if reinitialised else ""
+    rank_zero_info(f"init_weights: loaded {len(loaded)} weights from {path}{detail}")
+    module.hparams["init_weights"] = None
+    module.hparams["init_weights_from"] = str(path)
+
+
 def check_data_classes(module: pl.LightningModule, names: list[str]) -> None:
     """Refuse a checkpoint whose class list (``names``) is not the one this run labels its data with.
 
@@ -213,7 +288,8 @@ def check_data_classes(module: pl.LightningModule, names: list[str]) -> None:
     raise ValueError(
         f"the checkpoint's classes differ from the data module's ({shown}): its predictions would be scored "
         "against the wrong labels; use the class list the model was trained with (the same class names in the "
-        "same order), or fine-tune from the weights instead of resuming with --ckpt_path"
+        "same order), or fine-tune from its weights (--model.init_args.init_weights CKPT) instead of resuming "
+        "with --ckpt_path"
     )
 
 
@@ -280,6 +356,7 @@ class OctaveClassifier(pl.LightningModule):
         min_lr_factor: float = 0.0,
         label_smoothing: float = 0.0,
         preprocessing: dict[str, Any] | None = None,
+        init_weights: str | None = None,
     ) -> None:
         super().__init__()
         check_positive_int(num_classes, "num_classes")
@@ -553,7 +630,10 @@ class OctaveClassifier(pl.LightningModule):
 
     # ----------------------------------------------------------------------------- metadata
     def setup(self, stage: str) -> None:
-        """Take class names and preprocessing from the data module when they were not given."""
+        """Load ``init_weights`` at the start of a fresh fit; take class names and preprocessing from the data
+        module when they were not given."""
+        if stage == "fit":
+            apply_init_weights(self, self.model)
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         if datamodule is None:
             return
@@ -708,6 +788,9 @@ class VideoClassifier(OctaveClassifier):
         preprocessing: inference preprocessing (``num_frames``, ``sampling_rate``, ``crop_size``,
             ``short_side``, ``mean``, ``std``, and ``target_fps`` when the data module sets one); taken from
             the data module at fit start when omitted.
+        init_weights: fine-tune from this checkpoint (of ``lightning fit``, or a state dict of the same
+            backbone): its weights are loaded at the start of a fit that does not resume, and a layer of
+            another shape (the classifier, for another class count) keeps its new initialisation.
     """
 
     task = "video"
@@ -733,11 +816,12 @@ class VideoClassifier(OctaveClassifier):
         min_lr_factor: float = 0.0,
         label_smoothing: float = 0.0,
         preprocessing: dict[str, Any] | None = None,
+        init_weights: str | None = None,
     ) -> None:
         super().__init__(
             backbone, backbone_kwargs, num_classes, class_names, optimizer, lr, lr_reference_batch_size, momentum,
             nesterov, weight_decay, no_weight_decay_on_norm_and_bias, warmup_epochs, warmup_start_factor,
-            min_lr_factor, label_smoothing, preprocessing,
+            min_lr_factor, label_smoothing, preprocessing, init_weights,
         )
 
     preprocessing_attributes = ("num_frames", "sampling_rate", "crop_size")
@@ -793,11 +877,12 @@ class ImageClassifier(OctaveClassifier):
         min_lr_factor: float = 0.0,
         label_smoothing: float = 0.0,
         preprocessing: dict[str, Any] | None = None,
+        init_weights: str | None = None,
     ) -> None:
         super().__init__(
             backbone, backbone_kwargs, num_classes, class_names, optimizer, lr, lr_reference_batch_size, momentum,
             nesterov, weight_decay, no_weight_decay_on_norm_and_bias, warmup_epochs, warmup_start_factor,
-            min_lr_factor, label_smoothing, preprocessing,
+            min_lr_factor, label_smoothing, preprocessing, init_weights,
         )
 
     preprocessing_attributes = ("crop_size",)

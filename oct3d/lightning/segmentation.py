@@ -27,6 +27,7 @@ from torchmetrics import MeanMetric
 from oct3d.lightning.modules import (
     CHECKPOINT_FORMAT_VERSION,
     CHECKPOINT_KEY,
+    apply_init_weights,
     apply_scheduled_lr,
     check_data_classes,
     check_optimization,
@@ -276,6 +277,10 @@ class VolumeSegmenter(pl.LightningModule):
             ``randn(1, in_channels, *patch_size)`` (seeded; axes ordered by ``depth_axis``), so without
             ``preprocessing`` or ``example_size`` the conversion happens at fit start, when the data
             module gives the patch size. The complete settings are recorded in the checkpoint.
+        init_weights: fine-tune from this checkpoint (of ``lightning fit``, or a state dict of the same
+            network; with ``octavize``, of the converted one): loaded at the start of a fit that does not
+            resume, and a layer of another shape (the head, for another class count) keeps its new
+            initialisation.
     """
 
     #: The metric ``OctCLI`` keeps the best checkpoint by, unless the config names another.
@@ -303,6 +308,7 @@ class VolumeSegmenter(pl.LightningModule):
         overlap: float = 0.5,
         preprocessing: dict[str, Any] | None = None,
         octavize: float | dict[str, Any] | None = None,
+        init_weights: str | None = None,
     ) -> None:
         super().__init__()
         octave_settings = resolve_octavize(octavize)
@@ -591,6 +597,8 @@ class VolumeSegmenter(pl.LightningModule):
         # Before configure_optimizers and before a --ckpt_path restore, so both see the octave network.
         if self._octavize is not None and not self._octavized:
             self._convert_backbone()
+        if stage == "fit":
+            apply_init_weights(self, self.model)  # into the network this module trains (the converted one)
 
     def _take_data_settings(self, datamodule: Any) -> None:
         # Checks in_channels against dataset.json's modalities, then fills what the module was not given.
