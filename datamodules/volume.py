@@ -171,7 +171,8 @@ def load_nifti(path: str | os.PathLike, channels: int | None = None,
                what: str = "image") -> tuple[np.ndarray, np.ndarray]:
     """Read a NIfTI image as a float32 channel-first array ``(C, X, Y, Z)`` and its 4x4 affine.
 
-    A 3D file is one channel; a 4D file's last axis holds the channels (the Decathlon convention).
+    A 3D file is one channel; a 4D file's last axis holds the channels (the Decathlon convention), and
+    so does the fifth axis of a 5D vector image ``(X, Y, Z, 1, C)``.
     ``what="label"`` words the channel-count error for a label map (one channel of class values).
 
     Raises:
@@ -188,12 +189,16 @@ def load_nifti(path: str | os.PathLike, channels: int | None = None,
     except Exception as error:  # nibabel raises many types for damaged files (EOFError, zlib, HeaderDataError...)
         first_line = (str(error).splitlines() or [""])[0][:120]
         raise VolumeReadError(path, f"unreadable ({type(error).__name__}: {first_line})") from None
+    if data.ndim == 5 and data.shape[3] == 1:
+        # A NIfTI vector image (X, Y, Z, 1, C): the components on the fifth axis, a time axis of one.
+        data = data[:, :, :, 0, :]
     if data.ndim == 3:
         data = data[None]
     elif data.ndim == 4:
         data = np.ascontiguousarray(np.moveaxis(data, -1, 0))
     else:
-        raise VolumeReadError(path, f"expected a 3D or 4D volume, got shape {data.shape}")
+        raise VolumeReadError(path, f"expected a 3D or 4D volume (or a 5D vector image (X, Y, Z, 1, C)), got shape "
+                                    f"{data.shape}")
     if channels is not None and data.shape[0] != channels and what == "label":
         raise VolumeReadError(path, f"is a label map with {data.shape[0]} components; expected one channel of "
                                     "class values (0 = background)")

@@ -167,6 +167,11 @@ def test_multichannel_4d_volumes_and_fg_sampling(tmp_path):
     assert image.shape == (2, *SHAPE) and np.allclose(affine, AFFINE)
     with pytest.raises(VolumeReadError, match="has 2 channel"):
         load_nifti(root / "imagesTr" / "case00.nii.gz", channels=4)
+    # The same channels as a NIfTI vector image (X, Y, Z, 1, C).
+    vector = np.moveaxis(image, 0, -1)[:, :, :, None, :]
+    _save(vector, tmp_path / "vector.nii.gz")
+    again, _ = load_nifti(tmp_path / "vector.nii.gz", channels=2)
+    assert np.array_equal(again, image)
     data = VolumeSegmentationDataModule(str(root), patch_size=(6, 6, 6), fg_ratio=1.0, val_fraction=0.34,
                                         augment=False, num_workers=0)
     data.setup("fit")
