@@ -124,7 +124,27 @@ def _check_same_branch_shapes(a: Tensor | Octave, b: Tensor | Octave) -> None:
         )
 
 
-class OctBatchNorm(nn.Module):
+class _OctNorm(nn.Module):
+    """What the per-branch norms share: ``dims``, ``num_features`` split by ``alpha`` into
+    ``high_channels`` and ``low_channels`` (checked), and their ``extra_repr``."""
+
+    def __init__(self, dims: int, num_features: int, alpha: float) -> None:
+        super().__init__()
+        if dims not in (1, 2, 3):
+            raise ValueError(f"dims must be 1, 2 or 3, got {dims!r}")
+        check_positive_int(num_features, "num_features")
+        self.dims = dims
+        self.num_features = num_features
+        self.alpha = check_alpha(alpha)
+        self.high_channels, self.low_channels = split_channels(num_features, self.alpha)
+        if self.alpha > 0 and self.low_channels == 0:
+            raise ValueError(f"alpha={alpha} gives no low-frequency channels out of num_features={num_features}")
+
+    def extra_repr(self) -> str:
+        return f"dims={self.dims}, num_features={self.num_features}, alpha={self.alpha}"
+
+
+class OctBatchNorm(_OctNorm):
     """BatchNorm with separate statistics for the high (``bn_h``) and low (``bn_l``) branch.
 
     ``num_features`` is the total channel count; ``alpha`` splits it as in :class:`OctConv`.
@@ -139,25 +159,13 @@ class OctBatchNorm(nn.Module):
         momentum: float | None = 0.1, affine: bool = True, track_running_stats: bool = True, *, bias: bool = True,
         device: torch.device | str | None = None, dtype: torch.dtype | None = None,
     ) -> None:
-        super().__init__()
-        if dims not in _BN:
-            raise ValueError(f"dims must be 1, 2 or 3, got {dims!r}")
-        check_positive_int(num_features, "num_features")
-        self.dims = dims
-        self.num_features = num_features
-        self.alpha = check_alpha(alpha)
-        self.high_channels, self.low_channels = split_channels(num_features, self.alpha)
-        if self.alpha > 0 and self.low_channels == 0:
-            raise ValueError(f"alpha={alpha} gives no low-frequency channels out of num_features={num_features}")
+        super().__init__(dims, num_features, alpha)
         kwargs: dict = dict(eps=eps, momentum=momentum, affine=affine, track_running_stats=track_running_stats,
                             device=device, dtype=dtype)
         if not bias:
             kwargs["bias"] = False  # only passed when asked: older torch versions do not take the argument
         self.bn_h = _BN[dims](self.high_channels, **kwargs)
         self.bn_l = _BN[dims](self.low_channels, **kwargs) if self.low_channels else None
-
-    def extra_repr(self) -> str:
-        return f"dims={self.dims}, num_features={self.num_features}, alpha={self.alpha}"
 
     @fx_leaf_forward
     def forward(self, x: OctaveInput) -> OctaveInput:
@@ -195,7 +203,7 @@ def _norm_input(norm: nn.Module, name: str, x: OctaveInput, has_low: bool) -> tu
 _IN = {1: nn.InstanceNorm1d, 2: nn.InstanceNorm2d, 3: nn.InstanceNorm3d}
 
 
-class OctInstanceNorm(nn.Module):
+class OctInstanceNorm(_OctNorm):
     """InstanceNorm per branch: ``in_h`` normalises the high map, ``in_l`` the low map, each sample and
     channel with its own statistics (the norm nnU-Net trains 3D networks with at batch size 2).
 
@@ -209,23 +217,11 @@ class OctInstanceNorm(nn.Module):
         affine: bool = True, track_running_stats: bool = False, *,
         device: torch.device | str | None = None, dtype: torch.dtype | None = None,
     ) -> None:
-        super().__init__()
-        if dims not in _IN:
-            raise ValueError(f"dims must be 1, 2 or 3, got {dims!r}")
-        check_positive_int(num_features, "num_features")
-        self.dims = dims
-        self.num_features = num_features
-        self.alpha = check_alpha(alpha)
-        self.high_channels, self.low_channels = split_channels(num_features, self.alpha)
-        if self.alpha > 0 and self.low_channels == 0:
-            raise ValueError(f"alpha={alpha} gives no low-frequency channels out of num_features={num_features}")
+        super().__init__(dims, num_features, alpha)
         kwargs: dict = dict(eps=eps, momentum=momentum, affine=affine, track_running_stats=track_running_stats,
                             device=device, dtype=dtype)
         self.in_h = _IN[dims](self.high_channels, **kwargs)
         self.in_l = _IN[dims](self.low_channels, **kwargs) if self.low_channels else None
-
-    def extra_repr(self) -> str:
-        return f"dims={self.dims}, num_features={self.num_features}, alpha={self.alpha}"
 
     @fx_leaf_forward
     def forward(self, x: OctaveInput) -> OctaveInput:
