@@ -328,8 +328,10 @@ CROP_KEYS = ("crop_start", "crop_end")
 
 def is_nonzero(x: Any) -> Any:
     """The voxels ``crop_foreground`` keeps the bounding box of: nonzero in any channel (a skull-stripped
-    MRI's zero background is cut away; a CT, whose air is -1000 HU, keeps its whole field of view)."""
-    return x != 0
+    MRI's zero background is cut away; a CT, whose air is -1000 HU, keeps its whole field of view).
+    An all-zero image keeps its whole grid rather than becoming an empty volume."""
+    mask = x != 0
+    return mask if mask.any() else mask == mask
 
 
 def preprocess_transform(preprocessing: dict[str, Any], with_label: bool) -> Any:
@@ -766,8 +768,7 @@ class VolumeSegmentationDataModule(SplitDataModule):
             "window": list(self.window) if self.window is not None else None,
             "spacing": list(self.spacing) if self.spacing is not None else None,
             "orientation": self.orientation,
-            # Only when on, so that checkpoints from before the option compare equal (restore_preprocessing).
-            **({"crop_foreground": True} if self.crop_foreground else {}),
+            "crop_foreground": self.crop_foreground,
             "patch_size": list(self.patch_size),
             "modalities": list(self.info.modalities),
         }

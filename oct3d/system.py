@@ -88,7 +88,9 @@ def run_tool(main: Callable[[], int | None]) -> int:
 
 def _stdout_reader_gone() -> bool:
     """Whether standard output is a pipe whose reader has closed it (``poll`` reports an error on the
-    writing end); True where that cannot be asked (no ``poll``), the likelier case."""
+    writing end). True without ``poll`` (Windows: there a closed stdout is the likelier case); False
+    for a standard output without a file descriptor, which no reader can close."""
+    import io
     import select
     import sys
 
@@ -98,5 +100,5 @@ def _stdout_reader_gone() -> bool:
         poller = select.poll()
         poller.register(sys.stdout.fileno(), select.POLLOUT)
         return any(event & (select.POLLERR | select.POLLHUP) for _, event in poller.poll(0))
-    except (OSError, ValueError, AttributeError):  # no file descriptor (a captured or replaced stdout)
-        return True
+    except (OSError, ValueError, AttributeError, io.UnsupportedOperation):  # no file descriptor (a replaced stdout)
+        return False

@@ -371,8 +371,25 @@ def test_restored_preprocessing_is_what_the_data_module_applies_and_never_made_u
     fresh = VideoClassifier(num_classes=3)
     restore_preprocessing(fresh, saved, None)
     assert fresh.preprocessing == saved
-    # A data module without the attributes the classifier reads does not describe its preprocessing.
-    assert not all(hasattr(object(), a) for a in VideoClassifier.preprocessing_attributes)
+    # A data module without the attributes the classifier reads does not describe its preprocessing;
+    # the Kinetics data module does, target_fps (off) included.
+    from datamodules import KineticsDataModule
+
+    assert model._applied_preprocessing(object()) is None and model._applied_preprocessing(None) is None
+    kinetics = KineticsDataModule("unused", num_frames=16, sampling_rate=4, crop_size=112)
+    applied = model._applied_preprocessing(kinetics)
+    assert applied["num_frames"] == 16 and applied["target_fps"] is None
+    # A setting turned off in this run (the checkpoint sampled at 30 fps) is not kept from the checkpoint.
+    with pytest.warns(UserWarning, match=r"target_fps: checkpoint 30.0, now None"):
+        restore_preprocessing(model, {**saved, "target_fps": 30.0}, {**saved, "target_fps": None})
+    assert model.preprocessing["target_fps"] is None
+    # A checkpoint from before a setting existed holds it off: no warning against an explicit False.
+    volume = {"patch_size": [8, 8, 8], "normalization": "zscore"}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        restore_preprocessing(model, volume, {**volume, "crop_foreground": False})
+    with pytest.warns(UserWarning, match=r"crop_foreground: checkpoint True, now False"):
+        restore_preprocessing(model, {**volume, "crop_foreground": True}, {**volume, "crop_foreground": False})
 
 
 def test_fine_tuning_from_a_checkpoint_with_another_class_count(tiny_kinetics, tiny_video_checkpoint, tmp_path):
@@ -393,19 +410,32 @@ def test_fine_tuning_from_a_checkpoint_with_another_class_count(tiny_kinetics, t
     trainer = pl.Trainer(accelerator="cpu", max_steps=1, limit_train_batches=1, limit_val_batches=0, logger=False,
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
     loaded = []
-    real_load = VideoClassifier.setup
+    real_start = VideoClassifier.on_fit_start
 
-    def spy(self, stage):
-        real_load(self, stage)
+    def spy(self):
+        real_start(self)
         loaded.append({k: v.clone() for k, v in self.model.state_dict().items()})
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(VideoClassifier, "setup", spy)
+        patch.setattr(VideoClassifier, "on_fit_start", spy)
         trainer.fit(model, datamodule=data)
     weights = loaded[0]
     torch.testing.assert_close(weights["conv1.weight"], source["model.conv1.weight"])
     assert weights["fc.weight"].shape[0] == 5
-    assert model.hparams["init_weights"] is None and model.hparams["init_weights_from"] == str(tiny_video_checkpoint)
+    assert model.hparams["init_weights"] is None and model.init_weights_from == str(tiny_video_checkpoint)
+    # The run's checkpoint names its source and rebuilds from its hyperparameters alone, as LightningCLI's
+    # --ckpt_path does (every saved hyperparameter must be a constructor argument).
+    trainer.save_checkpoint(tmp_path / "tuned.ckpt")
+    saved = torch.load(tmp_path / "tuned.ckpt", weights_only=True)
+    assert saved["oct3d"]["init_weights_from"] == str(tiny_video_checkpoint)
+    rebuilt = VideoClassifier(**saved["hyper_parameters"])
+    rebuilt.on_load_checkpoint(saved)
+    assert rebuilt.init_weights_from == str(tiny_video_checkpoint)
+    # A fit that resumes from a checkpoint never reads init_weights (the restore brings the weights).
+    resumed = VideoClassifier(backbone="oct_i3d_r50", num_classes=5, backbone_kwargs=kwargs,
+                              init_weights=str(tmp_path / "gone.ckpt"))
+    resumed.on_load_checkpoint(saved)
+    resumed.on_fit_start()  # would raise FileNotFoundError if it tried
     with pytest.raises(ValueError, match="holds another network: weights have other shapes"):
         load_initial_weights(VideoClassifier(backbone="oct_i3d_r50", num_classes=3,
                                              backbone_kwargs={**kwargs, "base_width": 16}).model,

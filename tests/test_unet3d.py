@@ -174,6 +174,8 @@ def test_instance_norm_u_net_uses_per_sample_statistics_and_keeps_the_layout():
     # Per-sample statistics need two voxels per sample at the deepest level, whatever the batch size.
     with pytest.raises(ValueError, match=r"InstanceNorm needs more than one value per channel and sample"):
         oct_unet3d(1, 3, base_width=2, depth=5, norm="instance")(torch.randn(2, 1, 16, 16, 16))
+    with pytest.raises(ValueError, match=r"too small for depth=3: .*InstanceNorm"):  # eval mode too: no running stats
+        oct_unet3d(1, 2, base_width=4, depth=3, norm="instance").eval()(torch.randn(1, 1, 4, 4, 4))
     with pytest.raises(ValueError, match=r"norm must be one of \('batch', 'instance'\)"):
         oct_unet3d(norm="group")
 

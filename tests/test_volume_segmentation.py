@@ -899,6 +899,12 @@ def test_foreground_crop_trains_scores_and_segments_on_the_files_own_grid(tmp_pa
     padded = (SHAPE[0] + 5, SHAPE[1] + 4, SHAPE[2] + 2)
     assert tuple(item["image"].shape[1:]) == SHAPE and tuple(item["label"].shape[1:]) == padded
     assert item["crop_box"].tolist() == [[3, 0, 1], [3 + SHAPE[0], SHAPE[1], 1 + SHAPE[2]]]
+    # An all-zero image keeps its whole grid (no empty volume for the sliding window).
+    blank = tmp_path / "blank.nii.gz"
+    _save(np.zeros(padded, np.float32), blank)
+    case = info.training[0]
+    empty = VolumeDataset([type(case)(str(blank), case.label)], "val", 1, 3, prep, cache_rate=0.0)[0]
+    assert empty["valid"] and tuple(empty["image"].shape[1:]) == padded
     out = tmp_path / "fit"
     args = _fit_args(root, out)
     args[args.index("--data.val_fraction") + 1] = "0.25"
@@ -948,3 +954,4 @@ def test_a_segmenter_fine_tunes_from_a_checkpoint_with_another_class_count(fitte
     state = model.model.state_dict()
     torch.testing.assert_close(state["encoder.0.0.0.h2h.weight"], source["model.encoder.0.0.0.h2h.weight"])
     assert state["head.h2h.weight"].shape[0] == 5 and model.hparams["init_weights"] is None
+    assert model.init_weights_from == str(checkpoint)

@@ -155,6 +155,8 @@ def _plain(value: Any) -> Any:
 
 #: Preprocessing entries that describe evaluation only (the test views): a run may change them freely.
 EVALUATION_SETTINGS = frozenset({"test_clips", "test_crops"})
+#: The value of a preprocessing entry that a checkpoint written before the setting existed lacks.
+SETTING_DEFAULTS: dict[str, Any] = {"crop_foreground": False, "target_fps": None}
 
 
 def restore_preprocessing(module: pl.LightningModule, saved: dict[str, Any] | None,
@@ -168,9 +170,15 @@ def restore_preprocessing(module: pl.LightningModule, saved: dict[str, Any] | No
     run's checkpoints record, which inference follows. Where that differs from the checkpoint
     (resuming or testing with changed data settings) a warning names each setting that changed.
     """
-    merged = {**(saved or {}), **dict(getattr(module, "preprocessing", None) or {}), **(applied or {})}
+    # The data module's settings whole: a setting it turned off must not survive from the checkpoint.
+    merged = dict(applied) if applied else {**(saved or {}), **dict(getattr(module, "preprocessing", None) or {})}
+
+    def value(settings: dict[str, Any] | None, key: str) -> Any:
+        # A checkpoint from before a setting existed holds it off.
+        return _plain((settings or {}).get(key, SETTING_DEFAULTS.get(key)))
+
     changed = sorted(k for k in set(saved or {}) | set(merged)
-                     if k not in EVALUATION_SETTINGS and _plain((saved or {}).get(k)) != _plain(merged.get(k)))
+                     if k not in EVALUATION_SETTINGS and value(saved, k) != value(merged, k))
     if saved and changed:
         shown = "; ".join(f"{k}: checkpoint {saved.get(k)!r}, now {merged.get(k)!r}" for k in changed)
         rank_zero_warn(
@@ -249,18 +257,19 @@ def load_initial_weights(model: nn.Module, path: str | os.PathLike,
 
 
 def apply_init_weights(module: pl.LightningModule, network: nn.Module) -> None:
-    """Load ``module.hparams.init_weights`` into ``network`` once, at the start of a fit that does not
-    resume (``--ckpt_path`` restores everything anyway), and record it as done: the run's checkpoints
-    then hold ``init_weights: None`` (and ``init_weights_from``), so reloading them never needs the file."""
+    """Load ``module.hparams.init_weights`` into ``network`` once, at the start of a fit that restored
+    nothing (a ``--ckpt_path`` resume brings its own weights; call it from ``on_fit_start``, which runs
+    after the restore), and record it as done: ``init_weights`` becomes None in the hyperparameters
+    and the source is kept as ``init_weights_from`` in the checkpoint's ``oct3d`` section, so the
+    run's checkpoints reload (``load_from_checkpoint``, LightningCLI's ``--ckpt_path``) without the file."""
     path = module.hparams.get("init_weights")
-    trainer = module._trainer
-    if not path or (trainer is not None and trainer.ckpt_path):
+    if not path or getattr(module, "_restored_from_checkpoint", False):
         return
     loaded, reinitialised = load_initial_weights(network, path, int(module.hparams.num_classes))
     detail = f"; kept the new initialisation of {', '.join(reinitialised)} (other shapes)" if reinitialised else ""
     rank_zero_info(f"init_weights: loaded {len(loaded)} weights from {path}{detail}")
     module.hparams["init_weights"] = None
-    module.hparams["init_weights_from"] = str(path)
+    module.init_weights_from = str(path)
 
 
 def check_data_classes(module: pl.LightningModule, names: list[str]) -> None:
@@ -629,11 +638,12 @@ class OctaveClassifier(pl.LightningModule):
         return out
 
     # ----------------------------------------------------------------------------- metadata
+    def on_fit_start(self) -> None:
+        """Load ``init_weights`` when this fit restored no checkpoint (see :func:`apply_init_weights`)."""
+        apply_init_weights(self, self.model)
+
     def setup(self, stage: str) -> None:
-        """Load ``init_weights`` at the start of a fresh fit; take class names and preprocessing from the data
-        module when they were not given."""
-        if stage == "fit":
-            apply_init_weights(self, self.model)
+        """Take class names and preprocessing from the data module when they were not given."""
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         if datamodule is None:
             return
@@ -652,6 +662,13 @@ class OctaveClassifier(pl.LightningModule):
     #: Data module attributes that :meth:`_preprocessing_from` reads; a data module without them (one of the
     #: user's own) does not describe its preprocessing, and its defaults are never taken for what it does.
     preprocessing_attributes: tuple[str, ...] = ("mean", "std")
+
+    def _applied_preprocessing(self, datamodule: Any) -> dict[str, Any] | None:
+        """What ``datamodule`` does to its inputs, or ``None`` when it does not say (no data module, or one
+        without :attr:`preprocessing_attributes`, whose defaults would be made up)."""
+        if datamodule is None or not all(hasattr(datamodule, a) for a in self.preprocessing_attributes):
+            return None
+        return self._preprocessing_from(datamodule)
 
     def _preprocessing_from(self, datamodule: Any) -> dict[str, Any]:
         """What inference must do to a raw input to match the data module's evaluation transform."""
@@ -673,20 +690,21 @@ class OctaveClassifier(pl.LightningModule):
             "num_classes": int(self.hparams.num_classes),
             "class_names": list(self.class_names) if self.class_names is not None else None,
             "preprocessing": dict(self.preprocessing),
+            "init_weights_from": getattr(self, "init_weights_from", None),
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Restore class names and preprocessing saved by :meth:`on_save_checkpoint`."""
         meta = checkpoint.get(CHECKPOINT_KEY) or {}
         remember_position(self, checkpoint)
+        self._restored_from_checkpoint = True
+        self.init_weights_from = meta.get("init_weights_from")
         self._check_same_network(checkpoint, meta)
         if meta.get("class_names") is not None:
             check_data_classes(self, list(meta["class_names"]))
             self.class_names = list(meta["class_names"])
         datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
-        describes = datamodule is not None and all(hasattr(datamodule, a) for a in self.preprocessing_attributes)
-        restore_preprocessing(self, meta.get("preprocessing"), self._preprocessing_from(datamodule) if describes
-                              else None)
+        restore_preprocessing(self, meta.get("preprocessing"), self._applied_preprocessing(datamodule))
 
     def _check_same_network(self, checkpoint: dict[str, Any], meta: dict[str, Any]) -> None:
         # Resuming (or testing) with a config that builds another network would fail in load_state_dict with a
@@ -838,8 +856,8 @@ class VideoClassifier(OctaveClassifier):
                            or crop),
         )
         target_fps = getattr(datamodule, "target_fps", None)
-        if target_fps is not None:  # sampling_rate then counts frames at this rate (datamodules.video.source_step)
-            out["target_fps"] = float(target_fps)
+        # With a rate, sampling_rate counts frames at it (datamodules.video.source_step); None: source frames.
+        out["target_fps"] = float(target_fps) if target_fps is not None else None
         # The test protocol, so that `oct3d infer --test-views` scores a video as `lightning test` did.
         for key in ("test_clips", "test_crops"):
             value = getattr(datamodule, key, None)

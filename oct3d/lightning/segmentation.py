@@ -597,8 +597,11 @@ class VolumeSegmenter(pl.LightningModule):
         # Before configure_optimizers and before a --ckpt_path restore, so both see the octave network.
         if self._octavize is not None and not self._octavized:
             self._convert_backbone()
-        if stage == "fit":
-            apply_init_weights(self, self.model)  # into the network this module trains (the converted one)
+
+    def on_fit_start(self) -> None:
+        """Load ``init_weights`` into the network this module trains (the converted one with ``octavize``)
+        when this fit restored no checkpoint (see :func:`~oct3d.lightning.modules.apply_init_weights`)."""
+        apply_init_weights(self, self.model)
 
     def _take_data_settings(self, datamodule: Any) -> None:
         # Checks in_channels against dataset.json's modalities, then fills what the module was not given.
@@ -639,12 +642,15 @@ class VolumeSegmenter(pl.LightningModule):
             "overlap": float(self.hparams.overlap),
             "preprocessing": dict(self.preprocessing),
             "octavize": dict(self._octavize) if self._octavized else None,
+            "init_weights_from": getattr(self, "init_weights_from", None),
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Restore class names and preprocessing saved by :meth:`on_save_checkpoint`."""
         meta = checkpoint.get(CHECKPOINT_KEY) or {}
         remember_position(self, checkpoint)
+        self._restored_from_checkpoint = True
+        self.init_weights_from = meta.get("init_weights_from")
         if (
             int(meta.get("format_version", CHECKPOINT_FORMAT_VERSION)) < 2 and meta.get("backbone") == "oct_unet3d"
             and "base_width" not in (meta.get("backbone_kwargs") or {})

@@ -197,7 +197,8 @@ class OctUNet3d(nn.Module):
         if not traced and (not isinstance(x, Tensor) or x.dim() != 5 or x.shape[1] != self.in_channels):
             shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
             raise ValueError(f"OctUNet3d expects a volume batch of shape (N, {self.in_channels}, D, H, W), got {shape}")
-        if self.training and not traced:
+        if (self.training or self.norm == "instance") and not traced:
+            # InstanceNorm needs its per-sample statistics in eval mode too (it keeps no running ones).
             self._check_depth_fits(x)
         skips = []
         out: OctaveInput = in_model_layout(x, self.channels_last)
@@ -222,7 +223,8 @@ class OctUNet3d(nn.Module):
         if values < 2:
             raise ValueError(
                 f"a batch of {x.shape[0]} volume(s) of size {tuple(x.shape[2:])} is too small for depth="
-                f"{len(self.encoder)} in training: the deepest level's maps are {tuple(size)}, and "
+                f"{len(self.encoder)}{' in training' if self.norm == 'batch' else ''}: the deepest level's maps are "
+                f"{tuple(size)}, and "
                 f"{'InstanceNorm' if self.norm == 'instance' else 'BatchNorm'} needs more than one value per channel"
                 f"{' and sample' if self.norm == 'instance' else ''}; use larger patches"
                 f"{'' if self.norm == 'instance' else ', a larger batch'} or a smaller depth"
