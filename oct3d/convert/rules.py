@@ -68,9 +68,11 @@ __all__ = [
     "CloseRule",
     "ConvRule",
     "ConvTransposeRule",
+    "CropRule",
     "DepthwiseConvRule",
     "ElementwiseRule",
     "InterpolateRule",
+    "LowFollowsHighRule",
     "MetaRule",
     "PadRule",
     "PoolRule",
@@ -757,12 +759,33 @@ class PoolRule(Rule):
 _INTERPOLATE_FNS = {F.interpolate, F.upsample}
 
 
-class InterpolateRule(Rule):
+class LowFollowsHighRule(Rule):
+    """A flow op on one map that changes its spatial size: the high branch runs the op as written, and
+    :meth:`low_branch` fits the low branch to the high result (resize, pad, crop), so both stay aligned."""
+
+    kind = "flow"
+
+    def data_inputs(self, node: fx.Node, ctx: Context) -> list[fx.Node]:
+        return [node.args[0]]
+
+    def emit(self, node: fx.Node, em) -> tuple[fx.Node, fx.Node]:
+        source = self.data_inputs(node, em.ctx)[0]
+        high, low = em.pair(source)
+        high_out = em.copy_with(node, {source: high}, f"{node.name}_h")
+        factors = em.ctx.factors(len(em.ctx.shape(node)) - 2)
+        return high_out, self.low_branch(node, em, high, low, high_out, factors)
+
+    def low_branch(self, node: fx.Node, em, high: fx.Node, low: fx.Node, high_out: fx.Node,
+                   factors: tuple[int, ...]) -> fx.Node:
+        """The graph node of the low branch, from the input's branches and the high result."""
+        raise NotImplementedError
+
+
+class InterpolateRule(LowFollowsHighRule):
     """``F.interpolate`` and ``nn.Upsample``: the high branch as the original, the low branch resized to the
     octave low size of the result (:func:`~oct3d.convert.layers.resize_low`) with the same mode."""
 
     name = "interpolate/upsample"
-    kind = "flow"
 
     def leaf(self, module: nn.Module) -> bool:
         return isinstance(module, nn.Upsample)
@@ -783,18 +806,14 @@ class InterpolateRule(Rule):
     def data_inputs(self, node: fx.Node, ctx: Context) -> list[fx.Node]:
         return [node.args[0]] if node.args else [node.kwargs["input"]]
 
-    def emit(self, node: fx.Node, em) -> tuple[fx.Node, fx.Node]:
-        source = self.data_inputs(node, em.ctx)[0]
-        high, low = em.pair(source)
-        high_out = em.copy_with(node, {source: high}, f"{node.name}_h")
+    def low_branch(self, node: fx.Node, em, high: fx.Node, low: fx.Node, high_out: fx.Node,
+                   factors: tuple[int, ...]) -> fx.Node:
         module = em.ctx.module(node)
         if module is not None:
             mode, align_corners = module.mode, module.align_corners
         else:
             mode, align_corners = _arg(node, 3, "mode", "nearest"), _arg(node, 4, "align_corners", None)
-        factors = em.ctx.factors(len(em.ctx.shape(node)) - 2)
-        low_out = em.call_function(resize_low, (low, high_out, factors, mode, align_corners), name=f"{node.name}_l")
-        return high_out, low_out
+        return em.call_function(resize_low, (low, high_out, factors, mode, align_corners), name=f"{node.name}_l")
 
 
 _PAD_MODULES = (
@@ -821,12 +840,11 @@ def _pad_params(node: fx.Node, ctx: Context) -> tuple[tuple[int, ...], str, floa
     return tuple(pad), mode, value
 
 
-class PadRule(Rule):
+class PadRule(LowFollowsHighRule):
     """``F.pad`` and the padding modules with fixed pads on spatial axes: the high branch as the original, the
     low branch padded to the octave low size of the result (:func:`~oct3d.convert.layers.pad_low`)."""
 
     name = "pad"
-    kind = "flow"
 
     def leaf(self, module: nn.Module) -> bool:
         return isinstance(module, _PAD_MODULES)
@@ -843,25 +861,18 @@ class PadRule(Rule):
             return "padding that is not fixed or reaches the channel axis"
         return None
 
-    def data_inputs(self, node: fx.Node, ctx: Context) -> list[fx.Node]:
-        return [node.args[0]]
-
-    def emit(self, node: fx.Node, em) -> tuple[fx.Node, fx.Node]:
-        high, low = em.pair(node.args[0])
-        high_out = em.copy_with(node, {node.args[0]: high}, f"{node.name}_h")
+    def low_branch(self, node: fx.Node, em, high: fx.Node, low: fx.Node, high_out: fx.Node,
+                   factors: tuple[int, ...]) -> fx.Node:
         pad, mode, value = _pad_params(node, em.ctx)
-        factors = em.ctx.factors(len(em.ctx.shape(node)) - 2)
-        low_out = em.call_function(pad_low, (low, high_out, pad, factors, mode, value), name=f"{node.name}_l")
-        return high_out, low_out
+        return em.call_function(pad_low, (low, high_out, pad, factors, mode, value), name=f"{node.name}_l")
 
 
-class CropRule(Rule):
+class CropRule(LowFollowsHighRule):
     """``x[..., a:b, c:d]``: slices of spatial axes with step 1 (a U-Net cropping a skip to the upsampled map's
     size): the high branch as the original, the low branch cut to the matching region and to the octave low
     size of the result (:func:`~oct3d.convert.layers.crop_low`)."""
 
     name = "crop"
-    kind = "flow"
 
     def matches(self, node: fx.Node, ctx: Context) -> bool:
         if node.op != "call_function" or node.target is not operator.getitem or len(node.args) != 2:
@@ -876,16 +887,10 @@ class CropRule(Rule):
             return "slicing that is not a crop of spatial axes with step 1"
         return None
 
-    def data_inputs(self, node: fx.Node, ctx: Context) -> list[fx.Node]:
-        return [node.args[0]]
-
-    def emit(self, node: fx.Node, em) -> tuple[fx.Node, fx.Node]:
-        high, low = em.pair(node.args[0])
-        high_out = em.copy_with(node, {node.args[0]: high}, f"{node.name}_h")
-        factors = em.ctx.factors(len(em.ctx.shape(node)) - 2)
+    def low_branch(self, node: fx.Node, em, high: fx.Node, low: fx.Node, high_out: fx.Node,
+                   factors: tuple[int, ...]) -> fx.Node:
         index = fx.node.map_arg(node.args[1], em.plain)  # slice bounds read from shapes are graph values too
-        low_out = em.call_function(crop_low, (low, high, high_out, index, factors), name=f"{node.name}_l")
-        return high_out, low_out
+        return em.call_function(crop_low, (low, high, high_out, index, factors), name=f"{node.name}_l")
 
 
 # --------------------------------------------------------------------------- metadata and closing ops
