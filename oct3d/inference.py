@@ -30,7 +30,7 @@ import numbers
 import os
 import pickle
 import sys
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -713,7 +713,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("paths", nargs="+", metavar="PATH", help="video files, or folders searched recursively")
     parser.add_argument("--checkpoint", required=True, help="Lightning .ckpt from `lightning fit`, or an export")
-    parser.add_argument("--output", help="write JSON lines to this file ('-': to stdout) instead of printing a table")
+    parser.add_argument("--output", help="write JSON lines to this file ('-': to stdout) instead of printing a table; "
+                                         "a .csv file gets CSV rows")
+    parser.add_argument("--format", choices=("jsonl", "csv"),
+                        help="of --output (default: csv for a .csv file, else JSON lines)")
     parser.add_argument("--topk", type=int, default=5, help="predictions per file (default 5)")
     parser.add_argument("--views", type=int, choices=sorted(VIEW_LAYOUTS),
                         help="views per video (segment): 1 center clip (default), 30 = 10 clips x 3 crops")
@@ -786,6 +789,31 @@ def json_line(result: dict[str, Any], ascii_only: bool = False) -> str:
     return line + "\n"
 
 
+#: The columns of ``oct3d infer``'s CSV output: one row per prediction (per segment with ``--window``).
+CSV_COLUMNS = ("path", "segment_start", "segment_end", "rank", "label", "score", "error")
+
+
+def csv_writer(handle: Any) -> Callable[[dict[str, Any]], None]:
+    """A function writing each result as CSV rows (:data:`CSV_COLUMNS`, header first): one row per top-k
+    prediction, ranked from 1, per segment with windows; a failed file is one row with its error."""
+    import csv
+
+    writer = csv.writer(handle)
+    writer.writerow(CSV_COLUMNS)
+
+    def write(result: dict[str, Any]) -> None:
+        if "error" in result:
+            writer.writerow([result["path"], "", "", "", "", "", result["error"]])
+            return
+        parts = result.get("segments") or [{"start": "", "end": "", "topk": result["topk"]}]
+        for part in parts:
+            for rank, entry in enumerate(part["topk"], start=1):
+                score = "" if entry["score"] is None else f"{entry['score']:.6g}"
+                writer.writerow([result["path"], part["start"], part["end"], rank, entry["label"], score, ""])
+
+    return write
+
+
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point; returns 0 if every file succeeded, 1 if any failed, 2 on usage errors."""
     parser = build_parser()
@@ -809,6 +837,8 @@ def main(argv: list[str] | None = None) -> int:
                                         ("--test-views", args.test_views)) if given]
     if len(chosen) > 1:
         parser.error(f"{' and '.join(chosen)} choose the views in different ways: give one of them")
+    if args.format is not None and not args.output:
+        parser.error("--format sets the format of --output: give --output FILE (or - for stdout)")
     if args.crops is not None and args.clips is None:
         parser.error("--crops goes with --clips (e.g. --clips 10 --crops 3); --views 3 is one clip x 3 crops")
     if args.clips is not None and args.clips < 1:
@@ -843,18 +873,24 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: no {'/'.join(extensions)} files under {' '.join(args.paths)}", file=sys.stderr)
         return 2
     results: list[dict[str, Any]] = []
+    output_format = args.format or ("csv" if (args.output or "").lower().endswith(".csv") else "jsonl")
     if args.output == "-":
         handle = sys.stdout
     else:
-        handle = open(args.output, "w", encoding="utf-8") if args.output else None  # noqa: SIM115 - closed below, written line by line
+        # A CSV cell cannot escape a file name that is not UTF-8 as JSON does: backslashes stand in for its bytes.
+        handle = open(args.output, "w", encoding="utf-8", newline="" if output_format == "csv" else None,  # noqa: SIM115 - closed below, written line by line
+                      errors="backslashreplace" if output_format == "csv" else "strict") if args.output else None
     missing_at = [(position, path) for position, path in enumerate(args.paths) if path in missing]
     ascii_only = handle is sys.stdout and not _is_utf8(getattr(sys.stdout, "encoding", None))
+    write = None
+    if handle is not None:
+        write = csv_writer(handle) if output_format == "csv" else (lambda r: handle.write(json_line(r, ascii_only)))
 
     def report_missing(before: int) -> None:
         while missing_at and missing_at[0][0] < before:
             results.append({"path": missing_at.pop(0)[1], "error": "does not exist"})
-            if handle is not None:
-                handle.write(json_line(results[-1], ascii_only))
+            if write is not None:
+                write(results[-1])
 
     try:
         for origin, result in zip(origins, predict_files(
@@ -862,8 +898,8 @@ def main(argv: list[str] | None = None) -> int:
                 args.workers, progress=sys.stderr.isatty()) if files else ()):
             report_missing(origin)
             results.append(result)
-            if handle is not None:
-                handle.write(json_line(result, ascii_only))
+            if write is not None:
+                write(result)
                 handle.flush()
         report_missing(len(args.paths))
     finally:

@@ -367,3 +367,30 @@ def test_a_file_name_that_is_not_utf8_is_written_escaped_not_a_crash(checkpoint,
     assert main(["--checkpoint", str(checkpoint), "--output", str(output), "--device", "cpu", str(folder)]) == 0
     (line,) = output.read_text(encoding="utf-8").splitlines()
     assert json.loads(line)["path"] == str(folder / name) and "\\udcff" in line
+
+
+def test_csv_output_has_one_row_per_prediction_and_one_per_failure(checkpoint, mixed_folder, tmp_path, capsys):
+    import csv
+
+    folder, _ = mixed_folder
+    output = tmp_path / "preds.csv"
+    assert main(["--checkpoint", str(checkpoint), "--output", str(output), "--device", "cpu", "--topk", "2",
+                 str(folder)]) == 1
+    with open(output, newline="", encoding="utf-8") as handle:
+        rows = list(csv.DictReader(handle))
+    by_file: dict[str, list[dict]] = {}
+    for row in rows:
+        by_file.setdefault(Path(row["path"]).name, []).append(row)
+    assert sorted(by_file) == ["a_good.mp4", "b_good.mp4", "c_truncated.mp4", "d_text.mp4"]
+    good = by_file["a_good.mp4"]
+    assert [r["rank"] for r in good] == ["1", "2"] and all(r["label"] in CLASSES and not r["error"] for r in good)
+    assert float(good[0]["score"]) >= float(good[1]["score"])
+    assert len(by_file["d_text.mp4"]) == 1 and by_file["d_text.mp4"][0]["error"]
+    windows = tmp_path / "windows.txt"  # --format wins over the suffix
+    assert main(["--checkpoint", str(checkpoint), "--output", str(windows), "--format", "csv", "--device", "cpu",
+                 "--window", "1", "--topk", "1", str(folder / "a_good.mp4")]) == 0
+    segments = list(csv.DictReader(windows.read_text(encoding="utf-8").splitlines()))
+    assert segments and all(r["segment_start"] != "" and r["rank"] == "1" for r in segments)
+    with pytest.raises(SystemExit) as stop:
+        main(["--checkpoint", str(checkpoint), "--format", "csv", str(folder)])
+    assert stop.value.code == 2 and "--format sets the format of --output" in capsys.readouterr().err
