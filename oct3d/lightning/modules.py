@@ -26,6 +26,7 @@ from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from oct3d.models import builder_arguments, get_model
+from oct3d.models.transfer import plain_state_dict
 from oct3d.nn.conv import check_positive_int
 
 __all__ = [
@@ -221,14 +222,13 @@ def load_initial_weights(model: nn.Module, path: str | os.PathLike,
     except Exception as error:  # pickle errors, a file that is not a checkpoint
         raise ValueError(f"init_weights {path}: not a checkpoint or state dict loadable with weights_only "
                          f"({type(error).__name__}: {str(error).splitlines()[0][:160]})") from None
-    state = data.get("state_dict", data) if isinstance(data, dict) else None
+    # The project's unwrapping (Lightning's "state_dict", DDP's "module.", torch.compile's "_orig_mod."), then the
+    # LightningModule's own attribute: the network is its "model".
+    state = plain_state_dict(data) if isinstance(data, dict) else None
     if not isinstance(state, dict) or not state or not all(isinstance(v, Tensor) for v in state.values()):
         raise ValueError(f"init_weights {path}: holds no state dict of tensors")
     if isinstance(data, dict) and "state_dict" in data:
         state = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")} or state
-    for prefix in ("module.", "_orig_mod."):
-        if all(k.startswith(prefix) for k in state):
-            state = {k[len(prefix):]: v for k, v in state.items()}
     own = model.state_dict()
     missing = [k for k in own if k not in state]
     extra = [k for k in state if k not in own]
