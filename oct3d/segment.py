@@ -137,8 +137,7 @@ class Segmenter:
         _save_atomically(out_image, output)
         result: dict[str, Any] = {}
         if save_probabilities:
-            suffix = ".nii.gz" if output.name.lower().endswith(".nii.gz") else ".nii"
-            maps = output.with_name(f"{output.name[: -len(suffix)]}_probabilities.nii.gz")
+            maps = output.with_name(f"{_nifti_stem(output)}_probabilities.nii.gz")
             header = source.header.copy() if isinstance(source, nib.Nifti1Image) else None
             probability_image = nib.Nifti1Image(np.moveaxis(probs.numpy(), 0, -1).astype(np.float32), source.affine,
                                                 header=header)
@@ -160,13 +159,19 @@ class Segmenter:
         }
 
 
+def _nifti_stem(path: Path) -> str:
+    """The file name without its ``.nii``/``.nii.gz`` suffix."""
+    suffix = ".nii.gz" if path.name.lower().endswith(".nii.gz") else ".nii"
+    return path.name[: -len(suffix)]
+
+
 def _save_atomically(image: Any, output: Path) -> None:
     """``nib.save`` under a temporary name, then renamed: a failure never leaves a partial file behind."""
     import nibabel as nib
 
     output.parent.mkdir(parents=True, exist_ok=True)
-    suffix = ".nii.gz" if output.name.lower().endswith(".nii.gz") else ".nii"
-    partial = output.with_name(f".partial-{os.getpid()}-{output.name[: -len(suffix)]}{suffix}")
+    stem = _nifti_stem(output)
+    partial = output.with_name(f".partial-{os.getpid()}-{stem}{output.name[len(stem):]}")
     try:
         nib.save(image, str(partial))
         os.replace(partial, output)
