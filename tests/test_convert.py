@@ -1090,3 +1090,23 @@ def test_crop_low_keeps_the_branches_aligned_and_only_spatial_slices_match():
     assert spatial_slices((slice(None), slice(0, 4)), 4) is None  # channels
     assert spatial_slices((Ellipsis, slice(None, None, 2)), 4) is None  # a stride
     assert spatial_slices((Ellipsis, 0), 4) is None  # an integer drops an axis
+
+
+@pytest.mark.parametrize("padding_mode", ["reflect", "replicate", "circular"])
+def test_convolutions_with_a_padding_mode_convert_and_keep_it(padding_mode):
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1, padding_mode=padding_mode), nn.BatchNorm2d(16), nn.ReLU(),
+        nn.Conv2d(16, 16, 3, padding=1, padding_mode=padding_mode), nn.BatchNorm2d(16), nn.ReLU(),
+        nn.Conv2d(16, 16, 3, stride=2, padding=1, padding_mode=padding_mode), nn.BatchNorm2d(16), nn.ReLU(),
+        nn.Conv2d(16, 16, 3, padding=1, padding_mode=padding_mode), nn.BatchNorm2d(16), nn.ReLU(),
+        nn.Conv2d(16, 16, 3, stride=2, padding=1, padding_mode=padding_mode), nn.BatchNorm2d(16), nn.ReLU(),
+        nn.Conv2d(16, 4, 1),
+    ).eval()
+    x = torch.randn(2, 3, 16, 16)
+    same = octavize(net, alpha=0.0, example_input=x)
+    torch.testing.assert_close(same(x), net(x), atol=1e-5, rtol=1e-5)
+    octave = octavize(net, alpha=0.5, example_input=x)
+    convs = [m for m in octave.modules() if isinstance(m, OctConv) and not m.is_vanilla]
+    assert len(convs) >= 2 and all(m.padding_mode == padding_mode for m in convs if m.kernel_size != (1, 1))
+    assert octave(x).shape == net(x).shape

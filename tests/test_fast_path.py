@@ -543,16 +543,21 @@ def _count_kernels(monkeypatch) -> list[str]:
     return used
 
 
-def _check_against_reference(conv, x, atol=1e-4):
-    """Values, memory format and gradients (inputs and weights) of conv(x) equal the reference formula's."""
+def _check_against_reference(conv, x, atol=1e-4, layout_of_input=False):
+    """Values, memory format and gradients (inputs and weights) of conv(x) equal the reference formula's.
+
+    ``layout_of_input``: the output's memory format must be the input's instead of the reference's
+    (PyTorch's circular padding returns a channels_last map channels-first; the fast path does not).
+    """
     inputs = [t.detach().requires_grad_(True) for t in _parts(x)]
     x = inputs[0] if len(inputs) == 1 else Octave(*inputs)
     out, ref = conv(x), conv.forward_reference(x)
     _assert_same(out, ref)
     for part, ref_part in zip(_parts(out), _parts(ref)):
         layout = {4: torch.channels_last, 5: torch.channels_last_3d}.get(part.dim(), torch.contiguous_format)
-        assert part.is_contiguous(memory_format=layout) == ref_part.is_contiguous(memory_format=layout)
-        assert part.is_contiguous() == ref_part.is_contiguous()
+        like = inputs[0] if layout_of_input else ref_part
+        assert part.is_contiguous(memory_format=layout) == like.is_contiguous(memory_format=layout)
+        assert part.is_contiguous() == like.is_contiguous()
     weights = [torch.randn_like(p) for p in _parts(ref)]
     wrt = [*inputs, *conv.parameters()]
     got = torch.autograd.grad(sum((p * w).sum() for p, w in zip(_parts(out), weights)), wrt)
@@ -970,3 +975,54 @@ def test_inference_and_shared_weights_are_not_cached():
         _assert_same(conv(x), conv.forward_reference(x))
     assert not kernels.layer_cache(conv)
     kernels.clear_cache()
+
+
+@pytest.mark.parametrize("padding_mode", ["reflect", "replicate", "circular"])
+@pytest.mark.parametrize(("dims", "octave", "size", "channels_last"), [
+    (1, "spatial", (13,), False),
+    (2, "spatial", (9, 8), True),
+    (3, "spatiotemporal", (8, 9, 8), False),
+    (3, "spatial", (3, 8, 9), True),
+])
+@pytest.mark.parametrize(("alpha_in", "alpha_out", "stride"), [(0.5, 0.5, 1), (0.5, 0.5, 2), (0.0, 0.5, 1),
+                                                               (0.5, 0.0, 2)])
+@pytest.mark.parametrize("plan", ["cat", "split"])
+def test_padding_modes_equal_the_reference_in_values_gradients_and_layout(padding_mode, dims, octave, size,
+                                                                           channels_last, alpha_in, alpha_out,
+                                                                           stride, plan):
+    torch.manual_seed(0)
+    layout = {2: torch.channels_last, 3: torch.channels_last_3d}[dims] if channels_last else None
+    conv = OctConv(dims, 8, 8, 3, alpha_in, alpha_out, stride=stride, bias=True, octave=octave,
+                   padding_mode=padding_mode)
+    assert all(p.padding_mode == padding_mode for p in conv.children())
+    x = _make_input(conv, 2, size, memory_format=layout)
+    with kernels.force(low=plan, high=plan):
+        _check_against_reference(conv, x, layout_of_input=True)
+        conv.eval()
+        with torch.no_grad():
+            _assert_same(conv(x), conv.forward_reference(x), atol=1e-4)
+
+
+@pytest.mark.parametrize("padding_mode", ["reflect", "replicate", "circular"])
+@pytest.mark.parametrize("pool_first", [False, True])
+def test_a_vanilla_layer_with_a_padding_mode_is_nn_convnd(padding_mode, pool_first):
+    torch.manual_seed(0)
+    conv = OctConv(2, 4, 6, 3, 0.0, 0.0, stride=2, padding_mode=padding_mode, pool_first=pool_first)
+    plain = torch.nn.Conv2d(4, 6, 3, stride=1 if pool_first else 2, padding=1, padding_mode=padding_mode, bias=False)
+    plain.weight.data.copy_(conv.h2h.weight)
+    x = torch.randn(1, 4, 8, 10)
+    want = plain(torch.nn.functional.avg_pool2d(x, 2) if pool_first else x)
+    torch.testing.assert_close(conv(x), want)
+    conv.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(conv(x), want, atol=1e-5, rtol=1e-5)
+
+
+def test_padding_mode_is_checked_and_reflect_names_the_map_it_cannot_pad():
+    with pytest.raises(ValueError, match="padding_mode must be one of"):
+        OctConv(2, 8, 8, 3, padding_mode="mirror")
+    conv = OctConv(2, 8, 8, 3, 0.0, 0.5, padding_mode="reflect")
+    with pytest.raises(ValueError, match=r"padding_mode='reflect'.*\(1, 1\)"):
+        conv(torch.randn(1, 8, 2, 2))
+    assert conv(torch.randn(1, 8, 4, 4)).low.shape[2:] == (2, 2)
+    assert "padding_mode='reflect'" in repr(conv)

@@ -29,8 +29,10 @@ from oct3d.nn import (
     OctConv1d,
     OctConv2d,
     OctConv3d,
+    OctConvTranspose2d,
     OctDropout,
     OctGlobalAvgPool,
+    OctInstanceNorm,
     OctMap,
     OctMaxPool,
     OctMaxPool1d,
@@ -837,3 +839,36 @@ def test_cuda_weights_are_cacheable():
     from oct3d.nn import kernels
 
     assert kernels.cacheable(torch.randn(2, device="cuda"))  # Tensor.is_shared() is True for any CUDA tensor
+
+
+def test_conv_repr_reads_like_the_constructor():
+    assert OctConv2d(8, 16, 3, 0.5, 0.25, stride=2, groups=2, bias=True).extra_repr() == (
+        "8, 16, kernel_size=(3, 3), alpha_in=0.5, alpha_out=0.25, stride=(2, 2), groups=2, bias=True"
+    )
+    generic = OctConv(3, 8, 8, 3, octave="spatiotemporal", dilation=2).extra_repr()
+    assert generic == ("3, 8, 8, kernel_size=(3, 3, 3), alpha_in=0.5, alpha_out=0.5, stride=(1, 1, 1), "
+                       "dilation=(2, 2, 2), octave='spatiotemporal'")
+
+
+def test_octave_layers_name_a_broken_high_low_pair():
+    high, low = torch.randn(1, 4, 4, 4), torch.randn(1, 4, 2, 2)
+    mixed = Octave(high, low.double())
+    for layer in (OctBatchNorm2d(8), OctMaxPool2d(2), OctGlobalAvgPool(), OctReLU()):
+        with pytest.raises(ValueError, match=f"{type(layer).__name__}.*one dtype.*float64"):
+            layer(mixed)
+    with pytest.raises(ValueError, match=r"OctReLU expects the low tensor.*\(3, 4, 9, 9\)"):
+        OctReLU()(Octave(torch.randn(2, 4, 8, 8), torch.randn(3, 4, 9, 9)))
+    with pytest.raises(TypeError, match=r"OctBatchNorm2d expects floating-point maps, got torch\.int64"):
+        OctBatchNorm2d(8)(Octave(high.long(), low.long()))
+    with pytest.raises(ValueError, match=r"OctInstanceNorm2d.*the low map has size \(1, 1\)"):
+        OctInstanceNorm(2, 8, 0.5)(Octave(torch.randn(1, 4, 2, 2), torch.randn(1, 4, 1, 1)))
+    with pytest.raises(ValueError, match="the low map"):  # eval mode too: no running statistics to use
+        OctInstanceNorm(2, 8, 0.5).eval()(Octave(torch.randn(1, 4, 2, 2), torch.randn(1, 4, 1, 1)))
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.complex64, "float32"])
+def test_layers_refuse_a_non_float_weight_dtype_at_construction(dtype):
+    for make in (lambda: OctConv2d(8, 8, 3, dtype=dtype), lambda: OctConvTranspose2d(8, 8, 2, stride=2, dtype=dtype)):
+        with pytest.raises(TypeError, match=r"dtype must be a floating-point torch\.dtype"):
+            make()
+    assert OctConv2d(8, 8, 3, pool_first=1).pool_first is True  # bools as nn layers take them, like bias

@@ -116,3 +116,28 @@ def test_autocast_inputs_are_cast_by_the_paths():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = layer((torch.randn(1, 4, 9, 9).bfloat16(), torch.randn(1, 4, 5, 5).bfloat16()))
     assert out.high.dtype == torch.bfloat16 and out.high.shape == (1, 4, 18, 18)
+
+
+@pytest.mark.parametrize(("alpha_in", "alpha_out"), [(0.5, 0.5), (0.0, 0.5), (0.25, 0.75)])
+def test_paths_start_with_the_vanilla_transposed_layers_initialisation(alpha_in, alpha_out):
+    """Every path is uniform with nn.ConvTranspose2d's bound for the whole layer, not for its own slice."""
+    torch.manual_seed(0)
+    layer = OctConvTranspose2d(64, 64, 2, alpha_in, alpha_out, stride=2, bias=True)
+    vanilla = nn.ConvTranspose2d(64, 64, 2, stride=2)
+    bound = vanilla.weight.abs().max().item()
+    for path in (layer.h2h, layer.h2l, layer.l2h, layer.l2l):
+        if path is not None:
+            assert 0.95 * bound < path.weight.abs().max() <= 1.01 * bound
+            assert path.bias is None or path.bias.abs().max() <= 1.01 * bound
+    x = torch.randn(32, 64, 8, 8)
+    with torch.no_grad():
+        octave_in = Octave(x[:, :layer.in_high], x[:, layer.in_high:, ::2, ::2]) if layer.in_low else x
+        assert 0.8 < layer(octave_in).high.var() / vanilla(x).var() < 1.25
+
+
+def test_repr_reads_like_the_constructor():
+    assert OctConvTranspose2d(8, 8, 2, stride=2, bias=True).extra_repr() == (
+        "8, 8, kernel_size=(2, 2), alpha_in=0.5, alpha_out=0.5, stride=(2, 2), padding=(0, 0), "
+        "output_padding=(0, 0), bias=True"
+    )
+    assert OctConvTranspose(3, 8, 8, 2, stride=2).extra_repr().startswith("3, 8, 8, ")

@@ -188,16 +188,15 @@ def _replacement_would_drop(module: nn.Module) -> str | None:
 def conv_geometry_problem(module: nn.Module) -> str | None:
     """None when a vanilla ``ConvNd`` maps onto :class:`~oct3d.nn.OctConv` exactly, else why not.
 
-    OctConv takes odd kernels with "same" padding, stride 1 or 2 per axis and zero padding; then a
-    stride-2 octave layer's output has the vanilla layer's size (``ceil(n / 2)``) on every input size.
+    OctConv takes odd kernels with "same" padding (in any of ``nn.ConvNd``'s padding modes) and stride
+    1 or 2 per axis; then a stride-2 octave layer's output has the vanilla layer's size (``ceil(n / 2)``)
+    on every input size.
     """
     if not _stock_forward(module, _CONVS):
         return f"{type(module).__name__} overrides the convolution's forward"
     kept = _replacement_would_drop(module)
     if kept:
         return kept
-    if module.padding_mode != "zeros":
-        return f"padding_mode={module.padding_mode!r} (only 'zeros')"
     kernel, stride, dilation = _ints(module.kernel_size), _ints(module.stride), module.dilation
     if any(k % 2 == 0 for k in kernel):
         return f"even kernel {kernel}"
@@ -260,7 +259,7 @@ class ConvRule(Rule):
             alpha_out=0.0 if split_out is None else split_out.alpha,
             stride=_ints(module.stride), dilation=_ints(module.dilation), groups=module.groups,
             bias=module.bias is not None,
-            octave=ctx.octave_for(dims),
+            octave=ctx.octave_for(dims), padding_mode=module.padding_mode,
         )
         order = None if split_in is None or split_in.is_natural else split_in.order
         conv.load_state_dict(partition_conv_weight(conv, module.weight, module.bias, in_order=order))
@@ -293,7 +292,7 @@ def _pool_first_conv(module: nn.Module, ctx: Context) -> nn.Module | None:
         dims, module.in_channels, module.out_channels, _ints(module.kernel_size), 0.0, 0.0, _ints(module.stride),
         dilation=_ints(module.dilation), groups=module.groups, bias=module.bias is not None,
         octave=ctx.octave_for(dims),
-        pool_first=True,
+        pool_first=True, padding_mode=module.padding_mode,
     )
     conv.load_state_dict(partition_conv_weight(conv, module.weight, module.bias))
     return conv.to(module.weight.device, module.weight.dtype)
@@ -325,7 +324,7 @@ class DepthwiseConvRule(Rule):
             dims, module.in_channels, module.out_channels, _ints(module.kernel_size), split.alpha, split.alpha,
             _ints(module.stride), dilation=_ints(module.dilation), groups=module.groups,
             bias=module.bias is not None,
-            octave=em.ctx.octave_for(dims),
+            octave=em.ctx.octave_for(dims), padding_mode=module.padding_mode,
         )
         order = None if split.is_natural else split.order
         conv.load_state_dict(partition_conv_weight(conv, module.weight, module.bias, in_order=order))

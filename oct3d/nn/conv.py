@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from functools import partial
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules import module as _module
 
@@ -44,12 +45,15 @@ from oct3d.nn.octave import (
 )
 
 __all__ = [
-    "OctConv", "OctConv1d", "OctConv2d", "OctConv3d", "check_alpha", "check_bool", "check_positive_int", "to_tuple",
+    "OctConv", "OctConv1d", "OctConv2d", "OctConv3d", "PADDING_MODES", "check_alpha", "check_bool",
+    "check_float_dtype", "check_positive_int", "to_tuple",
 ]
 
 IntOrTuple = int | Sequence[int]
 
 _CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+#: ``nn.ConvNd``'s padding modes, which every octave path takes alike.
+PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
 _GLOBAL_HOOK_NAMES = ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",
                       "_global_backward_pre_hooks")
 
@@ -79,6 +83,15 @@ def check_positive_int(value: object, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
     return int(value)
+
+
+def check_float_dtype(dtype: object) -> None:
+    """Raise a ``TypeError`` unless ``dtype`` (a layer's weight dtype) is None or a real floating-point dtype.
+
+    The octave resampling ops (average pooling, nearest upsampling) are defined for real maps only.
+    """
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise TypeError(f"dtype must be a floating-point torch.dtype (or None for the default), got {dtype!r}")
 
 
 def check_bool(value: object, name: str) -> bool:
@@ -146,6 +159,9 @@ class OctConv(nn.Module):
         octave: 3D only: ``"spatial"`` halves H and W, ``"spatiotemporal"`` halves T, H, W.
         padding: ``"same"`` (the default and the only geometry, ``dilation * (k - 1) // 2``; the
             equal int or tuple is accepted too, as ``nn.ConvNd`` code passes it).
+        padding_mode: ``"zeros"`` (default, as in the paper), ``"reflect"``, ``"replicate"`` or
+            ``"circular"``, as for ``nn.ConvNd``. Every path pads its own input, at its own
+            resolution, in this mode.
         device, dtype: where and in which dtype the weights are made (as for ``nn.ConvNd``).
         pool_first: how a strided *vanilla* layer (``alpha_in == alpha_out == 0``) strides.
             ``False`` (default): a strided convolution, so the layer is ``nn.ConvNd`` (exactly,
@@ -183,11 +199,16 @@ class OctConv(nn.Module):
         *,
         pool_first: bool = False,
         padding: IntOrTuple | str = "same",
+        padding_mode: str = "zeros",
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
         self.axes = octave_axes(dims, octave)  # validates dims and octave
+        if padding_mode not in PADDING_MODES:
+            raise ValueError(f"padding_mode must be one of {PADDING_MODES}, got {padding_mode!r}")
+        check_float_dtype(dtype)
+        self.padding_mode = padding_mode
         bias = check_bool(bias, "bias")
         in_channels, out_channels, groups = (
             check_positive_int(value, name)
@@ -242,16 +263,15 @@ class OctConv(nn.Module):
                         f"out_channels={out_channels}, alpha_out={alpha_out})"
                     )
         self.is_vanilla = self.in_low == 0 and self.out_low == 0
-        if not isinstance(pool_first, bool):
-            raise TypeError(f"pool_first must be a bool, got {pool_first!r}")
-        self.pool_first = pool_first
+        self.pool_first = check_bool(pool_first, "pool_first")
 
         conv_stride = self.stride if self.is_vanilla and not pool_first else 1
 
         def conv(cin: int, cout: int, g: int, with_bias: bool) -> nn.Module:
             return _CONV[dims](
                 cin, cout, self.kernel_size, stride=conv_stride, padding=self.padding,
-                dilation=self.dilation, groups=g, bias=with_bias, device=device, dtype=dtype,
+                dilation=self.dilation, groups=g, bias=with_bias, padding_mode=padding_mode, device=device,
+                dtype=dtype,
             )
 
         if self.depthwise:
@@ -294,14 +314,23 @@ class OctConv(nn.Module):
                     nn.init.uniform_(path.bias, -bound, bound)
 
     def extra_repr(self) -> str:
-        return (
-            f"dims={self.dims}, {self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
-            f"alpha_in={self.alpha_in}, alpha_out={self.alpha_out}, stride={self.stride}, "
-            f"octave={self.octave!r}, groups={self.groups}"
-            + (f", dilation={self.dilation}" if any(d != 1 for d in self.dilation) else "")
-            + (", bias=True" if any(getattr(p, "bias", None) is not None for p in self._modules.values()) else "")
-            + (", pool_first=True" if self.pool_first else "")
-        )
+        # Constructor-like: OctConv2d(8, 8, kernel_size=(3, 3), ...); the generic class leads with dims.
+        parts = [] if type(self) in (OctConv1d, OctConv2d, OctConv3d) else [str(self.dims)]
+        parts += [str(self.in_channels), str(self.out_channels), f"kernel_size={self.kernel_size}",
+                  f"alpha_in={self.alpha_in}", f"alpha_out={self.alpha_out}", f"stride={self.stride}"]
+        if any(d != 1 for d in self.dilation):
+            parts.append(f"dilation={self.dilation}")
+        if self.groups != 1:
+            parts.append(f"groups={self.groups}")
+        if any(getattr(p, "bias", None) is not None for p in self._modules.values()):
+            parts.append("bias=True")
+        if self.dims == 3:
+            parts.append(f"octave={self.octave!r}")
+        if self.pool_first:
+            parts.append("pool_first=True")
+        if self.padding_mode != "zeros":
+            parts.append(f"padding_mode={self.padding_mode!r}")
+        return ", ".join(parts)
 
     # ------------------------------------------------------------------ input checks
     def _split_input(self, x: OctaveInput) -> tuple[Tensor, Tensor | None]:
@@ -340,6 +369,7 @@ class OctConv(nn.Module):
                 f"(in_channels={self.in_channels}, alpha_in={self.alpha_in}), got {high.shape[1]}"
             )
         if self.in_low == 0:
+            self._check_reflect_fits(high, None)
             return high, None
         if not isinstance(low, Tensor) or low.dim() != self.dims + 2:
             raise ValueError(f"{self._name()} expects a low tensor with {self.dims + 2} dims, got {_shape(low)}")
@@ -350,7 +380,26 @@ class OctConv(nn.Module):
                 f"(in_channels={self.in_channels}, alpha_in={self.alpha_in}), got {low.shape[1]}"
             )
         check_low_size(self._name(), high, low, self.factors, self.octave)  # (the channels were checked above)
+        self._check_reflect_fits(high, low)
         return high, low
+
+    def _check_reflect_fits(self, high: Tensor, low: Tensor | None) -> None:
+        """Reflect padding needs every path's input larger than the padding: say so before torch's pad fails."""
+        if self.padding_mode != "reflect" or isinstance(high, torch.fx.Proxy):
+            return
+        inputs = [tuple(-(-n // s) for n, s in zip(high.shape[2:], self._pool_h2h))]
+        if self.h2l is not None:
+            inputs.append(tuple(-(-n // s) for n, s in zip(high.shape[2:], self._pool_h2l)))
+        if low is not None:
+            inputs.append(tuple(-(-n // s) for n, s in zip(low.shape[2:], self._pool_l2l)))
+        for size in inputs:
+            if any(n <= p for n, p in zip(size, self.padding)):
+                raise ValueError(
+                    f"{self._name()} with padding_mode='reflect' pads {self.padding}, and reflect padding needs "
+                    f"every map it pads to be larger than that; an input of size {tuple(high.shape[2:])} gives a "
+                    f"path a map of size {size} (the low branch is half the high one). Use larger inputs or "
+                    "padding_mode='replicate'"
+                )
 
     def _name(self) -> str:
         return f"OctConv{self.dims}d"
@@ -426,7 +475,7 @@ class OctConv(nn.Module):
         for path in self._modules.values():  # the paths are the only submodules
             if path is not None and (
                 type(path) is not conv_type
-                or path.padding_mode != "zeros"
+                or path.padding_mode != self.padding_mode
                 or path.padding != self.padding
                 or path.dilation != self.dilation
                 or path._forward_hooks
@@ -442,7 +491,14 @@ class OctConv(nn.Module):
     ) -> Tensor:
         # Packed copies of the weights only in eval mode (see :meth:`train`).
         stride = (1,) * self.dims if stride is None else stride
-        return conv_nd(x, weight, bias, stride, self.padding, self.dilation, groups, not self.training)
+        padding = self.padding
+        if self.padding_mode != "zeros" and any(padding):
+            # As nn.ConvNd pads for these modes: F.pad, then an unpadded convolution.
+            padded = F.pad(x, [p for p in reversed(padding) for _ in range(2)], mode=self.padding_mode)
+            # (circular padding returns a channels_last map channels-first)
+            x = keep_channels_last(padded, x)
+            padding = (0,) * self.dims
+        return conv_nd(x, weight, bias, stride, padding, self.dilation, groups, not self.training)
 
     def train(self, mode: bool = True) -> OctConv:
         """``nn.Module.train``, which also drops this layer's cached weight copies.
@@ -519,13 +575,14 @@ class OctConv(nn.Module):
             w_a, w_b = args[2], args[3]
             memo_key = (
                 family, a.shape, a.stride(), b.shape, b.stride(), w_a.shape, w_b.shape, a.dtype, bias is None,
-                self.padding, self.dilation, torch.is_grad_enabled(), a.requires_grad, b.requires_grad,
-                w_a.requires_grad, w_b.requires_grad, bias is not None and bias.requires_grad, kernels.tuning_enabled(),
-                torch.get_num_threads(),
+                self.padding, self.padding_mode, self.dilation, torch.is_grad_enabled(), a.requires_grad,
+                b.requires_grad, w_a.requires_grad, w_b.requires_grad, bias is not None and bias.requires_grad,
+                kernels.tuning_enabled(), torch.get_num_threads(),
             )
             choice = kernels.memo(memo_key)
             if choice is None:
-                key = (family, *(kernels._signature(t) for t in args[:4]), bias is None, self.padding, self.dilation)
+                key = (family, *(kernels._signature(t) for t in args[:4]), bias is None, self.padding,
+                       self.padding_mode, self.dilation)
                 options = {"cat": partial(self._sum_by_cat, family), "split": self._sum_by_split}
                 choice, final = kernels._choose(key, options, args, "cat")
                 if final:
@@ -652,11 +709,11 @@ class OctConv1d(OctConv):
         self, in_channels: int, out_channels: int, kernel_size: IntOrTuple, alpha_in: float = 0.5,
         alpha_out: float = 0.5, stride: IntOrTuple = 1, dilation: IntOrTuple = 1, groups: int = 1,
         bias: bool = False, *, pool_first: bool = False, padding: IntOrTuple | str = "same",
-        device: torch.device | str | None = None, dtype: torch.dtype | None = None,
+        padding_mode: str = "zeros", device: torch.device | str | None = None, dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__(
             1, in_channels, out_channels, kernel_size, alpha_in, alpha_out, stride, dilation, groups, bias,
-            pool_first=pool_first, padding=padding, device=device, dtype=dtype,
+            pool_first=pool_first, padding=padding, padding_mode=padding_mode, device=device, dtype=dtype,
         )
 
 
@@ -667,11 +724,11 @@ class OctConv2d(OctConv):
         self, in_channels: int, out_channels: int, kernel_size: IntOrTuple, alpha_in: float = 0.5,
         alpha_out: float = 0.5, stride: IntOrTuple = 1, dilation: IntOrTuple = 1, groups: int = 1,
         bias: bool = False, *, pool_first: bool = False, padding: IntOrTuple | str = "same",
-        device: torch.device | str | None = None, dtype: torch.dtype | None = None,
+        padding_mode: str = "zeros", device: torch.device | str | None = None, dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__(
             2, in_channels, out_channels, kernel_size, alpha_in, alpha_out, stride, dilation, groups, bias,
-            pool_first=pool_first, padding=padding, device=device, dtype=dtype,
+            pool_first=pool_first, padding=padding, padding_mode=padding_mode, device=device, dtype=dtype,
         )
 
 
@@ -686,10 +743,10 @@ class OctConv3d(OctConv):
         self, in_channels: int, out_channels: int, kernel_size: IntOrTuple, alpha_in: float = 0.5,
         alpha_out: float = 0.5, stride: IntOrTuple = 1, dilation: IntOrTuple = 1, groups: int = 1,
         bias: bool = False, octave: str = "spatial", *, pool_first: bool = False,
-        padding: IntOrTuple | str = "same", device: torch.device | str | None = None,
+        padding: IntOrTuple | str = "same", padding_mode: str = "zeros", device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__(
             3, in_channels, out_channels, kernel_size, alpha_in, alpha_out, stride, dilation, groups, bias, octave,
-            pool_first=pool_first, padding=padding, device=device, dtype=dtype,
+            pool_first=pool_first, padding=padding, padding_mode=padding_mode, device=device, dtype=dtype,
         )

@@ -22,6 +22,7 @@ from oct3d.nn.octave import (
     OctaveInput,
     axes_names,
     check_low_size,
+    check_same_dtype_device,
     fx_leaf_forward,
     is_channels_last,
     low_size,
@@ -97,6 +98,7 @@ def octave_add(a: OctaveInput, b: OctaveInput) -> OctaveInput:
 def _check_octave_pair(layer: str, high: Tensor, low: Tensor) -> None:
     """Raise unless ``low`` can be ``high``'s octave (same batch; the ceiling of half on the octave axes of
     some octave mode: a layer without an ``octave`` setting accepts either 3D mode)."""
+    check_same_dtype_device(layer, high, low)
     dims = high.dim() - 2
     modes = OCTAVE_MODES if dims == 3 else ("spatial",)
     sizes = [low_size(high.shape[2:], octave_factors(max(dims, 1), mode)) for mode in modes]
@@ -195,6 +197,8 @@ def _norm_input(norm: nn.Module, name: str, x: OctaveInput, has_low: bool) -> tu
         raise ValueError(
             f"{name}(num_features={norm.num_features}, alpha={norm.alpha}) expects channels ({want}), got ({got})"
         )
+    if not high.is_floating_point():
+        raise TypeError(f"{name}{norm.dims}d expects floating-point maps, got {high.dtype}")
     if low is not None:
         _check_octave_pair(f"{name}{norm.dims}d", high, low)
     return x, high, low
@@ -226,6 +230,15 @@ class OctInstanceNorm(_OctNorm):
     @fx_leaf_forward
     def forward(self, x: OctaveInput) -> OctaveInput:
         x, high, low = _norm_input(self, "OctInstanceNorm", x, self.in_l is not None)
+        if self.training or not self.in_h.track_running_stats:
+            # Per-sample statistics need more than one value per channel, in the (smaller) low map too.
+            for branch, t in (("high", high), ("low", low)):
+                if t is not None and t.shape[2:].numel() < 2:
+                    raise ValueError(
+                        f"OctInstanceNorm{self.dims}d normalises each sample's channels over their voxels and needs "
+                        f"more than one per map; the {branch} map has size {tuple(t.shape[2:])} (input high "
+                        f"{tuple(high.shape)}{'' if low is None else f', low {tuple(low.shape)}'}). Use larger inputs"
+                    )
         if self.in_l is None:
             out = self.in_h(high)
             return Octave(out, None) if isinstance(x, Octave) else out
@@ -287,6 +300,9 @@ class OctMap(nn.Module):
     def forward(self, x: OctaveInput) -> OctaveInput:
         x = pair_as_octave(x)
         if isinstance(x, Octave):
+            if x.low is not None and isinstance(x.high, Tensor) and isinstance(x.low, Tensor):
+                name = f"OctMap({type(self.module).__name__})" if type(self) is OctMap else type(self).__name__
+                _check_octave_pair(name, x.high, x.low)
             low_fn = self.module if self.module_l is None else self.module_l
             return Octave(self.module(x.high), None if x.low is None else low_fn(x.low))
         if isinstance(x, Tensor):
@@ -360,6 +376,7 @@ class _OctPool(nn.Module):
             pooled = _same_layout(self._pool(high, self.ceil_mode), high)
             return Octave(pooled, None) if isinstance(x, Octave) else pooled
         high, low = self._check("high", x.high), self._check("low", x.low)
+        check_same_dtype_device(type(self).__name__, high, low)
         check_low_size(type(self).__name__, high, low, self.factors, self.octave)
         # The high map pools like the vanilla layer (floor mode unless ceil_mode). On odd sizes floor
         # mode can drop the low map's last partial window (high 6 -> 3 but its low 3 -> 1, not 2), so
@@ -572,5 +589,7 @@ class OctGlobalAvgPool(nn.Module):
         if len(parts) == 2 and parts[0].shape[0] != parts[1].shape[0]:
             raise ValueError(f"OctGlobalAvgPool expects the low map in the high map's batch size, got "
                              f"{tuple(parts[0].shape)} and {tuple(parts[1].shape)}")
+        if len(parts) == 2:
+            check_same_dtype_device("OctGlobalAvgPool", *parts)
         pooled = [p.mean(dim=tuple(range(2, p.dim())), keepdim=not self.flatten) for p in parts]
         return pooled[0] if len(pooled) == 1 else torch.cat(pooled, dim=1)

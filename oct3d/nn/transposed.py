@@ -15,6 +15,8 @@ high-resolution counterpart in 2D (FLOPs ``(1-a)^2 + a(1-a)/2 + a^2/4`` of the v
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor, nn
 
@@ -23,6 +25,7 @@ from oct3d.nn.conv import (
     branch_channels,
     check_alpha,
     check_bool,
+    check_float_dtype,
     check_minimums,
     check_positive_int,
     to_tuple,
@@ -108,6 +111,7 @@ class OctConvTranspose(nn.Module):
     ) -> None:
         super().__init__()
         bias = check_bool(bias, "bias")
+        check_float_dtype(dtype)
         if dims not in (1, 2, 3):
             raise ValueError(f"dims must be 1, 2 or 3 (the spatial axes of the maps), got {dims!r}")
         self.axes = octave_axes(dims, octave)
@@ -150,13 +154,35 @@ class OctConvTranspose(nn.Module):
         self.l2h = path(self.in_low, self.out_high, False) if self.in_low else None
         self.l2l = path(self.in_low, self.out_low, bias) if self.in_low and self.out_low else None
         self.is_vanilla = self.in_low == 0 and self.out_low == 0
+        if not self.is_vanilla:  # (a vanilla layer's path already has nn.ConvTransposeNd's own initialisation)
+            self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Initialise the paths as ``nn.ConvTransposeNd`` initialises the vanilla layer they are slices of.
+
+        PyTorch draws a transposed convolution's weights uniformly within ``1 / sqrt(fan)``, where
+        ``fan`` is its ``out_channels * prod(kernel_size)`` (dimension 1 of its weight). Each path
+        alone would use its own, smaller share of the channels and start an alpha-.5 layer's output
+        with up to twice the vanilla variance; every path takes the whole layer's bound instead.
+        """
+        bound = 1.0 / math.sqrt(self.out_channels * math.prod(self.kernel_size))
+        for path in (self.h2h, self.h2l, self.l2h, self.l2l):
+            if path is not None:
+                nn.init.uniform_(path.weight, -bound, bound)
+                if path.bias is not None:
+                    nn.init.uniform_(path.bias, -bound, bound)
 
     def extra_repr(self) -> str:
-        return (
-            f"dims={self.dims}, {self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
-            f"alpha_in={self.alpha_in}, alpha_out={self.alpha_out}, stride={self.stride}, padding={self.padding}, "
-            f"output_padding={self.output_padding}, octave={self.octave!r}"
-        )
+        # Constructor-like: OctConvTranspose2d(8, 8, kernel_size=(2, 2), ...); the generic class leads with dims.
+        parts = [] if type(self) in (OctConvTranspose1d, OctConvTranspose2d, OctConvTranspose3d) else [str(self.dims)]
+        parts += [str(self.in_channels), str(self.out_channels), f"kernel_size={self.kernel_size}",
+                  f"alpha_in={self.alpha_in}", f"alpha_out={self.alpha_out}", f"stride={self.stride}",
+                  f"padding={self.padding}", f"output_padding={self.output_padding}"]
+        if any(getattr(p, "bias", None) is not None for p in self._modules.values()):
+            parts.append("bias=True")
+        if self.dims == 3:
+            parts.append(f"octave={self.octave!r}")
+        return ", ".join(parts)
 
     @fx_leaf_forward
     def forward(self, x: OctaveInput) -> OctaveInput:
