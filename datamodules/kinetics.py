@@ -297,8 +297,9 @@ class VideoClipDataset(Dataset):
             videos of any frame rate (see :func:`~datamodules.video.source_step`); ``None``: in source frames.
 
     Attributes:
-        timing: seconds spent decoding (open, decode, RGB conversion) and transforming, and the clips and
-            videos delivered, in this process since construction (read by ``tools/benchmark_data.py``).
+        timing: seconds spent decoding (open, decode, RGB conversion) and transforming, the clips
+            delivered, the video opens (``videos``) and the frames decoded, in this process since
+            construction (read by ``tools/benchmark_data.py``).
     """
 
     def __init__(
@@ -350,7 +351,8 @@ class VideoClipDataset(Dataset):
         self.decoder_threads = decoder_threads
         self.decode_time_resize = decode_time_resize
         self.target_fps = check_target_fps(target_fps)
-        self.timing: dict[str, float] = {"decode_s": 0.0, "transform_s": 0.0, "clips": 0, "videos": 0}
+        self.timing: dict[str, float] = {"decode_s": 0.0, "transform_s": 0.0, "clips": 0, "videos": 0,
+                                         "frames_decoded": 0}
         # Failures seen by this process (each DataLoader worker has its own copy; batches carry them out).
         self.failures: dict[str, str] = {}
 
@@ -401,7 +403,10 @@ class VideoClipDataset(Dataset):
         try:
             with open_video(path, self.decoder, self.decoder_threads, self.decode_time_resize) as reader:
                 clips, sizes, planned = plan(reader.info)
-                return reader.get_clips(clips, sizes), planned, started
+                decoded = reader.get_clips(clips, sizes)
+                # (PyAV's reader counts the frames it decoded; the others decode what they are asked)
+                self.timing["frames_decoded"] += getattr(reader, "frames_decoded", sum(len(c) for c in clips))
+                return decoded, planned, started
         except VideoDecodeError as error:
             self.failures[path] = error.reason
             raise

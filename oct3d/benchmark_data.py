@@ -22,6 +22,11 @@ Loaders (``--loaders``):
 
 ``--generate N`` first writes N Kinetics-like videos into ``FOLDER`` with PyAV: 10 s at 30 fps, half
 340x256 and half 640x360, H.264 with x264's defaults (one keyframe every 250 frames, B-frames).
+
+``--test-views B [B ...]`` times the test protocol's loading instead (``test_clips x test_crops``
+views of each video, 10 x 3 by default): every view of each drawn video is fetched through the test
+dataset's batched fetch, ``B`` views per batch, as a DataLoader with ``eval_batch_size=B`` fetches them.
+It reports the video opens, frames decoded and milliseconds per video for each ``B``.
 """
 
 from __future__ import annotations
@@ -41,10 +46,11 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["LoaderResult", "benchmark_loaders", "format_table", "main", "make_kinetics_like", "measure_model"]
+__all__ = ["LoaderResult", "TestViewResult", "benchmark_loaders", "benchmark_test_views", "format_table",
+           "format_test_view_table", "main", "make_kinetics_like", "measure_model"]
 
 _CLIP_KEYS = ("num_frames", "sampling_rate", "crop_size", "min_short_side", "max_short_side", "flip_prob",
-              "mean", "std", "decoder", "clips_per_video", "batch_size", "target_fps")
+              "mean", "std", "decoder", "clips_per_video", "batch_size", "target_fps", "test_clips", "test_crops")
 _DEFAULT_CLIP = dict(num_frames=8, sampling_rate=8, crop_size=224, min_short_side=256, max_short_side=320,
                      flip_prob=0.5, decoder="pyav", clips_per_video=2, batch_size=8)
 
@@ -295,6 +301,96 @@ def benchmark_loaders(samples: list, loaders: Sequence[str], clip: dict[str, Any
     ]
 
 
+# --------------------------------------------------------------------------------------------- test views
+@dataclass
+class TestViewResult:
+    """Test-protocol loading of one batch size.
+
+    Attributes:
+        views_per_batch: views fetched per batched fetch (a DataLoader's ``eval_batch_size``).
+        videos: videos whose views were all fetched.
+        views: views delivered.
+        opens: video opens (decodes from a seek) this took.
+        frames_decoded: frames decoded (PyAV counts what it decodes; other decoders what they return).
+        seconds: wall time spent fetching.
+    """
+
+    views_per_batch: int
+    videos: int
+    views: int
+    opens: int
+    frames_decoded: int
+    seconds: float
+
+    @property
+    def ms_per_video(self) -> float:
+        """Milliseconds to load every view of one video."""
+        return 1000 * self.seconds / max(self.videos, 1)
+
+
+def benchmark_test_views(samples: list, batch_sizes: Sequence[int], clip: dict[str, Any], videos: int = 4,
+                         rounds: int = 2, seed: int = 0, skipped: list[str] | None = None) -> list[TestViewResult]:
+    """Time the test protocol's view loading for each batch size, interleaved over the same videos.
+
+    Each batch size gets its own test-mode :class:`~datamodules.kinetics.VideoClipDataset` (the
+    config's frames, stride, short side, crop, decoder, ``test_clips`` and ``test_crops``); the views of
+    each drawn video are fetched in consecutive chunks of that size through ``__getitems__``, the
+    DataLoader's batched fetch, so a chunk may span two videos exactly as a test batch does.
+    """
+    from datamodules.kinetics import VideoClipDataset
+    from datamodules.transforms import KINETICS_MEAN, KINETICS_STD, VideoEvalTransform
+
+    if not samples:
+        raise ValueError("no videos to benchmark")
+    order, _, unreadable = draw_readable(samples, videos, seed)
+    if skipped is not None:
+        skipped.extend(unreadable)
+    if not order:
+        raise ValueError("no readable videos to benchmark")
+    num_clips, num_crops = int(clip.get("test_clips", 10)), int(clip.get("test_crops", 3))
+    views = num_clips * num_crops
+    transform = VideoEvalTransform(clip["num_frames"], clip["crop_size"], clip["min_short_side"], num_crops,
+                                   mean=clip.get("mean", KINETICS_MEAN), std=clip.get("std", KINETICS_STD))
+    decoder = "pyav" if clip["decoder"] == "auto" else clip["decoder"]
+    datasets = {
+        size: VideoClipDataset(samples, "test", transform, clip["num_frames"], clip["sampling_rate"], num_clips,
+                               num_crops, decoder=decoder, target_fps=clip.get("target_fps"))
+        for size in batch_sizes
+    }
+
+    def fetch(size: int, video_indices: list[int]) -> None:
+        indices = [video * views + view for video in video_indices for view in range(views)]
+        for start in range(0, len(indices), size):
+            datasets[size].__getitems__(indices[start:start + size])
+
+    for size in batch_sizes:  # warm-up: codec libraries, allocator, caches
+        fetch(size, order[:1])
+        datasets[size].timing.update(decode_s=0.0, transform_s=0.0, clips=0, videos=0, frames_decoded=0)
+    chunks = [order[i::rounds] for i in range(rounds)]
+    seconds = dict.fromkeys(batch_sizes, 0.0)
+    for round_index, chunk in enumerate(chunks):
+        turn = round_index % len(batch_sizes)
+        for size in list(batch_sizes[turn:]) + list(batch_sizes[:turn]):
+            started = time.perf_counter()
+            fetch(size, chunk)
+            seconds[size] += time.perf_counter() - started
+    return [
+        TestViewResult(size, len(order), int(datasets[size].timing["clips"]), int(datasets[size].timing["videos"]),
+                       int(datasets[size].timing["frames_decoded"]), seconds[size])
+        for size in batch_sizes
+    ]
+
+
+def format_test_view_table(results: list[TestViewResult]) -> str:
+    """Markdown table: per video, opens, frames decoded and milliseconds for each views-per-batch."""
+    lines = ["| views per batch | opens per video | frames decoded per video | ms per video |", "|---|---|---|---|"]
+    for r in results:
+        per = max(r.videos, 1)
+        lines.append(f"| {r.views_per_batch} | {r.opens / per:.1f} | {r.frames_decoded / per:.0f} | "
+                     f"{r.ms_per_video:.0f} |")
+    return "\n".join(lines)
+
+
 # --------------------------------------------------------------------------------------------- model
 def measure_model(config: dict[str, Any], batch: int, device: str = "auto", steps: int = 3) -> float:
     """Training clips/s of the config's model (forward, backward, SGD step) on ``device``, after one warm-up step."""
@@ -387,6 +483,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--generate", type=int, default=0, metavar="N",
                         help="first write N Kinetics-like videos into FOLDER (10 s, 30 fps; alternately 340x256 and "
                              "640x360, the first 340x256)")
+    parser.add_argument("--test-views", type=int, nargs="+", metavar="B",
+                        help="time the test protocol's loading instead: every test view of each video, B views "
+                             "per batched fetch (e.g. 1 8 30)")
     parser.add_argument("--model-clips-per-s", type=float, help="training clips/s of one GPU's step (given)")
     parser.add_argument("--measure-model", action="store_true",
                         help="measure the config's model training step on --device instead")
@@ -406,6 +505,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     for name in ("videos", "rounds"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be >= 1")
+    if args.test_views and min(args.test_views) < 1:
+        parser.error(f"--test-views sizes must be >= 1, got {args.test_views}")
+    if args.test_views and (args.loaders or args.measure_model or args.model_clips_per_s):
+        parser.error("--test-views times the test protocol's loading; it takes no --loaders or model rate")
     config = _read_config(args.config)
     data_args = (config.get("data") or {}).get("init_args") or {}
     clip = {**_DEFAULT_CLIP, **{k: data_args[k] for k in _CLIP_KEYS if k in data_args}}
@@ -421,6 +524,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not samples:
         print(f"error: no videos under {root} (use --generate N to write Kinetics-like ones)", file=sys.stderr)
         return 2
+    if args.test_views:
+        return _main_test_views(args, samples, clip)
     k = int(clip["clips_per_video"])
     decoder = "pyav" if clip["decoder"] == "auto" else clip["decoder"]
     others = [f"{d}:{k}" for d in ("decord", "torchcodec") if d in available_decoders()]
@@ -455,6 +560,31 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.json:
         payload = {"cpu": cpu_model_name(), "clip": clip, "model_clips_per_s": model_rate, "model": model_note,
                    "results": [{**asdict(r), "clips_per_s": r.clips_per_s} for r in results]}
+        Path(args.json).write_text(json.dumps(payload, indent=2) + "\n")
+    return 0
+
+
+def _main_test_views(args: argparse.Namespace, samples: list, clip: dict[str, Any]) -> int:
+    torch.set_num_threads(1)  # one core: what one DataLoader worker has
+    skipped: list[str] = []
+    try:
+        results = benchmark_test_views(samples, args.test_views, clip, args.videos, args.rounds, args.seed, skipped)
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    finally:
+        if skipped:
+            print(f"skipped {len(skipped)} unreadable video(s): {'; '.join(skipped[:5])}", file=sys.stderr)
+    views = int(clip.get("test_clips", 10)) * int(clip.get("test_crops", 3))
+    print(f"CPU: {cpu_model_name()}; one core (torch threads 1, decoder threads 1); {results[0].videos} video "
+          f"reads per batch size, {args.rounds} interleaved rounds")
+    print(f"test views: {clip.get('test_clips', 10)} clips x {clip.get('test_crops', 3)} crops = {views} per video, "
+          f"{clip['num_frames']} frames x stride {clip['sampling_rate']}, short side {clip['min_short_side']}, "
+          f"crop {clip['crop_size']}, decoder {clip['decoder']}")
+    print(format_test_view_table(results))
+    if args.json:
+        payload = {"cpu": cpu_model_name(), "clip": clip,
+                   "test_views": [{**asdict(r), "ms_per_video": r.ms_per_video} for r in results]}
         Path(args.json).write_text(json.dumps(payload, indent=2) + "\n")
     return 0
 

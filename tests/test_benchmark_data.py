@@ -100,3 +100,23 @@ def test_webm_and_unreadable_files_neither_stop_nor_distort_the_benchmark(kineti
     err = capsys.readouterr().err
     assert "skipped 2 unreadable video(s): " in err and "empty.mp4" in err and "truncated.mp4" in err
     assert {r["name"]: r["clips"] for r in json.loads(output.read_text())["results"]} == {"plain": 3, "pyav:1": 3}
+
+
+def test_test_view_loading_counts_opens_and_frames_per_batch_size(kinetics_like, tmp_path, capsys):
+    folder, _ = kinetics_like
+    config = tmp_path / "small.yaml"
+    config.write_text(SMALL_CONFIG + "    test_clips: 4\n    test_crops: 3\n")
+    output = tmp_path / "views.json"
+    assert main([str(folder), "--config", str(config), "--test-views", "1", "4", "12", "--videos", "2",
+                 "--rounds", "2", "--json", str(output)]) == 0
+    table = capsys.readouterr().out
+    assert "4 clips x 3 crops = 12 per video" in table and "| views per batch | opens per video" in table
+    rows = {r["views_per_batch"]: r for r in json.loads(output.read_text())["test_views"]}
+    assert all(r["views"] == 2 * 12 and r["videos"] == 2 for r in rows.values())
+    # One open per fetch that touches a video: 12, 3 and 1 per video; a batch decodes its clips once.
+    assert [rows[b]["opens"] for b in (1, 4, 12)] == [24, 6, 2]
+    assert rows[1]["frames_decoded"] > rows[4]["frames_decoded"] > rows[12]["frames_decoded"] > 0
+    with pytest.raises(SystemExit):
+        main([str(folder), "--test-views", "0"])
+    with pytest.raises(SystemExit):
+        main([str(folder), "--test-views", "8", "--loaders", "plain"])

@@ -410,6 +410,8 @@ class OctConv(nn.Module):
     # ------------------------------------------------------------------ forward
     @fx_leaf_forward
     def forward(self, x: OctaveInput) -> OctaveInput:
+        """``Y_high`` (and ``Y_low`` as an :class:`~oct3d.nn.Octave` when ``alpha_out > 0``) of the
+        module docstring's formula, through the fast path where it applies."""
         high, low = self._split_input(x)
         if self.is_vanilla:
             return self._forward_vanilla(high)

@@ -37,6 +37,9 @@ __all__ = [
     "OctBatchNorm2d",
     "OctBatchNorm3d",
     "OctInstanceNorm",
+    "OctInstanceNorm1d",
+    "OctInstanceNorm2d",
+    "OctInstanceNorm3d",
     "OctMap",
     "OctReLU",
     "OctDropout",
@@ -143,7 +146,9 @@ class _OctNorm(nn.Module):
             raise ValueError(f"alpha={alpha} gives no low-frequency channels out of num_features={num_features}")
 
     def extra_repr(self) -> str:
-        return f"dims={self.dims}, num_features={self.num_features}, alpha={self.alpha}"
+        # Constructor-like: OctBatchNorm3d(64, alpha=0.5); the generic classes lead with dims.
+        generic = type(self) in (OctBatchNorm, OctInstanceNorm)
+        return f"{f'{self.dims}, ' if generic else ''}{self.num_features}, alpha={self.alpha}"
 
 
 class OctBatchNorm(_OctNorm):
@@ -171,6 +176,7 @@ class OctBatchNorm(_OctNorm):
 
     @fx_leaf_forward
     def forward(self, x: OctaveInput) -> OctaveInput:
+        """Each branch normalised by its own BatchNorm; the input's form (tensor or Octave) is kept."""
         x, high, low = _norm_input(self, "OctBatchNorm", x, self.bn_l is not None)
         if self.bn_l is None:
             out = batch_norm(self.bn_h, high)
@@ -229,6 +235,7 @@ class OctInstanceNorm(_OctNorm):
 
     @fx_leaf_forward
     def forward(self, x: OctaveInput) -> OctaveInput:
+        """Each branch normalised by its own InstanceNorm; the input's form (tensor or Octave) is kept."""
         x, high, low = _norm_input(self, "OctInstanceNorm", x, self.in_l is not None)
         if self.training or not self.in_h.track_running_stats:
             # Per-sample statistics need more than one value per channel, in the (smaller) low map too.
@@ -281,6 +288,42 @@ class OctBatchNorm3d(OctBatchNorm):
                          device=device, dtype=dtype)
 
 
+class OctInstanceNorm1d(OctInstanceNorm):
+    """:class:`OctInstanceNorm` for 1D maps."""
+
+    def __init__(
+        self, num_features: int, alpha: float = 0.5, eps: float = 1e-5, momentum: float | None = 0.1,
+        affine: bool = True, track_running_stats: bool = False, *,
+        device: torch.device | str | None = None, dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__(1, num_features, alpha, eps, momentum, affine, track_running_stats, device=device,
+                         dtype=dtype)
+
+
+class OctInstanceNorm2d(OctInstanceNorm):
+    """:class:`OctInstanceNorm` for 2D maps."""
+
+    def __init__(
+        self, num_features: int, alpha: float = 0.5, eps: float = 1e-5, momentum: float | None = 0.1,
+        affine: bool = True, track_running_stats: bool = False, *,
+        device: torch.device | str | None = None, dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__(2, num_features, alpha, eps, momentum, affine, track_running_stats, device=device,
+                         dtype=dtype)
+
+
+class OctInstanceNorm3d(OctInstanceNorm):
+    """:class:`OctInstanceNorm` for 3D maps."""
+
+    def __init__(
+        self, num_features: int, alpha: float = 0.5, eps: float = 1e-5, momentum: float | None = 0.1,
+        affine: bool = True, track_running_stats: bool = False, *,
+        device: torch.device | str | None = None, dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__(3, num_features, alpha, eps, momentum, affine, track_running_stats, device=device,
+                         dtype=dtype)
+
+
 class OctMap(nn.Module):
     """Apply a module to each branch of an octave map (activation, dropout, any elementwise op).
 
@@ -298,6 +341,7 @@ class OctMap(nn.Module):
 
     @fx_leaf_forward
     def forward(self, x: OctaveInput) -> OctaveInput:
+        """The module applied to each branch (or to a plain tensor)."""
         x = pair_as_octave(x)
         if isinstance(x, Octave):
             if x.low is not None and isinstance(x.high, Tensor) and isinstance(x.low, Tensor):
@@ -574,6 +618,7 @@ class OctGlobalAvgPool(nn.Module):
 
     @fx_leaf_forward
     def forward(self, x: OctaveInput) -> Tensor:
+        """``(N, C_high + C_low)`` (or ``(N, C, 1, ...)`` without ``flatten``): each branch's channel means."""
         x = pair_as_octave(x)
         parts: Sequence[Tensor]
         if isinstance(x, Octave):

@@ -66,7 +66,9 @@ class Octave(NamedTuple):
 # torch.load(weights_only=True) like a plain tuple of tensors: it holds nothing but tensors.
 torch.serialization.add_safe_globals([Octave])
 
-OctaveInput = Tensor | Octave
+#: What an octave layer takes: a plain tensor, an :class:`Octave`, or a ``(high, low)`` pair of
+#: tensors (tuple or list); what it returns is a tensor or an ``Octave``.
+OctaveInput = Tensor | Octave | tuple[Tensor, Tensor] | list[Tensor]
 
 
 def pair_as_octave(x: object) -> object:
