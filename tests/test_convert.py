@@ -1110,3 +1110,23 @@ def test_convolutions_with_a_padding_mode_convert_and_keep_it(padding_mode):
     convs = [m for m in octave.modules() if isinstance(m, OctConv) and not m.is_vanilla]
     assert len(convs) >= 2 and all(m.padding_mode == padding_mode for m in convs if m.kernel_size != (1, 1))
     assert octave(x).shape == net(x).shape
+
+
+def test_a_pool_that_misaligns_the_octave_on_some_sizes_closes_it_so_every_size_runs():
+    """MaxPool2d(3, 2, ceil_mode=True) (GoogLeNet, SqueezeNet) keeps the octave at the example size but not on
+    sizes of 2 modulo 4; the converter checks every size and closes the octave before it."""
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(),
+        nn.MaxPool2d(3, 2, ceil_mode=True), nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(),
+        nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(16, 4, 1),
+    ).eval()
+    converted = octavize(net, alpha=0.5, example_input=torch.randn(1, 3, 32, 32)).eval()
+    notes = describe_plan(converted)
+    assert "ceil_mode cannot keep the low branch at half the high one on every input size" in notes
+    assert any(isinstance(m, OctConv) and not m.is_vanilla for m in converted.modules())
+    for size in (20, 27, 28, 35, 36, 43, 44):
+        assert converted(torch.randn(1, 3, size, size)).shape == net(torch.randn(1, 3, size, size)).shape
+    same = octavize(net, alpha=0.0, example_input=torch.randn(1, 3, 32, 32)).eval()
+    x = torch.randn(1, 3, 30, 30)
+    torch.testing.assert_close(same(x), net(x), atol=1e-5, rtol=1e-5)

@@ -872,3 +872,15 @@ def test_layers_refuse_a_non_float_weight_dtype_at_construction(dtype):
         with pytest.raises(TypeError, match=r"dtype must be a floating-point torch\.dtype"):
             make()
     assert OctConv2d(8, 8, 3, pool_first=1).pool_first is True  # bools as nn layers take them, like bias
+
+
+def test_pool_misaligns_names_the_sizes_where_a_window_cannot_keep_the_octave():
+    from oct3d.nn.layers import pool_misaligns
+
+    assert pool_misaligns((3, 3), (2, 2), (0, 0), (1, 1), True, (2, 2)) == 6  # 2 modulo 4
+    for kernel, stride, padding, ceil_mode in (((2, 2), (2, 2), (0, 0), False), ((3, 3), (2, 2), (1, 1), False),
+                                               ((2, 2), (2, 2), (0, 0), True), ((3, 3), (1, 1), (1, 1), False)):
+        assert pool_misaligns(kernel, stride, padding, (1, 1), ceil_mode, (2, 2)) is None
+    assert pool_misaligns((3, 3), (2, 2), (0, 0), (1, 1), True, (1, 1)) is None  # no octave axis
+    with pytest.raises(ValueError, match="pools the high map"):
+        OctMaxPool2d(3, 2, 0, ceil_mode=True)(Octave(torch.randn(1, 2, 6, 6), torch.randn(1, 2, 3, 3)))

@@ -56,6 +56,7 @@ from oct3d.models.transfer import (
     split_branch_norm,
 )
 from oct3d.nn import OctBatchNorm, OctConv
+from oct3d.nn.layers import pool_misaligns
 from oct3d.nn.transposed import OctConvTranspose, transposed_low_size_ok
 
 __all__ = [
@@ -680,6 +681,7 @@ def _pool_params(node: fx.Node, ctx: Context) -> dict | None:
         kernel, stride, padding = module.kernel_size, module.stride, module.padding
         dilation = getattr(module, "dilation", 1)
         count_include_pad = getattr(module, "count_include_pad", True)
+        ceil_mode = module.ceil_mode
     else:
         kind = "max" if node.target in _MAX_POOL_FNS else "avg"
         kernel = _arg(node, 1, "kernel_size")
@@ -687,11 +689,13 @@ def _pool_params(node: fx.Node, ctx: Context) -> dict | None:
         padding = _arg(node, 3, "padding", 0)
         if kind == "max":
             dilation = _arg(node, 4, "dilation", 1)
+            ceil_mode = _arg(node, 5, "ceil_mode", False)
             count_include_pad = True
             if _arg(node, 6, "return_indices", False):
                 return None
         else:
             dilation = 1
+            ceil_mode = _arg(node, 4, "ceil_mode", False)
             count_include_pad = _arg(node, 5, "count_include_pad", True)
             if _arg(node, 6, "divisor_override", None):
                 return None
@@ -700,7 +704,7 @@ def _pool_params(node: fx.Node, ctx: Context) -> dict | None:
     except TypeError:
         return None
     return dict(kind=kind, kernel_size=values[0], stride=values[1], padding=values[2], dilation=values[3],
-                count_include_pad=bool(count_include_pad))
+                count_include_pad=bool(count_include_pad), ceil_mode=bool(ceil_mode))
 
 
 class PoolRule(Rule):
@@ -725,17 +729,14 @@ class PoolRule(Rule):
         params = _pool_params(node, ctx)
         if params is None:
             return "pooling with indices, a divisor override or unknown arguments"
-        source = ctx.shape(node.args[0])
-        out = ctx.shape(node)
-        dims = len(out) - 2
-        factors = ctx.factors(dims)
-        # The low branch's ceil-mode size must cover the octave low size of the high output.
-        for n, m, f, k, s, p, d in zip(source[2:], out[2:], factors, params["kernel_size"], params["stride"],
-                                       params["padding"], params["dilation"]):
-            low_in = -(-n // f)
-            low_out = -(-(low_in + 2 * p - d * (k - 1) - 1) // s) + 1
-            if low_out < -(-m // f):
-                return f"kernel {params['kernel_size']} / stride {params['stride']} cannot keep the branches aligned"
+        dims = len(ctx.shape(node)) - 2
+        # On every input size, not only the example's: the converted network must run wherever the original does.
+        size = pool_misaligns(params["kernel_size"], params["stride"], params["padding"], params["dilation"],
+                              params["ceil_mode"], ctx.factors(dims))
+        if size is not None:
+            return (f"kernel {params['kernel_size']} / stride {params['stride']} / padding {params['padding']}"
+                    f"{' / ceil_mode' if params['ceil_mode'] else ''} cannot keep the low branch at half the high "
+                    f"one on every input size (e.g. a map of {size} on an octave axis)")
         return None
 
     def data_inputs(self, node: fx.Node, ctx: Context) -> list[fx.Node]:

@@ -444,6 +444,41 @@ class _OctPool(nn.Module):
         return Octave(_same_layout(pooled_high, high), _same_layout(pooled_low, low))
 
 
+def _pooled_size(n: int, kernel: int, stride: int, padding: int, dilation: int, ceil_mode: bool) -> int:
+    """``nn.MaxPoolNd``'s output size on one axis (the last window must start inside the input or its left padding)."""
+    span = n + 2 * padding - dilation * (kernel - 1) - 1
+    if span < 0:
+        return 0
+    out = (-(-span // stride) if ceil_mode else span // stride) + 1
+    if ceil_mode and (out - 1) * stride >= n + padding:
+        out -= 1
+    return out
+
+
+def pool_misaligns(
+    kernel_size: Sequence[int], stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int],
+    ceil_mode: bool, factors: Sequence[int], sizes: range = range(1, 257),
+) -> int | None:
+    """The smallest size of an octave axis on which an octave pool cannot keep the low branch the high
+    one's octave, or None when it always can.
+
+    The high branch pools as the vanilla layer; the low branch (``ceil(n / f)`` on octave axes) pools
+    in ceil mode and must cover ``ceil(high output / f)``. Kernel 2 stride 2 and kernel 3 stride 2
+    padding 1 always can; kernel 3 stride 2 padding 0 in ceil mode cannot on sizes of 2 modulo 4.
+    Sizes whose low map is smaller than the window are not counted: there the pool raises an error
+    that names both maps (a map that small ends most networks anyway).
+    """
+    for n in sizes:
+        for k, s, p, d, f in zip(kernel_size, stride, padding, dilation, factors):
+            low = -(-n // f)
+            if f == 1 or low + 2 * p < d * (k - 1) + 1:
+                continue
+            high = _pooled_size(n, k, s, p, d, ceil_mode)
+            if high >= 1 and _pooled_size(low, k, s, p, d, True) < -(-high // f):
+                return n
+    return None
+
+
 def _same_layout(y: Tensor, like: Tensor) -> Tensor:
     # avg_pool3d returns a channels_last_3d map channels-first, and the low map's crop is a strided view:
     # later layers should get the caller's channels_last layout, dense.
