@@ -1130,3 +1130,77 @@ def test_a_pool_that_misaligns_the_octave_on_some_sizes_closes_it_so_every_size_
     same = octavize(net, alpha=0.0, example_input=torch.randn(1, 3, 32, 32)).eval()
     x = torch.randn(1, 3, 30, 30)
     torch.testing.assert_close(same(x), net(x), atol=1e-5, rtol=1e-5)
+
+
+class _FunctionalDropoutNet(nn.Module):
+    """DenseNet's idiom: F.dropout(..., training=self.training), and a literal training=True (MC dropout)."""
+
+    def __init__(self, mc: bool = False) -> None:
+        super().__init__()
+        self.mc = mc
+        self.body = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1),
+                                  nn.ReLU(), nn.Conv2d(16, 16, 3, stride=2, padding=1), nn.ReLU())
+        self.head = nn.Conv2d(16, 4, 1)
+
+    def forward(self, x):
+        x = self.body(x)
+        return self.head(F.dropout(x, p=0.5, training=True if self.mc else self.training))
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_functional_dropout_follows_the_converted_networks_mode(mode):
+    model = getattr(_FunctionalDropoutNet(), mode)()
+    x = torch.randn(2, 3, 16, 16)
+    net = octavize(model, alpha=0.5, example_input=x)
+    net.train()
+    torch.manual_seed(0)
+    a = net(x)
+    torch.manual_seed(1)
+    assert not torch.allclose(a, net(x))  # dropout applies in training
+    net.eval()
+    torch.testing.assert_close(net(x), net(x))
+    # (random in both modes, so no output check can validate the conversion: validate=False)
+    mc = octavize(_FunctionalDropoutNet(mc=True).eval(), alpha=0.5, example_input=x, validate=False).eval()
+    torch.manual_seed(0)
+    a = mc(x)
+    torch.manual_seed(1)
+    assert not torch.allclose(a, mc(x))  # a literal training=True stays: dropout in eval mode too
+
+
+def test_a_forward_that_branches_on_the_mode_is_named_and_dropped_parameters_are_counted():
+    class DeepSupervision(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1))
+            self.aux = nn.Conv2d(16, 2, 1)
+            self.unused = nn.Linear(4, 4)
+            self.head = nn.Conv2d(16, 2, 1)
+
+        def forward(self, x):
+            x = self.body(x)
+            return (self.head(x), self.aux(x)) if self.training else self.head(x)
+
+    with pytest.warns(UserWarning) as record:
+        octavize(DeepSupervision().eval(), alpha=0.5, example_input=torch.randn(1, 3, 16, 16))
+    messages = [str(w.message) for w in record]
+    assert any("does other things in training than in eval mode" in m and "eval-mode code" in m for m in messages)
+    assert any("54 parameter(s) of DeepSupervision belong to modules its forward never calls ('aux.weight'" in m
+               for m in messages)
+
+
+def test_torch_as_tensor_of_a_traced_map_is_the_map():
+    """MONAI's HighResBlock wraps a module's output in torch.as_tensor."""
+
+    class AsTensor(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1))
+            self.b = nn.Conv2d(16, 4, 1)
+
+        def forward(self, x):
+            return self.b(torch.as_tensor(self.a(x)))
+
+    model = AsTensor().eval()
+    x = torch.randn(1, 3, 16, 16)
+    torch.testing.assert_close(octavize(model, alpha=0.0, example_input=x)(x), model(x))
+    assert torch.as_tensor([1.0]).tolist() == [1.0]  # restored after tracing

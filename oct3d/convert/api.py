@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import numbers
 import warnings
+from collections import Counter
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -173,8 +174,8 @@ def octavize(
             "octave ones: the model is already an octave network (its OctConv layers are kept as they are)"
             if already else
             f"octavize converted none of {type(model).__name__}'s {len(result.octave_plan)} convolution(s) into "
-            "octave ones: every octave closed where it would open (describe_plan(net) says why for each; a "
-            "network built from ops without a rule, e.g. LayerNorm over channels or attention, stays vanilla)",
+            f"octave ones: every octave closed where it would open ({_reasons(result.octave_plan)}; "
+            "describe_plan(net) says why for each convolution)",
             stacklevel=2,
         )
     tiny = [conv.name for node, conv in plan.convs.items() if _single_pixel(ctx, node)]
@@ -267,6 +268,12 @@ def restore_caller_layout(outputs: Any, like: Any) -> Any:
     if isinstance(outputs, (tuple, list)):
         return type(outputs)(restore_caller_layout(value, like) for value in outputs)
     return outputs
+
+
+def _reasons(octave_plan: dict[str, tuple[float, float, str]]) -> str:
+    """The commonest notes of a plan, counted: ``"coarsest resolution x3; stem x1"``."""
+    counts = Counter(note for _, _, note in octave_plan.values() if note)
+    return "; ".join(f"{note} x{count}" for note, count in counts.most_common(3)) or "no convolution had a note"
 
 
 def _octave_plan(plan: Plan, ctx: Context) -> dict[str, tuple[float, float, str]]:

@@ -19,7 +19,7 @@ import copy
 import inspect
 import warnings
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 from torch import Tensor, fx, nn
@@ -170,7 +170,8 @@ class _Tracer(fx.Tracer):
 @contextlib.contextmanager
 def _specialising() -> Iterator[None]:
     """While tracing: ``torch.jit.isinstance(proxy, torch.Tensor)`` is True (it is False for an fx Proxy),
-    and ``len(proxy)`` is answered by a converter tracer from the example input (fx refuses it)."""
+    ``len(proxy)`` is answered by a converter tracer from the example input (fx refuses it), and
+    ``torch.as_tensor(proxy)`` is the proxy (as it is the tensor for a tensor)."""
     original_isinstance = torch.jit.isinstance
     original_len = fx.Proxy.__len__
 
@@ -184,13 +185,23 @@ def _specialising() -> Iterator[None]:
             return proxy.tracer.length(proxy)
         return original_len(proxy)
 
+    original_as_tensor = torch.as_tensor
+
+    def patched_as_tensor(data: Any, *args: Any, **kwargs: Any) -> Any:
+        # torch.as_tensor(tensor) is the tensor itself (MONAI's HighResBlock wraps a module's output in it).
+        if isinstance(data, fx.Proxy) and not args and not kwargs:
+            return data
+        return original_as_tensor(data, *args, **kwargs)
+
     torch.jit.isinstance = patched_isinstance
     fx.Proxy.__len__ = patched_len
+    torch.as_tensor = patched_as_tensor
     try:
         yield
     finally:
         torch.jit.isinstance = original_isinstance
         fx.Proxy.__len__ = original_len
+        torch.as_tensor = original_as_tensor
 
 
 def trace(
@@ -212,28 +223,146 @@ def trace(
         with _specialising():
             graph = tracer.trace(model, concrete_args=concrete_args)
     except Exception as error:
-        where = getattr(error, "_oct3d_module", None)
-        cause = _likely_cause(error)
-        if where is None:
-            raise ConversionError(
-                f"octavize could not trace {type(model).__name__} with torch.fx ({type(error).__name__}: {error}). "
-                f"The failing code is in the model's own forward{cause or ''}; make the forward traceable (no "
-                "Python control flow on tensor values), or convert a traceable submodule and keep the rest around it"
-            ) from error
-        name, kind = where
-        # Deep inside a block (a transformer's attention), the siblings often fail the same way one
-        # after the other: name the enclosing block and the top-level module too.
-        parts = name.split(".")
-        around = dict.fromkeys([".".join(parts[:-1]), parts[0]]) if len(parts) >= 3 else {}
-        also = f" (or a module around it: {' or '.join(map(repr, around))})" if around else ""
+        _raise_trace_error(model, error)
+    gm = fx.GraphModule(tracer.root, graph, class_name=type(model).__name__)
+    _follow_the_mode(gm, model, _other_mode_graph(model, rules, exclude, example, concrete_args))
+    _warn_dropped_parameters(model, gm)
+    return gm
+
+
+#: Dropout functions whose ``training`` argument a trace freezes, and the module that follows the mode instead.
+_DROPOUT_MODULES = {
+    torch.nn.functional.dropout: nn.Dropout, torch.nn.functional.dropout1d: nn.Dropout1d,
+    torch.nn.functional.dropout2d: nn.Dropout2d, torch.nn.functional.dropout3d: nn.Dropout3d,
+    torch.nn.functional.alpha_dropout: nn.AlphaDropout,
+    torch.nn.functional.feature_alpha_dropout: nn.FeatureAlphaDropout,
+}
+
+
+def _other_mode_graph(model: nn.Module, rules: Sequence[Rule], exclude: Sequence[str], example: tuple,
+                      concrete_args: dict | None) -> fx.Graph | None:
+    """The model's trace in the other train/eval mode, or None where that trace fails."""
+    was_training = model.training
+    model.train(not was_training)
+    try:
+        with _specialising(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the first trace already warned
+            return _Tracer(rules, tuple(exclude), tuple(pytree.tree_leaves(example))).trace(
+                model, concrete_args=concrete_args)
+    except Exception:
+        return None
+    finally:
+        model.train(was_training)
+
+
+def _node_signature(node: fx.Node, index: dict[fx.Node, int]) -> tuple:
+    def arg(value: Any) -> Any:
+        return fx.node.map_arg(value, lambda n: ("node", index[n]))
+
+    return node.op, str(node.target), repr(arg(node.args)), repr(arg(node.kwargs))
+
+
+def _dropout_training(node: fx.Node) -> bool | None:
+    """The ``training`` argument of a dropout-function node (as bound to its signature), None for other nodes."""
+    if node.op != "call_function" or node.target not in _DROPOUT_MODULES:
+        return None
+    try:
+        bound = inspect.signature(node.target).bind(*node.args, **node.kwargs)
+    except TypeError:
+        return None
+    bound.apply_defaults()
+    training = bound.arguments.get("training")
+    return training if isinstance(training, bool) else None
+
+
+def _follow_the_mode(gm: fx.GraphModule, model: nn.Module, other: fx.Graph | None) -> None:
+    """Make the converted network follow ``train()``/``eval()`` as the model does, or say where it cannot.
+
+    A trace freezes ``self.training``: ``F.dropout(x, p, training=self.training)`` (DenseNet's
+    ``drop_rate``) becomes a constant, and ``if self.training:`` keeps one branch. The model is traced
+    in both modes; dropout calls whose ``training`` flips with the mode become dropout modules (which
+    follow the mode), and any other difference gets a warning.
+    """
+    if other is None:
+        return
+    nodes, other_nodes = list(gm.graph.nodes), list(other.nodes)
+    index = {n: i for i, n in enumerate(nodes)}
+    other_index = {n: i for i, n in enumerate(other_nodes)}
+    mode = "training" if model.training else "eval"
+    if len(nodes) != len(other_nodes):
+        difference = f"{len(nodes)} against {len(other_nodes)} operations"
+    else:
+        flips, difference = [], None
+        for node, twin in zip(nodes, other_nodes):
+            if _node_signature(node, index) == _node_signature(twin, other_index):
+                continue
+            mine, theirs = _dropout_training(node), _dropout_training(twin)
+            if mine is not None and theirs is not None and mine != theirs and node.target is twin.target:
+                flips.append(node)
+                continue
+            difference = f"at {node.name} ({node.format_node()})"
+            break
+        if difference is None:
+            for node in flips:
+                bound = inspect.signature(node.target).bind(*node.args, **node.kwargs)
+                bound.apply_defaults()
+                module = _DROPOUT_MODULES[node.target](p=bound.arguments["p"], inplace=bound.arguments["inplace"])
+                name = f"oct3d_{node.name}"
+                gm.add_submodule(name, module)
+                with gm.graph.inserting_before(node):
+                    replacement = gm.graph.call_module(name, (bound.arguments["input"],))
+                node.replace_all_uses_with(replacement)
+                gm.graph.erase_node(node)
+            if flips:
+                gm.recompile()
+            return
+    warnings.warn(
+        f"{type(model).__name__}'s forward does other things in training than in eval mode beyond dropout (its "
+        f"traces differ {difference}): it branches on self.training (deep supervision, auxiliary heads), and the "
+        f"converted network keeps the {mode}-mode code in both modes. Convert it in the mode you will run it in, "
+        "or turn the mode-dependent outputs off (e.g. MONAI's deep_supervision=False)",
+        stacklevel=3,
+    )
+
+
+def _warn_dropped_parameters(model: nn.Module, gm: fx.GraphModule) -> None:
+    """Warn about parameters of modules the forward never calls: a GraphModule keeps only the called ones."""
+    kept = {id(p) for p in gm.parameters()}  # (a module shared under two names is kept once: not dropped)
+    dropped = [(name, p.numel()) for name, p in model.named_parameters() if id(p) not in kept]
+    if dropped:
+        total = sum(n for _, n in dropped)
+        names = ", ".join(repr(name) for name, _ in dropped[:3]) + (", ..." if len(dropped) > 3 else "")
+        warnings.warn(
+            f"{total} parameter(s) of {type(model).__name__} belong to modules its forward never calls ({names}); "
+            "the converted network leaves them out, so a checkpoint of the original loads into it only with "
+            "strict=False",
+            stacklevel=3,
+        )
+
+
+def _raise_trace_error(model: nn.Module, error: Exception) -> NoReturn:
+    """Raise the :class:`ConversionError` for a failed trace, naming the module it failed in."""
+    where = getattr(error, "_oct3d_module", None)
+    cause = _likely_cause(error)
+    if where is None:
         raise ConversionError(
-            f"octavize could not trace module {name!r} ({kind}) of {type(model).__name__} with torch.fx "
-            f"({type(error).__name__}: {error}){cause or ''}. Pass exclude=({name!r},){also} to keep it as one "
-            "opaque module "
-            "(it stays vanilla and the octave closes around it), or make its forward traceable, e.g. by moving "
-            "data-dependent control flow into a function marked with torch.fx.wrap"
+            f"octavize could not trace {type(model).__name__} with torch.fx ({type(error).__name__}: {error}). "
+            f"The failing code is in the model's own forward{cause or ''}; make the forward traceable (no "
+            "Python control flow on tensor values), or convert a traceable submodule and keep the rest around it"
         ) from error
-    return fx.GraphModule(tracer.root, graph, class_name=type(model).__name__)
+    name, kind = where
+    # Deep inside a block (a transformer's attention), the siblings often fail the same way one
+    # after the other: name the enclosing block and the top-level module too.
+    parts = name.split(".")
+    around = dict.fromkeys([".".join(parts[:-1]), parts[0]]) if len(parts) >= 3 else {}
+    also = f" (or a module around it: {' or '.join(map(repr, around))})" if around else ""
+    raise ConversionError(
+        f"octavize could not trace module {name!r} ({kind}) of {type(model).__name__} with torch.fx "
+        f"({type(error).__name__}: {error}){cause or ''}. Pass exclude=({name!r},){also} to keep it as one "
+        "opaque module "
+        "(it stays vanilla and the octave closes around it), or make its forward traceable, e.g. by moving "
+        "data-dependent control flow into a function marked with torch.fx.wrap"
+    ) from error
 
 
 def _likely_cause(error: Exception) -> str | None:
