@@ -6,7 +6,11 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 out="${1:-docs/benchmarks/cpu_channels_last}"
 mkdir -p "$out"
-python="${PYTHON:-.venv/bin/python}"
+# make's venv when there is one, else the python on PATH (PYTHON=/path/to/python overrides both)
+if [[ -n "${PYTHON:-}" ]]; then python="$PYTHON"
+elif [[ -x .venv/bin/python ]]; then python=.venv/bin/python
+else python="$(command -v python3 || command -v python)"
+fi
 bench() { "$python" tools/benchmark.py --alphas 0.5 --threads 2 "$@" 2>&1 | tail -1; }
 r50_b4=(--model oct_resnet50 --mode inference --batch-size 4 --iters 30 --warmup 5)
 r50_b1=(--model oct_resnet50 --mode inference --batch-size 1 --iters 60 --warmup 10)
