@@ -315,6 +315,8 @@ class TestViewResult:
         seconds: wall time spent fetching.
     """
 
+    __test__ = False  # (a name pytest would otherwise collect from a test module that imports it)
+
     views_per_batch: int
     videos: int
     views: int
@@ -507,8 +509,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error(f"--{name} must be >= 1")
     if args.test_views and min(args.test_views) < 1:
         parser.error(f"--test-views sizes must be >= 1, got {args.test_views}")
-    if args.test_views and (args.loaders or args.measure_model or args.model_clips_per_s):
-        parser.error("--test-views times the test protocol's loading; it takes no --loaders or model rate")
+    if args.test_views and (args.loaders or args.measure_model or args.model_clips_per_s
+                            or args.clips_per_video is not None):
+        parser.error("--test-views times the test protocol's loading; it takes no --loaders, --clips-per-video "
+                     "or model rate")
     config = _read_config(args.config)
     data_args = (config.get("data") or {}).get("init_args") or {}
     clip = {**_DEFAULT_CLIP, **{k: data_args[k] for k in _CLIP_KEYS if k in data_args}}
@@ -538,9 +542,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {error} under {root}" if "readable" in str(error) else f"error: {error}", file=sys.stderr)
         return 2
     finally:
-        if skipped:
-            shown = "; ".join(skipped[:5]) + (f"; and {len(skipped) - 5} more" if len(skipped) > 5 else "")
-            print(f"skipped {len(skipped)} unreadable video(s): {shown}", file=sys.stderr)
+        _report_skipped(skipped)
     model_rate = args.model_clips_per_s
     model_note = "given" if model_rate else None
     if args.measure_model:
@@ -564,6 +566,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+def _report_skipped(skipped: list[str]) -> None:
+    if skipped:
+        shown = "; ".join(skipped[:5]) + (f"; and {len(skipped) - 5} more" if len(skipped) > 5 else "")
+        print(f"skipped {len(skipped)} unreadable video(s): {shown}", file=sys.stderr)
+
+
 def _main_test_views(args: argparse.Namespace, samples: list, clip: dict[str, Any]) -> int:
     torch.set_num_threads(1)  # one core: what one DataLoader worker has
     skipped: list[str] = []
@@ -573,8 +581,7 @@ def _main_test_views(args: argparse.Namespace, samples: list, clip: dict[str, An
         print(f"error: {error}", file=sys.stderr)
         return 2
     finally:
-        if skipped:
-            print(f"skipped {len(skipped)} unreadable video(s): {'; '.join(skipped[:5])}", file=sys.stderr)
+        _report_skipped(skipped)
     views = int(clip.get("test_clips", 10)) * int(clip.get("test_crops", 3))
     print(f"CPU: {cpu_model_name()}; one core (torch threads 1, decoder threads 1); {results[0].videos} video "
           f"reads per batch size, {args.rounds} interleaved rounds")

@@ -1125,7 +1125,7 @@ def test_a_pool_that_misaligns_the_octave_on_some_sizes_closes_it_so_every_size_
     notes = describe_plan(converted)
     assert "ceil_mode cannot keep the low branch at half the high one on every input size" in notes
     assert any(isinstance(m, OctConv) and not m.is_vanilla for m in converted.modules())
-    for size in (20, 27, 28, 35, 36, 43, 44):
+    for size in (20, 22, 26, 27, 28, 30, 35, 36, 43, 44):  # 22, 26, 30: 2 modulo 4, where the pool misaligns
         assert converted(torch.randn(1, 3, size, size)).shape == net(torch.randn(1, 3, size, size)).shape
     same = octavize(net, alpha=0.0, example_input=torch.randn(1, 3, 32, 32)).eval()
     x = torch.randn(1, 3, 30, 30)
@@ -1204,3 +1204,24 @@ def test_torch_as_tensor_of_a_traced_map_is_the_map():
     x = torch.randn(1, 3, 16, 16)
     torch.testing.assert_close(octavize(model, alpha=0.0, example_input=x)(x), model(x))
     assert torch.as_tensor([1.0]).tolist() == [1.0]  # restored after tracing
+
+
+def test_tensor_constants_and_as_tensor_of_a_size_neither_warn_nor_stop_dropout_following_the_mode():
+    class Constants(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1),
+                                   nn.ReLU())
+            self.b = nn.Conv2d(16, 4, 1)
+
+        def forward(self, x):
+            y = F.dropout(self.a(x), 0.5, self.training)
+            return self.b(y * torch.tensor(2.0)) + torch.as_tensor(y.shape[-1]).float()
+
+    model = Constants().eval()
+    x = torch.randn(1, 3, 16, 16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "does other things in training" warning from the traced constants
+        net = octavize(model, alpha=0.5, example_input=x)
+    assert any(isinstance(m, nn.Dropout) for m in net.modules())
+    torch.testing.assert_close(octavize(model, alpha=0.0, example_input=x)(x), model(x))

@@ -1026,3 +1026,13 @@ def test_padding_mode_is_checked_and_reflect_names_the_map_it_cannot_pad():
         conv(torch.randn(1, 8, 2, 2))
     assert conv(torch.randn(1, 8, 4, 4)).low.shape[2:] == (2, 2)
     assert "padding_mode='reflect'" in repr(conv)
+    # Only the maps a path really pads count: a strided vanilla layer pads the full map, and with
+    # alpha_out=0 the low map feeds l2h, which does not pool it on the octave axes.
+    vanilla = OctConv(2, 4, 4, 3, 0.0, 0.0, stride=2, padding_mode="reflect")
+    plain = torch.nn.Conv2d(4, 4, 3, stride=2, padding=1, padding_mode="reflect", bias=False)
+    plain.weight.data.copy_(vanilla.h2h.weight)
+    x = torch.randn(1, 4, 2, 2)
+    torch.testing.assert_close(vanilla(x), plain(x))
+    last = OctConv(2, 8, 8, 3, 0.5, 0.0, stride=2, padding_mode="reflect")
+    y = Octave(torch.randn(1, 4, 4, 4), torch.randn(1, 4, 2, 2))
+    torch.testing.assert_close(last(y), last.forward_reference(y))

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import inspect
+import re
 import warnings
 from collections.abc import Iterator, Sequence
 from typing import Any, NoReturn
@@ -167,6 +168,14 @@ class _Tracer(fx.Tracer):
             self.stack.pop()
 
 
+def _is_tensor(proxy: fx.Proxy) -> bool:
+    """Whether a traced value is a tensor on the example input (False where it cannot be evaluated)."""
+    try:
+        return isinstance(proxy.tracer._concrete(proxy), Tensor)
+    except fx.proxy.TraceError:
+        return False
+
+
 @contextlib.contextmanager
 def _specialising() -> Iterator[None]:
     """While tracing: ``torch.jit.isinstance(proxy, torch.Tensor)`` is True (it is False for an fx Proxy),
@@ -188,9 +197,12 @@ def _specialising() -> Iterator[None]:
     original_as_tensor = torch.as_tensor
 
     def patched_as_tensor(data: Any, *args: Any, **kwargs: Any) -> Any:
-        # torch.as_tensor(tensor) is the tensor itself (MONAI's HighResBlock wraps a module's output in it).
-        if isinstance(data, fx.Proxy) and not args and not kwargs:
-            return data
+        if isinstance(data, fx.Proxy):
+            # torch.as_tensor(tensor) is the tensor itself (MONAI's HighResBlock wraps a module's output in
+            # it): no node, so the octave flows through. Anything else is recorded as the call it is.
+            if not args and not kwargs and isinstance(data.tracer, _Tracer) and _is_tensor(data):
+                return data
+            return data.tracer.create_proxy("call_function", original_as_tensor, (data, *args), kwargs)
         return original_as_tensor(data, *args, **kwargs)
 
     torch.jit.isinstance = patched_isinstance
@@ -241,25 +253,36 @@ _DROPOUT_MODULES = {
 
 def _other_mode_graph(model: nn.Module, rules: Sequence[Rule], exclude: Sequence[str], example: tuple,
                       concrete_args: dict | None) -> fx.Graph | None:
-    """The model's trace in the other train/eval mode, or None where that trace fails."""
-    was_training = model.training
-    model.train(not was_training)
+    """The trace of a copy of the model in the other train/eval mode, or None where that trace fails."""
+    other = copy.deepcopy(model)  # (the model keeps its own per-module flags, and gains no traced constants)
+    other.train(not model.training)
     try:
         with _specialising(), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the first trace already warned
             return _Tracer(rules, tuple(exclude), tuple(pytree.tree_leaves(example))).trace(
-                model, concrete_args=concrete_args)
+                other, concrete_args=concrete_args)
     except Exception:
         return None
-    finally:
-        model.train(was_training)
 
 
-def _node_signature(node: fx.Node, index: dict[fx.Node, int]) -> tuple:
+_TENSOR_CONSTANT = re.compile(r"_tensor_constant\d+$")
+
+
+def _node_signatures(graph: fx.Graph) -> list[tuple]:
+    """Per node, what it does, with its inputs as node positions and fx's tensor constants (named in
+    the order a trace met them) as their rank, so two traces of the same code compare equal."""
+    index = {n: i for i, n in enumerate(graph.nodes)}
+    constants: dict[str, int] = {}
+
+    def target(node: fx.Node) -> str:
+        if node.op == "get_attr" and _TENSOR_CONSTANT.match(str(node.target)):
+            return f"<tensor constant {constants.setdefault(str(node.target), len(constants))}>"
+        return str(node.target)
+
     def arg(value: Any) -> Any:
         return fx.node.map_arg(value, lambda n: ("node", index[n]))
 
-    return node.op, str(node.target), repr(arg(node.args)), repr(arg(node.kwargs))
+    return [(node.op, target(node), repr(arg(node.args)), repr(arg(node.kwargs))) for node in graph.nodes]
 
 
 def _dropout_training(node: fx.Node) -> bool | None:
@@ -283,18 +306,23 @@ def _follow_the_mode(gm: fx.GraphModule, model: nn.Module, other: fx.Graph | Non
     in both modes; dropout calls whose ``training`` flips with the mode become dropout modules (which
     follow the mode), and any other difference gets a warning.
     """
+    mode = "training" if model.training else "eval"
     if other is None:
+        if any(_dropout_training(node) is not None for node in gm.graph.nodes):
+            warnings.warn(
+                f"{type(model).__name__} could not be traced in the other train/eval mode, so whether its dropout "
+                f"calls follow the mode was not checked: they keep their {mode}-mode setting",
+                stacklevel=4,
+            )
         return
     nodes, other_nodes = list(gm.graph.nodes), list(other.nodes)
-    index = {n: i for i, n in enumerate(nodes)}
-    other_index = {n: i for i, n in enumerate(other_nodes)}
-    mode = "training" if model.training else "eval"
     if len(nodes) != len(other_nodes):
         difference = f"{len(nodes)} against {len(other_nodes)} operations"
     else:
         flips, difference = [], None
-        for node, twin in zip(nodes, other_nodes):
-            if _node_signature(node, index) == _node_signature(twin, other_index):
+        signatures = zip(nodes, other_nodes, _node_signatures(gm.graph), _node_signatures(other))
+        for node, twin, signature, twin_signature in signatures:
+            if signature == twin_signature:
                 continue
             mine, theirs = _dropout_training(node), _dropout_training(twin)
             if mine is not None and theirs is not None and mine != theirs and node.target is twin.target:
@@ -321,7 +349,7 @@ def _follow_the_mode(gm: fx.GraphModule, model: nn.Module, other: fx.Graph | Non
         f"traces differ {difference}): it branches on self.training (deep supervision, auxiliary heads), and the "
         f"converted network keeps the {mode}-mode code in both modes. Convert it in the mode you will run it in, "
         "or turn the mode-dependent outputs off (e.g. MONAI's deep_supervision=False)",
-        stacklevel=3,
+        stacklevel=4,
     )
 
 
@@ -336,7 +364,7 @@ def _warn_dropped_parameters(model: nn.Module, gm: fx.GraphModule) -> None:
             f"{total} parameter(s) of {type(model).__name__} belong to modules its forward never calls ({names}); "
             "the converted network leaves them out, so a checkpoint of the original loads into it only with "
             "strict=False",
-            stacklevel=3,
+            stacklevel=4,
         )
 
 

@@ -37,7 +37,7 @@ from torch import nn
 from oct3d.models.blocks import resolve_pool_first
 from oct3d.nn import OctAvgPool, OctBatchNorm, OctConv, OctMap, OctMaxPool, octave_add
 from oct3d.nn.conv import check_alpha
-from oct3d.nn.octave import OctaveInput
+from oct3d.nn.octave import OctaveInput, OctaveOutput
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")  # pytorchvideo's imports emit deprecation warnings
@@ -192,7 +192,7 @@ class OctaveSum(nn.Module):
     no parameters, so it adds no state-dict keys.
     """
 
-    def forward(self, x: OctaveInput, y: OctaveInput) -> OctaveInput:
+    def forward(self, x: OctaveInput, y: OctaveInput) -> OctaveOutput:
         """``x + y`` branch by branch (see :func:`oct3d.nn.octave_add`)."""
         return octave_add(x, y)
 

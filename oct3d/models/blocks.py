@@ -18,6 +18,7 @@ from torch import nn
 from oct3d.nn import (
     Octave,
     OctaveInput,
+    OctaveOutput,
     OctBatchNorm,
     OctConv,
     OctReLU,
@@ -129,7 +130,7 @@ class OctSqueezeExcite(nn.Module):
         self.fc_l = nn.Linear(hidden, self.low_channels) if self.low_channels else None
 
     @fx_leaf_forward
-    def forward(self, x: OctaveInput) -> OctaveInput:
+    def forward(self, x: OctaveInput) -> OctaveOutput:
         high = x.high if isinstance(x, Octave) else x
         low = x.low if isinstance(x, Octave) else None
         pooled = [high.mean(dim=tuple(range(2, high.dim())))]
@@ -164,7 +165,7 @@ class OctaveResplit(nn.Module):
         return f"alpha_in={self.alpha_in}, alpha_out={self.alpha_out}, octave={self.octave!r}"
 
     @fx_leaf_forward
-    def forward(self, x: OctaveInput) -> OctaveInput:
+    def forward(self, x: OctaveInput) -> OctaveOutput:
         full = from_octave(x, self.octave)
         return to_octave(full, self.alpha_out, self.octave) if self.alpha_out > 0 else full
 
@@ -186,7 +187,7 @@ class _OctResidual(nn.Module):
             dims, in_channels, out_channels, 1, alpha_in, alpha_out, stride, octave=octave, pool_first=pool_first
         )
 
-    def _finish(self, out: OctaveInput, x: OctaveInput) -> OctaveInput:
+    def _finish(self, out: OctaveInput, x: OctaveInput) -> OctaveOutput:
         identity = x if self.downsample is None else self.downsample(x)
         return self.relu(octave_add(out, identity))
 
@@ -230,7 +231,7 @@ class OctBottleneck(_OctResidual):
         )
 
     @fx_leaf_forward
-    def forward(self, x: OctaveInput) -> OctaveInput:
+    def forward(self, x: OctaveInput) -> OctaveOutput:
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.relu(self.bn2(self.conv2(out)))
         out = self.bn3(self.conv3(out))
@@ -269,7 +270,7 @@ class OctBasicBlock(_OctResidual):
         )
 
     @fx_leaf_forward
-    def forward(self, x: OctaveInput) -> OctaveInput:
+    def forward(self, x: OctaveInput) -> OctaveOutput:
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
         return self._finish(out, x)

@@ -38,7 +38,17 @@ from torch import Tensor, nn
 
 from oct3d.models.blocks import init_like_vanilla
 from oct3d.models.registry import forwards_kwargs, register_model
-from oct3d.nn import Octave, OctaveInput, OctAvgPool, OctBatchNorm, OctConv, OctMaxPool, OctReLU, split_channels
+from oct3d.nn import (
+    Octave,
+    OctaveInput,
+    OctaveOutput,
+    OctAvgPool,
+    OctBatchNorm,
+    OctConv,
+    OctMaxPool,
+    OctReLU,
+    split_channels,
+)
 from oct3d.nn.conv import check_alpha, check_positive_int
 from oct3d.nn.octave import check_channels_last, fx_leaf_forward, in_model_layout
 
@@ -63,7 +73,7 @@ def _branches(x: OctaveInput) -> tuple[Tensor, Tensor | None]:
     raise TypeError(f"expected a torch.Tensor or an Octave, got {type(x).__name__}")
 
 
-def _pack(high: Tensor, low: Tensor | None) -> OctaveInput:
+def _pack(high: Tensor, low: Tensor | None) -> OctaveOutput:
     return high if low is None else Octave(high, low)
 
 
@@ -91,7 +101,7 @@ class OctDenseLayer(nn.Module):
         self.conv2 = OctConv(2, mid, growth_rate, 3, alpha, alpha)
         self.output_piece: Piece = (self.conv2.out_high, self.conv2.out_low)
 
-    def forward(self, x: OctaveInput) -> OctaveInput:
+    def forward(self, x: OctaveInput) -> OctaveOutput:
         """The ``growth_rate`` new channels computed from the concatenated input ``x``."""
         x = self.conv1(self.relu1(self.norm1(x)))
         return self.conv2(self.relu2(self.norm2(x)))
@@ -112,7 +122,7 @@ class OctDenseBlock(nn.ModuleDict):
         self.pieces = tuple(pieces)
 
     @fx_leaf_forward
-    def forward(self, x: OctaveInput) -> OctaveInput:
+    def forward(self, x: OctaveInput) -> OctaveOutput:
         """The block input concatenated with every layer's output, high with high and low with low."""
         high, low = _branches(x)
         highs, lows = [high], ([] if low is None else [low])

@@ -38,7 +38,7 @@ from torch import Tensor, nn
 
 from oct3d.models.blocks import init_like_vanilla, resolve_pool_first
 from oct3d.models.registry import forwards_kwargs, register_model
-from oct3d.nn import OctaveInput, OctBatchNorm, OctConv, OctGlobalAvgPool, OctMap
+from oct3d.nn import OctaveInput, OctaveOutput, OctBatchNorm, OctConv, OctGlobalAvgPool, OctMap
 from oct3d.nn.conv import check_alpha, check_positive_int
 from oct3d.nn.octave import check_channels_last, in_model_layout
 
@@ -89,7 +89,7 @@ class OctDepthwiseSeparable(nn.Module):
         self.bn2 = OctBatchNorm(2, out_channels, alpha_out)
         self.relu = OctMap(nn.ReLU(inplace=True))
 
-    def forward(self, x: OctaveInput) -> OctaveInput:
+    def forward(self, x: OctaveInput) -> OctaveOutput:
         """Depthwise then pointwise octave convolution, each followed by BatchNorm and ReLU."""
         x = self.relu(self.bn1(self.conv1(x)))
         return self.relu(self.bn2(self.conv2(x)))

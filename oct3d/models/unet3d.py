@@ -41,6 +41,7 @@ from oct3d.nn import (
     OCTAVE_MODES,
     Octave,
     OctaveInput,
+    OctaveOutput,
     OctBatchNorm,
     OctConv,
     OctInstanceNorm,
@@ -71,7 +72,7 @@ class _ConvBNReLU(nn.Sequential):
     """
 
     @fx_leaf_forward
-    def forward(self, x: OctaveInput) -> OctaveInput:
+    def forward(self, x: OctaveInput) -> OctaveOutput:
         out = super().forward(x)
         if is_channels_last(_branches(x)[0]):
             out = map_octave(to_channels_last, out)  # no copy where the layout was kept
@@ -117,7 +118,7 @@ class _UpBlock(nn.Module):
         self.conv2 = _conv_bn_relu(out_channels, out_channels, alpha, alpha, octave, norm=norm)
 
     @fx_leaf_forward
-    def forward(self, x: OctaveInput, skip: OctaveInput) -> OctaveInput:
+    def forward(self, x: OctaveInput, skip: OctaveInput) -> OctaveOutput:
         high, low = _branches(x)
         skip_high, skip_low = _branches(skip)
         high = F.interpolate(high, size=skip_high.shape[2:], mode="trilinear", align_corners=False)

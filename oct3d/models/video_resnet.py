@@ -34,7 +34,7 @@ from oct3d.models.blocks import (
 from oct3d.models.registry import register_model
 from oct3d.nn import (
     OCTAVE_MODES,
-    OctaveInput,
+    OctaveOutput,
     OctBatchNorm,
     OctGlobalAvgPool,
     OctMaxPool,
@@ -222,7 +222,7 @@ class OctVideoResNet(nn.Module):
                         if bn is not None:
                             nn.init.zeros_(bn.weight)
 
-    def forward_features(self, x: Tensor) -> OctaveInput:
+    def forward_features(self, x: Tensor) -> OctaveOutput:
         """The feature map after ``layer4``, before the head (channels_last_3d when the model runs
         channels_last, as on CPU by default: use ``.reshape``, not ``.view``, to flatten it)."""
         if not isinstance(x, torch.fx.Proxy) and (not isinstance(x, Tensor) or x.dim() != 5):

@@ -30,6 +30,7 @@ from oct3d.nn.kernels import conv_nd
 from oct3d.nn.octave import (
     Octave,
     OctaveInput,
+    OctaveOutput,
     avg_pool,
     axes_names,
     broadcast_upsampled_,
@@ -315,7 +316,7 @@ class OctConv(nn.Module):
 
     def extra_repr(self) -> str:
         # Constructor-like: OctConv2d(8, 8, kernel_size=(3, 3), ...); the generic class leads with dims.
-        parts = [] if type(self) in (OctConv1d, OctConv2d, OctConv3d) else [str(self.dims)]
+        parts = [] if isinstance(self, (OctConv1d, OctConv2d, OctConv3d)) else [str(self.dims)]
         parts += [str(self.in_channels), str(self.out_channels), f"kernel_size={self.kernel_size}",
                   f"alpha_in={self.alpha_in}", f"alpha_out={self.alpha_out}", f"stride={self.stride}"]
         if any(d != 1 for d in self.dilation):
@@ -369,7 +370,8 @@ class OctConv(nn.Module):
                 f"(in_channels={self.in_channels}, alpha_in={self.alpha_in}), got {high.shape[1]}"
             )
         if self.in_low == 0:
-            self._check_reflect_fits(high, None)
+            if self.padding_mode == "reflect":
+                self._check_reflect_fits(high, None)
             return high, None
         if not isinstance(low, Tensor) or low.dim() != self.dims + 2:
             raise ValueError(f"{self._name()} expects a low tensor with {self.dims + 2} dims, got {_shape(low)}")
@@ -380,18 +382,27 @@ class OctConv(nn.Module):
                 f"(in_channels={self.in_channels}, alpha_in={self.alpha_in}), got {low.shape[1]}"
             )
         check_low_size(self._name(), high, low, self.factors, self.octave)  # (the channels were checked above)
-        self._check_reflect_fits(high, low)
+        if self.padding_mode == "reflect":
+            self._check_reflect_fits(high, low)
         return high, low
 
     def _check_reflect_fits(self, high: Tensor, low: Tensor | None) -> None:
         """Reflect padding needs every path's input larger than the padding: say so before torch's pad fails."""
-        if self.padding_mode != "reflect" or isinstance(high, torch.fx.Proxy):
+        if isinstance(high, torch.fx.Proxy):
             return
-        inputs = [tuple(-(-n // s) for n, s in zip(high.shape[2:], self._pool_h2h))]
+
+        def pooled(x: Tensor, factors: tuple[int, ...]) -> tuple[int, ...]:
+            return tuple(-(-n // f) for n, f in zip(x.shape[2:], factors))
+
+        # The map each existing path pads: a strided vanilla layer that does not pool first pads the full map.
+        strided = self.is_vanilla and not self.pool_first
+        inputs = [tuple(high.shape[2:]) if strided else pooled(high, self._pool_h2h)]
         if self.h2l is not None:
-            inputs.append(tuple(-(-n // s) for n, s in zip(high.shape[2:], self._pool_h2l)))
-        if low is not None:
-            inputs.append(tuple(-(-n // s) for n, s in zip(low.shape[2:], self._pool_l2l)))
+            inputs.append(pooled(high, self._pool_h2l))
+        if low is not None and self.l2h is not None:
+            inputs.append(pooled(low, self._pool_l2h))
+        if low is not None and self.l2l is not None:
+            inputs.append(pooled(low, self._pool_l2l))
         for size in inputs:
             if any(n <= p for n, p in zip(size, self.padding)):
                 raise ValueError(
@@ -409,7 +420,7 @@ class OctConv(nn.Module):
 
     # ------------------------------------------------------------------ forward
     @fx_leaf_forward
-    def forward(self, x: OctaveInput) -> OctaveInput:
+    def forward(self, x: OctaveInput) -> OctaveOutput:
         """``Y_high`` (and ``Y_low`` as an :class:`~oct3d.nn.Octave` when ``alpha_out > 0``) of the
         module docstring's formula, through the fast path where it applies."""
         high, low = self._split_input(x)
@@ -423,7 +434,7 @@ class OctConv(nn.Module):
             return y_high
         return Octave(y_high, y_low)
 
-    def forward_reference(self, x: OctaveInput) -> OctaveInput:
+    def forward_reference(self, x: OctaveInput) -> OctaveOutput:
         """The literal four-convolution formula of ``docs/semantics.md``; the fast path must equal it."""
         high, low = self._split_input(x)
         if self.is_vanilla:

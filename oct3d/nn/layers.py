@@ -20,6 +20,7 @@ from oct3d.nn.octave import (
     OCTAVE_MODES,
     Octave,
     OctaveInput,
+    OctaveOutput,
     axes_names,
     check_low_size,
     check_same_dtype_device,
@@ -59,7 +60,7 @@ __all__ = [
 _BN = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
 
 
-def map_octave(fn: Callable[[Tensor], Tensor], x: OctaveInput) -> OctaveInput:
+def map_octave(fn: Callable[[Tensor], Tensor], x: OctaveInput) -> OctaveOutput:
     """Apply ``fn`` to each branch of ``x`` (a plain tensor is one branch; a ``(high, low)`` pair is an Octave)."""
     x = pair_as_octave(x)
     if isinstance(x, Octave):
@@ -69,7 +70,7 @@ def map_octave(fn: Callable[[Tensor], Tensor], x: OctaveInput) -> OctaveInput:
     raise TypeError(f"expected a torch.Tensor or an Octave, got {type(x).__name__}")
 
 
-def octave_add(a: OctaveInput, b: OctaveInput) -> OctaveInput:
+def octave_add(a: OctaveInput, b: OctaveInput) -> OctaveOutput:
     """Per-branch sum of two octave maps (``high + high``, ``low + low``), e.g. a residual.
 
     Both must have the same branches of the same shapes: a residual of two octave maps adds, it
@@ -112,6 +113,20 @@ def _check_octave_pair(layer: str, high: Tensor, low: Tensor) -> None:
         )
 
 
+def _looks_paired(high: Tensor, low: Tensor) -> bool:
+    """A cheap test that ``low`` can be ``high``'s octave (per-layer hot path); False sends the pair to
+    :func:`_check_octave_pair` for the full check and its message. A 3D map's first axis may be either
+    halved (spatiotemporal) or kept (spatial)."""
+    high_shape, low_shape = high.shape, low.shape
+    if len(high_shape) != len(low_shape) or high_shape[0] != low_shape[0] or high.dtype != low.dtype \
+            or high.device != low.device:
+        return False
+    sizes = list(zip(high_shape[2:], low_shape[2:]))
+    if len(sizes) == 3 and sizes[0][0] == sizes[0][1]:
+        sizes = sizes[1:]
+    return all(m == (n + 1) // 2 for n, m in sizes)
+
+
 def _check_same_branch_shapes(a: Tensor | Octave, b: Tensor | Octave) -> None:
     def shapes(x: Tensor | Octave) -> tuple:
         if isinstance(x, Tensor):
@@ -147,7 +162,8 @@ class _OctNorm(nn.Module):
 
     def extra_repr(self) -> str:
         # Constructor-like: OctBatchNorm3d(64, alpha=0.5); the generic classes lead with dims.
-        generic = type(self) in (OctBatchNorm, OctInstanceNorm)
+        generic = not isinstance(self, (OctBatchNorm1d, OctBatchNorm2d, OctBatchNorm3d, OctInstanceNorm1d,
+                                        OctInstanceNorm2d, OctInstanceNorm3d))
         return f"{f'{self.dims}, ' if generic else ''}{self.num_features}, alpha={self.alpha}"
 
 
@@ -175,7 +191,7 @@ class OctBatchNorm(_OctNorm):
         self.bn_l = _BN[dims](self.low_channels, **kwargs) if self.low_channels else None
 
     @fx_leaf_forward
-    def forward(self, x: OctaveInput) -> OctaveInput:
+    def forward(self, x: OctaveInput) -> OctaveOutput:
         """Each branch normalised by its own BatchNorm; the input's form (tensor or Octave) is kept."""
         x, high, low = _norm_input(self, "OctBatchNorm", x, self.bn_l is not None)
         if self.bn_l is None:
@@ -234,7 +250,7 @@ class OctInstanceNorm(_OctNorm):
         self.in_l = _IN[dims](self.low_channels, **kwargs) if self.low_channels else None
 
     @fx_leaf_forward
-    def forward(self, x: OctaveInput) -> OctaveInput:
+    def forward(self, x: OctaveInput) -> OctaveOutput:
         """Each branch normalised by its own InstanceNorm; the input's form (tensor or Octave) is kept."""
         x, high, low = _norm_input(self, "OctInstanceNorm", x, self.in_l is not None)
         if self.training or not self.in_h.track_running_stats:
@@ -289,7 +305,7 @@ class OctBatchNorm3d(OctBatchNorm):
 
 
 class OctInstanceNorm1d(OctInstanceNorm):
-    """:class:`OctInstanceNorm` for 1D maps."""
+    """:class:`OctInstanceNorm` for 1D maps (``affine=True`` by default, unlike ``nn.InstanceNorm1d``)."""
 
     def __init__(
         self, num_features: int, alpha: float = 0.5, eps: float = 1e-5, momentum: float | None = 0.1,
@@ -301,7 +317,7 @@ class OctInstanceNorm1d(OctInstanceNorm):
 
 
 class OctInstanceNorm2d(OctInstanceNorm):
-    """:class:`OctInstanceNorm` for 2D maps."""
+    """:class:`OctInstanceNorm` for 2D maps (``affine=True`` by default, unlike ``nn.InstanceNorm2d``)."""
 
     def __init__(
         self, num_features: int, alpha: float = 0.5, eps: float = 1e-5, momentum: float | None = 0.1,
@@ -313,7 +329,7 @@ class OctInstanceNorm2d(OctInstanceNorm):
 
 
 class OctInstanceNorm3d(OctInstanceNorm):
-    """:class:`OctInstanceNorm` for 3D maps."""
+    """:class:`OctInstanceNorm` for 3D maps (``affine=True`` by default, unlike ``nn.InstanceNorm3d``)."""
 
     def __init__(
         self, num_features: int, alpha: float = 0.5, eps: float = 1e-5, momentum: float | None = 0.1,
@@ -340,13 +356,14 @@ class OctMap(nn.Module):
         self.module_l = None if share else copy.deepcopy(module)
 
     @fx_leaf_forward
-    def forward(self, x: OctaveInput) -> OctaveInput:
+    def forward(self, x: OctaveInput) -> OctaveOutput:
         """The module applied to each branch (or to a plain tensor)."""
         x = pair_as_octave(x)
         if isinstance(x, Octave):
-            if x.low is not None and isinstance(x.high, Tensor) and isinstance(x.low, Tensor):
+            if x.low is not None and isinstance(x.high, Tensor) and isinstance(x.low, Tensor) and not _looks_paired(
+                    x.high, x.low):
                 name = f"OctMap({type(self.module).__name__})" if type(self) is OctMap else type(self).__name__
-                _check_octave_pair(name, x.high, x.low)
+                _check_octave_pair(name, x.high, x.low)  # raises, naming what does not match
             low_fn = self.module if self.module_l is None else self.module_l
             return Octave(self.module(x.high), None if x.low is None else low_fn(x.low))
         if isinstance(x, Tensor):
@@ -390,9 +407,14 @@ class _OctPool(nn.Module):
         self.ceil_mode = check_bool(ceil_mode, "ceil_mode")
 
     def extra_repr(self) -> str:
-        extra = "".join(f", {name}={value!r}" for name, value in self._options().items())
-        return (f"dims={self.dims}, kernel_size={self.kernel_size}, stride={self.stride}, padding={self.padding}, "
-                f"octave={self.octave!r}{extra}")
+        # Constructor-like: OctMaxPool2d(kernel_size=(3, 3), ...); the generic classes lead with dims.
+        dimensional = (OctMaxPool1d, OctMaxPool2d, OctMaxPool3d, OctAvgPool1d, OctAvgPool2d, OctAvgPool3d)
+        parts = [] if isinstance(self, dimensional) else [str(self.dims)]
+        parts += [f"kernel_size={self.kernel_size}", f"stride={self.stride}", f"padding={self.padding}"]
+        parts += [f"{name}={value!r}" for name, value in self._options().items()]
+        if self.dims == 3:
+            parts.append(f"octave={self.octave!r}")
+        return ", ".join(parts)
 
     def _options(self) -> dict[str, object]:
         """The non-default pooling options, for the repr."""
@@ -411,7 +433,7 @@ class _OctPool(nn.Module):
         return t
 
     @fx_leaf_forward
-    def forward(self, x: OctaveInput) -> OctaveInput:
+    def forward(self, x: OctaveInput) -> OctaveOutput:
         """Pool the high branch like the vanilla layer, and the low branch so that it stays the
         high branch's octave (``ceil(n / 2)`` on the octave axes)."""
         x = pair_as_octave(x)
@@ -438,8 +460,9 @@ class _OctPool(nn.Module):
         if tuple(pooled_low.shape[2:]) != expected:
             raise ValueError(
                 f"{type(self).__name__}({self.extra_repr()}) pools the high map to {tuple(pooled_high.shape[2:])} "
-                f"but the low map to {tuple(pooled_low.shape[2:])}, not the expected {expected}; choose a "
-                "kernel/padding (and dilation, ceil_mode) whose output is ceil(n / stride), e.g. kernel 3, padding 1"
+                f"but the low map to {tuple(pooled_low.shape[2:])}, not the expected {expected}; this window "
+                "cannot keep the low branch at half the high one on this size (oct3d.nn.layers.pool_misaligns "
+                "finds such sizes); use one that can, e.g. kernel 2 stride 2, or kernel 3 stride 2 padding 1"
             )
         return Octave(_same_layout(pooled_high, high), _same_layout(pooled_low, low))
 

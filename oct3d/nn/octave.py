@@ -67,8 +67,10 @@ class Octave(NamedTuple):
 torch.serialization.add_safe_globals([Octave])
 
 #: What an octave layer takes: a plain tensor, an :class:`Octave`, or a ``(high, low)`` pair of
-#: tensors (tuple or list); what it returns is a tensor or an ``Octave``.
+#: tensors (tuple or list).
 OctaveInput = Tensor | Octave | tuple[Tensor, Tensor] | list[Tensor]
+#: What an octave layer returns: a plain tensor (no low branch) or an :class:`Octave`.
+OctaveOutput = Tensor | Octave
 
 
 def pair_as_octave(x: object) -> object:

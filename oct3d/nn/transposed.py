@@ -34,6 +34,7 @@ from oct3d.nn.octave import (
     CHANNELS_LAST_FORMATS,
     Octave,
     OctaveInput,
+    OctaveOutput,
     avg_pool,
     axes_names,
     check_low_size,
@@ -174,7 +175,8 @@ class OctConvTranspose(nn.Module):
 
     def extra_repr(self) -> str:
         # Constructor-like: OctConvTranspose2d(8, 8, kernel_size=(2, 2), ...); the generic class leads with dims.
-        parts = [] if type(self) in (OctConvTranspose1d, OctConvTranspose2d, OctConvTranspose3d) else [str(self.dims)]
+        dimensional = (OctConvTranspose1d, OctConvTranspose2d, OctConvTranspose3d)
+        parts = [] if isinstance(self, dimensional) else [str(self.dims)]
         parts += [str(self.in_channels), str(self.out_channels), f"kernel_size={self.kernel_size}",
                   f"alpha_in={self.alpha_in}", f"alpha_out={self.alpha_out}", f"stride={self.stride}",
                   f"padding={self.padding}", f"output_padding={self.output_padding}"]
@@ -185,7 +187,7 @@ class OctConvTranspose(nn.Module):
         return ", ".join(parts)
 
     @fx_leaf_forward
-    def forward(self, x: OctaveInput) -> OctaveInput:
+    def forward(self, x: OctaveInput) -> OctaveOutput:
         """``Y_high`` (and ``Y_low`` as an :class:`~oct3d.nn.Octave`) of the module docstring's formula."""
         high, low = self._split_input(x)
         y_high = self.h2h(high)
