@@ -261,6 +261,18 @@ def draw_readable(samples: list, videos: int, seed: int = 0) -> tuple[list[int],
     return order, counts, skipped
 
 
+def _draw(samples: list, videos: int, seed: int, skipped: list[str] | None) -> tuple[list[int], dict[int, int]]:
+    """:func:`draw_readable`'s draw and frame counts; the unreadable videos go to ``skipped``; none readable raises."""
+    if not samples:
+        raise ValueError("no videos to benchmark")
+    order, counts, unreadable = draw_readable(samples, videos, seed)
+    if skipped is not None:
+        skipped.extend(unreadable)
+    if not order:
+        raise ValueError("no readable videos to benchmark")
+    return order, counts
+
+
 def benchmark_loaders(samples: list, loaders: Sequence[str], clip: dict[str, Any], videos: int = 24,
                       rounds: int = 4, seed: int = 0, skipped: list[str] | None = None) -> list[LoaderResult]:
     """Time each loader over the same ``videos`` videos, interleaved: every round, each loader reads a share.
@@ -269,13 +281,7 @@ def benchmark_loaders(samples: list, loaders: Sequence[str], clip: dict[str, Any
     appended to ``skipped`` when given. The loaders run in this process; call
     ``torch.set_num_threads(1)`` first to measure one worker.
     """
-    if not samples:
-        raise ValueError("no videos to benchmark")
-    order, counts, unreadable = draw_readable(samples, videos, seed)
-    if skipped is not None:
-        skipped.extend(unreadable)
-    if not order:
-        raise ValueError("no readable videos to benchmark")
+    order, counts = _draw(samples, videos, seed, skipped)
     built = {spec: _make_loader(spec, samples, clip) for spec in loaders}
     for loader in built.values():
         if isinstance(loader, _PlainPyAV):
@@ -342,13 +348,7 @@ def benchmark_test_views(samples: list, batch_sizes: Sequence[int], clip: dict[s
     from datamodules.kinetics import VideoClipDataset
     from datamodules.transforms import KINETICS_MEAN, KINETICS_STD, VideoEvalTransform
 
-    if not samples:
-        raise ValueError("no videos to benchmark")
-    order, _, unreadable = draw_readable(samples, videos, seed)
-    if skipped is not None:
-        skipped.extend(unreadable)
-    if not order:
-        raise ValueError("no readable videos to benchmark")
+    order, _ = _draw(samples, videos, seed, skipped)
     num_clips, num_crops = int(clip.get("test_clips", 10)), int(clip.get("test_crops", 3))
     views = num_clips * num_crops
     transform = VideoEvalTransform(clip["num_frames"], clip["crop_size"], clip["min_short_side"], num_crops,
