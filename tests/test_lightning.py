@@ -127,8 +127,10 @@ def test_optimizer_and_schedule_follow_hyperparameters():
     assert group["momentum"] == 0.8 and group["weight_decay"] == 1e-3
     assert group["foreach"] is True  # CPU parameters: the multi-tensor implementation (foreach_kwargs)
     scheduler = trainer.lr_scheduler_configs[0].scheduler
-    assert scheduler.lr_lambdas[0].func.warmup_steps == 4
-    assert scheduler.lr_lambdas[0].func.total_steps == 8
+    from oct3d.lightning.modules import planned_schedule
+
+    plan = planned_schedule(*scheduler.lr_lambdas[0].args)
+    assert plan.warmup_steps == 4 and plan.total_steps == 8
     assert group["lr"] == pytest.approx(0.0, abs=1e-12)
 
 
@@ -290,7 +292,7 @@ def test_a_resumed_schedule_is_planned_over_the_new_run_length():
     def run(total: int, state: dict | None = None):
         model = torch.nn.Linear(2, 2)
         opt = torch.optim.SGD(model.parameters(), lr=0.1)
-        trainer = SimpleNamespace(estimated_stepping_batches=total, num_training_batches=3, accumulate_grad_batches=1,
+        trainer = SimpleNamespace(num_training_batches=3, accumulate_grad_batches=1, max_steps=-1,
                                   max_epochs=total // 3)
         config = warmup_cosine_schedule(opt, trainer, warmup_epochs=0.0, start_factor=0.01, min_factor=0.0)
         scheduler = config["scheduler"]
@@ -322,7 +324,7 @@ def test_a_resumed_run_follows_its_own_peak_learning_rate():
 
     model = torch.nn.Linear(2, 2)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    trainer = SimpleNamespace(estimated_stepping_batches=6, num_training_batches=3, accumulate_grad_batches=1,
+    trainer = SimpleNamespace(num_training_batches=3, accumulate_grad_batches=1, max_steps=-1,
                               max_epochs=2)
     scheduler = warmup_cosine_schedule(opt, trainer, warmup_epochs=0.0, start_factor=0.01, min_factor=0.0)["scheduler"]
     for _ in range(3):
@@ -442,3 +444,53 @@ def test_fine_tuning_from_a_checkpoint_with_another_class_count(tiny_kinetics, t
                              tiny_video_checkpoint, 3)
     with pytest.raises(FileNotFoundError, match=r"init_weights .*: no such file"):
         load_initial_weights(model.model, tmp_path / "missing.ckpt", 5)
+
+
+def test_resuming_with_a_larger_batch_continues_the_schedule_where_the_run_was(tmp_path):
+    """Fewer steps per epoch on resume (a larger batch, more devices): the restored step count is rescaled to
+    the same point of the run in epochs, instead of running past the end of the new plan (lr 0 from there on)."""
+    from oct3d.lightning.modules import WarmupCosine
+
+    samples = _views([[1.0, 0.0, 0.0]] * 12, [0] * 12, list(range(12)))
+    rates: list[tuple[int, float]] = []
+
+    class Data(pl.LightningDataModule):
+        def __init__(self, batch_size: int) -> None:
+            super().__init__()
+            self.batch_size = batch_size
+
+        def train_dataloader(self):
+            return DataLoader(samples, batch_size=self.batch_size)
+
+    class Rates(pl.Callback):
+        def on_train_batch_start(self, trainer, module, batch, batch_idx):
+            rates.append((trainer.current_epoch, trainer.optimizers[0].param_groups[0]["lr"]))
+
+    def fit(batch_size: int, epochs: int, ckpt_path=None) -> None:
+        model = VideoClassifier(backbone="_test_mean_logits", num_classes=3, lr=0.1, warmup_epochs=1,
+                                warmup_start_factor=0.1)
+        trainer = pl.Trainer(accelerator="cpu", max_epochs=epochs, logger=False, enable_progress_bar=False,
+                             enable_model_summary=False, default_root_dir=str(tmp_path),
+                             callbacks=[Rates(), pl.callbacks.ModelCheckpoint(dirpath=str(tmp_path), save_last=True)])
+        trainer.fit(model, datamodule=Data(batch_size), ckpt_path=ckpt_path)
+
+    fit(2, 2)  # 6 steps per epoch: stops at step 12
+    rates.clear()
+    fit(4, 4, ckpt_path=str(tmp_path / "last.ckpt"))  # 3 steps per epoch, 12 in all
+    epoch, lr = rates[0]
+    # Half-way through the run in epochs: step 6 of the new 12, after one epoch (3 steps) of warm-up.
+    assert epoch == 2 and lr == pytest.approx(0.1 * WarmupCosine(3, 12, 0.1, 0.0)(6)) and lr > 0.05
+    assert rates[-1][1] > 0  # the run ends on the cosine's last step, not past it
+
+
+def test_a_repeated_view_counts_once_in_its_videos_average():
+    """DDP's sampler pads with a repeat of the first view; counted twice, video 0's average would flip to class 0."""
+    samples = _views([[3.0, 0.0, 0.0], [0.0, 2.0, 0.0], [0.0, 2.0, 0.0], [0.0, 0.0, 1.0]], labels=[1, 1, 1, 2],
+                     video_index=[0, 0, 0, 1])
+    for view, sample in enumerate(samples):
+        sample["view_index"] = view
+    model = VideoClassifier(backbone="_test_mean_logits", num_classes=3)
+    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
+    (once,) = trainer.test(model, DataLoader(samples, batch_size=2), verbose=False)
+    (padded,) = trainer.test(model, DataLoader([*samples, samples[0], samples[0]], batch_size=2), verbose=False)
+    assert once["test/top1"] == pytest.approx(1.0) and padded == once

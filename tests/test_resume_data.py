@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import lightning.pytorch as pl
+import pytest
 import torch
 from torch import nn
 from torch.utils.data import Dataset
@@ -44,9 +45,19 @@ class _Recorder(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.01)
 
 
-def _fit(root, epochs: int, ckpt_path=None) -> list:
+class _ScheduledRecorder(_Recorder):
+    """As oct3d's Lightning modules configure their optimizers: with the run-long warm-up + cosine schedule."""
+
+    def configure_optimizers(self):
+        from oct3d.lightning.modules import warmup_cosine_schedule
+
+        optimizer = torch.optim.SGD(self.parameters(), lr=0.01)
+        return {"optimizer": optimizer, "lr_scheduler": warmup_cosine_schedule(optimizer, self.trainer, 1.0, 0.1, 0.0)}
+
+
+def _fit(root, epochs: int, ckpt_path=None, module=_Recorder) -> list:
     pl.seed_everything(3, workers=True)
-    model = _Recorder()
+    model = module()
     trainer = pl.Trainer(accelerator="cpu", max_epochs=epochs, logger=False, enable_progress_bar=False,
                          enable_model_summary=False, default_root_dir=str(root),
                          callbacks=[pl.callbacks.ModelCheckpoint(dirpath=str(root), save_last=True)])
@@ -54,10 +65,13 @@ def _fit(root, epochs: int, ckpt_path=None) -> list:
     return model.seen
 
 
-def test_resuming_continues_the_order_and_worker_seeds_of_an_uninterrupted_run(tmp_path):
-    whole = _fit(tmp_path / "whole", 3)
-    _fit(tmp_path / "part", 1)
-    resumed = _fit(tmp_path / "part", 3, ckpt_path=str(tmp_path / "part" / "last.ckpt"))
+@pytest.mark.parametrize("module", [_Recorder, _ScheduledRecorder])
+def test_resuming_continues_the_order_and_worker_seeds_of_an_uninterrupted_run(tmp_path, module):
+    """With a worker process; the scheduled module's schedule must not size the train loader before the
+    resumed loops are restored (that replayed the first epoch's order and worker seeds)."""
+    whole = _fit(tmp_path / "whole", 3, module=module)
+    _fit(tmp_path / "part", 1, module=module)
+    resumed = _fit(tmp_path / "part", 3, ckpt_path=str(tmp_path / "part" / "last.ckpt"), module=module)
     assert [s for s in whole if s[0] >= 1] == resumed
     # Epochs differ from each other (not one order replayed).
     orders = {tuple(i for s in whole if s[0] == e for i in s[1]) for e in range(3)}
@@ -71,3 +85,4 @@ def test_epoch_shuffle_sampler_depends_only_on_seed_and_epoch():
     b.set_epoch(3)
     assert list(a) != list(b)
     assert list(EpochShuffleSampler(10, seed=2, epoch=2)) != list(a)
+

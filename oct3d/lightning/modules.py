@@ -41,6 +41,8 @@ __all__ = [
     "record_hparam",
     "warmup_cosine_schedule",
     "apply_scheduled_lr",
+    "planned_schedule",
+    "steps_per_epoch",
     "remember_position",
     "validation_position",
 ]
@@ -123,26 +125,63 @@ def warmup_cosine_schedule(
     optimizer: torch.optim.Optimizer, trainer: pl.Trainer, warmup_epochs: float, start_factor: float,
     min_factor: float,
 ) -> dict[str, Any]:
-    """Lightning's ``lr_scheduler`` entry: :class:`WarmupCosine` stepped per optimizer step over the whole run."""
-    total_steps = max(int(trainer.estimated_stepping_batches), 1)
-    # estimated_stepping_batches has just set up the train loader, so the epoch length is known
-    # (and stays right when the run is bounded by max_steps rather than max_epochs).
-    batches = trainer.num_training_batches
-    if isinstance(batches, int) or (isinstance(batches, float) and math.isfinite(batches)):
-        steps_per_epoch = max(math.ceil(batches / trainer.accumulate_grad_batches), 1)
-    else:
-        max_epochs = trainer.max_epochs if trainer.max_epochs and trainer.max_epochs > 0 else 1
-        steps_per_epoch = max(total_steps / max_epochs, 1.0)
-    warmup_steps = min(round(warmup_epochs * steps_per_epoch), total_steps)
-    schedule = WarmupCosine(warmup_steps, total_steps, start_factor, min_factor)
+    """Lightning's ``lr_scheduler`` entry: :class:`WarmupCosine` stepped per optimizer step over the whole run.
+
+    The curve is planned when it is first needed, from the trainer's epoch length then, not here:
+    ``configure_optimizers`` runs before a resumed run restores its loops, and sizing the train
+    loader this early (``trainer.estimated_stepping_batches``) would start the first resumed epoch
+    with the first epoch's data order and worker seeds.
+    """
     # LambdaLR saves a callable object's fields and restores them over the new plan; a partial has none.
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, functools.partial(schedule))
+    factor = functools.partial(_planned_factor, trainer, float(warmup_epochs), float(start_factor), float(min_factor))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
     return {"scheduler": scheduler, "interval": "step", "frequency": 1}
 
 
+def steps_per_epoch(trainer: pl.Trainer) -> int | None:
+    """Optimizer steps per training epoch, or None before the train loader's length is known."""
+    batches = getattr(trainer, "num_training_batches", None)
+    if isinstance(batches, (int, float)) and not isinstance(batches, bool) and math.isfinite(batches) and batches > 0:
+        return max(math.ceil(batches / trainer.accumulate_grad_batches), 1)
+    return None
+
+
+def _run_steps(trainer: pl.Trainer, per_epoch: int) -> tuple[float, bool]:
+    """The run's length in optimizer steps (``inf`` when unbounded), and whether ``max_epochs`` bounds it."""
+    max_epochs, max_steps = getattr(trainer, "max_epochs", None), getattr(trainer, "max_steps", -1)
+    by_epochs = per_epoch * max_epochs if max_epochs is not None and max_epochs > 0 else math.inf
+    by_steps = max_steps if max_steps is not None and max_steps > 0 else math.inf
+    return min(by_epochs, by_steps), by_epochs <= by_steps
+
+
+def planned_schedule(trainer: pl.Trainer, warmup_epochs: float, start_factor: float,
+                     min_factor: float) -> WarmupCosine | None:
+    """The curve of :func:`warmup_cosine_schedule` over the trainer's run as it stands, in optimizer
+    steps; None before the train loader's length is known. An unbounded run warms up, then holds the peak."""
+    per_epoch = steps_per_epoch(trainer)
+    if per_epoch is None:
+        return None
+    total, _ = _run_steps(trainer, per_epoch)
+    warmup = round(warmup_epochs * per_epoch)
+    if not math.isfinite(total):
+        return WarmupCosine(warmup, max(warmup, 1), start_factor, 1.0)
+    total = max(int(total), 1)
+    return WarmupCosine(min(warmup, total), total, start_factor, min_factor)
+
+
+def _planned_factor(trainer: pl.Trainer, warmup_epochs: float, start_factor: float, min_factor: float,
+                    step: int) -> float:
+    plan = planned_schedule(trainer, warmup_epochs, start_factor, min_factor)
+    if plan is None:  # the scheduler's construction, before the train loader exists: the curve's start
+        return start_factor if warmup_epochs > 0 else 1.0
+    return plan(step)
+
+
 def remember_position(module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
-    """Keep the epoch and step a loaded checkpoint was saved at (for :func:`validation_position`)."""
+    """Keep the epoch and step a loaded checkpoint was saved at (for :func:`validation_position`), and
+    the epoch length of its run (for :func:`apply_scheduled_lr`)."""
     module._loaded_at = (int(checkpoint.get("epoch", 0)), int(checkpoint.get("global_step", 0)))
+    module._saved_steps_per_epoch = (checkpoint.get(CHECKPOINT_KEY) or {}).get("steps_per_epoch")
 
 
 def _plain(value: Any) -> Any:
@@ -311,7 +350,8 @@ def validation_position(module: pl.LightningModule) -> tuple[int, int]:
     return module.current_epoch, module.global_step
 
 
-def apply_scheduled_lr(trainer: pl.Trainer, peak_lr: float | None = None) -> None:
+def apply_scheduled_lr(trainer: pl.Trainer, peak_lr: float | None = None,
+                       saved_steps_per_epoch: int | None = None) -> None:
     """Set each optimizer's learning rates to what its ``LambdaLR`` schedule says for the current step.
 
     Called when training starts: a resumed run restores the optimizer's last learning rate, which
@@ -319,12 +359,23 @@ def apply_scheduled_lr(trainer: pl.Trainer, peak_lr: float | None = None) -> Non
     after the first step. ``peak_lr`` (the module's peak for this run: its ``lr``, scaled for this run's
     total batch) replaces the peak the checkpoint's scheduler restored, so a resumed run follows its own
     configuration (``--model.lr``, a different device count under the linear scaling rule); a change is
-    logged.
+    logged. ``saved_steps_per_epoch`` (the epoch length of the run that saved the checkpoint): where this
+    run's epochs have another number of steps (another batch size, device count or accumulation) and
+    ``max_epochs`` bounds the run, the restored step count is rescaled to the same point of the run in
+    epochs, so the curve continues where it was instead of running ahead (to 0) or behind.
     """
+    per_epoch = steps_per_epoch(trainer)
     for config in trainer.lr_scheduler_configs:
         scheduler = config.scheduler
         if not isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR) or scheduler.last_epoch <= 0:
             continue
+        if saved_steps_per_epoch and per_epoch and saved_steps_per_epoch != per_epoch and \
+                _run_steps(trainer, per_epoch)[1]:
+            step = round(scheduler.last_epoch * per_epoch / saved_steps_per_epoch)
+            rank_zero_info(f"resumed at step {step} of this run's learning-rate schedule ({per_epoch} steps per epoch; "
+                           f"the checkpoint's run had {saved_steps_per_epoch}, and stopped at its step "
+                           f"{scheduler.last_epoch})")
+            scheduler.last_epoch = step
         if peak_lr is not None and any(not math.isclose(base, peak_lr) for base in scheduler.base_lrs):
             rank_zero_info(f"resumed with peak learning rate {peak_lr:g} (the checkpoint's schedule had "
                            f"{', '.join(f'{b:g}' for b in scheduler.base_lrs)})")
@@ -437,7 +488,7 @@ class OctaveClassifier(pl.LightningModule):
 
     def on_train_start(self) -> None:
         """A resumed run starts at the learning rate its schedule gives the restored step."""
-        apply_scheduled_lr(self.trainer, self.effective_lr())
+        apply_scheduled_lr(self.trainer, self.effective_lr(), getattr(self, "_saved_steps_per_epoch", None))
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         """Cross-entropy (with label smoothing) on one training batch."""
@@ -495,6 +546,8 @@ class OctaveClassifier(pl.LightningModule):
         # view_index -> (video_index, top-1 hit, top-5 hit): the per-view metrics count each view once, even
         # when DDP's sampler hands a padded repeat of it to another rank.
         self._test_view_hits: dict[int, tuple[int, int, int]] = {}
+        # view_index -> (video_index, softmax, label) of the views a padded sampler may repeat (see test_step).
+        self._test_first_views: dict[int, tuple[int, Tensor, int]] = {}
 
     def on_test_start(self) -> None:
         """Refuse a test split without labels (every rank reads the same split, so every rank refuses)."""
@@ -546,10 +599,17 @@ class OctaveClassifier(pl.LightningModule):
         view_index = batch.get("view_index") if isinstance(batch, dict) else None
         if isinstance(view_index, Tensor) and keep is not None and view_index.numel() == keep.numel():
             view_index = view_index[keep]
-        if isinstance(view_index, Tensor) and view_index.numel() == len(top1):
+        named = isinstance(view_index, Tensor) and view_index.numel() == len(top1)
+        if named:
             for view, idx, hit1, hit5 in zip(view_index.tolist(), video_index.tolist(), top1, top5):
                 self._test_view_hits[view] = (idx, int(hit1), int(hit5))
+        # DDP's sampler pads the split with repeats of its first views (one fewer than the ranks at most),
+        # which may land on any rank: those views are kept apart, by view, and added to their videos once.
+        world = torch.distributed.get_world_size() if distributed else 1
         for i, idx in enumerate(video_index.tolist()):
+            if named and int(view_index[i]) < world:
+                self._test_first_views[int(view_index[i])] = (idx, probs[i].clone(), int(labels[i]))
+                continue
             entry = self._test_views.get(idx)
             if entry is None:
                 self._test_views[idx] = [probs[i].clone(), 1, int(labels[i]), int(top1[i]), int(top5[i])]
@@ -585,11 +645,26 @@ class OctaveClassifier(pl.LightningModule):
                     merged[idx][3] += top1_hits
                     merged[idx][4] += top5_hits
             views = dict(merged)
+        first_views = getattr(self, "_test_first_views", {})
+        if distributed:
+            gathered_first: list[dict] = [None] * torch.distributed.get_world_size()  # type: ignore[list-item]
+            torch.distributed.all_gather_object(gathered_first, first_views)
+            first_views = {view: entry for part in gathered_first for view, entry in part.items()}  # repeats: once
+        for idx, prob, label in first_views.values():
+            if idx in failed:
+                continue
+            entry = views.setdefault(idx, [torch.zeros_like(prob), 0, label, 0, 0])
+            entry[0] = entry[0] + prob
+            entry[1] += 1
+            hit = prob.topk(min(5, prob.numel())).indices
+            entry[3] += int(hit[0] == label)
+            entry[4] += int(bool((hit == label).any()))
         view_hits = getattr(self, "_test_view_hits", {})
         if distributed:
             gathered_hits: list[dict] = [None] * torch.distributed.get_world_size()  # type: ignore[list-item]
             torch.distributed.all_gather_object(gathered_hits, view_hits)
             view_hits = {view: hits for part in gathered_hits for view, hits in part.items()}  # repeats: once
+        self._test_views, self._test_first_views = {}, {}
         if not views:
             return
         indices = sorted(views)
@@ -691,6 +766,7 @@ class OctaveClassifier(pl.LightningModule):
             "class_names": list(self.class_names) if self.class_names is not None else None,
             "preprocessing": dict(self.preprocessing),
             "init_weights_from": getattr(self, "init_weights_from", None),
+            "steps_per_epoch": steps_per_epoch(self.trainer) if self._trainer is not None else None,
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:

@@ -35,6 +35,7 @@ from oct3d.lightning.modules import (
     record_hparam,
     remember_position,
     restore_preprocessing,
+    steps_per_epoch,
     validation_position,
     warmup_cosine_schedule,
 )
@@ -456,7 +457,7 @@ class VolumeSegmenter(pl.LightningModule):
 
     def on_train_start(self) -> None:
         """A resumed run starts at the learning rate its schedule gives the restored step."""
-        apply_scheduled_lr(self.trainer, float(self.hparams.lr))
+        apply_scheduled_lr(self.trainer, float(self.hparams.lr), getattr(self, "_saved_steps_per_epoch", None))
 
     def on_train_epoch_start(self) -> None:
         """Count this epoch's bad volumes afresh."""
@@ -643,6 +644,7 @@ class VolumeSegmenter(pl.LightningModule):
             "preprocessing": dict(self.preprocessing),
             "octavize": dict(self._octavize) if self._octavized else None,
             "init_weights_from": getattr(self, "init_weights_from", None),
+            "steps_per_epoch": steps_per_epoch(self.trainer) if self._trainer is not None else None,
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
