@@ -111,6 +111,12 @@ def test_fit_then_resume_continues_epoch_and_step(tiny_kinetics, tmp_path, caplo
     assert probs.shape == (6, 3) and torch.allclose(probs.sum(1), torch.ones(6))
     assert torch.cat([b["video_index"] for b in batches]).tolist() == [0, 0, 1, 1, 2, 2]
 
+    # A checkpoint file, like "last", keeps the command line's settings (Lightning would load the
+    # checkpoint's hyperparameters over them).
+    again = OctCLI(args=["fit", *args, "--trainer.max_epochs", "3", "--ckpt_path", str(resumed),
+                         "--model.init_args.lr", "0.0123", "--trainer.logger", "false"])
+    assert again.model.hparams.lr == 0.0123 and again.trainer.current_epoch == 3
+
 
 def test_imagenet_recipe_end_to_end(tiny_imagefolder, tmp_path):
     cli.main([
@@ -162,7 +168,9 @@ def test_a_refused_setting_is_one_error_line_and_exit_2(tiny_kinetics, tmp_path,
     # A class argument the module refuses reaches us wrapped by jsonargparse ("Does not validate against
     # any of the Union subtypes"): the module's own message, still one line.
     for override, message in ((["--model.lr", "-1"], "error: lr must be > 0, got -1.0"),
-                              (["--data.crop_size", "0"], "error: crop_size must be a positive int, got 0")):
+                              (["--data.crop_size", "0"], "error: crop_size must be a positive int, got 0"),
+                              (["--trainer.sync_batchnorm", "true", "--trainer.accelerator", "cpu"],
+                               "error: --trainer.sync_batchnorm true needs GPUs")):
         assert cli.lightning_main(["fit", *_tiny_video_args(tiny_kinetics, tmp_path / "logs"), *override]) == 2
         err = capsys.readouterr().err
         assert message in err and "Traceback" not in err and "Union subtypes" not in err

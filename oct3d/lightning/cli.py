@@ -97,6 +97,16 @@ class OctCLI(LightningCLI):
         if monitor and checkpoint.get("filename") == _checkpoint_filename(_DEFAULT_MONITOR):
             checkpoint.filename = _checkpoint_filename(monitor)
 
+    def _parse_ckpt_path(self) -> None:
+        """Keep the configuration as given for a checkpoint file too, as for ``last``/``best``.
+
+        LightningCLI would replace the model's arguments, command-line overrides included
+        (``--model.init_args.lr``), with the hyperparameters stored in a checkpoint file, but not for
+        ``last``/``best``, which are files only once :meth:`before_fit` resolves them. The command line
+        defines the run either way; the checkpoint restores weights and training state, and oct3d's
+        modules check that it holds the same network (:meth:`on_load_checkpoint`).
+        """
+
     def _resolve_ckpt_path(self) -> None:
         # "last"/"best" of an earlier run: every fit logs into a new version folder, where
         # Lightning would look (and, finding nothing, start from scratch with a warning).
@@ -112,6 +122,7 @@ class OctCLI(LightningCLI):
     before_validate = before_test = before_predict = before_fit
 
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Callback]) -> Trainer:
+        _check_sync_batchnorm(config)
         extra: list[Callback] = [*_data_error_callbacks()]
         given = [c for c in (config.get("callbacks") or []) + callbacks if isinstance(c, Callback)]
         if config.get("enable_progress_bar", True) is not False and not any(isinstance(c, ProgressBar) for c in given):
@@ -122,6 +133,17 @@ class OctCLI(LightningCLI):
         if has_logger and not any(isinstance(c, LearningRateMonitor) for c in given):
             extra.append(LearningRateMonitor(logging_interval="step"))
         return super()._instantiate_trainer(config, callbacks + extra)
+
+
+def _check_sync_batchnorm(config: dict[str, Any]) -> None:
+    """Refuse ``sync_batchnorm`` on CPU before the launch: every rank would fail with its own traceback."""
+    import torch
+
+    accelerator = config.get("accelerator")
+    on_cpu = accelerator == "cpu" or (accelerator in (None, "auto") and not torch.cuda.is_available())
+    if config.get("sync_batchnorm") and on_cpu:
+        raise ValueError("--trainer.sync_batchnorm true needs GPUs (SyncBatchNorm runs on CUDA only); on the CPU add "
+                         "--trainer.sync_batchnorm false (each process then keeps its own BatchNorm statistics)")
 
 
 def run_cli(args: list[str] | None = None) -> int:
