@@ -160,3 +160,15 @@ def test_onnx_export_writes_the_opset_asked_for_and_never_overwrites_its_checkpo
         export_main(["--checkpoint", str(copy), "--format", "onnx", "--opset", "5", str(tmp_path / "o5.onnx")])
     assert stop.value.code == 2 and "--opset must be an ONNX opset from 7 to" in capsys.readouterr().err
     assert not (tmp_path / "o5.onnx").exists()
+
+
+def test_torchscript_export_of_a_residual_video_network_that_re_splits_its_octaves(tmp_path):
+    """oct_r3d_18's basic blocks split a merged map again (to_octave): traced sizes are 0-d tensors there."""
+    model, meta = _eager_and_meta("oct_r3d_18", {"alpha": 0.5, "base_width": 8}, "video",
+                                  {"num_frames": 4, "crop_size": 32})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tracer warnings
+        out = export_model(model, meta, "torchscript", tmp_path / "r3d.pt")
+    x = torch.randn(meta.input_shape(batch_size=2))
+    with torch.no_grad():
+        assert torch.allclose(torch.jit.load(str(out))(x), model(x), atol=1e-5, rtol=0)

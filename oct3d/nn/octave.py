@@ -89,6 +89,8 @@ def low_channels(channels: int, alpha: float) -> int:
     """
     if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not 0.0 <= float(alpha) < 1.0:
         raise ValueError(f"alpha must be a float in [0, 1), got {alpha!r}")
+    if isinstance(channels, Tensor) and channels.dim() == 0 and not channels.is_floating_point():
+        channels = int(channels)  # torch.jit.trace hands out sizes as 0-d tensors; a channel count is static
     if not isinstance(channels, torch.SymInt) and (
         isinstance(channels, bool) or not isinstance(channels, numbers.Integral) or channels < 0
     ):  # (a symbolic size under torch.export is checked by its own guards)
