@@ -641,6 +641,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.batch_size < 1:
         parser.error("--batch-size must be >= 1")
+    _check_run_arguments(parser, args)
     if args.table:
         # Rendering saved runs times nothing: a timing option beside it would be silently ignored.
         ignored = [
@@ -652,6 +653,46 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
             parser.error(f"--table renders saved --json runs and times nothing; it takes only --output, "
                          f"not {', '.join(ignored)}")
     return args
+
+
+def _check_run_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuse, before any timing, what would otherwise fail as a traceback or be ignored after minutes of it."""
+    import json
+
+    from oct3d.inference import check_output_file
+    from oct3d.models import list_models
+
+    for option in ("output", "json", "plot"):
+        if getattr(args, option):
+            check_output_file(parser, f"--{option}", getattr(args, option))
+    if args.table:
+        return
+    if args.model not in list_models():
+        parser.error(f"--model {args.model!r} is not a registered model; `oct3d table` lists them")
+    bad = [a for a in args.alphas if not 0.0 <= a < 1.0]
+    if bad:
+        parser.error(f"--alphas must lie in [0, 1), got {bad}")
+    if args.iters < 1 or args.warmup < 0:
+        parser.error(f"--iters must be >= 1 and --warmup >= 0, got {args.iters} and {args.warmup}")
+    if args.threads is not None and args.threads < 1:
+        parser.error(f"--threads must be >= 1, got {args.threads}")
+    try:
+        torch.device(args.device)
+    except RuntimeError:
+        parser.error(f"--device must be cpu, cuda or cuda:N, got {args.device!r}")
+    if args.model_kwargs is not None:
+        try:
+            kwargs = json.loads(args.model_kwargs)
+        except json.JSONDecodeError as error:
+            parser.error(f"--model-kwargs must be a JSON object, e.g. '{{\"base_width\": 16}}': {error}")
+        if not isinstance(kwargs, dict):
+            parser.error(f"--model-kwargs must be a JSON object, got {args.model_kwargs}")
+    if args.plot and args.scaling:
+        parser.error("--plot draws ratios against alpha; it does not apply to --scaling")
+    if args.ops and (args.json or args.plot):
+        parser.error("--ops prints a table of kernels (--output writes it); it has no --json or --plot")
+    if args.fuse and ("train" in args.mode or "both" in args.mode):
+        parser.error("--fuse folds BatchNorm for inference only: use it with --mode inference")
 
 
 def _setting(args: argparse.Namespace, dev: str) -> str:

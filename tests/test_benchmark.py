@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import pytest
 
@@ -287,3 +288,24 @@ def test_steady_malloc_falls_back_to_old_glibcs_largest_threshold(monkeypatch):
     monkeypatch.setattr(ctypes, "CDLL", lambda name: FakeLibc())
     assert system.steady_malloc()
     assert calls == [(-1, system.TRIM_THRESHOLD), (-3, system.MMAP_THRESHOLD), (-3, system.OLD_GLIBC_MAX_MMAP)]
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--model", "nope"], "is not a registered model"),
+    (["--alphas", "1.5"], r"--alphas must lie in \[0, 1\)"),
+    (["--iters", "0"], "--iters must be >= 1"),
+    (["--device", "tpu"], "--device must be cpu, cuda or cuda:N"),
+    (["--model-kwargs", "{bad"], "--model-kwargs must be a JSON object"),
+    (["--model-kwargs", "[1]"], "--model-kwargs must be a JSON object"),
+    (["--json", "/no/such/folder/a.json"], "does not exist"),
+    (["--fuse"], "--fuse folds BatchNorm for inference only"),
+    (["--scaling", "batch", "--plot", "x.png"], "--plot draws ratios against alpha"),
+    (["--ops", "--json", "ops.json"], "--ops prints a table"),
+])
+def test_bad_arguments_are_refused_before_any_timing(args, message, capsys):
+    from oct3d.benchmark import main
+
+    with pytest.raises(SystemExit) as stop:
+        main(args)
+    assert stop.value.code == 2
+    assert re.search(message, capsys.readouterr().err)
