@@ -58,7 +58,8 @@ __all__ = [
 ]
 
 # VIDEO_EXTENSIONS is the data modules' list (datamodules.video), so infer reads every container they train on.
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+#: The image files inference reads: those ``torchvision.datasets.ImageFolder`` trains on (decoded with PIL alike).
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 #: views -> (temporal clips, spatial crops): 30 is the Kinetics 10-clip x 3-crop test protocol.
 VIEW_LAYOUTS = {1: (1, 1), 3: (1, 3), 10: (10, 1), 30: (10, 3)}
 
@@ -498,12 +499,19 @@ def _load_video_views(path: Path, meta: ModelMetadata, views: Views, window: flo
 
 
 def _load_image_view(path: Path, meta: ModelMetadata) -> Tensor:
-    from torchvision.io import ImageReadMode, decode_image
+    from PIL import Image, UnidentifiedImageError
     from torchvision.transforms.v2 import functional as F
 
     prep = meta.preprocessing
     crop = int(prep.get("crop_size", 224))
-    image = decode_image(str(path), mode=ImageReadMode.RGB)
+    # Decoded as ImageFolder decodes the training images (PIL, RGB), so every format it trains on is read.
+    try:
+        with Image.open(path) as opened:
+            image = F.pil_to_tensor(opened.convert("RGB"))
+    except UnidentifiedImageError:
+        raise ValueError("not an image file PIL can read") from None
+    except OSError as error:  # a truncated or corrupt file
+        raise ValueError(f"unreadable image ({error})") from None
     image = F.resize(image, int(prep.get("resize_size", round(crop * 256 / 224))), antialias=True)
     image = F.center_crop(image, [crop, crop])
     image = F.to_dtype(image, torch.float32, scale=True)

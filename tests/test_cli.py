@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import sys
 from pathlib import Path
@@ -137,6 +138,21 @@ def test_imagenet_recipe_end_to_end(tiny_imagefolder, tmp_path):
     assert state["hyper_parameters"]["label_smoothing"] == 0.1
     # lr 0.1 per 256 images, batch 4 on one device: peak 0.1 * 4 / 256
     assert state["optimizer_states"][0]["param_groups"][0]["initial_lr"] == pytest.approx(0.1 * 4 / 256)
+
+    # Inference reads every format ImageFolder trains on (PIL), and names a broken file without native paths.
+    from PIL import Image
+
+    images = tmp_path / "images"
+    images.mkdir()
+    source = next((tiny_imagefolder / "val").rglob("*.JPEG"))
+    for suffix in (".bmp", ".tif", ".png"):
+        Image.open(source).save(images / f"a{suffix}")
+    (images / "broken.jpg").write_bytes(source.read_bytes()[:200])
+    out = tmp_path / "preds.jsonl"
+    assert cli.main(["infer", "--checkpoint", str(last), "--output", str(out), str(images)]) == 1
+    rows = {Path(r["path"]).name: r for r in map(json.loads, out.read_text().splitlines())}
+    assert all("error" not in rows[f"a{suffix}"] for suffix in (".bmp", ".tif", ".png"))
+    assert "broken.jpg" in rows["broken.jpg"]["error"] and ".cpp" not in rows["broken.jpg"]["error"]
 
 
 def test_fit_over_broken_videos_finishes_and_reports_them(broken_kinetics, tmp_path):
