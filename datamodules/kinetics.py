@@ -24,6 +24,7 @@ from __future__ import annotations
 import csv
 import os
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -162,7 +163,9 @@ def read_kinetics_annotations(
 
     Raises:
         FileNotFoundError: no annotation file for ``split``.
-        ValueError: missing columns, or a label outside the train split's classes.
+        ValueError: missing columns or bad times.
+
+    Rows whose label is not among ``class_names`` are skipped with one warning that counts them.
     """
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
@@ -178,6 +181,7 @@ def read_kinetics_annotations(
     split_dir = next((root / name for name in _SPLIT_ALIASES[split] if (root / name).is_dir()), root / split)
     index = _index_videos(split_dir)
     samples = []
+    unknown: list[str] = []
     for row in rows:
         label_name = (row.get("label") or "").strip()
         try:
@@ -186,7 +190,8 @@ def read_kinetics_annotations(
             raise ValueError(f"{csv_path}: bad time_start/time_end in row {row}") from error
         if label_name:
             if label_name not in class_index:
-                raise ValueError(f"{csv_path}: label {label_name!r} is not among the {len(class_names)} train classes")
+                unknown.append(label_name)
+                continue
             label = class_index[label_name]
         else:
             label = -1
@@ -197,7 +202,23 @@ def read_kinetics_annotations(
             or str(split_dir / label_name / f"{name}.mp4")
         )
         samples.append(VideoSample(path, label))
+    _warn_unknown_labels(csv_path, unknown, f"among the {len(class_names)} train classes")
     return samples
+
+
+def _warn_unknown_labels(path: Path, labels: list, expected: str) -> None:
+    # An evaluation split that lists a class the model never trained on (a partial download, a
+    # hand-made subset) cannot be scored against it; its rows are skipped and counted, not fatal.
+    if not labels:
+        return
+    counts: dict = {}
+    for label in labels:
+        counts[label] = counts.get(label, 0) + 1
+    named = ", ".join(f"{label!r} ({count})" for label, count in list(counts.items())[:5])
+    more = f", and {len(counts) - 5} more" if len(counts) > 5 else ""
+    warnings.warn(
+        f"{path}: skipped {len(labels)} row(s) whose label is not {expected}: {named}{more}", stacklevel=3
+    )
 
 
 def _list_file(root: Path, split: str) -> Path:
@@ -242,18 +263,25 @@ def _list_class_names(root: Path) -> list[str]:
 def read_labeled_paths(root: str | os.PathLike, split: str, num_classes: int | None = None) -> list[VideoSample]:
     """Read one split of the ``path label`` list format (pytorchvideo's LabeledVideoDataset style).
 
-    Relative paths are resolved against ``root``. Labels must be in [0, num_classes) when it is given.
+    Relative paths are resolved against ``root``. Labels must be in [0, num_classes) when it is given:
+    the train split raises on one past that range (the classes are wrong), other splits skip such
+    rows with one warning that counts them.
     """
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     root = Path(root)
     list_path = _list_file(root, split)
     samples = []
+    unknown: list[int] = []
     for path, label in _read_list_rows(list_path):
         if num_classes is not None and label >= num_classes:
-            raise ValueError(f"{list_path}: label {label} out of range for {num_classes} classes")
+            if split == "train":  # the train split defines the classes: a label past them is a wrong classes.txt
+                raise ValueError(f"{list_path}: label {label} out of range for {num_classes} classes")
+            unknown.append(label)
+            continue
         resolved = path if os.path.isabs(path) else str(root / path)
         samples.append(VideoSample(resolved, label))
+    _warn_unknown_labels(list_path, unknown, f"in [0, {num_classes})")
     return samples
 
 

@@ -70,4 +70,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    sys.argv[0] = "oct3d"  # argparse names the program after argv[0], here the path of this file
     sys.exit(main())

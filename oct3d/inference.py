@@ -864,6 +864,14 @@ def main(argv: list[str] | None = None) -> int:
                 raise CheckpointError(f"--test-views: {args.checkpoint} records no test protocol (a checkpoint "
                                       "written before oct3d stored it, or not a video model); pass --views or --clips")
             views = (int(prep["test_clips"]), int(prep["test_crops"]))
+        if predictor.metadata.task != "video":
+            video_only = [name for name, given in (
+                ("--views", args.views is not None), ("--clips", args.clips is not None),
+                ("--test-views", args.test_views), ("--window", args.window is not None)) if given]
+            if video_only:  # an image takes one view; silently ignoring the option would mislead
+                raise ValueError(f"{' and '.join(video_only)} choose{'s' if len(video_only) == 1 else ''} views of "
+                                 f"videos, and {args.checkpoint} holds an image classifier (one view per image): "
+                                 f"drop {'them' if len(video_only) > 1 else 'it'}")
         extensions = VIDEO_EXTENSIONS if predictor.metadata.task == "video" else IMAGE_EXTENSIONS
         # The argument each file came from, so that missing paths are reported in argument order.
         found, empty = inputs_by_argument(present, extensions)

@@ -284,6 +284,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         unknown = [m for m in args.models if m not in known]
         if unknown:
             parser.error(f"unknown model(s) {unknown}; known: {', '.join(known)}")
+        other = [m for m in args.models if args.task != "all" and model_task(m) != args.task]
+        if other:
+            parser.error(f"--models {' '.join(other)}: not {args.task} model(s) (--task {args.task}); "
+                         f"drop --task or choose among {', '.join(list_models(args.task))}")
     return args
 
 

@@ -106,7 +106,9 @@ def test_fit_then_resume_continues_epoch_and_step(tiny_kinetics, tmp_path, caplo
     assert "epoch 1 step 6: val/top1=" in caplog.text  # the checkpoint's place, not the idle loop's 0 / 0
     tested = OctCLI(args=["test", *args, "--ckpt_path", str(resumed), "--trainer.logger", "false"])
     assert tested.trainer.callback_metrics["test/num_videos"] == 3
-    predicted = OctCLI(args=["predict", *args, "--ckpt_path", str(resumed), "--trainer.logger", "false"])
+    with caplog.at_level("INFO"):
+        predicted = OctCLI(args=["predict", *args, "--ckpt_path", str(resumed), "--trainer.logger", "false"])
+    assert "lightning predict writes no file unless a prediction writer" in caplog.text
     batches = predicted.trainer.predict_loop.predictions
     probs = torch.cat([b["probs"] for b in batches])
     assert probs.shape == (6, 3) and torch.allclose(probs.sum(1), torch.ones(6))
@@ -119,7 +121,7 @@ def test_fit_then_resume_continues_epoch_and_step(tiny_kinetics, tmp_path, caplo
     assert again.model.hparams.lr == 0.0123 and again.trainer.current_epoch == 3
 
 
-def test_imagenet_recipe_end_to_end(tiny_imagefolder, tmp_path):
+def test_imagenet_recipe_end_to_end(tiny_imagefolder, tmp_path, capsys):
     cli.main([
         "fit", "-c", str(CONFIGS / "oct_resnet50_imagenet.yaml"), "--data.root", str(tiny_imagefolder),
         "--data.batch_size", "4", "--data.eval_batch_size", "6", "--data.num_workers", "0",
@@ -153,6 +155,9 @@ def test_imagenet_recipe_end_to_end(tiny_imagefolder, tmp_path):
     rows = {Path(r["path"]).name: r for r in map(json.loads, out.read_text().splitlines())}
     assert all("error" not in rows[f"a{suffix}"] for suffix in (".bmp", ".tif", ".png"))
     assert "broken.jpg" in rows["broken.jpg"]["error"] and ".cpp" not in rows["broken.jpg"]["error"]
+    # Options that choose video views are refused for an image classifier rather than ignored.
+    assert cli.main(["infer", "--checkpoint", str(last), "--window", "2", "--views", "3", str(images)]) == 2
+    assert "--views and --window choose views of videos" in capsys.readouterr().err
 
 
 def test_fit_over_broken_videos_finishes_and_reports_them(broken_kinetics, tmp_path):

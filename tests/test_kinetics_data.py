@@ -549,3 +549,28 @@ def test_target_fps_samples_the_same_time_span_at_every_frame_rate(tmp_path):
     meta = ModelMetadata("video", "oct_i3d_r50", {}, 2, None, {**preprocessing, "short_side": 16})
     views, (segment,), _ = _load_video_views(fast, meta, 1, None, None, "pyav")
     assert segment.clip_starts == (7,) and views.shape == (1, 3, 3, 16, 16)
+
+
+def test_val_rows_of_a_class_missing_from_train_are_skipped_and_counted(tmp_path):
+    """A val label the model never trained on cannot be scored: its rows are skipped with one warning."""
+    (tmp_path / "annotations").mkdir()
+    header = "label,youtube_id,time_start,time_end,split\n"
+    (tmp_path / "annotations" / "train.csv").write_text(header + "waving,a,0,10,train\nclapping,b,0,10,train\n")
+    (tmp_path / "annotations" / "val.csv").write_text(
+        header + "waving,c,0,10,val\njuggling,d,0,10,val\njuggling,e,0,10,val\nskating,f,0,10,val\n"
+    )
+    with pytest.warns(UserWarning, match=r"val\.csv: skipped 3 row\(s\).*'juggling' \(2\), 'skating' \(1\)"):
+        samples = read_kinetics_annotations(tmp_path, "val")
+    assert [s.label for s in samples] == [1]  # waving, among the sorted train classes clapping, waving
+
+
+def test_list_format_label_past_the_classes(tmp_path):
+    (tmp_path / "train.txt").write_text("a.mp4 0\nb.mp4 1\n")
+    (tmp_path / "val.txt").write_text("c.mp4 1\nd.mp4 5\n")
+    datamodule = _datamodule(tmp_path)
+    assert datamodule.num_classes == 2
+    with pytest.warns(UserWarning, match=r"val\.txt: skipped 1 row\(s\) whose label is not in \[0, 2\): 5 \(1\)"):
+        assert [s.label for s in datamodule.samples("val")] == [1]
+    (tmp_path / "classes.txt").write_text("only\n")  # the train split defines the classes: fewer is an error
+    with pytest.raises(ValueError, match="label 1 out of range for 1 classes"):
+        _datamodule(tmp_path).samples("train")

@@ -41,6 +41,9 @@ def test_plain_text_and_bad_arguments(capsys):
     with pytest.raises(SystemExit):
         model_table.main(["--models", "no_such_model"])
     assert "no_such_model" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # --models would otherwise override --task without a word
+        model_table.parse_args(["--task", "image", "--models", "oct_resnet26", "oct_i3d_r50"])
+    assert "--models oct_i3d_r50: not image model(s)" in capsys.readouterr().err
 
 
 def test_alphas_a_model_cannot_take_are_n_a_and_all_covers_every_task(capsys):

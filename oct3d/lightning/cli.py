@@ -119,7 +119,21 @@ class OctCLI(LightningCLI):
         """Resolve ``--ckpt_path last|best`` to the newest such checkpoint of earlier runs."""
         self._resolve_ckpt_path()
 
-    before_validate = before_test = before_predict = before_fit
+    before_validate = before_test = before_fit
+
+    def before_predict(self) -> None:
+        """Resolve ``--ckpt_path`` as for fit; say where predictions go when no callback writes them."""
+        self._resolve_ckpt_path()
+        from lightning.pytorch.callbacks import BasePredictionWriter
+
+        if not any(isinstance(c, BasePredictionWriter) for c in self.trainer.callbacks):
+            # Trainer.predict returns the predictions to Python; from the command line they would be lost.
+            rank_zero_info(
+                "lightning predict writes no file unless a prediction writer callback is given "
+                "(--trainer.callbacks+=<a BasePredictionWriter>); to write predictions run "
+                "`oct3d infer --checkpoint CKPT --output preds.jsonl VIDEOS` (classifiers) or "
+                "`oct3d segment --checkpoint CKPT --output-dir DIR VOLUMES` (segmenters)"
+            )
 
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Callback]) -> Trainer:
         _check_sync_batchnorm(config)
