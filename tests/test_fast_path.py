@@ -232,6 +232,34 @@ def test_rule_keeps_pytorch_kernel_for_pointwise_2d_and_bfloat16(monkeypatch):
     assert calls == []
 
 
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="needs oneDNN")
+@pytest.mark.parametrize("dims", [2, 3])
+def test_rule_packs_the_weights_of_channels_last_inference(monkeypatch, dims):
+    """Without autotuning, eval-mode inference on channels_last maps takes the packed weights (no
+    per-call weight reorder), at any batch size; channels-first maps and training mode do not."""
+    monkeypatch.setattr(kernels, "autotune", False)
+    used = _count_kernels(monkeypatch)
+    torch.manual_seed(0)
+    conv = OctConv(dims, 16, 16, 3, 0.5, 0.5, bias=True).eval()
+    size = (8, 8) if dims == 2 else (4, 8, 8)
+    layout = torch.channels_last if dims == 2 else torch.channels_last_3d
+    for batch in (1, 3):
+        x = _make_input(conv, batch, size, memory_format=layout)
+        with torch.no_grad():
+            out = conv(x)
+        assert set(used) == {"onednn_packed"}, used
+        _assert_same(out, conv.forward_reference(x))
+        assert all(is_channels_last(t) for t in _parts(out))
+        used.clear()
+    with torch.no_grad():
+        conv(_make_input(conv, 1, size))  # channels-first: the output would be converted back
+    assert "onednn_packed" not in used
+    used.clear()
+    with torch.no_grad():
+        conv.train()(_make_input(conv, 1, size, memory_format=layout))  # training mode caches nothing
+    assert "onednn_packed" not in used and used
+
+
 def test_mkldnn_switch_is_honoured_even_when_forced(monkeypatch):
     calls = _count_onednn_calls(monkeypatch)
     conv = OctConv(3, 16, 16, 3, 0.5, 0.5, octave="spatiotemporal")
@@ -808,6 +836,15 @@ def test_packed_weights_are_bounded_per_weight_and_die_with_it():
     del weight
     gc.collect()
     assert len(kernels._packed) == 0
+    # Keyed by identity: a new tensor that reuses a dead one's id is never served the dead one's copies.
+    first = torch.randn(8, 8, 3, 3)
+    kernels.packed_weight(first, (1, 8, 6, 6), (1, 1), (1, 1), (1, 1), 1)
+    stale = kernels._packed._items[id(first)]
+    del first
+    gc.collect()
+    second = torch.randn(8, 8, 3, 3)
+    kernels._packed._items[id(second)] = stale  # as if the id had been reused before the callback ran
+    assert kernels._packed.get(second) is None and len(kernels._packed) == 0
 
 
 def test_memoised_choice_follows_autotune_and_clear_cache(monkeypatch):

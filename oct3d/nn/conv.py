@@ -639,19 +639,23 @@ class OctConv(nn.Module):
         tensors, shared memory: :func:`oct3d.nn.kernels.cacheable`), it is rebuilt every call.
         """
         if (torch.is_grad_enabled() or self.training or traced_or_compiled() or not kernels._plain_eager()
-                or not kernels.cacheable(w_a) or not kernels.cacheable(w_b)):
+                or w_a.is_inference() or w_b.is_inference()):
             return torch.cat([w_a, w_b], dim=1)  # (torch.func: batched weights have no storage to key on)
         key = (w_a._version, w_b._version, w_a.data_ptr(), w_b.data_ptr(), w_a.dtype, w_a.device)
         # Kept beside the layer, not in it: never in the state dict or a copy, and clear_cache() drops it.
         caches = kernels.layer_cache(self)
         cached = caches.get(family)
-        if cached is None or cached[0] != key or cached[1]() is not w_a or cached[2]() is not w_b:
-            # Built as a normal tensor even under inference_mode: an inference tensor has no
-            # version counter, which the packed-weight cache checks.
-            # (inference_mode(False) turns grad mode back on, hence the no_grad inside it.)
-            with torch.inference_mode(False), torch.no_grad():
-                cached = (key, weakref.ref(w_a), weakref.ref(w_b), torch.cat([w_a, w_b], dim=1))
-            caches[family] = cached
+        if cached is not None and cached[0] == key and cached[1]() is w_a and cached[2]() is w_b:
+            return cached[3]  # built from cacheable weights; shared memory would have moved their storage
+        if not kernels.cacheable(w_a) or not kernels.cacheable(w_b):
+            caches.pop(family, None)
+            return torch.cat([w_a, w_b], dim=1)
+        # Built as a normal tensor even under inference_mode: an inference tensor has no
+        # version counter, which the packed-weight cache checks.
+        # (inference_mode(False) turns grad mode back on, hence the no_grad inside it.)
+        with torch.inference_mode(False), torch.no_grad():
+            cached = (key, weakref.ref(w_a), weakref.ref(w_b), torch.cat([w_a, w_b], dim=1))
+        caches[family] = cached
         return cached[3]
 
 

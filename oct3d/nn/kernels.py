@@ -45,8 +45,9 @@ follows (:func:`avg_pool_nd`), among :data:`POOL_KERNELS`:
   the small ones; docs/speed.md).
 
 With autotuning off, or wherever timing is not safe, a deterministic rule decides
-(:func:`rule_kernel`): frames under autograd for ``1 x k x k`` kernels, oneDNN for batch-1 3D
-non-pointwise kernels and batch-1 channels_last maps, else PyTorch's default.
+(:func:`rule_kernel`): frames under autograd for ``1 x k x k`` kernels, packed weights for
+channels_last maps without autograd in eval mode, oneDNN for batch-1 3D non-pointwise kernels and
+batch-1 channels_last maps, else PyTorch's default.
 
 Nothing here runs outside plain eager CPU execution: under ``torch.compile``, TorchScript,
 tracing, export, autocast, ``torch.func`` transforms, forward AD or a dispatch mode (such as
@@ -127,7 +128,7 @@ _PACKED_CONV = getattr(torch.ops.mkldnn, "_convolution_pointwise", None) if _ONE
 PACKED_PER_WEIGHT = 4
 # weight -> {(input shape, stride, padding, dilation, groups): (version, data_ptr, packed)}; entries die with
 # the weight. Keyed by identity: a tensor's ``==`` is elementwise.
-_packed = torch.utils.weak.WeakIdKeyDictionary()
+_packed: _WeakIdCache  # set below, once the class exists
 # layer -> its cached weight copies (see layer_cache); entries die with the layer.
 _layer_caches: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
@@ -260,6 +261,13 @@ def rule_kernel(x: Tensor, weight: Tensor, kernels: Sequence[str]) -> str:
       a 32-channel 1x3x3 layer at 8x56x56 took about 77 ms of backward, three times the
       64-channel vanilla layer with four times the work; the same layer as a 2D convolution
       over the frames takes PyTorch's 2D kernels (the step runs about 10% faster).
+    - ``"onednn_packed"`` without autograd in eval mode (where it is offered) on channels_last
+      maps: the same oneDNN convolution without the per-call reorder of the weight into
+      oneDNN's blocked layout, so never slower there. On an AVX2 machine (AMD EPYC, Zen 3) an
+      Oct-ResNet-50 at batch 1 with autotuning off took 72 ms instead of 95 ms, with autotuning
+      on 0.85-0.90x of torchvision instead of 0.92-0.94x (docs/speed.md). Channels-first maps
+      are left to timing: the packed kernel's output is channels_last and converting it back can
+      cost more than the reorder saves.
     - ``"onednn"`` for batch-1 3D non-pointwise kernels, which PyTorch's rule sends to its
       im2col kernel (``slow_conv3d``), 1.4x-3.3x slower there (docs/benchmarks/cpu_ops.md),
       and for batch-1 channels_last maps, where the im2col kernel also returns a
@@ -270,6 +278,8 @@ def rule_kernel(x: Tensor, weight: Tensor, kernels: Sequence[str]) -> str:
     grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
     if "frames" in kernels and grad and any(k > 1 for k in weight.shape[3:]):
         return "frames"
+    if "onednn_packed" in kernels and _is_channels_last(x):
+        return "onednn_packed"
     if "onednn" in kernels and (
         (x.dim() == 5 and any(k > 1 for k in weight.shape[2:])) or _is_channels_last(x)
     ):
@@ -415,18 +425,22 @@ def packed_weight(
     (as much memory again as the weight) and dies with the weight. An inference tensor (made
     under ``torch.inference_mode``) has no version counter and is packed afresh on every call.
     """
+    key = (tuple(input_shape), stride, padding, dilation, groups)
+    entries = _packed.get(weight)
+    if entries is not None:
+        # A hit first (a batch-1 forward pass makes a hundred of these calls): only a weight that was
+        # cacheable has entries, and moving it into shared memory changes its storage pointer.
+        hit = entries.get(key)
+        if hit is not None and hit[0] == weight._version and hit[1] == weight.data_ptr():
+            return hit[2]
     if not cacheable(weight):
         # No version counter to check a cached copy against, or one that misses writes: pack for this call only.
+        _packed.pop(weight, None)
         with torch.no_grad():
             return _PACK_WEIGHT(weight, list(padding), list(stride), list(dilation), groups, list(input_shape))
-    key = (tuple(input_shape), stride, padding, dilation, groups)
     stamp = (weight._version, weight.data_ptr())
-    entries = _packed.get(weight)
     if entries is None:
         entries = _packed[weight] = {}
-    hit = entries.get(key)
-    if hit is not None and hit[:2] == stamp:
-        return hit[2]
     with torch.no_grad():
         packed = _PACK_WEIGHT(weight.detach(), list(padding), list(stride), list(dilation), groups, list(input_shape))
     entries.pop(key, None)
@@ -434,6 +448,57 @@ def packed_weight(
     while len(entries) > PACKED_PER_WEIGHT:
         entries.pop(next(iter(entries)))
     return packed
+
+
+class _WeakIdCache:
+    """A mapping from tensors (by identity) to values that dies with each tensor.
+
+    ``torch.utils.weak.WeakIdKeyDictionary`` builds a key object on every lookup; this looks up
+    ``id(tensor)`` and checks a weak reference, which a batch-1 forward pass's hundred lookups
+    notice.
+    """
+
+    def __init__(self) -> None:
+        self._items: dict[int, tuple[weakref.ref, object]] = {}
+
+    def get(self, key: Tensor, default: object = None) -> object:
+        item = self._items.get(id(key))
+        return item[1] if item is not None and item[0]() is key else default
+
+    def __getitem__(self, key: Tensor) -> object:
+        item = self._items.get(id(key))
+        if item is None or item[0]() is not key:
+            raise KeyError(key)
+        return item[1]
+
+    def __setitem__(self, key: Tensor, value: object) -> None:
+        items, ident = self._items, id(key)
+
+        def drop(ref: weakref.ref) -> None:  # the tensor died: forget its entry, unless the id was reused
+            item = items.get(ident)
+            if item is not None and item[0] is ref:
+                del items[ident]
+
+        items[ident] = (weakref.ref(key, drop), value)
+
+    def pop(self, key: Tensor, default: object = None) -> object:
+        item = self._items.get(id(key))
+        if item is None or item[0]() is not key:
+            return default
+        del self._items[id(key)]
+        return item[1]
+
+    def items(self) -> list[tuple[Tensor, object]]:
+        return [(ref(), value) for ref, value in list(self._items.values()) if ref() is not None]
+
+    def clear(self) -> None:
+        self._items.clear()
+
+    def __len__(self) -> int:
+        return len(self.items())
+
+
+_packed = _WeakIdCache()
 
 
 def cacheable(weight: Tensor) -> bool:
