@@ -96,3 +96,34 @@ def test_double_backward_through_the_wide_path(affine):
     for got, want in zip(penalty(bn, norm.batch_norm), penalty(ref_bn, lambda m, a: m(a))):
         torch.testing.assert_close(got, want)
     torch.autograd.gradgradcheck(lambda a: norm.batch_norm(bn, a), (x.clone().requires_grad_(),))
+
+
+def test_eval_batch_norm_equals_the_module_and_keeps_its_hooks():
+    """In eval mode a stock BatchNorm is applied functionally (no module call): the same values;
+    a hooked module, a subclass and a module without running statistics are still called."""
+    torch.manual_seed(0)
+    bn = nn.BatchNorm2d(32).eval()
+    bn.running_mean.normal_()
+    bn.running_var.uniform_(0.5, 2.0)
+    bn.weight.data.normal_()
+    x = torch.randn(2, 32, 5, 7).contiguous(memory_format=torch.channels_last)
+    out = norm.batch_norm(bn, x)
+    torch.testing.assert_close(out, bn(x), rtol=0, atol=0)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    seen = []
+    handle = bn.register_forward_hook(lambda module, args, output: seen.append(module))
+    norm.batch_norm(bn, x)
+    handle.remove()
+    global_handle = nn.modules.module.register_module_forward_hook(lambda module, args, output: seen.append(module))
+    norm.batch_norm(bn, x)
+    global_handle.remove()
+    assert seen == [bn, bn]
+
+    class Shifted(nn.BatchNorm2d):
+        def forward(self, x):
+            return super().forward(x) + 1
+
+    shifted = Shifted(32).eval()
+    torch.testing.assert_close(norm.batch_norm(shifted, x), shifted(x))
+    untracked = nn.BatchNorm2d(32, track_running_stats=False).eval()  # batch statistics in eval mode too
+    torch.testing.assert_close(norm.batch_norm(untracked, x), untracked(x))

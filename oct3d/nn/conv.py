@@ -23,7 +23,6 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.nn.modules import module as _module
 
 from oct3d.nn import kernels
 from oct3d.nn.kernels import conv_nd
@@ -38,6 +37,7 @@ from oct3d.nn.octave import (
     check_matches_weight,
     check_same_dtype_device,
     fx_leaf_forward,
+    global_module_hooks,
     keep_channels_last,
     octave_axes,
     split_channels,
@@ -55,10 +55,6 @@ IntOrTuple = int | Sequence[int]
 _CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 #: ``nn.ConvNd``'s padding modes, which every octave path takes alike.
 PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
-_GLOBAL_HOOK_NAMES = ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",
-                      "_global_backward_pre_hooks")
-
-
 def to_tuple(value: IntOrTuple, dims: int, name: str) -> tuple[int, ...]:
     """Expand an int or a length-``dims`` sequence of ints to a tuple, or raise naming ``name``."""
     if isinstance(value, bool):
@@ -482,7 +478,7 @@ class OctConv(nn.Module):
         weight-norm pre-hook, or a swapped-in module (QAT) expects the module to be called
         and its output left alone, so such layers take the reference formula.
         """
-        if _global_module_hooks():
+        if global_module_hooks():
             return False
         conv_type = _CONV[self.dims]
         for path in self._modules.values():  # the paths are the only submodules
@@ -657,11 +653,6 @@ class OctConv(nn.Module):
             cached = (key, weakref.ref(w_a), weakref.ref(w_b), torch.cat([w_a, w_b], dim=1))
         caches[family] = cached
         return cached[3]
-
-
-def _global_module_hooks() -> bool:
-    """Whether any global ``nn.Module`` hook is registered (they must see every path call)."""
-    return any(getattr(_module, name, None) for name in _GLOBAL_HOOK_NAMES)
 
 
 def _add_upsampled_(y: Tensor, small: Tensor, factors: tuple[int, ...]) -> Tensor:

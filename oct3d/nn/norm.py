@@ -17,24 +17,41 @@ precision, hooks, compiled graphs, functorch transforms).
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from oct3d.nn.kernels import _plain_eager
-from oct3d.nn.octave import CHANNELS_LAST_FORMATS, is_channels_last, traced_or_compiled
+from oct3d.nn.octave import CHANNELS_LAST_FORMATS, global_module_hooks, is_channels_last, traced_or_compiled
 
 __all__ = ["batch_norm", "WIDE_ROW"]
 
 #: Elements per wide row (a multiple of every x86 vector width in float32).
 WIDE_ROW = 64
 _BN_TYPES = (nn.BatchNorm2d, nn.BatchNorm3d)
+# Exactly these types (a subclass or a parametrised module may compute something else).
+_EVAL_TYPES = frozenset((nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d))
 
 
 def batch_norm(bn: nn.Module, x: Tensor) -> Tensor:
-    """``bn(x)``, through the wide-row formulation when ``x`` is a narrow channels_last CPU map."""
+    """``bn(x)``, through the wide-row formulation when ``x`` is a narrow channels_last CPU map.
+
+    In eval mode a stock, unhooked BatchNorm with running statistics is applied as
+    ``F.batch_norm`` directly, which is what its ``forward`` computes there: an octave network
+    has twice a vanilla network's BatchNorm calls, and at batch 1 the module call and its
+    Python bookkeeping cost about as much as the kernel on small maps.
+    """
     k = _rows_per_wide_row(bn, x)
-    if k is None:
-        return bn(x)
-    return _wide_batch_norm(bn, x, k)
+    if k is not None:
+        return _wide_batch_norm(bn, x, k)
+    if (
+        not bn.training
+        and type(bn) in _EVAL_TYPES
+        and bn.running_mean is not None
+        and not (bn._forward_hooks or bn._forward_pre_hooks or bn._backward_hooks or bn._backward_pre_hooks)
+        and not global_module_hooks()
+    ):
+        return F.batch_norm(x, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps)
+    return bn(x)
 
 
 def _rows_per_wide_row(bn: nn.Module, x: Tensor) -> int | None:

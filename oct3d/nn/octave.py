@@ -17,6 +17,7 @@ import torch
 import torch.fx
 import torch.nn.functional as F
 from torch import Tensor
+from torch.nn.modules import module as _torch_module
 
 #: The channels_last memory format of 4D and 5D maps.
 CHANNELS_LAST_FORMATS = {4: torch.channels_last, 5: torch.channels_last_3d}
@@ -288,7 +289,21 @@ def traced_or_compiled() -> bool:
     The CPU-only kernel choices of the fast path switch off there: a graph keeps the plain
     operator, which exports and fuses. Check it first, before anything Dynamo cannot trace.
     """
-    return torch.compiler.is_compiling() or torch.jit.is_scripting() or torch.jit.is_tracing()
+    # Dynamo answers the first test, so it never sees the private tracer query; a batch-1
+    # forward pass asks this a few hundred times.
+    return torch.compiler.is_compiling() or _jit_tracing() or torch.jit.is_scripting()
+
+
+_jit_tracing: Callable[[], bool] = getattr(torch._C, "_is_tracing", torch.jit.is_tracing)
+
+_GLOBAL_HOOK_NAMES = ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",
+                      "_global_backward_pre_hooks")
+
+
+def global_module_hooks() -> bool:
+    """Whether any global ``nn.Module`` hook is registered: a layer that would skip calling a
+    submodule (to read its weights directly) must call it then, so that the hooks see the call."""
+    return any(getattr(_torch_module, name, None) for name in _GLOBAL_HOOK_NAMES)
 
 
 def _pool_by_pairs_is_faster(x: Tensor, factors: tuple[int, ...]) -> bool:
