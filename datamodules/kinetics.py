@@ -25,6 +25,7 @@ import csv
 import os
 import time
 import warnings
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -211,9 +212,7 @@ def _warn_unknown_labels(path: Path, labels: list, expected: str) -> None:
     # hand-made subset) cannot be scored against it; its rows are skipped and counted, not fatal.
     if not labels:
         return
-    counts: dict = {}
-    for label in labels:
-        counts[label] = counts.get(label, 0) + 1
+    counts = Counter(labels)  # in order of first appearance
     named = ", ".join(f"{label!r} ({count})" for label, count in list(counts.items())[:5])
     more = f", and {len(counts) - 5} more" if len(counts) > 5 else ""
     warnings.warn(

@@ -39,6 +39,7 @@ from oct3d.nn.octave import (
     fx_leaf_forward,
     global_module_hooks,
     keep_channels_last,
+    module_hooks,
     octave_axes,
     split_channels,
     traced_or_compiled,
@@ -487,10 +488,7 @@ class OctConv(nn.Module):
                 or path.padding_mode != self.padding_mode
                 or path.padding != self.padding
                 or path.dilation != self.dilation
-                or path._forward_hooks
-                or path._forward_pre_hooks
-                or path._backward_hooks
-                or path._backward_pre_hooks
+                or module_hooks(path)
             ):
                 return False
         return True

@@ -461,13 +461,18 @@ class _WeakIdCache:
     def __init__(self) -> None:
         self._items: dict[int, tuple[weakref.ref, object]] = {}
 
-    def get(self, key: Tensor, default: object = None) -> object:
+    def _item(self, key: Tensor) -> tuple[weakref.ref, object] | None:
+        # The entry of this very tensor: an id reused by another tensor after the first died holds none.
         item = self._items.get(id(key))
-        return item[1] if item is not None and item[0]() is key else default
+        return item if item is not None and item[0]() is key else None
+
+    def get(self, key: Tensor, default: object = None) -> object:
+        item = self._item(key)
+        return default if item is None else item[1]
 
     def __getitem__(self, key: Tensor) -> object:
-        item = self._items.get(id(key))
-        if item is None or item[0]() is not key:
+        item = self._item(key)
+        if item is None:
             raise KeyError(key)
         return item[1]
 
@@ -482,8 +487,8 @@ class _WeakIdCache:
         items[ident] = (weakref.ref(key, drop), value)
 
     def pop(self, key: Tensor, default: object = None) -> object:
-        item = self._items.get(id(key))
-        if item is None or item[0]() is not key:
+        item = self._item(key)
+        if item is None:
             return default
         del self._items[id(key)]
         return item[1]

@@ -21,7 +21,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from oct3d.nn.kernels import _plain_eager
-from oct3d.nn.octave import CHANNELS_LAST_FORMATS, global_module_hooks, is_channels_last, traced_or_compiled
+from oct3d.nn.octave import (
+    CHANNELS_LAST_FORMATS,
+    global_module_hooks,
+    is_channels_last,
+    module_hooks,
+    traced_or_compiled,
+)
 
 __all__ = ["batch_norm", "WIDE_ROW"]
 
@@ -47,7 +53,7 @@ def batch_norm(bn: nn.Module, x: Tensor) -> Tensor:
         not bn.training
         and type(bn) in _EVAL_TYPES
         and bn.running_mean is not None
-        and not (bn._forward_hooks or bn._forward_pre_hooks or bn._backward_hooks or bn._backward_pre_hooks)
+        and not module_hooks(bn)
         and not global_module_hooks()
     ):
         return F.batch_norm(x, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps)

@@ -300,6 +300,12 @@ _GLOBAL_HOOK_NAMES = ("_global_forward_hooks", "_global_forward_pre_hooks", "_gl
                       "_global_backward_pre_hooks")
 
 
+def module_hooks(module: torch.nn.Module) -> bool:
+    """Whether ``module`` has its own forward, pre-forward or backward hooks (see :func:`global_module_hooks`)."""
+    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+                or module._backward_pre_hooks)
+
+
 def global_module_hooks() -> bool:
     """Whether any global ``nn.Module`` hook is registered: a layer that would skip calling a
     submodule (to read its weights directly) must call it then, so that the hooks see the call."""
