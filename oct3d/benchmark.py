@@ -509,17 +509,36 @@ def _parse_spatial(text: str) -> tuple[int, ...]:
 
 
 def cpu_name() -> str:
-    """The CPU's model name (``/proc/cpuinfo``, else ``platform.processor()``), for tables."""
+    """The CPU for tables: its model name (``/proc/cpuinfo``, else ``platform.processor()``), then,
+    where ``/proc/cpuinfo`` says, family and model, and the widest vector instructions ATen uses
+    (``torch.backends.cpu.get_cpu_capability()``) with AMX where present. A VM's model name is often
+    generic ("AMD EPYC", "Intel(R) Xeon(R) Processor"), and oneDNN's speed follows the ISA."""
     import platform
 
+    fields: dict[str, str] = {}
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.lower().startswith("model name"):
-                    return line.split(":", 1)[1].strip()
+                if not line.strip():
+                    break  # the first processor's block is enough
+                key, _, value = line.partition(":")
+                fields.setdefault(key.strip().lower(), value.strip())
     except OSError:
         pass
-    return platform.processor() or "unknown CPU"
+    name = fields.get("model name") or platform.processor() or "unknown CPU"
+    extra = []
+    if "cpu family" in fields and "model" in fields:
+        extra.append(f"family {fields['cpu family']} model {fields['model']}")
+    try:
+        isa = torch.backends.cpu.get_cpu_capability()
+    except (AttributeError, RuntimeError):
+        isa = ""
+    isa = {"AVX512": "AVX-512", "AVX2": "AVX2", "DEFAULT": "no AVX2"}.get(isa, isa)
+    if "amx_tile" in fields.get("flags", "").split():
+        isa = f"{isa} + AMX" if isa else "AMX"
+    if isa:
+        extra.append(isa)
+    return f"{name} ({', '.join(extra)})" if extra else name
 
 
 def results_to_json(

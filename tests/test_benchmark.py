@@ -7,6 +7,7 @@ import math
 import re
 
 import pytest
+import torch
 
 from oct3d.benchmark import benchmark_models, main
 
@@ -309,3 +310,18 @@ def test_bad_arguments_are_refused_before_any_timing(args, message, capsys):
         main(args)
     assert stop.value.code == 2
     assert re.search(message, capsys.readouterr().err)
+
+
+def test_cpu_name_adds_family_model_and_vector_isa(monkeypatch, tmp_path):
+    import builtins
+
+    from oct3d import benchmark
+
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 25\nmodel\t\t: 1\n"
+                    "model name\t: AMD EPYC\nflags\t\t: fpu avx2 amx_tile\n\nprocessor\t: 1\n"
+                    "model name\t: other\n")
+    real_open = builtins.open
+    monkeypatch.setattr(builtins, "open", lambda f, *a, **k: real_open(info if f == "/proc/cpuinfo" else f, *a, **k))
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    assert benchmark.cpu_name() == "AMD EPYC (family 25 model 1, AVX2 + AMX)"
