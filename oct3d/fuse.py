@@ -29,6 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from oct3d.nn import Octave, OctBatchNorm, OctConv
+from oct3d.nn.fold import bn_affine, fold_into_paths
 from oct3d.profiling import ExampleInput, describe_input, example_args, floating_dtype, fresh_lists
 
 __all__ = ["fuse", "find_conv_bn_pairs"]
@@ -70,7 +71,7 @@ def fuse(
             if isinstance(conv, OctConv):
                 _fold_octconv(conv, bn)
             else:
-                _fold_into_conv(conv, *_bn_affine(bn))
+                _fold_into_conv(conv, *bn_affine(bn))
             _replace(fused, bn_name, nn.Identity())
     return fused
 
@@ -184,49 +185,25 @@ def _foldable(conv: nn.Module, bn: nn.Module) -> bool:
     return len(parts) == 1 and parts[0].num_features == conv.out_channels
 
 
-def _bn_affine(bn: nn.Module) -> tuple[Tensor, Tensor]:
-    """Per-channel ``(scale, shift)`` of an eval-mode BatchNorm, in float64."""
-    mean = bn.running_mean.double()
-    scale = torch.rsqrt(bn.running_var.double() + bn.eps)
-    if bn.weight is not None:
-        scale = scale * bn.weight.double()
-    shift = -mean * scale
-    if bn.bias is not None:
-        shift = shift + bn.bias.double()
-    return scale, shift
-
-
-def _scale_weight(conv: nn.Module, scale: Tensor) -> None:
+def _fold_into_conv(conv: nn.Module, scale: Tensor, shift: Tensor) -> None:
+    """``weight <- scale * weight`` per output channel, ``bias <- scale * bias + shift`` (created if absent)."""
     weight = conv.weight
-    shape = (-1,) + (1,) * (weight.dim() - 1)
-    weight.copy_((weight.double() * scale.view(shape)).to(weight.dtype))
-
-
-def _set_bias(conv: nn.Module, scale: Tensor, shift: Tensor) -> None:
-    """``bias <- scale * bias + shift`` (creating the bias when the convolution had none)."""
-    weight = conv.weight
+    weight.copy_((weight.double() * scale.view((-1,) + (1,) * (weight.dim() - 1))).to(weight.dtype))
     old = conv.bias.double() if conv.bias is not None else torch.zeros_like(shift)
     conv.bias = nn.Parameter((old * scale + shift).to(dtype=weight.dtype, device=weight.device))
 
 
-def _fold_into_conv(conv: nn.Module, scale: Tensor, shift: Tensor) -> None:
-    _scale_weight(conv, scale)
-    _set_bias(conv, scale, shift)
-
-
 def _fold_octconv(conv: OctConv, bn: nn.Module) -> None:
     parts = _bn_parts(bn)
-    scale_h, shift_h = _bn_affine(parts[0])
-    _fold_into_conv(conv.h2h, scale_h, shift_h)
-    if conv.l2h is not None:
-        _scale_weight(conv.l2h, scale_h)
-    if len(parts) == 2:
-        scale_l, shift_l = _bn_affine(parts[1])
-        # The bias of the low output lives on l2l, or on h2l in a first layer (no l2l).
-        bias_path, other = (conv.l2l, conv.h2l) if conv.l2l is not None else (conv.h2l, None)
-        _fold_into_conv(bias_path, scale_l, shift_l)
-        if other is not None:
-            _scale_weight(other, scale_l)
+    folded = fold_into_paths(conv, bn_affine(parts[0]), bn_affine(parts[1]) if len(parts) == 2 else None)
+    for name, (weight, bias) in folded.items():
+        path = conv._modules[name]
+        path.weight.copy_(weight)
+        if bias is not None:
+            if path.bias is None:
+                path.bias = nn.Parameter(bias)
+            else:
+                path.bias.copy_(bias)
 
 
 def _replace(model: nn.Module, qualified_name: str, new: nn.Module) -> None:

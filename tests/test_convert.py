@@ -23,7 +23,7 @@ from oct3d import fuse, octavize
 from oct3d.convert import ConversionError, describe_plan
 from oct3d.convert.examples import TinySegNet
 from oct3d.convert.layers import OctStochasticDepth
-from oct3d.nn import OctConv, kernels
+from oct3d.nn import OctConv, fold, kernels
 from oct3d.profiling import activation_memory, count_macs, measure
 
 with warnings.catch_warnings():
@@ -185,13 +185,15 @@ def resnet50() -> nn.Module:
 
 
 @pytest.mark.parametrize("pool_first", [None, False])
-def test_resnet50_matches_the_hand_written_oct_resnet50(resnet50, pool_first):
+def test_resnet50_matches_the_hand_written_oct_resnet50(resnet50, pool_first, monkeypatch):
     from oct3d.models import load_vanilla, oct_resnet50
 
     converted = octavize(resnet50, 0.5, example_input=torch.randn(1, 3, 64, 64), pool_first=pool_first).eval()
     reference = load_vanilla(oct_resnet50(alpha=0.5, pool_first=pool_first), resnet50).eval()
     probe = torch.randn(2, 3, 97, 83)
-    # Same kernels for both (timing may pick differently rounding ones for the two models).
+    # Same kernels for both (timing may pick differently rounding ones for the two models), and the
+    # BatchNorms run as modules in both (the builder's blocks fold them in inference, which rounds differently).
+    monkeypatch.setattr(fold, "enabled", False)
     with torch.no_grad(), kernels.force(conv="default", low="cat", high="cat"):
         torch.testing.assert_close(converted(probe), reference(probe), rtol=1e-5, atol=1e-5)
     # The paper's placement and cost (Table 2: 2.4 GMACs at alpha .5), at full size.

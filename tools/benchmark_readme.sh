@@ -45,6 +45,9 @@ OCT3D_AUTOTUNE=0 bench "${r50_b1[@]}" --json "$out/r50_b1_inf_noat.json"
 bench "${r50_b4[@]}" --peer-routed --channels-last --json "$out/r50_b4_inf_routed_cl.json"
 bench "${r50_b1[@]}" --peer-routed --channels-last --json "$out/r50_b1_inf_routed_cl.json"
 bench "${unet_inf[@]}" --fuse --json "$out/unet_inf_fuse.json"  # BatchNorm folded in both U-Nets
+# BatchNorm folded into both ResNets' weights (oct3d.fuse); the octave one's run-time folding turned off.
+bench "${r50_b1[@]}" --fuse --json "$out/r50_b1_inf_fuse.json"
+OCT3D_FOLD=0 bench "${r50_b1[@]}" --json "$out/r50_b1_inf_nofold.json"
 # The table of every run in the folder, with each run's setting line (CPU model, threads, malloc).
 "$python" tools/benchmark.py --table "$out" --output "$out/runs.md" > /dev/null
 echo "wrote $out/*.json and $out/runs.md"

@@ -28,6 +28,7 @@ from oct3d.nn import (
     to_octave,
 )
 from oct3d.nn.conv import IntOrTuple, check_alpha, to_tuple
+from oct3d.nn.fold import conv_norm
 from oct3d.nn.octave import fx_leaf_forward
 
 __all__ = [
@@ -87,13 +88,25 @@ def conv_bn(
 
     ``pool_first`` is :class:`~oct3d.nn.OctConv`'s: a strided ratio-0 layer pools, then convolves at stride 1.
     """
-    return nn.Sequential(
+    return ConvBN(
         OctConv(
             dims, in_channels, out_channels, kernel_size, alpha_in, alpha_out, stride, groups=groups, octave=octave,
             pool_first=pool_first,
         ),
         OctBatchNorm(dims, out_channels, alpha_out),
     )
+
+
+class ConvBN(nn.Sequential):
+    """``Sequential(conv, bn)`` whose forward folds the BatchNorm into the convolution in eval-mode
+    CPU inference (:func:`oct3d.nn.fold.conv_norm`); the same modules and state-dict keys."""
+
+    @fx_leaf_forward
+    def forward(self, x: OctaveInput) -> OctaveOutput:
+        """``bn(conv(x))``."""
+        if len(self) != 2:  # edited after construction: run what it holds
+            return super().forward(x)
+        return conv_norm(self[0], self[1], x)
 
 
 def resolve_pool_first(pool_first: bool | None, alphas: Sequence[float]) -> bool:
@@ -232,9 +245,9 @@ class OctBottleneck(_OctResidual):
 
     @fx_leaf_forward
     def forward(self, x: OctaveInput) -> OctaveOutput:
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.relu(self.bn2(self.conv2(out)))
-        out = self.bn3(self.conv3(out))
+        out = conv_norm(self.conv1, self.bn1, x, self.relu)
+        out = conv_norm(self.conv2, self.bn2, out, self.relu)
+        out = conv_norm(self.conv3, self.bn3, out)
         if self.se is not None:
             out = self.se(out)
         return self._finish(out, x)
@@ -271,8 +284,8 @@ class OctBasicBlock(_OctResidual):
 
     @fx_leaf_forward
     def forward(self, x: OctaveInput) -> OctaveOutput:
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
+        out = conv_norm(self.conv1, self.bn1, x, self.relu)
+        out = conv_norm(self.conv2, self.bn2, out)
         return self._finish(out, x)
 
 

@@ -40,6 +40,7 @@ from oct3d.models.blocks import init_like_vanilla, resolve_pool_first
 from oct3d.models.registry import forwards_kwargs, register_model
 from oct3d.nn import OctaveInput, OctaveOutput, OctBatchNorm, OctConv, OctGlobalAvgPool, OctMap
 from oct3d.nn.conv import check_alpha, check_positive_int
+from oct3d.nn.fold import conv_norm
 from oct3d.nn.octave import check_channels_last, in_model_layout
 
 __all__ = [
@@ -91,8 +92,8 @@ class OctDepthwiseSeparable(nn.Module):
 
     def forward(self, x: OctaveInput) -> OctaveOutput:
         """Depthwise then pointwise octave convolution, each followed by BatchNorm and ReLU."""
-        x = self.relu(self.bn1(self.conv1(x)))
-        return self.relu(self.bn2(self.conv2(x)))
+        x = conv_norm(self.conv1, self.bn1, x, self.relu)
+        return conv_norm(self.conv2, self.bn2, x, self.relu)
 
 
 class OctMobileNetV1(nn.Module):

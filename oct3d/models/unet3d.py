@@ -50,6 +50,7 @@ from oct3d.nn import (
     split_channels,
 )
 from oct3d.nn.conv import check_alpha, minimum_channels
+from oct3d.nn.fold import conv_norm
 from oct3d.nn.octave import (
     check_channels_last,
     fx_leaf_forward,
@@ -73,7 +74,7 @@ class _ConvBNReLU(nn.Sequential):
 
     @fx_leaf_forward
     def forward(self, x: OctaveInput) -> OctaveOutput:
-        out = super().forward(x)
+        out = conv_norm(self[0], self[1], x, self[2]) if len(self) == 3 else super().forward(x)
         if is_channels_last(_branches(x)[0]):
             out = map_octave(to_channels_last, out)  # no copy where the layout was kept
         return out

@@ -9,6 +9,7 @@
 """
 
 from oct3d.nn.conv import OctConv, OctConv1d, OctConv2d, OctConv3d
+from oct3d.nn.fold import conv_norm
 from oct3d.nn.layers import (
     OctAvgPool,
     OctAvgPool1d,
@@ -79,6 +80,7 @@ __all__ = [
     "OctAvgPool3d",
     "OctGlobalAvgPool",
     "octave_add",
+    "conv_norm",
     "map_octave",
     "to_octave",
     "from_octave",

@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 import numbers
 import weakref
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from functools import partial
 
 import torch
@@ -54,6 +54,8 @@ __all__ = [
 IntOrTuple = int | Sequence[int]
 
 _CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+#: Path name (``"h2h"``, ``"h2l"``, ``"l2h"``, ``"l2l"``) -> the ``(weight, bias)`` a forward uses for it.
+PathParams = Mapping[str, tuple[Tensor, Tensor | None]]
 #: ``nn.ConvNd``'s padding modes, which every octave path takes alike.
 PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
 def to_tuple(value: IntOrTuple, dims: int, name: str) -> tuple[int, ...]:
@@ -439,7 +441,7 @@ class OctConv(nn.Module):
         y_high, y_low = self._forward_reference(high, low)
         return y_high if self.out_low == 0 else Octave(y_high, y_low)
 
-    def _forward_vanilla(self, high: Tensor) -> Tensor:
+    def _forward_vanilla(self, high: Tensor, params: PathParams | None = None) -> Tensor:
         """``alpha_in == alpha_out == 0``: ``nn.ConvNd``, or with ``pool_first`` (inside an octave
         network) pool-then-convolve. In training mode the plain convolution is exactly
         ``nn.ConvNd``, bit for bit (its output in the input's memory format); in eval mode, and
@@ -449,12 +451,12 @@ class OctConv(nn.Module):
             if not self.training and self.fast_path and self._paths_are_plain():
                 # Inference: the kernel choice, packed weights included (oneDNN otherwise reorders
                 # the weight on every call, as costly as a batch-1 convolution on a small map).
-                return self._path(self.h2h, high, self.stride)
+                return self._path("h2h", high, params, self.stride)
             return keep_channels_last(self.h2h(high), high)
         x = avg_pool(high, self._pool_h2h)
-        if not (self.fast_path and self._paths_are_plain()):
+        if params is None and not (self.fast_path and self._paths_are_plain()):
             return self.h2h(x)
-        return self._path(self.h2h, x)
+        return self._path("h2h", x, params)
 
     def _forward_reference(self, high: Tensor, low: Tensor | None) -> tuple[Tensor, Tensor | None]:
         y_high = self.h2h(avg_pool(high, self._pool_h2h))
@@ -520,12 +522,36 @@ class OctConv(nn.Module):
         kernels.forget_weights(self.parameters())
         return super().train(mode)
 
-    def _path(self, conv: nn.Module, x: Tensor, stride: tuple[int, ...] | None = None) -> Tensor:
-        """One path's convolution (stride 1 unless given), through :meth:`_conv`'s kernel choice."""
-        params = conv._parameters  # plain ConvNd here (see _paths_are_plain): no parametrisation
-        return self._conv(x, params["weight"], params["bias"], conv.groups, stride)
+    def _weights(self, name: str, params: PathParams | None) -> tuple[Tensor, Tensor | None]:
+        """Path ``name``'s ``(weight, bias)``: its own, or those of ``params`` (BatchNorm folded in)."""
+        if params is not None:
+            return params[name]
+        own = self._modules[name]._parameters  # plain ConvNd here (see _paths_are_plain): no parametrisation
+        return own["weight"], own["bias"]
 
-    def _forward_fast(self, high: Tensor, low: Tensor | None) -> tuple[Tensor, Tensor | None]:
+    def _path(
+        self, name: str, x: Tensor, params: PathParams | None = None, stride: tuple[int, ...] | None = None,
+    ) -> Tensor:
+        """Path ``name``'s convolution (stride 1 unless given), through :meth:`_conv`'s kernel choice."""
+        weight, bias = self._weights(name, params)
+        return self._conv(x, weight, bias, self._modules[name].groups, stride)
+
+    def forward_folded(self, x: OctaveInput, params: PathParams) -> OctaveOutput:
+        """:meth:`forward` through the fast path with every path's ``(weight, bias)`` taken from
+        ``params`` (a mapping from path name to the pair) instead of the layer's own.
+
+        :func:`oct3d.nn.fold.conv_norm` passes the weights with an eval-mode BatchNorm folded
+        in; the caller checks that the fast path applies (:meth:`_paths_are_plain`).
+        """
+        high, low = self._split_input(x)
+        if self.is_vanilla:
+            return self._forward_vanilla(high, params)
+        y_high, y_low = self._forward_fast(high, low, params)
+        return y_high if self.out_low == 0 else Octave(y_high, y_low)
+
+    def _forward_fast(
+        self, high: Tensor, low: Tensor | None, params: PathParams | None = None,
+    ) -> tuple[Tensor, Tensor | None]:
         """The reference formula with fewer kernels and copies (same outputs, see tests/test_fast_path.py).
 
         - Without autograd the L->H result is added *in place* into the H->H output through
@@ -539,47 +565,53 @@ class OctConv(nn.Module):
           whichever measures faster (:meth:`_sum_of_convs`).
         - With stride 2 the H->L input is pooled from the already stride-pooled H->H input
           (2x2 of 2x2 instead of 4x4 of the full map) when that is exact (even sizes).
+
+        ``params``, when given, replaces every path's ``(weight, bias)`` (:meth:`forward_folded`).
         """
+        folded = params is not None
         pooled_high = avg_pool(high, self._pool_h2h)
         if self.l2h is None:
-            y_high = self._path(self.h2h, pooled_high)
+            y_high = self._path("h2h", pooled_high, params)
         else:
             low_for_high = avg_pool(low, self._pool_l2h)
             if self.groups == 1 and pooled_high.shape[2:] == low_for_high.shape[2:]:
-                y_high = self._sum_of_convs("high", pooled_high, self.h2h, low_for_high, self.l2h, self.h2h.bias)
+                (w_hh, b_hh), (w_lh, _) = self._weights("h2h", params), self._weights("l2h", params)
+                y_high = self._sum_of_convs("high", pooled_high, w_hh, low_for_high, w_lh, b_hh, folded)
             else:
-                y_high = self._path(self.h2h, pooled_high)
-                y_high = _add_upsampled_(y_high, self._path(self.l2h, low_for_high), self._up_l2h)
+                y_high = self._path("h2h", pooled_high, params)
+                y_high = _add_upsampled_(y_high, self._path("l2h", low_for_high, params), self._up_l2h)
         if not self.out_low:
             return y_high, None
         high_for_low = self._pool_high_for_low(high, pooled_high) if self.h2l is not None else None
         if self.h2l is not None and self.l2l is not None and self.groups == 1:
             low_for_low = avg_pool(low, self._pool_l2l)
-            return y_high, self._sum_of_convs("low", high_for_low, self.h2l, low_for_low, self.l2l, self.l2l.bias)
+            (w_hl, _), (w_ll, b_ll) = self._weights("h2l", params), self._weights("l2l", params)
+            return y_high, self._sum_of_convs("low", high_for_low, w_hl, low_for_low, w_ll, b_ll, folded)
         y_low = None
         if self.l2l is not None:
-            y_low = self._path(self.l2l, avg_pool(low, self._pool_l2l))
+            y_low = self._path("l2l", avg_pool(low, self._pool_l2l), params)
         if self.h2l is not None:
-            from_high = self._path(self.h2l, high_for_low)
+            from_high = self._path("h2l", high_for_low, params)
             y_low = from_high if y_low is None else y_low.add_(from_high)
         return y_high, y_low
 
     def _sum_of_convs(
-        self, family: str, a: Tensor, conv_a: nn.Module, b: Tensor, conv_b: nn.Module, bias: Tensor | None,
+        self, family: str, a: Tensor, w_a: Tensor, b: Tensor, w_b: Tensor, bias: Tensor | None, folded: bool = False,
     ) -> Tensor:
         """``conv_a(a) + conv_b(b) + bias`` for two same-size inputs, in the formulation that measures faster.
 
         ``"cat"``: one convolution of ``cat([a, b])`` with ``cat([w_a, w_b])`` (fewer, larger
         kernels; costs the copies of the concatenation); ``"split"``: two convolutions and an
         in-place add. Timed once per shape by :func:`oct3d.nn.kernels.choose` (family
-        ``"high"`` or ``"low"``); ``"cat"`` without autotuning.
+        ``"high"`` or ``"low"``); ``"cat"`` without autotuning. ``folded``: the weights carry a
+        folded BatchNorm, and their concatenation is cached apart from the layer's own.
         """
-        args = (a, b, conv_a.weight, conv_b.weight, bias)
+        args = (a, b, w_a, w_b, bias)
+        cat_cache = family + "/folded" if folded else family
         choice = kernels.forced(family)
         if choice is None and (a.device.type != "cpu" or traced_or_compiled() or not kernels._plain_eager()):
             choice = "cat"  # graphs, GPUs and torch.func transforms keep the one larger convolution
         elif choice is None:
-            w_a, w_b = args[2], args[3]
             memo_key = (
                 family, a.shape, a.stride(), b.shape, b.stride(), w_a.shape, w_b.shape, a.dtype, bias is None,
                 self.padding, self.padding_mode, self.dilation, torch.is_grad_enabled(), a.requires_grad,
@@ -590,17 +622,17 @@ class OctConv(nn.Module):
             if choice is None:
                 key = (family, *(kernels._signature(t) for t in args[:4]), bias is None, self.padding,
                        self.padding_mode, self.dilation)
-                options = {"cat": partial(self._sum_by_cat, family), "split": self._sum_by_split}
+                options = {"cat": partial(self._sum_by_cat, cat_cache), "split": self._sum_by_split}
                 choice, final = kernels._choose(key, options, args, "cat")
                 if final:
                     kernels.memo(memo_key, choice)
         if choice == "split":
             return self._sum_by_split(*args)
-        return self._sum_by_cat(family, *args)
+        return self._sum_by_cat(cat_cache, *args)
 
-    def _sum_by_cat(self, family: str, a: Tensor, b: Tensor, w_a: Tensor, w_b: Tensor, bias: Tensor | None) -> Tensor:
-        """The ``"cat"`` plan: one convolution over the concatenated inputs and weights."""
-        return self._conv(torch.cat([a, b], dim=1), self._cat_weight(family, w_a, w_b), bias, 1)
+    def _sum_by_cat(self, cache: str, a: Tensor, b: Tensor, w_a: Tensor, w_b: Tensor, bias: Tensor | None) -> Tensor:
+        """The ``"cat"`` plan: one convolution over the concatenated inputs and weights (cached under ``cache``)."""
+        return self._conv(torch.cat([a, b], dim=1), self._cat_weight(cache, w_a, w_b), bias, 1)
 
     def _sum_by_split(self, a: Tensor, b: Tensor, w_a: Tensor, w_b: Tensor, bias: Tensor | None) -> Tensor:
         """The ``"split"`` plan: two convolutions and an in-place add."""
