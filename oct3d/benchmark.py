@@ -4,7 +4,7 @@
 builds the octave model at each alpha and its vanilla peer (torchvision / pytorchvideo, the
 same peers as ``tools/model_table.py``), warms every model up, then times them *interleaved*
 (round-robin, one call each per round) so that load changes on the machine hit all models
-alike. It reports medians of inference and of a training step (forward, backward, SGD step),
+alike. It reports medians of inference and of a training step (forward, backward, SGD step; multi-tensor SGD on CPU, as oct3d's trainer runs it),
 throughput, peak memory, the measured time ratio octave/vanilla and, beside it, the
 multiply-add ratio (the ideal a perfect implementation would reach).
 
@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from oct3d.model_table import build_octave, input_size, peer_label, vanilla_peer
 from oct3d.models.registry import list_models, model_task
 from oct3d.profiling import count_macs
-from oct3d.system import steady_malloc
+from oct3d.system import foreach_kwargs, steady_malloc
 
 __all__ = ["BenchResult", "benchmark_models", "cpu_name", "format_results", "main", "op_table", "plot_results",
            "json_table", "results_to_json", "route_conv3d_like_octave", "route_convs_like_octave", "steady_malloc"]
@@ -222,7 +222,9 @@ def _make_step(model: nn.Module, mode: str, x: Tensor, num_classes: int, dense: 
 
         return infer
     model.train()
-    optimizer = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
+    params = list(model.parameters())
+    # As oct3d's trainer steps on CPU: the multi-tensor SGD (foreach_kwargs), for both models alike.
+    optimizer = torch.optim.SGD(params, lr=1e-4, momentum=0.9, **foreach_kwargs(params))
     target_shape = (x.shape[0], *x.shape[2:]) if dense else (x.shape[0],)
     target = torch.randint(0, num_classes, target_shape, device=x.device)
     loss_fn = nn.CrossEntropyLoss()

@@ -17,9 +17,13 @@ from __future__ import annotations
 
 import os
 import platform
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
-__all__ = ["run_tool", "steady_malloc", "steady_malloc_unless_disabled"]
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["foreach_kwargs", "run_tool", "steady_malloc", "steady_malloc_unless_disabled"]
 
 #: Blocks below this are served from the heap and kept for reuse (glibc's ``M_MMAP_THRESHOLD``).
 MMAP_THRESHOLD = 512 << 20
@@ -102,3 +106,15 @@ def _stdout_reader_gone() -> bool:
         return any(event & (select.POLLERR | select.POLLHUP) for _, event in poller.poll(0))
     except (OSError, ValueError, AttributeError, io.UnsupportedOperation):  # no file descriptor (a replaced stdout)
         return False
+
+
+def foreach_kwargs(params: Sequence[torch.Tensor]) -> dict[str, bool]:
+    """``{"foreach": True}`` when every parameter is on the CPU, else ``{}`` (PyTorch's own choice).
+
+    PyTorch picks its multi-tensor (``foreach``) optimizer implementations only on CUDA. An
+    octave network has about 2.5x as many weight tensors as its vanilla twin (four path
+    convolutions and two norms per layer), and on CPU the per-tensor loop is then a visible
+    part of a step: an AdamW step over Oct-ResNet-50's 369 tensors took 43 ms with the loop
+    and 32 ms with ``foreach`` on the development VM (2 threads). The arithmetic is the same.
+    """
+    return {"foreach": True} if params and all(p.device.type == "cpu" for p in params) else {}

@@ -28,6 +28,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from oct3d.models import builder_arguments, get_model
 from oct3d.models.transfer import plain_state_dict
 from oct3d.nn.conv import check_positive_int
+from oct3d.system import foreach_kwargs
 
 __all__ = [
     "CHECKPOINT_KEY",
@@ -107,18 +108,6 @@ def record_hparam(module: pl.LightningModule, key: str, value: Any) -> None:
     initial = getattr(module, "_hparams_initial", None)
     if initial is not None:
         initial[key] = copy.deepcopy(value)
-
-
-def foreach_kwargs(params: list[torch.Tensor]) -> dict[str, bool]:
-    """``{"foreach": True}`` when every parameter is on the CPU, else ``{}`` (PyTorch's own choice).
-
-    PyTorch picks its multi-tensor (``foreach``) optimizer implementations only on CUDA. An
-    octave network has about 2.5x as many weight tensors as its vanilla twin (four path
-    convolutions and two norms per layer), and on CPU the per-tensor loop is then a visible
-    part of a step: an AdamW step over Oct-ResNet-50's 369 tensors took 43 ms with the loop
-    and 32 ms with ``foreach`` on the development VM (2 threads). The arithmetic is the same.
-    """
-    return {"foreach": True} if params and all(p.device.type == "cpu" for p in params) else {}
 
 
 def warmup_cosine_schedule(
