@@ -4,9 +4,10 @@
 builds the octave model at each alpha and its vanilla peer (torchvision / pytorchvideo, the
 same peers as ``tools/model_table.py``), warms every model up, then times them *interleaved*
 (round-robin, one call each per round) so that load changes on the machine hit all models
-alike. It reports medians of inference and of a training step (forward, backward, SGD step; multi-tensor SGD on CPU, as oct3d's trainer runs it),
-throughput, peak memory, the measured time ratio octave/vanilla and, beside it, the
-multiply-add ratio (the ideal a perfect implementation would reach).
+alike. It reports medians of inference and of a training step (forward, backward, SGD step;
+the multi-tensor SGD on CPU, as oct3d's trainer runs it), throughput, peak memory, the
+measured time ratio octave/vanilla and, beside it, the multiply-add ratio (the ideal a
+perfect implementation would reach).
 
 Peak memory is the peak of tensor memory one step allocates on top of what was live
 before it (weights, inputs, optimizer state): ``torch.cuda.max_memory_allocated`` on CUDA,

@@ -93,7 +93,9 @@ def conv_norm(conv: nn.Module, norm: nn.Module, x: OctaveInput, relu: nn.Module 
     float64 on CPU, nothing traces or compiles, and :data:`enabled` is on. The outputs equal the
     three calls' up to rounding. Anything else calls the modules as written.
     """
-    params = None if torch.is_grad_enabled() or not enabled else _folded_params(conv, norm, relu)
+    # (traced_or_compiled first: a graph keeps the BatchNorm, which inductor's freezing folds itself)
+    unfolded = torch.is_grad_enabled() or not enabled or traced_or_compiled()
+    params = None if unfolded else _folded_params(conv, norm, relu)
     if params is None:
         out = norm(conv(x))
         return out if relu is None else relu(out)
@@ -136,7 +138,6 @@ def _folded_params(conv: nn.Module, norm: nn.Module, relu: nn.Module | None) -> 
     if (
         weight.device.type != "cpu"
         or weight.dtype not in _FLOATS
-        or traced_or_compiled()
         or not kernels._plain_eager()
         or not conv._paths_are_plain()
     ):
