@@ -208,3 +208,20 @@ def test_models_fold_in_inference_and_match_their_unfolded_outputs(builder, kwar
         folded = model(x)
     assert calls == []
     torch.testing.assert_close(folded, reference.detach(), atol=1e-4, rtol=1e-4)
+
+
+def test_fx_tracing_without_autograd_records_the_modules():
+    conv, norm, relu = _layer(2, 16, 16, 0.5, 0.5)
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.norm, self.relu = conv, norm, relu
+
+        def forward(self, x):
+            return conv_norm(self.conv, self.norm, x, self.relu)
+
+    with torch.no_grad():
+        graph = torch.fx.symbolic_trace(Block())
+    targets = [n.target for n in graph.graph.nodes if n.op == "call_module"]
+    assert targets == ["conv", "norm", "relu"]

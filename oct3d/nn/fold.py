@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from oct3d.nn import kernels
 from oct3d.nn.conv import OctConv, PathParams
 from oct3d.nn.layers import OctBatchNorm, OctMap, OctReLU
-from oct3d.nn.octave import Octave, OctaveInput, OctaveOutput, module_hooks, traced_or_compiled
+from oct3d.nn.octave import Octave, OctaveInput, OctaveOutput, _fx_tracing, module_hooks, traced_or_compiled
 
 __all__ = ["bn_affine", "conv_norm", "enabled", "fold_into_paths"]
 
@@ -93,8 +93,8 @@ def conv_norm(conv: nn.Module, norm: nn.Module, x: OctaveInput, relu: nn.Module 
     float64 on CPU, nothing traces or compiles, and :data:`enabled` is on. The outputs equal the
     three calls' up to rounding. Anything else calls the modules as written.
     """
-    # (traced_or_compiled first: a graph keeps the BatchNorm, which inductor's freezing folds itself)
-    unfolded = torch.is_grad_enabled() or not enabled or traced_or_compiled()
+    # A graph keeps the BatchNorm (inductor's freezing folds it itself), and fx records the modules.
+    unfolded = torch.is_grad_enabled() or not enabled or traced_or_compiled() or _fx_tracing()
     params = None if unfolded else _folded_params(conv, norm, relu)
     if params is None:
         out = norm(conv(x))
