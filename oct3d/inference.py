@@ -289,8 +289,8 @@ def load_predictor(path: str | os.PathLike, device: str = "auto", trust_checkpoi
     meta_dict = checkpoint[CHECKPOINT_KEY]
     if meta_dict.get("task") == "segmentation":
         raise CheckpointError(
-            f"{path} is a segmentation checkpoint; label volumes with `oct3d segment` (tools/segment.py), "
-            "`oct3d infer` classifies videos and images"
+            f"{path} is a segmentation checkpoint; label volumes with `oct3d segment` (tools/segment.py): "
+            "`oct3d infer` and `oct3d export` take the checkpoints of video and image classifiers"
         )
     if int(meta_dict.get("format_version", 0)) > CHECKPOINT_FORMAT_VERSION:
         raise CheckpointError(f"{path}: checkpoint format {meta_dict.get('format_version')} is newer than this oct3d")

@@ -101,6 +101,11 @@ def test_export_refuses_foreign_checkpoints(tmp_path, capsys):
     torch.save({"state_dict": {}}, foreign)
     assert export_main(["--checkpoint", str(foreign), "--format", "onnx", str(tmp_path / "x.onnx")]) == 2
     assert "not an oct3d checkpoint" in capsys.readouterr().err
+    segmentation = tmp_path / "segmentation.ckpt"
+    torch.save({"state_dict": {}, "oct3d": {"format_version": 1, "task": "segmentation"}}, segmentation)
+    assert export_main(["--checkpoint", str(segmentation), "--format", "onnx", str(tmp_path / "y.onnx")]) == 2
+    err = capsys.readouterr().err
+    assert "segmentation checkpoint" in err and "`oct3d export` take the checkpoints of video and image" in err
 
 
 def test_torch_export_with_dynamic_image_sizes():

@@ -63,6 +63,18 @@ def test_pytorch_path_where_wide_rows_do_not_apply():
     assert norm._rows_per_wide_row(bn, narrow) is None  # a hooked module is called as itself
     norm.batch_norm(bn, narrow)
     assert calls == [1]
+    backward_hooked = nn.BatchNorm3d(8)
+    grads = []
+    backward_hooked.register_full_backward_hook(lambda *a: grads.append(1))
+    assert norm._rows_per_wide_row(backward_hooked, narrow) is None
+    norm.batch_norm(backward_hooked, narrow.requires_grad_()).sum().backward()
+    assert grads == [1]
+    handle = nn.modules.module.register_module_forward_hook(lambda *a: None)
+    try:
+        assert norm._rows_per_wide_row(nn.BatchNorm3d(8), narrow) is None  # a global hook sees every call
+    finally:
+        handle.remove()
+    assert norm._rows_per_wide_row(nn.BatchNorm3d(8), narrow) is not None
 
 
 def test_training_needs_more_than_one_value_per_channel():

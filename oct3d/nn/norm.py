@@ -69,8 +69,8 @@ def _rows_per_wide_row(bn: nn.Module, x: Tensor) -> int | None:
         or type(bn) is not _BN_TYPES[x.dim() - 4]
         or x.device.type != "cpu"
         or x.dtype not in (torch.float32, torch.float64)
-        or bn._forward_hooks
-        or bn._forward_pre_hooks
+        or module_hooks(bn)
+        or global_module_hooks()
         or traced_or_compiled()
         or not is_channels_last(x)
     ):
