@@ -448,7 +448,7 @@ class OctConv(nn.Module):
         for the pool-first convolution always, it takes the CPU kernel chosen for its shape like
         an octave path (the same values up to rounding)."""
         if not self.pool_first:
-            if not self.training and self.fast_path and self._paths_are_plain():
+            if params is not None or (not self.training and self.fast_path and self._paths_are_plain()):
                 # Inference: the kernel choice, packed weights included (oneDNN otherwise reorders
                 # the weight on every call, as costly as a batch-1 convolution on a small map).
                 return self._path("h2h", high, params, self.stride)
@@ -598,7 +598,7 @@ class OctConv(nn.Module):
     def _sum_of_convs(
         self, family: str, a: Tensor, w_a: Tensor, b: Tensor, w_b: Tensor, bias: Tensor | None, folded: bool = False,
     ) -> Tensor:
-        """``conv_a(a) + conv_b(b) + bias`` for two same-size inputs, in the formulation that measures faster.
+        """``conv(a, w_a) + conv(b, w_b) + bias`` for two same-size inputs, in the formulation that measures faster.
 
         ``"cat"``: one convolution of ``cat([a, b])`` with ``cat([w_a, w_b])`` (fewer, larger
         kernels; costs the copies of the concatenation); ``"split"``: two convolutions and an

@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from oct3d.nn import kernels
 from oct3d.nn.conv import OctConv, PathParams
 from oct3d.nn.layers import OctBatchNorm, OctMap, OctReLU
+from oct3d.nn.norm import STOCK_BATCH_NORMS
 from oct3d.nn.octave import Octave, OctaveInput, OctaveOutput, _fx_tracing, module_hooks, traced_or_compiled
 
 __all__ = ["bn_affine", "conv_norm", "enabled", "fold_into_paths"]
@@ -35,8 +36,6 @@ __all__ = ["bn_affine", "conv_norm", "enabled", "fold_into_paths"]
 #: turns it off, e.g. to compare with a network that calls its modules one by one).
 enabled: bool = os.environ.get("OCT3D_FOLD", "1").strip().lower() not in ("0", "false", "no", "off")
 
-# Exactly these types: a subclass or a parametrised module may compute something else.
-_BN_TYPES = frozenset((nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d))
 _FLOATS = (torch.float32, torch.float64)
 
 
@@ -132,7 +131,8 @@ def _folded_params(conv: nn.Module, norm: nn.Module, relu: nn.Module | None) -> 
     bns = norm._modules
     parts = (bns["bn_h"],) if bns.get("bn_l") is None else (bns["bn_h"], bns["bn_l"])
     for bn in parts:
-        if type(bn) not in _BN_TYPES or bn.training or bn._buffers.get("running_mean") is None or module_hooks(bn):
+        if (type(bn) not in STOCK_BATCH_NORMS or bn.training or bn._buffers.get("running_mean") is None
+                or module_hooks(bn)):
             return None
     weight = conv._modules["h2h"]._parameters["weight"]
     if (

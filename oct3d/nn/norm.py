@@ -34,8 +34,9 @@ __all__ = ["batch_norm", "WIDE_ROW"]
 #: Elements per wide row (a multiple of every x86 vector width in float32).
 WIDE_ROW = 64
 _BN_TYPES = (nn.BatchNorm2d, nn.BatchNorm3d)
-# Exactly these types (a subclass or a parametrised module may compute something else).
-_EVAL_TYPES = frozenset((nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d))
+#: Exactly these types compute what ``nn.BatchNorm*d`` does (a subclass or a parametrised module
+#: may compute something else): the eval-mode shortcut here and the folding of ``oct3d.nn.fold``.
+STOCK_BATCH_NORMS = frozenset((nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d))
 
 
 def batch_norm(bn: nn.Module, x: Tensor) -> Tensor:
@@ -51,7 +52,7 @@ def batch_norm(bn: nn.Module, x: Tensor) -> Tensor:
         return _wide_batch_norm(bn, x, k)
     if (
         not bn.training
-        and type(bn) in _EVAL_TYPES
+        and type(bn) in STOCK_BATCH_NORMS
         and bn.running_mean is not None
         and not module_hooks(bn)
         and not global_module_hooks()
