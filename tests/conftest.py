@@ -13,6 +13,10 @@ import csv
 import shutil
 from pathlib import Path
 
+# Lightning gives its loggers a stream handler on stderr when it is first imported. Imported here, before
+# any test, that is the real stderr: first imported inside a test using capsys, the handler would keep
+# the captured stream, and once it is closed every later log line prints "--- Logging error ---".
+import lightning.pytorch  # noqa: F401
 import numpy as np
 import pytest
 

@@ -200,6 +200,19 @@ def test_a_refused_setting_is_one_error_line_and_exit_2(tiny_kinetics, tmp_path,
         cli.lightning_main(["fit", *_tiny_video_args(missing, tmp_path / "logs")])
 
 
+def test_an_unknown_option_is_a_short_message_naming_the_class(tiny_kinetics, tmp_path, capsys):
+    # (The program name is the script's: `lightning` when installed, pytest's here.)
+    for key, class_path in (("model", "oct3d.lightning.VideoClassifier"), ("data", "datamodules.KineticsDataModule")):
+        with pytest.raises(SystemExit) as exit_info:
+            cli.lightning_main(["fit", *_tiny_video_args(tiny_kinetics, tmp_path / "logs"), f"--{key}.no_such", "1"])
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err
+        assert f"error: --{key}.no_such: {class_path} takes no option 'no_such' (`" in err
+        assert f" fit --{key}.help {class_path}` lists the ones it takes)" in err and "Union subtypes" not in err
+        # One usage line, not the usage of every option (about 70 lines).
+        assert err.count("\n") <= 4 and err.splitlines()[0].endswith(" fit [-h] [-c CONFIG] [options]")
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU config runs where there is a GPU")
 def test_the_gpu_config_on_a_machine_without_a_gpu_says_what_to_override(tiny_kinetics, capsys, monkeypatch):
     monkeypatch.delenv("OCT3D_TRACEBACK", raising=False)

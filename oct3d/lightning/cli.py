@@ -14,6 +14,7 @@ import importlib
 import importlib.util
 import linecache
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -56,6 +57,38 @@ def _data_error_callbacks() -> list[Callback]:
     return [DataErrorReport()]
 
 
+class _ArgumentParser(LightningArgumentParser):
+    """LightningCLI's parser with a one-line usage before an error message.
+
+    jsonargparse prints the usage of every option (about 70 lines for ``fit``) ahead of the one
+    line that says what was wrong; ``--help`` still lists them all.
+    """
+
+    def print_usage(self, file: Any = None) -> None:
+        """``usage: <prog> [-h] [-c CONFIG] [options]``."""
+        prog = self.prog.replace(" [options]", "")
+        (file or sys.stderr).write(f"usage: {prog} [-h] [-c CONFIG] [options]\n")
+
+    def error(self, message: str, ex: Exception | None = None) -> Any:
+        """jsonargparse's error, with an unknown option of a ``class_path`` class said in one line."""
+        return super().error(_unknown_option_message(message, self.prog.replace(" [options]", "")), ex)
+
+
+_UNION_KEY = re.compile(r'Parser key "([\w.]+)":\s+Does not validate against any of the Union subtypes')
+_UNKNOWN_OPTION = re.compile(r"Problem with given class_path '([\w.]+)':\s+Option '([\w.]+)' is not accepted")
+
+
+def _unknown_option_message(message: str, prog: str) -> str:
+    """``Parser key "model": ... Option 'foo' is not accepted ...`` (nine lines of union subtypes) as
+    ``--model.foo: oct3d.lightning.VideoClassifier takes no option 'foo' (...)``; other messages as they are."""
+    key, option = _UNION_KEY.search(message), _UNKNOWN_OPTION.search(message)
+    if key is None or option is None:
+        return message
+    name, class_path = key.group(1), option.group(1)
+    return (f"--{name}.{option.group(2)}: {class_path} takes no option '{option.group(2)}' "
+            f"(`{prog} --{name}.help {class_path}` lists the ones it takes)")
+
+
 class OctCLI(LightningCLI):
     """LightningCLI for octave models (classifiers, the volume segmenter); ``model`` and ``data`` are chosen by
     ``class_path`` in the config."""
@@ -66,6 +99,7 @@ class OctCLI(LightningCLI):
         kwargs.setdefault("subclass_mode_model", True)
         kwargs.setdefault("subclass_mode_data", True)
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
+        kwargs.setdefault("parser_class", _ArgumentParser)
         super().__init__(*args, **kwargs)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
