@@ -210,7 +210,8 @@ def test_models_fold_in_inference_and_match_their_unfolded_outputs(builder, kwar
     torch.testing.assert_close(folded, reference.detach(), atol=1e-4, rtol=1e-4)
 
 
-def test_fx_tracing_without_autograd_records_the_modules():
+def test_fx_tracing_records_one_call_with_the_modules_as_attributes():
+    torch.manual_seed(0)
     conv, norm, relu = _layer(2, 16, 16, 0.5, 0.5)
 
     class Block(nn.Module):
@@ -221,7 +222,59 @@ def test_fx_tracing_without_autograd_records_the_modules():
         def forward(self, x):
             return conv_norm(self.conv, self.norm, x, self.relu)
 
+    block = Block()
     with torch.no_grad():
-        graph = torch.fx.symbolic_trace(Block())
-    targets = [n.target for n in graph.graph.nodes if n.op == "call_module"]
-    assert targets == ["conv", "norm", "relu"]
+        graph = torch.fx.symbolic_trace(block)
+    calls = [n for n in graph.graph.nodes if n.op == "call_function" and n.target is conv_norm]
+    assert len(calls) == 1 and not any(n.op == "call_module" for n in graph.graph.nodes)
+    assert [a.target for a in calls[0].args if isinstance(a, torch.fx.Node) and a.op == "get_attr"] == [
+        "conv", "norm", "relu"]
+    x = _input(2, 16, 0.5, True)
+    with torch.no_grad():
+        _assert_same(graph(x), block(x))
+
+
+@pytest.mark.parametrize("name, shape", [("resnet18", (2, 3, 64, 64)), ("r3d_18", (1, 3, 4, 32, 32))])
+def test_octavize_fold_norms_routes_each_chain_and_keeps_the_network(name, shape, monkeypatch, tmp_path):
+    import copy
+
+    import torchvision
+
+    from oct3d import fuse, octavize
+
+    torch.manual_seed(0)
+    vanilla = torchvision.models.video.r3d_18(num_classes=5) if name == "r3d_18" else \
+        torchvision.models.resnet18(num_classes=5)
+    for module in vanilla.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.running_mean.normal_()
+            module.running_var.uniform_(0.5, 2.0)
+    x = torch.randn(shape)
+    plain = octavize(vanilla, 0.5, example_input=x).eval()
+    routed = octavize(vanilla, 0.5, example_input=x, fold_norms=True).eval()
+    calls = [n for n in routed.graph.nodes if n.op == "call_function" and n.target is conv_norm]
+    chains = sum(isinstance(m, OctBatchNorm) for m in routed.modules())
+    assert len(calls) == chains > 0  # every octave BatchNorm follows its convolution in these networks
+    assert routed.state_dict().keys() == plain.state_dict().keys()
+    reference = plain(x).detach()
+    norm_calls = _count_norm_calls(monkeypatch)
+    with torch.no_grad():
+        torch.testing.assert_close(routed(x), reference, atol=1e-4, rtol=1e-4)
+        assert norm_calls == []  # folded
+        for other in (copy.deepcopy(routed), fuse(routed)):
+            torch.testing.assert_close(other(x), reference, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(routed(x), reference, atol=1e-5, rtol=1e-5)  # autograd on: the modules
+    torch.save(routed, tmp_path / "routed.pt")
+    loaded = torch.load(tmp_path / "routed.pt", weights_only=False)  # a GraphModule re-traces its code
+    assert sum(n.target is conv_norm for n in loaded.graph.nodes if n.op == "call_function") == chains
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), reference, atol=1e-4, rtol=1e-4)
+        exported = torch.export.export(routed, (x,)).module()
+        torch.testing.assert_close(exported(x), reference, atol=1e-4, rtol=1e-4)
+
+
+def test_octavize_fold_norms_must_be_a_bool():
+    from oct3d import octavize
+
+    with pytest.raises(TypeError, match="fold_norms must be a bool"):
+        octavize(nn.Sequential(nn.Conv2d(3, 8, 3)), 0.5, example_input=torch.randn(1, 3, 8, 8), fold_norms="yes")

@@ -28,7 +28,15 @@ from oct3d.nn import kernels
 from oct3d.nn.conv import OctConv, PathParams
 from oct3d.nn.layers import OctBatchNorm, OctMap, OctReLU
 from oct3d.nn.norm import STOCK_BATCH_NORMS
-from oct3d.nn.octave import Octave, OctaveInput, OctaveOutput, _fx_tracing, module_hooks, traced_or_compiled
+from oct3d.nn.octave import (
+    Octave,
+    OctaveInput,
+    OctaveOutput,
+    _first_proxy,
+    _fx_tracing,
+    module_hooks,
+    traced_or_compiled,
+)
 
 __all__ = ["bn_affine", "conv_norm", "enabled", "fold_into_paths"]
 
@@ -88,16 +96,25 @@ def conv_norm(conv: nn.Module, norm: nn.Module, x: OctaveInput, relu: nn.Module 
 
     The folded form applies when autograd is off, ``conv`` is an :class:`~oct3d.nn.OctConv` on
     its fast path and ``norm`` an :class:`~oct3d.nn.OctBatchNorm` (and ``relu`` an
-    :class:`~oct3d.nn.OctReLU`), all three in eval mode, stock and unhooked, the maps float32 or
-    float64 on CPU, nothing traces or compiles, and :data:`enabled` is on. The outputs equal the
-    three calls' up to rounding. Anything else calls the modules as written.
+    :class:`~oct3d.nn.OctReLU`, or an ``nn.ReLU`` applied to each branch), all three in eval
+    mode, stock and unhooked, the maps float32 or float64 on CPU, nothing traces or compiles,
+    and :data:`enabled` is on. The outputs equal the three calls' up to rounding. Anything else
+    calls the modules as written; fx tracing records the call as one node.
     """
-    # A graph keeps the BatchNorm (inductor's freezing folds it itself), and fx records the modules.
-    unfolded = torch.is_grad_enabled() or not enabled or traced_or_compiled() or _fx_tracing()
+    if _fx_tracing():
+        proxy = _first_proxy((x,))
+        if proxy is not None:  # fx records this call as one node, the modules as get_attr arguments
+            return proxy.tracer.create_proxy("call_function", conv_norm, (conv, norm, x, relu), {})
+    # A graph keeps the BatchNorm (inductor's freezing folds it itself).
+    unfolded = torch.is_grad_enabled() or not enabled or traced_or_compiled()
     params = None if unfolded else _folded_params(conv, norm, relu)
     if params is None:
         out = norm(conv(x))
-        return out if relu is None else relu(out)
+        if relu is None:
+            return out
+        if isinstance(out, Octave) and not isinstance(relu, OctMap):  # a plain nn.ReLU, once per branch
+            return Octave(relu(out.high), None if out.low is None else relu(out.low))
+        return relu(out)
     out = conv.forward_folded(x, params)
     if relu is not None:  # the outputs are fresh convolution results, so in place is safe
         if isinstance(out, Octave):
@@ -173,6 +190,8 @@ def _still_valid(checks: tuple[list, tuple], parts: tuple[nn.Module, ...]) -> bo
 
 
 def _plain_relu(relu: nn.Module) -> bool:
+    if type(relu) is nn.ReLU:  # (converted networks call one nn.ReLU on each branch)
+        return not module_hooks(relu)
     return (
         type(relu) in (OctReLU, OctMap)
         and type(relu.module) is nn.ReLU
