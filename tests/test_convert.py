@@ -22,7 +22,7 @@ from torch import nn
 from oct3d import fuse, octavize
 from oct3d.convert import ConversionError, describe_plan
 from oct3d.convert.examples import TinySegNet
-from oct3d.convert.layers import OctStochasticDepth
+from oct3d.convert.layers import KernelConv2d, KernelConv3d, OctStochasticDepth, kernel_conv
 from oct3d.nn import OctConv, fold, kernels
 from oct3d.profiling import activation_memory, count_macs, measure
 
@@ -1227,3 +1227,48 @@ def test_tensor_constants_and_as_tensor_of_a_size_neither_warn_nor_stop_dropout_
         net = octavize(model, alpha=0.5, example_input=x)
     assert any(isinstance(m, nn.Dropout) for m in net.modules())
     torch.testing.assert_close(octavize(model, alpha=0.0, example_input=x)(x), model(x))
+
+
+def test_kept_convolutions_take_the_kernel_choice_in_inference_and_are_nn_conv_in_training(monkeypatch):
+    torch.manual_seed(0)
+    vanilla = torchvision.models.resnet18(num_classes=5)
+    converted = octavize(vanilla, 0.5, example_input=torch.randn(1, 3, 64, 64))
+    kept = {name: m for name, m in converted.named_modules() if isinstance(m, KernelConv2d)}
+    assert "conv1" in kept and "layer4.1.conv1" in kept  # the stem and the coarsest level stay vanilla
+    assert converted.state_dict().keys() == octavize(vanilla, 0.5, example_input=torch.randn(1, 3, 64, 64)
+                                                     ).state_dict().keys()
+    conv = kept["layer4.0.conv2"]
+    x = torch.randn(2, conv.in_channels, 4, 4).contiguous(memory_format=torch.channels_last)
+    routed = []
+    real = kernels.conv_nd
+    monkeypatch.setattr(kernels, "conv_nd", lambda *a, **k: routed.append(1) or real(*a, **k))
+    conv.train()
+    assert torch.equal(conv(x), F.conv2d(x, conv.weight, None, conv.stride, conv.padding)) and routed == []
+    conv.eval()
+    seen = []
+    conv.register_forward_hook(lambda *a: seen.append(1))
+    with torch.no_grad():
+        out = conv(x)
+    assert routed == [1] and seen == [1] and out.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(out, F.conv2d(x, conv.weight, None, conv.stride, conv.padding), atol=1e-5, rtol=1e-5)
+    # A kept convolution is a stock one to the converter: converted again, it becomes octave.
+    net = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), kernel_conv(nn.Conv2d(16, 16, 3, padding=1)),
+                        nn.Conv2d(16, 8, 3, padding=1))
+    again = octavize(net, 0.5, example_input=torch.randn(1, 3, 16, 16), vanilla_coarsest=False)
+    assert isinstance(again.get_submodule("1"), OctConv)
+
+
+def test_kernel_conv_keeps_what_it_cannot_route():
+    conv3d = nn.Conv3d(4, 4, 3, padding=1)
+    assert type(kernel_conv(conv3d)) is KernelConv3d and kernel_conv(conv3d).weight is conv3d.weight
+    hooked = nn.Conv2d(4, 4, 3, padding=1)
+    hooked.register_forward_pre_hook(lambda *a: None)
+    pruned = nn.Conv2d(4, 4, 3, padding=1)
+    torch.nn.utils.parametrizations.weight_norm(pruned)
+
+    class MyConv(nn.Conv2d):
+        pass
+
+    for module in (nn.Conv2d(4, 4, 3, padding="same"), nn.Conv2d(4, 4, 3, padding=1, padding_mode="reflect"),
+                   hooked, pruned, MyConv(4, 4, 3), nn.Conv1d(4, 4, 3)):
+        assert kernel_conv(module) is None

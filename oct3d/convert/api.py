@@ -80,7 +80,7 @@ def octavize(
             ``False`` keeps the original behaviour, e.g. for a model that calls ``.view()`` on its maps.
         fold_norms: route each convolution -> BatchNorm (-> ReLU) chain through
             :func:`oct3d.nn.conv_norm`, which folds the BatchNorm into the convolution in eval-mode
-            CPU inference (a converted ResNet-50's batch-1 forward pass took 7% less time, docs/speed.md). The
+            CPU inference (a converted ResNet-50's batch-1 forward pass took 9% less time, docs/speed.md). The
             chain is then one graph node: feature extraction by node name (torchvision's
             ``create_feature_extractor``) can no longer take the convolution's or the BatchNorm's
             own output. Default False.

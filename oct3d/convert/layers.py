@@ -15,12 +15,25 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 
 from oct3d.convert.core import graph_leaf
-from oct3d.nn.octave import Octave, avg_pool, fx_leaf_forward, low_size
+from oct3d.nn import kernels
+from oct3d.nn.octave import (
+    Octave,
+    avg_pool,
+    fx_leaf_forward,
+    keep_channels_last,
+    low_size,
+    module_hooks,
+    traced_or_compiled,
+)
 
 __all__ = [
+    "KernelConv2d",
+    "KernelConv3d",
     "OctBranchNorm",
+    "kernel_conv",
     "OctStochasticDepth",
     "octave_shape",
     "octave_size",
@@ -31,6 +44,45 @@ __all__ = [
 ]
 
 _MAX_POOL = {1: F.max_pool1d, 2: F.max_pool2d, 3: F.max_pool3d}
+
+
+class _KernelConv:
+    """The forward of :class:`KernelConv2d` and :class:`KernelConv3d`."""
+
+    @fx_leaf_forward
+    def forward(self, x: Tensor) -> Tensor:
+        """``nn.ConvNd``'s output; in eval mode on CPU through oct3d's kernel choice (equal up to rounding)."""
+        if self.training or x.device.type != "cpu" or traced_or_compiled():
+            return super().forward(x)
+        # As an alpha-0 OctConv in eval mode: the autotuned kernel, packed weights without autograd
+        # (F.convNd reorders the weight into oneDNN's layout on every call).
+        out = kernels.conv_nd(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups, True)
+        return keep_channels_last(out, x)
+
+
+class KernelConv2d(_KernelConv, nn.Conv2d):
+    """An ``nn.Conv2d`` that ``octavize`` keeps vanilla (the stem, the coarsest level): the same module and
+    state dict, training exactly ``nn.Conv2d``; in eval mode on CPU it takes oct3d's kernel choice, as the
+    builders' vanilla layers do."""
+
+
+class KernelConv3d(_KernelConv, nn.Conv3d):
+    """:class:`KernelConv2d` for ``nn.Conv3d``."""
+
+
+def kernel_conv(module: nn.Module) -> nn.Module | None:
+    """``module`` (a stock ``nn.Conv2d``/``nn.Conv3d``) as a :class:`KernelConv2d`/:class:`KernelConv3d`
+    holding the same parameters and attributes; None where it should stay as it is: another type, a
+    padding mode or string padding that ``conv_nd`` does not take, a parametrisation, or hooks."""
+    kind = {nn.Conv2d: KernelConv2d, nn.Conv3d: KernelConv3d}.get(type(module))
+    if (kind is None or module.padding_mode != "zeros" or isinstance(module.padding, str)
+            or parametrize.is_parametrized(module) or module_hooks(module)):
+        return None
+    routed = kind.__new__(kind)
+    routed.__dict__.update(module.__dict__)
+    for name in ("_parameters", "_buffers", "_modules"):
+        setattr(routed, name, dict(getattr(module, name)))  # the same tensors, in dicts of its own
+    return routed
 _AVG_POOL = {1: F.avg_pool1d, 2: F.avg_pool2d, 3: F.avg_pool3d}
 
 

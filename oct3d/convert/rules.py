@@ -38,9 +38,11 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 
 from oct3d.convert.core import Context, IncompatibleSplitError, Split, tensor_inputs
 from oct3d.convert.layers import (
+    KernelConv2d,
     OctBranchNorm,
     OctStochasticDepth,
     crop_low,
+    kernel_conv,
     octave_shape,
     octave_size,
     pad_low,
@@ -151,8 +153,10 @@ def _is_module(node: fx.Node, ctx: Context, types: tuple[type, ...]) -> bool:
 
 
 def _stock_forward(module: nn.Module, types: tuple[type, ...]) -> bool:
-    """Whether ``module`` runs the stock ``forward`` of one of ``types`` (not a subclass that changes it)."""
-    return any(type(module).forward is t.forward for t in types)
+    """Whether ``module`` runs the stock ``forward`` of one of ``types`` (not a subclass that changes it);
+    a convolution ``octavize`` kept (:class:`~oct3d.convert.layers.KernelConv2d`) computes the stock one."""
+    forward = type(module).forward
+    return any(forward is t.forward for t in types) or (forward is KernelConv2d.forward and isinstance(module, types))
 
 
 def _arg(node: fx.Node, index: int, name: str, default: object = None) -> object:
@@ -252,7 +256,8 @@ class ConvRule(Rule):
     ) -> nn.Module | None:
         module = ctx.module(node)
         if split_in is None and split_out is None:
-            return _pool_first_conv(module, ctx) if pool_first and conv_geometry_problem(module) is None else None
+            strided = _pool_first_conv(module, ctx) if pool_first and conv_geometry_problem(module) is None else None
+            return strided if strided is not None else kernel_conv(module)
         dims = module.weight.dim() - 2
         conv = OctConv(
             dims, module.in_channels, module.out_channels, _ints(module.kernel_size),
