@@ -44,6 +44,7 @@ __all__ = [
 ]
 
 _MAX_POOL = {1: F.max_pool1d, 2: F.max_pool2d, 3: F.max_pool3d}
+_AVG_POOL = {1: F.avg_pool1d, 2: F.avg_pool2d, 3: F.avg_pool3d}
 
 
 class _KernelConv:
@@ -79,11 +80,9 @@ def kernel_conv(module: nn.Module) -> nn.Module | None:
             or parametrize.is_parametrized(module) or module_hooks(module)):
         return None
     routed = kind.__new__(kind)
-    routed.__dict__.update(module.__dict__)
-    for name in ("_parameters", "_buffers", "_modules"):
-        setattr(routed, name, dict(getattr(module, name)))  # the same tensors, in dicts of its own
+    # The same tensors and attributes, in dicts (parameters, buffers, hooks) of its own.
+    routed.__dict__.update({k: type(v)(v) if isinstance(v, dict) else v for k, v in module.__dict__.items()})
     return routed
-_AVG_POOL = {1: F.avg_pool1d, 2: F.avg_pool2d, 3: F.avg_pool3d}
 
 
 @graph_leaf
