@@ -483,7 +483,7 @@ def test_pool_choice_is_timed_once_cached_and_never_taken_under_autograd(monkeyp
 @pytest.mark.parametrize(("shape", "factors", "layout"), [
     ((2, 3, 8, 6), (2, 2), None), ((1, 4, 8, 12), (4, 2), torch.channels_last),
     ((2, 8, 4, 6, 8), (1, 2, 2), torch.channels_last_3d), ((1, 8, 4, 6, 8), (2, 2, 2), torch.channels_last_3d),
-    ((2, 3, 4, 6, 8), (2, 2, 2), None),
+    ((2, 3, 4, 6, 8), (2, 2, 2), None), ((2, 5, 6, 4), (2, 2), torch.channels_last),
 ])
 def test_pairwise_pool_gradient_is_exact_keeps_the_layout_and_double_backward_works(shape, factors, layout):
     import torch.nn.functional as F
@@ -503,6 +503,29 @@ def test_pairwise_pool_gradient_is_exact_keeps_the_layout_and_double_backward_wo
     assert got.stride() == x.stride()
     assert torch.autograd.gradcheck(lambda t: avg_pool(t, factors), (x,))
     assert torch.autograd.gradgradcheck(lambda t: avg_pool(t, factors) ** 2, (x,))
+
+
+def test_channels_last_2d_pool_backward_is_oct3ds_and_takes_a_sliced_gradient():
+    """Exact windows of a channels_last 2D map under autograd take the one-kernel backward, also for
+    the channel slice a concatenation (the "cat" layer plan) hands it."""
+    import torch.nn.functional as F
+
+    from oct3d.nn.octave import avg_pool
+
+    x = torch.randn(2, 6, 8, 10, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    x.requires_grad_(True)
+    other = torch.randn(2, 3, 4, 5, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    out = avg_pool(x, (2, 2))
+    assert type(out.grad_fn).__name__ == "_ExactPoolFunctionBackward"
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    g = torch.randn(2, 9, 4, 5, dtype=torch.float64)
+    (got,) = torch.autograd.grad(torch.cat([out, other], 1), x, g)
+    (want,) = torch.autograd.grad(torch.cat([F.avg_pool2d(x, 2), other], 1), x, g)
+    torch.testing.assert_close(got, want)
+    assert got.stride() == x.stride()
+    # A partial border window (odd size) keeps PyTorch's pooling and its backward.
+    odd = torch.randn(1, 4, 7, 6).contiguous(memory_format=torch.channels_last).requires_grad_(True)
+    assert type(avg_pool(odd, (2, 2)).grad_fn).__name__ != "_ExactPoolFunctionBackward"
 
 
 @pytest.mark.parametrize("layout", [None, torch.channels_last_3d])
@@ -604,6 +627,8 @@ KERNEL_CASES = [
     (3, "spatial", (1, 3, 3), 1, (3, 8, 6), False),
     (3, "spatiotemporal", (1, 3, 3), 2, (4, 6, 6), True),
     (3, "spatiotemporal", 3, 1, (4, 6, 6), False),
+    (2, "spatial", 1, 2, (8, 6), True),
+    (3, "spatial", 1, 2, (2, 6, 4), True),
 ]
 
 

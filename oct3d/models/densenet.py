@@ -50,7 +50,7 @@ from oct3d.nn import (
     split_channels,
 )
 from oct3d.nn.conv import check_alpha, check_positive_int
-from oct3d.nn.octave import check_channels_last, fx_leaf_forward, in_model_layout
+from oct3d.nn.octave import check_channels_last, fx_leaf_forward, in_model_layout, weights_in_model_layout
 
 __all__ = ["OctDenseLayer", "OctDenseBlock", "OctTransition", "OctDenseNet", "oct_densenet121"]
 
@@ -208,6 +208,7 @@ class OctDenseNet(nn.Module):
         self.classifier = nn.Linear(channels, num_classes)
 
         init_like_vanilla(self, "fan_in")  # torchvision's DenseNet uses kaiming_normal_ with fan_in
+        weights_in_model_layout(self, self.channels_last)
         nn.init.zeros_(self.classifier.bias)
 
     def forward(self, x: Tensor) -> Tensor:

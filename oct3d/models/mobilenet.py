@@ -41,7 +41,7 @@ from oct3d.models.registry import forwards_kwargs, register_model
 from oct3d.nn import OctaveInput, OctaveOutput, OctBatchNorm, OctConv, OctGlobalAvgPool, OctMap
 from oct3d.nn.conv import check_alpha, check_positive_int
 from oct3d.nn.fold import conv_norm
-from oct3d.nn.octave import check_channels_last, in_model_layout
+from oct3d.nn.octave import check_channels_last, in_model_layout, weights_in_model_layout
 
 __all__ = [
     "OctDepthwiseSeparable",
@@ -153,6 +153,7 @@ class OctMobileNetV1(nn.Module):
         self.avgpool = OctGlobalAvgPool()
         self.classifier = nn.Sequential(nn.Dropout(dropout), nn.Linear(in_channels, num_classes))
         _init_mobilenet(self)
+        weights_in_model_layout(self, self.channels_last)
 
     def forward(self, x: Tensor) -> Tensor:
         """Logits ``(N, num_classes)`` of an image batch ``(N, 3, H, W)``."""
@@ -282,6 +283,7 @@ class OctMobileNetV2(nn.Module):
         self.avgpool = OctGlobalAvgPool()
         self.classifier = nn.Sequential(nn.Dropout(dropout), nn.Linear(self.last_channel, num_classes))
         _init_mobilenet(self)
+        weights_in_model_layout(self, self.channels_last)
 
     def forward(self, x: Tensor) -> Tensor:
         """Logits ``(N, num_classes)`` of an image batch ``(N, 3, H, W)``."""

@@ -48,7 +48,7 @@ from oct3d.models.blocks import (
 from oct3d.models.registry import forwards_kwargs, register_model
 from oct3d.nn import OctGlobalAvgPool
 from oct3d.nn.conv import check_alpha, check_positive_int
-from oct3d.nn.octave import check_channels_last, in_model_layout
+from oct3d.nn.octave import check_channels_last, in_model_layout, weights_in_model_layout
 
 __all__ = [
     "OctResNet",
@@ -151,6 +151,7 @@ class OctResNet(nn.Module):
                     for bn in (module.bn3.bn_h, module.bn3.bn_l):
                         if bn is not None:
                             nn.init.zeros_(bn.weight)
+        weights_in_model_layout(self, self.channels_last)
 
     def forward(self, x: Tensor) -> Tensor:
         """Logits ``(N, num_classes)`` of an image batch ``(N, 3, H, W)`` (any H, W >= 1)."""

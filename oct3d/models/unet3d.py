@@ -59,6 +59,7 @@ from oct3d.nn.octave import (
     is_channels_last,
     octave_axes,
     to_channels_last,
+    weights_in_model_layout,
 )
 
 __all__ = ["OctUNet3d", "oct_unet3d"]
@@ -192,6 +193,7 @@ class OctUNet3d(nn.Module):
                                      for i in range(depth - 1))
         self.head = OctConv(3, widths[0], num_classes, 1, alpha, 0.0, bias=True, octave=octave)
         init_like_vanilla(self, "fan_out")
+        weights_in_model_layout(self, self.channels_last)
 
     def forward(self, x: Tensor) -> Tensor:
         """Per-voxel logits ``(N, num_classes, D, H, W)`` of a volume batch ``(N, in_channels, D, H, W)``."""

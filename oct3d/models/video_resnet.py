@@ -40,7 +40,7 @@ from oct3d.nn import (
     OctMaxPool,
 )
 from oct3d.nn.conv import check_alpha, check_positive_int, to_tuple
-from oct3d.nn.octave import check_channels_last, in_model_layout
+from oct3d.nn.octave import check_channels_last, in_model_layout, weights_in_model_layout
 
 __all__ = [
     "OctTemporalMaxPool",
@@ -210,6 +210,7 @@ class OctVideoResNet(nn.Module):
 
     def _init_weights(self, zero_init_residual: bool) -> None:
         init_like_vanilla(self, "fan_out")
+        weights_in_model_layout(self, self.channels_last)
         nn.init.normal_(self.fc.weight, 0.0, 0.01)
         nn.init.zeros_(self.fc.bias)
         if zero_init_residual:
