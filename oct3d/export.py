@@ -100,17 +100,23 @@ def _channels_first(model: nn.Module) -> Iterator[None]:
     """Run ``model``'s oct3d modules in the default memory format for the duration.
 
     ONNX has no memory format: the TorchScript-based exporter cannot express the channels_last
-    conversion oct3d's models make on CPU, and the runtime picks its own layout anyway.
+    conversion oct3d's models make on CPU (nor a channels_last weight's: the builders store their
+    convolution weights so), and the runtime picks its own layout anyway.
     """
     changed = [m for m in model.modules() if getattr(m, "channels_last", False) is not False]
     saved = [m.channels_last for m in changed]
+    weights = [(p, p.data) for p in model.parameters() if p.dim() in (4, 5) and not p.is_contiguous()]
     try:
         for m in changed:
             m.channels_last = False
+        for p, data in weights:
+            p.data = data.contiguous()
         yield
     finally:
         for m, value in zip(changed, saved):
             m.channels_last = value
+        for p, data in weights:
+            p.data = data
 
 
 def _onnx_opset(path: Path) -> int | None:

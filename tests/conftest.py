@@ -20,6 +20,21 @@ import lightning.pytorch  # noqa: F401
 import numpy as np
 import pytest
 
+
+
+@pytest.fixture(autouse=True)
+def _restore_torch_threads():
+    """Give every test the thread count the session started with: a tool run in-process (a
+    benchmark, a data-loading measurement) sets its own, and PyTorch's CPU convolution dispatch,
+    and so the memory format of some reference outputs, depends on it."""
+    import torch
+
+    threads = torch.get_num_threads()
+    yield
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+
+
 TINY_KINETICS = dict(
     num_classes=3, train_per_class=2, val_per_class=1, test_per_class=1, frames=16, size=32, fps=8, seed=0
 )

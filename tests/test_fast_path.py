@@ -1098,3 +1098,64 @@ def test_padding_mode_is_checked_and_reflect_names_the_map_it_cannot_pad():
     last = OctConv(2, 8, 8, 3, 0.5, 0.0, stride=2, padding_mode="reflect")
     y = Octave(torch.randn(1, 4, 4, 4), torch.randn(1, 4, 2, 2))
     torch.testing.assert_close(last(y), last.forward_reference(y))
+
+
+# ----------------------------------------------------------------------------- conv + upsampled add + ReLU
+@pytest.mark.parametrize(("shape", "factors", "groups", "bias"), [
+    ((1, 8, 12, 10), (2, 2), 1, True), ((2, 8, 8, 8), (2, 2), 2, False),
+    ((1, 8, 4, 8, 6), (1, 2, 2), 1, True), ((1, 4, 4, 8, 6), (2, 2, 2), 1, False),
+])
+@pytest.mark.parametrize("plan", ["fused", "separate"])
+def test_conv_add_upsampled_relu_equals_the_formula_in_values_and_layout(shape, factors, groups, bias, plan):
+    import torch.nn.functional as F
+
+    from oct3d.nn.octave import CHANNELS_LAST_FORMATS, upsample_to
+
+    torch.manual_seed(0)
+    dims = len(shape) - 2
+    layout = CHANNELS_LAST_FORMATS[len(shape)]
+    x = torch.randn(shape).contiguous(memory_format=layout)
+    weight = torch.randn(6, shape[1] // groups, *(3,) * dims).contiguous(memory_format=layout)
+    b = torch.randn(6) if bias else None
+    small = torch.randn(shape[0], 6, *(n // f for n, f in zip(shape[2:], factors))).contiguous(memory_format=layout)
+    conv = (F.conv2d, F.conv3d)[dims - 2]
+    want = torch.relu(conv(x, weight, b, 1, 1, 1, groups) + upsample_to(small, factors, shape[2:]))
+    with torch.no_grad(), kernels.force(conv_add_relu=plan):
+        got = kernels.conv_add_upsampled_relu(x, weight, b, (1,) * dims, (1,) * dims, groups, small, factors)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-5)
+    assert got.is_contiguous(memory_format=layout)
+    # Under autograd (and on channels-first maps) it is the separate form, with its gradients.
+    x.requires_grad_(True)
+    out = kernels.conv_add_upsampled_relu(x, weight, b, (1,) * dims, (1,) * dims, groups, small, factors)
+    torch.testing.assert_close(out, want, atol=1e-4, rtol=1e-5)
+    assert out.requires_grad
+    kernels.clear_cache()
+
+
+def test_folded_octave_layer_fuses_its_high_branch_relu_into_the_convolution(monkeypatch):
+    """conv -> BN -> ReLU folded in eval mode takes the fused high branch (timed against the separate
+    one) and equals the three modules called one after another."""
+    from oct3d.nn import OctBatchNorm, OctReLU, conv_norm
+
+    torch.manual_seed(0)
+    calls = []
+    real = kernels.conv_add_upsampled_relu
+    monkeypatch.setattr(kernels, "conv_add_upsampled_relu", lambda *a: calls.append(1) or real(*a))
+    conv = OctConv(2, 16, 16, 3, 0.5, 0.5).eval()
+    norm = OctBatchNorm(2, 16, 0.5).eval()
+    for bn in (norm.bn_h, norm.bn_l):
+        bn.running_mean.uniform_(-1, 1)
+        bn.running_var.uniform_(0.5, 2)
+    relu = OctReLU()
+    x = _make_input(conv, 1, (12, 8), memory_format=torch.channels_last)
+    with torch.no_grad():
+        want = relu(norm(conv(x)))
+        for plan in ("fused", "separate"):
+            with kernels.force(conv_add_relu=plan):
+                got = conv_norm(conv, norm, x, relu)
+            _assert_same(got, want, atol=1e-5)
+        got = conv_norm(conv, norm, x, relu)  # the timed choice
+        _assert_same(got, want, atol=1e-5)
+        assert conv_norm(conv, norm, x).high.min() < 0  # without ReLU, none is applied
+    assert len(calls) == 3
+    kernels.clear_cache()

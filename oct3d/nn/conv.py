@@ -536,21 +536,24 @@ class OctConv(nn.Module):
         weight, bias = self._weights(name, params)
         return self._conv(x, weight, bias, self._modules[name].groups, stride)
 
-    def forward_folded(self, x: OctaveInput, params: PathParams) -> OctaveOutput:
+    def forward_folded(self, x: OctaveInput, params: PathParams, relu: bool = False) -> OctaveOutput:
         """:meth:`forward` through the fast path with every path's ``(weight, bias)`` taken from
-        ``params`` (a mapping from path name to the pair) instead of the layer's own.
+        ``params`` (a mapping from path name to the pair) instead of the layer's own, and with
+        ``relu`` ReLU applied to every output branch (fused into the high branch's convolution
+        where that measures faster: :func:`oct3d.nn.kernels.conv_add_upsampled_relu`).
 
         :func:`oct3d.nn.fold.conv_norm` passes the weights with an eval-mode BatchNorm folded
         in; the caller checks that the fast path applies (:meth:`_paths_are_plain`).
         """
         high, low = self._split_input(x)
         if self.is_vanilla:
-            return self._forward_vanilla(high, params)
-        y_high, y_low = self._forward_fast(high, low, params)
+            out = self._forward_vanilla(high, params)
+            return out.relu_() if relu else out  # a fresh convolution output: in place is safe
+        y_high, y_low = self._forward_fast(high, low, params, relu)
         return y_high if self.out_low == 0 else Octave(y_high, y_low)
 
     def _forward_fast(
-        self, high: Tensor, low: Tensor | None, params: PathParams | None = None,
+        self, high: Tensor, low: Tensor | None, params: PathParams | None = None, relu: bool = False,
     ) -> tuple[Tensor, Tensor | None]:
         """The reference formula with fewer kernels and copies (same outputs, see tests/test_fast_path.py).
 
@@ -566,10 +569,12 @@ class OctConv(nn.Module):
         - With stride 2 the H->L input is pooled from the already stride-pooled H->H input
           (2x2 of 2x2 instead of 4x4 of the full map) when that is exact (even sizes).
 
-        ``params``, when given, replaces every path's ``(weight, bias)`` (:meth:`forward_folded`).
+        ``params``, when given, replaces every path's ``(weight, bias)`` (:meth:`forward_folded`);
+        ``relu`` (without autograd, from :meth:`forward_folded`) applies ReLU to both outputs.
         """
         folded = params is not None
         pooled_high = avg_pool(high, self._pool_h2h)
+        high_has_relu = False
         if self.l2h is None:
             y_high = self._path("h2h", pooled_high, params)
         else:
@@ -577,23 +582,40 @@ class OctConv(nn.Module):
             if self.groups == 1 and pooled_high.shape[2:] == low_for_high.shape[2:]:
                 (w_hh, b_hh), (w_lh, _) = self._weights("h2h", params), self._weights("l2h", params)
                 y_high = self._sum_of_convs("high", pooled_high, w_hh, low_for_high, w_lh, b_hh, folded)
+            elif relu and self.padding_mode == "zeros" and not self.training:
+                w_hh, b_hh = self._weights("h2h", params)
+                y_high = kernels.conv_add_upsampled_relu(
+                    pooled_high, w_hh, b_hh, self.padding, self.dilation, self._modules["h2h"].groups,
+                    self._path("l2h", low_for_high, params), self._up_l2h,
+                )
+                high_has_relu = True
             else:
                 y_high = self._path("h2h", pooled_high, params)
                 y_high = _add_upsampled_(y_high, self._path("l2h", low_for_high, params), self._up_l2h)
+        if relu and not high_has_relu:
+            y_high = y_high.relu_()  # fresh convolution outputs: in place is safe
         if not self.out_low:
             return y_high, None
+        y_low = self._fast_low(high, low, pooled_high, params)
+        return y_high, (y_low.relu_() if relu else y_low)
+
+    def _fast_low(
+        self, high: Tensor, low: Tensor | None, pooled_high: Tensor, params: PathParams | None,
+    ) -> Tensor | None:
+        """The fast path's low output (see :meth:`_forward_fast`)."""
+        folded = params is not None
         high_for_low = self._pool_high_for_low(high, pooled_high) if self.h2l is not None else None
         if self.h2l is not None and self.l2l is not None and self.groups == 1:
             low_for_low = avg_pool(low, self._pool_l2l)
             (w_hl, _), (w_ll, b_ll) = self._weights("h2l", params), self._weights("l2l", params)
-            return y_high, self._sum_of_convs("low", high_for_low, w_hl, low_for_low, w_ll, b_ll, folded)
+            return self._sum_of_convs("low", high_for_low, w_hl, low_for_low, w_ll, b_ll, folded)
         y_low = None
         if self.l2l is not None:
             y_low = self._path("l2l", avg_pool(low, self._pool_l2l), params)
         if self.h2l is not None:
             from_high = self._path("h2l", high_for_low, params)
             y_low = from_high if y_low is None else y_low.add_(from_high)
-        return y_high, y_low
+        return y_low
 
     def _sum_of_convs(
         self, family: str, a: Tensor, w_a: Tensor, b: Tensor, w_b: Tensor, bias: Tensor | None, folded: bool = False,

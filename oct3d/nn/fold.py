@@ -115,15 +115,7 @@ def conv_norm(conv: nn.Module, norm: nn.Module, x: OctaveInput, relu: nn.Module 
         if isinstance(out, Octave) and not isinstance(relu, OctMap):  # a plain nn.ReLU, once per branch
             return Octave(relu(out.high), None if out.low is None else relu(out.low))
         return relu(out)
-    out = conv.forward_folded(x, params)
-    if relu is not None:  # the outputs are fresh convolution results, so in place is safe
-        if isinstance(out, Octave):
-            out.high.relu_()
-            if out.low is not None:
-                out.low.relu_()
-        else:
-            out.relu_()
-    return out
+    return conv.forward_folded(x, params, relu=relu is not None)
 
 
 def _folded_params(conv: nn.Module, norm: nn.Module, relu: nn.Module | None) -> PathParams | None:
