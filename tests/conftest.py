@@ -21,7 +21,6 @@ import numpy as np
 import pytest
 
 
-
 @pytest.fixture(autouse=True)
 def _restore_torch_threads():
     """Give every test the thread count the session started with: a tool run in-process (a
