@@ -470,6 +470,11 @@ def test_converted_network_runs_channels_last_on_cpu(name, zoo):
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
     if got.dim() in (4, 5):
         assert got.is_contiguous()  # the caller's layout back
+    from oct3d.nn.octave import CHANNELS_LAST_FORMATS
+
+    convs = [m for m in fast.modules() if isinstance(m, torch.nn.modules.conv._ConvNd) and m.weight.dim() >= 4]
+    assert convs and all(m.weight.is_contiguous(memory_format=CHANNELS_LAST_FORMATS[m.weight.dim()]) for m in convs)
+    assert all(m.weight.is_contiguous() for m in plain.modules() if isinstance(m, torch.nn.modules.conv._ConvNd))
     with pytest.raises(TypeError, match="channels_last"):
         octavize(model, 0.5, example_input=x, channels_last="yes")
 

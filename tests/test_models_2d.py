@@ -355,3 +355,20 @@ def test_channels_last_on_cpu_runs_the_same_network(builder, alpha):
     with pytest.raises(TypeError, match="channels_last"):
         builder(channels_last="yes")
 
+
+def _conv_weights(model):
+    return [m.weight for m in model.modules() if isinstance(m, torch.nn.modules.conv._ConvNd) and m.weight.dim() >= 4]
+
+
+@pytest.mark.parametrize("builder", [oct_resnet26, oct_mobilenet_v2, oct_densenet121])
+def test_builders_store_conv_weights_channels_last_unless_told_not_to(builder):
+    """A model that runs channels_last stores its convolution weights so (no oneDNN weight copies in
+    training); channels_last=False keeps them contiguous; a state dict moves between the two."""
+    fast, plain = builder(alpha=0.5, num_classes=10), builder(alpha=0.5, num_classes=10, channels_last=False)
+    assert all(w.is_contiguous(memory_format=torch.channels_last) for w in _conv_weights(fast))
+    assert all(w.is_contiguous() for w in _conv_weights(plain))
+    assert all(p.is_contiguous() for p in fast.parameters() if p.dim() < 4)
+    plain.load_state_dict(fast.state_dict())
+    fast.load_state_dict(plain.state_dict())
+    assert all(w.is_contiguous(memory_format=torch.channels_last) for w in _conv_weights(fast))
+

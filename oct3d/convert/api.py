@@ -19,7 +19,14 @@ from oct3d.convert.rewrite import rewrite
 from oct3d.convert.rules import RULES, DepthwiseConvRule, Rule
 from oct3d.convert.trace import record_shapes, trace
 from oct3d.nn.conv import OctConv, check_alpha
-from oct3d.nn.octave import OCTAVE_MODES, check_channels_last, in_model_layout, is_channels_last, keep_channels_last
+from oct3d.nn.octave import (
+    OCTAVE_MODES,
+    check_channels_last,
+    in_model_layout,
+    is_channels_last,
+    keep_channels_last,
+    weights_in_model_layout,
+)
 from oct3d.profiling import describe_input, fresh_lists, is_tensor_argument
 
 __all__ = ["octavize", "describe_plan"]
@@ -76,8 +83,10 @@ def octavize(
             tensor inputs are converted on entry (:func:`oct3d.nn.octave.in_model_layout`) and its
             outputs handed back in the caller's layout (:func:`restore_caller_layout`). ``None``
             (default): on CPU inputs only, where oneDNN would otherwise reorder every convolution's
-            input and output (docs/speed.md);
-            ``False`` keeps the original behaviour, e.g. for a model that calls ``.view()`` on its maps.
+            input and output (docs/speed.md). Unless ``False`` the convolution weights are stored
+            channels_last too (:func:`oct3d.nn.octave.weights_in_model_layout`), which saves a training
+            step oneDNN's weight copies; ``False`` keeps the original behaviour, e.g. for a model that
+            calls ``.view()`` on its maps.
         fold_norms: route each convolution -> BatchNorm (-> ReLU) chain through
             :func:`oct3d.nn.conv_norm`, which folds the BatchNorm into the convolution in eval-mode
             CPU inference (a converted ResNet-50's batch-1 forward pass took 9% less time, docs/speed.md). The
@@ -174,6 +183,7 @@ def octavize(
     result = rewrite(gm, ctx, plan, class_name)
     if channels_last is not False:
         _run_in_model_layout(result, channels_last)
+        weights_in_model_layout(result, channels_last)
     if fold_norms:
         route_conv_norms(result)
     result.octave_plan = _octave_plan(plan, ctx)

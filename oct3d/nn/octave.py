@@ -489,23 +489,27 @@ def in_model_layout(x: object, channels_last: bool | None) -> object:
 
 
 def weights_in_model_layout(module: torch.nn.Module, channels_last: bool | None) -> torch.nn.Module:
-    """Store ``module``'s 4D and 5D parameters (the convolution weights) channels_last(_3d) unless
-    ``channels_last`` is False; in place, returning ``module``.
+    """Store the weights of ``module``'s convolutions (every ``nn.Conv*d`` and ``nn.ConvTranspose*d``
+    in it, the octave layers' paths included) channels_last(_3d) unless ``channels_last`` is False;
+    in place, returning ``module``. Other parameters keep their layout.
 
     The weights of a network that runs channels_last should be laid out that way too: oneDNN
     otherwise copies every channels-first weight to channels_last in each training step's
     forward and backward pass and its gradient back (for a 3x3 weight a strided transposition;
-    the builders' models store them so since this cost 2.5% of an Oct-ResNet-50 training step
-    on CPU). A model moved to CUDA keeps them so, and cuDNN then computes in channels_last too,
-    the layout its tensor-core kernels prefer under autocast. Values, state dicts and
-    checkpoints do not depend on the layout.
+    the builders' models and ``octavize``'s networks store them so since this cost 2.5% of an
+    Oct-ResNet-50 training step on CPU). A model moved to CUDA keeps them so, and cuDNN then
+    computes in channels_last too, the layout its tensor-core kernels prefer under autocast.
+    Values, state dicts and checkpoints do not depend on the layout.
     """
     if channels_last is False:
         return module
-    for parameter in module.parameters():
-        layout = CHANNELS_LAST_FORMATS.get(parameter.dim())
-        if layout is not None and not parameter.is_contiguous(memory_format=layout):
-            parameter.data = parameter.data.contiguous(memory_format=layout)
+    for layer in module.modules():
+        if not isinstance(layer, torch.nn.modules.conv._ConvNd):
+            continue
+        weight = layer._parameters.get("weight")  # (a parametrised weight is computed, not stored: left alone)
+        layout = None if weight is None else CHANNELS_LAST_FORMATS.get(weight.dim())
+        if layout is not None and not weight.is_contiguous(memory_format=layout):
+            weight.data = weight.data.contiguous(memory_format=layout)
     return module
 
 
