@@ -372,3 +372,21 @@ def test_builders_store_conv_weights_channels_last_unless_told_not_to(builder):
     fast.load_state_dict(plain.state_dict())
     assert all(w.is_contiguous(memory_format=torch.channels_last) for w in _conv_weights(fast))
 
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.5])
+def test_residual_add_in_place_keeps_values_and_gradients(monkeypatch, alpha):
+    """The blocks add the shortcut into the last BatchNorm's output in place (as torchvision does);
+    values and gradients are those of the out-of-place per-branch sum."""
+    from oct3d.models import blocks
+
+    torch.manual_seed(0)
+    fast = oct_resnet26(alpha=alpha, num_classes=10).double().train()
+    plain = oct_resnet26(alpha=alpha, num_classes=10).double().train()
+    plain.load_state_dict(fast.state_dict())
+    x = torch.randn(2, 3, 64, 48, dtype=torch.float64)
+    got = fast(x)
+    monkeypatch.setattr(blocks, "_branch_pairs", lambda a, b: None)
+    want = plain(x)
+    torch.testing.assert_close(got, want)
+    assert_same_gradients(fast, got, plain, want, rtol=1e-9, atol=1e-10)

@@ -13,7 +13,7 @@ import math
 from collections.abc import Sequence
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from oct3d.nn import (
     Octave,
@@ -29,7 +29,7 @@ from oct3d.nn import (
 )
 from oct3d.nn.conv import IntOrTuple, check_alpha, to_tuple
 from oct3d.nn.fold import conv_norm
-from oct3d.nn.octave import fx_leaf_forward
+from oct3d.nn.octave import fx_leaf_forward, traced_or_compiled
 
 __all__ = [
     "OctBasicBlock",
@@ -202,7 +202,27 @@ class _OctResidual(nn.Module):
 
     def _finish(self, out: OctaveInput, x: OctaveInput) -> OctaveOutput:
         identity = x if self.downsample is None else self.downsample(x)
+        pairs = _branch_pairs(out, identity)
+        if pairs is not None and not traced_or_compiled():
+            # Into the last BatchNorm's (or SE's) fresh output, which its backward does not need, as
+            # torchvision's blocks do (out += identity): no new maps in every block.
+            for a, b in pairs:
+                a.add_(b)
+            return self.relu(out)
         return self.relu(octave_add(out, identity))
+
+
+def _branch_pairs(a: object, b: object) -> list[tuple[Tensor, Tensor]] | None:
+    """The ``(a, b)`` tensor pairs of two maps with the same branches and shapes, else None."""
+    if isinstance(a, Octave) and isinstance(b, Octave):
+        pairs = [(a.high, b.high)] + ([] if a.low is None and b.low is None else [(a.low, b.low)])
+    elif isinstance(a, Tensor) and isinstance(b, Tensor):
+        pairs = [(a, b)]
+    else:
+        return None
+    if all(isinstance(p, Tensor) and isinstance(q, Tensor) and p.shape == q.shape for p, q in pairs):
+        return pairs
+    return None
 
 
 class OctBottleneck(_OctResidual):
